@@ -1,0 +1,131 @@
+"""``SelectiveAttention``: the seed's multi-head module, ``[B, L, d_model]`` in and out."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .functional import Backend, attention_weights, selective_attention
+
+__all__ = ["SelectiveAttention"]
+
+
+class SelectiveAttention(nn.Module):
+    """Multi-head attention ``softmax(Q K^T / sqrt(d_k) - F) V`` with a user-given F.
+
+    Args:
+        d_model: model width; the inputs' last dim.
+        n_heads: number of heads; must divide ``d_model`` (``d_k = d_model // n_heads``).
+        dropout: dropout probability on the attention weights, in ``[0, 1)``; active in training only.
+        bias: whether the four projections have a bias.
+        backend: see :func:`selective_attention.functional.selective_attention`.
+
+    Attributes:
+        q_proj, k_proj, v_proj, out_proj: ``nn.Linear(d_model, d_model)``.
+
+    Example::
+
+        attn = SelectiveAttention(512, 8)
+        x = torch.randn(2, 10, 512)
+        y = attn(x, x, x, is_causal=True)        # [2, 10, 512]
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.1,
+        *,
+        bias: bool = True,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}.")
+        if not isinstance(n_heads, int) or n_heads <= 0:
+            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}.")
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
+                f"e.g. n_heads in {[h for h in range(1, min(d_model, 64) + 1) if d_model % h == 0]}."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if backend not in ("auto", "naive", "sdpa"):
+            raise ValueError(f"backend must be one of 'auto', 'naive', 'sdpa'; got {backend!r}.")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.d_k = d_model // n_heads
+        self.dropout = dropout
+        self.backend: Backend = backend
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+
+    def _check_inputs(self, Q: Tensor, K: Tensor, V: Tensor) -> None:
+        for name, t in (("Q", Q), ("K", K), ("V", V)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+            if t.dim() != 3:
+                hint = " (for a single sequence use x.unsqueeze(0))" if t.dim() == 2 else ""
+                raise ValueError(f"{name} must be 3-D [B, L, d_model], got {t.dim()}-D {tuple(t.shape)}{hint}.")
+            if t.shape[-1] != self.d_model:
+                raise ValueError(f"{name} has last dim {t.shape[-1]}, expected d_model = {self.d_model}.")
+        if not (Q.shape[0] == K.shape[0] == V.shape[0]):
+            raise ValueError(f"Q, K, V must share the batch size; got {Q.shape[0]}, {K.shape[0]}, {V.shape[0]}.")
+        if K.shape[1] != V.shape[1]:
+            raise ValueError(f"K and V must have the same length; got K {tuple(K.shape)}, V {tuple(V.shape)}.")
+        w = self.q_proj.weight
+        for name, t in (("Q", Q), ("K", K), ("V", V)):
+            if t.dtype != w.dtype:
+                raise TypeError(f"{name} is {t.dtype} but the module's weights are {w.dtype}; use module.to({t.dtype}) or {name}.to({w.dtype}).")
+            if t.device != w.device:
+                raise ValueError(f"{name} is on {t.device} but the module is on {w.device}; move one of them.")
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.d_k).transpose(1, 2)  # [B, H, L, d_k]
+
+    def forward(self, Q: Tensor, K: Tensor, V: Tensor, selective_mask: Tensor | None = ..., *, is_causal: bool = ..., key_padding_mask: Tensor | None = ..., need_weights: bool = False) -> Tensor: ...  # noqa: E501
+
+    def forward(
+        self,
+        Q: Tensor,
+        K: Tensor,
+        V: Tensor,
+        selective_mask: Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``Q`` to ``K``/``V``.
+
+        Args:
+            Q: ``[B, Lq, d_model]``; K, V: ``[B, Lk, d_model]`` (``Lq != Lk`` is cross-attention).
+            selective_mask: bool (True removes) or float F (subtracted; +-inf removes), 2-D
+                ``(Lq, Lk)`` or 4-D ``(B|1, H|1, Lq, Lk)``.
+            is_causal: remove future keys (``j > i + Lk - Lq``).
+            key_padding_mask: bool ``(B, Lk)``, True = padding.
+            need_weights: also return the attention weights ``[B, H, Lq, Lk]`` (before dropout).
+
+        Returns:
+            ``[B, Lq, d_model]``, or ``(output, weights)`` when ``need_weights``.
+        """
+        self._check_inputs(Q, K, V)
+        B, Lq, _ = Q.shape
+        q = self._heads(self.q_proj(Q))  # [B, H, Lq, d_k]
+        k = self._heads(self.k_proj(K))  # [B, H, Lk, d_k]
+        v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
+        p = self.dropout if self.training else 0.0
+        out = selective_attention(
+            q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
+        )  # [B, H, Lq, d_k]
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
+        if not need_weights:
+            return out
+        weights = attention_weights(q, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        return out, weights

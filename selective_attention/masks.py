@@ -1,0 +1,211 @@
+"""Turning user masks into the two things attention needs: which keys are removed, and by how much
+the remaining ones are penalised.
+
+The mask rule (DESIGN §2; the seed text contradicts itself, this resolves it)::
+
+    bool  selective_mask:  True  -> the key is removed for that query (weight exactly 0)
+    float selective_mask = F:   finite -> subtracted from the scaled logits
+                                +inf or -inf -> the key is removed
+    NaN anywhere -> ValueError;  integer dtypes -> TypeError
+
+so the seed's usage example (``-inf`` above the diagonal, 0 elsewhere) is a causal mask.
+
+Accepted shapes, broadcast against ``(B, H, Lq, Lk)``:
+
+* 2-D ``(Lq, Lk)``: the same mask for every sequence and head;
+* 4-D ``(B or 1, H or 1, Lq, Lk)``.
+
+3-D masks are refused: ``(B, Lq, Lk)`` and ``(B * H, Lq, Lk)`` (``nn.MultiheadAttention``'s layout)
+cannot be told apart when ``H == 1`` or ``B == 1``, and guessing wrong is silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["NormalizedMask", "normalize_mask", "causal_removed", "squeeze_expanded"]
+
+
+@dataclass(frozen=True)
+class NormalizedMask:
+    """A user mask split into its two effects; every field broadcasts to ``(B, H, Lq, Lk)``.
+
+    Attributes:
+        removed: bool ``(b, h, Lq, Lk)`` with ``b in {1, B}``, ``h in {1, H}``; True = key removed.
+            ``None`` when nothing beyond ``causal`` is removed.
+        penalty: float ``(b, h, Lq, Lk)`` subtracted from the logits (0 where removed).
+            ``None`` when every penalty is zero.
+        causal: True when the removal is exactly the causal rule (key j removed for query i iff
+            ``j > i + Lk - Lq``) and was folded into this flag instead of ``removed``.
+    """
+
+    removed: Tensor | None
+    penalty: Tensor | None
+    causal: bool
+
+    @property
+    def is_plain(self) -> bool:
+        """True when nothing is removed or penalised beyond the causal rule."""
+        return self.removed is None and self.penalty is None
+
+
+def causal_removed(Lq: int, Lk: int, device: torch.device | str | None = None) -> Tensor:
+    """The causal rule as a bool ``(Lq, Lk)`` mask, True = removed.
+
+    Queries are aligned to the *end* of the keys (query i sits at key position ``i + Lk - Lq``),
+    which is what a query block appended to a cache needs; for ``Lq == Lk`` this is the usual
+    upper triangle::
+
+        Lq = Lk = 4       Lq = 2, Lk = 4
+        . x x x           . . . x
+        . . x x           . . . .
+        . . . x
+        . . . .           (x = removed)
+    """
+    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).triu_(1 + Lk - Lq)
+
+
+def squeeze_expanded(mask: Tensor) -> Tensor:
+    """Undo ``expand`` on the leading (batch, head) dims: a size-n dim of stride 0 becomes size 1.
+
+    The seed example expands a ``(1, 1, L, L)`` mask to ``(B, H, L, L)``; looking at only one copy
+    makes validation and the causal check O(L^2) instead of O(B H L^2).
+    """
+    for d in range(mask.dim() - 2):
+        if mask.size(d) > 1 and mask.stride(d) == 0:
+            mask = mask.narrow(d, 0, 1)
+    return mask
+
+
+def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
+    """Return ``mask`` as 4-D ``(b, h, Lq, Lk)``, or raise naming the shape and the fix."""
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        raise ValueError(
+            f"{name} has 3 dims {tuple(mask.shape)}, which is ambiguous: it could be (B, Lq, Lk) or "
+            f"nn.MultiheadAttention's (B * H, Lq, Lk). Pass a 2-D (Lq, Lk) = ({Lq}, {Lk}) mask, or a "
+            f"4-D (B, H, Lq, Lk) one: mask[:, None] for a per-sequence mask, "
+            f"mask.view({B}, {H}, {Lq}, {Lk}) for a per-head one."
+        )
+    elif mask.dim() != 4:
+        raise ValueError(
+            f"{name} must be 2-D (Lq, Lk) or 4-D (B, H, Lq, Lk); got {mask.dim()}-D "
+            f"{tuple(mask.shape)} for B={B}, H={H}, Lq={Lq}, Lk={Lk}."
+        )
+    expected = (B, H, Lq, Lk)
+    for got, want in zip(mask.shape, expected):
+        if got != want and got != 1:
+            raise ValueError(
+                f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, Lq, Lk) = "
+                f"{expected}; each dim must equal the target or be 1."
+            )
+    if mask.shape[-2:] != (Lq, Lk):
+        # Broadcasting along the query/key axes would be legal for torch, but a (1, Lk) mask where
+        # (Lq, Lk) was meant is the classic silent bug; ask for it to be explicit.
+        raise ValueError(
+            f"{name} must cover the full (Lq, Lk) = ({Lq}, {Lk}) in its last two dims; got "
+            f"{tuple(mask.shape[-2:])}. Use mask.expand(..., {Lq}, {Lk}) if the broadcast is intended."
+        )
+    return mask
+
+
+def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """A validated mask -> (removed, penalty or None)."""
+    if mask.dtype == torch.bool:
+        return mask, None
+    if not mask.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {mask.dtype}; accepted are torch.bool (True removes a key) or the "
+            f"query's floating dtype {dtype} (values subtracted from the logits, +-inf removes). "
+            f"For a 0/1 integer mask use mask.bool()."
+        )
+    if mask.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {mask.dtype} but the queries are {dtype}; a float mask must match "
+            f"(pass {name}.to({dtype})). Casting silently could turn large penalties into inf."
+        )
+    if torch.isnan(mask).any():
+        raise ValueError(
+            f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite "
+            f"value to penalise it."
+        )
+    removed = torch.isinf(mask)
+    penalty = mask.masked_fill(removed, 0.0)
+    if not penalty.any():
+        penalty = None
+    return removed, penalty
+
+
+def normalize_mask(
+    selective_mask: Tensor | None,
+    *,
+    B: int,
+    H: int,
+    Lq: int,
+    Lk: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> NormalizedMask:
+    """Validate and combine the user's masks into a :class:`NormalizedMask`.
+
+    Args:
+        selective_mask: bool or float, 2-D ``(Lq, Lk)`` or 4-D ``(B|1, H|1, Lq, Lk)``; see the module
+            docstring for the rule.
+        B, H, Lq, Lk: the attention problem's sizes.
+        dtype, device: the queries'; a float mask must match the dtype, any mask the device.
+        is_causal: also remove future keys (``j > i + Lk - Lq``).
+        key_padding_mask: bool ``(B, Lk)``, True = padding (removed for every query).
+    """
+    removed: Tensor | None = None
+    penalty: Tensor | None = None
+    if selective_mask is not None:
+        if not isinstance(selective_mask, Tensor):
+            raise TypeError(f"selective_mask must be a torch.Tensor or None, got {type(selective_mask).__name__}.")
+        if selective_mask.device != device:
+            raise ValueError(
+                f"selective_mask is on {selective_mask.device} but the inputs are on {device}; "
+                f"move it with .to({str(device)!r})."
+            )
+        mask = _check_mask_shape("selective_mask", selective_mask, B, H, Lq, Lk)
+        removed, penalty = _split("selective_mask", squeeze_expanded(mask), dtype)
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}.")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}; "
+                f"use key_padding_mask.bool() for a 0/1 mask."
+            )
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}."
+            )
+        if key_padding_mask.device != device:
+            raise ValueError(
+                f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}."
+            )
+        if key_padding_mask.any():
+            pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
+            removed = pad if removed is None else removed | pad
+
+    causal = is_causal
+    if removed is not None and not removed.any():
+        removed = None
+    if removed is not None and removed.shape[:2] == (1, 1):
+        # A mask that *is* the causal rule (the seed's example) runs on the causal kernels.
+        rule = causal_removed(Lq, Lk, device)
+        if is_causal:
+            removed = removed | rule
+        if torch.equal(removed[0, 0], rule):
+            removed, causal = None, True
+    if causal and removed is not None:
+        removed = removed | causal_removed(Lq, Lk, device)
+        causal = False
+    return NormalizedMask(removed=removed, penalty=penalty, causal=causal)

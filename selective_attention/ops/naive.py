@@ -1,0 +1,51 @@
+"""The executable spec: selective attention in the clearest PyTorch, materialising everything.
+
+Every fast path is tested against this file for outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["naive_attention"]
+
+
+def naive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    removed: Tensor | None = None,
+    penalty: Tensor | None = None,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale - penalty, removed keys excluded) v``.
+
+    Args:
+        q: ``[B, H, Lq, D]``; k: ``[B, H, Lk, D]``; v: ``[B, H, Lk, Dv]``.
+        removed: bool, broadcasts to ``[B, H, Lq, Lk]``; True = weight exactly 0.
+        penalty: float, broadcasts to ``[B, H, Lq, Lk]``; subtracted from the scaled logits.
+        scale: multiplies ``q k^T`` (usually ``1 / sqrt(D)``).
+        dropout_p: dropout on the attention weights (applied as given: pass 0 in eval).
+
+    Returns:
+        ``(out [B, H, Lq, Dv], weights [B, H, Lq, Lk])``; ``weights`` are before dropout. A query
+        whose keys are all removed gets zero weights and a zero output (not NaN).
+    """
+    logits = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, Lq, Lk]
+    if penalty is not None:
+        logits = logits - penalty
+    if removed is not None:
+        logits = logits.masked_fill(removed, float("-inf"))
+        # A row with every key removed is all -inf and softmax would give NaN; give it a harmless
+        # finite row and zero its weights after, so both the output and its gradients are 0.
+        dead = removed.all(dim=-1, keepdim=True)  # [b, h, Lq, 1]
+        logits = logits.masked_fill(dead, 0.0)
+        weights = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    else:
+        weights = torch.softmax(logits, dim=-1)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+    return torch.matmul(dropped, v), weights
