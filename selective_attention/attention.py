@@ -81,15 +81,16 @@ class SelectiveAttention(nn.Module):
         w = self.q_proj.weight
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if t.dtype != w.dtype:
-                raise TypeError(f"{name} is {t.dtype} but the module's weights are {w.dtype}; use module.to({t.dtype}) or {name}.to({w.dtype}).")
+                raise TypeError(
+                    f"{name} is {t.dtype} but the module's weights are {w.dtype}; "
+                    f"use module.to({t.dtype}) or {name}.to({w.dtype})."
+                )
             if t.device != w.device:
                 raise ValueError(f"{name} is on {t.device} but the module is on {w.device}; move one of them.")
 
     def _heads(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
         return x.view(B, L, self.n_heads, self.d_k).transpose(1, 2)  # [B, H, L, d_k]
-
-    def forward(self, Q: Tensor, K: Tensor, V: Tensor, selective_mask: Tensor | None = ..., *, is_causal: bool = ..., key_padding_mask: Tensor | None = ..., need_weights: bool = False) -> Tensor: ...  # noqa: E501
 
     def forward(
         self,
@@ -122,7 +123,14 @@ class SelectiveAttention(nn.Module):
         v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
         p = self.dropout if self.training else 0.0
         out = selective_attention(
-            q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
+            q,
+            k,
+            v,
+            selective_mask,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=p,
+            backend=self.backend,
         )  # [B, H, Lq, d_k]
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
         if not need_weights:

@@ -12,6 +12,7 @@ from .attention import SelectiveAttention
 
 __all__ = ["main", "demo"]
 
+
 def _grid(weights: torch.Tensor, labels: Sequence[str]) -> str:
     """Render a ``(Lq, Lk)`` weight matrix as text: a row per query, a column per key, 'x' = removed."""
     w = weights.detach().float().cpu()

@@ -33,9 +33,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
-        raise ValueError(
-            f"q, k, v must share [B, H]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
-        )
+        raise ValueError(f"q, k, v must share [B, H]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}.")
     if q.shape[-1] != k.shape[-1]:
@@ -111,10 +109,7 @@ def selective_attention(
     """
     mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if backend == "auto":
-        # SDPA rejects zero-length inputs on some kernels; the naive path handles them exactly.
-        backend = "naive" if Lq == 0 or Lk == 0 else "sdpa"
-    if backend == "sdpa":
+    if backend in ("auto", "sdpa"):
         return sdpa_attention(
             q, k, v, removed=mask.removed, penalty=mask.penalty, causal=mask.causal, scale=scale, dropout_p=dropout_p
         )

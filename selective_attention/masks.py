@@ -96,13 +96,6 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
             f"{name} must be 2-D (Lq, Lk) or 4-D (B, H, Lq, Lk); got {mask.dim()}-D "
             f"{tuple(mask.shape)} for B={B}, H={H}, Lq={Lq}, Lk={Lk}."
         )
-    expected = (B, H, Lq, Lk)
-    for got, want in zip(mask.shape, expected):
-        if got != want and got != 1:
-            raise ValueError(
-                f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, Lq, Lk) = "
-                f"{expected}; each dim must equal the target or be 1."
-            )
     if mask.shape[-2:] != (Lq, Lk):
         # Broadcasting along the query/key axes would be legal for torch, but a (1, Lk) mask where
         # (Lq, Lk) was meant is the classic silent bug; ask for it to be explicit.
@@ -110,6 +103,13 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
             f"{name} must cover the full (Lq, Lk) = ({Lq}, {Lk}) in its last two dims; got "
             f"{tuple(mask.shape[-2:])}. Use mask.expand(..., {Lq}, {Lk}) if the broadcast is intended."
         )
+    expected = (B, H, Lq, Lk)
+    for got, want in zip(mask.shape, expected):
+        if got != want and got != 1:
+            raise ValueError(
+                f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, Lq, Lk) = "
+                f"{expected}; each dim must equal the target or be 1."
+            )
     return mask
 
 
@@ -130,8 +130,7 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
         )
     if torch.isnan(mask).any():
         raise ValueError(
-            f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite "
-            f"value to penalise it."
+            f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
         )
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
@@ -188,9 +187,7 @@ def normalize_mask(
                 f"key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}."
             )
         if key_padding_mask.device != device:
-            raise ValueError(
-                f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}."
-            )
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}.")
         if key_padding_mask.any():
             pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
             removed = pad if removed is None else removed | pad

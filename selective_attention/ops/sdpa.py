@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import causal_removed
+from .naive import naive_attention
 
 __all__ = ["sdpa_attention"]
 
@@ -33,6 +34,10 @@ def sdpa_attention(
     Shapes: q ``[B, H, Lq, D]``, k ``[B, H, Lk, D]``, v ``[B, H, Lk, Dv]`` -> ``[B, H, Lq, Dv]``.
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
+    if Lq == 0 or Lk == 0:
+        # SDPA kernels reject empty sequences; the answer (zeros) is the spec's.
+        removed = causal_removed(Lq, Lk, q.device) if causal else removed
+        return naive_attention(q, k, v, removed=removed, penalty=penalty, scale=scale)[0]
     if removed is None and penalty is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 

@@ -1,0 +1,27 @@
+"""Shared test helpers: random problems and tolerances that follow the dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# fp32 attention sums D products and a softmax; 1e-5 is ~100 ulp of 1.0, far below any real bug
+# (a wrong mask moves weights by O(1/L)). fp64 is held to 1e-10.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def qkv(B, H, Lq, Lk, D, dtype=torch.float32, Dv=None, requires_grad=True):
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, H, Lq, D, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, H, Lk, D, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, H, Lk, Dv, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def grads(fn, *inputs):
+    """Run ``fn(*inputs)``, backprop a fixed random cotangent, return (output, input grads)."""
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    return out.detach(), [t.grad.clone() for t in inputs]

@@ -1,0 +1,144 @@
+"""The mask rule of DESIGN §2: bool True removes; float F subtracted; any +-inf removes."""
+
+import math
+
+import pytest
+import torch
+from helpers import qkv
+
+from selective_attention.functional import attention_weights, selective_attention
+from selective_attention.masks import causal_removed, normalize_mask
+
+INF = float("inf")
+
+
+def test_worked_example_3x3():
+    """The README's 3x3 example, checked against softmax written out by hand."""
+    q = torch.zeros(1, 1, 3, 4, dtype=torch.float64)  # zero queries: all logits 0
+    k = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    F = torch.tensor([[0.0, INF, INF], [0.0, 0.0, -INF], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    w = attention_weights(q, k, F)[0, 0]
+    e = math.exp(-2.0)
+    expected = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [e / (e + 2), 1 / (e + 2), 1 / (e + 2)]], dtype=torch.float64
+    )
+    torch.testing.assert_close(w, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_any_infinity_removes(sign):
+    q, k, v = qkv(2, 3, 5, 5, 8, requires_grad=False)
+    F = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), sign * INF)
+    w = attention_weights(q, k, F)
+    assert (w[..., torch.ones(5, 5, dtype=torch.bool).triu(1)] == 0).all()
+    torch.testing.assert_close(selective_attention(q, k, v, F), selective_attention(q, k, v, is_causal=True))
+
+
+def test_bool_true_removes_and_equals_inf_float():
+    q, k, v = qkv(2, 2, 6, 7, 4, requires_grad=False)
+    m = torch.rand(2, 2, 6, 7) < 0.4
+    w = attention_weights(q, k, m)
+    assert (w[m.expand_as(w)] == 0).all()
+    Fm = torch.zeros(m.shape).masked_fill(m, INF)
+    torch.testing.assert_close(selective_attention(q, k, v, m), selective_attention(q, k, v, Fm))
+
+
+def test_positive_F_lowers_negative_raises():
+    q, k, v = qkv(1, 1, 4, 4, 8, requires_grad=False)
+    base = attention_weights(q, k)
+    F = torch.zeros(4, 4)
+    F[:, 1] = 1.5
+    F[:, 2] = -1.5
+    w = attention_weights(q, k, F)
+    assert (w[..., 1] < base[..., 1]).all() and (w[..., 2] > base[..., 2]).all()
+    # exactly: weight ratio between two keys changes by exp(F_b - F_a)
+    ratio = (w[..., 2] / w[..., 1]) / (base[..., 2] / base[..., 1])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, math.exp(3.0)), rtol=1e-5, atol=0)
+
+
+def test_nan_mask_raises():
+    q, k, v = qkv(1, 1, 3, 3, 4)
+    F = torch.zeros(3, 3)
+    F[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        selective_attention(q, k, v, F)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_mask_raises(dtype):
+    q, k, v = qkv(1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match=r"torch.bool.*mask.bool\(\)"):
+        selective_attention(q, k, v, torch.zeros(3, 3, dtype=dtype))
+
+
+def test_float_mask_dtype_mismatch_raises():
+    q, k, v = qkv(1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match="float64.*float32"):
+        selective_attention(q, k, v, torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 3, 3), "ambiguous"),
+        ((3,), "2-D"),
+        ((1, 1, 1, 3, 3), "2-D"),
+        ((3, 3, 3, 3), "does not broadcast"),
+        ((2, 3), "full"),
+        ((1, 1, 1, 3), "full"),
+        ((4, 4), "full"),
+    ],
+)
+def test_bad_mask_shapes_raise(shape, match):
+    q, k, v = qkv(2, 2, 3, 3, 4)
+    with pytest.raises(ValueError, match=match):
+        selective_attention(q, k, v, torch.zeros(shape, dtype=torch.bool))
+
+
+def test_mask_not_a_tensor_raises():
+    q, k, v = qkv(1, 1, 3, 3, 4)
+    with pytest.raises(TypeError, match="selective_mask must be a torch.Tensor"):
+        selective_attention(q, k, v, [[0, 1]])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1, 1, 3, 5), (2, 1, 3, 5), (1, 4, 3, 5), (2, 4, 3, 5)])
+def test_accepted_broadcast_shapes(shape):
+    q, k, v = qkv(2, 4, 3, 5, 8, requires_grad=False)
+    m = torch.rand(shape) < 0.3
+    full = m.expand(2, 4, 3, 5) if m.dim() == 4 else m[None, None].expand(2, 4, 3, 5)
+    torch.testing.assert_close(selective_attention(q, k, v, m), selective_attention(q, k, v, full.contiguous()))
+
+
+def test_key_padding_mask_rules():
+    q, k, v = qkv(2, 2, 3, 4, 8, requires_grad=False)
+    with pytest.raises(TypeError, match="torch.bool"):
+        selective_attention(q, k, v, key_padding_mask=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\(B, Lk\) = \(2, 4\)"):
+        selective_attention(q, k, v, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+    pad = torch.tensor([[False, False, True, True], [False, False, False, True]])
+    w = attention_weights(q, k, key_padding_mask=pad)
+    assert (w[0, :, :, 2:] == 0).all() and (w[1, :, :, 3] == 0).all()
+    assert (w[1, :, :, :3] > 0).all()
+
+
+def test_seed_mask_is_recognised_as_causal():
+    """The seed's expanded -inf mask runs on the causal kernels: nothing materialised per (B, H)."""
+    L = 6
+    m = torch.triu(torch.ones((L, L), dtype=torch.bool) * float("-inf"), diagonal=1)[None, None].expand(3, 2, L, L)
+    nm = normalize_mask(m, B=3, H=2, Lq=L, Lk=L, dtype=torch.float32, device=torch.device("cpu"))
+    assert nm.causal and nm.removed is None and nm.penalty is None
+
+
+def test_causal_with_other_removals_keeps_both():
+    L = 5
+    m = torch.zeros(L, L, dtype=torch.bool)
+    m[4, 0] = True
+    nm = normalize_mask(m, B=1, H=1, Lq=L, Lk=L, dtype=torch.float32, device=torch.device("cpu"), is_causal=True)
+    expected = causal_removed(L, L)
+    expected[4, 0] = True
+    assert not nm.causal and torch.equal(nm.removed[0, 0], expected)
+
+
+def test_causal_alignment_cross_lengths():
+    assert torch.equal(causal_removed(2, 4), torch.tensor([[0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool))
+    assert torch.equal(causal_removed(3, 3), torch.ones(3, 3, dtype=torch.bool).triu(1))
