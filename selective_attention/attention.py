@@ -4,19 +4,29 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import Backend, attention_weights, selective_attention
+from .functional import BACKENDS, Backend, attention_weights, selective_attention
+from .selection import selection_penalty
 
 __all__ = ["SelectiveAttention"]
 
 
 class SelectiveAttention(nn.Module):
-    """Multi-head attention ``softmax(Q K^T / sqrt(d_k) - F) V`` with a user-given F.
+    """Multi-head attention ``softmax(Q K^T / sqrt(d_k) - F) V``, F given by the user and/or
+    computed by the layer itself (the paper's selection).
 
     Args:
         d_model: model width; the inputs' last dim.
         n_heads: number of heads; must divide ``d_model`` (``d_k = d_model // n_heads``).
         dropout: dropout probability on the attention weights, in ``[0, 1)``; active in training only.
-        bias: whether the four projections have a bias.
+        selection: the paper's selective attention (causal self-attention): F is computed from one
+            head's own logits and subtracted from every head; no new parameters.
+        bias: whether the projections have a bias.
+        selection_head: which head votes (the paper: 0). For studying whether the choice matters.
+        selection_per_head: each head computes its own F from its own logits instead of sharing
+            head ``selection_head``'s (H penalties instead of one; still no new parameters).
+        selection_projection: vote with a dedicated query/key pair (``sel_q_proj``, ``sel_k_proj``,
+            ``d_model -> d_k`` each, ``d_model -> H * d_k`` with ``selection_per_head``) so that no
+            attention head has to serve two roles. Adds parameters.
         backend: see :func:`selective_attention.functional.selective_attention`.
 
     Attributes:
@@ -35,7 +45,11 @@ class SelectiveAttention(nn.Module):
         n_heads: int,
         dropout: float = 0.1,
         *,
+        selection: bool = False,
         bias: bool = True,
+        selection_head: int = 0,
+        selection_per_head: bool = False,
+        selection_projection: bool = False,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
@@ -50,20 +64,42 @@ class SelectiveAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        if backend not in ("auto", "naive", "sdpa"):
-            raise ValueError(f"backend must be one of 'auto', 'naive', 'sdpa'; got {backend!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+        if not isinstance(selection_head, int) or not 0 <= selection_head < n_heads:
+            raise ValueError(f"selection_head must be an int in [0, n_heads={n_heads}), got {selection_head!r}.")
+        if not selection and (selection_head != 0 or selection_per_head or selection_projection):
+            raise ValueError(
+                "selection_head, selection_per_head and selection_projection refine the paper's selection; "
+                "pass selection=True to use them."
+            )
+        if selection_per_head and selection_head != 0:
+            raise ValueError("selection_per_head gives every head its own F; selection_head does not apply.")
         self.d_model = d_model
         self.n_heads = n_heads
         self.d_k = d_model // n_heads
         self.dropout = dropout
         self.backend: Backend = backend
+        self.selection = selection
+        self.selection_head = selection_head
+        self.selection_per_head = selection_per_head
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.sel_q_proj: nn.Linear | None = None
+        self.sel_k_proj: nn.Linear | None = None
+        if selection_projection:
+            G = n_heads if selection_per_head else 1
+            self.sel_q_proj = nn.Linear(d_model, G * self.d_k, bias=bias)
+            self.sel_k_proj = nn.Linear(d_model, G * self.d_k, bias=bias)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+        s = f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+        if self.selection:
+            who = "per_head" if self.selection_per_head else f"head={self.selection_head}"
+            s += f", selection=True ({who}{', projection' if self.sel_q_proj is not None else ''})"
+        return s
 
     def _check_inputs(self, Q: Tensor, K: Tensor, V: Tensor) -> None:
         for name, t in (("Q", Q), ("K", K), ("V", V)):
@@ -89,8 +125,30 @@ class SelectiveAttention(nn.Module):
                 raise ValueError(f"{name} is on {t.device} but the module is on {w.device}; move one of them.")
 
     def _heads(self, x: Tensor) -> Tensor:
-        B, L, _ = x.shape
-        return x.view(B, L, self.n_heads, self.d_k).transpose(1, 2)  # [B, H, L, d_k]
+        B, L, C = x.shape
+        return x.view(B, L, C // self.d_k, self.d_k).transpose(1, 2)  # [B, H (or G), L, d_k]
+
+    def _selectors(self, Q: Tensor, K: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Who votes: ``(qs, ks)`` ``[B, G, L, Ds]`` for the functional ``selection_qk``."""
+        if not self.selection:
+            return None
+        if self.sel_q_proj is not None:
+            return self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
+        if self.selection_per_head:
+            return q, k
+        h = self.selection_head
+        return q[:, h : h + 1], k[:, h : h + 1]
+
+    def selection_penalty(self, Q: Tensor, K: Tensor | None = None) -> Tensor:
+        """The F this layer computes for the sequence ``Q`` (``K`` defaults to ``Q``): ``[B, G, L, L]``,
+        G = 1, or H with ``selection_per_head``. Materialises F: for inspection and plots."""
+        if not self.selection:
+            raise ValueError("selection_penalty needs a layer built with selection=True.")
+        K = Q if K is None else K
+        self._check_inputs(Q, K, K)
+        qs, ks = self._selectors(Q, K, self._heads(self.q_proj(Q)), self._heads(self.k_proj(K)))
+        scale = 1.0 / self.d_k**0.5
+        return selection_penalty(qs, ks, scale=scale)
 
     def forward(
         self,
@@ -122,18 +180,11 @@ class SelectiveAttention(nn.Module):
         k = self._heads(self.k_proj(K))  # [B, H, Lk, d_k]
         v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
         p = self.dropout if self.training else 0.0
-        out = selective_attention(
-            q,
-            k,
-            v,
-            selective_mask,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=p,
-            backend=self.backend,
-        )  # [B, H, Lq, d_k]
+        sel = self._selectors(Q, K, q, k)
+        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, selection=self.selection, selection_qk=sel)
+        out = selective_attention(q, k, v, selective_mask, dropout_p=p, backend=self.backend, **kw)  # [B, H, Lq, d_k]
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
         if not need_weights:
             return out
-        weights = attention_weights(q, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        weights = attention_weights(q, k, selective_mask, **kw)
         return out, weights

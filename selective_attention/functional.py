@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 
 from .masks import NormalizedMask, causal_removed, normalize_mask
-from .ops.naive import naive_attention
+from .ops.chunked import chunked_selective_attention
+from .ops.naive import naive_attention, naive_selective_attention
 from .ops.sdpa import sdpa_attention
 
 __all__ = ["selective_attention", "attention_weights"]
 
-Backend = Literal["auto", "naive", "sdpa"]
+Backend = Literal["auto", "naive", "sdpa", "chunked"]
+BACKENDS = ("auto", "naive", "sdpa", "chunked")
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -70,6 +72,38 @@ def _prepare(
     return mask, scale
 
 
+def _selection_inputs(
+    q: Tensor, k: Tensor, selection: bool, selection_qk: tuple[Tensor, Tensor] | None, scale: float
+) -> tuple[Tensor, Tensor, float] | None:
+    """``(qs, ks, sel_scale)``: who votes, validated; ``None`` when selection is off."""
+    if not selection:
+        if selection_qk is not None:
+            raise ValueError("selection_qk was given but selection=False; pass selection=True to use it.")
+        return None
+    B, H, Lq, D = q.shape
+    if Lq != k.shape[-2]:
+        raise ValueError(f"selection=True is causal self-attention and needs Lq == Lk; got Lq={Lq}, Lk={k.shape[-2]}.")
+    if selection_qk is None:
+        return q[:, :1], k[:, :1], scale  # the paper: head 0's own scaled logits
+    if not (isinstance(selection_qk, tuple | list) and len(selection_qk) == 2):
+        raise TypeError("selection_qk must be a pair (qs, ks) of [B, G, L, Ds] tensors.")
+    qs, ks = selection_qk
+    for name, t in (("qs", qs), ("ks", ks)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"selection_qk {name} must be a 4-D [B, G, L, Ds] tensor.")
+        if t.shape[0] != B or t.shape[1] not in (1, H) or t.shape[2] != Lq:
+            raise ValueError(
+                f"selection_qk {name} has shape {tuple(t.shape)}; expected [B, G, L, Ds] with B={B}, "
+                f"G in (1, {H}) (one F for all heads, or one per head), L={Lq}."
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"selection_qk {name} must match q's dtype and device ({q.dtype}, {q.device}).")
+    if qs.shape != ks.shape:
+        raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
+    Ds = qs.shape[-1]
+    return qs, ks, (scale if Ds == D else 1.0 / math.sqrt(Ds))
+
+
 def selective_attention(
     q: Tensor,
     k: Tensor,
@@ -78,9 +112,12 @@ def selective_attention(
     *,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    selection: bool = False,
+    selection_qk: tuple[Tensor, Tensor] | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: Backend = "auto",
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Multi-head selective attention ``softmax(q k^T * scale - F) v``.
 
@@ -99,24 +136,57 @@ def selective_attention(
         is_causal: also remove future keys, ``j > i + Lk - Lq`` (queries aligned to the end of the
             keys, which for ``Lq == Lk`` is the usual upper triangle).
         key_padding_mask: bool ``(B, Lk)``, True = padding, removed for every query.
+        selection: the paper's selective attention (causal self-attention; ``is_causal`` is implied):
+            F is computed from head 0's own logits, ``F[i, j] = sum_{k<i} relu(l_0[k, j])`` over
+            ``1 <= j < k``, and subtracted from every head. A user mask adds to it.
+        selection_qk: with ``selection``, vote with these instead of head 0: ``(qs, ks)``, each
+            ``[B, G, L, Ds]``; G = 1 shares one F across heads, G = H gives each head its own F.
+            ``(q[:, h:h+1], k[:, h:h+1])`` selects with head h; a separate projection gives a
+            dedicated selector. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
         dropout_p: dropout on the attention weights; applied as given (pass 0.0 in eval).
         scale: logit scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec) or ``"sdpa"``.
+        backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks)
+            or ``"chunked"`` (paper mode, memory-lean; ``"auto"`` picks it for ``selection`` unless
+            ``dropout_p > 0``, which only the naive path implements).
+        chunk_size: query rows per chunk for ``"chunked"`` (default: sized to ~16 MiB temporaries).
 
     Returns:
         ``[B, H, Lq, Dv]``. A query whose keys are all removed gets zeros (not NaN), and finite
         (zero) gradients.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
+    sel = _selection_inputs(q, k, selection, selection_qk, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]
-    if backend in ("auto", "sdpa"):
+    if sel is None:
+        if backend == "chunked":
+            raise ValueError("backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'.")
+        if backend == "naive":
+            removed = _with_causal(mask, Lq, Lk, q.device)
+            return naive_attention(q, k, v, removed=removed, penalty=mask.penalty, scale=scale, dropout_p=dropout_p)[0]
         return sdpa_attention(
             q, k, v, removed=mask.removed, penalty=mask.penalty, causal=mask.causal, scale=scale, dropout_p=dropout_p
         )
-    if backend == "naive":
-        removed = _with_causal(mask, Lq, Lk, q.device)
-        return naive_attention(q, k, v, removed=removed, penalty=mask.penalty, scale=scale, dropout_p=dropout_p)[0]
-    raise ValueError(f"backend must be one of 'auto', 'naive', 'sdpa'; got {backend!r}.")
+
+    qs, ks, sel_scale = sel
+    if backend == "sdpa":
+        raise ValueError("backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True.")
+    if backend == "auto":
+        backend = "naive" if dropout_p > 0.0 or Lq == 0 else "chunked"
+    if backend == "chunked":
+        if dropout_p > 0.0:
+            raise ValueError("backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'.")
+        if Lq == 0:
+            return naive_selective_attention(q, k, v, qs, ks, scale=scale, sel_scale=sel_scale)[0]
+        return chunked_selective_attention(
+            q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+    return naive_selective_attention(
+        q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale,
+        dropout_p=dropout_p,
+    )[0]  # fmt: skip
 
 
 def attention_weights(
@@ -126,11 +196,20 @@ def attention_weights(
     *,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    selection: bool = False,
+    selection_qk: tuple[Tensor, Tensor] | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
-    uses, for inspection and plots. Same mask arguments; rows with every key removed are 0."""
+    uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
+    are 0."""
     mask, scale = _prepare(q, k, k, selective_mask, is_causal, key_padding_mask, 0.0, scale)
+    sel = _selection_inputs(q, k, selection, selection_qk, scale)
+    if sel is not None:
+        qs, ks, sel_scale = sel
+        return naive_selective_attention(
+            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale
+        )[1]
     removed = _with_causal(mask, q.shape[-2], k.shape[-2], q.device)
     return naive_attention(q, k, k, removed=removed, penalty=mask.penalty, scale=scale)[1]
 

@@ -25,3 +25,16 @@ def grads(fn, *inputs):
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     out.backward(g)
     return out.detach(), [t.grad.clone() for t in inputs]
+
+
+def assert_error_bounded(fast, naive, ref64, factor=3.0, name=""):
+    """flash-attention's rule: a low-precision path's error against an fp64 reference may be at most
+    ``factor`` x the error of the naive path in the same precision (plus a few ulp of the scale).
+
+    A wrong result misses by O(|ref|); reordered sums in fp32 by ~1e-7 |ref|; so this follows the
+    dtype instead of a magic number."""
+    ref64 = ref64.double()
+    err_fast = (fast.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    err_naive = (naive.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    floor = 4 * torch.finfo(fast.dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
+    assert err_fast <= factor * err_naive + floor, f"{name}: error {err_fast:.3g} vs naive {err_naive:.3g}"

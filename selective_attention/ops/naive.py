@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["naive_attention"]
+from ..masks import causal_removed
+from ..selection import selection_penalty
+
+__all__ = ["naive_attention", "naive_selective_attention"]
 
 
 def naive_attention(
@@ -49,3 +52,36 @@ def naive_attention(
         weights = torch.softmax(logits, dim=-1)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     return torch.matmul(dropped, v), weights
+
+
+def naive_selective_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qs: Tensor,
+    ks: Tensor,
+    *,
+    removed: Tensor | None = None,
+    penalty: Tensor | None = None,
+    scale: float,
+    sel_scale: float,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The paper's causal selective attention, materialising F ``[B, G, L, L]`` and the weights.
+
+    Args:
+        q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``.
+        qs, ks: ``[B, G, L, Ds]``, the selecting queries/keys; G = 1 (one F for all heads) or H.
+        removed, penalty: user masks as in :func:`naive_attention` (penalties add to F).
+        scale: attention logit scale; sel_scale: the votes' logit scale.
+
+    Returns:
+        ``(out [B, H, L, Dv], weights [B, H, L, L])``.
+    """
+    L = q.shape[-2]
+    F = selection_penalty(qs, ks, scale=sel_scale)  # [B, G, L, L]
+    if penalty is not None:
+        F = F + penalty
+    future = causal_removed(L, L, q.device)
+    removed = future if removed is None else removed | future
+    return naive_attention(q, k, v, removed=removed, penalty=F, scale=scale, dropout_p=dropout_p)

@@ -1,0 +1,226 @@
+"""Exact, memory-lean paper-mode attention: query chunks, a carried column sum for F, and a custom
+autograd that recomputes in backward (DESIGN §5).
+
+Nothing of size ``[B, H, L, L]`` is ever built: chunk c (queries ``i0 .. i1-1``) only needs keys
+``0 .. i1-1`` (causal), so its temporaries are ``[B, H, C, i1]``.
+
+Forward, chunk by chunk, first to last::
+
+    S_c  = relu(qs_c ks^T * s) on 1 <= j < k           # the chunk's votes      [B, G, C, i1]
+    F_c  = colsum + exclusive_cumsum_rows(S_c)         # F for the chunk's rows [B, G, C, i1]
+    colsum += S_c.sum(rows)                            # carried to later chunks [B, G, L]
+    out_c, lse_c = attention(q_c, k, v, bias = -F_c - penalty, causal/removed = -inf)
+
+Backward, last chunk to first, with ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O_h))``::
+
+    dF_c = -sum_h dZ_h                                 # [B, G, C, i1]
+    dS_c[k, j] = dcol[j] + sum_{i in c, i > k} dF_c[i, j]   (exclusive suffix sum down columns)
+    dcol += dF_c.sum(rows)                             # carried to earlier chunks
+    dl_s = dS_c * 1[S_c > 0];  dqs_c = dl_s ks * s;  dks += dl_s^T qs_c * s
+
+The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
+``lse`` saved in the forward lets backward rebuild ``P_h`` exactly. Other devices use a plain
+PyTorch kernel with the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["chunked_selective_attention", "default_chunk_size"]
+
+_NEG_INF = float("-inf")
+
+
+# --- the attention kernel given an additive bias: out, lse and its backward ------------------------
+def _has_cpu_flash() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k/v ``[B,H,n,D]``,
+    bias ``[B, 1|H, C, n]`` -> out ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key."""
+    if q.device.type == "cpu" and _has_cpu_flash():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )
+        return out, lse
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)  # [B, H, C, n]
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(torch.exp(logits - lse[..., None]), v), lse
+
+
+def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: float) -> Tensor:
+    """``P = exp(q k^T * scale + bias - lse)``, rebuilt exactly from the saved lse.
+
+    q3 ``[B*H, C, D]``, k3 ``[B*H, n, D]``, bias ``[B, 1|H, C, n]``, lse ``[B, H, C]`` -> ``[B, H, C, n]``.
+    """
+    B, H, C = lse.shape
+    z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-1.0, alpha=scale)
+    z = z.view(B, H, C, -1).add_(bias)
+    # exp of logits below log(tiny) gives denormals, which are ~20x slower on CPU; they are < 1e-38
+    # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
+    return torch.nn.functional.threshold_(z, math.log(torch.finfo(z.dtype).tiny), _NEG_INF).exp_()
+
+
+# --- one chunk's F and bias ---------------------------------------------------------------------------
+def _chunk_bias(
+    qs: Tensor,
+    ks: Tensor,
+    colsum: Tensor,
+    removed: Tensor | None,
+    penalty: Tensor | None,
+    i0: int,
+    i1: int,
+    sel_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Votes ``S`` ``[B, G, C, i1]`` of rows ``i0 .. i1-1`` and the attention bias ``[B, G|H, C, i1]``:
+    ``-(F + penalty)``, ``-inf`` at future and removed keys."""
+    C = i1 - i0
+    S = torch.matmul(qs[:, :, i0:i1], ks[:, :, :i1].transpose(-2, -1)).mul_(sel_scale).relu_()  # [B, G, C, i1]
+    # Votes need 1 <= j < k. Keys before the chunk (j < i0 <= k) all satisfy j < k, so only the
+    # first column and the diagonal block need masking: O(C^2), not O(C * i1).
+    S[..., 0] = 0.0
+    future = torch.ones(C, C, dtype=torch.bool, device=S.device).triu_(1)  # j > k within the block
+    S[..., i0:i1].masked_fill_(future | torch.eye(C, dtype=torch.bool, device=S.device), 0.0)
+    F = S.cumsum(dim=-2)
+    # exclusive within the chunk, plus everything voted by earlier chunks
+    F = torch.cat([torch.zeros_like(F[:, :, :1]), F[:, :, :-1]], dim=2).add_(colsum[:, :, None, :i1])
+    if penalty is not None:
+        F = F + penalty[:, :, i0:i1, :i1]
+    bias = F.neg_()
+    bias[..., i0:i1].masked_fill_(future, _NEG_INF)  # causal
+    if removed is not None:
+        bias = bias.masked_fill(removed[:, :, i0:i1, :i1], _NEG_INF)
+    return S, bias
+
+
+def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
+    """Query rows per chunk: temporaries ``[B, H, C, L]`` near 16 MiB, C in [32, 512], a multiple of 32."""
+    budget = 16 * 2**20
+    c = budget // max(1, B * H * L * itemsize)
+    return int(max(32, min(512, c // 32 * 32)))
+
+
+class _ChunkedSelectiveAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, qs, ks, removed, penalty, scale, sel_scale, chunk):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, L, _ = q.shape
+        G = qs.shape[1]
+        out = v.new_empty(B, H, L, v.shape[-1])
+        lse = q.new_empty(B, H, L)
+        colsum = qs.new_zeros(B, G, L)
+        carries = []  # colsum at the start of each chunk: backward rebuilds F bit for bit from it
+        for i0 in range(0, L, chunk):
+            i1 = min(i0 + chunk, L)
+            carries.append(colsum.clone())
+            S, bias = _chunk_bias(qs, ks, colsum, removed, penalty, i0, i1, sel_scale)
+            colsum[:, :, :i1] += S.sum(dim=2)
+            o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
+            out[:, :, i0:i1] = o_c
+            lse[:, :, i0:i1] = lse_c
+        ctx.save_for_backward(q, k, v, qs, ks, removed, penalty, out, lse, torch.stack(carries))
+        ctx.scale, ctx.sel_scale, ctx.chunk = scale, sel_scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, qs, ks, removed, penalty, out, lse, carries = ctx.saved_tensors
+        scale, sel_scale, chunk = ctx.scale, ctx.sel_scale, ctx.chunk
+        B, H, L, D = q.shape
+        G = qs.shape[1]
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dqs, dks = torch.empty_like(qs), torch.zeros_like(ks)
+        want_dpen = penalty is not None and ctx.needs_input_grad[6]
+        dpen = torch.zeros_like(penalty) if want_dpen else None
+        dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
+        delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
+        # [B*H, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
+        q3, k3, v3, do3 = (t.view(B * H, L, t.shape[-1]) for t in (q, k, v, dout))
+        dq3, dk3, dv3 = (t.view(B * H, L, t.shape[-1]) for t in (dq, dk, dv))
+        starts = list(range(0, L, chunk))
+        for c in reversed(range(len(starts))):
+            i0 = starts[c]
+            i1 = min(i0 + chunk, L)
+            S, bias = _chunk_bias(qs, ks, carries[c], removed, penalty, i0, i1, sel_scale)
+            P = _probs_minus_lse(q3[:, i0:i1], k3[:, :i1], bias, lse[:, :, i0:i1], scale)  # [B, H, C, i1]
+            P3 = P.view(B * H, i1 - i0, i1)
+            dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
+            # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
+            dZ3 = torch.baddbmm(
+                delta[:, :, i0:i1].reshape(B * H, -1, 1), do3[:, i0:i1], v3[:, :i1].transpose(-2, -1), beta=-1.0
+            ).mul_(P3)
+            del P, P3
+            dq3[:, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale)
+            dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), q3[:, i0:i1], alpha=scale)
+            dZ = dZ3.view(B, H, i1 - i0, i1)
+            if want_dpen:
+                _accumulate_broadcast(dpen, -dZ, i0, i1)
+            dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, i1]
+            # dS[k, j] = sum over later queries i > k of dF[i, j]: later chunks (dcol) + this one
+            total = dF.sum(dim=2, keepdim=True)
+            dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
+            dcol[:, :, :i1] += total[:, :, 0]
+            dls = dS.mul_(S > 0).mul_(sel_scale)  # relu' and the vote mask (S is 0 off it)
+            dqs[:, :, i0:i1] = torch.matmul(dls, ks[:, :, :i1])
+            dks[:, :, :i1] += torch.matmul(dls.transpose(-2, -1), qs[:, :, i0:i1])
+        return dq, dk, dv, dqs, dks, None, dpen, None, None, None
+
+
+def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int) -> None:
+    """``dst[:, :, i0:i1, :i1] += grad`` summed over the dims where ``dst`` broadcasts (size 1)."""
+    dims = [d for d in (0, 1) if dst.shape[d] == 1 and grad.shape[d] != 1]
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    dst[:, :, i0:i1, :i1] += grad
+
+
+def chunked_selective_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qs: Tensor,
+    ks: Tensor,
+    *,
+    removed: Tensor | None = None,
+    penalty: Tensor | None = None,
+    scale: float,
+    sel_scale: float,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Causal selective attention with the paper's F from ``(qs, ks)``, exact, never building
+    ``[B, H, L, L]``.
+
+    Args:
+        q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``.
+        qs, ks: ``[B, G, L, Ds]`` with G = 1 (one F shared by all heads, the paper) or G = H (one F
+            per head); e.g. ``q[:, :1], k[:, :1]`` for head 0. Gradients flow into both roles.
+        removed: bool, broadcasts to ``[B, H, L, L]``; True = key removed (on top of causal).
+        penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
+        scale: attention logit scale; sel_scale: the votes' logit scale.
+        chunk_size: query rows per chunk (default: :func:`default_chunk_size`).
+
+    Returns:
+        ``[B, H, L, Dv]``; a query whose every key is removed gets zeros.
+    """
+    B, H, L, _ = q.shape
+    if L == 0:
+        raise ValueError("chunked_selective_attention needs L >= 1; the dispatcher sends L = 0 to the naive path.")
+    chunk = chunk_size or default_chunk_size(B, H, L, q.element_size())
+    dead = None
+    if removed is not None:
+        # Rows with every key removed: let the kernel see them unmasked, then zero their output (and
+        # so their gradient) here, instead of trusting each kernel's all--inf behaviour.
+        future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+        dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
+        if dead.any():
+            removed = removed & ~dead
+        else:
+            dead = None
+    out = _ChunkedSelectiveAttention.apply(q, k, v, qs, ks, removed, penalty, scale, sel_scale, chunk)
+    return out if dead is None else out.masked_fill(dead, 0.0)
