@@ -128,16 +128,14 @@ class SelectiveAttention(nn.Module):
         B, L, C = x.shape
         return x.view(B, L, C // self.d_k, self.d_k).transpose(1, 2)  # [B, H (or G), L, d_k]
 
-    def _selectors(self, Q: Tensor, K: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Who votes: ``(qs, ks)`` ``[B, G, L, Ds]`` for the functional ``selection_qk``."""
+    def _selection_kwargs(self, Q: Tensor, K: Tensor) -> dict:
+        """The functional's selection arguments for this layer's options."""
         if not self.selection:
-            return None
+            return {}
         if self.sel_q_proj is not None:
-            return self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
-        if self.selection_per_head:
-            return q, k
-        h = self.selection_head
-        return q[:, h : h + 1], k[:, h : h + 1]
+            qk = (self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K)))  # [B, G, L, d_k]
+            return dict(selection=True, selection_qk=qk)
+        return dict(selection=True, selection_head=self.selection_head, selection_per_head=self.selection_per_head)
 
     def selection_penalty(self, Q: Tensor, K: Tensor | None = None) -> Tensor:
         """The F this layer computes for the sequence ``Q`` (``K`` defaults to ``Q``): ``[B, G, L, L]``,
@@ -146,9 +144,12 @@ class SelectiveAttention(nn.Module):
             raise ValueError("selection_penalty needs a layer built with selection=True.")
         K = Q if K is None else K
         self._check_inputs(Q, K, K)
-        qs, ks = self._selectors(Q, K, self._heads(self.q_proj(Q)), self._heads(self.k_proj(K)))
-        scale = 1.0 / self.d_k**0.5
-        return selection_penalty(qs, ks, scale=scale)
+        if self.sel_q_proj is not None:
+            qs, ks = self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
+        else:
+            heads = slice(None) if self.selection_per_head else slice(self.selection_head, self.selection_head + 1)
+            qs, ks = self._heads(self.q_proj(Q))[:, heads], self._heads(self.k_proj(K))[:, heads]
+        return selection_penalty(qs, ks, scale=1.0 / self.d_k**0.5)
 
     def forward(
         self,
@@ -180,8 +181,7 @@ class SelectiveAttention(nn.Module):
         k = self._heads(self.k_proj(K))  # [B, H, Lk, d_k]
         v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
         p = self.dropout if self.training else 0.0
-        sel = self._selectors(Q, K, q, k)
-        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, selection=self.selection, selection_qk=sel)
+        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, **self._selection_kwargs(Q, K))
         out = selective_attention(q, k, v, selective_mask, dropout_p=p, backend=self.backend, **kw)  # [B, H, Lq, d_k]
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
         if not need_weights:

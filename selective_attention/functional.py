@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -72,19 +72,48 @@ def _prepare(
     return mask, scale
 
 
+class _Voters(NamedTuple):
+    """Who computes F: heads ``q[:, heads], k[:, heads]`` of the layer itself, or ``(qs, ks)``."""
+
+    heads: slice | None
+    qs: Tensor | None
+    ks: Tensor | None
+    scale: float
+
+    def tensors(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return (q[:, self.heads], k[:, self.heads]) if self.heads is not None else (self.qs, self.ks)
+
+
 def _selection_inputs(
-    q: Tensor, k: Tensor, selection: bool, selection_qk: tuple[Tensor, Tensor] | None, scale: float
-) -> tuple[Tensor, Tensor, float] | None:
-    """``(qs, ks, sel_scale)``: who votes, validated; ``None`` when selection is off."""
-    if not selection:
-        if selection_qk is not None:
-            raise ValueError("selection_qk was given but selection=False; pass selection=True to use it.")
-        return None
+    q: Tensor,
+    k: Tensor,
+    selection: bool,
+    selection_head: int,
+    selection_per_head: bool,
+    selection_qk: tuple[Tensor, Tensor] | None,
+    scale: float,
+) -> _Voters | None:
+    """Validate the selection arguments; ``None`` when selection is off."""
     B, H, Lq, D = q.shape
+    if not selection:
+        if selection_qk is not None or selection_per_head or selection_head != 0:
+            raise ValueError(
+                "selection_head, selection_per_head and selection_qk refine the paper's selection; "
+                "pass selection=True to use them."
+            )
+        return None
     if Lq != k.shape[-2]:
         raise ValueError(f"selection=True is causal self-attention and needs Lq == Lk; got Lq={Lq}, Lk={k.shape[-2]}.")
     if selection_qk is None:
-        return q[:, :1], k[:, :1], scale  # the paper: head 0's own scaled logits
+        if selection_per_head:
+            if selection_head != 0:
+                raise ValueError("selection_per_head gives every head its own F; selection_head does not apply.")
+            return _Voters(slice(None), None, None, scale)
+        if not isinstance(selection_head, int) or not 0 <= selection_head < H:
+            raise ValueError(f"selection_head must be an int in [0, H={H}), got {selection_head!r}.")
+        return _Voters(slice(selection_head, selection_head + 1), None, None, scale)  # the paper: head 0
+    if selection_per_head or selection_head != 0:
+        raise ValueError("selection_qk gives the voters; selection_head and selection_per_head do not apply.")
     if not (isinstance(selection_qk, tuple | list) and len(selection_qk) == 2):
         raise TypeError("selection_qk must be a pair (qs, ks) of [B, G, L, Ds] tensors.")
     qs, ks = selection_qk
@@ -101,7 +130,7 @@ def _selection_inputs(
     if qs.shape != ks.shape:
         raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
     Ds = qs.shape[-1]
-    return qs, ks, (scale if Ds == D else 1.0 / math.sqrt(Ds))
+    return _Voters(None, qs, ks, scale if Ds == D else 1.0 / math.sqrt(Ds))
 
 
 def selective_attention(
@@ -113,6 +142,8 @@ def selective_attention(
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
     selection: bool = False,
+    selection_head: int = 0,
+    selection_per_head: bool = False,
     selection_qk: tuple[Tensor, Tensor] | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
@@ -139,10 +170,11 @@ def selective_attention(
         selection: the paper's selective attention (causal self-attention; ``is_causal`` is implied):
             F is computed from head 0's own logits, ``F[i, j] = sum_{k<i} relu(l_0[k, j])`` over
             ``1 <= j < k``, and subtracted from every head. A user mask adds to it.
-        selection_qk: with ``selection``, vote with these instead of head 0: ``(qs, ks)``, each
-            ``[B, G, L, Ds]``; G = 1 shares one F across heads, G = H gives each head its own F.
-            ``(q[:, h:h+1], k[:, h:h+1])`` selects with head h; a separate projection gives a
-            dedicated selector. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
+        selection_head: with ``selection``, the head whose logits vote (the paper: 0).
+        selection_per_head: with ``selection``, every head computes its own F from its own logits.
+        selection_qk: with ``selection``, vote with these instead of a head: ``(qs, ks)``, each
+            ``[B, G, L, Ds]`` (e.g. from a dedicated projection); G = 1 shares one F across heads,
+            G = H gives each head its own. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
         dropout_p: dropout on the attention weights; applied as given (pass 0.0 in eval).
         scale: logit scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks)
@@ -157,7 +189,7 @@ def selective_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
-    sel = _selection_inputs(q, k, selection, selection_qk, scale)
+    sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]
     if sel is None:
         if backend == "chunked":
@@ -169,7 +201,6 @@ def selective_attention(
             q, k, v, removed=mask.removed, penalty=mask.penalty, causal=mask.causal, scale=scale, dropout_p=dropout_p
         )
 
-    qs, ks, sel_scale = sel
     if backend == "sdpa":
         raise ValueError("backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True.")
     if backend == "auto":
@@ -177,14 +208,14 @@ def selective_attention(
     if backend == "chunked":
         if dropout_p > 0.0:
             raise ValueError("backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'.")
-        if Lq == 0:
-            return naive_selective_attention(q, k, v, qs, ks, scale=scale, sel_scale=sel_scale)[0]
-        return chunked_selective_attention(
-            q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale,
-            chunk_size=chunk_size,
-        )  # fmt: skip
+        if Lq > 0:
+            return chunked_selective_attention(
+                q, k, v, sel.qs, sel.ks, heads=sel.heads, removed=mask.removed, penalty=mask.penalty, scale=scale,
+                sel_scale=sel.scale, chunk_size=chunk_size,
+            )  # fmt: skip
+    qs, ks = sel.tensors(q, k)
     return naive_selective_attention(
-        q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale,
+        q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
         dropout_p=dropout_p,
     )[0]  # fmt: skip
 
@@ -197,6 +228,8 @@ def attention_weights(
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
     selection: bool = False,
+    selection_head: int = 0,
+    selection_per_head: bool = False,
     selection_qk: tuple[Tensor, Tensor] | None = None,
     scale: float | None = None,
 ) -> Tensor:
@@ -204,11 +237,11 @@ def attention_weights(
     uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
     are 0."""
     mask, scale = _prepare(q, k, k, selective_mask, is_causal, key_padding_mask, 0.0, scale)
-    sel = _selection_inputs(q, k, selection, selection_qk, scale)
+    sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     if sel is not None:
-        qs, ks, sel_scale = sel
+        qs, ks = sel.tensors(q, k)
         return naive_selective_attention(
-            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel_scale
+            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale
         )[1]
     removed = _with_causal(mask, q.shape[-2], k.shape[-2], q.device)
     return naive_attention(q, k, k, removed=removed, penalty=mask.penalty, scale=scale)[1]

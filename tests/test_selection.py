@@ -222,7 +222,9 @@ def test_zero_length_paper_mode():
         (dict(selection=True, backend="sdpa"), ValueError, "cannot compute the paper's F"),
         (dict(backend="chunked"), ValueError, "paper-mode path"),
         (dict(selection=True, backend="chunked", dropout_p=0.1), ValueError, "no dropout"),
-        (dict(selection_qk="x"), ValueError, "selection=False"),
+        (dict(selection_qk="x"), ValueError, "pass selection=True"),
+        (dict(selection=True, selection_head=2), ValueError, r"selection_head must be an int in \[0, H=2\), got 2"),
+        (dict(selection=True, selection_per_head=True, selection_head=1), ValueError, "does not apply"),
         (dict(selection=True, selection_qk=(1, 2, 3)), TypeError, "pair"),
         (dict(selection=True, selection_qk=(torch.zeros(2, 3, 5, 4), torch.zeros(2, 3, 5, 4))), ValueError, "G in"),
         (

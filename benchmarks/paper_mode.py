@@ -1,0 +1,166 @@
+"""Paper-mode selective attention vs standard causal attention (SDPA), forward + backward.
+
+Compares, at B1 H8 D64 fp32 over sequence lengths:
+  * ``sdpa``     F.scaled_dot_product_attention(is_causal=True): standard attention, the baseline;
+  * ``chunked``  ours, paper mode (F from head 0), the default backend;
+  * ``naive``    ours, the spec (materialises F and the weights);
+  * ``x-transformers``  its ``Attend(causal=True, selective=True)``, if installed (``bench`` extra).
+Times are medians of interleaved rounds; ratios are medians of per-round ratios to ``sdpa``.
+Extra peak memory (peak RSS during one fwd+bwd minus RSS with the inputs allocated) is measured in
+a fresh subprocess per method, so the allocator's cache of one cannot hide another's peak, with
+glibc's mmap threshold fixed at 64 KiB so that RSS follows live tensor memory.
+
+    python benchmarks/paper_mode.py [--lengths 512 1024 2048 4096 8192] [--repeats 5] [--plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, interleaved, median_ratio, write
+
+from selective_attention.functional import selective_attention
+
+B, H, D = 1, 8, 64
+NAIVE_MAX_L = 4096  # the materialising methods need O(H L^2) memory and get slow beyond this
+
+
+def make_methods(L: int) -> dict:
+    methods = {
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "chunked": lambda q, k, v: selective_attention(q, k, v, selection=True),
+    }
+    if L <= NAIVE_MAX_L:
+        methods["naive"] = lambda q, k, v: selective_attention(q, k, v, selection=True, backend="naive")
+        try:
+            from x_transformers.attend import Attend
+
+            attend = Attend(causal=True, selective=True)
+            methods["x-transformers"] = lambda q, k, v: attend(q, k, v)[0]
+        except ImportError:
+            pass
+    return methods
+
+
+def inputs(L: int):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn(B, H, L, D, generator=g)
+
+
+def time_length(L: int, repeats: int, methods: list[str]) -> dict:
+    q, k, v, g = inputs(L)
+    fns = {name: (lambda f=f: f(q, k, v).backward(g)) for name, f in make_methods(L).items() if name in methods}
+    t = interleaved(fns, repeats=repeats, warmup=1)
+    row = {"L": L}
+    for name in fns:
+        row[f"{name} s"] = statistics.median(t[name])
+        row[f"{name} / sdpa"] = median_ratio(t, name, "sdpa")
+    return row
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(method: str, L: int) -> None:
+    """Run in a subprocess: print the extra peak RSS (bytes) of one fwd+bwd of ``method``."""
+    q, k, v, g = inputs(L)
+    fn = make_methods(L)[method]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark (VmHWM) to the current RSS: imports don't count
+    base = _status_bytes("VmRSS")
+    fn(q, k, v).backward(g)
+    print(json.dumps({"extra": _status_bytes("VmHWM") - base}))
+
+
+def peak_memory(method: str, L: int) -> float:
+    # glibc's adaptive mmap threshold keeps freed multi-MiB temporaries in the heap, so RSS would
+    # count allocator slack; a fixed threshold makes RSS follow live tensor memory, for every method.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--_peak", method, str(L)], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"] / 2**20
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in [("sdpa", "k-o"), ("chunked", "C0-o"), ("naive", "C1--s"), ("x-transformers", "C2:^")]:
+        pts = [(r["L"], r[f"{name} s"]) for r in rows if f"{name} s" in r]
+        if pts:
+            label = {"sdpa": "standard attention (SDPA causal)", "chunked": "ours, paper mode (chunked)"}.get(
+                name, f"{name}, paper mode" if name != "naive" else "ours, naive spec"
+            )
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("forward + backward (s)")
+    ax.set_title(f"Selective attention, B{B} H{H} D{D} fp32, CPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory-length", type=int, default=4096)
+    ap.add_argument("--methods", nargs="+", default=["sdpa", "chunked", "naive", "x-transformers"])
+    ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png")
+    ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._peak:
+        _peak_child(args._peak[0], int(args._peak[1]))
+        return
+
+    rows = []
+    for L in args.lengths:
+        row = time_length(L, args.repeats, args.methods)
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    names = [n for n in ("sdpa", "chunked", "naive", "x-transformers") if any(f"{n} s" in r for r in rows)]
+    table = []
+    for r in rows:
+        t = {"L": r["L"]}
+        for n in names:
+            t[n] = f"{r[f'{n} s'] * 1e3:.0f} ms ({r[f'{n} / sdpa']:.2f}x)" if f"{n} s" in r else "-"
+        table.append(t)
+    Lm = args.memory_length
+    mem = {n: peak_memory(n, Lm) for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L}
+    mrow = {"L": f"extra peak memory, L={Lm}"}
+    for n in names:
+        mrow[n] = f"{mem[n]:.0f} MiB ({mem[n] / mem['sdpa']:.2f}x)" if n in mem else "-"
+    table.append(mrow)
+    md = write(
+        "paper_mode",
+        table,
+        ["L"] + names,
+        f"Paper-mode fwd+bwd vs standard causal attention (SDPA), B{B} H{H} D{D} fp32; ratio to SDPA in ()",
+    )
+    print(md)
+    (RESULTS / "paper_mode_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
+    if args.plot:
+        plot(rows, RESULTS / "paper_mode.png")
+
+
+if __name__ == "__main__":
+    main()
