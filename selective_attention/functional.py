@@ -149,7 +149,8 @@ def selective_attention(
     scale: float | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
-) -> Tensor:
+    memory_tau: float | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head selective attention ``softmax(q k^T * scale - F) v``.
 
     Args:
@@ -180,17 +181,22 @@ def selective_attention(
         backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks)
             or ``"chunked"`` (paper mode, memory-lean; ``"auto"`` picks it for ``selection`` unless
             ``dropout_p > 0``, which only the naive path implements).
-        chunk_size: query rows per chunk for ``"chunked"`` (default: sized to ~16 MiB temporaries).
+        chunk_size: query rows per chunk for ``"chunked"`` (default: 64, fewer for very long L).
+        memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
+            ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F),
+            differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
 
     Returns:
-        ``[B, H, Lq, Dv]``. A query whose keys are all removed gets zeros (not NaN), and finite
-        (zero) gradients.
+        ``[B, H, Lq, Dv]`` (and the ``[B, G, L]`` masked counts when ``memory_tau`` is given). A query
+        whose keys are all removed gets zeros (not NaN), and finite (zero) gradients.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
     sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]
+    if memory_tau is not None and (sel is None or not memory_tau > 0):
+        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
     if sel is None:
         if backend == "chunked":
             raise ValueError("backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'.")
@@ -209,15 +215,17 @@ def selective_attention(
         if dropout_p > 0.0:
             raise ValueError("backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'.")
         if Lq > 0:
-            return chunked_selective_attention(
+            out, rows = chunked_selective_attention(
                 q, k, v, sel.qs, sel.ks, heads=sel.heads, removed=mask.removed, penalty=mask.penalty, scale=scale,
-                sel_scale=sel.scale, chunk_size=chunk_size,
+                sel_scale=sel.scale, chunk_size=chunk_size, tau=memory_tau,
             )  # fmt: skip
+            return out if memory_tau is None else (out, rows / memory_tau)
     qs, ks = sel.tensors(q, k)
-    return naive_selective_attention(
+    out, _, F = naive_selective_attention(
         q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
         dropout_p=dropout_p,
-    )[0]  # fmt: skip
+    )  # fmt: skip
+    return out if memory_tau is None else (out, F.clamp(max=memory_tau).sum(-1) / memory_tau)
 
 
 def attention_weights(

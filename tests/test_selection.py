@@ -244,3 +244,39 @@ def test_selection_needs_self_attention():
     q, k, v = qkv(1, 2, 4, 6, 4)
     with pytest.raises(ValueError, match="Lq == Lk"):
         selective_attention(q, k, v, selection=True)
+
+
+@pytest.mark.parametrize("G", [1, 2])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_memory_rows_chunked_equals_naive_with_gradients(G, tau):
+    B, H, L, D = 2, 2, 37, 4
+    q, k, v, _ = _case(B, H, L, D, torch.float64, False, False, seed=5)
+    kw = dict(selection=True, memory_tau=tau, selection_per_head=G == 2)
+    gen = torch.Generator().manual_seed(0)
+    w_out, w_mem = (
+        torch.randn(B, H, L, D, generator=gen, dtype=torch.float64),
+        torch.randn(B, G, L, generator=gen, dtype=torch.float64),
+    )
+
+    def loss(backend):
+        out, masked = selective_attention(q, k, v, backend=backend, chunk_size=8, **kw)
+        return out, masked, (out * w_out).sum() + (masked * w_mem).sum()
+
+    o1, m1, l1 = loss("naive")
+    g1 = torch.autograd.grad(l1, (q, k, v))
+    o2, m2, l2 = loss("chunked")
+    g2 = torch.autograd.grad(l2, (q, k, v))
+    assert m1.shape == (B, G, L)
+    torch.testing.assert_close(m2, m1, **TOL[torch.float64])
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    F = selection_penalty(q[:, :1] if G == 1 else q, k[:, :1] if G == 1 else k)
+    torch.testing.assert_close(m1, F.clamp(max=tau).sum(-1) / tau)
+
+
+def test_memory_tau_needs_selection():
+    q, k, v = qkv(1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="memory_tau needs selection=True"):
+        selective_attention(q, k, v, memory_tau=1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        selective_attention(q, k, v, selection=True, memory_tau=0.0)

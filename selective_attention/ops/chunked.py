@@ -76,9 +76,10 @@ def _chunk_bias(
     i0: int,
     i1: int,
     sel_scale: float,
-) -> tuple[Tensor, Tensor]:
-    """Votes ``S`` ``[B, G, C, i1]`` of rows ``i0 .. i1-1`` and the attention bias ``[B, G|H, C, i1]``:
-    ``-(F + penalty)``, ``-inf`` at future and removed keys."""
+    keep_F: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Votes ``S`` ``[B, G, C, i1]`` of rows ``i0 .. i1-1``, the attention bias ``[B, G|H, C, i1]``:
+    ``-(F + penalty)``, ``-inf`` at future and removed keys, and (``keep_F``) F itself."""
     C = i1 - i0
     S = torch.matmul(qs[:, :, i0:i1], ks[:, :, :i1].transpose(-2, -1)).mul_(sel_scale).relu_()  # [B, G, C, i1]
     # Votes need 1 <= j < k. Keys before the chunk (j < i0 <= k) all satisfy j < k, so only the
@@ -89,13 +90,14 @@ def _chunk_bias(
     F = S.cumsum(dim=-2)
     # exclusive within the chunk, plus everything voted by earlier chunks
     F = torch.cat([torch.zeros_like(F[:, :, :1]), F[:, :, :-1]], dim=2).add_(colsum[:, :, None, :i1])
+    F_kept = F.clone() if keep_F else None
     if penalty is not None:
         F = F + penalty[:, :, i0:i1, :i1]
     bias = F.neg_()
     bias[..., i0:i1].masked_fill_(future, _NEG_INF)  # causal
     if removed is not None:
         bias = bias.masked_fill(removed[:, :, i0:i1, :i1], _NEG_INF)
-    return S, bias
+    return S, bias, F_kept
 
 
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
@@ -113,7 +115,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
     dq/dk in place (a separate input would cost autograd two full-size zero tensors and a sum)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk):
+    def forward(ctx, q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk, tau):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if heads is not None:
             qs, ks = q[:, heads], k[:, heads]
@@ -122,11 +124,15 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
         colsum = qs.new_zeros(B, G, L)
+        # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
+        mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
         carries = []  # colsum at the start of each chunk: backward rebuilds F bit for bit from it
         for i0 in range(0, L, chunk):
             i1 = min(i0 + chunk, L)
             carries.append(colsum.clone())
-            S, bias = _chunk_bias(qs, ks, colsum, removed, penalty, i0, i1, sel_scale)
+            S, bias, Fc = _chunk_bias(qs, ks, colsum, removed, penalty, i0, i1, sel_scale, keep_F=tau is not None)
+            if Fc is not None:
+                mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1)
             colsum[:, :, :i1] += S.sum(dim=2)
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
@@ -134,13 +140,17 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         own = heads is None
         ctx.save_for_backward(q, k, v, qs if own else None, ks if own else None, removed, penalty, out, lse,
                               torch.stack(carries))  # fmt: skip
-        ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk = heads, scale, sel_scale, chunk
-        return out
+        ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau = heads, scale, sel_scale, chunk, tau
+        if tau is None:
+            ctx.mark_non_differentiable(mem)
+        return out, mem
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dmem):
         q, k, v, qs, ks, removed, penalty, out, lse, carries = ctx.saved_tensors
-        heads, scale, sel_scale, chunk = ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk
+        heads, scale, sel_scale, chunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau
+        if tau is None:
+            dmem = None
         B, H, L, D = q.shape
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -160,7 +170,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         for c in reversed(range(len(starts))):
             i0 = starts[c]
             i1 = min(i0 + chunk, L)
-            S, bias = _chunk_bias(qs, ks, carries[c], removed, penalty, i0, i1, sel_scale)
+            S, bias, Fc = _chunk_bias(qs, ks, carries[c], removed, penalty, i0, i1, sel_scale, keep_F=dmem is not None)
             P = _probs_minus_lse(q3[:, i0:i1], k3[:, :i1], bias, lse[:, :, i0:i1], scale)  # [B, H, C, i1]
             P3 = P.view(B * H, i1 - i0, i1)
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
@@ -175,6 +185,8 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, i1]
+            if dmem is not None:  # d/dF sum_j min(F, tau) = 1[F < tau]
+                dF.add_(dmem[:, :, i0:i1, None] * (Fc < tau))
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later chunks (dcol) + this one
             total = dF.sum(dim=2, keepdim=True)
             dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
@@ -184,7 +196,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             dks[:, :, :i1] += torch.matmul(dls.transpose(-2, -1), qs[:, :, i0:i1])
         if heads is not None:
             dqs = dks = None
-        return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None
+        return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None, None
 
 
 def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int) -> None:
@@ -208,7 +220,8 @@ def chunked_selective_attention(
     scale: float,
     sel_scale: float,
     chunk_size: int | None = None,
-) -> Tensor:
+    tau: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Causal selective attention with the paper's F, exact, never building ``[B, H, L, L]``.
 
     Args:
@@ -221,9 +234,11 @@ def chunked_selective_attention(
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
         scale: attention logit scale; sel_scale: the votes' logit scale.
         chunk_size: query rows per chunk (default: :func:`default_chunk_size`).
+        tau: also return ``sum_j min(F[i, j], tau)`` per row, ``[B, G, L]`` (the memory loss's
+            soft count of masked tokens, times tau), differentiable.
 
     Returns:
-        ``[B, H, L, Dv]``; a query whose every key is removed gets zeros.
+        ``(out [B, H, L, Dv], rows [B, G, L] or None)``; a query whose every key is removed gets zeros.
     """
     if (heads is None) == (qs is None or ks is None):
         raise ValueError("pass either qs and ks, or heads.")
@@ -241,5 +256,6 @@ def chunked_selective_attention(
             removed = removed & ~dead
         else:
             dead = None
-    out = _ChunkedSelectiveAttention.apply(q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk)
-    return out if dead is None else out.masked_fill(dead, 0.0)
+    out, rows = _ChunkedSelectiveAttention.apply(q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk, tau)
+    out = out if dead is None else out.masked_fill(dead, 0.0)
+    return out, (rows if tau is not None else None)

@@ -66,7 +66,7 @@ def naive_selective_attention(
     scale: float,
     sel_scale: float,
     dropout_p: float = 0.0,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's causal selective attention, materialising F ``[B, G, L, L]`` and the weights.
 
     Args:
@@ -76,12 +76,12 @@ def naive_selective_attention(
         scale: attention logit scale; sel_scale: the votes' logit scale.
 
     Returns:
-        ``(out [B, H, L, Dv], weights [B, H, L, L])``.
+        ``(out [B, H, L, Dv], weights [B, H, L, L], F [B, G, L, L])`` (F without the user penalty).
     """
     L = q.shape[-2]
     F = selection_penalty(qs, ks, scale=sel_scale)  # [B, G, L, L]
-    if penalty is not None:
-        F = F + penalty
     future = causal_removed(L, L, q.device)
     removed = future if removed is None else removed | future
-    return naive_attention(q, k, v, removed=removed, penalty=F, scale=scale, dropout_p=dropout_p)
+    total = F if penalty is None else F + penalty
+    out, weights = naive_attention(q, k, v, removed=removed, penalty=total, scale=scale, dropout_p=dropout_p)
+    return out, weights, F
