@@ -1,0 +1,307 @@
+"""A small decoder-only language model with standard or selective attention.
+
+Pre-norm (RMSNorm) blocks, rotary positions, a GELU MLP, tied embeddings. ``selection=True`` gives
+the paper's selective attention in every layer (or in ``selection_layers``). Read top to bottom:
+config, rotary, attention, block, model, loss; decoding with a KV cache lives in ``cache.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import selective_attention
+from .selection import selection_scores
+
+__all__ = ["GPTConfig", "GPT", "memory_loss"]
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # byte-level tokens by default
+    context_len: int = 256  # longest sequence trained on; decoding past it needs a budget
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0  # residual and attention dropout (paper mode with dropout uses the naive path)
+    selection: bool = False  # the paper's selective attention
+    selection_layers: Sequence[int] | None = None  # layers that select (None = all, when selection)
+    selection_head: int = 0  # the head whose logits vote
+    selection_per_head: bool = False  # one F per head instead of one per layer
+    selection_projection: bool = False  # vote with a dedicated q/k pair (adds parameters)
+    mlp_ratio: float = 4.0
+    bias: bool = False
+    rope_base: float = 10000.0
+    memory_tau: float = 1.0  # the memory loss's tau (paper: 1)
+    memory_eps: float = 0.0  # the memory loss's weight epsilon (paper: 0.1); 0 = off
+    extra: dict = field(default_factory=dict, repr=False)  # free-form notes saved with checkpoints
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_len", "n_layer", "n_head", "d_model"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {val!r}.")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"the head dim d_model / n_head = {self.d_model // self.n_head} must be even (rotary).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.selection_layers is not None:
+            layers = tuple(self.selection_layers)
+            bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
+            if bad:
+                raise ValueError(f"selection_layers {bad} are not layer indices in [0, n_layer={self.n_layer}).")
+            self.selection_layers = layers
+        if not 0 <= self.selection_head < self.n_head:
+            raise ValueError(f"selection_head must be in [0, n_head={self.n_head}), got {self.selection_head}.")
+        if self.memory_tau <= 0 or self.memory_eps < 0:
+            raise ValueError(f"memory_tau must be > 0 and memory_eps >= 0; got {self.memory_tau}, {self.memory_eps}.")
+
+    def layer_selects(self, i: int) -> bool:
+        return self.selection and (self.selection_layers is None or i in self.selection_layers)
+
+
+def rotary(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotate pairs of channels of ``x`` ``[B, H, T, D]`` by angles ``pos * base^(-2i/D)``.
+
+    ``pos``: ``[T]`` or ``[B, T]`` absolute positions (a tensor, so a compiled decode step does not
+    specialise on it)."""
+    D = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    ang = pos.to(torch.float32)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
+    if ang.dim() == 3:
+        ang = ang[:, None]  # [B, 1, T, D/2]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention, standard or selective, with rotary positions."""
+
+    def __init__(self, cfg: GPTConfig, selects: bool) -> None:
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        self.selects = selects
+        self.selection_head = cfg.selection_head
+        self.per_head = cfg.selection_per_head
+        self.rope_base = cfg.rope_base
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.sel_qk: nn.Linear | None = None
+        if selects and cfg.selection_projection:
+            G = cfg.n_head if cfg.selection_per_head else 1
+            self.sel_qk = nn.Linear(cfg.d_model, 2 * G * self.d_head, bias=cfg.bias)
+
+    @property
+    def n_groups(self) -> int:
+        """Number of penalties F this layer computes (1, or H with per-head selection)."""
+        return self.n_head if self.per_head else 1
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, C // self.d_head, self.d_head).transpose(1, 2)  # [B, heads, T, d_head]
+
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """``x`` ``[B, T, C]`` at positions ``pos`` -> q, k, v ``[B, H, T, D]`` (rotated) and, with a
+        dedicated selector, its rotated ``(qs, ks)`` ``[B, G, T, D]``."""
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        sel = None
+        if self.sel_qk is not None:
+            qs, ks = self.sel_qk(x).chunk(2, dim=-1)
+            sel = (rotary(self._split(qs), pos, self.rope_base), rotary(self._split(ks), pos, self.rope_base))
+        return q, k, v, sel
+
+    def voters(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """The queries/keys whose logits vote: ``[B, G, T, D]``."""
+        if sel is not None:
+            return sel
+        if self.per_head:
+            return q, k
+        h = self.selection_head
+        return q[:, h : h + 1], k[:, h : h + 1]
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, memory_tau: float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Causal attention of ``[B, H, T, D]`` q/k/v -> ``([B, H, T, D], masked counts [B, G, T] or None)``."""
+        p = self.dropout if self.training else 0.0
+        if not self.selects:
+            return selective_attention(q, k, v, is_causal=True, dropout_p=p), None
+        if sel is not None:
+            kw = dict(selection_qk=sel)
+        else:
+            kw = dict(selection_head=self.selection_head, selection_per_head=self.per_head)
+        y = selective_attention(q, k, v, selection=True, dropout_p=p, memory_tau=memory_tau, **kw)
+        return y if memory_tau is not None else (y, None)
+
+    def merge(self, y: Tensor) -> Tensor:
+        """``[B, H, T, D]`` -> output projection ``[B, T, C]``."""
+        B, H, T, D = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def forward(self, x: Tensor, pos: Tensor, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``[B, T, C]`` -> ``([B, T, C], masked counts [B, G, T] or None)``."""
+        q, k, v, sel = self.project(x, pos)
+        y, masked = self.attend(q, k, v, sel, memory_tau)
+        return self.merge(y), masked
+
+    def vote_colsums(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None, chunk: int = 256) -> Tensor:
+        """``sum_k S[k, j]`` over all T rows, ``[B, G, T]``: the F that a query after the sequence sees
+        (the cache's running ``Fcum`` after a prefill). Chunked: never ``[B, G, T, T]``."""
+        qs, ks = self.voters(q, k, sel)
+        out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2])
+        scale = 1.0 / math.sqrt(qs.shape[-1])
+        for i0 in range(0, qs.shape[2], chunk):
+            out += selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=scale, offset=i0).sum(dim=-2)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, selects: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, selects)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, pos: Tensor, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
+        a, masked = self.attn(self.norm1(x), pos, memory_tau)
+        x = x + self.drop(a)
+        return x + self.mlp(self.norm2(x)), masked
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. ``GPT(cfg)(idx [B, T])`` -> logits ``[B, T, vocab]``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, config.layer_selects(i)) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_idx(self, idx: Tensor) -> None:
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor [B, T], got {getattr(idx, 'shape', type(idx))}.")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must be in [0, vocab_size={self.config.vocab_size}); got range "
+                f"[{idx.min().item()}, {idx.max().item()}]."
+            )
+
+    def hidden(self, idx: Tensor, memory_tau: float | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Final hidden states ``[B, T, C]`` and, with ``memory_tau``, each selective layer's masked
+        counts ``[B, G, T]``."""
+        self.check_idx(idx)
+        T = idx.shape[1]
+        if T > self.config.context_len:
+            raise ValueError(f"sequence length {T} exceeds context_len={self.config.context_len}.")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx))
+        masked = []
+        for block in self.blocks:
+            x, m = block(x, pos, memory_tau if block.attn.selects else None)
+            if m is not None:
+                masked.append(m)
+        return self.norm(x), masked
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.lm_head(self.hidden(idx)[0])
+
+    def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Cross-entropy plus, when ``memory_eps > 0``, the paper's memory loss.
+
+        Returns ``(loss, {"ce": ..., "memory": ...})`` (floats for logging)."""
+        cfg = self.config
+        use_mem = cfg.memory_eps > 0 and cfg.selection
+        h, masked = self.hidden(idx, cfg.memory_tau if use_mem else None)
+        logits = self.lm_head(h)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        stats = {"ce": ce.item()}
+        if not use_mem:
+            return ce, stats
+        mem = memory_loss(masked)
+        stats["memory"] = mem.item()
+        return ce + cfg.memory_eps * mem, stats
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        budget: int | Sequence[int] | None = None,
+        threshold: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue ``idx`` ``[B, T]`` by ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
+
+        Decodes with a KV cache (exact: equal to re-running the full forward each step). ``budget``
+        (an int for all layers or one per layer) keeps at most that many tokens per layer, evicting
+        the token with the largest accumulated penalty (never the first); ``threshold`` evicts any
+        token whose penalty exceeds it. ``temperature=0`` is greedy. See :mod:`selective_attention.cache`.
+        """
+        from .cache import Decoder
+
+        return Decoder(self, budget=budget, threshold=threshold).generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
+        )
+
+
+def memory_loss(masked: Sequence[Tensor]) -> Tensor:
+    """The paper's memory loss from each selective layer's masked counts ``[B, G, T]``.
+
+    ``M_l[i] = (i + 1) - sum_{j<=i} min(F_l[i, j], tau) / tau`` is the soft number of tokens that
+    position i (1-based: i + 1 tokens so far) still needs; the loss is
+    ``sum_l max_i M_l[i] / (n_layers * T)``, averaged over the batch and the G penalties.
+    """
+    if not masked:
+        raise ValueError("memory_loss needs at least one selective layer's masked counts.")
+    T = masked[0].shape[-1]
+    count = torch.arange(1, T + 1, device=masked[0].device, dtype=masked[0].dtype)  # tokens seen at i
+    per_layer = [(count - m).amax(dim=-1).mean() for m in masked]  # max over i; mean over B, G
+    return torch.stack(per_layer).sum() / (len(masked) * T)

@@ -1,0 +1,245 @@
+"""Cached decoding: exact without pruning; pruning follows the eviction rule of DESIGN §4."""
+
+import pytest
+import torch
+
+from selective_attention.cache import Decoder
+from selective_attention.model import GPT, GPTConfig
+from selective_attention.selection import selection_penalty
+
+
+def model(seed=0, strength=6.0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=40, context_len=64, n_layer=2, n_head=4, d_model=32)
+    base.update(kw)
+    m = GPT(GPTConfig(**base)).double().eval()
+    for b in m.blocks:  # strong logits, so that F is large and pruning decisions are not ties
+        b.attn.qkv.weight.data *= strength
+        if b.attn.sel_qk is not None:
+            b.attn.sel_qk.weight.data *= strength
+    return m
+
+
+def greedy_by_recompute(m, idx, n):
+    out = idx
+    for _ in range(n):
+        out = torch.cat([out, m(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+VARIANTS = {
+    "standard": dict(),
+    "selective": dict(selection=True),
+    "per-head": dict(selection=True, selection_per_head=True),
+    "projection": dict(selection=True, selection_projection=True),
+    "head-2": dict(selection=True, selection_head=2),
+    "layer-1-only": dict(selection=True, selection_layers=[1]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_greedy_equals_recompute(variant):
+    m = model(**VARIANTS[variant])
+    idx = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        ref = greedy_by_recompute(m, idx, 25)
+    assert torch.equal(m.generate(idx, 25, temperature=0), ref)
+
+
+@pytest.mark.parametrize("variant", ["standard", "selective"])
+def test_cached_logits_equal_full_forward(variant):
+    m = model(**VARIANTS[variant])
+    idx = torch.randint(0, 40, (2, 30))
+    dec = Decoder(m)
+    logits = [dec.prefill(idx[:, :5], max_new_tokens=25)]
+    for t in range(5, 29):
+        logits.append(dec.step(idx[:, t]))
+    with torch.no_grad():
+        full = m(idx[:, :29])[:, 4:]
+    torch.testing.assert_close(torch.stack(logits, 1), full, atol=1e-10, rtol=1e-10)
+
+
+def test_budget_at_least_length_changes_nothing():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (2, 10))
+    a = m.generate(idx, 20, temperature=0)
+    assert torch.equal(m.generate(idx, 20, temperature=0, budget=30), a)
+    assert torch.equal(m.generate(idx, 20, temperature=0, budget=[30, 40]), a)
+
+
+# --- the eviction rule, written out naively ------------------------------------------------------
+def reference_decode(m, idx, n_new, budget=None, threshold=None):
+    """Greedy decoding of one sequence with per-layer Python lists of kept tokens."""
+    T = idx.shape[1]
+    scale = 1.0 / (m.config.d_model // m.config.n_head) ** 0.5
+    n = m.config.n_layer
+    budgets = budget if isinstance(budget, list) else [budget if budget is not None else 10**9] * n
+    thr = threshold if threshold is not None else float("inf")
+
+    def prune(entries, budget):
+        for e in [e for e in entries if e["pos"] != 0 and e["f"].min() > thr]:
+            entries.remove(e)
+        while len(entries) > budget:
+            victim = max((e for e in entries if e["pos"] != 0), key=lambda e: (e["f"].min().item(), -e["pos"]))
+            entries.remove(victim)
+
+    layers = []
+    with torch.no_grad():
+        x = m.tok_emb(idx)
+        pos = torch.arange(T)
+        for block, budget in zip(m.blocks, budgets):
+            attn = block.attn
+            q, k, v, sel = attn.project(block.norm1(x), pos)
+            y, _ = attn.attend(q, k, v, sel)
+            x = x + attn.merge(y)
+            x = x + block.mlp(block.norm2(x))
+            if attn.selects:  # F seen by the query after the prompt: all T rows' votes
+                qs, ks = attn.voters(q, k, sel)
+                nxt_q = torch.zeros_like(qs[:, :, :1])
+                F = selection_penalty(torch.cat([qs, nxt_q], 2), torch.cat([ks, nxt_q], 2), scale=scale)
+                fcum = F[0, :, T, :T]  # [G, T]
+            else:
+                fcum = torch.zeros(1, T, dtype=x.dtype)
+            entries = [dict(pos=j, k=k[0, :, j], v=v[0, :, j], f=fcum[:, j].clone()) for j in range(T)]
+            prune(entries, budget)
+            layers.append(entries)
+        logits = m.lm_head(m.norm(x[:, -1]))
+        toks, occupancy = [], []
+        for step in range(n_new):
+            tok = logits.argmax(-1)
+            toks.append(tok.item())
+            if step == n_new - 1:
+                break
+            t = T + step
+            x = m.tok_emb(tok[:, None])
+            for block, entries, budget in zip(m.blocks, layers, budgets):
+                attn = block.attn
+                q, k, v, sel = attn.project(block.norm1(x), torch.tensor([t]))
+                assert sel is None, "the reference covers head voters only"
+                new = dict(pos=t, k=k[0, :, 0], v=v[0, :, 0], f=torch.zeros(entries[0]["f"].shape, dtype=x.dtype))
+                everyone = entries + [new]
+                K = torch.stack([e["k"] for e in everyone], 1)  # [H, n, D]
+                V = torch.stack([e["v"] for e in everyone], 1)
+                Fv = torch.stack([e["f"] for e in everyone], -1)  # [G, n]
+                logit = (q[0, :, 0, None, :] * K).sum(-1) * scale  # [H, n]
+                w = torch.softmax(logit - Fv, dim=-1)
+                y = (w[..., None] * V).sum(1)  # [H, D]
+                if attn.selects:
+                    vote = logit if attn.per_head else logit[attn.selection_head : attn.selection_head + 1]
+                    for i, e in enumerate(entries):  # not the first token, not the new one
+                        if e["pos"] != 0:
+                            e["f"] = e["f"] + torch.relu(vote[:, i])
+                entries.append(new)
+                prune(entries, budget)
+                x = x + attn.merge(y[None, :, None, :])
+                x = x + block.mlp(block.norm2(x))
+            occupancy.append([len(e) for e in layers])
+            logits = m.lm_head(m.norm(x[:, -1]))
+    return toks, occupancy
+
+
+@pytest.mark.parametrize("variant", ["standard", "selective", "per-head", "layer-1-only"])
+@pytest.mark.parametrize("budget", [1, 3, 8, [5, 2]])
+def test_pruned_decoding_matches_reference(variant, budget):
+    m = model(**VARIANTS[variant])
+    idx = torch.randint(0, 40, (1, 12))  # prompt longer than every budget: prefilled, then pruned
+    ref, ref_occ = reference_decode(m, idx, 24, budget=budget)
+    dec = Decoder(m, budget=budget)
+    out = dec.generate(idx, 24, temperature=0)
+    assert out[0, 12:].tolist() == ref
+    assert dec.occupancy() == ref_occ[-1]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 3.0])
+def test_threshold_pruning_matches_reference(threshold):
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (1, 12))
+    ref, ref_occ = reference_decode(m, idx, 24, threshold=threshold)
+    dec = Decoder(m, threshold=threshold)
+    out = dec.generate(idx, 24, temperature=0)
+    assert out[0, 12:].tolist() == ref
+    assert dec.occupancy() == ref_occ[-1]
+    assert dec.occupancy()[0] < 12 + 24  # something was dropped
+
+
+def test_cache_never_exceeds_budget_and_saves_bytes():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (2, 20))
+    dec = Decoder(m, budget=[6, 4])
+    logits = dec.prefill(idx, 30)
+    assert dec.occupancy() == [6, 4]
+    for _ in range(30):
+        logits = dec.step(logits.argmax(-1))
+        assert dec.occupancy() == [6, 4]
+        assert all(c.capacity == b + 1 for c, b in zip(dec.caches, [6, 4]))
+    full = Decoder(m)
+    full.prefill(idx, 30)
+    per_token = 2 * 2 * 4 * 8 * 8  # k and v, B=2, H=4, D=8, float64
+    assert full.kv_bytes() == [20 * per_token] * 2
+    assert dec.kv_bytes() == [6 * per_token, 4 * per_token]
+
+
+def test_batched_pruning_equals_each_sequence_alone():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (3, 10))
+    batched = m.generate(idx, 15, temperature=0, budget=4)
+    for b in range(3):
+        assert torch.equal(m.generate(idx[b : b + 1], 15, temperature=0, budget=4), batched[b : b + 1])
+
+
+def test_decode_past_context_len_with_a_budget():
+    m = model(selection=True, context_len=16)
+    idx = torch.randint(0, 40, (1, 20))  # longer than context_len: allowed with pruning
+    out = m.generate(idx, 30, temperature=0, budget=8)
+    assert out.shape == (1, 50)
+
+
+def test_decode_step_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+
+    m = model(selection=True)
+    dec = Decoder(m, budget=5)
+    logits = dec.prefill(torch.randint(0, 40, (2, 8)), 20)
+    counter = CompileCounter()
+    step = torch.compile(dec.step, backend=counter)
+    for _ in range(12):
+        logits = step(logits.argmax(-1))
+    assert counter.frame_count == 1
+    assert dec.occupancy() == [5, 5]
+
+
+def test_sampling_controls():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (2, 5))
+    greedy = m.generate(idx, 10, temperature=0)
+    assert torch.equal(m.generate(idx, 10, temperature=1.0, top_k=1), greedy)
+    a = m.generate(idx, 10, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    b = m.generate(idx, 10, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (2, 15)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(budget=0), ValueError, "int >= 1"),
+        (dict(budget=[4]), ValueError, "n_layer=2"),
+        (dict(budget="4"), TypeError, "budget must be"),
+        (dict(threshold=-1.0), ValueError, "threshold must be > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(top_k=0), ValueError, "top_k"),
+    ],
+)
+def test_generate_errors(kw, exc, match):
+    m = model()
+    with pytest.raises(exc, match=match):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
+
+
+def test_prompt_too_long_without_pruning():
+    m = model(context_len=16)
+    with pytest.raises(ValueError, match="exceeds context_len=16.*budget"):
+        m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="exceeds context_len=16"):
+        m.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match="token ids"):
+        m.generate(torch.full((1, 3), 99), 2)

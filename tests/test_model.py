@@ -1,0 +1,132 @@
+"""GPTConfig, GPT and the memory loss."""
+
+import pytest
+import torch
+
+from selective_attention.model import GPT, GPTConfig, memory_loss
+from selective_attention.selection import selection_penalty
+
+
+def tiny(**kw):
+    base = dict(vocab_size=40, context_len=48, n_layer=2, n_head=4, d_model=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def test_forward_shape_and_tying():
+    m = GPT(tiny())
+    logits = m(torch.randint(0, 40, (3, 11)))
+    assert logits.shape == (3, 11, 40)
+    assert m.lm_head.weight is m.tok_emb.weight
+
+
+def test_selection_adds_no_parameters_but_changes_output():
+    torch.manual_seed(0)
+    std, sel = GPT(tiny()), GPT(tiny(selection=True))
+    assert std.num_params() == sel.num_params()
+    sel.load_state_dict(std.state_dict())
+    for b in list(std.blocks) + list(sel.blocks):
+        b.attn.qkv.weight.data *= 6  # strong logits: F matters
+    idx = torch.randint(0, 40, (2, 30))
+    assert not torch.allclose(std(idx), sel(idx))
+
+
+def test_selection_layers_option():
+    m = GPT(tiny(n_layer=3, selection=True, selection_layers=[1]))
+    assert [b.attn.selects for b in m.blocks] == [False, True, False]
+    m = GPT(tiny(n_layer=3, selection=True))
+    assert all(b.attn.selects for b in m.blocks)
+    m = GPT(tiny(n_layer=3, selection=False, selection_layers=[1]))
+    assert not any(b.attn.selects for b in m.blocks)
+
+
+def test_causality():
+    m = GPT(tiny(selection=True)).eval()
+    idx = torch.randint(0, 40, (1, 20))
+    idx2 = idx.clone()
+    idx2[0, 15] = (idx[0, 15] + 1) % 40
+    a, b = m(idx), m(idx2)
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(d_model=30), "divisible"),
+        (dict(d_model=36, n_head=12), "even"),
+        (dict(n_layer=0), "n_layer must be a positive int"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(selection=True, selection_layers=[5]), r"\[5\] are not layer indices"),
+        (dict(selection_head=4), "selection_head"),
+        (dict(memory_tau=0.0), "memory_tau"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_bad_token_ids_and_length():
+    m = GPT(tiny())
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=40\)"):
+        m(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="exceeds context_len=48"):
+        m(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        m(torch.zeros(1, 4))
+
+
+def test_memory_loss_hand_checked():
+    # one layer, one sequence, T = 4: masked counts 0, 0, 0.5, 1.5 -> kept 1, 2, 2.5, 2.5
+    masked = [torch.tensor([[[0.0, 0.0, 0.5, 1.5]]])]
+    assert memory_loss(masked).item() == pytest.approx(2.5 / 4)
+    # two layers average; batch averages
+    masked2 = [torch.tensor([[[0.0, 1.0, 0.0, 0.0]]]), torch.tensor([[[0.0, 0.0, 0.0, 3.0]], [[0.0, 0.0, 0.0, 0.0]]])]
+    # layer 1: kept 1, 1, 3, 4 -> max 4;  layer 2: seq a kept 1, 2, 3, 1 -> 3, seq b -> 4: mean 3.5
+    assert memory_loss(masked2).item() == pytest.approx((4 + 3.5) / (2 * 4))
+
+
+def test_model_loss_includes_memory_term_from_F():
+    torch.manual_seed(0)
+    cfg = tiny(selection=True, memory_eps=0.1, memory_tau=1.0)
+    m = GPT(cfg).double()
+    for b in m.blocks:
+        b.attn.qkv.weight.data *= 8
+    idx = torch.randint(0, 40, (2, 24))
+    tgt = torch.randint(0, 40, (2, 24))
+    loss, stats = m.loss(idx, tgt)
+    # the memory term from F written out, layer by layer
+    pos = torch.arange(24)
+    x = m.tok_emb(idx)
+    per_layer = []
+    for block in m.blocks:
+        q, k, v, sel = block.attn.project(block.norm1(x), pos)
+        qs, ks = block.attn.voters(q, k, sel)
+        F = selection_penalty(qs, ks)  # [B, 1, T, T]
+        kept = torch.arange(1, 25, dtype=torch.float64) - F.clamp(max=1.0).sum(-1)
+        per_layer.append(kept.amax(-1).mean())
+        x = block(x, pos)[0]
+    mem = torch.stack(per_layer).sum() / (2 * 24)
+    assert mem.item() > 0
+    assert stats["memory"] == pytest.approx(mem.item(), rel=1e-10)
+    assert loss.item() == pytest.approx(stats["ce"] + 0.1 * mem.item(), rel=1e-10)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_memory_loss_lowers_kept_tokens_when_trained():
+    """A few steps of the memory loss alone push the model to mask more (the kept count drops)."""
+    torch.manual_seed(0)
+    m = GPT(tiny(selection=True, memory_eps=1.0))
+    idx = torch.randint(0, 40, (4, 32))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        _, masked = m.hidden(idx, memory_tau=1.0)
+        mem = memory_loss(masked)
+        first = mem.item() if first is None else first
+        opt.zero_grad()
+        mem.backward()
+        opt.step()
+    assert mem.item() < first * 0.9
