@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -10,7 +13,7 @@ import torch
 
 from .attention import SelectiveAttention
 
-__all__ = ["main", "demo"]
+__all__ = ["main", "demo", "seed_example"]
 
 
 def _grid(weights: torch.Tensor, labels: Sequence[str]) -> str:
@@ -64,14 +67,186 @@ def demo(seed: int = 0) -> None:
     print(f"\nmean weight ratio on 'cat' after F: {ratio.item():.4f} (before renormalisation e^-4 = 0.0183)")
 
 
+def seed_example(seed: int = 0) -> None:
+    """The seed README's usage example and a picture of which keys each query attends to."""
+    demo(seed=seed)
+
+
+def _budget_arg(text: str | None):
+    if text is None or text == "":
+        return None
+    parts = [int(p) for p in text.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def cmd_eval(args) -> dict:
+    from .data import TextData
+    from .pruning import pruned_loss
+    from .train import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(args.ckpt)
+    tc = meta["train_config"]
+    T = args.context_len or model.config.context_len
+    data = TextData.from_name(args.data or tc["data"])
+    budget = _budget_arg(args.budget)
+    losses, occupancy = [], None
+    for x, y in data.eval_batches("val", args.batch_size, T, args.batches):
+        if budget is None and args.threshold is None:
+            with torch.no_grad():
+                logits = model(x)
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+        else:
+            loss, occupancy = pruned_loss(model, x, y, budget=budget, threshold=args.threshold)
+            losses.append(loss)
+    loss = sum(losses) / len(losses)
+    out = {
+        "checkpoint": str(args.ckpt),
+        "step": meta["step"],
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss / math.log(2),
+        "context_len": T,
+        "budget": budget,
+        "threshold": args.threshold,
+    }
+    if occupancy is not None:
+        out["kv_tokens_per_layer"] = occupancy
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    return out
+
+
+def cmd_generate(args) -> str:
+    from .cache import Decoder
+    from .data import ByteTokenizer
+    from .train import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(args.ckpt)
+    tok = ByteTokenizer()
+    idx = tok.encode(args.prompt)[None]
+    if idx.shape[1] == 0:
+        raise SystemExit("error: --prompt must not be empty.")
+    dec = Decoder(model, budget=_budget_arg(args.budget), threshold=args.threshold)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
+    text = tok.decode(out[0])
+    print(text)
+    if args.budget or args.threshold:
+        print(f"\n[kept tokens per layer: {dec.occupancy()}, KV bytes: {sum(dec.kv_bytes()):,}]", file=sys.stderr)
+    return text
+
+
+def cmd_bench(args) -> None:
+    """A quick benchmark that needs only the package: paper mode vs standard attention, fwd+bwd."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    from .functional import selective_attention
+
+    print(f"B1 H8 D64 fp32, forward+backward, median of {args.repeats} (torch {torch.__version__})")
+    print("| L | standard (SDPA causal) | selective, paper mode | ratio |\n|---|---|---|---|")
+    for L in args.lengths:
+        q, k, v = (torch.randn(1, 8, L, 64, requires_grad=True) for _ in range(3))
+        g = torch.randn(1, 8, L, 64)
+        fns = {
+            "std": lambda q=q, k=k, v=v, g=g: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g),
+            "sel": lambda q=q, k=k, v=v, g=g: selective_attention(q, k, v, selection=True).backward(g),
+        }
+        times = {n: [] for n in fns}
+        for f in fns.values():
+            f()
+        for _ in range(args.repeats):
+            for n, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[n].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["std"]), statistics.median(times["sel"])
+        print(f"| {L} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {b / a:.2f}x |", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selective-attention", description=__doc__)
+    parser = argparse.ArgumentParser(prog="selective-attention", description="Selective attention for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run the seed's example and show which keys each query attends to")
-    p_demo.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="train standard vs selective, compare, show the memory saving (~10 min)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute version (tiny model, few steps)")
+    p.add_argument("--out", default="demo_out", help="folder for the report and plots")
+    p.add_argument("--data", default="kjv", help="kjv | pydoc | a text file")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("seed-example", help="run the seed README's example and show the keys each query sees")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a model: --key=value overrides of TrainConfig (see --help)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --data=kjv --selection=true --max_steps=500")
+
+    p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint, optionally with a pruned cache")
+    p.add_argument("--ckpt", required=True, help="a run folder or a .safetensors checkpoint")
+    p.add_argument("--data", default=None, help="default: the corpus the model was trained on")
+    p.add_argument("--budget", default=None, help="KV budget: one int, or one per layer: 32,16,16,8")
+    p.add_argument("--threshold", type=float, default=None, help="evict tokens whose penalty exceeds this")
+    p.add_argument("--context_len", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", default="In the beginning")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--budget", default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="quick speed check: paper mode vs standard attention")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--repeats", type=int, default=3)
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(seed=args.seed)
+    try:
+        if args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
+            kw = dict(out=args.out, data=args.data, progress=not args.no_progress)
+            if args.steps:
+                kw["steps"] = args.steps
+            run_demo(DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw))
+        elif args.command == "seed-example":
+            seed_example(args.seed)
+        elif args.command == "train":
+            from .train import TrainConfig, parse_overrides
+            from .train import main as train_main
+
+            overrides = [a for a in args.overrides if a != "--"]
+            if any(a in ("-h", "--help") for a in overrides):
+                print("options (--key=value):")
+                for f in dataclasses.fields(TrainConfig):
+                    print(f"  --{f.name}={f.default}")
+                return 0
+            summary = train_main(parse_overrides(overrides))
+            print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "generate":
+            cmd_generate(args)
+        elif args.command == "bench":
+            cmd_bench(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "CheckpointError":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

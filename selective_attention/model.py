@@ -247,7 +247,11 @@ class GPT(nn.Module):
                 masked.append(m)
         return self.norm(x), masked
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        """``idx`` ``[B, T]`` -> logits ``[B, T, vocab]``; with ``targets`` ``[B, T]``, :meth:`loss`
+        instead (so data-parallel wrappers see the whole training computation in one forward)."""
+        if targets is not None:
+            return self.loss(idx, targets)
         return self.lm_head(self.hidden(idx)[0])
 
     def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
