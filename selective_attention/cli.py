@@ -183,8 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("seed-example", help="run the seed README's example and show the keys each query sees")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("train", help="train a model: --key=value overrides of TrainConfig (see --help)")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --data=kjv --selection=true --max_steps=500")
+    sub.add_parser(
+        "train",
+        help="train a model: --key=value overrides of TrainConfig, e.g. --data=kjv --selection=true",
+        add_help=False,  # --help lists TrainConfig's options instead
+    )
 
     p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint, optionally with a pruned cache")
     p.add_argument("--ckpt", required=True, help="a run folder or a .safetensors checkpoint")
@@ -210,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--repeats", type=int, default=3)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "demo":
             from .demo import DemoConfig, run_demo
@@ -225,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .train import TrainConfig, parse_overrides
             from .train import main as train_main
 
-            overrides = [a for a in args.overrides if a != "--"]
+            overrides = [a for a in unknown if a != "--"]
             if any(a in ("-h", "--help") for a in overrides):
                 print("options (--key=value):")
                 for f in dataclasses.fields(TrainConfig):

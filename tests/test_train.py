@@ -1,0 +1,133 @@
+"""The training loop: learning, exact resume, atomic checkpoints, config overrides."""
+
+import json
+
+import pytest
+import torch
+
+from selective_attention import train as train_mod
+from selective_attention.train import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    lr_at,
+    main,
+    model_from_checkpoint,
+    parse_overrides,
+)
+
+
+def tiny(tmp_path, **kw):
+    base = dict(
+        data="pydoc", out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, d_model=32, context_len=32,
+        batch_size=4, max_steps=12, warmup_steps=2, eval_interval=4, eval_batches=2, ckpt_interval=4,
+        selection=True, progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_is_finite_and_falls(tmp_path):
+    summary = main(tiny(tmp_path, max_steps=30, eval_interval=10, lr=5e-3))
+    losses = [h["val_loss"] for h in summary["history"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.3
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    ref = main(tiny(tmp_path / "a"))
+    stopped = main(tiny(tmp_path / "b", stop_after=6))  # "killed" after 6 steps (last checkpoint: step 4)
+    assert stopped["stopped_at"] == 6
+    resumed = main(tiny(tmp_path / "b"))
+
+    def strip(h):  # everything but the wall-clock throughput
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in h]
+
+    assert strip(resumed["history"]) == strip(ref["history"])
+    ta, ma = load_checkpoint(tmp_path / "a" / "run")
+    tb, mb = load_checkpoint(tmp_path / "b" / "run")
+    assert ma["step"] == mb["step"] == 12
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, max_steps=4)
+    main(cfg)
+    path = tmp_path / "run" / "ckpt.safetensors"
+    before = path.read_bytes()
+
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial garbage")  # a half-written temp file
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny(tmp_path, max_steps=8))
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+    model, meta = model_from_checkpoint(path)
+    assert meta["step"] == 4
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    with pytest.raises(CheckpointError, match="was made for another model.*d_model"):
+        main(tiny(tmp_path, max_steps=8, d_model=64))
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt"):
+        main(tiny(tmp_path, max_steps=8))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_resume_false_starts_over(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    s = main(tiny(tmp_path, max_steps=4, resume=False, d_model=64))
+    assert s["history"][-1]["step"] == 4
+
+
+def test_varassign_task_trains_and_reports_accuracy(tmp_path):
+    s = main(tiny(tmp_path, data="varassign", context_len=128, max_steps=4, eval_interval=4))
+    assert 0.0 <= s["val_accuracy"] <= 1.0
+
+
+def test_memory_loss_is_logged(tmp_path):
+    s = main(tiny(tmp_path, max_steps=4, memory_eps=0.1, eval_interval=4))
+    assert "memory" in s["history"][-1] and s["history"][-1]["memory"] > 0
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_parse_overrides():
+    cfg = parse_overrides(["--lr=1e-3", "--selection=true", "--n_layer=3", "--data=pydoc", "--selection-layers=0,2"])
+    assert (cfg.lr, cfg.selection, cfg.n_layer, cfg.data) == (1e-3, True, 3, "pydoc")
+    assert cfg.model_config().selection_layers == (0, 2)
+    with pytest.raises(ValueError, match="unknown option --lrr"):
+        parse_overrides(["--lrr=1"])
+    with pytest.raises(ValueError, match="expects int"):
+        parse_overrides(["--n_layer=two"])
+    with pytest.raises(ValueError, match="true/false"):
+        parse_overrides(["--selection=maybe"])
+    with pytest.raises(ValueError, match="--key=value"):
+        parse_overrides(["lr"])
+
+
+def test_checkpoint_holds_optimizer_and_rng(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in tensors)
+    assert "rng.torch" in tensors and "rng.data" in tensors
+    assert meta["train_config"]["max_steps"] == 4 and train_mod.FORMAT_VERSION == meta["format_version"]
