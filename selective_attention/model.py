@@ -28,6 +28,7 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
+    d_head: int | None = None  # per-head width; None = d_model // n_head (set it for "2x heads" baselines)
     dropout: float = 0.0  # residual and attention dropout (paper mode with dropout uses the naive path)
     selection: bool = False  # the paper's selective attention
     selection_layers: Sequence[int] | None = None  # layers that select (None = all, when selection)
@@ -46,10 +47,12 @@ class GPTConfig:
             val = getattr(self, name)
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {val!r}.")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"the head dim d_model / n_head = {self.d_model // self.n_head} must be even (rotary).")
+        if self.d_head is None and self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}), or set d_head explicitly."
+            )
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"the head dim ({self.head_dim}) must be a positive even number (rotary).")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.selection_layers is not None:
@@ -62,6 +65,10 @@ class GPTConfig:
             raise ValueError(f"selection_head must be in [0, n_head={self.n_head}), got {self.selection_head}.")
         if self.memory_tau <= 0 or self.memory_eps < 0:
             raise ValueError(f"memory_tau must be > 0 and memory_eps >= 0; got {self.memory_tau}, {self.memory_eps}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.n_head
 
     def layer_selects(self, i: int) -> bool:
         return self.selection and (self.selection_layers is None or i in self.selection_layers)
@@ -87,14 +94,15 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: GPTConfig, selects: bool) -> None:
         super().__init__()
-        self.n_head, self.d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        self.n_head, self.d_head = cfg.n_head, cfg.head_dim
         self.selects = selects
         self.selection_head = cfg.selection_head
         self.per_head = cfg.selection_per_head
         self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        width = cfg.n_head * self.d_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * width, bias=cfg.bias)
+        self.proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.sel_qk: nn.Linear | None = None
         if selects and cfg.selection_projection:
             G = cfg.n_head if cfg.selection_per_head else 1
@@ -112,7 +120,7 @@ class Attention(nn.Module):
     def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """``x`` ``[B, T, C]`` at positions ``pos`` -> q, k, v ``[B, H, T, D]`` (rotated) and, with a
         dedicated selector, its rotated ``(qs, ks)`` ``[B, G, T, D]``."""
-        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        q, k, v = self.qkv(x).split(self.n_head * self.d_head, dim=-1)
         q, k, v = self._split(q), self._split(k), self._split(v)
         q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
         sel = None

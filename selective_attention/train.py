@@ -43,6 +43,7 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
+    d_head: int = 0  # 0 = d_model // n_head
     context_len: int = 128
     dropout: float = 0.0
     selection: bool = False
@@ -81,6 +82,7 @@ class TrainConfig:
             n_layer=self.n_layer,
             n_head=self.n_head,
             d_model=self.d_model,
+            d_head=self.d_head or None,
             dropout=self.dropout,
             selection=self.selection,
             selection_layers=layers,

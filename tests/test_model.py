@@ -40,6 +40,13 @@ def test_selection_layers_option():
     assert not any(b.attn.selects for b in m.blocks)
 
 
+def test_d_head_widens_attention_only():
+    m = GPT(tiny(n_head=8, d_head=8))  # 2x heads of the default 4 x 8, same d_model
+    assert m.blocks[0].attn.qkv.out_features == 3 * 64 and m.blocks[0].attn.proj.in_features == 64
+    assert m(torch.randint(0, 40, (2, 9))).shape == (2, 9, 40)
+    assert m.generate(torch.randint(0, 40, (1, 4)), 3, temperature=0).shape == (1, 7)
+
+
 def test_causality():
     m = GPT(tiny(selection=True)).eval()
     idx = torch.randint(0, 40, (1, 20))
