@@ -15,8 +15,8 @@ from .ops.sdpa import sdpa_attention
 
 __all__ = ["selective_attention", "attention_weights"]
 
-Backend = Literal["auto", "naive", "sdpa", "chunked"]
-BACKENDS = ("auto", "naive", "sdpa", "chunked")
+Backend = Literal["auto", "naive", "sdpa", "chunked", "triton"]
+BACKENDS = ("auto", "naive", "sdpa", "chunked", "triton")
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -133,6 +133,15 @@ def _selection_inputs(
     return _Voters(None, qs, ks, scale if Ds == D else 1.0 / math.sqrt(Ds))
 
 
+def _triton_fits(sel: _Voters, mask: NormalizedMask, memory_tau: float | None) -> bool:
+    """Whether the fused GPU kernel covers this call (head voters, no user masks, no memory rows)."""
+    if sel.heads is None or not mask.is_plain or memory_tau is not None:
+        return False
+    from .ops.triton import is_available
+
+    return is_available()
+
+
 def selective_attention(
     q: Tensor,
     k: Tensor,
@@ -178,9 +187,11 @@ def selective_attention(
             G = H gives each head its own. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
         dropout_p: dropout on the attention weights; applied as given (pass 0.0 in eval).
         scale: logit scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks)
-            or ``"chunked"`` (paper mode, memory-lean; ``"auto"`` picks it for ``selection`` unless
-            ``dropout_p > 0``, which only the naive path implements).
+        backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks),
+            ``"chunked"`` (paper mode, memory-lean; ``"auto"`` picks it for ``selection`` on CPU unless
+            ``dropout_p > 0``, which only the naive path implements) or ``"triton"`` (paper mode, the
+            fused GPU kernel; ``"auto"`` picks it on CUDA when Triton is installed and there is no
+            user mask).
         chunk_size: query rows per chunk for ``"chunked"`` (default: 64, fewer for very long L).
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
             ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F),
@@ -210,7 +221,24 @@ def selective_attention(
     if backend == "sdpa":
         raise ValueError("backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True.")
     if backend == "auto":
-        backend = "naive" if dropout_p > 0.0 or Lq == 0 else "chunked"
+        if dropout_p > 0.0 or Lq == 0:
+            backend = "naive"
+        elif q.is_cuda and _triton_fits(sel, mask, memory_tau):
+            backend = "triton"
+        else:
+            backend = "chunked"
+    if backend == "triton":
+        from .ops.triton import triton_selective_attention
+
+        if sel.heads is None:
+            raise NotImplementedError("backend='triton' votes with heads of q/k; selection_qk needs 'chunked'.")
+        if dropout_p > 0.0:
+            raise ValueError("backend='triton' has no dropout; use dropout_p=0.0 or backend='naive'.")
+        if memory_tau is not None:
+            raise NotImplementedError("backend='triton' does not return memory-loss rows; use backend='chunked'.")
+        return triton_selective_attention(
+            q, k, v, heads=sel.heads, scale=scale, sel_scale=sel.scale, removed=mask.removed, penalty=mask.penalty
+        )
     if backend == "chunked":
         if dropout_p > 0.0:
             raise ValueError("backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'.")

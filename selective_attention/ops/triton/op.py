@@ -1,0 +1,181 @@
+"""The Triton paper-mode kernels as ``torch.library`` custom ops (traceable by ``torch.compile``).
+
+``selective_attention::paper_fwd(q, k, v, vote_head, scale, sel_scale) -> (out, lse)`` and
+``selective_attention::paper_bwd(dout, q, k, v, out, lse, vote_head, scale, sel_scale) -> (dq, dk, dv)``,
+with fake (meta) implementations and the autograd formula linking them. ``vote_head = h >= 0``: one F
+from head h shared by all heads (the paper, h = 0); ``vote_head = -1``: every head its own F.
+
+Triton is imported only when a kernel runs, so this module imports without Triton or a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["triton_selective_attention", "is_available", "paper_fwd", "paper_bwd"]
+
+# Fill every kernel output with NaN before the kernels write it, so an element they miss fails the
+# tests instead of passing on leftover memory (tests turn it on; off by default, it costs a memset).
+debug_fill_nan: bool = os.environ.get("SELECTIVE_ATTENTION_TRITON_DEBUG", "") == "1"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_D = 128  # larger dims would need their own (untested) GPU block config
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def is_available() -> bool:
+    """Triton is installed and can run here: a CUDA device, or the interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or _interpreting()
+
+
+@torch.library.custom_op("selective_attention::paper_fwd", mutates_args=())
+def paper_fwd(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float) -> tuple[Tensor, Tensor]:
+    B, H, L, _ = q.shape
+    if L == 0:
+        return v.new_empty(B, H, 0, v.shape[-1]), q.new_empty(B, H, 0, dtype=torch.float32)
+    from . import kernels
+
+    return kernels.forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), vote_head, scale, sel_scale, debug=debug_fill_nan
+    )
+
+
+@paper_fwd.register_fake
+def _paper_fwd_fake(q, k, v, vote_head, scale, sel_scale):
+    B, H, L, _ = q.shape
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("selective_attention::paper_bwd", mutates_args=())
+def paper_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    vote_head: int,
+    scale: float,
+    sel_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if q.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    from . import kernels
+
+    q, k, v, out, lse, dout = (t.contiguous() for t in (q, k, v, out, lse, dout))
+    return kernels.backward(dout, q, k, v, out, lse, vote_head, scale, sel_scale, debug=debug_fill_nan)
+
+
+@paper_bwd.register_fake
+def _paper_bwd_fake(dout, q, k, v, out, lse, vote_head, scale, sel_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, vote_head, scale, sel_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.vote_head, ctx.scale, ctx.sel_scale = vote_head, scale, sel_scale
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an internal output (the public function drops it): its gradient is ignored.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = paper_bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
+    return dq, dk, dv, None, None, None
+
+
+paper_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _vote_head(heads: slice, H: int) -> int:
+    """``slice(h, h + 1)`` -> h (one shared F); every head (``slice(None)``) -> -1 (one F per head)."""
+    if not isinstance(heads, slice):
+        raise TypeError(f"heads must be a slice (slice(h, h + 1) or slice(None)), got {type(heads).__name__}.")
+    chosen = range(*heads.indices(H))
+    if len(chosen) == H:  # includes H = 1: one head voting for itself is the per-head case
+        return -1
+    if len(chosen) == 1:
+        return chosen[0]
+    raise ValueError(
+        f"heads must select one voting head (slice(h, h + 1)) or all H={H} heads (slice(None)); "
+        f"got {heads} -> heads {list(chosen)}."
+    )
+
+
+def triton_selective_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    heads: slice,
+    scale: float,
+    sel_scale: float,
+    removed: Tensor | None = None,
+    penalty: Tensor | None = None,
+    tau: float | None = None,
+) -> Tensor:
+    """The paper's causal selective attention on a GPU with fused Triton kernels (forward and backward).
+
+    F and the attention weights are never built: each ``[BLOCK_M, BLOCK_N]`` tile of F is rebuilt
+    from carried column sums of the votes (see :mod:`.kernels`). For query ``i`` and key ``j``
+    (``x`` = attended, ``.`` = removed; votes ``S[k, j]`` only for ``1 <= j < k``)::
+
+        j:  0 1 2 3          F[i, j] = sum_{k < i} S[k, j]
+        i=0 x . . .          out_h[i] = sum_{j <= i} softmax_j(q_h[i].k_h[j] * scale - F[i, j]) v_h[j]
+        i=1 x x . .
+        i=2 x x x .          S[k, j] = relu(qs[k].ks[j] * sel_scale), (qs, ks) = (q, k)[:, voting head]
+        i=3 x x x x
+
+    Args:
+        q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``; one dtype of fp32, fp16, bf16; CUDA tensors
+            (CPU tensors only under ``TRITON_INTERPRET=1``, for tests: slow). D, Dv <= 128.
+        heads: ``slice(h, h + 1)``: F from head h, shared by all heads (the paper: h = 0);
+            ``slice(None)``: every head its own F from its own logits. Both roles' gradients reach q, k.
+        scale: attention logit scale; sel_scale: the votes' logit scale.
+        removed, penalty, tau: not supported here (user masks, key padding, memory-loss rows): passing
+            them raises ``NotImplementedError``; the chunked backend has them.
+
+    Returns:
+        ``[B, H, L, Dv]`` in the inputs' dtype. Differentiable in q, k, v.
+    """
+    unsupported = [
+        name for name, given in (("user masks (removed)", removed), ("user penalties (penalty)", penalty),
+                                 ("memory-loss rows (tau)", tau)) if given is not None
+    ]  # fmt: skip
+    if unsupported:
+        raise NotImplementedError(
+            f"The Triton backend computes the paper's F only; not supported: {', '.join(unsupported)}. "
+            "Use the chunked backend for selective_mask, key_padding_mask or memory_tau."
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D [B, H, L, D] tensor, got {getattr(t, 'shape', type(t))}.")
+    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q and k must be [B, H, L, D] and v [B, H, L, Dv] (self-attention); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must share one dtype of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
+    if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
+        raise ValueError(f"head dims up to {_MAX_D} are supported; got D={q.shape[-1]}, Dv={v.shape[-1]}.")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"the Triton backend needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
+            "TRITON_INTERPRET=1 set before Triton is first imported.)"
+        )
+    vote_head = _vote_head(heads, q.shape[1])
+    return paper_fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]

@@ -1,0 +1,225 @@
+"""The Triton paper-mode kernels against the naive spec: outputs and gradients (dq, dk, dv).
+
+Without a GPU the kernels run in Triton's interpreter (numpy, one program at a time): shapes stay
+small, and the interpreter's blocks (``kernels.INTERPRET_CONFIG``: 16-32 rows, unequal between the
+passes) make even L = 100 span several blocks in every pass, so every carry, suffix sum and tail is
+exercised. The GPU block sizes are checked through the interpreter too. bf16 runs only on a GPU: the
+interpreter multiplies bf16 bit patterns in ``tl.dot`` (triton-lang/triton#11584, not supported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler when it decorates a kernel: set before the kernels import.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton", reason="the Triton backend needs `pip install triton` (CPU runs use its interpreter)")
+
+from helpers import assert_error_bounded  # noqa: E402
+
+from selective_attention.ops.naive import naive_selective_attention  # noqa: E402
+from selective_attention.ops.triton import op, triton_selective_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# F sums up to L votes and the gradient into the votes sums dZ down whole key columns, in another
+# order than the naive path: observed fp32 differences are <= 1e-5 at L = 256 (|values| ~ 1). A
+# wrong carry or suffix misses by O(1) (0.5 to 4 when either is broken on purpose), so 1e-4 keeps a
+# 10x margin over rounding and a 1000x one under any real bug.
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+
+HEADS = {"head0": slice(0, 1), "head1": slice(1, 2), "perhead": slice(None)}
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel fails to write fails the test."""
+    monkeypatch.setattr(op, "debug_fill_nan", True)
+
+
+def _inputs(B, H, L, D, dtype, Dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, L, D), (B, H, L, D), (B, H, L, Dv or D)]
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+def _cotangent(B, H, L, Dv, dtype):
+    return torch.randn(B, H, L, Dv, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def _run(fn, inputs, dout, dtype):
+    """``fn`` on copies of ``inputs`` in ``dtype`` on DEVICE: (out, dq, dk, dv) on CPU."""
+    xs = [t.to(DEVICE, dtype).requires_grad_() for t in inputs]
+    out = fn(*xs)
+    grads = torch.autograd.grad(out, xs, dout.to(DEVICE, dtype))
+    return [t.detach().cpu() for t in (out, *grads)]
+
+
+def _triton(heads, scale):
+    return lambda q, k, v: triton_selective_attention(q, k, v, heads=heads, scale=scale, sel_scale=scale)
+
+
+def _naive(heads, scale):
+    return lambda q, k, v: naive_selective_attention(q, k, v, q[:, heads], k[:, heads], scale=scale, sel_scale=scale)[0]
+
+
+CASES = [  # B, H, L, D, heads
+    (1, 1, 1, 16, "head0"),
+    (2, 3, 17, 16, "head0"),
+    (1, 3, 64, 32, "perhead"),
+    (2, 3, 100, 16, "head1"),
+    (1, 2, 100, 32, "perhead"),
+    (2, 1, 33, 16, "head0"),  # H = 1: the voter is the only head
+    (1, 3, 256, 16, "head0"),
+]
+
+
+@pytest.mark.parametrize("B,H,L,D,heads", CASES, ids=[f"B{b}-H{h}-L{l}-D{d}-{s}" for b, h, l, d, s in CASES])
+def test_fp32_matches_naive(B, H, L, D, heads):
+    inputs, dout, scale = _inputs(B, H, L, D, torch.float32), _cotangent(B, H, L, D, torch.float32), D**-0.5
+    fast = _run(_triton(HEADS[heads], scale), inputs, dout, torch.float32)
+    ref = _run(_naive(HEADS[heads], scale), inputs, dout, torch.float32)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "B,H,L,D,Dv,heads",
+    [(1, 2, 50, 24, 24, "head0"), (1, 2, 50, 16, 40, "perhead")],
+    ids=["D24-head0", "D16-Dv40-perhead"],
+)
+def test_fp32_odd_head_dims(B, H, L, D, Dv, heads):
+    """Head dims that are not powers of two are padded and masked; v may have its own head dim."""
+    inputs, dout, scale = _inputs(B, H, L, D, torch.float32, Dv=Dv), _cotangent(B, H, L, Dv, torch.float32), D**-0.5
+    fast = _run(_triton(HEADS[heads], scale), inputs, dout, torch.float32)
+    ref = _run(_naive(HEADS[heads], scale), inputs, dout, torch.float32)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _low_precision(B, H, L, D, heads, dtype):
+    """flash-attention's rule (helpers.assert_error_bounded): error vs an fp64 reference on the same
+    (rounded) inputs at most 3x the naive path's error in the same dtype."""
+    inputs = [t.to(dtype) for t in _inputs(B, H, L, D, torch.float32)]
+    dout, scale = _cotangent(B, H, L, D, dtype), D**-0.5
+    fast = _run(_triton(HEADS[heads], scale), inputs, dout, dtype)
+    low = _run(_naive(HEADS[heads], scale), inputs, dout, dtype)
+    ref = _run(_naive(HEADS[heads], scale), inputs, dout, torch.float64)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), fast, low, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_error_bounded(a, b, c, factor=3.0, name=name)
+
+
+LOW_CASES = [(2, 3, 100, 16, "head0"), (1, 3, 64, 32, "perhead"), (1, 2, 37, 16, "head1")]
+
+
+@pytest.mark.parametrize("B,H,L,D,heads", LOW_CASES, ids=[f"B{b}-H{h}-L{l}-D{d}-{s}" for b, h, l, d, s in LOW_CASES])
+def test_fp16_error_bounded(B, H, L, D, heads):
+    _low_precision(B, H, L, D, heads, torch.float16)
+
+
+@gpu_only
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("heads", ["head0", "perhead"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_low_precision(D, heads, dtype):
+    _low_precision(2, 4, 1000, D, heads, dtype)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_block_sizes(monkeypatch, D):
+    """The GPU configurations' block sizes (not their compilation) through whatever runs here."""
+    from selective_attention.ops.triton import kernels
+
+    monkeypatch.setattr(kernels, "config_for", lambda d, device: kernels._GPU[D])
+    B, H, L = 1, 2, 300
+    inputs, dout, scale = _inputs(B, H, L, D, torch.float32), _cotangent(B, H, L, D, torch.float32), D**-0.5
+    for heads in (slice(0, 1), slice(None)):
+        fast = _run(_triton(heads, scale), inputs, dout, torch.float32)
+        ref = _run(_naive(heads, scale), inputs, dout, torch.float32)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+            torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_strided_inputs_and_determinism():
+    """[B, L, H, D] views (as projections give them) work; two backward passes agree bit for bit."""
+    B, L, H, D = 1, 40, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
+    fn = _triton(slice(0, 1), 0.25)
+    out = fn(q, k, v)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout)
+    second = torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+    ref = _naive(slice(0, 1), 0.25)(q, k, v)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_sequence():
+    q, k, v = (torch.randn(2, 3, 0, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = triton_selective_attention(q, k, v, heads=slice(0, 1), scale=0.25, sel_scale=0.25)
+    assert out.shape == (2, 3, 0, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_torch_compile_traces_custom_op():
+    """torch.compile (fullgraph) traces through the custom op with its fake implementation."""
+    torch._dynamo.reset()
+    inputs, dout = _inputs(1, 2, 40, 16, torch.float32), _cotangent(1, 2, 40, 16, torch.float32)
+    fn = _triton(slice(0, 1), 0.25)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for a, b in zip(_run(compiled, inputs, dout, torch.float32), _run(fn, inputs, dout, torch.float32)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("vote_head", [0, -1], ids=["head0", "perhead"])
+def test_opcheck(vote_head):
+    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops."""
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _inputs(1, 2, 20, 16, torch.float32))
+    torch.library.opcheck(op.paper_fwd, (q, k, v, vote_head, 0.25, 0.25))
+    out, lse = op.paper_fwd(q.detach(), k.detach(), v.detach(), vote_head, 0.25, 0.25)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(op.paper_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, vote_head, 0.25, 0.25))
+
+
+def test_unsupported_inputs_raise():
+    q, k, v = (torch.randn(1, 3, 8, 16, device=DEVICE) for _ in range(3))
+    kw = dict(heads=slice(0, 1), scale=0.25, sel_scale=0.25)
+    mask = torch.zeros(8, 8, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="user masks"):
+        triton_selective_attention(q, k, v, removed=mask, **kw)
+    with pytest.raises(NotImplementedError, match="penalt"):
+        triton_selective_attention(q, k, v, penalty=mask.float(), **kw)
+    with pytest.raises(NotImplementedError, match="memory-loss"):
+        triton_selective_attention(q, k, v, tau=1.0, **kw)
+    with pytest.raises(ValueError, match="one voting head"):
+        triton_selective_attention(q, k, v, heads=slice(0, 2), scale=0.25, sel_scale=0.25)
+    with pytest.raises(TypeError, match="dtype"):
+        triton_selective_attention(q.double(), k.double(), v.double(), **kw)
+    with pytest.raises(ValueError, match="self-attention"):
+        triton_selective_attention(q, k[:, :, :5], v, **kw)
+
+
+def test_functional_dispatches_to_triton():
+    """selective_attention(..., backend="triton") is the kernel, equal to the spec; unsupported
+    requests get clear errors."""
+    from selective_attention.functional import selective_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    ref = selective_attention(q, k, v, selection=True, backend="naive")
+    out = selective_attention(q, k, v, selection=True, backend="triton")
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    with pytest.raises(NotImplementedError, match="selection_qk"):
+        selective_attention(q, k, v, selection=True, selection_qk=(q[:, :1], k[:, :1]), backend="triton")
+    with pytest.raises(NotImplementedError, match="memory-loss"):
+        selective_attention(q, k, v, selection=True, memory_tau=1.0, backend="triton")
