@@ -3,13 +3,16 @@
 Public names:
 
 * :class:`SelectiveAttention` - the multi-head module, ``[B, L, d_model]`` in and out;
-* :func:`selective_attention` - the functional core on ``[B, H, L, D]`` tensors.
+* :func:`selective_attention` - the functional core on ``[B, H, L, D]`` tensors (also paper mode);
+* :func:`selection_penalty` - the paper's F from one head's queries and keys (for inspection);
+* :mod:`selective_attention.model` (``GPTConfig``, ``GPT``), :mod:`selective_attention.cache`
+  (``Decoder``), :mod:`selective_attention.train`, :mod:`selective_attention.data`.
 """
 
 from . import functional
 from .attention import SelectiveAttention
-from .functional import selective_attention
+from .functional import selection_penalty, selective_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["SelectiveAttention", "functional", "selective_attention", "__version__"]
+__all__ = ["SelectiveAttention", "functional", "selective_attention", "selection_penalty", "__version__"]

@@ -12,8 +12,9 @@ from .masks import NormalizedMask, causal_removed, normalize_mask
 from .ops.chunked import chunked_selective_attention
 from .ops.naive import naive_attention, naive_selective_attention
 from .ops.sdpa import sdpa_attention
+from .selection import selection_penalty
 
-__all__ = ["selective_attention", "attention_weights"]
+__all__ = ["selective_attention", "attention_weights", "selection_penalty"]
 
 Backend = Literal["auto", "naive", "sdpa", "chunked", "triton"]
 BACKENDS = ("auto", "naive", "sdpa", "chunked", "triton")

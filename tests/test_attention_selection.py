@@ -118,3 +118,17 @@ def test_torch_compile_paper_layer():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)  # sums over 70 x 32 fp32 terms
+
+
+def test_readme_paper_mode_example_runs():
+    """The README's paper-mode snippet, executed as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Paper mode") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README paper mode", "exec"), ns)
+    assert ns["y"].shape == (2, 100, 256) and ns["F"].shape == (2, 100, 100)
+    assert ns["o"].shape == (2, 8, 100, 64)

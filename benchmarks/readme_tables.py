@@ -1,0 +1,37 @@
+"""Refresh the README's result tables from the files the benchmarks and experiments wrote.
+
+Each ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block in README.md is replaced by
+``benchmarks/results/NAME.md`` (or ``results/NAME.md``) when that file exists.
+
+    python benchmarks/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "benchmarks" / "results", ROOT / "results"]
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+
+    def fill(m: re.Match) -> str:
+        name = m.group(1)
+        for d in SOURCES:
+            f = d / f"{name}.md"
+            if f.exists():
+                return f"<!-- table:{name} -->\n{f.read_text().strip()}\n<!-- /table -->"
+        print(f"no results for table {name!r}; left as is")
+        return m.group(0)
+
+    new = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", fill, text, flags=re.S)
+    readme.write_text(new)
+    print("README tables refreshed" if new != text else "README unchanged")
+
+
+if __name__ == "__main__":
+    main()
