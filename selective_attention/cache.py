@@ -144,8 +144,8 @@ class Decoder:
                 f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds context_len={cfg.context_len}; "
                 f"pass budget=... (or threshold=...) to decode past it with a pruned cache."
             )
-        pos = torch.arange(T, device=idx.device)
         x = model.tok_emb(idx)
+        pos = model.rope(torch.arange(T, device=idx.device), x.dtype)
         self.caches = []
         for block, budget in zip(model.blocks, self.budgets):
             attn = block.attn
@@ -190,9 +190,9 @@ class Decoder:
             raise RuntimeError("call prefill(prompt) before step().")
         model = self.model
         x = model.tok_emb(token[:, None])  # [B, 1, C]
-        pos = self.t.view(1)
+        pos = model.rope(self.t.view(1), x.dtype)  # once for all layers
         for block, cache in zip(model.blocks, self.caches):
-            a = _decode_attention(block.attn, cache, block.norm1(x), pos, self.threshold)
+            a = _decode_attention(block.attn, cache, block.norm1(x), pos, self.t, self.threshold)
             x = x + a
             x = x + block.mlp(block.norm2(x))
         self.t += 1
@@ -244,18 +244,18 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
-def _decode_attention(attn, cache: LayerCache, h: Tensor, pos: Tensor, threshold: float | None) -> Tensor:
+def _decode_attention(attn, cache: LayerCache, h: Tensor, rope, t: Tensor, threshold: float | None) -> Tensor:
     """One token through one layer's attention with its cache: ``h`` ``[B, 1, C]`` -> ``[B, 1, C]``.
 
     Static shapes, no data-dependent Python branches (compiles once)."""
-    q, k, v, sel = attn.project(h, pos)  # [B, H, 1, D]
+    q, k, v, sel = attn.project(h, rope)  # [B, H, 1, D]
     B, H, _, D = q.shape
     # write the new token into the first free slot
     slot = (~cache.valid).to(torch.int8).argmax(dim=-1)  # [B]
     cache.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
     cache.v.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
     cache.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, cache.fcum.shape[1], 1), 0.0)
-    cache.pos.scatter_(1, slot[:, None], pos.expand(B, 1))
+    cache.pos.scatter_(1, slot[:, None], t.view(1, 1).expand(B, 1))
     cache.valid.scatter_(1, slot[:, None], True)
     if sel is not None:
         cache.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, sel[1].shape[1], 1, D), sel[1])

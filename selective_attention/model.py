@@ -74,17 +74,19 @@ class GPTConfig:
         return self.selection and (self.selection_layers is None or i in self.selection_layers)
 
 
-def rotary(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotate pairs of channels of ``x`` ``[B, H, T, D]`` by angles ``pos * base^(-2i/D)``.
+def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``[T, dim/2]`` of the rotary angles ``pos * base^(-2i/dim)`` for positions ``pos``
+    ``[T]`` (a tensor, so a compiled decode step does not specialise on it). Compute once per forward
+    or decode step; every layer reuses them."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)  # [dim/2]
+    ang = pos.to(torch.float32)[:, None] * inv_freq  # [T, dim/2]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    ``pos``: ``[T]`` or ``[B, T]`` absolute positions (a tensor, so a compiled decode step does not
-    specialise on it)."""
+
+def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate pairs of channels ``(i, i + D/2)`` of ``x`` ``[B, H, T, D]`` by the angles of ``rope``."""
+    cos, sin = rope
     D = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
-    ang = pos.to(torch.float32)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
-    if ang.dim() == 3:
-        ang = ang[:, None]  # [B, 1, T, D/2]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -117,16 +119,20 @@ class Attention(nn.Module):
         B, T, C = t.shape
         return t.view(B, T, C // self.d_head, self.d_head).transpose(1, 2)  # [B, heads, T, d_head]
 
-    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """``x`` ``[B, T, C]`` at positions ``pos`` -> q, k, v ``[B, H, T, D]`` (rotated) and, with a
-        dedicated selector, its rotated ``(qs, ks)`` ``[B, G, T, D]``."""
+    def project(
+        self, x: Tensor, pos: Tensor | tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """``x`` ``[B, T, C]`` at positions ``pos`` ``[T]`` (or their precomputed :func:`rope_angles`)
+        -> q, k, v ``[B, H, T, D]`` (q, k rotated) and, with a dedicated selector, its rotated
+        ``(qs, ks)`` ``[B, G, T, D]``."""
+        rope = rope_angles(pos, self.d_head, self.rope_base, x.dtype) if isinstance(pos, Tensor) else pos
         q, k, v = self.qkv(x).split(self.n_head * self.d_head, dim=-1)
         q, k, v = self._split(q), self._split(k), self._split(v)
-        q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        q, k = rotary(q, rope), rotary(k, rope)
         sel = None
         if self.sel_qk is not None:
             qs, ks = self.sel_qk(x).chunk(2, dim=-1)
-            sel = (rotary(self._split(qs), pos, self.rope_base), rotary(self._split(ks), pos, self.rope_base))
+            sel = (rotary(self._split(qs), rope), rotary(self._split(ks), rope))
         return q, k, v, sel
 
     def voters(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -157,8 +163,9 @@ class Attention(nn.Module):
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: Tensor, pos: Tensor, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
-        """``x`` ``[B, T, C]`` -> ``([B, T, C], masked counts [B, G, T] or None)``."""
+    def forward(self, x: Tensor, pos, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``[B, T, C]`` at ``pos`` (positions or their rope angles) -> ``([B, T, C], masked
+        counts [B, G, T] or None)``."""
         q, k, v, sel = self.project(x, pos)
         y, masked = self.attend(q, k, v, sel, memory_tau)
         return self.merge(y), masked
@@ -195,7 +202,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, pos: Tensor, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, pos, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
         a, masked = self.attn(self.norm1(x), pos, memory_tau)
         x = x + self.drop(a)
         return x + self.mlp(self.norm2(x)), masked
@@ -227,6 +234,10 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary angles for positions ``pos`` ``[T]``, shared by all layers."""
+        return rope_angles(pos, self.config.head_dim, self.config.rope_base, dtype)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -246,8 +257,8 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T > self.config.context_len:
             raise ValueError(f"sequence length {T} exceeds context_len={self.config.context_len}.")
-        pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx))
+        pos = self.rope(torch.arange(T, device=idx.device), x.dtype)
         masked = []
         for block in self.blocks:
             x, m = block(x, pos, memory_tau if block.attn.selects else None)
