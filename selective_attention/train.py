@@ -379,6 +379,8 @@ def main(cfg: TrainConfig) -> dict:
         dist.destroy_process_group()
     final = history[-1] if history else {}
     return {
+        "rank": rank,
+        "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
         "out_dir": str(out_dir),
         "steps": cfg.max_steps,
         "params": model.num_params(),

@@ -131,3 +131,21 @@ def test_checkpoint_holds_optimizer_and_rng(tmp_path):
     assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in tensors)
     assert "rng.torch" in tensors and "rng.data" in tensors
     assert meta["train_config"]["max_steps"] == 4 and train_mod.FORMAT_VERSION == meta["format_version"]
+
+
+def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank sees other data, yet the replicas stay equal,
+    so the gradients were averaged."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "selective_attention", "train",
+           "--data=pydoc", f"--out_dir={tmp_path / 'ddp'}", "--n_layer=1", "--n_head=2", "--d_model=32",
+           "--context_len=32", "--batch_size=4", "--max_steps=4", "--eval_interval=4", "--eval_batches=1",
+           "--progress=false", "--selection=true"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
+    assert (tmp_path / "ddp" / "ckpt.safetensors").exists()
