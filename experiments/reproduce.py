@@ -132,6 +132,12 @@ def report() -> str:
     (RESULTS.parent / "repro.md").write_text(md)
     try:
         plot(rows)
+        ckpt = RUNS_DIR / "lm-selective-s0"
+        if (ckpt / "ckpt.safetensors").exists():
+            from selective_attention.demo import SENTENCE, plot_penalty
+
+            model, _ = model_from_checkpoint(ckpt)
+            plot_penalty(model, SENTENCE, RESULTS.parent / "penalty_F.png")
     except ImportError:
         pass
     return md
