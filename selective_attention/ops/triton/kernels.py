@@ -101,6 +101,30 @@ def _store_rows(base, x, offs_r, offs_d, L, D):
     )
 
 
+
+@triton.jit
+def _vote_ids(bh, H, VOTE_HEAD, PER_HEAD: tl.constexpr):
+    """For the program of ``bh = b * H + h``: ``(b, g, bv)``, its batch, the index of its F in the
+    ``[B, G]``-flattened carries, and the voting head's flat index ``b * H + hv``."""
+    b = bh // H
+    if PER_HEAD:
+        g = bh
+        bv = bh
+    else:
+        g = b
+        bv = b * H + VOTE_HEAD
+    return b, g, bv
+
+
+@triton.jit
+def _voter_rows(X, own, bv, offs_r, offs_d, L, D, PER_HEAD: tl.constexpr):
+    """The voting head's rows of ``X``: with one F per head, the rows this program already loaded."""
+    if PER_HEAD:
+        rows = own
+    else:
+        rows = _load_rows(X + bv * L * D, offs_r, offs_d, L, D)
+    return rows
+
 # --- pass 1: column sums of the votes, carried over query blocks ------------------------------------
 @triton.jit
 def _vote_carry_kernel(
@@ -151,22 +175,12 @@ def _fwd_kernel(
     """One program per (query block, b, h): flash attention over key blocks ``<=`` the diagonal."""
     pid_m = tl.cdiv(L, BLOCK_M) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    if PER_HEAD:
-        g = bh
-        hv = h
-    else:
-        g = b
-        hv = VOTE_HEAD
+    b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
-    if PER_HEAD:
-        qs = q
-    else:
-        qs = _load_rows(Q + (b * H + hv) * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
+    qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)  # [BLOCK_M, D_PAD]
     carry_base = CARRY + (g * N_CARRY + (pid_m * BLOCK_M) // CARRY_ROWS) * L
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -176,10 +190,7 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
         v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-        if PER_HEAD:
-            ks = k
-        else:
-            ks = _load_rows(K + (b * H + hv) * L * D, offs_n, offs_d, L, D)
+        ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         # [BLOCK_M, BLOCK_N]
         s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
@@ -223,23 +234,13 @@ def _bwd_kv_kernel(
     multiple of DCARRY_ROWS (the q-pass's block) it leaves ``later`` in DCARRY for ``_bwd_q``."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    if PER_HEAD:
-        g = bh
-        hv = h
-    else:
-        g = b
-        hv = VOTE_HEAD
+    b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
     v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-    if PER_HEAD:
-        ks = k
-    else:
-        ks = _load_rows(K + (b * H + hv) * L * D, offs_n, offs_d, L, D)
+    ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], dtype=tl.float32)
     dks = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -255,10 +256,7 @@ def _bwd_kv_kernel(
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
         do = _load_rows(DO + bh * L * DV, offs_m, offs_dv, L, DV)  # [BLOCK_M, DV_PAD]
-        if PER_HEAD:
-            qs = q
-        else:
-            qs = _load_rows(Q + (b * H + hv) * L * D, offs_m, offs_d, L, D)
+        qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)
         lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)  # [BLOCK_M]
         delta = tl.load(DELTA + bh * L + offs_m, mask=offs_m < L, other=0.0)
         carry = tl.load(CARRY + (g * N_CARRY + (m * BLOCK_M) // CARRY_ROWS) * L + offs_n, mask=offs_n < L, other=0.0)
@@ -295,23 +293,13 @@ def _bwd_q_kernel(
     ``DCARRY[b, h, pid_m, j]`` (from ``_bwd_kv``) holds the dZ_h column sums of all later rows."""
     pid_m = tl.cdiv(L, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    if PER_HEAD:
-        g = bh
-        hv = h
-    else:
-        g = b
-        hv = VOTE_HEAD
+    b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
     do = _load_rows(DO + bh * L * DV, offs_m, offs_dv, L, DV)  # [BLOCK_M, DV_PAD]
-    if PER_HEAD:
-        qs = q
-    else:
-        qs = _load_rows(Q + (b * H + hv) * L * D, offs_m, offs_d, L, D)
+    qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)
     lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)  # [BLOCK_M]
     delta = tl.load(DELTA + bh * L + offs_m, mask=offs_m < L, other=0.0)
     carry_base = CARRY + (g * N_CARRY + (pid_m * BLOCK_M) // CARRY_ROWS) * L
@@ -323,10 +311,7 @@ def _bwd_q_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
         v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-        if PER_HEAD:
-            ks = k
-        else:
-            ks = _load_rows(K + (b * H + hv) * L * D, offs_n, offs_d, L, D)
+        ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         later = tl.load(DCARRY + (bh * N_DCARRY + pid_m) * L + offs_n, mask=(offs_n < hi) & has_later, other=0.0)
         # [BLOCK_M, BLOCK_N]
