@@ -101,7 +101,6 @@ def _store_rows(base, x, offs_r, offs_d, L, D):
     )
 
 
-
 @triton.jit
 def _vote_ids(bh, H, VOTE_HEAD, PER_HEAD: tl.constexpr):
     """For the program of ``bh = b * H + h``: ``(b, g, bv)``, its batch, the index of its F in the
@@ -124,6 +123,7 @@ def _voter_rows(X, own, bv, offs_r, offs_d, L, D, PER_HEAD: tl.constexpr):
     else:
         rows = _load_rows(X + bv * L * D, offs_r, offs_d, L, D)
     return rows
+
 
 # --- pass 1: column sums of the votes, carried over query blocks ------------------------------------
 @triton.jit
