@@ -9,7 +9,8 @@ Runs (same data, steps and optimizer for all; byte-level KJV, context 512, 4 lay
   lm-selective           selective attention (the paper's F from head 0), same size
   lm-standard-2xheads    standard attention with 8 heads of 32 (2x attention width/parameters)
   lm-selective-memloss   selective + the paper's memory loss (tau 1, eps 0.1)
-  va-standard / va-selective   the variable-assignment task (latest value of a reassigned variable)
+  va-standard / va-selective   the variable-assignment task (latest value of a reassigned variable;
+                         2 layers, 4 variables, 8 assignments, loss on the answer only)
 For each selective LM run a budget search finds per-layer KV budgets (1) within +0.01 nats of its
 own full-cache loss and (2) matching the same-seed standard model's loss (+0.01): the paper's
 "less memory at equal validation perplexity".
@@ -39,9 +40,11 @@ RESULTS = ROOT / "results" / "repro"
 RUNS_DIR = ROOT / "runs" / "repro"
 
 LM = dict(data="kjv", context_len=512, n_layer=4, n_head=4, d_model=128, batch_size=4, max_steps=600,
-          lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=100, eval_batches=16, ckpt_interval=600)  # fmt: skip
-VA = dict(data="varassign", context_len=128, n_layer=2, n_head=4, d_model=128, batch_size=16, max_steps=600,
-          lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=100, eval_batches=16, ckpt_interval=600)  # fmt: skip
+          lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=100, eval_batches=16, ckpt_interval=100)  # fmt: skip
+# 4 variables, 8 assignments ("b=3;a=1;b=7;...;b?7"); the loss is on the answer only
+VA = dict(data="varassign", va_vars=4, va_assign=8, context_len=64, n_layer=2, n_head=4, d_model=128,
+          batch_size=32, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=250,
+          eval_batches=16, ckpt_interval=250)  # fmt: skip
 RUNS = {
     "lm-standard": {**LM},
     "lm-selective": {**LM, "selection": True},

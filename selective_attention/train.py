@@ -72,6 +72,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # auto | cpu | cuda
     val_fraction: float = 0.1
+    va_vars: int = 8  # varassign: number of variables
+    va_assign: int = 24  # varassign: assignments per example
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
 
     def model_config(self, vocab_size: int = 256) -> GPTConfig:
@@ -141,8 +143,9 @@ class _Task:
         self.cfg = cfg
         self.varassign = cfg.data == "varassign"
         if self.varassign:
-            self.train_task = data.VariableAssignment(seed=cfg.seed)
-            self.val_task = data.VariableAssignment(seed=cfg.seed + 10_000)  # disjoint stream
+            kw = dict(n_vars=cfg.va_vars, n_assign=cfg.va_assign)
+            self.train_task = data.VariableAssignment(seed=cfg.seed, **kw)
+            self.val_task = data.VariableAssignment(seed=cfg.seed + 10_000, **kw)  # another stream
             T = self.train_task.batch(1, torch.Generator().manual_seed(0))[0].shape[1]
             if T > cfg.context_len:
                 raise ValueError(f"varassign examples are {T} tokens; set --context_len >= {T}.")
@@ -151,15 +154,17 @@ class _Task:
 
     def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.varassign:
-            x, y, _ = self.train_task.batch(self.cfg.batch_size, gen)
-            return x, y
+            # learn the task, not the random stream: only the answer is a target (-100 is ignored)
+            x, y, answer = self.train_task.batch(self.cfg.batch_size, gen)
+            return x, y.masked_fill(~answer, -100)
         return self.text.batch("train", self.cfg.batch_size, self.cfg.context_len, gen)
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         if self.varassign:
             gen = torch.Generator().manual_seed(12345)
             for _ in range(self.cfg.eval_batches):
-                yield self.val_task.batch(self.cfg.batch_size, gen)
+                x, y, answer = self.val_task.batch(self.cfg.batch_size, gen)
+                yield x, y.masked_fill(~answer, -100), answer
         else:
             for x, y in self.text.eval_batches("val", self.cfg.batch_size, self.cfg.context_len, self.cfg.eval_batches):
                 yield x, y, None
@@ -167,7 +172,7 @@ class _Task:
 
 @torch.no_grad()
 def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
-    """Mean validation cross-entropy (nats/token), and answer accuracy on the varassign task."""
+    """Mean validation cross-entropy (nats/token; on varassign, of the answers), and answer accuracy."""
     model.eval()
     losses, correct, total = [], 0, 0
     for x, y, answer in task.eval_batches():

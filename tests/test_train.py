@@ -149,3 +149,12 @@ def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
     assert (tmp_path / "ddp" / "ckpt.safetensors").exists()
+
+
+def test_varassign_targets_only_the_answer(tmp_path):
+    task = train_mod._Task(tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64))
+    x, y = task.batch(torch.Generator().manual_seed(0))
+    assert ((y != -100).sum(dim=1) == 1).all()  # one target per example: the answer digit
+    answers = y[y != -100]
+    assert ((answers >= ord("0")) & (answers <= ord("9"))).all()
+    assert (x[:, -2] == ord("?")).all() or (x == ord("?")).any(dim=1).all()
