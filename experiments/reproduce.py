@@ -2,6 +2,7 @@
 from whatever result files exist (so an interrupted session loses at most the run in progress).
 
     python experiments/reproduce.py run [--seeds 0 1 2] [--only lm-selective ...]   # skips finished runs
+    python experiments/reproduce.py heldout    # check searched budgets on held-out windows
     python experiments/reproduce.py report                                         # README table + plots
 
 Runs (same data, steps and optimizer for all; byte-level KJV, context 512, 4 layers, d_model 128):
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selective_attention.data import TextData  # noqa: E402
-from selective_attention.pruning import search_budgets  # noqa: E402
+from selective_attention.pruning import pruned_loss, search_budgets  # noqa: E402
 from selective_attention.train import TrainConfig, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
@@ -56,9 +57,39 @@ RUNS = {
 SEARCH_WINDOWS = 8
 
 
-def val_windows(context_len: int):
+def val_windows(context_len: int, which: int = 0):
+    """Validation windows: set 0 drives the budget search, set 1 is held out to check its budgets."""
     data = TextData.from_name("kjv")
-    return next(data.eval_batches("val", SEARCH_WINDOWS, context_len, 1))
+    batches = data.eval_batches("val", SEARCH_WINDOWS, context_len, 2)
+    for _ in range(which):
+        next(batches)
+    return next(batches)
+
+
+def heldout(name: str, seed: int) -> None:
+    """Check a selective run's searched budgets on held-out windows (the search saw only set 0)."""
+    f = RESULTS / f"{name}-s{seed}.json"
+    std = RESULTS / f"lm-standard-s{seed}.json"
+    r = json.loads(f.read_text())
+    if "heldout" in r or not std.exists():
+        return
+    x, y = val_windows(r["config"]["context_len"], which=1)
+
+    def full_loss(run_dir):
+        model, _ = model_from_checkpoint(run_dir)
+        with torch.no_grad():
+            return model, torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item()
+
+    model, sel_full = full_loss(r["config"]["out_dir"])
+    _, std_full = full_loss(json.loads(std.read_text())["config"]["out_dir"])
+    out = {"standard_full": std_full, "selective_full": sel_full}
+    for key in ("budgets_own", "budgets_vs_standard"):
+        budgets = r.get(key, {}).get("budgets")
+        if budgets:
+            out[key] = pruned_loss(model, x, y, budget=budgets)[0]
+    r["heldout"] = out
+    f.write_text(json.dumps(r, indent=1))
+    print(f"{name} seed {seed} held out: {out}", flush=True)
 
 
 def run_one(name: str, seed: int) -> dict:
@@ -116,21 +147,24 @@ def report() -> str:
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
         rows.setdefault(r["name"], []).append(r)
-    lines = ["| run | val loss (nats/byte) | tokens/s | KV memory reduction at equal loss | answer accuracy |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| run | val loss (nats/byte) | tokens/s | KV memory reduction at equal loss | held out: pruned − standard "
+             "(nats) | answer accuracy |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name in RUNS:
         rs = rows.get(name, [])
         if not rs:
             continue
         loss = mean_std([r["val_loss"] for r in rs])
         tps = mean_std([r["tokens_per_s"] for r in rs])
-        mem = "-"
+        mem = held = "-"
         if name.startswith("lm-selective"):
+            gaps = [r["heldout"]["budgets_vs_standard"] - r["heldout"]["standard_full"]
+                    for r in rs if "budgets_vs_standard" in r.get("heldout", {})]  # fmt: skip
+            held = fmt(*mean_std(gaps), digits=3)
             own = mean_std([r.get("budgets_own", {}).get("memory_ratio") for r in rs])
             vs = mean_std([r.get("budgets_vs_standard", {}).get("memory_ratio") for r in rs])
             mem = f"{fmt(*own, digits=1)}x vs own full cache; {fmt(*vs, digits=1)}x vs standard"
         acc = mean_std([r.get("val_accuracy") for r in rs])
-        lines.append(f"| {name} | {fmt(*loss)} | {fmt(*tps, digits=0)} | {mem} | {fmt(*acc, digits=3)} |")
+        lines.append(f"| {name} | {fmt(*loss)} | {fmt(*tps, digits=0)} | {mem} | {held} | {fmt(*acc, digits=3)} |")
     md = "\n".join(lines) + "\n"
     (RESULTS.parent / "repro.md").write_text(md)
     try:
@@ -168,7 +202,7 @@ def plot(rows) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["run", "report"])
+    ap.add_argument("command", choices=["run", "heldout", "report"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="+", default=list(RUNS))
     args = ap.parse_args()
@@ -176,6 +210,10 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.only:  # standard before selective: the vs-standard search needs it
                 run_one(name, seed)
+    if args.command in ("run", "heldout"):
+        for f in sorted(RESULTS.glob("lm-selective*.json")):
+            r = json.loads(f.read_text())
+            heldout(r["name"], r["seed"])
     print(report())
 
 
