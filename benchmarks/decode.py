@@ -12,7 +12,9 @@ layers after decoding.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 
 import torch
@@ -79,25 +81,35 @@ def main() -> None:
     )
     print(write("decode", rows, list(rows[0]), title))
     if args.plot:
-        import matplotlib
+        plot(raw, args.budget)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-        ctxs = [r["context"] for r in raw]
-        a1.plot(ctxs, [r["full ms/token"] for r in raw], "k-o", label="full cache")
-        a1.plot(ctxs, [r[f"budget {args.budget} ms/token"] for r in raw], "C0-o", label=f"budget {args.budget}")
-        a1.set(xscale="log", xlabel="context length", ylabel="ms per token", title="decode time")
-        a2.plot(ctxs, [r["full KV MiB"] for r in raw], "k-o", label="full cache")
-        a2.plot(ctxs, [r[f"budget {args.budget} KV MiB"] for r in raw], "C0-o", label=f"budget {args.budget}")
-        a2.set(xscale="log", yscale="log", xlabel="context length", ylabel="KV MiB", title="KV memory")
-        for a in (a1, a2):
-            a.grid(True, alpha=0.3)
-            a.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS / "decode.png", dpi=120)
+def plot(raw: list[dict], budget: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ctxs = [int(r["context"]) for r in raw]
+    for key, style, label in (("full", "k-o", "full cache"), (f"budget {budget}", "C0-o", f"budget {budget}")):
+        a1.plot(ctxs, [float(r[f"{key} ms/token"]) for r in raw], style, label=label)
+        a2.plot(ctxs, [float(r[f"{key} KV MiB"]) for r in raw], style, label=label)
+    a1.set(ylabel="ms per token", title="decode time per token")
+    a2.set(yscale="log", ylabel="KV MiB (all layers)", title="KV memory")
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(ctxs, [str(c) for c in ctxs])
+        a.minorticks_off()
+        a.set_xlabel("context length")
+        a.grid(True, alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode.png", dpi=120)
 
 
 if __name__ == "__main__":
-    main()
+    if "--replot" in sys.argv:  # redraw from the last results/decode.json
+        plot(json.loads((RESULTS / "decode.json").read_text())["rows"], 64)
+    else:
+        main()
