@@ -12,7 +12,8 @@ Because F only grows, an evicted token would only have been masked harder later.
 and no threshold this is exactly the full forward pass, one token at a time.
 
 Buffers are allocated once (capacity ``budget + 1``, or the whole sequence without pruning) and
-slots are reused through a ``valid`` mask; the position is a tensor. So :meth:`Decoder.step` has
+slots are reused (a free slot has position -1 and ``Fcum = +inf``, so the attention bias ``-Fcum``
+already excludes it); the position is a tensor. So :meth:`Decoder.step` has
 static shapes and no Python branches on data: ``torch.compile`` compiles it once.
 """
 
@@ -31,20 +32,24 @@ __all__ = ["Decoder", "LayerCache"]
 
 @dataclass
 class LayerCache:
-    """One layer's cache. Shapes: ``k, v [B, H, cap, D]``, ``fcum [B, G, cap]``, ``pos [B, cap]``
-    (-1 = empty), ``valid [B, cap]``; ``ks [B, G, cap, D]`` for a dedicated selector."""
+    """One layer's cache. Shapes: ``k, v [B, H, cap, D]``, ``fcum [B, G, cap]`` (+inf at free slots),
+    ``pos [B, cap]`` (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector."""
 
     k: Tensor
     v: Tensor
     fcum: Tensor
     pos: Tensor
-    valid: Tensor
     ks: Tensor | None
     budget: int | None
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def valid(self) -> Tensor:
+        """Kept slots, bool ``[B, cap]``."""
+        return self.pos >= 0
 
     def occupancy(self) -> Tensor:
         """Kept tokens per sequence, ``[B]``."""
@@ -162,9 +167,8 @@ class Decoder:
             cache = LayerCache(
                 k=k.new_zeros(B, H, cap, D),
                 v=v.new_zeros(B, H, cap, v.shape[-1]),
-                fcum=fcum.new_zeros(B, G, cap),
+                fcum=fcum.new_full((B, G, cap), float("inf")),
                 pos=torch.full((B, cap), -1, dtype=torch.long, device=idx.device),
-                valid=torch.zeros(B, cap, dtype=torch.bool, device=idx.device),
                 ks=None if sel is None else k.new_zeros(B, G, cap, D),
                 budget=budget,
             )
@@ -175,7 +179,6 @@ class Decoder:
                 cache.v[b, :, :n] = v[b, :, kept]
                 cache.fcum[b, :, :n] = fcum[b, :, kept]
                 cache.pos[b, :n] = kept
-                cache.valid[b, :n] = True
                 if sel is not None:
                     cache.ks[b, :, :n] = sel[1][b, :, kept]
             self.caches.append(cache)
@@ -250,21 +253,21 @@ def _decode_attention(attn, cache: LayerCache, h: Tensor, rope, t: Tensor, thres
     Static shapes, no data-dependent Python branches (compiles once)."""
     q, k, v, sel = attn.project(h, rope)  # [B, H, 1, D]
     B, H, _, D = q.shape
-    # write the new token into the first free slot
-    slot = (~cache.valid).to(torch.int8).argmax(dim=-1)  # [B]
+    # write the new token into the first free slot (position -1: the smallest)
+    slot = cache.pos.argmin(dim=-1)  # [B]
     cache.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
     cache.v.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
     cache.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, cache.fcum.shape[1], 1), 0.0)
     cache.pos.scatter_(1, slot[:, None], t.view(1, 1).expand(B, 1))
-    cache.valid.scatter_(1, slot[:, None], True)
     if sel is not None:
         cache.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, sel[1].shape[1], 1, D), sel[1])
 
     scale = 1.0 / D**0.5
     logits = torch.matmul(q, cache.k.transpose(-2, -1)) * scale  # [B, H, 1, cap]
-    bias = (-cache.fcum[:, :, None, :]).masked_fill(~cache.valid[:, None, None, :], float("-inf"))
-    y = torch.matmul(torch.softmax(logits + bias, dim=-1), cache.v)  # [B, H, 1, D]
+    # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
+    y = torch.matmul(torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1), cache.v)  # [B, H, 1, D]
 
+    evictable = cache.pos > 0  # kept, and not the first token  [B, cap]
     if attn.selects:
         # votes of the new token: relu of the voting head's logits, for kept tokens other than the
         # first and itself (DESIGN §3), added to Fcum after attending (they affect later queries only)
@@ -274,19 +277,21 @@ def _decode_attention(attn, cache: LayerCache, h: Tensor, rope, t: Tensor, thres
             vl = logits
         else:
             vl = logits[:, attn.selection_head : attn.selection_head + 1]
-        others = cache.valid & (cache.pos != 0)
-        others.scatter_(1, slot[:, None], False)
-        cache.fcum += torch.relu(vl[:, :, 0, :]) * others[:, None, :]
+        voted = evictable.scatter(1, slot[:, None], False)
+        cache.fcum += torch.relu(vl[:, :, 0, :]) * voted[:, None, :]
 
     # prune: never the first token; the budget is checked every step (static shapes)
-    score = _eviction_score(cache.fcum).masked_fill(~(cache.valid & (cache.pos != 0)), -float("inf"))  # [B, cap]
+    score = _eviction_score(cache.fcum).masked_fill(~evictable, -float("inf"))  # [B, cap]
+    drop = torch.zeros_like(evictable)
     if threshold is not None:
-        cache.valid &= ~(score > threshold)
+        drop |= score > threshold
     if cache.budget is not None:
-        over = cache.valid.sum(-1) > cache.budget  # [B]
+        over = (cache.pos >= 0).sum(-1) - drop.sum(-1) > cache.budget  # [B]
+        score = score.masked_fill(drop, -float("inf"))
         top = score.amax(dim=-1, keepdim=True)
-        tied = (score == top) & (score > -float("inf"))
+        tied = (score == top) & evictable & ~drop
         oldest = torch.where(tied, cache.pos, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B]
-        drop = torch.zeros_like(cache.valid).scatter_(1, oldest[:, None], True) & over[:, None]
-        cache.valid &= ~drop
+        drop |= torch.zeros_like(drop).scatter_(1, oldest[:, None], True) & over[:, None]
+    cache.pos.masked_fill_(drop, -1)
+    cache.fcum.masked_fill_(drop[:, None, :], float("inf"))
     return attn.merge(y)
