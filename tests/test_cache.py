@@ -162,6 +162,15 @@ def test_threshold_pruning_matches_reference(threshold):
     assert dec.occupancy()[0] < 12 + 24  # something was dropped
 
 
+def test_threshold_and_budget_together_match_reference():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (1, 12))
+    ref, ref_occ = reference_decode(m, idx, 24, budget=6, threshold=3.0)
+    dec = Decoder(m, budget=6, threshold=3.0)
+    assert dec.generate(idx, 24, temperature=0)[0, 12:].tolist() == ref
+    assert dec.occupancy() == ref_occ[-1]
+
+
 def test_cache_never_exceeds_budget_and_saves_bytes():
     m = model(selection=True)
     idx = torch.randint(0, 40, (2, 20))

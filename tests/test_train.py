@@ -157,4 +157,4 @@ def test_varassign_targets_only_the_answer(tmp_path):
     assert ((y != -100).sum(dim=1) == 1).all()  # one target per example: the answer digit
     answers = y[y != -100]
     assert ((answers >= ord("0")) & (answers <= ord("9"))).all()
-    assert (x[:, -2] == ord("?")).all() or (x == ord("?")).any(dim=1).all()
+    assert (x[:, -2] == ord("?")).all() and (y[:, -2] != -100).all()  # the answer follows the "?"
