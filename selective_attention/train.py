@@ -12,6 +12,7 @@ device.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -339,49 +340,53 @@ def main(cfg: TrainConfig) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model)
-    main_proc = rank == 0
-    bar = _progress(cfg, start) if main_proc else None
-    tokens_per_step = cfg.batch_size * cfg.context_len * world
-    t_start, tok_seen, last = time.perf_counter(), 0, {}
-    model.train()
-    step = start
-    for step in range(start, cfg.max_steps):
-        if cfg.stop_after and step - start >= cfg.stop_after:
+    try:
+        main_proc = rank == 0
+        bar = _progress(cfg, start) if main_proc else None
+        tokens_per_step = cfg.batch_size * cfg.context_len * world
+        t_start, tok_seen, last = time.perf_counter(), 0, {}
+        model.train()
+        step = start
+        for step in range(start, cfg.max_steps):
+            if cfg.stop_after and step - start >= cfg.stop_after:
+                if bar is not None:
+                    bar.close()
+                return {"stopped_at": step, "out_dir": str(out_dir)}
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            x, y = task.batch(data_gen)
+            x, y = x.to(device), y.to(device)
+            loss, stats = train_model(x, y)  # through DDP's forward when distributed, so gradients sync
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            tok_seen += x.numel() * world
+            tps = tok_seen / (time.perf_counter() - t_start)
+            last = {"step": step + 1, "loss": loss.item(), "tokens_per_s": tps, **stats}
+            done = step + 1 == cfg.max_steps
+            if main_proc and ((step + 1) % cfg.eval_interval == 0 or done):
+                ev = evaluate(model, task, device)
+                last.update(ev)
+                history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
+                _log(out_dir, history[-1])
+            if main_proc and ((step + 1) % cfg.ckpt_interval == 0 or done):
+                save_checkpoint(ckpt_path, model, opt, step + 1, cfg, data_rng=data_gen.get_state(), history=history)
             if bar is not None:
-                bar.close()
-            return {"stopped_at": step, "out_dir": str(out_dir)}
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        x, y = task.batch(data_gen)
-        x, y = x.to(device), y.to(device)
-        loss, stats = train_model(x, y)  # through DDP's forward when distributed, so gradients sync
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        tok_seen += x.numel() * world
-        tps = tok_seen / (time.perf_counter() - t_start)
-        last = {"step": step + 1, "loss": loss.item(), "tokens_per_s": tps, **stats}
-        done = step + 1 == cfg.max_steps
-        if main_proc and ((step + 1) % cfg.eval_interval == 0 or done):
-            ev = evaluate(model, task, device)
-            last.update(ev)
-            history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
-            _log(out_dir, history[-1])
-        if main_proc and ((step + 1) % cfg.ckpt_interval == 0 or done):
-            save_checkpoint(ckpt_path, model, opt, step + 1, cfg, data_rng=data_gen.get_state(), history=history)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", **(
+                    {"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}
+                ))  # fmt: skip
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", **(
-                {"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}
-            ))  # fmt: skip
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+            bar.close()
+    finally:
+        if world > 1:
+            # Drop DDP's reducer before the process group: tearing the group down (or exiting) while the reducer
+            # is alive aborts the process at random in gloo ("terminate called without an active exception").
+            del train_model
+            gc.collect()
+            torch.distributed.destroy_process_group()
     final = history[-1] if history else {}
     return {
         "rank": rank,

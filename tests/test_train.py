@@ -139,12 +139,15 @@ def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "selective_attention", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "selective_attention", "train",
            "--data=pydoc", f"--out_dir={tmp_path / 'ddp'}", "--n_layer=1", "--n_head=2", "--d_model=32",
            "--context_len=32", "--batch_size=4", "--max_steps=4", "--eval_interval=4", "--eval_batches=1",
            "--progress=false", "--selection=true"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # the ranks' own errors come before torchrun's summary of them: show those lines, not just the tail
+    errors = [ln for ln in r.stderr.splitlines() if any(w in ln for w in ("Error", "terminate", "what()", "exitcode"))]
+    assert r.returncode == 0, "\n".join(errors[:40]) + "\n...\n" + r.stderr[-1500:]
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
