@@ -64,7 +64,7 @@ class LayerCache:
 def _eviction_score(fcum: Tensor) -> Tensor:
     """``[B, G, n]`` -> ``[B, n]``: a token is dropped for all heads, so with one F per head it counts
     as masked only as much as its least-masking head masks it."""
-    return fcum.amin(dim=1)
+    return fcum[:, 0] if fcum.shape[1] == 1 else fcum.amin(dim=1)
 
 
 def _keep_after_prefill(score: Tensor, budget: int | None, threshold: float | None) -> Tensor:
@@ -280,18 +280,23 @@ def _decode_attention(attn, cache: LayerCache, h: Tensor, rope, t: Tensor, thres
         voted = evictable.scatter(1, slot[:, None], False)
         cache.fcum += torch.relu(vl[:, :, 0, :]) * voted[:, None, :]
 
-    # prune: never the first token; the budget is checked every step (static shapes)
-    score = _eviction_score(cache.fcum).masked_fill(~evictable, -float("inf"))  # [B, cap]
-    drop = torch.zeros_like(evictable)
-    if threshold is not None:
-        drop |= score > threshold
-    if cache.budget is not None:
-        over = (cache.pos >= 0).sum(-1) - drop.sum(-1) > cache.budget  # [B]
-        score = score.masked_fill(drop, -float("inf"))
-        top = score.amax(dim=-1, keepdim=True)
-        tied = (score == top) & evictable & ~drop
-        oldest = torch.where(tied, cache.pos, torch.iinfo(torch.long).max).argmin(dim=-1)  # [B]
-        drop |= torch.zeros_like(drop).scatter_(1, oldest[:, None], True) & over[:, None]
+    # prune: never the first token; the budget is checked every step (static shapes; the branches below
+    # are on the configuration only)
+    budget = cache.budget
+    if threshold is None and budget is None:
+        return attn.merge(y)
+    score = torch.where(evictable, _eviction_score(cache.fcum), -float("inf"))  # [B, cap]
+    drop = score > threshold if threshold is not None else None
+    if budget is not None:
+        kept = cache.valid.sum(-1)  # [B]
+        if drop is not None:
+            kept = kept - drop.sum(-1)
+            score = score.masked_fill(drop, -float("inf"))
+        # the victim: the largest score, the oldest on ties (when over budget a finite score exists)
+        tied = score == score.amax(dim=-1, keepdim=True)
+        oldest = torch.where(tied, cache.pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
+        victim = torch.zeros_like(evictable).scatter_(1, oldest, (kept > budget)[:, None])
+        drop = victim if drop is None else drop | victim
     cache.pos.masked_fill_(drop, -1)
     cache.fcum.masked_fill_(drop[:, None, :], float("inf"))
     return attn.merge(y)
