@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = ["chunked_selective_attention", "default_chunk_size"]
 
 _NEG_INF = float("-inf")
+_LOG2E = 1.4426950408889634  # log2(e)
 
 
 # --- the attention kernel given an additive bias: out, lse and its backward ------------------------
@@ -54,16 +55,18 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
 
 
 def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: float) -> Tensor:
-    """``P = exp(q k^T * scale + bias - lse)``, rebuilt exactly from the saved lse.
+    """``P = exp(q k^T * scale + bias - lse)``, rebuilt from the saved lse.
 
     q3 ``[B*H, C, D]``, k3 ``[B*H, n, D]``, bias ``[B, 1|H, C, n]``, lse ``[B, H, C]`` -> ``[B, H, C, n]``.
+    Computed as ``2^(x log2 e)``: on CPU exp2 runs about 4x faster than exp, the single biggest
+    elementwise cost of the backward; the base change costs about one rounding of the exponent.
     """
     B, H, C = lse.shape
-    z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-1.0, alpha=scale)
-    z = z.view(B, H, C, -1).add_(bias)
-    # exp of logits below log(tiny) gives denormals, which are ~20x slower on CPU; they are < 1e-38
+    z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-_LOG2E, alpha=scale * _LOG2E)
+    z = z.view(B, H, C, -1).add_(bias, alpha=_LOG2E)
+    # exponents below log2(tiny) give denormals, which are ~20x slower on CPU; they are < 1e-38
     # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
-    return torch.nn.functional.threshold_(z, math.log(torch.finfo(z.dtype).tiny), _NEG_INF).exp_()
+    return torch.nn.functional.threshold_(z, math.log2(torch.finfo(z.dtype).tiny), _NEG_INF).exp2_()
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
