@@ -19,8 +19,9 @@ Backward, last chunk to first, with ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O
     dl_s = dS_c * 1[S_c > 0];  dqs_c = dl_s ks * s;  dks += dl_s^T qs_c * s
 
 The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
-``lse`` saved in the forward lets backward rebuild ``P_h`` exactly. Other devices use a plain
-PyTorch kernel with the same contract.
+``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is ~4x faster than exp on
+CPU). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
+``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
 """
 
 from __future__ import annotations
@@ -70,37 +71,48 @@ def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: f
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
+class _Voters:
+    """What every chunk's votes need, built once per call (and again in backward, bit for bit).
+
+    ``qn = -qs * sel_scale``, so ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and
+    scaled (the bias is ``-F``); key 0 is zeroed, so its votes are ``relu(0) = 0`` (the first token is
+    never masked) with no per-chunk masking. ``no_vote``: j >= k inside a chunk's diagonal block
+    (itself and the future); ``future``: j > k."""
+
+    def __init__(self, qs: Tensor, ks: Tensor, sel_scale: float, chunk: int) -> None:
+        self.qn = qs * -sel_scale
+        self.ks = ks.clone()
+        self.ks[:, :, 0] = 0.0
+        self.no_vote = torch.ones(chunk, chunk, dtype=torch.bool, device=qs.device).triu_()
+        self.future = torch.ones(chunk, chunk, dtype=torch.bool, device=qs.device).triu_(1)
+
+
 def _chunk_bias(
-    qs: Tensor,
-    ks: Tensor,
-    colsum: Tensor,
+    vt: _Voters,
+    ncol: Tensor,
     removed: Tensor | None,
     penalty: Tensor | None,
     i0: int,
     i1: int,
-    sel_scale: float,
     keep_F: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Votes ``S`` ``[B, G, C, i1]`` of rows ``i0 .. i1-1``, the attention bias ``[B, G|H, C, i1]``:
-    ``-(F + penalty)``, ``-inf`` at future and removed keys, and (``keep_F``) F itself."""
+    """Rows ``i0 .. i1-1``: the negated votes ``-S`` ``[B, G, C, i1]``, the attention bias
+    ``[B, G|H, C, i1]`` (``-(F + penalty)``, ``-inf`` at future and removed keys) and (``keep_F``) F.
+    ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows."""
     C = i1 - i0
-    S = torch.matmul(qs[:, :, i0:i1], ks[:, :, :i1].transpose(-2, -1)).mul_(sel_scale).relu_()  # [B, G, C, i1]
-    # Votes need 1 <= j < k. Keys before the chunk (j < i0 <= k) all satisfy j < k, so only the
-    # first column and the diagonal block need masking: O(C^2), not O(C * i1).
-    S[..., 0] = 0.0
-    future = torch.ones(C, C, dtype=torch.bool, device=S.device).triu_(1)  # j > k within the block
-    S[..., i0:i1].masked_fill_(future | torch.eye(C, dtype=torch.bool, device=S.device), 0.0)
-    F = S.cumsum(dim=-2)
-    # exclusive within the chunk, plus everything voted by earlier chunks
-    F = torch.cat([torch.zeros_like(F[:, :, :1]), F[:, :, :-1]], dim=2).add_(colsum[:, :, None, :i1])
-    F_kept = F.clone() if keep_F else None
+    Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1)).clamp_(max=0.0)  # -S
+    # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
+    # block needs masking: O(C^2), not O(C * i1).
+    Sn[..., i0:i1].masked_fill_(vt.no_vote[:C, :C], 0.0)
+    # -F of row k = the earlier chunks' sums + this chunk's rows above k: one running sum down the rows
+    bias = torch.cat([ncol[:, :, None, :i1], Sn[:, :, :-1]], dim=2).cumsum_(dim=2)
+    F_kept = bias.neg() if keep_F else None
     if penalty is not None:
-        F = F + penalty[:, :, i0:i1, :i1]
-    bias = F.neg_()
-    bias[..., i0:i1].masked_fill_(future, _NEG_INF)  # causal
+        bias = bias - penalty[:, :, i0:i1, :i1]
+    bias[..., i0:i1].masked_fill_(vt.future[:C, :C], _NEG_INF)  # causal
     if removed is not None:
         bias = bias.masked_fill(removed[:, :, i0:i1, :i1], _NEG_INF)
-    return S, bias, F_kept
+    return Sn, bias, F_kept
 
 
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
@@ -127,17 +139,18 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
-        colsum = qs.new_zeros(B, G, L)
+        vt = _Voters(qs, ks, sel_scale, chunk)
+        ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
         mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
-        carries = []  # colsum at the start of each chunk: backward rebuilds F bit for bit from it
+        carries = []  # ncol at the start of each chunk: backward rebuilds F bit for bit from it
         for i0 in range(0, L, chunk):
             i1 = min(i0 + chunk, L)
-            carries.append(colsum.clone())
-            S, bias, Fc = _chunk_bias(qs, ks, colsum, removed, penalty, i0, i1, sel_scale, keep_F=tau is not None)
+            carries.append(ncol.clone())
+            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, penalty, i0, i1, keep_F=tau is not None)
             if Fc is not None:
                 mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1)
-            colsum[:, :, :i1] += S.sum(dim=2)
+            ncol[:, :, :i1] += Sn.sum(dim=2)
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
             lse[:, :, i0:i1] = lse_c
@@ -163,6 +176,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         else:  # the voting heads: their vote gradients land straight in dq, dk
             qs, ks, dqs, dks = q[:, heads], k[:, heads], dq[:, heads], dk[:, heads]
         G = qs.shape[1]
+        vt = _Voters(qs, ks, sel_scale, chunk)
         want_dpen = penalty is not None and ctx.needs_input_grad[7]
         dpen = torch.zeros_like(penalty) if want_dpen else None
         dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
@@ -174,7 +188,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         for c in reversed(range(len(starts))):
             i0 = starts[c]
             i1 = min(i0 + chunk, L)
-            S, bias, Fc = _chunk_bias(qs, ks, carries[c], removed, penalty, i0, i1, sel_scale, keep_F=dmem is not None)
+            Sn, bias, Fc = _chunk_bias(vt, carries[c], removed, penalty, i0, i1, keep_F=dmem is not None)
             P = _probs_minus_lse(q3[:, i0:i1], k3[:, :i1], bias, lse[:, :, i0:i1], scale)  # [B, H, C, i1]
             P3 = P.view(B * H, i1 - i0, i1)
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
@@ -195,9 +209,10 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             total = dF.sum(dim=2, keepdim=True)
             dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
             dcol[:, :, :i1] += total[:, :, 0]
-            dls = dS.mul_(S > 0).mul_(sel_scale)  # relu' and the vote mask (S is 0 off it)
-            dqs[:, :, i0:i1] += torch.matmul(dls, ks[:, :, :i1])
-            dks[:, :, :i1] += torch.matmul(dls.transpose(-2, -1), qs[:, :, i0:i1])
+            # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
+            dl = dS.mul_(Sn < 0)
+            dqs[:, :, i0:i1].add_(torch.matmul(dl, vt.ks[:, :, :i1]), alpha=sel_scale)
+            dks[:, :, :i1].sub_(torch.matmul(dl.transpose(-2, -1), vt.qn[:, :, i0:i1]))
         if heads is not None:
             dqs = dks = None
         return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None, None
