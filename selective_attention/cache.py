@@ -94,6 +94,10 @@ class Decoder:
             keeps everything. Layers without selection have Fcum = 0, so for them a budget is a
             sliding window that keeps the first token.
         threshold: evict any token whose Fcum exceeds this (after the step that pushed it over).
+        compile: run :meth:`step` through ``torch.compile`` (inductor; static shapes, so it compiles
+            once, a few seconds, and again only for another batch size or cache size). It pays off
+            with a pruned cache, where the step is small and eager op overhead dominates (~1.7x
+            faster on a 2-core CPU); with a full cache on CPU the compiled step was slower than eager.
 
     Example::
 
@@ -104,7 +108,12 @@ class Decoder:
     """
 
     def __init__(
-        self, model: GPT, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
+        self,
+        model: GPT,
+        *,
+        budget: int | Sequence[int] | None = None,
+        threshold: float | None = None,
+        compile: bool = False,
     ) -> None:
         n = model.config.n_layer
         if budget is None:
@@ -127,6 +136,7 @@ class Decoder:
         self.threshold = threshold
         self.caches: list[LayerCache] = []
         self.t: Tensor | None = None  # position of the next token, a 0-d long tensor
+        self._step = _compiled_step() if compile else _step
 
     @property
     def prunes(self) -> bool:
@@ -191,15 +201,7 @@ class Decoder:
         """Feed ``token`` ``[B]`` at the current position; return the next logits ``[B, vocab]``."""
         if self.t is None:
             raise RuntimeError("call prefill(prompt) before step().")
-        model = self.model
-        x = model.tok_emb(token[:, None])  # [B, 1, C]
-        pos = model.rope(self.t.view(1), x.dtype)  # once for all layers
-        for block, cache in zip(model.blocks, self.caches):
-            a = _decode_attention(block.attn, cache, block.norm1(x), pos, self.t, self.threshold)
-            x = x + a
-            x = x + block.mlp(block.norm2(x))
-        self.t += 1
-        return model.lm_head(model.norm(x[:, -1]))
+        return self._step(self.model, self.caches, token, self.t, self.threshold)
 
     # --- reporting -----------------------------------------------------------------------------------
     def occupancy(self) -> list[int]:
@@ -234,6 +236,29 @@ class Decoder:
             if n + 1 < max_new_tokens:
                 logits = self.step(tok)
         return torch.cat(out, dim=1)
+
+
+def _step(model: GPT, caches: list[LayerCache], token: Tensor, t: Tensor, threshold: float | None) -> Tensor:
+    """One decoding step through every layer (updates the caches and ``t`` in place). Called under
+    no_grad by :meth:`Decoder.step`, so a compiled version always sees the same grad mode."""
+    x = model.tok_emb(token[:, None])  # [B, 1, C]
+    pos = model.rope(t.view(1), x.dtype)  # once for all layers
+    for block, cache in zip(model.blocks, caches):
+        x = x + _decode_attention(block.attn, cache, block.norm1(x), pos, t, threshold)
+        x = x + block.mlp(block.norm2(x))
+    t += 1
+    return model.lm_head(model.norm(x[:, -1]))
+
+
+_COMPILED = None
+
+
+def _compiled_step():
+    """``_step`` through torch.compile, built once per process (dynamo caches per model and shapes)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_step, dynamic=False)
+    return _COMPILED
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

@@ -129,7 +129,7 @@ def cmd_generate(args) -> str:
     idx = tok.encode(args.prompt)[None]
     if idx.shape[1] == 0:
         raise SystemExit("error: --prompt must not be empty.")
-    dec = Decoder(model, budget=_budget_arg(args.budget), threshold=args.threshold)
+    dec = Decoder(model, budget=_budget_arg(args.budget), threshold=args.threshold, compile=args.compile)
     gen = torch.Generator().manual_seed(args.seed)
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     text = tok.decode(out[0])
@@ -208,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget", default=None)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile", action="store_true", help="compile the decoding step (a few seconds; pays off with --budget)"
+    )
 
     p = sub.add_parser("bench", help="quick speed check: paper mode vs standard attention")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])

@@ -300,17 +300,19 @@ class GPT(nn.Module):
         budget: int | Sequence[int] | None = None,
         threshold: float | None = None,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """Continue ``idx`` ``[B, T]`` by ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
 
         Decodes with a KV cache (exact: equal to re-running the full forward each step). ``budget``
         (an int for all layers or one per layer) keeps at most that many tokens per layer, evicting
         the token with the largest accumulated penalty (never the first); ``threshold`` evicts any
-        token whose penalty exceeds it. ``temperature=0`` is greedy. See :mod:`selective_attention.cache`.
+        token whose penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the
+        decoding step (worth it with a budget; see :class:`~selective_attention.cache.Decoder`).
         """
         from .cache import Decoder
 
-        return Decoder(self, budget=budget, threshold=threshold).generate(
+        return Decoder(self, budget=budget, threshold=threshold, compile=compile).generate(
             idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
         )
 
