@@ -138,7 +138,7 @@ def plot(raw: list[dict], budget: int) -> None:
             a1.plot(ctxs, [float(r[f"{key} ms/token"]) for r in raw], style, label=label)
         if f"{key} KV MiB" in raw[0]:
             a2.plot(ctxs, [float(r[f"{key} KV MiB"]) for r in raw], style[:-2] + "-o", label=label)
-    a1.set(ylabel="ms per token", title="decode time per token")
+    a1.set(yscale="log", ylabel="ms per token", title="decode time per token")
     a2.set(yscale="log", ylabel="KV MiB (all layers)", title="KV memory")
     for a in (a1, a2):
         a.set_xscale("log", base=2)
