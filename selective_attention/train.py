@@ -340,6 +340,7 @@ def main(cfg: TrainConfig) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model)
+    failed = False
     try:
         main_proc = rank == 0
         bar = _progress(cfg, start) if main_proc else None
@@ -380,10 +381,15 @@ def main(cfg: TrainConfig) -> dict:
                 ))  # fmt: skip
         if bar is not None:
             bar.close()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if world > 1:
+        if world > 1 and not failed:
             # Drop DDP's reducer before the process group: tearing the group down (or exiting) while the reducer
             # is alive aborts the process at random in gloo ("terminate called without an active exception").
+            # After a failure the traceback's frames may still hold DDP, so the teardown is left to process exit,
+            # where Python prints the traceback first, rather than risk an abort here that would hide it.
             del train_model
             gc.collect()
             torch.distributed.destroy_process_group()

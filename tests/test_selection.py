@@ -97,9 +97,9 @@ SHAPES = [(1, 1, 1), (2, 8, 2), (2, 1, 63), (1, 8, 64), (2, 8, 65), (2, 1, 257),
 
 @pytest.mark.parametrize("B, H, L", SHAPES, ids=lambda *a: None)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("masks", ["none", "user", "user+padding"])
+@pytest.mark.parametrize("masks", ["none", "user", "user+padding", "padding"])
 def test_chunked_equals_naive(B, H, L, dtype, masks):
-    q, k, v, kw = _case(B, H, L, 16, dtype, masks != "none", masks == "user+padding")
+    q, k, v, kw = _case(B, H, L, 16, dtype, masks.startswith("user"), masks.endswith("padding"))
     run = functools.partial(selective_attention, selection=True, **kw)
     o_ref, g_ref = grads(functools.partial(run, backend="naive"), q, k, v)
     if dtype == torch.float32:  # the fp64 truth, to bound both fp32 paths' errors
@@ -116,6 +116,40 @@ def test_chunked_equals_naive(B, H, L, dtype, masks):
             assert_error_bounded(o, o_ref, o64, factor=2.0, name="out")
             for a, b, c, n in zip(g, g_ref, g64, "qkv"):
                 assert_error_bounded(a, b, c, factor=3.0, name=f"d{n}")
+
+
+def test_chunked_row_broadcast_masks_across_chunks():
+    """Masks with one row for every query ([B, 1, 1, L]: key padding, or a float penalty per key),
+    with L spanning several chunks and left padding (the first queries see only removed keys):
+    outputs and gradients, the penalty's included, equal the naive path."""
+    B, H, L, D = 2, 3, 21, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    pen = torch.rand(B, 1, 1, L, generator=gen, dtype=torch.float64).requires_grad_()
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, :3] = True  # left padding: rows 0-2 of sequence 0 have no key
+    pad[1, 7] = True
+    res = {}
+    for backend, chunk in (("naive", None), ("chunked", 4), ("chunked", 5)):
+        mask = pen.expand(B, 1, L, L)  # stride 0 over the rows: kept as one row internally
+        out = selective_attention(
+            q, k, v, mask, selection=True, key_padding_mask=pad, backend=backend, chunk_size=chunk
+        )
+        res[backend, chunk] = (out, torch.autograd.grad(out.pow(2).sum(), (q, k, v, pen)))
+    o_ref, g_ref = res["naive", None]
+    assert (o_ref[0, :, :3] == 0).all()
+    for key in (("chunked", 4), ("chunked", 5)):
+        torch.testing.assert_close(res[key][0], o_ref, **TOL[torch.float64])
+        for a, b in zip(res[key][1], g_ref):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_chunked_chunk_size_larger_than_sequence():
+    """A chunk size far beyond L means one chunk; its in-chunk masks are sized by L, not by the
+    chunk size (chunk_size=10**6 would otherwise allocate two 10**12-element masks)."""
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    out = selective_attention(q, k, v, selection=True, backend="chunked", chunk_size=10**6)
+    torch.testing.assert_close(out, selective_attention(q, k, v, selection=True, backend="naive"), **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("H", [1, 8])

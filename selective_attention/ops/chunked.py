@@ -83,8 +83,9 @@ class _Voters:
         self.qn = qs * -sel_scale
         self.ks = ks.clone()
         self.ks[:, :, 0] = 0.0
-        self.no_vote = torch.ones(chunk, chunk, dtype=torch.bool, device=qs.device).triu_()
-        self.future = torch.ones(chunk, chunk, dtype=torch.bool, device=qs.device).triu_(1)
+        n = min(chunk, qs.shape[2])  # a chunk never has more rows than the sequence
+        self.no_vote = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_()
+        self.future = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_(1)
 
 
 def _chunk_bias(
@@ -108,10 +109,10 @@ def _chunk_bias(
     bias = torch.cat([ncol[:, :, None, :i1], Sn[:, :, :-1]], dim=2).cumsum_(dim=2)
     F_kept = bias.neg() if keep_F else None
     if penalty is not None:
-        bias = bias - penalty[:, :, i0:i1, :i1]
+        bias = bias - _rows(penalty, i0, i1)
     bias[..., i0:i1].masked_fill_(vt.future[:C, :C], _NEG_INF)  # causal
     if removed is not None:
-        bias = bias.masked_fill(removed[:, :, i0:i1, :i1], _NEG_INF)
+        bias = bias.masked_fill(_rows(removed, i0, i1), _NEG_INF)
     return Sn, bias, F_kept
 
 
@@ -218,12 +219,18 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None, None
 
 
+def _rows(mask: Tensor, i0: int, i1: int) -> Tensor:
+    """Rows ``i0 .. i1-1`` and keys ``0 .. i1-1`` of a ``[b, h, L|1, L]`` mask; a mask with one row
+    (the same keys for every query, like key padding) broadcasts over the rows."""
+    return mask[:, :, i0:i1, :i1] if mask.shape[2] != 1 else mask[..., :i1]
+
+
 def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int) -> None:
-    """``dst[:, :, i0:i1, :i1] += grad`` summed over the dims where ``dst`` broadcasts (size 1)."""
-    dims = [d for d in (0, 1) if dst.shape[d] == 1 and grad.shape[d] != 1]
+    """``_rows(dst, i0, i1) += grad``, summed over the dims where ``dst`` broadcasts (size 1)."""
+    dims = [d for d in (0, 1, 2) if dst.shape[d] == 1 and grad.shape[d] != 1]
     if dims:
         grad = grad.sum(dim=dims, keepdim=True)
-    dst[:, :, i0:i1, :i1] += grad
+    _rows(dst, i0, i1).add_(grad)
 
 
 def chunked_selective_attention(
@@ -269,8 +276,11 @@ def chunked_selective_attention(
     if removed is not None:
         # Rows with every key removed: let the kernel see them unmasked, then zero their output (and
         # so their gradient) here, instead of trusting each kernel's all--inf behaviour.
-        future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
-        dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
+        if removed.shape[2] == 1:  # the same keys for every query: row i is dead iff keys 0..i all are removed
+            dead = ((~removed).cumsum(dim=-1) == 0).transpose(-2, -1)  # [b, h, L, 1], no [L, L] tensor
+        else:
+            future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+            dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
         if dead.any():
             removed = removed & ~dead
         else:
