@@ -125,6 +125,29 @@ def _voter_rows(X, own, bv, offs_r, offs_d, L, D, PER_HEAD: tl.constexpr):
     return rows
 
 
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PER_HEAD: tl.constexpr):
+    """What the backward needs of a query block: q, dO, the voter's qs, lse and delta."""
+    q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
+    do = _load_rows(DO + bh * L * DV, offs_m, offs_dv, L, DV)  # [BLOCK_M, DV_PAD]
+    qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)
+    lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)  # [BLOCK_M]
+    delta = tl.load(DELTA + bh * L + offs_m, mask=offs_m < L, other=0.0)
+    return q, do, qs, lse, delta
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of the backward, shared by both passes: ``P`` rebuilt from lse,
+    ``dZ = P (dP - delta)``, and the vote gradient with the updated suffix sum (see ``_vote_grad``)."""
+    s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
+    p = tl.exp(_logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC) - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dz = p * (dp - delta[:, None])
+    dl, later = _vote_grad(dz, later, s_tile)
+    return p, dz, dl, later
+
+
 # --- pass 1: column sums of the votes, carried over query blocks ------------------------------------
 @triton.jit
 def _vote_carry_kernel(
@@ -254,18 +277,12 @@ def _bwd_kv_kernel(
             c = boundary // DCARRY_ROWS - 1
             tl.store(DCARRY + (bh * N_DCARRY + c) * L + offs_n, later, mask=offs_n < L)
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
-        do = _load_rows(DO + bh * L * DV, offs_m, offs_dv, L, DV)  # [BLOCK_M, DV_PAD]
-        qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)
-        lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)  # [BLOCK_M]
-        delta = tl.load(DELTA + bh * L + offs_m, mask=offs_m < L, other=0.0)
+        q, do, qs, lse, delta = _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PER_HEAD)
         carry = tl.load(CARRY + (g * N_CARRY + (m * BLOCK_M) // CARRY_ROWS) * L + offs_n, mask=offs_n < L, other=0.0)
         # [BLOCK_M, BLOCK_N]
-        s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
-        p = tl.exp(_logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dz = p * (dp - delta[:, None])
-        dl, later = _vote_grad(dz, later, s_tile)
+        p, dz, dl, later = _bwd_tile(
+            q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
+        )
         # [BLOCK_N, DV_PAD]
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         # [BLOCK_N, D_PAD]
@@ -297,11 +314,7 @@ def _bwd_q_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + bh * L * D, offs_m, offs_d, L, D)  # [BLOCK_M, D_PAD]
-    do = _load_rows(DO + bh * L * DV, offs_m, offs_dv, L, DV)  # [BLOCK_M, DV_PAD]
-    qs = _voter_rows(Q, q, bv, offs_m, offs_d, L, D, PER_HEAD)
-    lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)  # [BLOCK_M]
-    delta = tl.load(DELTA + bh * L + offs_m, mask=offs_m < L, other=0.0)
+    q, do, qs, lse, delta = _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PER_HEAD)
     carry_base = CARRY + (g * N_CARRY + (pid_m * BLOCK_M) // CARRY_ROWS) * L
     hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
     has_later = hi < L  # the last block has no later rows: its entry of DCARRY is never written
@@ -315,11 +328,9 @@ def _bwd_q_kernel(
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         later = tl.load(DCARRY + (bh * N_DCARRY + pid_m) * L + offs_n, mask=(offs_n < hi) & has_later, other=0.0)
         # [BLOCK_M, BLOCK_N]
-        s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
-        p = tl.exp(_logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dz = p * (dp - delta[:, None])
-        dl, _ = _vote_grad(dz, later, s_tile)
+        _, dz, dl, _ = _bwd_tile(
+            q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
+        )
         # [BLOCK_M, D_PAD]
         if PER_HEAD:
             dq += tl.dot((dz * scale + dl * sel_scale).to(k.dtype), k, input_precision=PREC)
