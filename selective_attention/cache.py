@@ -19,6 +19,7 @@ static shapes and no Python branches on data: ``torch.compile`` compiles it once
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -251,15 +252,10 @@ def _step(model: GPT, caches: list[LayerCache], token: Tensor, t: Tensor, thresh
     return model.lm_head(model.norm(x[:, -1]))
 
 
-_COMPILED = None
-
-
+@functools.cache
 def _compiled_step():
     """``_step`` through torch.compile, built once per process (dynamo caches per model and shapes)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_step, dynamic=False)
-    return _COMPILED
+    return torch.compile(_step, dynamic=False)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
