@@ -1,9 +1,16 @@
 """How much context a trained selective model needs: loss with a pruned cache, and a per-layer budget
-search (DESIGN §4: lower each layer's budget while validation loss stays within a tolerance).
+search (DESIGN §4: lower each layer's budget while the validation loss stays at a target).
+
+A budget b is the most tokens a layer stores and attends to at any step, the newest included, and
+every ratio here counts all b slots. "At equal loss" is the paper's "same validation perplexity": the
+target is the full-cache *standard* model's loss, with no tolerance unless one is asked for; and a
+searched budget holds only if it also meets the target on held-out windows that the search never saw
+(check with :func:`pruned_loss` on those).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +20,7 @@ from torch import Tensor
 
 from .cache import Decoder
 from .model import GPT
+from .progress import progress as progress_bar
 
 __all__ = ["pruned_loss", "search_budgets", "BudgetSearch"]
 
@@ -38,15 +46,17 @@ def pruned_loss(
 class BudgetSearch:
     """Result of :func:`search_budgets`."""
 
-    budgets: list[int]
-    loss: float  # validation loss with these budgets
-    full_loss: float  # validation loss with the full cache
+    budgets: list[int]  # per layer: tokens stored and attended at most, the newest included
+    loss: float  # search-window loss with these budgets
+    full_loss: float  # search-window loss of the same model with the full cache
+    target: float  # the loss the budgets had to stay at or under (before the tolerance)
+    tolerance: float  # nats allowed above the target (0 = the paper's equal loss)
     context: int  # tokens per sequence (the full cache per layer)
     evaluations: list[dict] = field(default_factory=list)
 
     @property
     def memory_ratio(self) -> float:
-        """Full KV memory / pruned KV memory (all layers)."""
+        """Full KV memory / pruned KV memory, all layers: every slot of every budget counts."""
         return self.context * len(self.budgets) / sum(self.budgets)
 
 
@@ -55,47 +65,57 @@ def search_budgets(
     x: Tensor,
     y: Tensor,
     *,
-    tolerance: float = 0.01,
+    target: float | None = None,
+    tolerance: float = 0.0,
     progress: bool = False,
 ) -> BudgetSearch:
-    """Per-layer budgets as small as the validation loss allows: layer by layer, binary-search the
-    smallest budget that keeps the loss (all layers at their current budgets) within ``tolerance``
-    nats of the full cache's. Assumes the loss does not improve when a budget shrinks.
+    """Per-layer budgets as small as the loss allows: layer by layer, binary-search the smallest budget
+    (>= 2: the first token and the newest) that keeps the loss on ``x, y`` (all layers at their
+    current budgets) at most ``target + tolerance``. Assumes the loss does not improve when a budget
+    shrinks.
 
     Args:
         model: a trained GPT (eval mode).
-        x, y: validation inputs/targets ``[B, T]``.
-        tolerance: allowed loss increase in nats (the paper compares at equal loss, +-0.01).
+        x, y: search windows, inputs/targets ``[B, T]``; keep other windows to check the result on.
+        target: the loss to match, e.g. the full-cache standard model's loss on ``x, y`` (the paper's
+            "equal validation perplexity"). Default: this model's own full-cache loss.
+        tolerance: nats allowed above ``target``; 0 by default. Report it next to every ratio it gives.
     """
+    if not tolerance >= 0 or not math.isfinite(tolerance):
+        raise ValueError(f"tolerance must be a finite number of nats >= 0, got {tolerance!r}.")
+    if target is not None and not math.isfinite(target):
+        raise ValueError(f"target must be a finite loss, got {target!r}.")
     T = x.shape[1]
+    if T < 2:
+        raise ValueError(f"the search windows must hold at least 2 tokens, got T={T}.")
     n = model.config.n_layer
     full, _ = pruned_loss(model, x, y)
+    goal = (full if target is None else target) + tolerance
     budgets = [T] * n
     evals: list[dict] = []
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="budget search")
-        except ImportError:
-            bar = None
+    bar = progress_bar(n, "budget search", enabled=progress)
     for layer in range(n):
-        lo, hi = 1, budgets[layer]
+        lo, hi = 2, budgets[layer]
         while lo < hi:
             mid = (lo + hi) // 2
             trial = budgets[:layer] + [mid] + budgets[layer + 1 :]
             loss, _ = pruned_loss(model, x, y, budget=trial)
             evals.append({"budgets": trial, "loss": loss})
-            if loss <= full + tolerance:
+            if loss <= goal:
                 hi = mid
             else:
                 lo = mid + 1
         budgets[layer] = lo
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(budgets=str(budgets))
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(budgets=str(budgets))
+    bar.close()
     final, _ = pruned_loss(model, x, y, budget=budgets)
-    return BudgetSearch(budgets=budgets, loss=final, full_loss=full, context=T, evaluations=evals)
+    return BudgetSearch(
+        budgets=budgets,
+        loss=final,
+        full_loss=full,
+        target=full if target is None else target,
+        tolerance=tolerance,
+        context=T,
+        evaluations=evals,
+    )

@@ -70,7 +70,8 @@ def test_budget_at_least_length_changes_nothing():
 
 # --- the eviction rule, written out naively ------------------------------------------------------
 def reference_decode(m, idx, n_new, budget=None, threshold=None):
-    """Greedy decoding of one sequence with per-layer Python lists of kept tokens."""
+    """Greedy decoding of one sequence with per-layer Python lists of kept tokens. A budget b: at most
+    b tokens stored and attended at any step, the newest included (DESIGN §4)."""
     T = idx.shape[1]
     scale = 1.0 / (m.config.d_model // m.config.n_head) ** 0.5
     n = m.config.n_layer
@@ -102,7 +103,7 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
             else:
                 fcum = torch.zeros(1, T, dtype=x.dtype)
             entries = [dict(pos=j, k=k[0, :, j], v=v[0, :, j], f=fcum[:, j].clone()) for j in range(T)]
-            prune(entries, budget)
+            prune(entries, budget)  # a long prompt is read exactly, then pruned to the budget
             layers.append(entries)
         logits = m.lm_head(m.norm(x[:, -1]))
         toks, occupancy = [], []
@@ -118,7 +119,9 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
                 q, k, v, sel = attn.project(block.norm1(x), torch.tensor([t]))
                 assert sel is None, "the reference covers head voters only"
                 new = dict(pos=t, k=k[0, :, 0], v=v[0, :, 0], f=torch.zeros(entries[0]["f"].shape, dtype=x.dtype))
+                prune(entries, budget - 1)  # room for the new token
                 everyone = entries + [new]
+                assert len(everyone) <= budget
                 K = torch.stack([e["k"] for e in everyone], 1)  # [H, n, D]
                 V = torch.stack([e["v"] for e in everyone], 1)
                 Fv = torch.stack([e["f"] for e in everyone], -1)  # [G, n]
@@ -131,7 +134,6 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
                         if e["pos"] != 0:
                             e["f"] = e["f"] + torch.relu(vote[:, i])
                 entries.append(new)
-                prune(entries, budget)
                 x = x + attn.merge(y[None, :, None, :])
                 x = x + block.mlp(block.norm2(x))
             occupancy.append([len(e) for e in layers])
@@ -140,7 +142,7 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
 
 
 @pytest.mark.parametrize("variant", ["standard", "selective", "per-head", "layer-1-only"])
-@pytest.mark.parametrize("budget", [1, 3, 8, [5, 2]])
+@pytest.mark.parametrize("budget", [2, 3, 8, [5, 2]])
 def test_pruned_decoding_matches_reference(variant, budget):
     m = model(**VARIANTS[variant])
     idx = torch.randint(0, 40, (1, 12))  # prompt longer than every budget: prefilled, then pruned
@@ -180,13 +182,42 @@ def test_cache_never_exceeds_budget_and_saves_bytes():
     assert dec.occupancy() == [6, 4]
     for _ in range(30):
         logits = dec.step(logits.argmax(-1))
-        assert dec.occupancy() == [6, 4]
-        assert all(c.capacity == b + 1 for c, b in zip(dec.caches, [6, 4]))
+        assert dec.occupancy() == [6, 4]  # the tokens this step attended to, the new one included
+        assert all(c.capacity == b for c, b in zip(dec.caches, [6, 4]))  # b slots, no spare
     full = Decoder(m)
     full.prefill(idx, 30)
     per_token = 2 * 2 * 4 * 8 * 8  # k and v, B=2, H=4, D=8, float64
-    assert full.kv_bytes() == [20 * per_token] * 2
+    assert full.kv_bytes() == [50 * per_token] * 2  # every allocated slot counts, free ones too
     assert dec.kv_bytes() == [6 * per_token, 4 * per_token]
+
+
+def test_budget_bounds_the_keys_every_step_attends():
+    """Spy on the softmax of each decode step: no row has more than `budget` finite logits."""
+    m = model(selection=True)
+    dec = Decoder(m, budget=[5, 3])
+    logits = dec.prefill(torch.randint(0, 40, (2, 1)), 0)
+    seen = []
+    real_softmax = torch.softmax
+
+    def spy(x, dim=-1, **kw):
+        seen.append(int(torch.isfinite(x).sum(-1).max()))
+        return real_softmax(x, dim=dim, **kw)
+
+    cache_mod.torch.softmax = spy
+    try:
+        for _ in range(12):
+            logits = dec.step(logits.argmax(-1))
+    finally:
+        cache_mod.torch.softmax = real_softmax
+    assert seen and max(seen[0::2]) == 5 and max(seen[1::2]) == 3
+
+
+def test_selection_projection_cache_counts_its_keys():
+    m = model(selection=True, selection_projection=True)
+    dec = Decoder(m, budget=4)
+    dec.prefill(torch.randint(0, 40, (1, 6)), 2)
+    per_slot = (4 * 8 + 4 * 8 + 1 * 8) * 8  # k, v (H=4) and the selector's key (G=1), D=8, float64
+    assert dec.kv_bytes() == [4 * per_slot] * 2
 
 
 def test_batched_pruning_equals_each_sequence_alone():
@@ -199,21 +230,28 @@ def test_batched_pruning_equals_each_sequence_alone():
 
 def test_decode_past_context_len_with_a_budget():
     m = model(selection=True, context_len=16)
-    idx = torch.randint(0, 40, (1, 20))  # longer than context_len: allowed with pruning
-    out = m.generate(idx, 30, temperature=0, budget=8)
-    assert out.shape == (1, 50)
+    idx = torch.randint(0, 40, (1, 12))
+    out = m.generate(idx, 30, temperature=0, budget=8)  # past context_len: allowed with budgets <= it
+    assert out.shape == (1, 42)
+    with pytest.raises(ValueError, match="prompt length 20 exceeds context_len=16"):
+        m.generate(torch.randint(0, 40, (1, 20)), 3, budget=8)  # the prompt is read exactly
+    with pytest.raises(ValueError, match="at most 16 for every layer"):
+        m.generate(idx, 30, budget=[8, 17])
 
 
 def test_decode_step_compiles_once():
+    """The step that Decoder(compile=True) compiles has static shapes: one graph for every step. (The
+    checks around it in Decoder.step run eagerly, outside the compiled function.)"""
     from torch._dynamo.testing import CompileCounter
 
     m = model(selection=True)
     dec = Decoder(m, budget=5)
     logits = dec.prefill(torch.randint(0, 40, (2, 8)), 20)
     counter = CompileCounter()
-    step = torch.compile(dec.step, backend=counter)
-    for _ in range(12):
-        logits = step(logits.argmax(-1))
+    step = torch.compile(cache_mod._step, backend=counter)
+    with torch.no_grad():
+        for _ in range(12):
+            logits = step(m, dec.caches, logits.argmax(-1), dec.t, None)
     assert counter.frame_count == 1
     assert dec.occupancy() == [5, 5]
 
@@ -231,7 +269,9 @@ def test_sampling_controls():
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
-        (dict(budget=0), ValueError, "int >= 1"),
+        (dict(budget=0), ValueError, "int >= 2"),
+        (dict(budget=1), ValueError, "int >= 2"),
+        (dict(budget=[4, True]), ValueError, "int >= 2"),
         (dict(budget=[4]), ValueError, "n_layer=2"),
         (dict(budget="4"), TypeError, "budget must be"),
         (dict(threshold=-1.0), ValueError, "threshold must be > 0"),
@@ -245,9 +285,54 @@ def test_generate_errors(kw, exc, match):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
 
 
+def test_step_past_capacity_raises():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (1, 4))
+    dec = Decoder(m)
+    logits = dec.prefill(idx, max_new_tokens=1)
+    logits = dec.step(logits.argmax(-1))  # the one step it has room for
+    with pytest.raises(ValueError, match=r"max_new_tokens=1.*full after 5 tokens"):
+        dec.step(logits.argmax(-1))
+    assert dec.caches[0].pos[0].tolist() == [0, 1, 2, 3, 4]  # nothing overwritten
+    dec = Decoder(m, threshold=1e9)  # a threshold that never evicts sizes the caches the same way
+    logits = dec.prefill(idx, max_new_tokens=1)
+    dec.step(logits.argmax(-1))
+    with pytest.raises(ValueError, match="larger max_new_tokens"):
+        dec.step(logits.argmax(-1))
+
+
+def test_threshold_that_keeps_everything_cannot_pass_context_len():
+    m = model(context_len=8)  # a standard model: F = 0, a threshold never evicts
+    dec = Decoder(m, threshold=1.0)
+    logits = dec.prefill(torch.randint(0, 40, (1, 6)), max_new_tokens=10)
+    logits = dec.step(logits.argmax(-1))
+    logits = dec.step(logits.argmax(-1))  # 8 tokens attended: the context
+    with pytest.raises(ValueError, match="attend to 9 tokens.*context_len=8"):
+        dec.step(logits.argmax(-1))
+    dec = Decoder(model(selection=True, context_len=8), threshold=0.01)  # one that evicts may go on
+    logits = dec.prefill(torch.randint(0, 40, (1, 6)), max_new_tokens=10)
+    for _ in range(6):
+        logits = dec.step(logits.argmax(-1))
+    assert dec._pos == 12 and max(dec.occupancy()) <= 8
+
+
+def test_step_checks_the_token():
+    m = model()
+    dec = Decoder(m)
+    dec.prefill(torch.randint(0, 40, (2, 3)), 5)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=40\); got range \[0, 40\]"):
+        dec.step(torch.tensor([0, 40]))
+    with pytest.raises(ValueError, match=r"shape \[B\] = \[2\]"):
+        dec.step(torch.tensor([1]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        dec.step(torch.tensor([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="prefill"):
+        Decoder(m).step(torch.tensor([1]))
+
+
 def test_prompt_too_long_without_pruning():
     m = model(context_len=16)
-    with pytest.raises(ValueError, match="exceeds context_len=16.*budget"):
+    with pytest.raises(ValueError, match="prompt length 17 exceeds context_len=16"):
         m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="exceeds context_len=16"):
         m.generate(torch.zeros(1, 10, dtype=torch.long), 7)

@@ -1,5 +1,6 @@
 """Loss with a pruned cache and the per-layer budget search."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,10 +31,37 @@ def test_search_stays_within_tolerance_and_shrinks_budgets():
     x = torch.randint(0, 40, (2, 24))
     y = torch.roll(x, -1, 1)
     res = search_budgets(m, x, y, tolerance=0.05)
-    assert len(res.budgets) == 2 and all(1 <= b <= 24 for b in res.budgets)
+    assert len(res.budgets) == 2 and all(2 <= b <= 24 for b in res.budgets)
+    assert res.target == res.full_loss and res.tolerance == 0.05
     assert res.loss <= res.full_loss + 0.05 + 1e-12
-    assert res.memory_ratio == 24 * 2 / sum(res.budgets)
+    assert res.memory_ratio == 24 * 2 / sum(res.budgets)  # every slot of every budget counts
     # every accepted trial met the tolerance; a smaller budget for layer 0 alone did not
-    loss_tighter, _ = pruned_loss(m, x, y, budget=[res.budgets[0] - 1, 24]) if res.budgets[0] > 1 else (1e9, None)
-    assert loss_tighter > res.full_loss + 0.05 or res.budgets[0] == 1
+    loss_tighter, _ = pruned_loss(m, x, y, budget=[res.budgets[0] - 1, 24]) if res.budgets[0] > 2 else (1e9, None)
+    assert loss_tighter > res.full_loss + 0.05 or res.budgets[0] == 2
     assert res.evaluations
+
+
+def test_search_defaults_to_equal_loss_and_takes_a_target():
+    """No tolerance unless asked: the budgets' loss is at most the target itself (the paper's "same
+    perplexity"); a looser target (another model's loss) gives budgets at most as large."""
+    m = model()
+    x = torch.randint(0, 40, (2, 24))
+    y = torch.roll(x, -1, 1)
+    own = search_budgets(m, x, y)
+    assert own.tolerance == 0.0 and own.loss <= own.full_loss
+    looser = search_budgets(m, x, y, target=own.full_loss + 0.2)
+    assert looser.target == own.full_loss + 0.2 and looser.loss <= looser.target
+    assert all(a <= b for a, b in zip(looser.budgets, own.budgets))
+    with pytest.raises(ValueError, match="tolerance"):
+        search_budgets(m, x, y, tolerance=float("nan"))
+
+
+def test_pruned_loss_ignores_masked_targets():
+    m = model()
+    x, y = torch.randint(0, 40, (2, 12)), torch.randint(0, 40, (2, 12))
+    y[:, :6] = -100  # only the second half is scored (e.g. varassign answers)
+    loss, _ = pruned_loss(m, x, y, budget=4)
+    with torch.no_grad():
+        dec_full, _ = pruned_loss(m, x, y)
+        ref = F.cross_entropy(m(x).reshape(-1, 40), y.reshape(-1)).item()
+    assert abs(dec_full - ref) < 1e-10 and loss != ref
