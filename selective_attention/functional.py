@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .masks import NormalizedMask, causal_removed, normalize_mask
-from .ops.chunked import chunked_selective_attention
+from .ops.chunked import check_chunk_size, chunked_selective_attention
 from .ops.naive import naive_attention, naive_selective_attention
 from .ops.sdpa import sdpa_attention
 from .selection import selection_penalty
@@ -193,7 +193,8 @@ def selective_attention(
             ``dropout_p > 0``, which only the naive path implements) or ``"triton"`` (paper mode, the
             fused GPU kernel; ``"auto"`` picks it on CUDA when Triton is installed and there is no
             user mask).
-        chunk_size: query rows per chunk for ``"chunked"`` (default: 64, fewer for very long L).
+        chunk_size: query rows per chunk for ``"chunked"``, an int >= 1 (``None``: 64, fewer for very
+            long L). Any other value raises ``ValueError``.
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
             ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F),
             differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
@@ -204,6 +205,7 @@ def selective_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    check_chunk_size(chunk_size)
     mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
     sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_selective_attention", "default_chunk_size"]
+__all__ = ["chunked_selective_attention", "default_chunk_size", "check_chunk_size"]
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634  # log2(e)
@@ -43,9 +43,10 @@ def _has_cpu_flash() -> bool:
 
 
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k/v ``[B,H,n,D]``,
-    bias ``[B, 1|H, C, n]`` -> out ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key."""
-    if q.device.type == "cpu" and _has_cpu_flash():
+    """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k ``[B,H,n,D]``,
+    v ``[B,H,n,Dv]``, bias ``[B, 1|H, C, n]`` -> out ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at
+    least one key. PyTorch's fused CPU kernel needs ``Dv == D``; other shapes take the plain kernel."""
+    if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _has_cpu_flash():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
@@ -64,7 +65,7 @@ def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: f
     """
     B, H, C = lse.shape
     z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-_LOG2E, alpha=scale * _LOG2E)
-    z = z.view(B, H, C, -1).add_(bias, alpha=_LOG2E)
+    z = z.view(B, H, C, k3.shape[1]).add_(bias, alpha=_LOG2E)
     # exponents below log2(tiny) give denormals, which are ~20x slower on CPU; they are < 1e-38
     # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
     return torch.nn.functional.threshold_(z, math.log2(torch.finfo(z.dtype).tiny), _NEG_INF).exp2_()
@@ -126,6 +127,16 @@ def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
     return 64 if B * H * 64 * L * itemsize <= 4 * 2**20 else 32
 
 
+def check_chunk_size(chunk_size: object) -> None:
+    """Raise ``ValueError`` unless ``chunk_size`` is None (the default) or an int >= 1."""
+    if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+        return
+    raise ValueError(
+        f"chunk_size={chunk_size!r} is invalid: pass an int >= 1 (query rows per chunk), "
+        f"or None for the default (default_chunk_size)."
+    )
+
+
 class _ChunkedSelectiveAttention(torch.autograd.Function):
     """Inputs ``q, k, v, qs, ks, heads, ...``: the voters are ``(qs, ks)``, or, when ``heads`` is a
     slice, the heads ``q[:, heads], k[:, heads]`` themselves; then their vote gradients are added into
@@ -133,6 +144,8 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk, tau):
+        # the inputs themselves are saved, not contiguous copies: the double-backward guard links to them
+        inputs = (q, k, v, qs if heads is None else None, ks if heads is None else None, penalty)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if heads is not None:
             qs, ks = q[:, heads], k[:, heads]
@@ -155,9 +168,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
             lse[:, :, i0:i1] = lse_c
-        own = heads is None
-        ctx.save_for_backward(q, k, v, qs if own else None, ks if own else None, removed, penalty, out, lse,
-                              torch.stack(carries))  # fmt: skip
+        ctx.save_for_backward(*inputs, removed, out, lse, torch.stack(carries))
         ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau = heads, scale, sel_scale, chunk, tau
         if tau is None:
             ctx.mark_non_differentiable(mem)
@@ -165,10 +176,20 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dmem):
-        q, k, v, qs, ks, removed, penalty, out, lse, carries = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        inputs = saved[:6]  # q, k, v, qs, ks, penalty as given to forward
+        with torch.no_grad():
+            grads = _ChunkedSelectiveAttention._backward(ctx, *saved, dout, dmem)
+        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
+            grads = _refuse_double_backward(grads, (*inputs, dout, dmem))
+        return grads
+
+    @staticmethod
+    def _backward(ctx, q, k, v, qs, ks, penalty, removed, out, lse, carries, dout, dmem):
         heads, scale, sel_scale, chunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau
         if tau is None:
             dmem = None
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, L, D = q.shape
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -195,7 +216,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
             dZ3 = torch.baddbmm(
-                delta[:, :, i0:i1].reshape(B * H, -1, 1), do3[:, i0:i1], v3[:, :i1].transpose(-2, -1), beta=-1.0
+                delta[:, :, i0:i1].reshape(B * H, i1 - i0, 1), do3[:, i0:i1], v3[:, :i1].transpose(-2, -1), beta=-1.0
             ).mul_(P3)
             del P, P3
             dq3[:, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale)
@@ -217,6 +238,37 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         if heads is not None:
             dqs = dks = None
         return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None, None
+
+
+_DOUBLE_BACKWARD = (
+    "double backward is not implemented by backend='chunked' (its backward is a hand-written "
+    "first-order gradient); use backend='naive' for higher-order gradients (e.g. gradient penalties)."
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes first-order gradients through unchanged; differentiating them raises. Its inputs include
+    the chunked Function's own inputs, so any path from the gradients back to q, k, v, ... meets it
+    (``once_differentiable`` links only to the incoming gradient, and a second derivative that
+    reaches q only through saved inputs would silently miss this term)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _refuse_double_backward(grads: tuple, graph: tuple) -> tuple:
+    """``grads`` (Nones kept) rerouted through :class:`_NoDoubleBackward`, linked to ``graph``."""
+    linked = [t for t in graph if isinstance(t, Tensor) and t.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not linked or not present:
+        return grads
+    it = iter(_NoDoubleBackward.apply(len(present), *present, *linked))
+    return tuple(None if g is None else next(it) for g in grads)
 
 
 def _rows(mask: Tensor, i0: int, i1: int) -> Tensor:
@@ -271,7 +323,8 @@ def chunked_selective_attention(
     B, H, L, _ = q.shape
     if L == 0:
         raise ValueError("chunked_selective_attention needs L >= 1; the dispatcher sends L = 0 to the naive path.")
-    chunk = chunk_size or default_chunk_size(B, H, L, q.element_size())
+    check_chunk_size(chunk_size)
+    chunk = default_chunk_size(B, H, L, q.element_size()) if chunk_size is None else chunk_size
     dead = None
     if removed is not None:
         # Rows with every key removed: let the kernel see them unmasked, then zero their output (and
