@@ -6,8 +6,9 @@ tokens one at a time, each kind of decoder eager and compiled (``Decoder(compile
 decoders take turns of a few steps (full, full compiled, pruned, pruned compiled, full, ...) after
 untimed warm-up steps (which also absorb compilation), so that load on a shared machine hits all.
 The per-token time is the median over steps; a ratio is the median over rounds of the per-round
-ratio: "eager" compares the eager decoders, "best/best" the faster of each kind. KV bytes are the
-kept keys and values of all layers right after the prompt.
+ratio: "eager" compares the eager decoders, "best/best" the faster of each kind. KV bytes are every
+allocated key/value slot of all layers right after the prompt (``Decoder.kv_bytes``): a budget b is
+b slots, the newest token included.
 
     python benchmarks/decode.py [--contexts 128 256 512 1024 2048 4096] [--batch 8] [--plot]
 """
@@ -51,7 +52,7 @@ def paired_step_times(
 
 
 def kv_after_prefill(dec: Decoder, prompt: torch.Tensor) -> int:
-    dec.prefill(prompt)
+    dec.prefill(prompt)  # max_new_tokens=0: the full cache holds the prompt, no spare slot
     return sum(dec.kv_bytes())
 
 
