@@ -21,6 +21,27 @@ from .selection import selection_scores
 __all__ = ["GPTConfig", "GPT", "memory_loss"]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A finite int or float (NaN and +-inf slip through ``<``/``>`` checks: every comparison is False)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _as_ids(idx):
+    """Token ids of any integer dtype (uint8 bytes, say) as nn.Embedding reads them: int64/int32 as they are,
+    the others as long (exact); anything else unchanged, for :meth:`GPT.check_idx` to refuse."""
+    if isinstance(idx, Tensor) and _is_integer(idx.dtype) and idx.dtype not in (torch.int64, torch.int32):
+        return idx.long()
+    return idx
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 256  # byte-level tokens by default
@@ -45,26 +66,68 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_len", "n_layer", "n_head", "d_model"):
             val = getattr(self, name)
-            if not isinstance(val, int) or val <= 0:
+            if not _is_int(val) or val <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {val!r}.")
+        if self.d_head is not None and (not _is_int(self.d_head) or self.d_head <= 0):
+            raise ValueError(
+                f"GPTConfig.d_head must be a positive even int or None (d_model // n_head), got {self.d_head!r}."
+            )
         if self.d_head is None and self.d_model % self.n_head:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}), or set d_head explicitly."
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"the head dim ({self.head_dim}) must be a positive even number (rotary).")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails this too
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not _is_real(self.mlp_ratio) or self.mlp_ratio <= 0 or int(self.mlp_ratio * self.d_model) < 1:
+            raise ValueError(
+                f"mlp_ratio must be a finite number > 0 giving a hidden width int(mlp_ratio * d_model) >= 1, "
+                f"got {self.mlp_ratio!r}."
+            )
+        if not _is_real(self.rope_base) or self.rope_base <= 0:
+            raise ValueError(f"rope_base must be a finite number > 0 (usually 10000), got {self.rope_base!r}.")
+        for name in ("selection", "selection_per_head", "selection_projection", "bias"):
+            if not isinstance(getattr(self, name), bool):  # a string "false" would be truthy
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if not _is_real(self.memory_tau) or self.memory_tau <= 0:
+            raise ValueError(f"memory_tau must be a finite number > 0 (the paper: 1), got {self.memory_tau!r}.")
+        if not _is_real(self.memory_eps) or self.memory_eps < 0:
+            raise ValueError(
+                f"memory_eps must be a finite number >= 0 (0 = off; the paper: 0.1), got {self.memory_eps!r}."
+            )
         if self.selection_layers is not None:
             layers = tuple(self.selection_layers)
-            bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
+            bad = [i for i in layers if not (_is_int(i) and 0 <= i < self.n_layer)]
             if bad:
                 raise ValueError(f"selection_layers {bad} are not layer indices in [0, n_layer={self.n_layer}).")
+            if not layers:
+                raise ValueError(
+                    "selection_layers=() selects in no layer; pass None for every layer, or selection=False."
+                )
             self.selection_layers = layers
-        if not 0 <= self.selection_head < self.n_head:
-            raise ValueError(f"selection_head must be in [0, n_head={self.n_head}), got {self.selection_head}.")
-        if self.memory_tau <= 0 or self.memory_eps < 0:
-            raise ValueError(f"memory_tau must be > 0 and memory_eps >= 0; got {self.memory_tau}, {self.memory_eps}.")
+        if not _is_int(self.selection_head) or not 0 <= self.selection_head < self.n_head:
+            raise ValueError(
+                f"selection_head must be an int in [0, n_head={self.n_head}), got {self.selection_head!r}."
+            )
+        if not self.selection:
+            # Options of the paper's selection that a model without it would silently ignore.
+            given = {
+                "selection_layers": self.selection_layers,
+                "selection_head": self.selection_head or None,
+                "selection_per_head": self.selection_per_head or None,
+                "selection_projection": self.selection_projection or None,
+                "memory_eps": self.memory_eps or None,  # the memory loss counts the tokens that selection masks
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            if given:
+                opts = ", ".join(f"{k}={v!r}" for k, v in given.items())
+                raise ValueError(f"{opts} only apply with selection=True; pass selection=True or drop them.")
+        if self.selection_per_head and self.selection_head != 0:
+            raise ValueError(
+                f"selection_per_head=True gives every head its own F, so selection_head={self.selection_head} "
+                f"does not apply; drop one of them."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -242,8 +305,17 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def check_idx(self, idx: Tensor) -> None:
-        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"idx must be an integer tensor [B, T], got {getattr(idx, 'shape', type(idx))}.")
+        """Refuse what is not a batch of token ids ``[B, T]`` the embedding can read (int64 or int32)."""
+        if not isinstance(idx, Tensor):
+            raise ValueError(f"idx must be a tensor of token ids [B, T], got {type(idx).__name__}.")
+        if idx.dim() != 2:
+            hint = "; for one sequence use idx[None]" if idx.dim() == 1 else ""
+            raise ValueError(f"idx must be 2-D [B, T], got {idx.dim()}-D shape {tuple(idx.shape)}{hint}.")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"idx is {idx.dtype}; token ids must be an integer tensor, torch.int64 (long) or torch.int32: "
+                f"convert with idx.long()."
+            )
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must be in [0, vocab_size={self.config.vocab_size}); got range "
@@ -252,7 +324,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx: Tensor, memory_tau: float | None = None) -> tuple[Tensor, list[Tensor]]:
         """Final hidden states ``[B, T, C]`` and, with ``memory_tau``, each selective layer's masked
-        counts ``[B, G, T]``."""
+        counts ``[B, G, T]``. ``idx`` may be any integer dtype (uint8 bytes, say): it is read as long."""
+        idx = _as_ids(idx)
         self.check_idx(idx)
         T = idx.shape[1]
         if T > self.config.context_len:
@@ -277,11 +350,23 @@ class GPT(nn.Module):
         """Cross-entropy plus, when ``memory_eps > 0``, the paper's memory loss.
 
         Returns ``(loss, {"ce": ..., "memory": ...})`` (floats for logging)."""
+        if not isinstance(targets, Tensor) or not _is_integer(targets.dtype):
+            raise ValueError(
+                f"targets must be an integer tensor of token ids [B, T] (-100 = ignored), got "
+                f"{getattr(targets, 'dtype', type(targets).__name__)}."
+            )
+        if isinstance(idx, Tensor) and targets.shape != idx.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx {tuple(idx.shape)}.")
+        if isinstance(idx, Tensor) and idx.numel() == 0:
+            raise ValueError(
+                f"loss of an empty batch: idx has shape {tuple(idx.shape)}; it needs at least one sequence of at "
+                f"least one token (a mean over no tokens is NaN)."
+            )
         cfg = self.config
         use_mem = cfg.memory_eps > 0 and cfg.selection
         h, masked = self.hidden(idx, cfg.memory_tau if use_mem else None)
         logits = self.lm_head(h)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
         stats = {"ce": ce.item()}
         if not use_mem:
             return ce, stats
@@ -313,7 +398,7 @@ class GPT(nn.Module):
         from .cache import Decoder
 
         return Decoder(self, budget=budget, threshold=threshold, compile=compile).generate(
-            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
+            _as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
         )
 
 
@@ -326,6 +411,9 @@ def memory_loss(masked: Sequence[Tensor]) -> Tensor:
     """
     if not masked:
         raise ValueError("memory_loss needs at least one selective layer's masked counts.")
+    if masked[0].numel() == 0:
+        # no position, or no sequence: there is no token to count, so no loss (a max over none is undefined)
+        raise ValueError(f"memory_loss of an empty batch: masked counts have shape {tuple(masked[0].shape)} [B, G, T].")
     T = masked[0].shape[-1]
     count = torch.arange(1, T + 1, device=masked[0].device, dtype=masked[0].dtype)  # tokens seen at i
     per_layer = [(count - m).amax(dim=-1).mean() for m in masked]  # max over i; mean over B, G

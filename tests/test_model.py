@@ -36,8 +36,8 @@ def test_selection_layers_option():
     assert [b.attn.selects for b in m.blocks] == [False, True, False]
     m = GPT(tiny(n_layer=3, selection=True))
     assert all(b.attn.selects for b in m.blocks)
-    m = GPT(tiny(n_layer=3, selection=False, selection_layers=[1]))
-    assert not any(b.attn.selects for b in m.blocks)
+    with pytest.raises(ValueError, match=r"selection_layers=\(1,\) only apply with selection=True"):
+        tiny(n_layer=3, selection=False, selection_layers=[1])  # silently ignored before
 
 
 def test_d_head_widens_attention_only():
@@ -67,6 +67,26 @@ def test_causality():
         (dict(selection=True, selection_layers=[5]), r"\[5\] are not layer indices"),
         (dict(selection_head=4), "selection_head"),
         (dict(memory_tau=0.0), "memory_tau"),
+        # NaN and inf pass every `<`/`>` check: they must be refused, not trained with
+        (dict(memory_tau=float("nan")), "memory_tau must be a finite number > 0"),
+        (dict(memory_tau=float("inf")), "memory_tau must be a finite number > 0"),
+        (dict(memory_eps=float("nan"), selection=True), "memory_eps must be a finite number >= 0"),
+        (dict(memory_eps=float("inf"), selection=True), "memory_eps must be a finite number >= 0"),
+        (dict(dropout=float("nan")), "dropout"),
+        (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number > 0"),
+        (dict(mlp_ratio=0.01), "mlp_ratio"),
+        (dict(rope_base=-1.0), "rope_base must be a finite number > 0"),
+        (dict(d_head=5.0), "d_head must be a positive even int"),
+        (dict(vocab_size=True), "vocab_size must be a positive int"),
+        (dict(selection="false"), "selection must be True or False"),
+        # combinations the modules would refuse later, or ignore silently
+        (dict(selection=True, selection_per_head=True, selection_head=2), "selection_head=2 does not apply"),
+        (dict(selection_per_head=True), r"selection_per_head=True only apply with selection=True"),
+        (dict(selection_projection=True), "only apply with selection=True"),
+        (dict(selection_head=1), "selection_head=1 only apply with selection=True"),
+        (dict(memory_eps=0.1), r"memory_eps=0.1 only apply with selection=True"),
+        (dict(selection=True, selection_layers=[]), r"selection_layers=\(\) selects in no layer"),
+        (dict(selection=True, selection_layers=[True]), r"\[True\] are not layer indices"),
     ],
 )
 def test_config_errors(kw, match):
@@ -80,8 +100,38 @@ def test_bad_token_ids_and_length():
         m(torch.tensor([[1, 40]]))
     with pytest.raises(ValueError, match="exceeds context_len=48"):
         m(torch.zeros(1, 49, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer tensor"):
+    with pytest.raises(ValueError, match=r"idx is torch.float32; token ids must be an integer tensor.*idx.long\(\)"):
         m(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"1-D shape \(4,\); for one sequence use idx\[None\]"):
+        m(torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_every_integer_dtype_is_token_ids(dtype):
+    m = GPT(tiny()).eval()
+    idx = torch.randint(0, 40, (2, 7))
+    torch.testing.assert_close(m(idx.to(dtype)), m(idx), rtol=0, atol=0)
+    assert m.loss(idx.to(dtype), idx.to(dtype))[0].item() == m.loss(idx, idx)[0].item()
+    torch.testing.assert_close(m.generate(idx.to(dtype), 3, temperature=0), m.generate(idx, 3, temperature=0))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["B0", "T0"])
+def test_loss_of_an_empty_batch_is_an_error_not_nan(shape):
+    m = GPT(tiny(selection=True, memory_eps=0.1))
+    idx = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"loss of an empty batch: idx has shape \({shape[0]}, {shape[1]}\)"):
+        m.loss(idx, idx)
+    with pytest.raises(ValueError, match=r"memory_loss of an empty batch: masked counts have shape \(2, 1, 0\)"):
+        memory_loss([torch.zeros(2, 1, 0)])
+
+
+def test_loss_checks_targets():
+    m = GPT(tiny())
+    idx = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"targets \(2, 4\) must have the shape of idx \(2, 5\)"):
+        m.loss(idx, idx[:, 1:])
+    with pytest.raises(ValueError, match="targets must be an integer tensor"):
+        m.loss(idx, idx.float())
 
 
 def test_memory_loss_hand_checked():
