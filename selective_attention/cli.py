@@ -72,43 +72,121 @@ def seed_example(seed: int = 0) -> None:
     demo(seed=seed)
 
 
-def _budget_arg(text: str | None):
-    if text is None or text == "":
+def _budget_arg(text: str | None) -> int | list[int] | None:
+    """``--budget``: ``"32"`` -> 32, ``"32,16,16,8"`` -> one budget per layer, ``None``/``""`` -> no budget."""
+    if text is None or text.strip() == "":
         return None
-    parts = [int(p) for p in text.split(",")]
+    usage = "--budget expects one int or a comma-separated list of ints, one per layer, e.g. 32 or 32,16,16,8"
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{usage}; got {text!r}.") from None
+    small = [b for b in parts if b < 2]
+    if small:
+        # a budget b stores at most b tokens per layer, the newest included, and the first is never evicted
+        raise ValueError(
+            f"--budget must be >= 2 in every layer (the first token plus the newest one); got {text!r}. "
+            f"Omit --budget to keep the whole context."
+        )
     return parts[0] if len(parts) == 1 else parts
 
 
-def cmd_eval(args) -> dict:
-    from .data import TextData
-    from .pruning import pruned_loss
-    from .train import model_from_checkpoint
+def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
+    if isinstance(budget, list) and len(budget) != n_layer:
+        raise ValueError(
+            f"--budget has {len(budget)} values but the model has {n_layer} layers; "
+            f"give one int for all layers or {n_layer} comma-separated ints."
+        )
 
-    model, meta = model_from_checkpoint(args.ckpt)
-    tc = meta["train_config"]
-    T = args.context_len or model.config.context_len
-    data = TextData.from_name(args.data or tc["data"])
+
+def _int_at_least(low: int, hint: str = ""):
+    """An argparse ``type``: an int >= ``low``; argparse reports a bad one naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}{hint}") from None
+        if val < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}{hint}")
+        return val
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _finite_float(*, positive: bool, hint: str = ""):
+    """An argparse ``type``: a finite float > 0 (``positive``) or >= 0; NaN and inf are refused."""
+    bound = "> 0" if positive else ">= 0"
+
+    def parse(text: str) -> float:
+        try:
+            val = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}{hint}") from None
+        if not math.isfinite(val) or val < 0 or (positive and val == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}{hint}")
+        return val
+
+    parse.__name__ = f"float {bound}"
+    return parse
+
+
+_threshold = _finite_float(positive=True, hint="; omit --threshold to evict by --budget only")
+_temperature = _finite_float(positive=False, hint="; 0 = greedy")
+_top_k = _int_at_least(1, hint="; omit --top_k to sample from every token")
+
+
+def cmd_eval(args) -> dict:
+    from .pruning import pruned_loss
+    from .train import TrainConfig, _Task, evaluate, model_from_checkpoint
+
     budget = _budget_arg(args.budget)
-    losses, occupancy = [], None
-    for x, y in data.eval_batches("val", args.batch_size, T, args.batches):
-        if budget is None and args.threshold is None:
-            with torch.no_grad():
-                logits = model(x)
-            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
-        else:
+    model, meta = model_from_checkpoint(args.ckpt)
+    _check_budget_layers(budget, model.config.n_layer)
+    ctx = model.config.context_len
+    prunes = budget is not None or args.threshold is not None
+    if args.context_len is not None and args.context_len > ctx and not prunes:
+        raise ValueError(
+            f"--context_len {args.context_len} exceeds the model's context_len={ctx}; use --context_len <= {ctx}, "
+            f"or pass --budget to read longer windows through a pruned cache."
+        )
+    # The data exactly as training built it (same corpus, split, varassign streams), read through train.py.
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in names})
+    tc = dataclasses.replace(tc, batch_size=args.batch_size, eval_batches=args.batches)
+    if args.data is not None:
+        tc = dataclasses.replace(tc, data=args.data)
+    # varassign fixes the length of its examples; a text is cut into windows of --context_len
+    tc = dataclasses.replace(tc, context_len=ctx if tc.data == "varassign" else args.context_len or ctx)
+    task = _Task(tc)
+    T = task.val_task.seq_len if task.varassign else tc.context_len
+    if task.varassign and args.context_len not in (None, T):
+        raise ValueError(
+            f"--context_len does not apply to varassign: every example is {T} tokens "
+            f"(va_assign={tc.va_assign}); omit --context_len."
+        )
+    occupancy = None
+    if not prunes:
+        scores = evaluate(model, task, torch.device("cpu"))
+    else:
+        losses = []
+        for x, y, _ in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
             loss, occupancy = pruned_loss(model, x, y, budget=budget, threshold=args.threshold)
             losses.append(loss)
-    loss = sum(losses) / len(losses)
-    out = {
-        "checkpoint": str(args.ckpt),
-        "step": meta["step"],
-        "val_loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": loss / math.log(2),
-        "context_len": T,
-        "budget": budget,
-        "threshold": args.threshold,
-    }
+        scores = {"val_loss": sum(losses) / len(losses)}
+    loss = scores["val_loss"]
+    out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
+    if "val_accuracy" in scores:
+        out["val_accuracy"] = scores["val_accuracy"]
+    out["perplexity"] = math.exp(loss)
+    if tc.data != "varassign":  # byte tokens of a text: the loss in bits is bits per byte
+        out["bits_per_byte"] = loss / math.log(2)
+    out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
     if occupancy is not None:
         out["kv_tokens_per_layer"] = occupancy
     if args.json:
@@ -124,12 +202,14 @@ def cmd_generate(args) -> str:
     from .data import ByteTokenizer
     from .train import model_from_checkpoint
 
-    model, _ = model_from_checkpoint(args.ckpt)
+    budget = _budget_arg(args.budget)
     tok = ByteTokenizer()
     idx = tok.encode(args.prompt)[None]
     if idx.shape[1] == 0:
-        raise SystemExit("error: --prompt must not be empty.")
-    dec = Decoder(model, budget=_budget_arg(args.budget), threshold=args.threshold, compile=args.compile)
+        raise ValueError("--prompt must not be empty: give at least one character to continue.")
+    model, _ = model_from_checkpoint(args.ckpt)
+    _check_budget_layers(budget, model.config.n_layer)
+    dec = Decoder(model, budget=budget, threshold=args.threshold, compile=args.compile)
     gen = torch.Generator().manual_seed(args.seed)
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     text = tok.decode(out[0])
@@ -177,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a ~1 minute version (tiny model, few steps)")
     p.add_argument("--out", default="demo_out", help="folder for the report and plots")
     p.add_argument("--data", default="kjv", help="kjv | pydoc | a text file")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("seed-example", help="run the seed README's example and show the keys each query sees")
@@ -193,38 +273,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="a run folder or a .safetensors checkpoint")
     p.add_argument("--data", default=None, help="default: the corpus the model was trained on")
     p.add_argument("--budget", default=None, help="KV budget: one int, or one per layer: 32,16,16,8")
-    p.add_argument("--threshold", type=float, default=None, help="evict tokens whose penalty exceeds this")
-    p.add_argument("--context_len", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--threshold", type=_threshold, default=None, help="evict tokens whose penalty exceeds this")
+    p.add_argument("--context_len", type=_positive_int, default=None, help="default: the model's")
+    p.add_argument("--batch_size", type=_positive_int, default=8)
+    p.add_argument("--batches", type=_positive_int, default=4)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--prompt", default="In the beginning")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--budget", default=None)
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--max_new_tokens", type=_non_negative_int, default=200)
+    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=_top_k, default=None)
+    p.add_argument("--budget", default=None, help="KV budget: one int, or one per layer: 32,16,16,8")
+    p.add_argument("--threshold", type=_threshold, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compile", action="store_true", help="compile the decoding step (a few seconds; pays off with --budget)"
     )
 
     p = sub.add_parser("bench", help="quick speed check: paper mode vs standard attention")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=[256, 1024])
+    p.add_argument("--repeats", type=_positive_int, default=3)
 
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:  # argparse exits on a usage error (message and usage already printed): hand back its code
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "demo":
             from .demo import DemoConfig, run_demo
 
             kw = dict(out=args.out, data=args.data, progress=not args.no_progress)
-            if args.steps:
+            if args.steps is not None:
                 kw["steps"] = args.steps
             run_demo(DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw))
         elif args.command == "seed-example":

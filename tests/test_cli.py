@@ -2,7 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from selective_attention.cli import main
+from selective_attention.train import main as train_main
+from selective_attention.train import parse_overrides
 
 
 def test_demo_runs_and_shows_masking(capsys):
@@ -58,3 +62,109 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_bench_command(capsys):
     assert main(["bench", "--lengths", "64", "--repeats", "1"]) == 0
     assert "| 64 |" in capsys.readouterr().out
+
+
+# --- bad options: a usage error naming the option (exit 2, no traceback), before any work is done ---------
+TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--context_len=32", "--batch_size=4", "--eval_batches=1",
+        "--selection=true", "--progress=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny text checkpoint and a tiny varassign one (2 training steps each), and their summaries."""
+    root = tmp_path_factory.mktemp("ckpts")
+    runs = {}
+    for name, data in (("text", ["--data=pydoc"]), ("va", ["--data=varassign", "--va_assign=4"])):
+        cfg = parse_overrides([*data, *TINY, f"--out_dir={root / name}", "--max_steps=2", "--eval_interval=2"])
+        runs[name] = (root / name, train_main(cfg))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["eval", "--batches", "0"], "--batches"),
+        (["eval", "--batches", "-1"], "--batches"),
+        (["eval", "--batch_size", "0"], "--batch_size"),
+        (["eval", "--context_len", "0"], "--context_len"),
+        (["eval", "--threshold", "nan"], "--threshold"),
+        (["bench", "--repeats", "0"], "--repeats"),
+        (["bench", "--lengths", "-5"], "--lengths"),
+        (["bench", "--lengths", "64", "0"], "--lengths"),
+        (["demo", "--steps", "-1"], "--steps"),
+        (["generate", "--temperature", "nan"], "--temperature"),
+        (["generate", "--temperature", "-0.5"], "--temperature"),
+        (["generate", "--max_new_tokens", "-1"], "--max_new_tokens"),
+        (["generate", "--top_k", "0"], "--top_k"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(argv, option, tmp_path, capsys):
+    bad = argv[-1]
+    if argv[0] in ("eval", "generate"):
+        argv = [*argv, "--ckpt", str(tmp_path / "missing")]  # refused before the checkpoint is read
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be " in err and f"got {bad!r}" in err and "Traceback" not in err
+
+
+def test_demo_steps_zero_is_refused_not_replaced_by_the_default(monkeypatch, capsys):
+    import selective_attention.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert main(["demo", "--quick", "--steps", "0"]) == 2
+    assert "argument --steps: must be an int >= 1, got '0'" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--steps", "7", "--data", "pydoc"]) == 0
+    assert [c.steps for c in seen] == [7]
+
+
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        ("abc", "--budget expects one int or a comma-separated list of ints, one per layer, e.g. 32 or 32,16,16,8; "
+                "got 'abc'"),
+        ("4,", "got '4,'"),
+        ("1", "--budget must be >= 2 in every layer"),
+        ("8,0", "--budget must be >= 2 in every layer"),
+    ],
+)  # fmt: skip
+def test_bad_budget_is_a_one_line_error(budget, match, tmp_path, capsys):
+    for cmd in ("eval", "generate"):
+        assert main([cmd, "--ckpt", str(tmp_path / "missing"), "--budget", budget]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_eval_context_len_and_budget_checked_against_the_model(ckpts, capsys):
+    run = str(ckpts["text"][0])
+    assert main(["eval", "--ckpt", run, "--context_len", "64"]) == 2
+    assert "--context_len 64 exceeds the model's context_len=32; use --context_len <= 32, or pass --budget" in (
+        capsys.readouterr().err
+    )
+    assert main(["eval", "--ckpt", run, "--budget", "8,8,8"]) == 2
+    assert "--budget has 3 values but the model has 2 layers" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", run, "--context_len", "64", "--budget", "8", "--batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_tokens_per_layer"] == [8, 8]
+
+
+def test_eval_varassign_checkpoint(ckpts, capsys):
+    run, summary = ckpts["va"]
+    # the same answers training evaluated on (batch_size, eval_batches as in training): the same loss
+    assert main(["eval", "--ckpt", str(run), "--json", "--batch_size", "4", "--batches", "1"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["data"] == "varassign" and full["context_len"] == 4 * 4 + 3
+    assert full["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
+    assert full["val_accuracy"] == pytest.approx(summary["val_accuracy"])
+    assert "bits_per_byte" not in full  # the loss of one answer digit is not a rate per byte of text
+    # through the cache (answers only: -100 targets ignored); a budget of the whole example is exact
+    assert main(["eval", "--ckpt", str(run), "--json", "--batch_size", "4", "--batches", "1", "--budget", "19"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
+    assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1", "--budget", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_tokens_per_layer"] == [4, 4]
+    assert main(["eval", "--ckpt", str(run), "--context_len", "32"]) == 2
+    assert "--context_len does not apply to varassign: every example is 19 tokens" in capsys.readouterr().err
+
+
+def test_generate_empty_prompt_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", ""]) == 2
+    assert capsys.readouterr().err == "error: --prompt must not be empty: give at least one character to continue.\n"
