@@ -161,3 +161,140 @@ def test_varassign_targets_only_the_answer(tmp_path):
     answers = y[y != -100]
     assert ((answers >= ord("0")) & (answers <= ord("9"))).all()
     assert (x[:, -2] == ord("?")).all() and (y[:, -2] != -100).all()  # the answer follows the "?"
+
+
+# --- hardening: divergence, checksums, resume checks, out_dir, validation, log, progress -------------
+def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
+    with pytest.raises(train_mod.TrainingDiverged, match=r"at step (\d+): loss .*lower --lr") as info:
+        main(tiny(tmp_path, lr=1e9, ckpt_interval=1))  # lr 1e9: the weights blow up within two steps
+    bad_step = int(info.value.step)
+    tensors, meta = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == bad_step - 1  # every good step was saved, the diverged one was not
+    assert all(torch.isfinite(t.float()).all() for k, t in tensors.items() if not k.startswith("rng."))
+    assert isinstance(info.value, ValueError)  # so the CLI prints one line and exits 2
+
+
+def test_divergence_resumed_run_keeps_the_checkpoint_bytes(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    before = path.read_bytes()
+    with pytest.raises(train_mod.TrainingDiverged):
+        main(tiny(tmp_path, max_steps=12, lr=1e9, allow_config_change=True))
+    assert path.read_bytes() == before
+
+
+def _cli_train(tmp_path, *args):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selective_attention", "train", "--data=pydoc", "--n_layer=1", "--n_head=2",
+           "--d_model=32", "--context_len=32", "--batch_size=4", "--eval_batches=1", "--progress=false",
+           *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_cli_divergence_is_one_error_line_and_exit_2(tmp_path):
+    r = _cli_train(tmp_path, f"--out_dir={tmp_path / 'run'}", "--lr=1e9", "--max_steps=6", "--eval_interval=3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step"), r.stderr
+
+
+def _flip_a_tensor_byte(path):
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")  # safetensors: u64 header size, JSON header, then data
+    mid = header + (len(raw) - header) // 2
+    raw[mid] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_checksum_catches_corrupted_tensor_bytes(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match=r"ckpt.safetensors.*checksum.*--resume=false"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checksum"):
+        main(tiny(tmp_path, max_steps=8))  # resuming refuses too
+
+
+def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert "checksum" in meta
+    old = {k: v for k, v in meta.items() if k != "checksum"}  # as written before checksums existed
+    save_file(tensors, str(path), metadata=old)
+    with pytest.warns(UserWarning, match="no checksum"):
+        loaded, m = load_checkpoint(path)
+    assert m["step"] == 4 and loaded.keys() == tensors.keys()
+
+
+def test_resume_refuses_a_changed_training_config(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    with pytest.raises(CheckpointError, match=r"batch_size: 4 \(checkpoint\) vs 2 \(now\).*lr: 0.003.*0.001") as e:
+        main(tiny(tmp_path, max_steps=8, lr=1e-3, batch_size=2))
+    assert "--allow_config_change=true" in str(e.value)
+    # extending the run and changing the bookkeeping is a normal resume
+    s = main(tiny(tmp_path, max_steps=6, eval_interval=2, ckpt_interval=2))
+    assert s["history"][-1]["step"] == 6
+    s = main(tiny(tmp_path, max_steps=8, lr=1e-3, allow_config_change=True))
+    assert s["history"][-1]["step"] == 8
+    assert load_checkpoint(tmp_path / "run")[1]["train_config"]["lr"] == 1e-3
+
+
+def test_unusable_out_dir_fails_before_training(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_mod, "_Task", no_training)
+    with pytest.raises(ValueError, match=r"--out_dir=.*afile/sub.*writable"):
+        main(tiny(tmp_path, out_dir=str(tmp_path / "afile" / "sub")))
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--ckpt_interval=0", "--eval_interval=0", "--eval_batches=0", "--max_steps=-5", "--batch_size=-1",
+     "--context_len=0", "--n_layer=0", "--lr=0", "--lr=nan", "--beta2=1", "--warmup_steps=-1", "--grad_clip=-1",
+     "--val_fraction=0", "--dropout=1", "--stop_after=-1"],
+)  # fmt: skip
+def test_bad_options_are_clear_errors(option):
+    with pytest.raises(ValueError, match=f"{option.split('=')[0]}={option.split('=')[1]}.*must be"):
+        parse_overrides([option])
+
+
+def test_bad_selection_layers_and_devices_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"--selection_layers='a,b'.*comma-separated layer indices"):
+        parse_overrides(["--selection_layers=a,b"])
+    with pytest.raises(ValueError, match=r"--device='tpu'.*available here: auto, cpu"):
+        main(tiny(tmp_path, device="tpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"--device='cuda'.*no CUDA device.*available here: auto, cpu"):
+        main(tiny(tmp_path, device="cuda"))
+
+
+def test_log_after_a_resume_has_each_step_once(tmp_path):
+    kw = dict(max_steps=8, eval_interval=2, ckpt_interval=4)
+    main(tiny(tmp_path, stop_after=6, **kw))  # logs 2, 4, 6; the checkpoint is at 4
+    log = tmp_path / "run" / "log.jsonl"
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4, 6]
+    main(tiny(tmp_path, **kw))  # resumes at 4: step 6 is trained again and logged once
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4, 6, 8]
+    main(tiny(tmp_path, resume=False, max_steps=4, eval_interval=2))  # a fresh run starts a fresh log
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [2, 4]
+
+
+def test_progress_to_a_pipe_is_a_few_plain_lines(tmp_path, capsys):
+    main(tiny(tmp_path, max_steps=40, eval_interval=20, ckpt_interval=40, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert 1 <= len(err.splitlines()) <= 11 and "40/40" in err.splitlines()[-1]
