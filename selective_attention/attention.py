@@ -102,19 +102,45 @@ class SelectiveAttention(nn.Module):
         return s
 
     def _check_inputs(self, Q: Tensor, K: Tensor, V: Tensor) -> None:
+        w = self.q_proj.weight
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
             if t.dim() != 3:
-                hint = " (for a single sequence use x.unsqueeze(0))" if t.dim() == 2 else ""
+                if t.dim() == 2:
+                    hint = f"; for a single sequence use {name}.unsqueeze(0)"
+                elif t.dim() == 4:
+                    hint = (
+                        "; for queries/keys/values already split into heads [B, H, L, d_k] use "
+                        "selective_attention.functional.selective_attention"
+                    )
+                else:
+                    hint = ""
                 raise ValueError(f"{name} must be 3-D [B, L, d_model], got {t.dim()}-D {tuple(t.shape)}{hint}.")
             if t.shape[-1] != self.d_model:
-                raise ValueError(f"{name} has last dim {t.shape[-1]}, expected d_model = {self.d_model}.")
+                raise ValueError(
+                    f"{name} has {t.shape[-1]} features (last dim of {tuple(t.shape)}) but this module was built "
+                    f"with d_model={self.d_model}; project the inputs to {self.d_model} features, or build "
+                    f"SelectiveAttention({t.shape[-1]}, n_heads) for them."
+                )
+            if not t.dtype.is_floating_point:
+                # integer ids, bool masks or complex values are not activations: no module dtype would help
+                raise TypeError(
+                    f"{name} is {t.dtype}, but attention inputs must be floating point (the module's weights are "
+                    f"{w.dtype}); convert with {name}.to({w.dtype}) ({name}.float() for float32)."
+                )
         if not (Q.shape[0] == K.shape[0] == V.shape[0]):
-            raise ValueError(f"Q, K, V must share the batch size; got {Q.shape[0]}, {K.shape[0]}, {V.shape[0]}.")
+            sizes = {"Q": Q.shape[0], "K": K.shape[0], "V": V.shape[0]}
+            ones = [n for n, b in sizes.items() if b == 1]
+            hint = f"; expand a batch of one, e.g. {ones[0]}.expand({max(sizes.values())}, -1, -1)" if ones else ""
+            raise ValueError(
+                f"Q, K, V must share the batch size (no broadcasting); got {Q.shape[0]}, {K.shape[0]}, {V.shape[0]}"
+                f"{hint}."
+            )
         if K.shape[1] != V.shape[1]:
-            raise ValueError(f"K and V must have the same length; got K {tuple(K.shape)}, V {tuple(V.shape)}.")
-        w = self.q_proj.weight
+            raise ValueError(
+                f"K and V must have the same length (one value per key); got K {tuple(K.shape)}, V {tuple(V.shape)}."
+            )
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if t.dtype != w.dtype:
                 raise TypeError(
@@ -122,7 +148,10 @@ class SelectiveAttention(nn.Module):
                     f"use module.to({t.dtype}) or {name}.to({w.dtype})."
                 )
             if t.device != w.device:
-                raise ValueError(f"{name} is on {t.device} but the module is on {w.device}; move one of them.")
+                raise ValueError(
+                    f"{name} is on {t.device} but the module is on {w.device}; "
+                    f"use module.to({name}.device) or {name}.to('{w.device}')."
+                )
 
     def _heads(self, x: Tensor) -> Tensor:
         B, L, C = x.shape

@@ -245,9 +245,9 @@ def test_bad_forward_inputs():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match=r"3-D \[B, L, d_model\].*unsqueeze"):
         attn(x[0], x[0], x[0])
-    with pytest.raises(ValueError, match="last dim 8, expected d_model = 16"):
+    with pytest.raises(ValueError, match=r"Q has 8 features .* built with d_model=16; project the inputs to 16"):
         attn(x[..., :8], x, x)
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match=r"batch size \(no broadcasting\); got 2, 1, 1; .* K.expand\(2, -1, -1\)"):
         attn(x, x[:1], x[:1])
     with pytest.raises(ValueError, match="same length"):
         attn(x, x, x[:, :3])
@@ -261,6 +261,31 @@ def test_bad_forward_inputs():
         attn(x, x, x, torch.zeros(3, 4, 5, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="Q must be a torch.Tensor"):
         attn([1.0], x, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_float_inputs_are_told_to_convert_not_to_cast_the_module(dtype):
+    attn = SelectiveAttention(16, 4, selection=True)
+    x = torch.randn(2, 5, 16)
+    msg = rf"K is {dtype}, but attention inputs must be floating point .* convert with K.to\(torch.float32\)"
+    with pytest.raises(TypeError, match=msg) as e:
+        attn(x, x.to(dtype), x)
+    assert "module.to" not in str(e.value)  # a module of int64 weights cannot attend
+    with pytest.raises(TypeError, match=r"Q is .*must be floating point"):
+        attn.selection_penalty(x.to(dtype))
+
+
+def test_bad_ranks_say_what_to_do():
+    attn = SelectiveAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"V must be 3-D .* 2-D \(5, 16\); for a single sequence use V.unsqueeze\(0\)"):
+        attn(x, x, x[0])
+    with pytest.raises(
+        ValueError, match=r"4-D .*split into heads .* selective_attention.functional.selective_attention"
+    ):
+        attn(torch.randn(2, 4, 5, 16), x, x)
+    with pytest.raises(ValueError, match=r"got 1, 2, 2; expand a batch of one, e.g. Q.expand\(2, -1, -1\)"):
+        attn(x[:1], x, x)
 
 
 def test_repr_names_sizes():
