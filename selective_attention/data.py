@@ -121,7 +121,25 @@ def load_text(name: str | os.PathLike[str]) -> str:
         raise FileNotFoundError(
             f"{str(name)!r} is neither a built-in corpus ({', '.join(corpus_names())}) nor a text file."
         )
-    return path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if not raw:
+        raise ValueError(f"the text file {str(path)!r} is empty; give a corpus with some text in it.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f"byte 0x{raw[e.start]:02x} at offset {e.start} (line {line})"
+        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        if b"\0" in raw[:65536]:  # NUL bytes: a binary file, or UTF-16/32 text
+            raise ValueError(
+                f"{str(path)!r} is not UTF-8 text: it holds NUL bytes and {where} cannot be decoded, so it is a "
+                f"binary file (no text corpus) or UTF-16 text, to re-encode first: "
+                f"iconv -f utf-16 -t utf-8 {path} > {fixed}"
+            ) from None
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text: {where} cannot be decoded ({e.reason}). Re-encode it to UTF-8, "
+            f"e.g. from Latin-1: iconv -f latin1 -t utf-8 {path} > {fixed}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,6 +166,7 @@ class TextData:
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         tokens = tokens.long()
+        self.source: str | None = None  # where the tokens came from (a corpus name or file), for messages
         n_val = int(len(tokens) * val_fraction)
         self.train: Tensor = tokens[: len(tokens) - n_val]  # [N - n_val]
         self.val: Tensor = tokens[len(tokens) - n_val :]  # [n_val]
@@ -156,7 +175,9 @@ class TextData:
     @classmethod
     def from_name(cls, name: str | os.PathLike[str], val_fraction: float = 0.1) -> TextData:
         """:func:`load_text` then :class:`ByteTokenizer`: ``TextData.from_name("kjv")``."""
-        return cls(ByteTokenizer().encode(load_text(name)), val_fraction=val_fraction)
+        data = cls(ByteTokenizer().encode(load_text(name)), val_fraction=val_fraction)
+        data.source = str(name)
+        return data
 
     def __repr__(self) -> str:
         return f"TextData(train={len(self.train)} tokens, val={len(self.val)} tokens)"
@@ -168,9 +189,12 @@ class TextData:
             raise ValueError(f"context_len must be a positive int, got {context_len!r}.")
         data = self.train if split == "train" else self.val
         if len(data) < context_len + 1:
+            of = f" of {self.source!r}" if self.source is not None else ""
+            total = len(self.train) + len(self.val)
             raise ValueError(
-                f"the {split} split has {len(data)} tokens, but a window needs context_len + 1 = "
-                f"{context_len + 1}; use a shorter context_len or a larger corpus/val_fraction."
+                f"the {split} split{of} has {len(data)} tokens (of {total}, val_fraction={self.val_fraction}), "
+                f"but a window needs context_len + 1 = {context_len + 1}; use a shorter context_len or a larger "
+                f"corpus{' (or val_fraction)' if split == 'val' else ''}."
             )
         return data
 

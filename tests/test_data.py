@@ -99,6 +99,43 @@ def test_unknown_name_raises_naming_the_corpora(name, tmp_path):
         load_text(tmp_path)  # a directory is not a text file
 
 
+def test_latin1_file_names_the_file_the_byte_and_the_fix(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))  # é = 0xe9 at offset 14
+    msg = (
+        rf"'{re.escape(str(path))}' is not UTF-8 text: byte 0xe9 at offset 14 \(line 2\) cannot be decoded.*"
+        rf"iconv -f latin1 -t utf-8 {re.escape(str(path))} > {re.escape(str(tmp_path / 'latin.utf8.txt'))}"
+    )
+    with pytest.raises(ValueError, match=msg):
+        TextData.from_name(str(path))
+
+
+def test_binary_file_is_not_a_text_corpus(tmp_path):
+    path = tmp_path / "some.bin"
+    path.write_bytes(bytes([0x7F, ord("E"), ord("L"), ord("F"), 2, 1, 1, 0, 0, 0, 0xC8, 0x00]))
+    with pytest.raises(ValueError, match=r"some.bin' is not UTF-8 text: it holds NUL bytes and byte 0xc8 at offset 10"):
+        load_text(path)
+
+
+def test_empty_or_short_file_says_which_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"the text file '.*empty.txt' is empty"):
+        load_text(empty)
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)
+    td = TextData.from_name(short)  # 90 train tokens, 10 val tokens
+    td.batch("train", 2, 89)  # the largest window that fits
+    with pytest.raises(
+        ValueError, match=r"the train split of '.*short.txt' has 90 tokens \(of 100, val_fraction=0.1\)"
+    ):
+        td.batch("train", 2, 90)
+    with pytest.raises(
+        ValueError, match=r"the val split of '.*short.txt' has 10 tokens .*larger corpus \(or val_fraction\)"
+    ):
+        next(td.eval_batches("val", 2, 32))
+
+
 # ---------------------------------------------------------------------------------------------------
 # TextData: split and windows
 # ---------------------------------------------------------------------------------------------------
