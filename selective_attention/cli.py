@@ -111,7 +111,6 @@ def _int_at_least(low: int, hint: str = ""):
             raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}{hint}")
         return val
 
-    parse.__name__ = f"int >= {low}"
     return parse
 
 
@@ -132,7 +131,6 @@ def _finite_float(*, positive: bool, hint: str = ""):
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}{hint}")
         return val
 
-    parse.__name__ = f"float {bound}"
     return parse
 
 
