@@ -177,10 +177,17 @@ def selective_attention(
 
         is_causal: also remove future keys, ``j > i + Lk - Lq`` (queries aligned to the end of the
             keys, which for ``Lq == Lk`` is the usual upper triangle).
-        key_padding_mask: bool ``(B, Lk)``, True = padding, removed for every query.
+        key_padding_mask: bool ``(B, Lk)``, True = padding, removed for every query. With
+            ``selection``, padding is also invisible to the votes (it neither votes nor is voted on)
+            and the protected token is each sequence's first real one, so a left-padded sequence
+            gives, at its real rows, the unpadded sequence's outputs (rows with no real key: zeros).
         selection: the paper's selective attention (causal self-attention; ``is_causal`` is implied):
             F is computed from head 0's own logits, ``F[i, j] = sum_{k<i} relu(l_0[k, j])`` over
-            ``1 <= j < k``, and subtracted from every head. A user mask adds to it.
+            ``1 <= j < k``, and subtracted from every head. A user mask adds to it. Key 0 (BOS) is
+            never masked; under key padding the first non-padding key takes its place::
+
+                key_padding_mask  T T F F F      (left padding, P = 2)
+                protected key         ^          (key 2; key 0 without padding or with right padding)
         selection_head: with ``selection``, the head whose logits vote (the paper: 0).
         selection_per_head: with ``selection``, every head computes its own F from its own logits.
         selection_qk: with ``selection``, vote with these instead of a head: ``(qs, ks)``, each
@@ -206,7 +213,9 @@ def selective_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     check_chunk_size(chunk_size)
-    mask, scale = _prepare(q, k, v, selective_mask, is_causal, key_padding_mask, dropout_p, scale)
+    # paper mode is causal in every kernel; folding is_causal into the mask too would turn a
+    # [B, 1, 1, L] key padding mask into [B, 1, L, L]
+    mask, scale = _prepare(q, k, v, selective_mask, is_causal and not selection, key_padding_mask, dropout_p, scale)
     sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     Lq, Lk = q.shape[-2], k.shape[-2]
     if memory_tau is not None and (sel is None or not memory_tau > 0):
@@ -248,13 +257,13 @@ def selective_attention(
         if Lq > 0:
             out, rows = chunked_selective_attention(
                 q, k, v, sel.qs, sel.ks, heads=sel.heads, removed=mask.removed, penalty=mask.penalty, scale=scale,
-                sel_scale=sel.scale, chunk_size=chunk_size, tau=memory_tau,
+                sel_scale=sel.scale, chunk_size=chunk_size, tau=memory_tau, key_padding_mask=mask.padding,
             )  # fmt: skip
             return out if memory_tau is None else (out, rows / memory_tau)
     qs, ks = sel.tensors(q, k)
     out, _, F = naive_selective_attention(
         q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
-        dropout_p=dropout_p,
+        dropout_p=dropout_p, key_padding_mask=mask.padding,
     )  # fmt: skip
     return out if memory_tau is None else (out, F.clamp(max=memory_tau).sum(-1) / memory_tau)
 
@@ -275,13 +284,14 @@ def attention_weights(
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
     uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
     are 0."""
-    mask, scale = _prepare(q, k, k, selective_mask, is_causal, key_padding_mask, 0.0, scale)
+    mask, scale = _prepare(q, k, k, selective_mask, is_causal and not selection, key_padding_mask, 0.0, scale)
     sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
     if sel is not None:
         qs, ks = sel.tensors(q, k)
         return naive_selective_attention(
-            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale
-        )[1]
+            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
+            key_padding_mask=mask.padding,
+        )[1]  # fmt: skip
     removed = _with_causal(mask, q.shape[-2], k.shape[-2], q.device)
     return naive_attention(q, k, k, removed=removed, penalty=mask.penalty, scale=scale)[1]
 

@@ -40,16 +40,21 @@ class NormalizedMask:
             ``None`` when every penalty is zero.
         causal: True when the removal is exactly the causal rule (key j removed for query i iff
             ``j > i + Lk - Lq``) and was folded into this flag instead of ``removed``.
+        padding: the ``key_padding_mask`` itself, bool ``(B, Lk)``, when it pads any key (its keys are
+            also in ``removed``, as ``(B, 1, 1, Lk)``); else ``None``. Paper-mode selection needs it
+            apart: padding neither votes nor is voted on, and each sequence's first real token is
+            the protected one (:func:`selective_attention.selection.vote_mask`).
     """
 
     removed: Tensor | None
     penalty: Tensor | None
     causal: bool
+    padding: Tensor | None = None
 
     @property
     def is_plain(self) -> bool:
-        """True when nothing is removed or penalised beyond the causal rule."""
-        return self.removed is None and self.penalty is None
+        """True when nothing is removed or penalised beyond the causal rule (and there is no padding)."""
+        return self.removed is None and self.penalty is None and self.padding is None
 
 
 def causal_removed(Lq: int, Lk: int, device: torch.device | str | None = None) -> Tensor:
@@ -159,10 +164,14 @@ def normalize_mask(
         B, H, Lq, Lk: the attention problem's sizes.
         dtype, device: the queries'; a float mask must match the dtype, any mask the device.
         is_causal: also remove future keys (``j > i + Lk - Lq``).
-        key_padding_mask: bool ``(B, Lk)``, True = padding (removed for every query).
+        key_padding_mask: bool ``(B, Lk)``, True = padding (removed for every query). Kept as
+            ``(B, 1, 1, Lk)`` in ``removed`` unless ``is_causal`` or a full mask widens it (paper mode
+            passes ``is_causal=False``: its kernels apply causality themselves, so key padding stays
+            O(B Lk)), and returned as ``padding`` for the selection's vote rule.
     """
     removed: Tensor | None = None
     penalty: Tensor | None = None
+    padding: Tensor | None = None
     if selective_mask is not None:
         if not isinstance(selective_mask, Tensor):
             raise TypeError(f"selective_mask must be a torch.Tensor or None, got {type(selective_mask).__name__}.")
@@ -189,6 +198,7 @@ def normalize_mask(
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}.")
         if key_padding_mask.any():
+            padding = key_padding_mask
             pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
             removed = pad if removed is None else removed | pad
 
@@ -205,4 +215,4 @@ def normalize_mask(
     if causal and removed is not None:
         removed = removed | causal_removed(Lq, Lk, device)
         causal = False
-    return NormalizedMask(removed=removed, penalty=penalty, causal=causal)
+    return NormalizedMask(removed=removed, penalty=penalty, causal=causal, padding=padding)

@@ -5,11 +5,16 @@ Leviathan, Kalman & Matias (ICLR 2025), in our words (DESIGN §3). With scaled c
 
 1. ``S[k, j] = relu(l[k, j])`` for ``1 <= j < k``, else 0: token k votes to mask earlier token j;
    a token never masks itself and the first token (BOS) is never masked.
+   With a ``key_padding_mask`` (True = padding), padding is invisible to selection: padding tokens
+   neither vote nor receive votes, and the protected token is each sequence's *first real* token
+   (key 0 under right or no padding, so nothing changes there; key P under P tokens of left padding,
+   so a left-padded sequence gets the same F, at its real tokens, as the unpadded one).
 2. ``F[i, j] = sum_{k < i} S[k, j]``: the exclusive running sum down the query axis, so k's vote
    only affects queries after k.
 3. Every head uses ``softmax_j(l_h[i, j] - F[i, j])``, causal. No stop-gradient, no clamp.
 
-So F >= 0, ``F[:, 0] = 0``, ``F[i, i] = 0`` and ``F[i, j]`` never decreases with i.
+So F >= 0, ``F[:, 0] = 0`` (``F[:, first real token] = 0``), ``F[i, i] = 0`` and ``F[i, j]`` never
+decreases with i.
 """
 
 from __future__ import annotations
@@ -19,47 +24,101 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["selection_scores", "selection_penalty", "vote_mask", "exclusive_cumsum"]
+__all__ = ["selection_scores", "selection_penalty", "vote_mask", "votable_keys", "exclusive_cumsum"]
 
 
-def vote_mask(Lq: int, Lk: int, *, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+def votable_keys(key_padding_mask: Tensor) -> Tensor:
+    """Keys that may receive votes, bool ``(B, Lk)`` from a ``(B, Lk)`` key_padding_mask (True = padding):
+    real tokens other than each sequence's first real one (the protected token, BOS under left padding).
+
+    Without padding this is ``j >= 1``. Built from a running count, O(B Lk)::
+
+        padding  T T F F F        (two tokens of left padding)
+        votable  F F F T T        (key 2, the first real token, is protected)
+    """
+    real = ~key_padding_mask
+    return real & (real.cumsum(dim=-1) >= 2)
+
+
+def vote_mask(
+    Lq: int,
+    Lk: int,
+    *,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
     """Where a vote ``S[k, j]`` may be nonzero: ``1 <= j < k`` (bool ``(Lq, Lk)``).
 
     Rows are the voting tokens ``k = offset .. offset + Lq - 1``; columns the keys ``j = 0 .. Lk - 1``.
+    With ``key_padding_mask`` (bool ``(B, Lk)``, True = padding) it is ``(B, Lq, Lk)``: ``j < k``, the
+    voter k and the key j both real, and j not the sequence's first real token (:func:`votable_keys`).
     """
     k = torch.arange(offset, offset + Lq, device=device)[:, None]
     j = torch.arange(Lk, device=device)[None, :]
-    return (j < k) & (j >= 1)
+    if key_padding_mask is None:
+        return (j < k) & (j >= 1)
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}.")
+    if key_padding_mask.dim() != 2 or key_padding_mask.shape[1] != Lk or offset + Lq > Lk:
+        raise ValueError(
+            f"key_padding_mask must be (B, Lk) with Lk = {Lk} >= offset + Lq = {offset + Lq} (voters are "
+            f"tokens of the same sequence); got {tuple(key_padding_mask.shape)}."
+        )
+    voters = ~key_padding_mask[:, offset : offset + Lq]  # [B, Lq]
+    return (j < k) & voters[:, :, None] & votable_keys(key_padding_mask)[:, None, :]
 
 
-def selection_scores(qs: Tensor, ks: Tensor, *, scale: float | None = None, offset: int = 0) -> Tensor:
-    """The votes ``S = relu(qs ks^T * scale)`` restricted to ``1 <= j < k``.
+def selection_scores(
+    qs: Tensor,
+    ks: Tensor,
+    *,
+    scale: float | None = None,
+    offset: int = 0,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The votes ``S = relu(qs ks^T * scale)`` restricted to ``1 <= j < k`` (:func:`vote_mask`).
 
     Args:
         qs: ``[..., Lq, Ds]`` the selecting queries (rows are tokens ``offset ..``).
         ks: ``[..., Lk, Ds]`` the keys (tokens ``0 .. Lk - 1``).
         scale: default ``1 / sqrt(Ds)``.
+        key_padding_mask: bool ``(B, Lk)``, True = padding; then qs, ks are ``[B, ..., L, Ds]``, padding
+            neither votes nor is voted on, and each sequence's first real token is the protected one.
 
     Returns:
-        ``[..., Lq, Lk]``, zero outside ``1 <= j < k``.
+        ``[..., Lq, Lk]``, zero outside the vote mask.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(qs.shape[-1])
     logits = torch.matmul(qs, ks.transpose(-2, -1)) * scale
-    allowed = vote_mask(qs.shape[-2], ks.shape[-2], offset=offset, device=qs.device)
+    Lq, Lk = qs.shape[-2], ks.shape[-2]
+    allowed = vote_mask(Lq, Lk, offset=offset, device=qs.device, key_padding_mask=key_padding_mask)
+    if key_padding_mask is not None:
+        if logits.dim() < 3 or logits.shape[0] != key_padding_mask.shape[0]:
+            raise ValueError(
+                f"with key_padding_mask {tuple(key_padding_mask.shape)}, qs and ks must be [B, ..., L, Ds] "
+                f"with the same B; got qs {tuple(qs.shape)}."
+            )
+        allowed = allowed.view(allowed.shape[0], *[1] * (logits.dim() - 3), Lq, Lk)  # [B, 1.., Lq, Lk]
     return torch.relu(logits).masked_fill(~allowed, 0.0)
 
 
-def selection_penalty(q0: Tensor, k0: Tensor, *, scale: float | None = None) -> Tensor:
+def selection_penalty(
+    q0: Tensor, k0: Tensor, *, scale: float | None = None, key_padding_mask: Tensor | None = None
+) -> Tensor:
     """The paper's F from the selecting head's queries and keys (naive: materialises ``[..., L, L]``).
 
     Args:
         q0: ``[B, L, D]`` (or any ``[..., L, D]``) queries of the selecting head.
         k0: same shape, its keys.
         scale: logit scale, default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``(B, L)``, True = padding (q0, k0 then ``[B, ..., L, D]``): padding
+            neither votes nor is voted on, and the protected token is each sequence's first real one.
 
     Returns:
-        F ``[B, L, L]``: ``F[b, i, j] = sum_{k < i} relu(q0[k] . k0[j] * scale)`` over ``1 <= j < k``.
+        F ``[B, L, L]``: ``F[b, i, j] = sum_{k < i} relu(q0[k] . k0[j] * scale)`` over ``1 <= j < k``
+        (with padding: over real ``k``, real ``j < k`` other than the first real token).
         For inspection and plots; the attention backends never build it whole.
 
     Example::
@@ -69,7 +128,7 @@ def selection_penalty(q0: Tensor, k0: Tensor, *, scale: float | None = None) -> 
     """
     if q0.shape != k0.shape:
         raise ValueError(f"q0 and k0 must have the same shape [..., L, D]; got {tuple(q0.shape)}, {tuple(k0.shape)}.")
-    S = selection_scores(q0, k0, scale=scale)  # [..., L, L]
+    S = selection_scores(q0, k0, scale=scale, key_padding_mask=key_padding_mask)  # [..., L, L]
     return exclusive_cumsum(S, dim=-2)  # row i sums the votes of rows k < i
 
 

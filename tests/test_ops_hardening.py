@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import TOL, assert_error_bounded, grads
 
-from selective_attention.functional import selective_attention
+from selective_attention.functional import attention_weights, selective_attention
 from selective_attention.ops import chunked
+from selective_attention.selection import selection_penalty, votable_keys, vote_mask
 
 
 def _qkv(B, H, L, D, Dv=None, dtype=torch.float64, seed=0):
@@ -106,3 +107,135 @@ def test_bad_chunk_size_raises(bad):
         selective_attention(q, k, v, selection=True, chunk_size=bad)
     with pytest.raises(ValueError, match=rf"chunk_size.*{bad!r}.*>= 1.*None"):
         chunked.chunked_selective_attention(q, k, v, heads=slice(0, 1), scale=0.5, sel_scale=0.5, chunk_size=bad)
+
+
+# --- 4. key padding: O(B L) masks in the chunked path; the first real token is protected ----------------
+def _spy_removed(monkeypatch):
+    """Record the ``removed`` mask (and its shape) that each call hands the chunked autograd Function."""
+    seen = []
+    apply = chunked._ChunkedSelectiveAttention.apply
+
+    def spy(q, k, v, qs, ks, heads, removed, *rest):
+        seen.append(None if removed is None else tuple(removed.shape))
+        return apply(q, k, v, qs, ks, heads, removed, *rest)
+
+    monkeypatch.setattr(chunked._ChunkedSelectiveAttention, "apply", spy)
+    return seen
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_left_padding_keeps_one_row_mask_in_chunked(monkeypatch, is_causal):
+    B, H, L = 3, 2, 23
+    q, k, v = _qkv(B, H, L, 4, seed=3)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, :4] = True  # left padding: rows 0-3 have no key at all
+    pad[1, :1] = True
+    kw = dict(selection=True, key_padding_mask=pad, is_causal=is_causal)
+    o_ref, g_ref = grads(functools.partial(selective_attention, backend="naive", **kw), q, k, v)
+    seen = _spy_removed(monkeypatch)
+    o, g = grads(functools.partial(selective_attention, backend="chunked", chunk_size=5, **kw), q, k, v)
+    assert seen == [(B, 1, 1, L)]  # never [B, 1, L, L]
+    _assert_same(o, g, o_ref, g_ref, torch.float64)
+    assert (o[0, :, :4] == 0).all()
+
+
+def _left_pad(x, P, gen):
+    """``x [1, H, L, D]`` with P random padding rows in front (their values must not matter)."""
+    return torch.cat([torch.randn(1, x.shape[1], P, x.shape[3], generator=gen, dtype=x.dtype) * 3, x], dim=2)
+
+
+@pytest.mark.parametrize("backend, chunk", [("naive", None), ("chunked", None), ("chunked", 3)])
+@pytest.mark.parametrize("P", [1, 4])
+def test_left_padded_sequence_equals_unpadded(backend, chunk, P):
+    """A sequence left-padded with P tokens (and its key_padding_mask) gives, at its real rows, the
+    unpadded sequence's outputs and gradients: its first real token is the protected one, and the
+    padding neither votes nor is voted on."""
+    H, L, D = 2, 11, 4
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, H, L, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(3))
+    w = torch.randn(1, H, L, D, generator=gen, dtype=torch.float64)
+    run = functools.partial(selective_attention, selection=True, backend=backend, chunk_size=chunk)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = run(*leaves)
+    g_ref = torch.autograd.grad((ref * w).sum(), leaves)
+
+    real = [t.clone().requires_grad_() for t in (q, k, v)]
+    padded = [_left_pad(t, P, gen) for t in real]
+    pad = torch.zeros(1, P + L, dtype=torch.bool)
+    pad[:, :P] = True
+    out = run(*padded, key_padding_mask=pad)
+    g = torch.autograd.grad((out[:, :, P:] * w).sum(), real)
+    torch.testing.assert_close(out[:, :, P:], ref, **TOL[torch.float64])
+    assert (out[:, :, :P] == 0).all()
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_padding_rule_in_weights_and_memory_rows():
+    """attention_weights and the memory-loss rows follow the same rule (left-padded = unpadded)."""
+    H, L, P, D = 2, 9, 3, 4
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, H, L, D, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    qp, kp, vp = (_left_pad(t, P, gen) for t in (q, k, v))
+    pad = torch.zeros(1, P + L, dtype=torch.bool)
+    pad[:, :P] = True
+    w_ref = attention_weights(q, k, selection=True)
+    w = attention_weights(qp, kp, selection=True, key_padding_mask=pad)
+    torch.testing.assert_close(w[:, :, P:, P:], w_ref, **TOL[torch.float64])
+    for backend in ("naive", "chunked"):
+        _, m_ref = selective_attention(q, k, v, selection=True, memory_tau=1.0, backend=backend)
+        _, m = selective_attention(qp, kp, vp, selection=True, memory_tau=1.0, key_padding_mask=pad, backend=backend)
+        torch.testing.assert_close(m[:, :, P:], m_ref, **TOL[torch.float64])
+
+
+def test_selection_penalty_with_padding_matches_unpadded():
+    B, L, P, D = 2, 8, 3, 5
+    gen = torch.Generator().manual_seed(9)
+    q0, k0 = (torch.randn(B, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    qp, kp = (torch.cat([torch.randn(B, P, D, generator=gen, dtype=torch.float64), t], dim=1) for t in (q0, k0))
+    pad = torch.zeros(B, P + L, dtype=torch.bool)
+    pad[0, :P] = True  # sequence 0 left padded; sequence 1 starts with P real tokens
+    F = selection_penalty(qp, kp, key_padding_mask=pad)
+    torch.testing.assert_close(F[0, P:, P:], selection_penalty(q0[:1], k0[:1])[0], **TOL[torch.float64])
+    assert (F[0, :, :P] == 0).all() and (F[0, :P] == 0).all()  # padding neither votes nor is voted on
+    torch.testing.assert_close(F[1], selection_penalty(qp[1:], kp[1:])[0], **TOL[torch.float64])
+    assert (F[..., P] != 0).any() and (F[0, :, P] == 0).all()  # key P: protected only where it is first
+
+
+def test_right_padding_unchanged():
+    """Right padding (key 0 real): the protected key stays key 0, the real rows see the unpadded result."""
+    H, L, D = 2, 10, 4
+    q, k, v = _qkv(2, H, L, D, seed=11)
+    pad = torch.zeros(2, L, dtype=torch.bool)
+    pad[1, 7:] = True
+    for backend in ("naive", "chunked"):
+        out = selective_attention(q, k, v, selection=True, key_padding_mask=pad, backend=backend, chunk_size=4)
+        ref = selective_attention(q[1:, :, :7], k[1:, :, :7], v[1:, :, :7], selection=True, backend=backend)
+        torch.testing.assert_close(out[1:, :, :7], ref, **TOL[torch.float64])
+        torch.testing.assert_close(
+            out[:1], selective_attention(q[:1], k[:1], v[:1], selection=True, backend=backend), **TOL[torch.float64]
+        )
+
+
+def test_triton_refuses_key_padding():
+    q, k, v = _qkv(1, 2, 6, 4)
+    pad = torch.zeros(1, 6, dtype=torch.bool)
+    pad[0, :2] = True
+    with pytest.raises(NotImplementedError, match="key_padding_mask"):
+        selective_attention(q, k, v, selection=True, key_padding_mask=pad, backend="triton")
+
+
+def test_votable_keys_and_vote_mask_with_padding():
+    pad = torch.tensor([[True, True, False, False, False], [False, False, False, True, True]])
+    assert votable_keys(pad).tolist() == [[False, False, False, True, True], [False, True, True, False, False]]
+    assert torch.equal(votable_keys(torch.zeros(1, 4, dtype=torch.bool))[0], torch.arange(4) >= 1)  # j >= 1
+    m = vote_mask(5, 5, key_padding_mask=pad)
+    assert m.shape == (2, 5, 5) and not m[0, :2].any() and not m[1, 3:].any()  # padding does not vote
+    torch.testing.assert_close(
+        vote_mask(5, 5, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), vote_mask(5, 5)[None].expand(2, 5, 5)
+    )
+    with pytest.raises(TypeError, match="torch.bool"):
+        vote_mask(5, 5, key_padding_mask=pad.float())
+    with pytest.raises(ValueError, match=r"\(B, Lk\)"):
+        vote_mask(5, 4, key_padding_mask=pad)

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..selection import votable_keys
+
 __all__ = ["chunked_selective_attention", "default_chunk_size", "check_chunk_size"]
 
 _NEG_INF = float("-inf")
@@ -77,13 +79,20 @@ class _Voters:
 
     ``qn = -qs * sel_scale``, so ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and
     scaled (the bias is ``-F``); key 0 is zeroed, so its votes are ``relu(0) = 0`` (the first token is
-    never masked) with no per-chunk masking. ``no_vote``: j >= k inside a chunk's diagonal block
-    (itself and the future); ``future``: j > k."""
+    never masked) with no per-chunk masking. With ``pad`` (bool ``[B, L]``, True = padding) the same
+    zeroing keeps padding out of the votes (its qn and ks rows) and protects each sequence's first
+    real token (its ks row): O(B L), no mask of size L x L. ``no_vote``: j >= k inside a chunk's
+    diagonal block (itself and the future); ``future``: j > k."""
 
-    def __init__(self, qs: Tensor, ks: Tensor, sel_scale: float, chunk: int) -> None:
+    def __init__(self, qs: Tensor, ks: Tensor, sel_scale: float, chunk: int, pad: Tensor | None = None) -> None:
         self.qn = qs * -sel_scale
         self.ks = ks.clone()
         self.ks[:, :, 0] = 0.0
+        if pad is not None:
+            self.qn.masked_fill_(pad[:, None, :, None], 0.0)  # padding does not vote
+            self.ks.masked_fill_(
+                ~votable_keys(pad)[:, None, :, None], 0.0
+            )  # nor is it, or the first real token, voted on
         n = min(chunk, qs.shape[2])  # a chunk never has more rows than the sequence
         self.no_vote = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_()
         self.future = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_(1)
@@ -93,6 +102,7 @@ def _chunk_bias(
     vt: _Voters,
     ncol: Tensor,
     removed: Tensor | None,
+    dead: Tensor | None,
     penalty: Tensor | None,
     i0: int,
     i1: int,
@@ -100,7 +110,9 @@ def _chunk_bias(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Rows ``i0 .. i1-1``: the negated votes ``-S`` ``[B, G, C, i1]``, the attention bias
     ``[B, G|H, C, i1]`` (``-(F + penalty)``, ``-inf`` at future and removed keys) and (``keep_F``) F.
-    ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows."""
+    ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows. ``dead``
+    ``[b, h, L, 1]``: rows whose keys are all removed; ``removed`` is not applied to them (the caller
+    zeroes their output), so no row is all ``-inf``."""
     C = i1 - i0
     Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1)).clamp_(max=0.0)  # -S
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
@@ -113,7 +125,10 @@ def _chunk_bias(
         bias = bias - _rows(penalty, i0, i1)
     bias[..., i0:i1].masked_fill_(vt.future[:C, :C], _NEG_INF)  # causal
     if removed is not None:
-        bias = bias.masked_fill(_rows(removed, i0, i1), _NEG_INF)
+        rm = _rows(removed, i0, i1)
+        if dead is not None:  # per chunk: on a [B, 1, 1, L] mask a global `removed & ~dead` is [B, 1, L, L]
+            rm = rm & ~dead[:, :, i0:i1]
+        bias = bias.masked_fill(rm, _NEG_INF)
     return Sn, bias, F_kept
 
 
@@ -143,7 +158,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
     dq/dk in place (a separate input would cost autograd two full-size zero tensors and a sum)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk, tau):
+    def forward(ctx, q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau):
         # the inputs themselves are saved, not contiguous copies: the double-backward guard links to them
         inputs = (q, k, v, qs if heads is None else None, ks if heads is None else None, penalty)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -153,7 +168,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
-        vt = _Voters(qs, ks, sel_scale, chunk)
+        vt = _Voters(qs, ks, sel_scale, chunk, pad)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
         mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
@@ -161,14 +176,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         for i0 in range(0, L, chunk):
             i1 = min(i0 + chunk, L)
             carries.append(ncol.clone())
-            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, penalty, i0, i1, keep_F=tau is not None)
+            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None)
             if Fc is not None:
                 mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1)
             ncol[:, :, :i1] += Sn.sum(dim=2)
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
             lse[:, :, i0:i1] = lse_c
-        ctx.save_for_backward(*inputs, removed, out, lse, torch.stack(carries))
+        ctx.save_for_backward(*inputs, removed, dead, pad, out, lse, torch.stack(carries))
         ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau = heads, scale, sel_scale, chunk, tau
         if tau is None:
             ctx.mark_non_differentiable(mem)
@@ -185,7 +200,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         return grads
 
     @staticmethod
-    def _backward(ctx, q, k, v, qs, ks, penalty, removed, out, lse, carries, dout, dmem):
+    def _backward(ctx, q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries, dout, dmem):
         heads, scale, sel_scale, chunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau
         if tau is None:
             dmem = None
@@ -198,8 +213,8 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         else:  # the voting heads: their vote gradients land straight in dq, dk
             qs, ks, dqs, dks = q[:, heads], k[:, heads], dq[:, heads], dk[:, heads]
         G = qs.shape[1]
-        vt = _Voters(qs, ks, sel_scale, chunk)
-        want_dpen = penalty is not None and ctx.needs_input_grad[7]
+        vt = _Voters(qs, ks, sel_scale, chunk, pad)
+        want_dpen = penalty is not None and ctx.needs_input_grad[9]
         dpen = torch.zeros_like(penalty) if want_dpen else None
         dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
         delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
@@ -210,7 +225,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         for c in reversed(range(len(starts))):
             i0 = starts[c]
             i1 = min(i0 + chunk, L)
-            Sn, bias, Fc = _chunk_bias(vt, carries[c], removed, penalty, i0, i1, keep_F=dmem is not None)
+            Sn, bias, Fc = _chunk_bias(vt, carries[c], removed, dead, penalty, i0, i1, keep_F=dmem is not None)
             P = _probs_minus_lse(q3[:, i0:i1], k3[:, :i1], bias, lse[:, :, i0:i1], scale)  # [B, H, C, i1]
             P3 = P.view(B * H, i1 - i0, i1)
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
@@ -237,7 +252,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             dks[:, :, :i1].sub_(torch.matmul(dl.transpose(-2, -1), vt.qn[:, :, i0:i1]))
         if heads is not None:
             dqs = dks = None
-        return dq, dk, dv, dqs, dks, None, None, dpen, None, None, None, None
+        return dq, dk, dv, dqs, dks, None, None, None, None, dpen, None, None, None, None
 
 
 _DOUBLE_BACKWARD = (
@@ -299,6 +314,7 @@ def chunked_selective_attention(
     sel_scale: float,
     chunk_size: int | None = None,
     tau: float | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Causal selective attention with the paper's F, exact, never building ``[B, H, L, L]``.
 
@@ -308,12 +324,16 @@ def chunked_selective_attention(
             G = H (one F per head). Gradients flow into them.
         heads: instead of ``qs, ks``, vote with ``q[:, heads], k[:, heads]`` (``slice(0, 1)``: head 0,
             the paper; ``slice(None)``: every head its own F). Both roles' gradients reach q and k.
-        removed: bool, broadcasts to ``[B, H, L, L]``; True = key removed (on top of causal).
+        removed: bool, broadcasts to ``[B, H, L, L]``; True = key removed (on top of causal). A mask
+            with one query row (``[B, 1, 1, L]``, key padding) stays that size: memory O(B L).
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
         scale: attention logit scale; sel_scale: the votes' logit scale.
         chunk_size: query rows per chunk (default: :func:`default_chunk_size`).
         tau: also return ``sum_j min(F[i, j], tau)`` per row, ``[B, G, L]`` (the memory loss's
             soft count of masked tokens, times tau), differentiable.
+        key_padding_mask: bool ``[B, L]``, True = padding, for the votes only (pass the padding in
+            ``removed`` too to remove the keys): padding neither votes nor is voted on, and each
+            sequence's first real token is the protected one (the paper's BOS).
 
     Returns:
         ``(out [B, H, L, Dv], rows [B, G, L] or None)``; a query whose every key is removed gets zeros.
@@ -334,10 +354,12 @@ def chunked_selective_attention(
         else:
             future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
             dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
-        if dead.any():
-            removed = removed & ~dead
-        else:
+        if not dead.any():
             dead = None
-    out, rows = _ChunkedSelectiveAttention.apply(q, k, v, qs, ks, heads, removed, penalty, scale, sel_scale, chunk, tau)
+    if key_padding_mask is not None and not key_padding_mask.any():
+        key_padding_mask = None
+    out, rows = _ChunkedSelectiveAttention.apply(
+        q, k, v, qs, ks, heads, removed, dead, key_padding_mask, penalty, scale, sel_scale, chunk, tau
+    )
     out = out if dead is None else out.masked_fill(dead, 0.0)
     return out, (rows if tau is not None else None)

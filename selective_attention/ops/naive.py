@@ -66,6 +66,7 @@ def naive_selective_attention(
     scale: float,
     sel_scale: float,
     dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's causal selective attention, materialising F ``[B, G, L, L]`` and the weights.
 
@@ -74,12 +75,15 @@ def naive_selective_attention(
         qs, ks: ``[B, G, L, Ds]``, the selecting queries/keys; G = 1 (one F for all heads) or H.
         removed, penalty: user masks as in :func:`naive_attention` (penalties add to F).
         scale: attention logit scale; sel_scale: the votes' logit scale.
+        key_padding_mask: bool ``(B, L)``, True = padding, for the votes only (removing the padding
+            keys is ``removed``'s job): padding neither votes nor is voted on, and each sequence's
+            first real token is the protected one (:func:`~selective_attention.selection.vote_mask`).
 
     Returns:
         ``(out [B, H, L, Dv], weights [B, H, L, L], F [B, G, L, L])`` (F without the user penalty).
     """
     L = q.shape[-2]
-    F = selection_penalty(qs, ks, scale=sel_scale)  # [B, G, L, L]
+    F = selection_penalty(qs, ks, scale=sel_scale, key_padding_mask=key_padding_mask)  # [B, G, L, L]
     future = causal_removed(L, L, q.device)
     removed = future if removed is None else removed | future
     total = F if penalty is None else F + penalty
