@@ -137,6 +137,7 @@ def _finite_float(*, positive: bool, hint: str = ""):
 _threshold = _finite_float(positive=True, hint="; omit --threshold to evict by --budget only")
 _temperature = _finite_float(positive=False, hint="; 0 = greedy")
 _top_k = _int_at_least(1, hint="; omit --top_k to sample from every token")
+_tolerance = _finite_float(positive=False, hint="; 0 = the standard model's loss itself")
 
 
 def cmd_eval(args) -> dict:
@@ -256,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="folder for the report and plots")
     p.add_argument("--data", default="kjv", help="kjv | pydoc | a text file")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+    p.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default=0.0,
+        help="nats above the standard model's loss still called equal loss (default 0, the paper's; printed)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("seed-example", help="run the seed README's example and show the keys each query sees")
@@ -304,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import DemoConfig, run_demo
 
-            kw = dict(out=args.out, data=args.data, progress=not args.no_progress)
+            kw = dict(out=args.out, data=args.data, tolerance=args.tolerance, progress=not args.no_progress)
             if args.steps is not None:
                 kw["steps"] = args.steps
             run_demo(DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw))

@@ -116,6 +116,9 @@ def test_demo_steps_zero_is_refused_not_replaced_by_the_default(monkeypatch, cap
     assert "argument --steps: must be an int >= 1, got '0'" in capsys.readouterr().err
     assert main(["demo", "--quick", "--steps", "7", "--data", "pydoc"]) == 0
     assert [c.steps for c in seen] == [7]
+    assert seen[0].tolerance == 0.0  # equal loss means the standard model's loss itself, by default
+    assert main(["demo", "--quick", "--tolerance", "0.02"]) == 0 and seen[-1].tolerance == 0.02
+    assert main(["demo", "--tolerance", "nan"]) == 2
 
 
 @pytest.mark.parametrize(
