@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import GPT
+from .model import GPT, _as_ids
 
 __all__ = ["Decoder", "LayerCache"]
 
@@ -170,6 +170,7 @@ class Decoder:
         """Run the prompt ``idx`` ``[B, T]`` exactly, fill the caches (pruned to budget), and return
         the next-token logits ``[B, vocab]``. Caches hold room for ``max_new_tokens`` more."""
         model, cfg = self.model, self.model.config
+        idx = _as_ids(idx)  # any integer dtype (uint8 bytes, say) is read as long
         model.check_idx(idx)
         B, T = idx.shape
         if T == 0:
@@ -229,7 +230,7 @@ class Decoder:
         if self.t is None:
             raise RuntimeError("call prefill(prompt) before step().")
         self._check_step(token)
-        logits = self._step(self.model, self.caches, token, self.t, self.threshold)
+        logits = self._step(self.model, self.caches, token.long(), self.t, self.threshold)
         self._pos += 1
         self._room -= 1
         return logits

@@ -246,7 +246,9 @@ class _Task:
 
 @torch.no_grad()
 def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
-    """Mean validation cross-entropy (nats/token; on varassign, of the answers), and answer accuracy."""
+    """Mean validation cross-entropy (nats/token; on varassign, of the answers), and answer accuracy.
+    Runs in eval mode and leaves the model in the mode it was in."""
+    was_training = model.training
     model.eval()
     losses, correct, total = [], 0, 0
     for x, y, answer in task.eval_batches():
@@ -257,7 +259,7 @@ def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
             answer = answer.to(device)
             correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
             total += int(answer.sum())
-    model.train()
+    model.train(was_training)
     out = {"val_loss": sum(losses) / len(losses)}
     if total:
         out["val_accuracy"] = correct / total

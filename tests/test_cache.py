@@ -328,6 +328,11 @@ def test_step_checks_the_token():
         dec.step(torch.tensor([1.0, 2.0]))
     with pytest.raises(RuntimeError, match="prefill"):
         Decoder(m).step(torch.tensor([1]))
+    # any integer dtype is a token id (uint8 bytes, say), read exactly as long
+    a, b = Decoder(m), Decoder(m)
+    idx = torch.randint(0, 40, (2, 3))
+    torch.testing.assert_close(a.prefill(idx.to(torch.uint8), 2), b.prefill(idx, 2))
+    torch.testing.assert_close(a.step(torch.tensor([7, 9], dtype=torch.int16)), b.step(torch.tensor([7, 9])))
 
 
 def test_prompt_too_long_without_pruning():

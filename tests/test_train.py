@@ -298,3 +298,15 @@ def test_progress_to_a_pipe_is_a_few_plain_lines(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     assert 1 <= len(err.splitlines()) <= 11 and "40/40" in err.splitlines()[-1]
+
+
+def test_evaluate_leaves_the_model_in_its_mode():
+    from selective_attention.model import GPT
+    from selective_attention.train import _Task, evaluate
+
+    cfg = TrainConfig(data="pydoc", n_layer=1, d_model=32, n_head=2, context_len=32, batch_size=2, eval_batches=1)
+    model = GPT(cfg.model_config())
+    for mode in (False, True):
+        model.train(mode)
+        evaluate(model, _Task(cfg), torch.device("cpu"))
+        assert model.training is mode
