@@ -20,11 +20,69 @@ decreases with i.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["selection_scores", "selection_penalty", "vote_mask", "votable_keys", "exclusive_cumsum"]
+__all__ = ["Selection", "selection_scores", "selection_penalty", "vote_mask", "votable_keys", "exclusive_cumsum"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Who votes for F: the one value that every layer, backend and cache reads.
+
+    ``Selection()`` is the paper: head 0's logits vote, one F shared by every head. Variants, each
+    off by default and each tested:
+
+    * ``Selection(head=h)``: head h votes instead;
+    * ``Selection(per_head=True)``: every head votes with its own logits and gets its own F;
+    * ``Selection(projection=True)``: a dedicated query/key pair votes (given to :meth:`voters` as
+      ``projected``), so no head serves two roles; with ``per_head``, one pair per head.
+
+    Validated once at construction (and against the head count by :meth:`validate`); adding a
+    variant means a field here, its case in :meth:`voters`, and its test.
+    """
+
+    head: int = 0
+    per_head: bool = False
+    projection: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0:
+            raise ValueError(f"Selection.head must be an int >= 0 (the voting head), got {self.head!r}.")
+        for name in ("per_head", "projection"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Selection.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.head != 0 and (self.per_head or self.projection):
+            what = (
+                "per_head=True gives every head its own F"
+                if self.per_head
+                else "projection=True votes with its own q/k"
+            )
+            raise ValueError(f"Selection(head={self.head}): {what}, so head does not apply; leave head=0.")
+
+    def validate(self, n_heads: int) -> None:
+        """Raise unless this selection fits a layer of ``n_heads`` heads."""
+        if self.head >= n_heads:
+            raise ValueError(f"Selection.head={self.head} is not a head of this layer: it has n_heads={n_heads}.")
+
+    def n_groups(self, n_heads: int) -> int:
+        """How many penalties F a layer computes: ``n_heads`` with ``per_head``, else 1."""
+        return n_heads if self.per_head else 1
+
+    def voters(self, q: Tensor, k: Tensor, projected: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """The queries and keys whose logits vote, ``[B, G, L, D]`` each, from the layer's ``q, k``
+        ``[B, H, L, D]`` (or, with ``projection``, the dedicated pair ``projected``)."""
+        if self.projection:
+            if projected is None:
+                raise ValueError(
+                    "Selection(projection=True) votes with a dedicated (qs, ks) pair; pass it as projected."
+                )
+            return projected
+        if self.per_head:
+            return q, k
+        return q[:, self.head : self.head + 1], k[:, self.head : self.head + 1]
 
 
 def votable_keys(key_padding_mask: Tensor) -> Tensor:

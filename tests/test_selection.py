@@ -314,3 +314,23 @@ def test_memory_tau_needs_selection():
         selective_attention(q, k, v, memory_tau=1.0)
     with pytest.raises(ValueError, match="> 0"):
         selective_attention(q, k, v, selection=True, memory_tau=0.0)
+
+
+def test_selection_spec_voters_and_validation():
+    from selective_attention.selection import Selection
+
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    qs, ks = Selection().voters(q, k)
+    assert torch.equal(qs, q[:, :1]) and torch.equal(ks, k[:, :1])  # the paper: head 0
+    assert torch.equal(Selection(head=2).voters(q, k)[1], k[:, 2:3])
+    assert Selection(per_head=True).voters(q, k)[0] is q and Selection(per_head=True).n_groups(4) == 4
+    pair = (torch.randn(2, 1, 5, 6), torch.randn(2, 1, 5, 6))
+    assert Selection(projection=True).voters(q, k, pair) is pair
+    with pytest.raises(ValueError, match="head does not apply"):
+        Selection(head=2, per_head=True)
+    with pytest.raises(ValueError, match="n_heads=4"):
+        Selection(head=4).validate(4)
+    with pytest.raises(ValueError, match="int >= 0"):
+        Selection(head=-1)
+    with pytest.raises(ValueError, match="pass projected"):
+        Selection(projection=True).voters(q, k)
