@@ -332,5 +332,5 @@ def test_selection_spec_voters_and_validation():
         Selection(head=4).validate(4)
     with pytest.raises(ValueError, match="int >= 0"):
         Selection(head=-1)
-    with pytest.raises(ValueError, match="pass projected"):
+    with pytest.raises(ValueError, match="projected"):
         Selection(projection=True).voters(q, k)
