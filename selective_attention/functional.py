@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -12,9 +12,9 @@ from .masks import NormalizedMask, causal_removed, normalize_mask
 from .ops.chunked import check_chunk_size, chunked_selective_attention
 from .ops.naive import naive_attention, naive_selective_attention
 from .ops.sdpa import sdpa_attention
-from .selection import selection_penalty
+from .selection import Selection, Voters, as_selection, selection_penalty
 
-__all__ = ["selective_attention", "attention_weights", "selection_penalty"]
+__all__ = ["selective_attention", "attention_weights", "selection_penalty", "Selection"]
 
 Backend = Literal["auto", "naive", "sdpa", "chunked", "triton"]
 BACKENDS = ("auto", "naive", "sdpa", "chunked", "triton")
@@ -73,68 +73,7 @@ def _prepare(
     return mask, scale
 
 
-class _Voters(NamedTuple):
-    """Who computes F: heads ``q[:, heads], k[:, heads]`` of the layer itself, or ``(qs, ks)``."""
-
-    heads: slice | None
-    qs: Tensor | None
-    ks: Tensor | None
-    scale: float
-
-    def tensors(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return (q[:, self.heads], k[:, self.heads]) if self.heads is not None else (self.qs, self.ks)
-
-
-def _selection_inputs(
-    q: Tensor,
-    k: Tensor,
-    selection: bool,
-    selection_head: int,
-    selection_per_head: bool,
-    selection_qk: tuple[Tensor, Tensor] | None,
-    scale: float,
-) -> _Voters | None:
-    """Validate the selection arguments; ``None`` when selection is off."""
-    B, H, Lq, D = q.shape
-    if not selection:
-        if selection_qk is not None or selection_per_head or selection_head != 0:
-            raise ValueError(
-                "selection_head, selection_per_head and selection_qk refine the paper's selection; "
-                "pass selection=True to use them."
-            )
-        return None
-    if Lq != k.shape[-2]:
-        raise ValueError(f"selection=True is causal self-attention and needs Lq == Lk; got Lq={Lq}, Lk={k.shape[-2]}.")
-    if selection_qk is None:
-        if selection_per_head:
-            if selection_head != 0:
-                raise ValueError("selection_per_head gives every head its own F; selection_head does not apply.")
-            return _Voters(slice(None), None, None, scale)
-        if not isinstance(selection_head, int) or not 0 <= selection_head < H:
-            raise ValueError(f"selection_head must be an int in [0, H={H}), got {selection_head!r}.")
-        return _Voters(slice(selection_head, selection_head + 1), None, None, scale)  # the paper: head 0
-    if selection_per_head or selection_head != 0:
-        raise ValueError("selection_qk gives the voters; selection_head and selection_per_head do not apply.")
-    if not (isinstance(selection_qk, tuple | list) and len(selection_qk) == 2):
-        raise TypeError("selection_qk must be a pair (qs, ks) of [B, G, L, Ds] tensors.")
-    qs, ks = selection_qk
-    for name, t in (("qs", qs), ("ks", ks)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"selection_qk {name} must be a 4-D [B, G, L, Ds] tensor.")
-        if t.shape[0] != B or t.shape[1] not in (1, H) or t.shape[2] != Lq:
-            raise ValueError(
-                f"selection_qk {name} has shape {tuple(t.shape)}; expected [B, G, L, Ds] with B={B}, "
-                f"G in (1, {H}) (one F for all heads, or one per head), L={Lq}."
-            )
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"selection_qk {name} must match q's dtype and device ({q.dtype}, {q.device}).")
-    if qs.shape != ks.shape:
-        raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
-    Ds = qs.shape[-1]
-    return _Voters(None, qs, ks, scale if Ds == D else 1.0 / math.sqrt(Ds))
-
-
-def _triton_fits(sel: _Voters, mask: NormalizedMask, memory_tau: float | None) -> bool:
+def _triton_fits(sel: Voters, mask: NormalizedMask, memory_tau: float | None) -> bool:
     """Whether the fused GPU kernel covers this call (head voters, no user masks, no memory rows)."""
     if sel.heads is None or not mask.is_plain or memory_tau is not None:
         return False
@@ -151,15 +90,15 @@ def selective_attention(
     *,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    selection: bool = False,
-    selection_head: int = 0,
-    selection_per_head: bool = False,
+    selection: bool | Selection = False,
     selection_qk: tuple[Tensor, Tensor] | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
     memory_tau: float | None = None,
+    selection_head: int | None = None,
+    selection_per_head: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head selective attention ``softmax(q k^T * scale - F) v``.
 
@@ -181,18 +120,19 @@ def selective_attention(
             ``selection``, padding is also invisible to the votes (it neither votes nor is voted on)
             and the protected token is each sequence's first real one, so a left-padded sequence
             gives, at its real rows, the unpadded sequence's outputs (rows with no real key: zeros).
-        selection: the paper's selective attention (causal self-attention; ``is_causal`` is implied):
-            F is computed from head 0's own logits, ``F[i, j] = sum_{k<i} relu(l_0[k, j])`` over
-            ``1 <= j < k``, and subtracted from every head. A user mask adds to it. Key 0 (BOS) is
+        selection: the paper's selective attention (causal self-attention; ``is_causal`` is implied).
+            ``True`` is ``Selection()``, the paper: F is computed from head 0's own logits,
+            ``F[i, j] = sum_{k<i} relu(l_0[k, j])`` over ``1 <= j < k``, and subtracted from every
+            head. A :class:`~selective_attention.selection.Selection` says who votes otherwise
+            (``head=h``, ``per_head=True``, ``projection=True``). A user mask adds to F. Key 0 (BOS) is
             never masked; under key padding the first non-padding key takes its place::
 
                 key_padding_mask  T T F F F      (left padding, P = 2)
                 protected key         ^          (key 2; key 0 without padding or with right padding)
-        selection_head: with ``selection``, the head whose logits vote (the paper: 0).
-        selection_per_head: with ``selection``, every head computes its own F from its own logits.
-        selection_qk: with ``selection``, vote with these instead of a head: ``(qs, ks)``, each
-            ``[B, G, L, Ds]`` (e.g. from a dedicated projection); G = 1 shares one F across heads,
-            G = H gives each head its own. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
+        selection_qk: the dedicated voting pair of ``Selection(projection=True)`` (required there,
+            refused elsewhere): ``(qs, ks)``, each ``[B, G, L, Ds]`` (e.g. from a dedicated
+            projection); G = 1 shares one F across heads, G = H (``per_head=True``) gives each head
+            its own. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
         dropout_p: dropout on the attention weights; applied as given (pass 0.0 in eval).
         scale: logit scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks),
@@ -205,6 +145,9 @@ def selective_attention(
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
             ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F),
             differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
+        selection_head, selection_per_head: deprecated aliases of ``Selection(head=...)`` and
+            ``Selection(per_head=...)`` (with ``selection=True``); a ``DeprecationWarning`` says what to
+            pass instead. So is ``selection=True`` with ``selection_qk`` (``Selection(projection=True)``).
 
     Returns:
         ``[B, H, Lq, Dv]`` (and the ``[B, G, L]`` masked counts when ``memory_tau`` is given). A query
@@ -216,7 +159,8 @@ def selective_attention(
     # paper mode is causal in every kernel; folding is_causal into the mask too would turn a
     # [B, 1, 1, L] key padding mask into [B, 1, L, L]
     mask, scale = _prepare(q, k, v, selective_mask, is_causal and not selection, key_padding_mask, dropout_p, scale)
-    sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
+    chosen = as_selection(selection, head=selection_head, per_head=selection_per_head, projected=selection_qk)
+    sel = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
     Lq, Lk = q.shape[-2], k.shape[-2]
     if memory_tau is not None and (sel is None or not memory_tau > 0):
         raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
@@ -275,17 +219,18 @@ def attention_weights(
     *,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    selection: bool = False,
-    selection_head: int = 0,
-    selection_per_head: bool = False,
+    selection: bool | Selection = False,
     selection_qk: tuple[Tensor, Tensor] | None = None,
     scale: float | None = None,
+    selection_head: int | None = None,
+    selection_per_head: bool | None = None,
 ) -> Tensor:
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
     uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
     are 0."""
     mask, scale = _prepare(q, k, k, selective_mask, is_causal and not selection, key_padding_mask, 0.0, scale)
-    sel = _selection_inputs(q, k, selection, selection_head, selection_per_head, selection_qk, scale)
+    chosen = as_selection(selection, head=selection_head, per_head=selection_per_head, projected=selection_qk)
+    sel = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
     if sel is not None:
         qs, ks = sel.tensors(q, k)
         return naive_selective_attention(

@@ -20,12 +20,22 @@ decreases with i.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Selection", "selection_scores", "selection_penalty", "vote_mask", "votable_keys", "exclusive_cumsum"]
+__all__ = [
+    "Selection",
+    "Voters",
+    "as_selection",
+    "selection_scores",
+    "selection_penalty",
+    "vote_mask",
+    "votable_keys",
+    "exclusive_cumsum",
+]
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,10 @@ class Selection:
     def validate(self, n_heads: int) -> None:
         """Raise unless this selection fits a layer of ``n_heads`` heads."""
         if self.head >= n_heads:
-            raise ValueError(f"Selection.head={self.head} is not a head of this layer: it has n_heads={n_heads}.")
+            raise ValueError(
+                f"Selection.head={self.head} is not a head of this layer: it has n_heads={n_heads} "
+                f"(heads 0 .. {n_heads - 1})."
+            )
 
     def n_groups(self, n_heads: int) -> int:
         """How many penalties F a layer computes: ``n_heads`` with ``per_head``, else 1."""
@@ -83,6 +96,136 @@ class Selection:
         if self.per_head:
             return q, k
         return q[:, self.head : self.head + 1], k[:, self.head : self.head + 1]
+
+    def bind(self, q: Tensor, k: Tensor, projected: tuple[Tensor, Tensor] | None = None, *, scale: float) -> Voters:
+        """Validate this selection against one call's ``q, k`` ``[B, H, L, D]`` (and, with ``projection``,
+        the dedicated pair ``projected``) and resolve it into the :class:`Voters` that backends read.
+
+        ``scale`` is the attention logit scale; the votes use it too, except for a dedicated pair of
+        another width ``Ds``, which votes with ``1 / sqrt(Ds)``.
+        """
+        B, H, Lq, D = q.shape
+        self.validate(H)
+        if Lq != k.shape[-2]:
+            raise ValueError(
+                f"selection=True is causal self-attention and needs Lq == Lk; got Lq={Lq}, Lk={k.shape[-2]}."
+            )
+        if not self.projection:
+            if projected is not None:
+                raise ValueError(
+                    f"selection_qk gives a dedicated voting pair, which only {self!r} with projection=True uses; "
+                    "pass selection=Selection(projection=True) or drop selection_qk."
+                )
+            heads = slice(None) if self.per_head else slice(self.head, self.head + 1)
+            return Voters(scale=scale, heads=heads)
+        if projected is None:
+            raise ValueError(f"{self!r} votes with a dedicated pair: pass selection_qk=(qs, ks), each [B, G, L, Ds].")
+        if not (isinstance(projected, tuple | list) and len(projected) == 2):
+            raise TypeError("selection_qk must be a pair (qs, ks) of [B, G, L, Ds] tensors.")
+        qs, ks = projected
+        G = self.n_groups(H)
+        for name, t in (("qs", qs), ("ks", ks)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"selection_qk {name} must be a 4-D [B, G, L, Ds] tensor.")
+            if t.shape[0] != B or t.shape[1] != G or t.shape[2] != Lq:
+                raise ValueError(
+                    f"selection_qk {name} has shape {tuple(t.shape)}; expected [B, G, L, Ds] with B={B}, L={Lq} "
+                    f"and G={G} for {self!r} (G in (1, {H}): one F for all heads, or one per head with "
+                    f"per_head=True)."
+                )
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"selection_qk {name} must match q's dtype and device ({q.dtype}, {q.device}).")
+        if qs.shape != ks.shape:
+            raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
+        Ds = qs.shape[-1]
+        return Voters(scale=scale if Ds == D else 1.0 / math.sqrt(Ds), qs=qs, ks=ks)
+
+
+@dataclass(frozen=True, eq=False)
+class Voters:
+    """One call's resolved voters, what every paper-mode backend receives (:meth:`Selection.bind`).
+
+    Either ``heads``, a slice of the layer's own heads (``slice(h, h + 1)``: head h votes, one F for
+    all heads; ``slice(None)``: every head votes for itself) -- the fast paths then add the vote
+    gradients into dq, dk in place -- or a dedicated pair ``qs, ks`` ``[B, G, L, Ds]``. ``scale``
+    multiplies the voting logits.
+    """
+
+    scale: float
+    heads: slice | None = None
+    qs: Tensor | None = None
+    ks: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.heads is None) == (self.qs is None or self.ks is None):
+            raise ValueError("Voters takes either heads (a slice of the layer's heads) or both qs and ks.")
+
+    def tensors(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(qs, ks)`` ``[B, G, L, Ds]``: the heads of ``q, k``, or the dedicated pair."""
+        return (q[:, self.heads], k[:, self.heads]) if self.heads is not None else (self.qs, self.ks)
+
+
+def _groups_of(pair: object) -> int | None:
+    """G of a would-be ``(qs, ks)`` pair, or None when it is malformed (:meth:`Selection.bind` says how)."""
+    if isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], Tensor) and pair[0].dim() == 4:
+        return pair[0].shape[1]
+    return None
+
+
+def as_selection(
+    selection: bool | Selection,
+    *,
+    head: int | None = None,
+    per_head: bool | None = None,
+    projection: bool | None = None,
+    projected: tuple[Tensor, Tensor] | None = None,
+) -> Selection | None:
+    """The public ``selection`` argument as a :class:`Selection` (None = standard attention).
+
+    ``True`` is ``Selection()``, the paper. The deprecated keyword arguments ``selection_head``,
+    ``selection_per_head``, ``selection_projection`` (``head``, ``per_head``, ``projection`` here) and
+    ``selection=True`` with a ``selection_qk`` pair (``projected``: ``Selection(projection=True)``,
+    per head when the pair has G > 1) are mapped here, and only here, with a ``DeprecationWarning``.
+    """
+    legacy = {
+        name: value
+        for name, value in (
+            ("selection_head", head),
+            ("selection_per_head", per_head),
+            ("selection_projection", projection),
+        )
+        if value is not None
+    }
+    if isinstance(selection, Selection):
+        if legacy:
+            raise ValueError(
+                f"selection={selection!r} already says who votes; drop {', '.join(legacy)} "
+                "(deprecated aliases of the Selection fields)."
+            )
+        return selection
+    if not isinstance(selection, bool):
+        raise TypeError(f"selection must be True, False or a Selection, got {type(selection).__name__}.")
+    if not selection:
+        if head or per_head or projection or projected is not None:
+            raise ValueError(
+                "selection_head, selection_per_head, selection_projection and selection_qk refine the paper's "
+                "selection; pass selection=True (or selection=Selection(...)) to use them."
+            )
+        return None
+    if projected is not None:
+        legacy["selection_qk"] = projected
+        projection = True
+        per_head = per_head or (_groups_of(projected) or 1) > 1
+    if legacy:
+        sel = Selection(head=head or 0, per_head=bool(per_head), projection=bool(projection))
+        warnings.warn(
+            f"{', '.join(legacy)} with selection=True {'are' if len(legacy) > 1 else 'is'} deprecated; pass "
+            f"selection={sel!r}{' with selection_qk' if projected is not None else ''}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return sel
+    return Selection()
 
 
 def votable_keys(key_padding_mask: Tensor) -> Tensor:

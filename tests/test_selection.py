@@ -7,7 +7,7 @@ import torch
 from helpers import TOL, assert_error_bounded, grads, qkv
 
 from selective_attention.functional import attention_weights, selective_attention
-from selective_attention.selection import exclusive_cumsum, selection_penalty
+from selective_attention.selection import Selection, exclusive_cumsum, selection_penalty
 
 
 def penalty_by_loops(q0, k0, scale):
@@ -257,7 +257,12 @@ def test_zero_length_paper_mode():
         (dict(backend="chunked"), ValueError, "paper-mode path"),
         (dict(selection=True, backend="chunked", dropout_p=0.1), ValueError, "no dropout"),
         (dict(selection_qk="x"), ValueError, "pass selection=True"),
-        (dict(selection=True, selection_head=2), ValueError, r"selection_head must be an int in \[0, H=2\), got 2"),
+        (dict(selection=True, selection_head=2), ValueError, r"Selection.head=2 is not a head .* n_heads=2"),
+        (dict(selection=Selection(head=2)), ValueError, r"Selection.head=2 is not a head .* n_heads=2"),
+        (dict(selection=Selection(projection=True)), ValueError, r"pass selection_qk=\(qs, ks\)"),
+        (dict(selection=Selection(), selection_qk=(torch.zeros(2, 1, 5, 4),) * 2), ValueError, "projection=True"),
+        (dict(selection=Selection(), selection_head=1), ValueError, "already says who votes"),
+        (dict(selection=1), TypeError, "True, False or a Selection"),
         (dict(selection=True, selection_per_head=True, selection_head=1), ValueError, "does not apply"),
         (dict(selection=True, selection_qk=(1, 2, 3)), TypeError, "pair"),
         (dict(selection=True, selection_qk=(torch.zeros(2, 3, 5, 4), torch.zeros(2, 3, 5, 4))), ValueError, "G in"),
@@ -317,8 +322,6 @@ def test_memory_tau_needs_selection():
 
 
 def test_selection_spec_voters_and_validation():
-    from selective_attention.selection import Selection
-
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
     qs, ks = Selection().voters(q, k)
     assert torch.equal(qs, q[:, :1]) and torch.equal(ks, k[:, :1])  # the paper: head 0
@@ -334,3 +337,34 @@ def test_selection_spec_voters_and_validation():
         Selection(head=-1)
     with pytest.raises(ValueError, match="projected"):
         Selection(projection=True).voters(q, k)
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunked"])
+def test_selection_value_equals_deprecated_aliases(backend):
+    """selection=Selection(...) is the API; selection_head / selection_per_head / selection=True with
+    selection_qk still work, as deprecated aliases giving the same result."""
+    import selective_attention as package
+
+    assert package.Selection is Selection
+    q, k, v = qkv(2, 3, 11, 11, 4, dtype=torch.float64, requires_grad=False)
+    pair = (torch.randn(2, 1, 11, 5, dtype=torch.float64), torch.randn(2, 1, 11, 5, dtype=torch.float64))
+    pairs = (torch.randn(2, 3, 11, 5, dtype=torch.float64), torch.randn(2, 3, 11, 5, dtype=torch.float64))
+    run = functools.partial(selective_attention, q, k, v, backend=backend, chunk_size=4)
+    cases = [
+        (dict(selection=Selection(head=2)), dict(selection=True, selection_head=2)),
+        (dict(selection=Selection(per_head=True)), dict(selection=True, selection_per_head=True)),
+        (dict(selection=Selection(projection=True), selection_qk=pair), dict(selection=True, selection_qk=pair)),
+        (
+            dict(selection=Selection(projection=True, per_head=True), selection_qk=pairs),
+            dict(selection=True, selection_qk=pairs),
+        ),
+    ]
+    for new, old in cases:
+        with pytest.warns(DeprecationWarning, match="deprecated; pass selection=Selection"):
+            ref = run(**old)
+        torch.testing.assert_close(run(**new), ref, rtol=0, atol=0)
+    torch.testing.assert_close(run(selection=Selection()), run(selection=True), rtol=0, atol=0)
+    qs, ks = Selection(head=2).voters(q, k)
+    F = selection_penalty(qs, ks)
+    ref = selective_attention(q, k, v, F, is_causal=True)
+    torch.testing.assert_close(run(selection=Selection(head=2)), ref, **TOL[torch.float64])
