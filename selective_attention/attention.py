@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .functional import BACKENDS, Backend, attention_weights, selective_attention
-from .selection import selection_penalty
+from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["SelectiveAttention"]
 
@@ -18,16 +18,18 @@ class SelectiveAttention(nn.Module):
         d_model: model width; the inputs' last dim.
         n_heads: number of heads; must divide ``d_model`` (``d_k = d_model // n_heads``).
         dropout: dropout probability on the attention weights, in ``[0, 1)``; active in training only.
-        selection: the paper's selective attention (causal self-attention): F is computed from one
-            head's own logits and subtracted from every head; no new parameters.
+        selection: the paper's selective attention (causal self-attention): ``True`` is
+            ``Selection()``, F computed from head 0's own logits and subtracted from every head, no new
+            parameters. A :class:`~selective_attention.selection.Selection` picks who votes:
+            ``head=h`` (does the choice matter?), ``per_head=True`` (every head its own F from its own
+            logits: H penalties instead of one, still no new parameters) or ``projection=True`` (a
+            dedicated query/key pair ``sel_q_proj``, ``sel_k_proj``, ``d_model -> d_k`` each,
+            ``d_model -> H * d_k`` with ``per_head``, so that no attention head serves two roles; adds
+            parameters).
         bias: whether the projections have a bias.
-        selection_head: which head votes (the paper: 0). For studying whether the choice matters.
-        selection_per_head: each head computes its own F from its own logits instead of sharing
-            head ``selection_head``'s (H penalties instead of one; still no new parameters).
-        selection_projection: vote with a dedicated query/key pair (``sel_q_proj``, ``sel_k_proj``,
-            ``d_model -> d_k`` each, ``d_model -> H * d_k`` with ``selection_per_head``) so that no
-            attention head has to serve two roles. Adds parameters.
         backend: see :func:`selective_attention.functional.selective_attention`.
+        selection_head, selection_per_head, selection_projection: deprecated aliases of the
+            :class:`~selective_attention.selection.Selection` fields (with ``selection=True``).
 
     Attributes:
         q_proj, k_proj, v_proj, out_proj: ``nn.Linear(d_model, d_model)``.
@@ -45,12 +47,12 @@ class SelectiveAttention(nn.Module):
         n_heads: int,
         dropout: float = 0.1,
         *,
-        selection: bool = False,
+        selection: bool | Selection = False,
         bias: bool = True,
-        selection_head: int = 0,
-        selection_per_head: bool = False,
-        selection_projection: bool = False,
         backend: Backend = "auto",
+        selection_head: int | None = None,
+        selection_per_head: bool | None = None,
+        selection_projection: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(d_model, int) or d_model <= 0:
@@ -66,39 +68,31 @@ class SelectiveAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
-        if not isinstance(selection_head, int) or not 0 <= selection_head < n_heads:
-            raise ValueError(f"selection_head must be an int in [0, n_heads={n_heads}), got {selection_head!r}.")
-        if not selection and (selection_head != 0 or selection_per_head or selection_projection):
-            raise ValueError(
-                "selection_head, selection_per_head and selection_projection refine the paper's selection; "
-                "pass selection=True to use them."
-            )
-        if selection_per_head and selection_head != 0:
-            raise ValueError("selection_per_head gives every head its own F; selection_head does not apply.")
+        sel = as_selection(selection, head=selection_head, per_head=selection_per_head, projection=selection_projection)
+        if sel is not None:
+            sel.validate(n_heads)
         self.d_model = d_model
         self.n_heads = n_heads
         self.d_k = d_model // n_heads
         self.dropout = dropout
         self.backend: Backend = backend
-        self.selection = selection
-        self.selection_head = selection_head
-        self.selection_per_head = selection_per_head
+        self.selection: Selection | None = sel  # None: standard attention
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.sel_q_proj: nn.Linear | None = None
         self.sel_k_proj: nn.Linear | None = None
-        if selection_projection:
-            G = n_heads if selection_per_head else 1
+        if sel is not None and sel.projection:
+            G = sel.n_groups(n_heads)
             self.sel_q_proj = nn.Linear(d_model, G * self.d_k, bias=bias)
             self.sel_k_proj = nn.Linear(d_model, G * self.d_k, bias=bias)
 
     def extra_repr(self) -> str:
         s = f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
-        if self.selection:
-            who = "per_head" if self.selection_per_head else f"head={self.selection_head}"
-            s += f", selection=True ({who}{', projection' if self.sel_q_proj is not None else ''})"
+        if self.selection is not None:
+            who = "per_head" if self.selection.per_head else f"head={self.selection.head}"
+            s += f", selection=True ({who}{', projection' if self.selection.projection else ''})"
         return s
 
     def _check_inputs(self, Q: Tensor, K: Tensor, V: Tensor) -> None:
@@ -157,27 +151,21 @@ class SelectiveAttention(nn.Module):
         B, L, C = x.shape
         return x.view(B, L, C // self.d_k, self.d_k).transpose(1, 2)  # [B, H (or G), L, d_k]
 
-    def _selection_kwargs(self, Q: Tensor, K: Tensor) -> dict:
-        """The functional's selection arguments for this layer's options."""
-        if not self.selection:
-            return {}
-        if self.sel_q_proj is not None:
-            qk = (self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K)))  # [B, G, L, d_k]
-            return dict(selection=True, selection_qk=qk)
-        return dict(selection=True, selection_head=self.selection_head, selection_per_head=self.selection_per_head)
+    def _projected(self, Q: Tensor, K: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The dedicated voting pair ``[B, G, L, d_k]`` of ``Selection(projection=True)``, else None."""
+        if self.sel_q_proj is None:
+            return None
+        return self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
 
     def selection_penalty(self, Q: Tensor, K: Tensor | None = None) -> Tensor:
         """The F this layer computes for the sequence ``Q`` (``K`` defaults to ``Q``): ``[B, G, L, L]``,
-        G = 1, or H with ``selection_per_head``. Materialises F: for inspection and plots."""
-        if not self.selection:
-            raise ValueError("selection_penalty needs a layer built with selection=True.")
+        G = 1, or H with ``Selection(per_head=True)``. Materialises F: for inspection and plots."""
+        if self.selection is None:
+            raise ValueError("selection_penalty needs a layer built with selection=True (or a Selection).")
         K = Q if K is None else K
         self._check_inputs(Q, K, K)
-        if self.sel_q_proj is not None:
-            qs, ks = self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
-        else:
-            heads = slice(None) if self.selection_per_head else slice(self.selection_head, self.selection_head + 1)
-            qs, ks = self._heads(self.q_proj(Q))[:, heads], self._heads(self.k_proj(K))[:, heads]
+        q, k = self._heads(self.q_proj(Q)), self._heads(self.k_proj(K))
+        qs, ks = self.selection.voters(q, k, self._projected(Q, K))
         return selection_penalty(qs, ks, scale=1.0 / self.d_k**0.5)
 
     def forward(
@@ -210,7 +198,9 @@ class SelectiveAttention(nn.Module):
         k = self._heads(self.k_proj(K))  # [B, H, Lk, d_k]
         v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
         p = self.dropout if self.training else 0.0
-        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, **self._selection_kwargs(Q, K))
+        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask)
+        if self.selection is not None:
+            kw.update(selection=self.selection, selection_qk=self._projected(Q, K))
         out = selective_attention(q, k, v, selective_mask, dropout_p=p, backend=self.backend, **kw)  # [B, H, Lq, d_k]
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
         if not need_weights:

@@ -6,7 +6,7 @@ from helpers import TOL
 
 from selective_attention import SelectiveAttention
 from selective_attention.functional import selective_attention
-from selective_attention.selection import selection_penalty
+from selective_attention.selection import Selection, selection_penalty
 
 
 def heads(x, d_k):
@@ -42,7 +42,7 @@ def test_paper_layer_adds_no_parameters():
 
 def test_selection_head_option():
     torch.manual_seed(1)
-    attn = SelectiveAttention(24, 3, dropout=0.0, selection=True, selection_head=2).double()
+    attn = SelectiveAttention(24, 3, dropout=0.0, selection=Selection(head=2)).double()
     x = torch.randn(2, 15, 24, dtype=torch.float64)
     q, k = heads(attn.q_proj(x), 8), heads(attn.k_proj(x), 8)
     F = selection_penalty(q[:, 2], k[:, 2])[:, None]
@@ -54,7 +54,7 @@ def test_selection_head_option():
 
 def test_per_head_option():
     torch.manual_seed(2)
-    attn = SelectiveAttention(24, 3, dropout=0.0, selection=True, selection_per_head=True).double()
+    attn = SelectiveAttention(24, 3, dropout=0.0, selection=Selection(per_head=True)).double()
     x = torch.randn(2, 15, 24, dtype=torch.float64)
     q, k = heads(attn.q_proj(x), 8), heads(attn.k_proj(x), 8)
     F = torch.stack([selection_penalty(q[:, h], k[:, h]) for h in range(3)], dim=1)  # [B, H, L, L]
@@ -65,9 +65,7 @@ def test_per_head_option():
 @pytest.mark.parametrize("per_head", [False, True])
 def test_dedicated_projection_option(per_head):
     torch.manual_seed(3)
-    attn = SelectiveAttention(
-        24, 3, dropout=0.0, selection=True, selection_projection=True, selection_per_head=per_head
-    ).double()
+    attn = SelectiveAttention(24, 3, dropout=0.0, selection=Selection(projection=True, per_head=per_head)).double()
     assert attn.sel_q_proj.out_features == (24 if per_head else 8)
     x = torch.randn(2, 15, 24, dtype=torch.float64)
     qs, ks = heads(attn.sel_q_proj(x), 8), heads(attn.sel_k_proj(x), 8)
@@ -75,6 +73,26 @@ def test_dedicated_projection_option(per_head):
     torch.testing.assert_close(attn(x, x, x), reference(attn, x, F), **TOL[torch.float64])
     attn(x, x, x).sum().backward()
     assert attn.sel_q_proj.weight.grad.abs().sum() > 0 and attn.sel_k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "new, old",
+    [
+        (Selection(head=2), dict(selection_head=2)),
+        (Selection(per_head=True), dict(selection_per_head=True)),
+        (Selection(projection=True), dict(selection_projection=True)),
+        (Selection(projection=True, per_head=True), dict(selection_projection=True, selection_per_head=True)),
+    ],
+)
+def test_deprecated_option_aliases(new, old):
+    """selection_head / selection_per_head / selection_projection still build the same layer, with a warning."""
+    with pytest.warns(DeprecationWarning, match=r"deprecated; pass selection=Selection\("):
+        legacy = SelectiveAttention(24, 3, dropout=0.0, selection=True, **old).double()
+    attn = SelectiveAttention(24, 3, dropout=0.0, selection=new).double()
+    assert attn.selection == legacy.selection == new
+    attn.load_state_dict(legacy.state_dict())  # same parameters (sel_q_proj / sel_k_proj with projection)
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    torch.testing.assert_close(attn(x, x, x), legacy(x, x, x), rtol=0, atol=0)
 
 
 def test_paper_layer_with_padding_and_weights():
@@ -89,7 +107,9 @@ def test_paper_layer_with_padding_and_weights():
 
 
 def test_bad_selection_options():
-    with pytest.raises(ValueError, match="selection_head must be an int in \\[0, n_heads=4\\), got 4"):
+    with pytest.raises(ValueError, match=r"Selection.head=4 is not a head .* n_heads=4 \(heads 0 .. 3\)"):
+        SelectiveAttention(32, 4, selection=Selection(head=4))
+    with pytest.raises(ValueError, match=r"Selection.head=4 is not a head .* n_heads=4"):
         SelectiveAttention(32, 4, selection=True, selection_head=4)
     with pytest.raises(ValueError, match="pass selection=True"):
         SelectiveAttention(32, 4, selection_per_head=True)
