@@ -32,7 +32,8 @@ def main() -> None:
             torch.manual_seed(0)
             m = GPT(GPTConfig(context_len=T, n_layer=4, n_head=4, d_model=128, selection=sel))
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-            x, y = torch.randint(0, 256, (B, T)), torch.randint(0, 256, (B, T))
+            V = m.config.vocab_size
+            x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
 
             def steps(m=m, opt=opt, x=x, y=y):
                 for _ in range(args.steps):
