@@ -5,19 +5,18 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from .masks import NormalizedMask, causal_removed, normalize_mask
-from .ops.chunked import check_chunk_size, chunked_selective_attention
-from .ops.naive import naive_attention, naive_selective_attention
-from .ops.sdpa import sdpa_attention
-from .selection import Selection, Voters, as_selection, selection_penalty
+from .masks import normalize_mask
+from .ops import naive
+from .ops.chunked import check_chunk_size
+from .ops.registry import NAMES, Request, dispatch
+from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["selective_attention", "attention_weights", "selection_penalty", "Selection"]
 
-Backend = Literal["auto", "naive", "sdpa", "chunked", "triton"]
-BACKENDS = ("auto", "naive", "sdpa", "chunked", "triton")
+Backend = Literal["auto", "triton", "chunked", "sdpa", "naive"]
+BACKENDS = NAMES  # "auto", then the backends in the order "auto" tries them
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -43,21 +42,32 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q and k must have the same head dim D; got q {tuple(q.shape)}, k {tuple(k.shape)}.")
 
 
-def _prepare(
+def _request(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     selective_mask: Tensor | None,
+    *,
     is_causal: bool,
     key_padding_mask: Tensor | None,
+    selection: bool | Selection,
+    selection_qk: tuple[Tensor, Tensor] | None,
     dropout_p: float,
     scale: float | None,
-) -> tuple[NormalizedMask, float]:
+    chunk_size: int | None = None,
+    memory_tau: float | None = None,
+    selection_head: int | None = None,
+    selection_per_head: bool | None = None,
+) -> Request:
+    """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
     _check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    chosen = as_selection(
+        selection, head=selection_head, per_head=selection_per_head, projected=selection_qk, stacklevel=4
+    )
     B, H, Lq, _ = q.shape
     mask = normalize_mask(
         selective_mask,
@@ -67,19 +77,15 @@ def _prepare(
         Lk=k.shape[-2],
         dtype=q.dtype,
         device=q.device,
-        is_causal=is_causal,
+        # paper mode is causal in every backend; folding is_causal into the mask too would turn a
+        # [B, 1, 1, L] key padding mask into [B, 1, L, L]
+        is_causal=is_causal and chosen is None,
         key_padding_mask=key_padding_mask,
     )
-    return mask, scale
-
-
-def _triton_fits(sel: Voters, mask: NormalizedMask, memory_tau: float | None) -> bool:
-    """Whether the fused GPU kernel covers this call (head voters, no user masks, no memory rows)."""
-    if sel.heads is None or not mask.is_plain or memory_tau is not None:
-        return False
-    from .ops.triton import is_available
-
-    return is_available()
+    voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
+    if memory_tau is not None and (voters is None or not memory_tau > 0):
+        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
+    return Request(q, k, v, mask, scale, voters, memory_tau, dropout_p, chunk_size)
 
 
 def selective_attention(
@@ -135,11 +141,12 @@ def selective_attention(
             its own. Votes use ``scale`` when ``Ds == D``, else ``1 / sqrt(Ds)``.
         dropout_p: dropout on the attention weights; applied as given (pass 0.0 in eval).
         scale: logit scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (fastest exact path), ``"naive"`` (the spec), ``"sdpa"`` (user masks),
-            ``"chunked"`` (paper mode, memory-lean; ``"auto"`` picks it for ``selection`` on CPU unless
-            ``dropout_p > 0``, which only the naive path implements) or ``"triton"`` (paper mode, the
-            fused GPU kernel; ``"auto"`` picks it on CUDA when Triton is installed and there is no
-            user mask).
+        backend: ``"auto"`` takes the first backend that serves the call, in this order:
+            ``"triton"`` (paper mode, the fused GPU kernel: CUDA with Triton installed, heads of q/k
+            voting, no user mask, key padding, dropout or ``memory_tau``), ``"chunked"`` (paper mode,
+            exact and memory-lean, no dropout), ``"sdpa"`` (standard attention, any mask, dropout) and
+            ``"naive"`` (the spec: everything, paper mode with dropout included). A named backend runs
+            the call or raises ``ValueError`` saying why it cannot, and what to use instead.
         chunk_size: query rows per chunk for ``"chunked"``, an int >= 1 (``None``: 64, fewer for very
             long L). Any other value raises ``ValueError``.
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
@@ -156,60 +163,13 @@ def selective_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     check_chunk_size(chunk_size)
-    # paper mode is causal in every kernel; folding is_causal into the mask too would turn a
-    # [B, 1, 1, L] key padding mask into [B, 1, L, L]
-    mask, scale = _prepare(q, k, v, selective_mask, is_causal and not selection, key_padding_mask, dropout_p, scale)
-    chosen = as_selection(selection, head=selection_head, per_head=selection_per_head, projected=selection_qk)
-    sel = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
-    Lq, Lk = q.shape[-2], k.shape[-2]
-    if memory_tau is not None and (sel is None or not memory_tau > 0):
-        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
-    if sel is None:
-        if backend == "chunked":
-            raise ValueError("backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'.")
-        if backend == "naive":
-            removed = _with_causal(mask, Lq, Lk, q.device)
-            return naive_attention(q, k, v, removed=removed, penalty=mask.penalty, scale=scale, dropout_p=dropout_p)[0]
-        return sdpa_attention(
-            q, k, v, removed=mask.removed, penalty=mask.penalty, causal=mask.causal, scale=scale, dropout_p=dropout_p
-        )
-
-    if backend == "sdpa":
-        raise ValueError("backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True.")
-    if backend == "auto":
-        if dropout_p > 0.0 or Lq == 0:
-            backend = "naive"
-        elif q.is_cuda and _triton_fits(sel, mask, memory_tau):
-            backend = "triton"
-        else:
-            backend = "chunked"
-    if backend == "triton":
-        from .ops.triton import triton_selective_attention
-
-        if sel.heads is None:
-            raise NotImplementedError("backend='triton' votes with heads of q/k; selection_qk needs 'chunked'.")
-        if dropout_p > 0.0:
-            raise ValueError("backend='triton' has no dropout; use dropout_p=0.0 or backend='naive'.")
-        if memory_tau is not None:
-            raise NotImplementedError("backend='triton' does not return memory-loss rows; use backend='chunked'.")
-        return triton_selective_attention(
-            q, k, v, heads=sel.heads, scale=scale, sel_scale=sel.scale, removed=mask.removed, penalty=mask.penalty
-        )
-    if backend == "chunked":
-        if dropout_p > 0.0:
-            raise ValueError("backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'.")
-        if Lq > 0:
-            out, rows = chunked_selective_attention(
-                q, k, v, sel.qs, sel.ks, heads=sel.heads, removed=mask.removed, penalty=mask.penalty, scale=scale,
-                sel_scale=sel.scale, chunk_size=chunk_size, tau=memory_tau, key_padding_mask=mask.padding,
-            )  # fmt: skip
-            return out if memory_tau is None else (out, rows / memory_tau)
-    qs, ks = sel.tensors(q, k)
-    out, _, F = naive_selective_attention(
-        q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
-        dropout_p=dropout_p, key_padding_mask=mask.padding,
+    req = _request(
+        q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
+        selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,
+        selection_head=selection_head, selection_per_head=selection_per_head,
     )  # fmt: skip
-    return out if memory_tau is None else (out, F.clamp(max=memory_tau).sum(-1) / memory_tau)
+    out, rows = dispatch(backend, req)
+    return out if memory_tau is None else (out, rows)
 
 
 def attention_weights(
@@ -228,21 +188,9 @@ def attention_weights(
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
     uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
     are 0."""
-    mask, scale = _prepare(q, k, k, selective_mask, is_causal and not selection, key_padding_mask, 0.0, scale)
-    chosen = as_selection(selection, head=selection_head, per_head=selection_per_head, projected=selection_qk)
-    sel = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
-    if sel is not None:
-        qs, ks = sel.tensors(q, k)
-        return naive_selective_attention(
-            q, k, k, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=scale, sel_scale=sel.scale,
-            key_padding_mask=mask.padding,
-        )[1]  # fmt: skip
-    removed = _with_causal(mask, q.shape[-2], k.shape[-2], q.device)
-    return naive_attention(q, k, k, removed=removed, penalty=mask.penalty, scale=scale)[1]
-
-
-def _with_causal(mask: NormalizedMask, Lq: int, Lk: int, device: torch.device) -> Tensor | None:
-    """The mask's full removal set, the causal rule written out when it was folded into a flag."""
-    if not mask.causal:
-        return mask.removed
-    return causal_removed(Lq, Lk, device)  # mask.removed is None whenever mask.causal
+    req = _request(
+        q, k, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
+        selection_qk=selection_qk, dropout_p=0.0, scale=scale, selection_head=selection_head,
+        selection_per_head=selection_per_head,
+    )  # fmt: skip
+    return naive.weights(req)

@@ -56,6 +56,14 @@ class NormalizedMask:
         """True when nothing is removed or penalised beyond the causal rule (and there is no padding)."""
         return self.removed is None and self.penalty is None and self.padding is None
 
+    def removed_with_causal(self, Lq: int, Lk: int, device: torch.device | str | None = None) -> Tensor | None:
+        """The full removal set, the causal rule written out when it was folded into ``causal``:
+        bool, broadcasting to ``(B, H, Lq, Lk)``, or None when nothing is removed. The one place
+        that unfolds the flag (``removed`` is None whenever ``causal`` is True)."""
+        if not self.causal:
+            return self.removed
+        return causal_removed(Lq, Lk, device)
+
 
 def causal_removed(Lq: int, Lk: int, device: torch.device | str | None = None) -> Tensor:
     """The causal rule as a bool ``(Lq, Lk)`` mask, True = removed.

@@ -179,13 +179,15 @@ def as_selection(
     per_head: bool | None = None,
     projection: bool | None = None,
     projected: tuple[Tensor, Tensor] | None = None,
+    stacklevel: int = 3,
 ) -> Selection | None:
     """The public ``selection`` argument as a :class:`Selection` (None = standard attention).
 
     ``True`` is ``Selection()``, the paper. The deprecated keyword arguments ``selection_head``,
     ``selection_per_head``, ``selection_projection`` (``head``, ``per_head``, ``projection`` here) and
     ``selection=True`` with a ``selection_qk`` pair (``projected``: ``Selection(projection=True)``,
-    per head when the pair has G > 1) are mapped here, and only here, with a ``DeprecationWarning``.
+    per head when the pair has G > 1) are mapped here, and only here, with a ``DeprecationWarning``
+    (``stacklevel`` as in :func:`warnings.warn`, counted from here: it should point at the user's call).
     """
     legacy = {
         name: value
@@ -222,7 +224,7 @@ def as_selection(
             f"{', '.join(legacy)} with selection=True {'are' if len(legacy) > 1 else 'is'} deprecated; pass "
             f"selection={sel!r}{' with selection_qk' if projected is not None else ''}.",
             DeprecationWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         return sel
     return Selection()

@@ -10,7 +10,7 @@ from helpers import TOL, assert_error_bounded, grads
 
 from selective_attention.functional import attention_weights, selective_attention
 from selective_attention.ops import chunked
-from selective_attention.selection import selection_penalty, votable_keys, vote_mask
+from selective_attention.selection import Voters, selection_penalty, votable_keys, vote_mask
 
 
 def _qkv(B, H, L, D, Dv=None, dtype=torch.float64, seed=0):
@@ -106,7 +106,7 @@ def test_bad_chunk_size_raises(bad):
     with pytest.raises(ValueError, match=rf"chunk_size.*{bad!r}.*>= 1.*None"):
         selective_attention(q, k, v, selection=True, chunk_size=bad)
     with pytest.raises(ValueError, match=rf"chunk_size.*{bad!r}.*>= 1.*None"):
-        chunked.chunked_selective_attention(q, k, v, heads=slice(0, 1), scale=0.5, sel_scale=0.5, chunk_size=bad)
+        chunked.chunked_selective_attention(q, k, v, Voters(scale=0.5, heads=slice(0, 1)), scale=0.5, chunk_size=bad)
 
 
 # --- 4. key padding: O(B L) masks in the chunked path; the first real token is protected ----------------

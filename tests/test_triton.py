@@ -195,12 +195,25 @@ def test_unsupported_inputs_raise():
     q, k, v = (torch.randn(1, 3, 8, 16, device=DEVICE) for _ in range(3))
     kw = dict(heads=slice(0, 1), scale=0.25, sel_scale=0.25)
     mask = torch.zeros(8, 8, dtype=torch.bool, device=DEVICE)
+    mask[5, 2] = True
+    # user masks and memory rows are refused by the backend's supports(), before the kernel
+    from selective_attention.functional import selective_attention
+
+    paper = dict(selection=True, backend="triton")
     with pytest.raises(NotImplementedError, match="user masks"):
-        triton_selective_attention(q, k, v, removed=mask, **kw)
-    with pytest.raises(NotImplementedError, match="penalt"):
-        triton_selective_attention(q, k, v, penalty=mask.float(), **kw)
+        selective_attention(q, k, v, mask, **paper)
+    with pytest.raises(NotImplementedError, match="user masks"):
+        selective_attention(q, k, v, mask.float(), **paper)  # finite penalties
     with pytest.raises(NotImplementedError, match="memory-loss"):
-        triton_selective_attention(q, k, v, tau=1.0, **kw)
+        selective_attention(q, k, v, memory_tau=1.0, **paper)
+    with pytest.raises(ValueError, match="no dropout"):
+        selective_attention(q, k, v, dropout_p=0.1, **paper)
+    with pytest.raises(ValueError, match="paper-mode path"):
+        selective_attention(q, k, v, backend="triton")
+    with pytest.raises(
+        ValueError, match=r"head dims up to 128.*backend='triton'|backend='triton'.*head dims up to 128"
+    ):
+        selective_attention(*(torch.randn(1, 2, 4, 160, device=DEVICE) for _ in range(3)), **paper)
     with pytest.raises(ValueError, match="one voting head"):
         triton_selective_attention(q, k, v, heads=slice(0, 2), scale=0.25, sel_scale=0.25)
     with pytest.raises(TypeError, match="dtype"):

@@ -27,13 +27,18 @@ CPU). Other devices use a plain PyTorch kernel with the same contract. The code 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..selection import votable_keys
+from ..selection import Voters, votable_keys
+from . import naive
 
-__all__ = ["chunked_selective_attention", "default_chunk_size", "check_chunk_size"]
+if TYPE_CHECKING:
+    from .registry import Request
+
+__all__ = ["chunked_selective_attention", "default_chunk_size", "check_chunk_size", "supports", "attend"]
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634  # log2(e)
@@ -74,7 +79,7 @@ def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: f
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
-class _Voters:
+class _VoteOperands:
     """What every chunk's votes need, built once per call (and again in backward, bit for bit).
 
     ``qn = -qs * sel_scale``, so ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and
@@ -99,7 +104,7 @@ class _Voters:
 
 
 def _chunk_bias(
-    vt: _Voters,
+    vt: _VoteOperands,
     ncol: Tensor,
     removed: Tensor | None,
     dead: Tensor | None,
@@ -168,7 +173,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
-        vt = _Voters(qs, ks, sel_scale, chunk, pad)
+        vt = _VoteOperands(qs, ks, sel_scale, chunk, pad)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
         mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
@@ -213,7 +218,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         else:  # the voting heads: their vote gradients land straight in dq, dk
             qs, ks, dqs, dks = q[:, heads], k[:, heads], dq[:, heads], dk[:, heads]
         G = qs.shape[1]
-        vt = _Voters(qs, ks, sel_scale, chunk, pad)
+        vt = _VoteOperands(qs, ks, sel_scale, chunk, pad)
         want_dpen = penalty is not None and ctx.needs_input_grad[9]
         dpen = torch.zeros_like(penalty) if want_dpen else None
         dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
@@ -304,14 +309,11 @@ def chunked_selective_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    qs: Tensor | None = None,
-    ks: Tensor | None = None,
+    voters: Voters,
     *,
-    heads: slice | None = None,
     removed: Tensor | None = None,
     penalty: Tensor | None = None,
     scale: float,
-    sel_scale: float,
     chunk_size: int | None = None,
     tau: float | None = None,
     key_padding_mask: Tensor | None = None,
@@ -320,14 +322,14 @@ def chunked_selective_attention(
 
     Args:
         q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``.
-        qs, ks: ``[B, G, L, Ds]``, the voters, with G = 1 (one F shared by all heads, the paper) or
-            G = H (one F per head). Gradients flow into them.
-        heads: instead of ``qs, ks``, vote with ``q[:, heads], k[:, heads]`` (``slice(0, 1)``: head 0,
-            the paper; ``slice(None)``: every head its own F). Both roles' gradients reach q and k.
+        voters: who votes (:meth:`~selective_attention.selection.Selection.bind`): heads of ``q, k``
+            (``slice(0, 1)``: head 0, the paper; ``slice(None)``: every head its own F), whose vote
+            gradients are added into dq, dk in place, or a dedicated pair ``qs, ks`` ``[B, G, L, Ds]``
+            with G = 1 (one F shared by all heads) or G = H; gradients flow into them.
         removed: bool, broadcasts to ``[B, H, L, L]``; True = key removed (on top of causal). A mask
             with one query row (``[B, 1, 1, L]``, key padding) stays that size: memory O(B L).
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
-        scale: attention logit scale; sel_scale: the votes' logit scale.
+        scale: attention logit scale (the votes' is ``voters.scale``).
         chunk_size: query rows per chunk (default: :func:`default_chunk_size`).
         tau: also return ``sum_j min(F[i, j], tau)`` per row, ``[B, G, L]`` (the memory loss's
             soft count of masked tokens, times tau), differentiable.
@@ -338,8 +340,8 @@ def chunked_selective_attention(
     Returns:
         ``(out [B, H, L, Dv], rows [B, G, L] or None)``; a query whose every key is removed gets zeros.
     """
-    if (heads is None) == (qs is None or ks is None):
-        raise ValueError("pass either qs and ks, or heads.")
+    if not isinstance(voters, Voters):
+        raise TypeError(f"voters must be a selection.Voters (Selection.bind), got {type(voters).__name__}.")
     B, H, L, _ = q.shape
     if L == 0:
         raise ValueError("chunked_selective_attention needs L >= 1; the dispatcher sends L = 0 to the naive path.")
@@ -358,8 +360,29 @@ def chunked_selective_attention(
             dead = None
     if key_padding_mask is not None and not key_padding_mask.any():
         key_padding_mask = None
+    qs, ks, heads = voters.qs, voters.ks, voters.heads
     out, rows = _ChunkedSelectiveAttention.apply(
-        q, k, v, qs, ks, heads, removed, dead, key_padding_mask, penalty, scale, sel_scale, chunk, tau
+        q, k, v, qs, ks, heads, removed, dead, key_padding_mask, penalty, scale, voters.scale, chunk, tau
     )
     out = out if dead is None else out.masked_fill(dead, 0.0)
     return out, (rows if tau is not None else None)
+
+
+def supports(req: Request) -> str | None:
+    """Paper mode (any voters, user masks, key padding, memory rows), without dropout."""
+    if req.voters is None:
+        return "backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'."
+    if req.dropout_p > 0.0:
+        return "backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'."
+    return None
+
+
+def attend(req: Request) -> tuple[Tensor, Tensor | None]:
+    """``(out, memory-loss rows or None)`` (the backend contract)."""
+    if req.q.shape[-2] == 0:
+        return naive.attend(req)  # nothing to chunk: the spec's empty answer
+    out, rows = chunked_selective_attention(
+        req.q, req.k, req.v, req.voters, removed=req.mask.removed, penalty=req.mask.penalty, scale=req.scale,
+        chunk_size=req.chunk_size, tau=req.tau, key_padding_mask=req.mask.padding,
+    )  # fmt: skip
+    return out, (None if req.tau is None else rows / req.tau)

@@ -1,9 +1,12 @@
 """The executable spec: selective attention in the clearest PyTorch, materialising everything.
 
-Every fast path is tested against this file for outputs and gradients.
+Every fast path is tested against this file for outputs and gradients. As a backend
+(:mod:`~selective_attention.ops.registry`) it serves every request, dropout included.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,10 @@ from torch import Tensor
 from ..masks import causal_removed
 from ..selection import selection_penalty
 
-__all__ = ["naive_attention", "naive_selective_attention"]
+if TYPE_CHECKING:
+    from .registry import Request
+
+__all__ = ["naive_attention", "naive_selective_attention", "supports", "attend", "weights"]
 
 
 def naive_attention(
@@ -89,3 +95,37 @@ def naive_selective_attention(
     total = F if penalty is None else F + penalty
     out, weights = naive_attention(q, k, v, removed=removed, penalty=total, scale=scale, dropout_p=dropout_p)
     return out, weights, F
+
+
+def _run(req: Request) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(out, weights, F or None)`` for a request: the paper's F when it has voters."""
+    q, k, v, mask = req.q, req.k, req.v, req.mask
+    if req.voters is None:
+        removed = mask.removed_with_causal(q.shape[-2], k.shape[-2], q.device)
+        out, w = naive_attention(
+            q, k, v, removed=removed, penalty=mask.penalty, scale=req.scale, dropout_p=req.dropout_p
+        )
+        return out, w, None
+    qs, ks = req.voters.tensors(q, k)
+    return naive_selective_attention(
+        q, k, v, qs, ks, removed=mask.removed, penalty=mask.penalty, scale=req.scale, sel_scale=req.voters.scale,
+        dropout_p=req.dropout_p, key_padding_mask=mask.padding,
+    )  # fmt: skip
+
+
+def supports(req: Request) -> str | None:
+    """The spec serves every request."""
+    return None
+
+
+def attend(req: Request) -> tuple[Tensor, Tensor | None]:
+    """``(out, memory-loss rows or None)`` (the backend contract)."""
+    out, _, F = _run(req)
+    if req.tau is None:
+        return out, None
+    return out, F.clamp(max=req.tau).sum(-1) / req.tau
+
+
+def weights(req: Request) -> Tensor:
+    """The attention weights ``[B, H, Lq, Lk]`` before dropout (0 on rows with every key removed)."""
+    return _run(req)[1]

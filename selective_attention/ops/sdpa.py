@@ -7,14 +7,31 @@ removed keys.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masks import causal_removed
+from ..masks import NormalizedMask
 from .naive import naive_attention
 
-__all__ = ["sdpa_attention"]
+if TYPE_CHECKING:
+    from .registry import Request
+
+__all__ = ["sdpa_attention", "supports", "attend"]
+
+
+def supports(req: Request) -> str | None:
+    """Standard attention with any user mask and dropout; not the paper's F."""
+    if req.voters is not None:
+        return "backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True."
+    return None
+
+
+def attend(req: Request) -> tuple[Tensor, None]:
+    """``(out, None)`` (the backend contract)."""
+    return sdpa_attention(req.q, req.k, req.v, mask=req.mask, scale=req.scale, dropout_p=req.dropout_p), None
 
 
 def sdpa_attention(
@@ -22,28 +39,23 @@ def sdpa_attention(
     k: Tensor,
     v: Tensor,
     *,
-    removed: Tensor | None = None,
-    penalty: Tensor | None = None,
-    causal: bool = False,
+    mask: NormalizedMask,
     scale: float,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Same contract as :func:`~selective_attention.ops.naive.naive_attention` (output only), plus
-    ``causal``: also remove keys ``j > i + Lk - Lq``.
+    """Same result as :func:`~selective_attention.ops.naive.naive_attention` (output only) with
+    ``removed = mask.removed_with_causal(Lq, Lk)`` and ``penalty = mask.penalty``.
 
     Shapes: q ``[B, H, Lq, D]``, k ``[B, H, Lk, D]``, v ``[B, H, Lk, Dv]`` -> ``[B, H, Lq, Dv]``.
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
+    removed, penalty = mask.removed_with_causal(Lq, Lk, q.device), mask.penalty
     if Lq == 0 or Lk == 0:
         # SDPA kernels reject empty sequences; the answer (zeros) is the spec's.
-        removed = causal_removed(Lq, Lk, q.device) if causal else removed
         return naive_attention(q, k, v, removed=removed, penalty=penalty, scale=scale)[0]
-    if removed is None and penalty is None and (not causal or Lq == Lk):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    if mask.removed is None and penalty is None and (not mask.causal or Lq == Lk):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=mask.causal, scale=scale)
 
-    if causal:
-        rule = causal_removed(Lq, Lk, q.device)
-        removed = rule if removed is None else removed | rule
     if penalty is None:
         bias = torch.zeros((), dtype=q.dtype, device=q.device)
     else:

@@ -3,6 +3,6 @@
 Importing this package needs neither Triton nor a GPU; :func:`is_available` says whether it can run.
 """
 
-from .op import is_available, triton_selective_attention
+from .op import attend, is_available, supports, triton_selective_attention
 
-__all__ = ["triton_selective_attention", "is_available"]
+__all__ = ["triton_selective_attention", "is_available", "supports", "attend"]

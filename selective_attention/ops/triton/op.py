@@ -11,11 +11,15 @@ Triton is imported only when a kernel runs, so this module imports without Trito
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["triton_selective_attention", "is_available", "paper_fwd", "paper_bwd"]
+if TYPE_CHECKING:
+    from ..registry import Request
+
+__all__ = ["triton_selective_attention", "is_available", "paper_fwd", "paper_bwd", "supports", "attend"]
 
 # Fill every kernel output with NaN before the kernels write it, so an element they miss fails the
 # tests instead of passing on leftover memory (tests turn it on; off by default, it costs a memset).
@@ -121,9 +125,6 @@ def triton_selective_attention(
     heads: slice,
     scale: float,
     sel_scale: float,
-    removed: Tensor | None = None,
-    penalty: Tensor | None = None,
-    tau: float | None = None,
 ) -> Tensor:
     """The paper's causal selective attention on a GPU with fused Triton kernels (forward and backward).
 
@@ -143,21 +144,13 @@ def triton_selective_attention(
         heads: ``slice(h, h + 1)``: F from head h, shared by all heads (the paper: h = 0);
             ``slice(None)``: every head its own F from its own logits. Both roles' gradients reach q, k.
         scale: attention logit scale; sel_scale: the votes' logit scale.
-        removed, penalty, tau: not supported here (user masks, key padding, memory-loss rows): passing
-            them raises ``NotImplementedError``; the chunked backend has them.
+
+    User masks, key padding, dropout and memory-loss rows are the chunked (or naive) backend's: the
+    dispatcher asks :func:`supports` before it sends a request here.
 
     Returns:
         ``[B, H, L, Dv]`` in the inputs' dtype. Differentiable in q, k, v.
     """
-    unsupported = [
-        name for name, given in (("user masks (removed)", removed), ("user penalties (penalty)", penalty),
-                                 ("memory-loss rows (tau)", tau)) if given is not None
-    ]  # fmt: skip
-    if unsupported:
-        raise NotImplementedError(
-            f"The Triton backend computes the paper's F only; not supported: {', '.join(unsupported)}. "
-            "Use the chunked backend for selective_mask, key_padding_mask or memory_tau."
-        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D [B, H, L, D] tensor, got {getattr(t, 'shape', type(t))}.")
@@ -179,3 +172,49 @@ def triton_selective_attention(
         )
     vote_head = _vote_head(heads, q.shape[1])
     return paper_fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]
+
+
+def supports(req: Request) -> str | None:
+    """The paper's F from heads of q/k, no user masks, no dropout, no memory rows; fp32/fp16/bf16,
+    head dims up to 128; CUDA (or the interpreter, for tests)."""
+    mask, voters = req.mask, req.voters
+    if voters is None:
+        return "backend='triton' is the paper-mode path; pass selection=True or use 'sdpa'."
+    if voters.heads is None:
+        return (
+            "backend='triton' votes with heads of q/k; a dedicated pair (Selection(projection=True) with "
+            "selection_qk) needs 'chunked'."
+        )
+    if req.dropout_p > 0.0:
+        return "backend='triton' has no dropout; use dropout_p=0.0 or backend='naive'."
+    if req.tau is not None:
+        return "backend='triton' does not return memory-loss rows (memory_tau); use backend='chunked'."
+    if not mask.is_plain:
+        given = ["key_padding_mask"] if mask.padding is not None else []
+        if mask.penalty is not None or (mask.removed is not None and mask.padding is None):
+            given.insert(0, "user masks (selective_mask)")
+        return (
+            f"backend='triton' computes the paper's F only; not supported: {', '.join(given)}. "
+            "Use backend='chunked' (or 'auto') for selective_mask, key_padding_mask or memory_tau."
+        )
+    q, v = req.q, req.v
+    if q.dtype not in _DTYPES:
+        return f"backend='triton' runs {', '.join(str(d) for d in _DTYPES)}; got {q.dtype}: use backend='chunked'."
+    if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
+        return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
+    if not is_available():
+        return "backend='triton' needs Triton (pip install triton) and a CUDA device; use backend='chunked'."
+    if q.device.type != "cuda" and not _interpreting():
+        return (
+            f"backend='triton' needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
+            "TRITON_INTERPRET=1 set before Triton is first imported.)"
+        )
+    return None
+
+
+def attend(req: Request) -> tuple[Tensor, None]:
+    """``(out, None)`` (the backend contract)."""
+    out = triton_selective_attention(
+        req.q, req.k, req.v, heads=req.voters.heads, scale=req.scale, sel_scale=req.voters.scale
+    )
+    return out, None
