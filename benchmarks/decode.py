@@ -24,7 +24,7 @@ import time
 import torch
 from common import RESULTS, write
 
-from selective_attention.cache import Decoder
+from selective_attention.decoding import Decoder
 from selective_attention.model import GPT, GPTConfig
 
 

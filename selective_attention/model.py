@@ -2,7 +2,12 @@
 
 Pre-norm (RMSNorm) blocks, rotary positions, a GELU MLP, tied embeddings. ``selection=True`` gives
 the paper's selective attention in every layer (or in ``selection_layers``). Read top to bottom:
-config, rotary, attention, block, model, loss; decoding with a KV cache lives in ``cache.py``.
+config, rotary, attention, block, model, loss.
+
+Decoding runs through the same modules: ``Attention.forward(x, rope, cache)`` fills a per-layer
+:class:`~selective_attention.kv_cache.LayerCache` from a prompt (prefill) or appends one token to it
+(a step), and :meth:`GPT.decode` passes the caches down. The loop above it (prefill, step, sample,
+generate) is :class:`selective_attention.decoding.Decoder`, which only calls the model.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .selection import selection_scores
+from .kv_cache import LayerCache, fcum_after_prompt
+from .selection import Selection
 
 __all__ = ["GPTConfig", "GPT", "memory_loss"]
 
@@ -128,6 +134,13 @@ class GPTConfig:
                 f"selection_per_head=True gives every head its own F, so selection_head={self.selection_head} "
                 f"does not apply; drop one of them."
             )
+        if self.selection_projection and self.selection_head != 0:
+            raise ValueError(
+                f"selection_projection=True votes with its own q/k pair, so selection_head={self.selection_head} "
+                f"does not apply; drop one of them."
+            )
+        if self.selection:
+            self._selection().validate(self.n_head)  # once; every selecting layer has this spec
 
     @property
     def head_dim(self) -> int:
@@ -135,6 +148,16 @@ class GPTConfig:
 
     def layer_selects(self, i: int) -> bool:
         return self.selection and (self.selection_layers is None or i in self.selection_layers)
+
+    def selection_for(self, layer: int) -> Selection | None:
+        """Who votes in ``layer``: the one place that reads the flat ``selection*`` fields (kept as
+        they are for checkpoints and the training CLI). ``None``: the layer does not select."""
+        return self._selection() if self.layer_selects(layer) else None
+
+    def _selection(self) -> Selection:
+        return Selection(
+            head=self.selection_head, per_head=self.selection_per_head, projection=self.selection_projection
+        )
 
 
 def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -155,28 +178,31 @@ def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal self-attention, standard or selective, with rotary positions."""
+    """Causal self-attention, standard or selective (``selection``: who votes, or ``None``), with
+    rotary positions. One forward serves training, a prompt read into a KV cache, and one-token
+    decoding steps from it (:meth:`forward`)."""
 
-    def __init__(self, cfg: GPTConfig, selects: bool) -> None:
+    def __init__(self, cfg: GPTConfig, selection: Selection | None) -> None:
         super().__init__()
         self.n_head, self.d_head = cfg.n_head, cfg.head_dim
-        self.selects = selects
-        self.selection_head = cfg.selection_head
-        self.per_head = cfg.selection_per_head
+        self.selection = selection
         self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
         width = cfg.n_head * self.d_head
         self.qkv = nn.Linear(cfg.d_model, 3 * width, bias=cfg.bias)
         self.proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.sel_qk: nn.Linear | None = None
-        if selects and cfg.selection_projection:
-            G = cfg.n_head if cfg.selection_per_head else 1
-            self.sel_qk = nn.Linear(cfg.d_model, 2 * G * self.d_head, bias=cfg.bias)
+        if selection is not None and selection.projection:
+            self.sel_qk = nn.Linear(cfg.d_model, 2 * self.n_groups * self.d_head, bias=cfg.bias)
+
+    @property
+    def selects(self) -> bool:
+        return self.selection is not None
 
     @property
     def n_groups(self) -> int:
         """Number of penalties F this layer computes (1, or H with per-head selection)."""
-        return self.n_head if self.per_head else 1
+        return self.selection.n_groups(self.n_head) if self.selection is not None else 1
 
     def _split(self, t: Tensor) -> Tensor:
         B, T, C = t.shape
@@ -199,26 +225,18 @@ class Attention(nn.Module):
         return q, k, v, sel
 
     def voters(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """The queries/keys whose logits vote: ``[B, G, T, D]``."""
-        if sel is not None:
-            return sel
-        if self.per_head:
-            return q, k
-        h = self.selection_head
-        return q[:, h : h + 1], k[:, h : h + 1]
+        """Kept for ``demo.plot_penalty``: ``self.selection.voters(q, k, sel)``, the queries/keys whose
+        logits vote, ``[B, G, T, D]``."""
+        return self.selection.voters(q, k, sel)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, memory_tau: float | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Causal attention of ``[B, H, T, D]`` q/k/v -> ``([B, H, T, D], masked counts [B, G, T] or None)``."""
         p = self.dropout if self.training else 0.0
-        if not self.selects:
+        if self.selection is None:
             return selective_attention(q, k, v, is_causal=True, dropout_p=p), None
-        if sel is not None:
-            kw = dict(selection_qk=sel)
-        else:
-            kw = dict(selection_head=self.selection_head, selection_per_head=self.per_head)
-        y = selective_attention(q, k, v, selection=True, dropout_p=p, memory_tau=memory_tau, **kw)
+        y = selective_attention(q, k, v, selection=self.selection, selection_qk=sel, dropout_p=p, memory_tau=memory_tau)
         return y if memory_tau is not None else (y, None)
 
     def merge(self, y: Tensor) -> Tensor:
@@ -226,22 +244,86 @@ class Attention(nn.Module):
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward(self, x: Tensor, pos, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
-        """``x`` ``[B, T, C]`` at ``pos`` (positions or their rope angles) -> ``([B, T, C], masked
-        counts [B, G, T] or None)``."""
-        q, k, v, sel = self.project(x, pos)
-        y, masked = self.attend(q, k, v, sel, memory_tau)
+    def forward(
+        self,
+        x: Tensor,
+        rope,
+        cache: LayerCache | None = None,
+        *,
+        memory_tau: float | None = None,
+        input_pos: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``[B, T, C]`` at ``rope`` (positions ``[T]`` or their angles) -> ``([B, T, C], masked
+        counts [B, G, T] or None)``. Three uses:
+
+        * no ``cache``: causal attention over ``x`` (training, evaluation); with ``memory_tau`` (a
+          selective layer) also the masked counts for the memory loss;
+        * a ``cache`` and no ``input_pos``: prefill. ``x`` is a prompt from position 0, attended
+          exactly; the cache (from :meth:`new_cache`) then keeps what its budget and threshold allow;
+        * a ``cache`` and ``input_pos`` ``[1]``: one decoding step. ``x`` ``[B, 1]`` is the token at
+          that position; it attends to the cache (:meth:`step`). Static shapes: compiles once.
+        """
+        q, k, v, sel = self.project(x, rope)
+        if cache is None:
+            y, masked = self.attend(q, k, v, sel, memory_tau)
+        elif input_pos is None:
+            y, masked = self.prefill(q, k, v, sel, cache), None
+        else:
+            y, masked = self.step(q, k, v, sel, cache, input_pos), None
         return self.merge(y), masked
 
-    def vote_colsums(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None, chunk: int = 256) -> Tensor:
-        """``sum_k S[k, j]`` over all T rows, ``[B, G, T]``: the F that a query after the sequence sees
-        (the cache's running ``Fcum`` after a prefill). Chunked: never ``[B, G, T, T]``."""
-        qs, ks = self.voters(q, k, sel)
-        out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2])
-        scale = 1.0 / math.sqrt(qs.shape[-1])
-        for i0 in range(0, qs.shape[2], chunk):
-            out += selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=scale, offset=i0).sum(dim=-2)
-        return out
+    # --- decoding with a KV cache ----------------------------------------------------------------------
+    def new_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        *,
+        budget: int | None = None,
+        threshold: float | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LayerCache:
+        """Empty buffers of ``capacity`` slots for this layer's keys, values (and selector keys)."""
+        return LayerCache.empty(
+            batch_size, capacity, n_heads=self.n_head, n_groups=self.n_groups, head_dim=self.d_head,
+            selector_keys=self.sel_qk is not None, budget=budget, threshold=threshold, dtype=dtype, device=device,
+        )  # fmt: skip
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, cache: LayerCache) -> Tensor:
+        """The prompt's exact causal attention ``[B, H, T, D]``; fills ``cache`` with its keys, values
+        and the ``Fcum`` that the query after the prompt sees (then pruned by the cache's policy)."""
+        y, _ = self.attend(q, k, v, sel)
+        if self.selection is None:
+            fcum = q.new_zeros(q.shape[0], 1, q.shape[2])  # [B, 1, T]: nothing is ever masked
+        else:
+            fcum = fcum_after_prompt(*self.selection.voters(q, k, sel))  # [B, G, T]
+        cache.fill(k, v, fcum, ks=None if sel is None else sel[1])
+        return y
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        sel: tuple[Tensor, Tensor] | None,
+        cache: LayerCache,
+        input_pos: Tensor,
+    ) -> Tensor:
+        """One token (``q, k, v`` ``[B, H, 1, D]`` at ``input_pos``) through the cache -> ``[B, H, 1, D]``.
+
+        Makes room first (so at most ``budget`` tokens are stored and attended, the new one included),
+        then writes the token, attends with ``-Fcum``, and adds its votes. Static shapes, no
+        data-dependent Python branches (compiles once)."""
+        cache.make_room()
+        slot = cache.write(k, v, input_pos, ks=None if sel is None else sel[1])
+        scale = 1.0 / q.shape[-1] ** 0.5
+        logits = torch.matmul(q, cache.k.transpose(-2, -1)) * scale  # [B, H, 1, cap]
+        # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
+        y = torch.matmul(torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1), cache.v)  # [B, H, 1, D]
+        if self.selection is not None:
+            qs, ks = self.selection.voters(q, cache.k, None if sel is None else (sel[0], cache.ks))  # [B, G, *, D]
+            cache.add_votes(torch.matmul(qs, ks.transpose(-2, -1)) * scale, slot)  # [B, G, 1, cap]
+        return y
 
 
 class MLP(nn.Module):
@@ -257,16 +339,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, selects: bool) -> None:
+    def __init__(self, cfg: GPTConfig, selection: Selection | None) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg, selects)
+        self.attn = Attention(cfg, selection)
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, pos, memory_tau: float | None = None) -> tuple[Tensor, Tensor | None]:
-        a, masked = self.attn(self.norm1(x), pos, memory_tau)
+    def forward(
+        self,
+        x: Tensor,
+        rope,
+        cache: LayerCache | None = None,
+        *,
+        memory_tau: float | None = None,
+        input_pos: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``x`` ``[B, T, C]`` at ``rope`` (positions or their angles); the rest as in
+        :meth:`Attention.forward`."""
+        a, masked = self.attn(self.norm1(x), rope, cache, memory_tau=memory_tau, input_pos=input_pos)
         x = x + self.drop(a)
         return x + self.mlp(self.norm2(x)), masked
 
@@ -279,7 +371,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, config.layer_selects(i)) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, config.selection_for(i)) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying
@@ -322,19 +414,38 @@ class GPT(nn.Module):
                 f"[{idx.min().item()}, {idx.max().item()}]."
             )
 
-    def hidden(self, idx: Tensor, memory_tau: float | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Final hidden states ``[B, T, C]`` and, with ``memory_tau``, each selective layer's masked
-        counts ``[B, G, T]``. ``idx`` may be any integer dtype (uint8 bytes, say): it is read as long."""
+    def tokens(self, idx) -> Tensor:
+        """``idx`` as the embedding reads it: any integer dtype (uint8 bytes, say) as long, checked by
+        :meth:`check_idx`."""
         idx = _as_ids(idx)
         self.check_idx(idx)
-        T = idx.shape[1]
-        if T > self.config.context_len:
-            raise ValueError(f"sequence length {T} exceeds context_len={self.config.context_len}.")
+        return idx
+
+    def hidden(
+        self,
+        idx: Tensor,
+        memory_tau: float | None = None,
+        *,
+        caches: Sequence[LayerCache] | None = None,
+        input_pos: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Final hidden states ``[B, T, C]`` and, with ``memory_tau``, each selective layer's masked
+        counts ``[B, G, T]``. ``idx`` may be any integer dtype (uint8 bytes, say): it is read as long.
+        With ``caches`` (one per layer), decoding: see :meth:`decode`."""
+        if input_pos is None:  # a sequence from position 0, checked here
+            idx = self.tokens(idx)
+            T = idx.shape[1]
+            if T > self.config.context_len:
+                raise ValueError(f"sequence length {T} exceeds context_len={self.config.context_len}.")
+            positions = torch.arange(T, device=idx.device)
+        else:  # one decoding step: no host reads here (it runs compiled); the caller checked the token
+            positions = input_pos
         x = self.drop(self.tok_emb(idx))
-        pos = self.rope(torch.arange(T, device=idx.device), x.dtype)
+        rope = self.rope(positions, x.dtype)  # once for all layers
+        caches = [None] * len(self.blocks) if caches is None else caches
         masked = []
-        for block in self.blocks:
-            x, m = block(x, pos, memory_tau if block.attn.selects else None)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, m = block(x, rope, cache, memory_tau=memory_tau if block.attn.selects else None, input_pos=input_pos)
             if m is not None:
                 masked.append(m)
         return self.norm(x), masked
@@ -345,6 +456,37 @@ class GPT(nn.Module):
         if targets is not None:
             return self.loss(idx, targets)
         return self.lm_head(self.hidden(idx)[0])
+
+    # --- decoding with KV caches -----------------------------------------------------------------------
+    def new_caches(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        budgets: Sequence[int | None] | None = None,
+        threshold: float | None = None,
+    ) -> list[LayerCache]:
+        """Empty per-layer caches for :meth:`decode`: layer l has ``budgets[l]`` slots, or ``max_len``
+        (prompt + tokens to generate) when it has no budget; ``threshold`` evicts in every layer."""
+        budgets = [None] * len(self.blocks) if budgets is None else budgets
+        w = self.tok_emb.weight
+        return [
+            block.attn.new_cache(
+                batch_size, max_len if b is None else b, budget=b, threshold=threshold, dtype=w.dtype, device=w.device
+            )
+            for block, b in zip(self.blocks, budgets, strict=True)
+        ]
+
+    def decode(self, idx: Tensor, caches: Sequence[LayerCache], input_pos: Tensor | None = None) -> Tensor:
+        """Next-token logits ``[B, vocab]`` through the KV ``caches`` (from :meth:`new_caches`).
+
+        Without ``input_pos``, ``idx`` ``[B, T]`` is a prompt at positions ``0 .. T-1`` (prefill: read
+        exactly, then each layer keeps what its budget and threshold allow). With ``input_pos``
+        ``[1]`` (a long tensor), ``idx`` ``[B, 1]`` is one token at that position (a step): static
+        shapes and no host reads, so ``torch.compile`` compiles it once; its input checks are the
+        caller's (:meth:`~selective_attention.decoding.Decoder.step` runs them eagerly)."""
+        h, _ = self.hidden(idx, caches=caches, input_pos=input_pos)
+        return self.lm_head(h[:, -1])
 
     def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy plus, when ``memory_eps > 0``, the paper's memory loss.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import Decoder
+from .decoding import Decoder
 from .model import GPT
 from .progress import progress as progress_bar
 

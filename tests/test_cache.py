@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from selective_attention import cache as cache_mod
-from selective_attention.cache import Decoder
+from selective_attention import decoding
+from selective_attention.decoding import Decoder
 from selective_attention.model import GPT, GPTConfig
 from selective_attention.selection import selection_penalty
 
@@ -96,7 +96,7 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
             x = x + attn.merge(y)
             x = x + block.mlp(block.norm2(x))
             if attn.selects:  # F seen by the query after the prompt: all T rows' votes
-                qs, ks = attn.voters(q, k, sel)
+                qs, ks = attn.selection.voters(q, k, sel)
                 nxt_q = torch.zeros_like(qs[:, :, :1])
                 F = selection_penalty(torch.cat([qs, nxt_q], 2), torch.cat([ks, nxt_q], 2), scale=scale)
                 fcum = F[0, :, T, :T]  # [G, T]
@@ -129,7 +129,8 @@ def reference_decode(m, idx, n_new, budget=None, threshold=None):
                 w = torch.softmax(logit - Fv, dim=-1)
                 y = (w[..., None] * V).sum(1)  # [H, D]
                 if attn.selects:
-                    vote = logit if attn.per_head else logit[attn.selection_head : attn.selection_head + 1]
+                    h, per_head = attn.selection.head, attn.selection.per_head
+                    vote = logit if per_head else logit[h : h + 1]  # [G, n]
                     for i, e in enumerate(entries):  # not the first token, not the new one
                         if e["pos"] != 0:
                             e["f"] = e["f"] + torch.relu(vote[:, i])
@@ -203,12 +204,12 @@ def test_budget_bounds_the_keys_every_step_attends():
         seen.append(int(torch.isfinite(x).sum(-1).max()))
         return real_softmax(x, dim=dim, **kw)
 
-    cache_mod.torch.softmax = spy
+    torch.softmax = spy
     try:
         for _ in range(12):
             logits = dec.step(logits.argmax(-1))
     finally:
-        cache_mod.torch.softmax = real_softmax
+        torch.softmax = real_softmax
     assert seen and max(seen[0::2]) == 5 and max(seen[1::2]) == 3
 
 
@@ -248,10 +249,10 @@ def test_decode_step_compiles_once():
     dec = Decoder(m, budget=5)
     logits = dec.prefill(torch.randint(0, 40, (2, 8)), 20)
     counter = CompileCounter()
-    step = torch.compile(cache_mod._step, backend=counter)
+    step = torch.compile(decoding.decode_one_token, backend=counter)
     with torch.no_grad():
         for _ in range(12):
-            logits = step(m, dec.caches, logits.argmax(-1), dec.t, None)
+            logits = step(m, dec.caches, logits.argmax(-1), dec.t)
     assert counter.frame_count == 1
     assert dec.occupancy() == [5, 5]
 
@@ -354,7 +355,7 @@ def test_compiled_decoder_matches_eager():
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cache_mod._compiled_step.cache_clear()
+    decoding._compiled_decode_one_token.cache_clear()
     m = model(selection=True)
     idx = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
     eager, comp = Decoder(m, budget=6), Decoder(m, budget=6, compile=True)

@@ -40,6 +40,19 @@ def test_selection_layers_option():
         tiny(n_layer=3, selection=False, selection_layers=[1])  # silently ignored before
 
 
+def test_selection_for_reads_the_flat_fields_once():
+    from selective_attention.selection import Selection
+
+    cfg = tiny(n_layer=3, selection=True, selection_layers=[0, 2], selection_head=3)
+    assert [cfg.selection_for(i) for i in range(3)] == [Selection(head=3), None, Selection(head=3)]
+    assert tiny(selection=True, selection_per_head=True).selection_for(1) == Selection(per_head=True)
+    assert tiny().selection_for(0) is None
+    m = GPT(tiny(selection=True, selection_projection=True))
+    assert m.blocks[0].attn.selection == Selection(projection=True)
+    with pytest.raises(ValueError, match="selection_projection=True votes with its own q/k pair, so selection_head=1"):
+        tiny(selection=True, selection_projection=True, selection_head=1)
+
+
 def test_d_head_widens_attention_only():
     m = GPT(tiny(n_head=8, d_head=8))  # 2x heads of the default 4 x 8, same d_model
     assert m.blocks[0].attn.qkv.out_features == 3 * 64 and m.blocks[0].attn.proj.in_features == 64
@@ -159,7 +172,7 @@ def test_model_loss_includes_memory_term_from_F():
     per_layer = []
     for block in m.blocks:
         q, k, v, sel = block.attn.project(block.norm1(x), pos)
-        qs, ks = block.attn.voters(q, k, sel)
+        qs, ks = block.attn.selection.voters(q, k, sel)
         F = selection_penalty(qs, ks)  # [B, 1, T, T]
         kept = torch.arange(1, 25, dtype=torch.float64) - F.clamp(max=1.0).sum(-1)
         per_layer.append(kept.amax(-1).mean())
