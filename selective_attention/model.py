@@ -321,8 +321,12 @@ class Attention(nn.Module):
         # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
         y = torch.matmul(torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1), cache.v)  # [B, H, 1, D]
         if self.selection is not None:
-            qs, ks = self.selection.voters(q, cache.k, None if sel is None else (sel[0], cache.ks))  # [B, G, *, D]
-            cache.add_votes(torch.matmul(qs, ks.transpose(-2, -1)) * scale, slot)  # [B, G, 1, cap]
+            heads = self.selection.heads
+            if heads is not None:  # voting heads: their logits are the attention logits just computed
+                votes = logits[:, heads]  # [B, G, 1, cap]
+            else:  # a dedicated pair: its own logits against the cached selector keys
+                votes = torch.matmul(sel[0], cache.ks.transpose(-2, -1)) * scale  # [B, G, 1, cap]
+            cache.add_votes(votes, slot)
         return y
 
 

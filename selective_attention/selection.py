@@ -80,6 +80,14 @@ class Selection:
                 f"(heads 0 .. {n_heads - 1})."
             )
 
+    @property
+    def heads(self) -> slice | None:
+        """The layer's own heads that vote, as a slice of the head axis (``slice(h, h + 1)``, or
+        ``slice(None)`` with ``per_head``), or None when a dedicated pair votes (``projection``)."""
+        if self.projection:
+            return None
+        return slice(None) if self.per_head else slice(self.head, self.head + 1)
+
     def n_groups(self, n_heads: int) -> int:
         """How many penalties F a layer computes: ``n_heads`` with ``per_head``, else 1."""
         return n_heads if self.per_head else 1
@@ -116,8 +124,7 @@ class Selection:
                     f"selection_qk gives a dedicated voting pair, which only {self!r} with projection=True uses; "
                     "pass selection=Selection(projection=True) or drop selection_qk."
                 )
-            heads = slice(None) if self.per_head else slice(self.head, self.head + 1)
-            return Voters(scale=scale, heads=heads)
+            return Voters(scale=scale, heads=self.heads)
         if projected is None:
             raise ValueError(f"{self!r} votes with a dedicated pair: pass selection_qk=(qs, ks), each [B, G, L, Ds].")
         if not (isinstance(projected, tuple | list) and len(projected) == 2):
