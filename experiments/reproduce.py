@@ -36,15 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selective_attention.data import TextData  # noqa: E402
-from selective_attention.demo import full_loss  # noqa: E402
 from selective_attention.pruning import pruned_loss, search_budgets  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
-from selective_attention.train import TrainConfig, model_from_checkpoint  # noqa: E402
+from selective_attention.train import TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "results" / "repro"
 RUNS_DIR = ROOT / "runs" / "repro"
 
+# flat: the model's options beside the training ones, as on the command line (TrainConfig.from_options)
 LM = dict(data="kjv", context_len=512, n_layer=4, n_head=4, d_model=128, batch_size=4, max_steps=600,
           lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=100, eval_batches=16, ckpt_interval=100)  # fmt: skip
 # 4 variables, 8 assignments ("b=3;a=1;b=7;...;b?7"); the loss is on the answer only
@@ -59,13 +59,13 @@ RUNS = {
     "va-standard": {**VA},
     "va-selective": {**VA, "selection": True},
 }
-SEARCH_WINDOWS = 8
+SEARCH_WINDOWS = 16  # per window set: the search sees set 0, set 1 is held out
 
 
-def val_windows(context_len: int, which: int = 0):
-    """Validation windows: set 0 drives the budget search, set 1 is held out to check its budgets."""
-    data = TextData.from_name("kjv")
-    batches = data.eval_batches("val", SEARCH_WINDOWS, context_len, 2)
+def val_windows(cfg: TrainConfig, which: int = 0):
+    """Validation windows of the run's corpus: set 0 drives the budget search, set 1 is held out to check it."""
+    data = TextData.from_name(cfg.data, val_fraction=cfg.val_fraction)
+    batches = data.eval_batches("val", SEARCH_WINDOWS, cfg.model.context_len, 2)
     for _ in range(which):
         next(batches)
     return next(batches)
@@ -78,10 +78,11 @@ def heldout(name: str, seed: int) -> None:
     r = json.loads(f.read_text())
     if "heldout" in r or not std.exists() or "budgets_vs_standard" not in r:
         return
-    x, y = val_windows(r["config"]["context_len"], which=1)
-    model, _ = model_from_checkpoint(r["config"]["out_dir"])
-    std_model, _ = model_from_checkpoint(json.loads(std.read_text())["config"]["out_dir"])
-    out = {"standard_full": full_loss(std_model, x, y), "selective_full": full_loss(model, x, y)}
+    cfg = TrainConfig.from_dict(r["config"])  # also the flat config of results written before it was nested
+    x, y = val_windows(cfg, which=1)
+    model, _ = model_from_checkpoint(cfg.out_dir)
+    std_model, _ = model_from_checkpoint(TrainConfig.from_dict(json.loads(std.read_text())["config"]).out_dir)
+    out = {"standard_full": mean_loss(std_model, x, y), "selective_full": mean_loss(model, x, y)}
     budgets = r["budgets_vs_standard"].get("budgets")
     if budgets:
         out["pruned"] = pruned_loss(model, x, y, budget=budgets)[0]
@@ -95,16 +96,17 @@ def run_one(name: str, seed: int, tolerance: float = 0.0) -> dict:
     out = RESULTS / f"{name}-s{seed}.json"
     if out.exists():
         return json.loads(out.read_text())
-    cfg = TrainConfig(**RUNS[name], seed=seed, out_dir=str(RUNS_DIR / f"{name}-s{seed}"), progress=False)
+    cfg = TrainConfig.from_options({**RUNS[name], "seed": seed, "out_dir": str(RUNS_DIR / f"{name}-s{seed}"),
+                                    "progress": False})  # fmt: skip
     t0 = time.perf_counter()
     summary = train(cfg)
     result = {"name": name, "seed": seed, "config": dataclasses.asdict(cfg), "train_seconds": time.perf_counter() - t0,
               **{k: summary[k] for k in ("val_loss", "val_accuracy", "tokens_per_s", "params", "history")}}  # fmt: skip
     if name.startswith("lm-"):
         model, _ = model_from_checkpoint(cfg.out_dir)
-        x, y = val_windows(cfg.context_len)
-        result["search_loss"] = full_loss(model, x, y)
-        if cfg.selection:
+        x, y = val_windows(cfg)
+        result["search_loss"] = mean_loss(model, x, y)
+        if cfg.model.selection:
             std_file = RESULTS / f"lm-standard-s{seed}.json"
             if std_file.exists():
                 target = json.loads(std_file.read_text())["search_loss"]

@@ -20,38 +20,72 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import field
 from pathlib import Path
 
 import torch
 
-from .model import GPT
+from .cli import finite_number, positive_int
+from .model import GPT, GPTConfig
 from .pruning import pruned_loss, search_budgets
-from .train import TrainConfig, model_from_checkpoint
+from .train import TrainConfig, mean_loss, model_from_checkpoint
 from .train import main as train_main
 
 __all__ = ["DemoConfig", "run_demo", "plot_penalty"]
 
 
+def _demo_model() -> GPTConfig:
+    return GPTConfig(context_len=512, n_layer=4, n_head=4, d_model=128)
+
+
 @dataclasses.dataclass
 class DemoConfig:
-    out: str = "demo_out"
-    data: str = "kjv"
-    steps: int = 1000
-    context_len: int = 512
-    batch_size: int = 4
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    search_batch: int = 8  # validation windows for the budget search (and as many held out to check it)
-    tolerance: float = 0.0  # nats above the standard model's loss still called "equal" (0 = the paper's)
-    seed: int = 0
-    progress: bool = True
+    """The demo: two training runs made from ``train`` (:meth:`train_config`), then the budget search."""
+
+    out: str = "demo_out"  # folder for the report and plots
+    data: str = "kjv"  # kjv | pydoc | a text file
+    steps: int = field(default=1000, metadata={"type": positive_int, "help": "training steps per model"})
+    batch_size: int = field(default=4, metadata={"type": positive_int, "help": "sequences per training step"})
+    # the standard model (vocab_size is set from the data); the selective one is the same with selection=True
+    model: GPTConfig = field(default_factory=_demo_model)
+    search_batch: int = field(
+        default=8,
+        metadata={"type": positive_int, "help": "validation windows for the budget search (and as many held out)"},
+    )
+    tolerance: float = field(
+        default=0.0,
+        metadata={
+            "type": finite_number(positive=False, hint="; 0 = the standard model's loss itself"),
+            "help": "nats above the standard model's loss still called equal loss (0 = the paper's; printed)",
+        },
+    )
+    seed: int = 0  # initialisation and data order of both runs
+    progress: bool = True  # progress bars
 
     @classmethod
     def quick(cls, **kw) -> DemoConfig:
-        base = dict(steps=150, context_len=128, batch_size=8, n_layer=2, d_model=64, search_batch=4, data="kjv")
+        """A ~1 minute version: a tiny model, few steps."""
+        base = dict(steps=150, batch_size=8, search_batch=4, data="kjv",
+                    model=GPTConfig(context_len=128, n_layer=2, n_head=4, d_model=64))  # fmt: skip
         base.update(kw)
         return cls(**base)
+
+    def train_config(self, name: str, selection: bool) -> TrainConfig:
+        """The training run ``name`` (its folder under ``out``): this model, selective or not."""
+        return TrainConfig(
+            data=self.data,
+            out_dir=str(Path(self.out) / name),
+            model=dataclasses.replace(self.model, selection=selection),
+            batch_size=self.batch_size,
+            max_steps=self.steps,
+            warmup_steps=max(1, self.steps // 10),
+            eval_interval=max(1, self.steps // 10),
+            ckpt_interval=self.steps,
+            eval_batches=8,
+            seed=self.seed,
+            resume=False,
+            progress=self.progress,
+        )
 
 
 SENTENCE = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
@@ -62,26 +96,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
     for name, selection in (("standard", False), ("selective", True)):
-        tc = TrainConfig(
-            data=cfg.data,
-            out_dir=str(out / name),
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            d_model=cfg.d_model,
-            context_len=cfg.context_len,
-            batch_size=cfg.batch_size,
-            max_steps=cfg.steps,
-            warmup_steps=max(1, cfg.steps // 10),
-            eval_interval=max(1, cfg.steps // 10),
-            ckpt_interval=cfg.steps,
-            eval_batches=8,
-            selection=selection,
-            seed=cfg.seed,
-            resume=False,
-            progress=cfg.progress,
-        )
         t0 = time.perf_counter()
-        runs[name] = train_main(tc)
+        runs[name] = train_main(cfg.train_config(name, selection))
         runs[name]["train_seconds"] = time.perf_counter() - t0
         print(f"{name}: val loss {runs[name]['val_loss']:.4f}, {runs[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
 
@@ -89,11 +105,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     data = TextData.from_name(cfg.data)
     # window set 0 drives the budget search; set 1 is held out to check what it found
-    (xs, ys), (xh, yh) = data.eval_batches("val", cfg.search_batch, cfg.context_len, 2)
+    (xs, ys), (xh, yh) = data.eval_batches("val", cfg.search_batch, cfg.model.context_len, 2)
     sel_model, _ = model_from_checkpoint(out / "selective")
     std_model, _ = model_from_checkpoint(out / "standard")
-    std_search, std_held = full_loss(std_model, xs, ys), full_loss(std_model, xh, yh)
-    sel_search, sel_held = full_loss(sel_model, xs, ys), full_loss(sel_model, xh, yh)
+    std_search, std_held = mean_loss(std_model, xs, ys), mean_loss(std_model, xh, yh)
+    sel_search, sel_held = mean_loss(sel_model, xs, ys), mean_loss(sel_model, xh, yh)
     # equal loss: the standard model's. If the selective model does not reach it even with its full
     # cache, no budget can: then search against its own full-cache loss and say so.
     reached = sel_search <= std_search + cfg.tolerance
@@ -137,13 +153,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         print("(matplotlib is not installed: no plots; pip install 'selective-attention[train]')")
     print(f"report: {out / 'report.json'}")
     return report
-
-
-def full_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean cross-entropy (nats/token) of ``model`` on ``x, y`` ``[B, T]`` with its full context."""
-    with torch.no_grad():
-        logits = model(x)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
 
 
 def table(report: dict) -> str:

@@ -1,12 +1,15 @@
 """Training loop: ``main(TrainConfig)`` trains a GPT (standard or selective) on a corpus.
 
 AdamW with linear warmup and cosine decay, gradient clipping, periodic evaluation, a progress bar
-with loss and tokens/s, and checkpoints in safetensors written atomically (temp file + rename) that
-hold the model, the optimizer and the RNG states with a checksum: a killed run resumes exactly where it
-stopped, and only with the training config it was started with. A non-finite loss or gradient stops the
-run (``TrainingDiverged``) before it can overwrite the last good checkpoint.
+with loss and tokens/s, and checkpoints in safetensors written atomically (temp file + fsync + rename)
+that hold ``model.state_dict()``, ``optimizer.state_dict()`` and the RNG states with a checksum: a killed
+run resumes exactly where it stopped, and only with the training config it was started with. A non-finite
+loss or gradient stops the run (``TrainingDiverged``) before it can overwrite the last good checkpoint.
 Launched with ``torchrun --nproc_per_node=N`` it trains data-parallel (DDP); otherwise on one
 device.
+
+``TrainConfig`` holds the model's config as ``TrainConfig.model`` (a ``GPTConfig``; its ``vocab_size`` is set
+from the data at run time). On the command line its fields are options beside the training ones:
 
     python -m selective_attention train --data=kjv --selection=true --max_steps=600 --out_dir=runs/sel
 """
@@ -21,11 +24,9 @@ import math
 import os
 import sys
 import time
-import types
-import typing
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,115 +38,127 @@ from .progress import progress as progress_bar
 
 __all__ = [
     "TrainConfig",
+    "Task",
     "main",
+    "evaluate",
+    "mean_loss",
+    "token_loss",
     "parse_overrides",
     "load_checkpoint",
     "save_checkpoint",
+    "model_from_checkpoint",
+    "gpt_config_from_dict",
     "CheckpointError",
     "TrainingDiverged",
 ]
 
 CKPT_NAME = "ckpt.safetensors"
-FORMAT_VERSION = "2"  # 2 adds a sha256 of the tensors; version 1 files (no checksum) still load, with a warning
+# 3: model.state_dict() and optimizer.state_dict() (tensors in the file, param_groups and other non-tensors as
+#    JSON metadata), the aliases of tied weights, GPTConfig.extra, the model config nested in train_config.
+# 2: a sha256 of the tensors. 1: no checksum (loads with a warning). 1 and 2 flattened one parameter group's
+#    optimizer state into optim.{i}.{name} and the model fields into train_config; both still load and resume.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
+
+
+def _default_model() -> GPTConfig:
+    return GPTConfig(context_len=128)
 
 
 @dataclass
 class TrainConfig:
     data: str = "kjv"  # kjv | pydoc | varassign | a path to a UTF-8 text file
-    out_dir: str = "runs/default"
-    # model (see GPTConfig)
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_head: int = 0  # 0 = d_model // n_head
-    context_len: int = 128
-    dropout: float = 0.0
-    selection: bool = False
-    selection_layers: str = ""  # e.g. "0,2"; empty = every layer
-    selection_head: int = 0
-    selection_per_head: bool = False
-    selection_projection: bool = False
-    memory_eps: float = 0.0  # the paper's memory loss weight (0.1 in the paper); 0 = off
-    memory_tau: float = 1.0
+    out_dir: str = "runs/default"  # checkpoint (ckpt.safetensors) and log.jsonl go here
+    # the model (GPTConfig; vocab_size is set from the data at run time). On the command line its fields are
+    # options beside these: --n_layer=2 --selection=true
+    model: GPTConfig = field(default_factory=_default_model)
     # optimisation
-    max_steps: int = 500
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    max_steps: int = 500  # optimizer steps in all (a larger value on resume extends the run)
+    batch_size: int = 16  # sequences per step (per process under DDP)
+    lr: float = 3e-3  # peak learning rate, after warmup
+    min_lr: float = 3e-4  # learning rate at max_steps (cosine decay)
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's beta1
+    beta2: float = 0.95  # AdamW's beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = no clipping)
     # bookkeeping
-    eval_interval: int = 100
-    eval_batches: int = 16
-    ckpt_interval: int = 100
-    seed: int = 0
+    eval_interval: int = 100  # evaluate every this many steps (and at the end)
+    eval_batches: int = 16  # validation batches per evaluation
+    ckpt_interval: int = 100  # save a checkpoint every this many steps (and at the end)
+    seed: int = 0  # initialisation and data order
     resume: bool = True  # continue from out_dir's checkpoint when there is one
-    progress: bool = True
-    device: str = "auto"  # auto | cpu | cuda
-    val_fraction: float = 0.1
+    progress: bool = True  # show a progress bar
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    val_fraction: float = 0.1  # share of a text held out for validation (its end)
     va_vars: int = 8  # varassign: number of variables
     va_assign: int = 24  # varassign: assignments per example
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
-    # Resuming with another training config (data, lr, batch_size, ...) is refused unless this is true.
     # Free to change on resume: RESUMABLE_FIELDS (max_steps extends the run and stretches the lr schedule).
-    allow_config_change: bool = False
+    allow_config_change: bool = False  # resume even with another data, lr, batch_size, ... (else refused)
 
     def __post_init__(self) -> None:
         _validate(self)
 
-    def selection_layer_indices(self) -> tuple[int, ...] | None:
-        parts = [s.strip() for s in self.selection_layers.split(",") if s.strip()]
-        try:
-            return tuple(int(s) for s in parts) or None
-        except ValueError:
+    @classmethod
+    def from_options(cls, values: Mapping[str, object], base: TrainConfig | None = None) -> TrainConfig:
+        """A config from flat option values, the model's fields beside the training ones (the command line's
+        names): ``TrainConfig.from_options({"lr": 1e-3, "selection": True, "n_layer": 3})``. Fields not given
+        come from ``base`` (default ``TrainConfig()``). Every value is checked before the model config is built,
+        so a bad one is named as its option (``--n_layer=0 is invalid: it must be an int >= 1.``)."""
+        base = base if base is not None else cls()
+        model_names = {f.name for f in dataclasses.fields(GPTConfig)}
+        own_names = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        unknown = sorted(set(values) - model_names - own_names)
+        if unknown:
             raise ValueError(
-                f"--selection_layers={self.selection_layers!r} must be comma-separated layer indices like 0,2 "
-                f"(empty = every layer)."
-            ) from None
+                f"unknown option(s) {', '.join('--' + k for k in unknown)}; `train --help` lists the valid ones."
+            )
+        _check_values({**_flat_values(base), **values})
+        model = dataclasses.replace(base.model, **{k: v for k, v in values.items() if k in model_names})
+        return dataclasses.replace(base, model=model, **{k: v for k, v in values.items() if k in own_names})
 
-    def model_config(self, vocab_size: int = 256) -> GPTConfig:
-        return GPTConfig(
-            vocab_size=vocab_size,
-            context_len=self.context_len,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            d_model=self.d_model,
-            d_head=self.d_head or None,
-            dropout=self.dropout,
-            selection=self.selection,
-            selection_layers=self.selection_layer_indices(),
-            selection_head=self.selection_head,
-            selection_per_head=self.selection_per_head,
-            selection_projection=self.selection_projection,
-            memory_tau=self.memory_tau,
-            memory_eps=self.memory_eps,
-        )
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> TrainConfig:
+        """The config ``dataclasses.asdict`` stored (a checkpoint's ``train_config``; also the flat one of checkpoint
+        formats 1-2). Unknown keys are dropped, missing ones take their defaults."""
+        d = _nested_train_config(d)
+        own = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        model = gpt_config_from_dict(d["model"]) if isinstance(d.get("model"), Mapping) else _default_model()
+        return cls(model=model, **{k: v for k, v in d.items() if k in own})
 
 
 # Options that may differ between a run and its resume: how long to train (a longer max_steps also stretches
 # the cosine schedule from the resumed step on), where and how to run, how often to evaluate and save. The
 # others (data, optimisation, eval_batches, which sets what val_loss measures, ...) would silently mix two
-# experiments in one history, so main() refuses them without --allow_config_change=true.
+# experiments in one history, so main() refuses them without --allow_config_change=true. The model is compared
+# on its own (it must be the same, see _model_diff).
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
      "ckpt_interval"}
 )  # fmt: skip
-# Compared on resume as the model config they build (GPTConfig), which also reads "0, 2" and "0,2" as equal.
-_MODEL_FIELDS = frozenset(
-    {"n_layer", "n_head", "d_model", "d_head", "context_len", "dropout", "selection", "selection_layers",
-     "selection_head", "selection_per_head", "selection_projection", "memory_eps", "memory_tau"}
-)  # fmt: skip
+# GPTConfig fields that do not change the model or its training: free-form notes
+_MODEL_NOTES = frozenset({"extra"})
+# Checkpoint formats 1-2 stored these GPTConfig fields flat in train_config (d_head 0 = None, selection_layers a
+# string like "0,2", "" = None)
+_LEGACY_MODEL_FIELDS = ("n_layer", "n_head", "d_model", "d_head", "context_len", "dropout", "selection",
+                        "selection_layers", "selection_head", "selection_per_head", "selection_projection",
+                        "memory_eps", "memory_tau")  # fmt: skip
 
 
-def _validate(cfg: TrainConfig) -> None:
-    """Raise ValueError naming the option, its value and the valid range for the first bad field."""
+def _flat_values(cfg: TrainConfig) -> dict[str, object]:
+    """The option values of ``cfg``: the model's fields beside the training ones (as on the command line)."""
+    model = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(GPTConfig)}
+    return {**model, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}}
+
+
+def _check_values(values: Mapping[str, object]) -> None:
+    """Raise ValueError naming the option, its value and the valid range for the first bad value.
+    GPTConfig checks its fields again, and the rules across fields (d_model % n_head, an even head dim, ...)."""
 
     def need(ok: bool, name: str, rule: str) -> None:
         if not ok:
-            raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: it must be {rule}.")
+            raise ValueError(f"--{name}={values[name]!r} is invalid: it must be {rule}.")
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -153,85 +166,74 @@ def _validate(cfg: TrainConfig) -> None:
     def is_real(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    v = values
     for name in ("n_layer", "n_head", "d_model", "context_len", "max_steps", "batch_size", "eval_interval",
                  "eval_batches", "ckpt_interval", "va_vars", "va_assign"):  # fmt: skip
-        need(is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1, name, "an int >= 1")
-    for name in ("d_head", "warmup_steps", "stop_after", "selection_head"):
-        need(is_int(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, "an int >= 0")
-    need(is_int(cfg.seed), "seed", "an int")
-    need(is_real(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0")
+        need(is_int(v[name]) and v[name] >= 1, name, "an int >= 1")
+    for name in ("warmup_steps", "stop_after", "selection_head"):
+        need(is_int(v[name]) and v[name] >= 0, name, "an int >= 0")
+    d_head = v["d_head"]
+    need(d_head is None or (is_int(d_head) and d_head >= 1), "d_head", "an int >= 1, or none for d_model // n_head")
+    need(is_int(v["seed"]), "seed", "an int")
+    need(is_real(v["lr"]) and v["lr"] > 0, "lr", "a finite number > 0")
     for name in ("min_lr", "weight_decay", "memory_eps"):
-        need(is_real(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, "a finite number >= 0")
-    need(is_real(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)")
-    need(is_real(cfg.memory_tau) and cfg.memory_tau > 0, "memory_tau", "a finite number > 0")
+        need(is_real(v[name]) and v[name] >= 0, name, "a finite number >= 0")
+    need(is_real(v["grad_clip"]) and v["grad_clip"] >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)")
+    need(is_real(v["memory_tau"]) and v["memory_tau"] > 0, "memory_tau", "a finite number > 0")
     for name in ("beta1", "beta2", "dropout"):
-        need(is_real(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
-    need(is_real(cfg.val_fraction) and 0 < cfg.val_fraction < 1, "val_fraction", "in (0, 1): training evaluates")
-    cfg.model_config()  # GPTConfig's checks across fields: d_model % n_head, an even head dim, layer indices
+        need(is_real(v[name]) and 0 <= v[name] < 1, name, "in [0, 1)")
+    need(is_real(v["val_fraction"]) and 0 < v["val_fraction"] < 1, "val_fraction", "in (0, 1): training evaluates")
+    for name in ("resume", "progress", "allow_config_change"):
+        need(isinstance(v[name], bool), name, "true or false")
 
 
-# --- --key=value overrides ---------------------------------------------------------------------------
-def _convert(name: str, raw: str, typ) -> object:
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if raw.lower() in ("none", "null", ""):
-            return None
-        typ = args[0]
-    if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects true/false, got {raw!r}.")
-    try:
-        return typ(raw)
-    except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {raw!r}.") from None
+def _validate(cfg: TrainConfig) -> None:
+    if not isinstance(cfg.model, GPTConfig):
+        raise ValueError(
+            f"TrainConfig.model must be a GPTConfig, got {type(cfg.model).__name__}; build one with "
+            f"GPTConfig(...), or use TrainConfig.from_options / from_dict for flat or stored values."
+        )
+    _check_values(_flat_values(cfg))
 
 
-def parse_overrides(args: Sequence[str], cls=TrainConfig, base=None):
-    """``["--lr=1e-3", "--selection=true"]`` -> a ``cls`` instance; unknown keys raise naming the valid ones."""
-    cfg = base if base is not None else cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    updates = {}
-    for a in args:
-        if not a.startswith("--") or "=" not in a:
-            raise ValueError(f"expected --key=value, got {a!r}.")
-        key, raw = a[2:].split("=", 1)
-        key = key.replace("-", "_")
-        if key not in names:
-            raise ValueError(f"unknown option --{key}; valid: {', '.join(sorted(names))}.")
-        updates[key] = _convert(key, raw, hints[key])
-    return dataclasses.replace(cfg, **updates)
+def parse_overrides(args: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
+    """``["--lr=1e-3", "--selection=true"]`` (or ``["--lr", "1e-3"]``) -> a TrainConfig, the others from ``base``:
+    the ``train`` command's options (see :func:`selective_attention.cli.parse_options`). A bad one is a ValueError
+    naming it."""
+    from .cli import parse_train_options
+
+    return TrainConfig.from_options(parse_train_options(args), base)
 
 
 # --- data --------------------------------------------------------------------------------------------
-class _Task:
-    """A uniform face over text corpora and the variable-assignment task."""
+class Task:
+    """A uniform face over text corpora and the variable-assignment task: training batches, validation
+    batches, and the tokenizer's ``vocab_size`` (which the model's is set to)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from . import data
 
         self.cfg = cfg
+        self.context_len = cfg.model.context_len
         self.varassign = cfg.data == "varassign"
         if self.varassign:
             kw = dict(n_vars=cfg.va_vars, n_assign=cfg.va_assign)
             self.train_task = data.VariableAssignment(seed=cfg.seed, **kw)
             self.val_task = data.VariableAssignment(seed=cfg.seed + 10_000, **kw)  # another stream
-            T = self.train_task.batch(1, torch.Generator().manual_seed(0))[0].shape[1]
-            if T > cfg.context_len:
+            self.vocab_size = self.train_task.vocab_size
+            T = self.train_task.seq_len
+            if T > self.context_len:
                 raise ValueError(f"varassign examples are {T} tokens; set --context_len >= {T}.")
         else:
             self.text = data.TextData.from_name(cfg.data, val_fraction=cfg.val_fraction)
+            self.vocab_size = data.ByteTokenizer.vocab_size
 
     def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.varassign:
             # learn the task, not the random stream: only the answer is a target (-100 is ignored)
             x, y, answer = self.train_task.batch(self.cfg.batch_size, gen)
             return x, y.masked_fill(~answer, -100)
-        return self.text.batch("train", self.cfg.batch_size, self.cfg.context_len, gen)
+        return self.text.batch("train", self.cfg.batch_size, self.context_len, gen)
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         if self.varassign:
@@ -240,12 +242,24 @@ class _Task:
                 x, y, answer = self.val_task.batch(self.cfg.batch_size, gen)
                 yield x, y.masked_fill(~answer, -100), answer
         else:
-            for x, y in self.text.eval_batches("val", self.cfg.batch_size, self.cfg.context_len, self.cfg.eval_batches):
+            for x, y in self.text.eval_batches("val", self.cfg.batch_size, self.context_len, self.cfg.eval_batches):
                 yield x, y, None
 
 
+def token_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy (nats/token) of ``logits`` ``[B, T, vocab]`` for targets ``y`` ``[B, T]``; targets
+    of -100 are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
 @torch.no_grad()
-def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
+def mean_loss(model: GPT, x: Tensor, y: Tensor) -> float:
+    """Mean cross-entropy (nats/token) of ``model`` on ``x, y`` ``[B, T]`` with its full context."""
+    return token_loss(model(x), y).item()
+
+
+@torch.no_grad()
+def evaluate(model: GPT, task: Task, device: torch.device) -> dict[str, float]:
     """Mean validation cross-entropy (nats/token; on varassign, of the answers), and answer accuracy.
     Runs in eval mode and leaves the model in the mode it was in."""
     was_training = model.training
@@ -254,7 +268,7 @@ def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
     for x, y, answer in task.eval_batches():
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
+        losses.append(token_loss(logits, y).item())
         if answer is not None:
             answer = answer.to(device)
             correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
@@ -268,7 +282,8 @@ def evaluate(model: GPT, task: _Task, device: torch.device) -> dict[str, float]:
 
 # --- checkpoints -------------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, corrupt, or made for another model or training config."""
+    """A checkpoint that cannot be used: unreadable, corrupt, of an unknown format version, or made for another
+    model or training config."""
 
 
 class TrainingDiverged(RuntimeError, ValueError):
@@ -292,25 +307,57 @@ def tensors_checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _untie(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop each entry that is the same tensor as an earlier one (tied weights: lm_head.weight is tok_emb.weight;
+    safetensors refuses shared memory) -> ``(state, {dropped name: the name it is})``."""
+    seen, kept, aliases = {}, {}, {}
+    for name, t in state.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        kept[name] = t
+    return kept, aliases
+
+
+def _to_json(obj, what: str) -> str:
+    try:
+        return json.dumps(obj)
+    except TypeError as e:
+        raise ValueError(f"cannot save {what} in a checkpoint: {e}; keep it to JSON values (numbers, strings, "
+                         f"lists, dicts).") from None  # fmt: skip
+
+
 def save_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, **extra) -> None:
-    """Model, optimizer and RNG states in one safetensors file, written to a temp file and renamed,
-    so a crash mid-write leaves the previous checkpoint intact."""
+    """``model.state_dict()``, ``opt.state_dict()`` and the RNG states in one safetensors file (format
+    ``FORMAT_VERSION``): every tensor in the file, the rest (configs, the optimizer's param_groups and non-tensor
+    state, ``extra`` such as the history) as JSON metadata, with a sha256 of the tensors. Written to a temp file,
+    fsynced and renamed, so a crash mid-write leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.pop("model.lm_head.weight", None)  # tied to tok_emb.weight; safetensors refuses shared storage
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        for name, val in opt.state.get(p, {}).items():
-            tensors[f"optim.{i}.{name}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    model_state, aliases = _untie(model.state_dict())
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    opt_state = opt.state_dict()
+    opt_values: dict[str, dict] = {}  # per-parameter state that is not a tensor
+    for pid, st in opt_state["state"].items():
+        for name, val in st.items():
+            if isinstance(val, Tensor):
+                tensors[f"optim.state.{pid}.{name}"] = val.detach().cpu().contiguous()
+            else:
+                opt_values.setdefault(str(pid), {})[name] = val
     tensors["rng.torch"] = torch.get_rng_state()
     if "data_rng" in extra:
         tensors["rng.data"] = extra.pop("data_rng")
     meta = {
         "format_version": FORMAT_VERSION,
         "step": str(step),
-        "train_config": json.dumps(dataclasses.asdict(cfg)),
-        "model_config": json.dumps(_model_config_dict(model.config)),
-        "extra": json.dumps(extra),
+        "train_config": _to_json(dataclasses.asdict(cfg), "the training config"),
+        "model_config": _to_json(dataclasses.asdict(model.config), "GPTConfig (its extra)"),
+        "optimizer": _to_json({"param_groups": opt_state["param_groups"], "state": opt_values}, "the optimizer"),
+        "aliases": json.dumps(aliases),
+        "extra": _to_json(extra, "the run's extra state"),
         "checksum": "sha256:" + tensors_checksum(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,16 +368,46 @@ def save_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, step: in
     os.replace(tmp, path)
 
 
-def _model_config_dict(c: GPTConfig) -> dict:
-    d = dataclasses.asdict(c)
-    d.pop("extra", None)
-    if d.get("selection_layers") is not None:
-        d["selection_layers"] = list(d["selection_layers"])
+def _nested_train_config(d: Mapping[str, object]) -> dict:
+    """A stored train_config with the model's fields under "model": formats 1-2 stored them flat."""
+    d = dict(d)
+    if "model" in d:
+        return d
+    model = {k: d.pop(k) for k in _LEGACY_MODEL_FIELDS if k in d}
+    if model.get("d_head") == 0:
+        model["d_head"] = None
+    layers = model.get("selection_layers")
+    if isinstance(layers, str):
+        model["selection_layers"] = [int(s) for s in layers.split(",") if s.strip()] or None
+    d["model"] = model
     return d
 
 
+def gpt_config_from_dict(d: Mapping[str, object]) -> GPTConfig:
+    """The GPTConfig ``dataclasses.asdict`` stored: fields missing (added to GPTConfig after the checkpoint was
+    written) take their defaults; fields GPTConfig no longer has are dropped with a warning."""
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    dropped = sorted(set(d) - names)
+    if dropped:
+        warnings.warn(f"ignoring stored model fields this GPTConfig does not have: {dropped}", stacklevel=2)
+    kw = {k: v for k, v in d.items() if k in names}
+    if kw.get("selection_layers") is not None:
+        kw["selection_layers"] = tuple(kw["selection_layers"])
+    return GPTConfig(**kw)
+
+
+def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
+    """``{field: (stored, now)}`` over the fields that shape the model or its training (not the notes)."""
+    return {
+        f.name: (getattr(stored, f.name), getattr(now, f.name))
+        for f in dataclasses.fields(GPTConfig)
+        if f.name not in _MODEL_NOTES and getattr(stored, f.name) != getattr(now, f.name)
+    }
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint: ``(tensors, metadata)`` with the configs decoded; raises CheckpointError."""
+    """Read a checkpoint: ``(tensors, metadata)`` with the configs decoded (``train_config`` with the model under
+    "model", also for formats 1-2); raises CheckpointError. Reads only tensors and JSON: never runs code."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -340,21 +417,40 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"no checkpoint at {path}; train one with `selective-attention train --out_dir=...`.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        checksum = meta.get("checksum")
-        meta = {
-            "step": int(meta["step"]),
-            "train_config": json.loads(meta["train_config"]),
-            "model_config": json.loads(meta["model_config"]),
-            "extra": json.loads(meta.get("extra", "{}")),
-            "format_version": meta["format_version"],
-        }
+            raw = f.metadata() or {}
+            version = raw.get("format_version")
+            if version in READABLE_VERSIONS:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a selective-attention checkpoint ({type(e).__name__}: {e}); "
             f"delete it, or start over with --resume=false."
         ) from e
+    if version not in READABLE_VERSIONS:
+        what = "has no format version" if version is None else f"has format version {version!r}"
+        raise CheckpointError(
+            f"checkpoint {path} {what}; this selective-attention reads versions {', '.join(READABLE_VERSIONS)} "
+            f"(it writes {FORMAT_VERSION}). A newer version was written by a newer selective-attention: upgrade it "
+            f"(pip install -U selective-attention) to read this file, or start over with --resume=false."
+        )
+    try:
+        legacy = version in ("1", "2")
+        meta = {
+            "format_version": version,
+            "step": int(raw["step"]),
+            "train_config": _nested_train_config(json.loads(raw["train_config"])),
+            "model_config": json.loads(raw["model_config"]),
+            "extra": json.loads(raw.get("extra", "{}")),
+            # formats 1-2: one parameter group's state as optim.{i}.{name}; lm_head.weight tied, not stored
+            "optimizer": None if legacy else json.loads(raw["optimizer"]),
+            "aliases": {"lm_head.weight": "tok_emb.weight"} if legacy else json.loads(raw["aliases"]),
+        }
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
+            f"checkpoint of format {version}; delete it, or start over with --resume=false."
+        ) from None
+    checksum = raw.get("checksum")
     if checksum is None:
         warnings.warn(
             f"checkpoint {path} has no checksum (written before checksums were stored); its bytes cannot be "
@@ -369,23 +465,70 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the trained model of a checkpoint (eval mode)."""
-    tensors, meta = load_checkpoint(path)
-    mc = meta["model_config"]
-    if mc.get("selection_layers") is not None:
-        mc["selection_layers"] = tuple(mc["selection_layers"])
-    model = GPT(GPTConfig(**mc))
-    _load_model_state(model, tensors, path)
-    return model.to(device).eval(), meta
-
-
-def _load_model_state(model: GPT, tensors: dict[str, Tensor], path) -> None:
+def model_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
+    """The model's state dict from a loaded checkpoint, tied weights restored."""
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]
+    for name, same in meta["aliases"].items():
+        if same in state:
+            state[name] = state[same]
+    return state
+
+
+def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict from a loaded checkpoint, for ``opt.load_state_dict``. Formats 1-2 stored one
+    parameter group's state as ``optim.{i}.{name}``: it takes ``opt``'s param_groups."""
+    state: dict[int, dict] = {}
+    if meta["optimizer"] is None:
+        for key, t in tensors.items():
+            if key.startswith("optim."):
+                i, name = key[len("optim.") :].split(".", 1)
+                state.setdefault(int(i), {})[name] = t
+        return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
+    for key, t in tensors.items():
+        if key.startswith("optim.state."):
+            pid, name = key[len("optim.state.") :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = t
+    for pid, values in meta["optimizer"]["state"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+
+
+def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
+    have = model.state_dict().keys()
+    missing, unexpected = [k for k in have if k not in state], [k for k in state if k not in have]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None:
+    """Restore the optimizer's state; its hyperparameters stay those of the config it was built from (a resume
+    with --allow_config_change=true trains with the new ones)."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path}'s optimizer state does not fit this model's optimizer ({type(e).__name__}: {e}); "
+            f"use another --out_dir or --resume=false."
+        ) from None
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Rebuild the trained model of a checkpoint (eval mode), of any readable format version."""
+    tensors, meta = load_checkpoint(path)
+    try:
+        config = gpt_config_from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} holds a model config this code refuses: {e}") from None
+    model = GPT(config)
+    _load_model_state(model, model_state(tensors, meta), path)
+    return model.to(device).eval(), meta
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -398,7 +541,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(model.parameters())  # one group, a fixed order: checkpoints index into it
+    params = list(model.parameters())  # one group: every weight decays (checkpoints hold any param_groups)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
@@ -443,13 +586,15 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _check_train_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
-    """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed."""
-    now = dataclasses.asdict(cfg)
-    skip = RESUMABLE_FIELDS | _MODEL_FIELDS
-    changed = [k for k in now if k in stored and k not in skip and stored[k] != now[k]]
+    """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
+    config lacks (added since) counts as its default."""
+    defaults = _flat_values(TrainConfig())
+    now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}
+    old = {k: stored.get(k, defaults[k]) for k in now}
+    changed = [k for k in now if k not in RESUMABLE_FIELDS and old[k] != now[k]]
     if not changed:
         return
-    diff = ", ".join(f"{k}: {stored[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in changed)
+    diff = ", ".join(f"{k}: {old[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in changed)
     if not cfg.allow_config_change:
         raise CheckpointError(
             f"checkpoint {path} was trained with another config: {diff}. Pass --allow_config_change=true to "
@@ -498,26 +643,27 @@ def main(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ckpt_path = out_dir / CKPT_NAME
     torch.manual_seed(cfg.seed)
-    task = _Task(cfg)
-    model = GPT(cfg.model_config()).to(device)
+    task = Task(cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
+    model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     start, history, last_ckpt = 0, [], None
     if cfg.resume and ckpt_path.exists():
         tensors, meta = load_checkpoint(ckpt_path)
-        want, got = _model_config_dict(model.config), meta["model_config"]
-        diff = {k: (got.get(k), want[k]) for k in want if got.get(k) != want[k]}
+        try:
+            stored = gpt_config_from_dict(meta["model_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt_path} holds a model config this code refuses: {e}") from None
+        diff = _model_diff(stored, model.config)
         if diff:
             raise CheckpointError(
                 f"checkpoint {ckpt_path} was made for another model (field: (checkpoint, now)) {diff}; "
                 f"use another --out_dir or --resume=false."
             )
         _check_train_config(cfg, meta["train_config"], ckpt_path)
-        _load_model_state(model, tensors, ckpt_path)
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            st = {k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-            if st:
-                opt.state[p] = st
+        _load_model_state(model, model_state(tensors, meta), ckpt_path)
+        _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.data" in tensors:
             data_gen.set_state(tensors["rng.data"])
@@ -535,7 +681,7 @@ def main(cfg: TrainConfig) -> dict:
     failed = False
     bar = progress_bar(cfg.max_steps, out_dir.name, enabled=cfg.progress and main_proc, initial=start)
     try:
-        tokens_per_step = cfg.batch_size * cfg.context_len * world
+        tokens_per_step = cfg.batch_size * cfg.model.context_len * world
         t_start, tok_seen, last = time.perf_counter(), 0, {}
         model.train()
         step = start

@@ -171,3 +171,34 @@ def test_eval_varassign_checkpoint(ckpts, capsys):
 def test_generate_empty_prompt_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", ""]) == 2
     assert capsys.readouterr().err == "error: --prompt must not be empty: give at least one character to continue.\n"
+
+
+def test_every_command_help_comes_from_its_dataclass(capsys):
+    """train --help and eval --help are argparse's: usage, then an option per field with its type, help and
+    default."""
+    for cmd, lines in (
+        ("train", ["--lr FLOAT", "peak learning rate", "(default: 0.003)", "--n_layer INT", "--context_len INT",
+                   "(default: 128)", "--selection [BOOL]", "--no_progress"]),
+        ("eval", ["--ckpt STR", "(required)", "--batches INT", "(default: 4)", "--json [BOOL]"]),
+        ("generate", ["--temperature FLOAT", "(default: 0.8)"]),
+        ("demo", ["--quick [BOOL]", "--steps INT", "(default: 1000)"]),
+    ):  # fmt: skip
+        assert main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: selective-attention {cmd} [-h]") and "\noptions:\n" in out
+        words = " ".join(out.split())  # as wrapped for any terminal width
+        for text in lines:
+            assert text in words, (cmd, text)
+    assert "--vocab_size" not in out  # the data sets it
+
+
+def test_train_option_errors(tmp_path, capsys):
+    assert main(["train", "--n_layer", "two"]) == 2  # a type error: argparse's usage and message
+    err = capsys.readouterr().err
+    assert err.startswith("usage: selective-attention train") and "argument --n_layer: expects int, got 'two'" in err
+    assert main(["train", "--n_layer", "0", f"--out_dir={tmp_path}"]) == 2  # a range error: one line
+    assert capsys.readouterr().err == "error: --n_layer=0 is invalid: it must be an int >= 1.\n"
+    assert main(["train", "--d_model=30", f"--out_dir={tmp_path}"]) == 2  # GPTConfig's rule across fields
+    assert "error: d_model (30) must be divisible by n_head (4)" in capsys.readouterr().err
+    assert main(["train", "--lr=0.1", "lr"]) == 2
+    assert "expected --key=value or --key value, got 'lr'" in capsys.readouterr().err

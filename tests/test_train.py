@@ -1,4 +1,4 @@
-"""The training loop: learning, exact resume, atomic checkpoints, config overrides."""
+"""The training loop: learning, exact resume, atomic checkpoints (and older formats), config overrides."""
 
 import json
 
@@ -24,7 +24,7 @@ def tiny(tmp_path, **kw):
         selection=True, progress=False,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_options(base)
 
 
 def test_loss_is_finite_and_falls(tmp_path):
@@ -113,8 +113,8 @@ def test_lr_schedule():
 
 def test_parse_overrides():
     cfg = parse_overrides(["--lr=1e-3", "--selection=true", "--n_layer=3", "--data=pydoc", "--selection-layers=0,2"])
-    assert (cfg.lr, cfg.selection, cfg.n_layer, cfg.data) == (1e-3, True, 3, "pydoc")
-    assert cfg.model_config().selection_layers == (0, 2)
+    assert (cfg.lr, cfg.model.selection, cfg.model.n_layer, cfg.data) == (1e-3, True, 3, "pydoc")
+    assert cfg.model.selection_layers == (0, 2)
     with pytest.raises(ValueError, match="unknown option --lrr"):
         parse_overrides(["--lrr=1"])
     with pytest.raises(ValueError, match="expects int"):
@@ -155,7 +155,7 @@ def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
 
 
 def test_varassign_targets_only_the_answer(tmp_path):
-    task = train_mod._Task(tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64))
+    task = train_mod.Task(tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64))
     x, y = task.batch(torch.Generator().manual_seed(0))
     assert ((y != -100).sum(dim=1) == 1).all()  # one target per example: the answer digit
     answers = y[y != -100]
@@ -255,7 +255,7 @@ def test_unusable_out_dir_fails_before_training(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train_mod, "_Task", no_training)
+    monkeypatch.setattr(train_mod, "Task", no_training)
     with pytest.raises(ValueError, match=r"--out_dir=.*afile/sub.*writable"):
         main(tiny(tmp_path, out_dir=str(tmp_path / "afile" / "sub")))
 
@@ -272,7 +272,7 @@ def test_bad_options_are_clear_errors(option):
 
 
 def test_bad_selection_layers_and_devices_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"--selection_layers='a,b'.*comma-separated layer indices"):
+    with pytest.raises(ValueError, match=r"--selection_layers: expects comma-separated ints like 0,2.*'a,b'"):
         parse_overrides(["--selection_layers=a,b"])
     with pytest.raises(ValueError, match=r"--device='tpu'.*available here: auto, cpu"):
         main(tiny(tmp_path, device="tpu"))
@@ -302,11 +302,172 @@ def test_progress_to_a_pipe_is_a_few_plain_lines(tmp_path, capsys):
 
 def test_evaluate_leaves_the_model_in_its_mode():
     from selective_attention.model import GPT
-    from selective_attention.train import _Task, evaluate
+    from selective_attention.train import Task, evaluate
 
-    cfg = TrainConfig(data="pydoc", n_layer=1, d_model=32, n_head=2, context_len=32, batch_size=2, eval_batches=1)
-    model = GPT(cfg.model_config())
+    cfg = TrainConfig.from_options(
+        dict(data="pydoc", n_layer=1, d_model=32, n_head=2, context_len=32, batch_size=2, eval_batches=1)
+    )
+    model = GPT(cfg.model)
     for mode in (False, True):
         model.train(mode)
-        evaluate(model, _Task(cfg), torch.device("cpu"))
+        evaluate(model, Task(cfg), torch.device("cpu"))
         assert model.training is mode
+
+
+# --- checkpoint format: state-dict APIs, version check, older formats, model config fields ----------------
+def _rewrite_metadata(path, **changes):
+    """Rewrite a checkpoint's metadata (the tensors, hence the checksum, unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, **changes})
+
+
+def _write_format_2(path, cfg, model, opt, step, history, rng):
+    """A checkpoint as format 2 wrote it (the code before format 3): the model without the tied lm_head, one
+    parameter group's optimizer state as optim.{i}.{name}, the model fields flat in train_config, no GPTConfig.extra.
+    ``rng``: the rng.torch and rng.data tensors the loop saved."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for name, val in opt.state.get(p, {}).items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(val).detach().clone()
+    tensors.update(rng)
+    flat = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    m = cfg.model
+    layers = ",".join(map(str, m.selection_layers or ()))  # format 2: "0,2", "" = every layer; d_head 0 = auto
+    flat.update(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_head=m.d_head or 0, context_len=m.context_len,
+                dropout=m.dropout, selection=m.selection, selection_layers=layers, selection_head=m.selection_head,
+                selection_per_head=m.selection_per_head, selection_projection=m.selection_projection,
+                memory_eps=m.memory_eps, memory_tau=m.memory_tau)  # fmt: skip
+    model_config = dataclasses.asdict(model.config)
+    model_config.pop("extra")
+    meta = {"format_version": "2", "step": str(step), "train_config": json.dumps(flat),
+            "model_config": json.dumps(model_config), "extra": json.dumps({"history": history}),
+            "checksum": "sha256:" + train_mod.tensors_checksum(tensors)}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _as_format_2(src, dst_root):
+    """Write the run at ``src`` again, in format 2, as the run of ``tiny(dst_root)``; returns its folder."""
+    tensors, meta = load_checkpoint(src)
+    cfg = tiny(dst_root, max_steps=meta["step"])
+    model, _ = model_from_checkpoint(src)
+    opt = train_mod._optimizer(model, cfg)
+    opt.load_state_dict(train_mod.optimizer_state(tensors, meta, opt))
+    rng = {k: tensors[k] for k in ("rng.torch", "rng.data")}
+    _write_format_2(dst_root / "run" / "ckpt.safetensors", cfg, model, opt, meta["step"], meta["extra"]["history"], rng)
+    return dst_root / "run"
+
+
+def test_format_2_checkpoint_loads_for_eval(tmp_path):
+    main(tiny(tmp_path / "new", max_steps=4))
+    old = _as_format_2(tmp_path / "new" / "run", tmp_path / "old")
+    new_model, _ = model_from_checkpoint(tmp_path / "new" / "run")
+    old_model, meta = model_from_checkpoint(old)
+    assert meta["format_version"] == "2" and meta["train_config"]["model"]["selection"] is True
+    assert old_model.lm_head.weight is old_model.tok_emb.weight
+    x = torch.randint(0, old_model.config.vocab_size, (2, 16))
+    assert torch.equal(old_model(x), new_model(x))
+
+
+def test_format_2_resume_is_exact(tmp_path):
+    """Resuming a format 2 checkpoint is bit for bit resuming the same run saved in the current format."""
+    main(tiny(tmp_path / "a", max_steps=4))
+    _as_format_2(tmp_path / "a" / "run", tmp_path / "b")
+    a, b = main(tiny(tmp_path / "a", max_steps=8)), main(tiny(tmp_path / "b", max_steps=8))
+
+    def strip(h):
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in h]
+
+    assert strip(a["history"]) == strip(b["history"]) and [r["step"] for r in a["history"]] == [4, 8]
+    (ta, _), (tb, mb) = load_checkpoint(tmp_path / "a" / "run"), load_checkpoint(tmp_path / "b" / "run")
+    assert mb["format_version"] == train_mod.FORMAT_VERSION  # saved again in the current format
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_unknown_format_version_is_a_clear_error(tmp_path):
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _rewrite_metadata(path, format_version="99")
+    with pytest.raises(CheckpointError, match=r"format version '99'.*reads versions 1, 2, 3.*upgrade"):
+        model_from_checkpoint(path)
+    with pytest.raises(CheckpointError, match="format version '99'"):
+        main(tiny(tmp_path, max_steps=8))
+
+
+def test_checkpoint_missing_a_model_field_loads_and_resumes(tmp_path):
+    """A GPTConfig field added after a checkpoint was written takes its default: not "another model"."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    stored = dict(load_checkpoint(path)[1]["model_config"])
+    del stored["rope_base"], stored["extra"]
+    _rewrite_metadata(path, model_config=json.dumps(stored))
+    model, meta = model_from_checkpoint(path)
+    assert "rope_base" not in meta["model_config"] and model.config.rope_base == 10000.0
+    s = main(tiny(tmp_path, max_steps=8))
+    assert [row["step"] for row in s["history"]] == [4, 8]
+    _rewrite_metadata(path, model_config=json.dumps(stored))
+    with pytest.raises(CheckpointError, match=r"another model.*'rope_base': \(10000.0, 500.0\)"):
+        main(tiny(tmp_path, max_steps=12, rope_base=500.0))
+
+
+def test_checkpoint_keeps_gpt_config_extra_and_any_param_groups(tmp_path):
+    import dataclasses
+
+    from selective_attention.model import GPT, GPTConfig
+
+    cfg = tiny(tmp_path, max_steps=4)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, extra={"note": "run 7", "tags": [1, 2]}))
+    main(cfg)
+    model, meta = model_from_checkpoint(tmp_path / "run")
+    assert model.config.extra == {"note": "run 7", "tags": [1, 2]}
+    # two parameter groups, other hyperparameters per group: the state dict round-trips exactly
+    model = GPT(GPTConfig(vocab_size=256, context_len=16, n_layer=1, n_head=2, d_model=16))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    loss, _ = model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    loss.backward()
+    opt.step()
+    path = tmp_path / "two" / "ckpt.safetensors"
+    train_mod.save_checkpoint(path, model, opt, 1, cfg)
+    tensors, meta = load_checkpoint(path)
+    fresh = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    fresh.load_state_dict(train_mod.optimizer_state(tensors, meta, fresh))
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert [g["weight_decay"] for g in b["param_groups"]] == [0.01, 0.0]
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+def test_options_as_key_value_or_key_space_value():
+    a = parse_overrides(["--lr=1e-3", "--selection=true", "--n_layer=3", "--d_head=none", "--no-progress"])
+    b = parse_overrides(["--lr", "1e-3", "--selection", "--n-layer", "3", "--progress", "false"])
+    assert a == b and a.model.d_head is None and a.progress is False
+    assert parse_overrides(["--selection_layers="]).model.selection_layers is None
+    with pytest.raises(ValueError, match=r"unknown option --n_layers \(did you mean --n_layer"):
+        parse_overrides(["--n_layers=3"])
+    with pytest.raises(ValueError, match="unknown option --vocab_size"):  # set from the data
+        parse_overrides(["--vocab_size=300"])
+    with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_head \(4\)"):  # GPTConfig's check
+        parse_overrides(["--d_model=30"])
+
+
+def test_train_config_from_a_format_2_dict():
+    import dataclasses
+
+    old = {"data": "pydoc", "n_layer": 3, "d_head": 0, "selection": True, "selection_layers": "0,2", "lr": 1e-3,
+           "gone": 1}  # fmt: skip
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.data, cfg.lr, cfg.model.n_layer, cfg.model.d_head, cfg.model.selection_layers) == (
+        "pydoc", 1e-3, 3, None, (0, 2),
+    )  # fmt: skip
+    stored = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as a checkpoint stores it
+    assert TrainConfig.from_dict(stored) == cfg
