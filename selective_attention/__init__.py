@@ -7,7 +7,7 @@ Public names:
 * :class:`Selection` - who votes for F (``Selection()`` is the paper: head 0; ``head=``, ``per_head=``,
   ``projection=`` variants), the value of every ``selection=`` argument;
 * :func:`selection_penalty` - the paper's F from one head's queries and keys (for inspection);
-* :mod:`selective_attention.model` (``GPTConfig``, ``GPT``), :mod:`selective_attention.cache`
+* :mod:`selective_attention.model` (``GPTConfig``, ``GPT``), :mod:`selective_attention.decoding`
   (``Decoder``), :mod:`selective_attention.train`, :mod:`selective_attention.data`.
 """
 

@@ -1,316 +1,40 @@
 """The ``selective-attention`` command (also ``python -m selective_attention``).
 
-Every subcommand's options are the fields of a dataclass, turned into argparse options by one function,
-:func:`add_options`: ``train`` takes :class:`~selective_attention.train.TrainConfig` (its ``model``, a
-``GPTConfig``, flattened: ``--n_layer`` beside ``--lr``), ``demo`` :class:`~selective_attention.demo.DemoConfig`,
-and ``eval``, ``generate``, ``bench``, ``seed-example`` the option classes below. A field ``name: T = default``
-becomes ``--name VALUE`` or ``--name=VALUE``, with:
-
-* its type from the annotation: ``bool`` takes ``--name``, ``--name=true/false`` (yes/no, 1/0), and a default-true
-  one also ``--no_name``; ``X | None`` also takes ``none``; ``Sequence[int]`` is comma-separated (``0,2``);
-  ``list[int]`` takes several values; ``metadata={"type": f}`` gives a parser of its own (a range check);
-* its ``--help`` line from ``metadata={"help": ...}``, else the comment at the end of the field's line, and its
-  default (from the instance the options override, so ``train --help`` shows the training defaults);
-* dashes and underscores alike in option names (``--selection-layers`` = ``--selection_layers``).
-
-Why argparse built from the dataclasses rather than tyro or jsonargparse: no new dependency for a command of
-six subcommands, ``--help`` and usage errors in the standard form (``argument --batches: must be an int >= 1,
-got '0'``), and the ``--key=value`` spelling the README and scripts use keeps working; the whole mechanism is
-the few functions below. Values are checked twice on purpose: argparse checks each value's type; the config's
-``__post_init__`` checks ranges and the rules across fields (``error: --n_layer=0 is invalid: ...``, exit 2).
+Every subcommand's options are the fields of a dataclass (:mod:`selective_attention.options` turns them into
+argparse options and ``--help``): ``train`` takes :class:`~selective_attention.train.TrainConfig` (its
+``model``, a ``GPTConfig``, flattened: ``--n_layer`` beside ``--lr``), ``demo``
+:class:`~selective_attention.demo.DemoConfig`, and ``eval``, ``generate``, ``bench``, ``seed-example`` the
+option classes below.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import difflib
-import functools
-import inspect
-import io
 import json
 import math
 import sys
-import textwrap
-import tokenize
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import SelectiveAttention
+from .options import (
+    OptionParser,
+    UsageError,
+    add_options,
+    build,
+    finite_number,
+    help_formatter,
+    int_at_least,
+    non_negative_int,
+    normalise_argv,
+    positive_int,
+    refuse_unknown,
+    values_of,
+)
 
-__all__ = ["main", "demo", "seed_example", "add_options", "parse_options", "UsageError"]
-
-
-# --- options from dataclasses ------------------------------------------------------------------------
-class UsageError(ValueError):
-    """A bad command line (an unknown option, a value of the wrong type): argparse's message."""
-
-    def __init__(self, message: str, parser: argparse.ArgumentParser | None = None) -> None:
-        super().__init__(message)
-        self.parser = parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of exiting, so library callers get a ValueError."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(message, self)
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.HelpFormatter(prog, max_help_position=34)
-
-
-def int_at_least(low: int, hint: str = ""):
-    """An argparse ``type``: an int >= ``low``; argparse reports a bad one naming the option."""
-
-    def parse(text: str) -> int:
-        try:
-            val = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}{hint}") from None
-        if val < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}{hint}")
-        return val
-
-    parse.metavar = "INT"
-    return parse
-
-
-def finite_number(*, positive: bool, hint: str = ""):
-    """An argparse ``type``: a finite float > 0 (``positive``) or >= 0; NaN and inf are refused."""
-    bound = "> 0" if positive else ">= 0"
-
-    def parse(text: str) -> float:
-        try:
-            val = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}{hint}") from None
-        if not math.isfinite(val) or val < 0 or (positive and val == 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}{hint}")
-        return val
-
-    parse.metavar = "FLOAT"
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expects true/false, got {text!r}")
-
-
-def _scalar(typ: type):
-    def parse(text: str):
-        try:
-            return typ(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expects {typ.__name__}, got {text!r}") from None
-
-    parse.metavar = typ.__name__.upper()
-    return parse
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects comma-separated ints like 0,2 (or none), got {text!r}") from None
-
-
-_int_tuple.metavar = "INTS"
-
-
-def _or_none(parse):
-    """``parse``, and ``none`` / ``null`` / an empty value for None (an int tuple: an empty one too)."""
-
-    def parse_optional(text: str):
-        if text.strip().lower() in ("none", "null", ""):
-            return None
-        val = parse(text)
-        return None if val == () else val
-
-    parse_optional.metavar = getattr(parse, "metavar", "VALUE")
-    return parse_optional
-
-
-@functools.cache
-def field_comments(cls: type) -> dict[str, str]:
-    """``{field: the comment at the end of its line}`` from ``cls``'s source (empty without the source)."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    comments = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        text = tok.string.lstrip("#").strip()
-        if tok.type == tokenize.COMMENT and not text.startswith("fmt:"):
-            comments[tok.start[0]] = text
-    out = {}
-    for node in ast.parse(src).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in comments:
-            out[node.target.id] = comments[node.end_lineno]
-    return out
-
-
-def _show(value) -> str:
-    """A default as it is typed on the command line."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return repr(value) if value == "" else str(value)
-
-
-def _option_fields(cls: type, base, flatten: Sequence[str], exclude: Sequence[str]):
-    """``(field, owner class, type hint, default)`` per option of ``cls``: its own fields, and those of the nested
-    dataclass fields named in ``flatten`` in their place. Fields of another type (dict, a nested dataclass not
-    flattened) and those in ``exclude`` are not options."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        if f.name in flatten:
-            nested_base = getattr(base, f.name) if base is not None else f.default_factory()
-            yield from _option_fields(hints[f.name], nested_base, (), exclude)
-            continue
-        if base is not None:
-            default = getattr(base, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        yield f, cls, hints[f.name], default
-
-
-def _argument(f: dataclasses.Field, owner: type, hint, default) -> dict | None:
-    """The ``add_argument`` keywords of one field, or None for a type that is not an option."""
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    kw: dict = {}
-    if hint is bool:
-        kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-    elif origin is list:
-        (item,) = typing.get_args(hint) or (str,)
-        kw.update(nargs="+", type=_scalar(item))
-    elif isinstance(origin, type) and issubclass(origin, Sequence) and origin is not str:
-        kw.update(type=_int_tuple)
-    elif hint in (int, float, str):
-        kw.update(type=_scalar(hint))
-    else:
-        return None
-    kw["type"] = f.metadata.get("type", kw["type"])
-    kw.setdefault("metavar", getattr(kw["type"], "metavar", "VALUE"))
-    if optional:
-        kw["type"] = _or_none(kw["type"])
-    text = f.metadata.get("help") or field_comments(owner).get(f.name, "")
-    if default is dataclasses.MISSING:
-        kw["required"] = True
-        text += " (required)"
-    elif default is not None:
-        text += f" (default: {' '.join(map(str, default)) if origin is list else _show(default)})"
-    kw["help"] = text.strip().replace("%", "%%")
-    return kw
-
-
-def add_options(
-    parser: argparse.ArgumentParser, cls: type, base=None, *, flatten: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> list[str]:
-    """Add an option per field of dataclass ``cls`` to ``parser`` (see the module docstring); the defaults shown
-    are ``base``'s (default: the field defaults). Options not given are left out of the parsed namespace, so
-    :func:`values_of` returns only what the command line set. Returns the option names."""
-    names = []
-    for f, owner, hint, default in _option_fields(cls, base, flatten, exclude):
-        kw = _argument(f, owner, hint, default)
-        if kw is None:
-            continue
-        parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, **kw)
-        if kw["type"] is _parse_bool and default is True:
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                                help=f"same as --{f.name}=false")  # fmt: skip
-        names.append(f.name)
-    return names
-
-
-def values_of(ns: argparse.Namespace, names: Sequence[str]) -> dict:
-    """The options of ``names`` that the command line set."""
-    return {k: v for k, v in vars(ns).items() if k in names}
-
-
-def build(cls: type, values: dict, base=None, *, flatten: Sequence[str] = ()):
-    """A ``cls`` from option values: ``base`` (or the defaults) with ``values`` replaced, nested ones included."""
-    kw = {}
-    for f in dataclasses.fields(cls):
-        if f.name in flatten:
-            nested = typing.get_type_hints(cls)[f.name]
-            sub = {k: v for k, v in values.items() if k in {g.name for g in dataclasses.fields(nested)}}
-            if sub:
-                kw[f.name] = build(nested, sub, getattr(base, f.name) if base is not None else None)
-        elif f.name in values:
-            kw[f.name] = values[f.name]
-    return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
-
-
-def _normalise(argv: Sequence[str]) -> list[str]:
-    """Option names with underscores (``--no-progress`` -> ``--no_progress``); a bare ``--`` dropped."""
-    out = []
-    for a in argv:
-        if a == "--":
-            continue
-        if a.startswith("--"):
-            key, eq, value = a.partition("=")
-            a = "--" + key[2:].replace("-", "_") + eq + value
-        out.append(a)
-    return out
-
-
-def _refuse_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
-    if not unknown:
-        return
-    first = unknown[0]
-    if not first.startswith("--"):
-        parser.error(f"expected --key=value or --key value, got {first!r}")
-    key = first.partition("=")[0]
-    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-    close = difflib.get_close_matches(key, known, n=3)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    parser.error(f"unknown option {key}{hint}; --help lists the options")
-
-
-TRAIN_OPTIONS = dict(flatten=("model",), exclude=("vocab_size",))  # the vocabulary is the data's
-
-
-def parse_options(args: Sequence[str], cls: type, base=None, **kw) -> dict:
-    """Parse ``args`` against the options of ``cls`` (see :func:`add_options`) -> the values given, by name;
-    a bad command line is a :class:`UsageError` (a ValueError) with argparse's message."""
-    parser = _Parser(prog=cls.__name__, allow_abbrev=False, formatter_class=_formatter)
-    names = add_options(parser, cls, base, **kw)
-    ns, unknown = parser.parse_known_args(_normalise(args))
-    _refuse_unknown(parser, unknown)
-    return values_of(ns, names)
-
-
-def parse_train_options(args: Sequence[str]) -> dict:
-    """The ``train`` command's options: TrainConfig's, the model's beside the training ones."""
-    from .train import TrainConfig
-
-    return parse_options(args, TrainConfig, TrainConfig(), **TRAIN_OPTIONS)
+__all__ = ["main", "demo", "seed_example"]
 
 
 # --- the subcommands' options ------------------------------------------------------------------------
@@ -511,8 +235,8 @@ def cmd_eval(args: EvalOptions) -> dict:
 
 
 def cmd_generate(args: GenerateOptions) -> str:
-    from .cache import Decoder
     from .data import ByteTokenizer
+    from .decoding import Decoder
     from .train import model_from_checkpoint
 
     budget = _budget_arg(args.budget)
@@ -566,7 +290,7 @@ def _commands() -> dict:
     """``{name: (help, [(options class, base, add_options keywords)], run)}``, in --help order; ``run`` takes the
     options given on the command line, a dict per options class."""
     from .demo import DemoConfig
-    from .train import TrainConfig
+    from .train import TRAIN_OPTIONS, TrainConfig
 
     return {
         "demo": (
@@ -618,17 +342,19 @@ def cmd_train(cfg) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = _normalise(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog="selective-attention", description="Selective attention for PyTorch.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
+    parser = OptionParser(
+        prog="selective-attention", description="Selective attention for PyTorch.", allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OptionParser)
     commands, subparsers = _commands(), {}
     for name, (text, option_classes, _) in commands.items():
-        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False, formatter_class=_formatter)
+        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False, formatter_class=help_formatter)
         subparsers[name] = (p, [add_options(p, cls, base, **kw) for cls, base, kw in option_classes])
     try:
         ns, unknown = parser.parse_known_args(argv)
         p, option_classes = subparsers[ns.command]
-        _refuse_unknown(p, unknown)
+        refuse_unknown(p, unknown)
         values = [values_of(ns, names) for names in option_classes]
     except UsageError as e:  # the usage of the (sub)command and argparse's message, as argparse prints them
         (e.parser or parser).print_usage(sys.stderr)

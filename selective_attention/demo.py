@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import finite_number, positive_int
 from .model import GPT, GPTConfig
+from .options import finite_number, positive_int
 from .pruning import pruned_loss, search_budgets
 from .train import TrainConfig, mean_loss, model_from_checkpoint
 from .train import main as train_main
@@ -241,7 +241,7 @@ def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96) -> Non
             from .selection import selection_penalty
 
             q, k, _, sel = attn.project(block.norm1(x), pos)
-            qs, ks = attn.voters(q, k, sel)
+            qs, ks = attn.selection.voters(q, k, sel)
             maps.append((i, selection_penalty(qs, ks)[0].mean(0)))  # [T, T] (mean over per-head Fs)
         x = block(x, pos)[0]
     if not maps:

@@ -24,7 +24,7 @@ from .functional import selective_attention
 from .kv_cache import LayerCache, fcum_after_prompt
 from .selection import Selection
 
-__all__ = ["GPTConfig", "GPT", "memory_loss"]
+__all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
 
 
 def _is_int(v) -> bool:
@@ -52,9 +52,9 @@ def _as_ids(idx):
 class GPTConfig:
     vocab_size: int = 256  # byte-level tokens by default
     context_len: int = 256  # longest sequence trained on; decoding past it needs a budget
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per layer
+    d_model: int = 128  # residual stream width
     d_head: int | None = None  # per-head width; None = d_model // n_head (set it for "2x heads" baselines)
     dropout: float = 0.0  # residual and attention dropout (paper mode with dropout uses the naive path)
     selection: bool = False  # the paper's selective attention
@@ -62,9 +62,9 @@ class GPTConfig:
     selection_head: int = 0  # the head whose logits vote
     selection_per_head: bool = False  # one F per head instead of one per layer
     selection_projection: bool = False  # vote with a dedicated q/k pair (adds parameters)
-    mlp_ratio: float = 4.0
-    bias: bool = False
-    rope_base: float = 10000.0
+    mlp_ratio: float = 4.0  # MLP hidden width / d_model
+    bias: bool = False  # biases in the linear layers
+    rope_base: float = 10000.0  # rotary position base frequency
     memory_tau: float = 1.0  # the memory loss's tau (paper: 1)
     memory_eps: float = 0.0  # the memory loss's weight epsilon (paper: 0.1); 0 = off
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes saved with checkpoints
@@ -223,11 +223,6 @@ class Attention(nn.Module):
             qs, ks = self.sel_qk(x).chunk(2, dim=-1)
             sel = (rotary(self._split(qs), rope), rotary(self._split(ks), rope))
         return q, k, v, sel
-
-    def voters(self, q: Tensor, k: Tensor, sel: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """Kept for ``demo.plot_penalty``: ``self.selection.voters(q, k, sel)``, the queries/keys whose
-        logits vote, ``[B, G, T, D]``."""
-        return self.selection.voters(q, k, sel)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, memory_tau: float | None = None
@@ -512,7 +507,7 @@ class GPT(nn.Module):
         use_mem = cfg.memory_eps > 0 and cfg.selection
         h, masked = self.hidden(idx, cfg.memory_tau if use_mem else None)
         logits = self.lm_head(h)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+        ce = token_loss(logits, targets)
         stats = {"ce": ce.item()}
         if not use_mem:
             return ce, stats
@@ -539,13 +534,19 @@ class GPT(nn.Module):
         (an int for all layers or one per layer) keeps at most that many tokens per layer, evicting
         the token with the largest accumulated penalty (never the first); ``threshold`` evicts any
         token whose penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the
-        decoding step (worth it with a budget; see :class:`~selective_attention.cache.Decoder`).
+        decoding step (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`).
         """
-        from .cache import Decoder
+        from .decoding import Decoder
 
         return Decoder(self, budget=budget, threshold=threshold, compile=compile).generate(
             _as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
         )
+
+
+def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy (nats/token) of ``logits`` ``[B, T, vocab]`` for ``targets`` ``[B, T]``; targets of
+    -100 are ignored (e.g. everything but the answer of a variable-assignment example)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
 
 
 def memory_loss(masked: Sequence[Tensor]) -> Tensor:

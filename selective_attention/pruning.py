@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .decoding import Decoder
-from .model import GPT
+from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
 __all__ = ["pruned_loss", "search_budgets", "BudgetSearch"]
@@ -39,7 +38,7 @@ def pruned_loss(
     for t in range(1, T):
         logits.append(dec.step(x[:, t]))
     logits = torch.stack(logits, dim=1)  # [B, T, vocab]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item(), dec.occupancy()
+    return token_loss(logits, y).item(), dec.occupancy()
 
 
 @dataclass

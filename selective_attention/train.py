@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, token_loss
+from .options import parse_options
 from .progress import progress as progress_bar
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "main",
     "evaluate",
     "mean_loss",
-    "token_loss",
     "parse_overrides",
     "load_checkpoint",
     "save_checkpoint",
@@ -196,13 +195,14 @@ def _validate(cfg: TrainConfig) -> None:
     _check_values(_flat_values(cfg))
 
 
+TRAIN_OPTIONS = dict(flatten=("model",), exclude=("vocab_size",))  # the model's fields beside the training ones;
+# the vocabulary is the data's
+
+
 def parse_overrides(args: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
     """``["--lr=1e-3", "--selection=true"]`` (or ``["--lr", "1e-3"]``) -> a TrainConfig, the others from ``base``:
-    the ``train`` command's options (see :func:`selective_attention.cli.parse_options`). A bad one is a ValueError
-    naming it."""
-    from .cli import parse_train_options
-
-    return TrainConfig.from_options(parse_train_options(args), base)
+    the ``train`` command's options (see :mod:`selective_attention.options`). A bad one is a ValueError naming it."""
+    return TrainConfig.from_options(parse_options(args, TrainConfig, TrainConfig(), **TRAIN_OPTIONS), base)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -244,12 +244,6 @@ class Task:
         else:
             for x, y in self.text.eval_batches("val", self.cfg.batch_size, self.context_len, self.cfg.eval_batches):
                 yield x, y, None
-
-
-def token_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy (nats/token) of ``logits`` ``[B, T, vocab]`` for targets ``y`` ``[B, T]``; targets
-    of -100 are ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 @torch.no_grad()
