@@ -1,7 +1,8 @@
 """Refresh the README's result tables from the files the benchmarks and experiments wrote.
 
-Each ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block in README.md is replaced by
-``benchmarks/results/NAME.md`` (or ``results/NAME.md``) when that file exists.
+Each ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block in README.md, benchmarks/README.md and
+experiments/README.md is replaced by ``benchmarks/results/NAME.md`` (or ``results/NAME.md``) when that
+file exists.
 
     python benchmarks/readme_tables.py
 """
@@ -15,8 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "benchmarks" / "results", ROOT / "results"]
 
 
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "experiments" / "README.md"]
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
+    for doc in DOCS:
+        if doc.exists():
+            refresh(doc)
+
+
+def refresh(readme: Path) -> None:
     text = readme.read_text()
 
     def fill(m: re.Match) -> str:
@@ -30,7 +39,7 @@ def main() -> None:
 
     new = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", fill, text, flags=re.S)
     readme.write_text(new)
-    print("README tables refreshed" if new != text else "README unchanged")
+    print(f"{readme.relative_to(ROOT)}: " + ("tables refreshed" if new != text else "unchanged"))
 
 
 if __name__ == "__main__":
