@@ -151,15 +151,15 @@ def report() -> str:
         r = json.loads(f.read_text())
         rows.setdefault(r["name"], []).append(r)
     lines = [
-        "| run | val loss (nats/byte) | tokens/s | answer accuracy |",
-        "|---|---|---|---|",
+        "| run | val loss (nats/byte) | answer accuracy |",
+        "|---|---|---|",
     ]
     for name in RUNS:
         rs = rows.get(name, [])
         if rs:
-            loss, tps = mean_std([r["val_loss"] for r in rs]), mean_std([r["tokens_per_s"] for r in rs])
+            loss = mean_std([r["val_loss"] for r in rs])
             acc = mean_std([r.get("val_accuracy") for r in rs])
-            lines.append(f"| {name} | {fmt(*loss)} | {fmt(*tps, digits=0)} | {fmt(*acc, digits=3)} |")
+            lines.append(f"| {name} | {fmt(*loss)} | {fmt(*acc, digits=3)} |")
     lines += ["", "Paired by seed (same initialisation and data order), difference to the same-size baseline:", "",
               "| run − baseline | seeds | validation loss difference (nats/byte) |", "|---|---|---|"]  # fmt: skip
     for name, base in (("lm-selective", "lm-standard"), ("lm-selective-memloss", "lm-standard"),
