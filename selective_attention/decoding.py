@@ -43,8 +43,8 @@ class Decoder:
         compile: run :meth:`step` through ``torch.compile`` (inductor; static shapes, so it compiles
             once, a few seconds, and again only for another model, batch size, cache size or
             threshold; past dynamo's recompile limit, 8 by default, it runs eager). It pays off
-            with a pruned cache, where the step is small and eager op overhead dominates (~1.7x
-            faster on a 2-core CPU); with a full cache on CPU the compiled step was slower than eager.
+            with a pruned cache, where the step is small and eager op overhead dominates; with a
+            full cache on CPU the compiled step can be slower than eager (benchmarks/README.md).
 
     Example::
 

@@ -19,8 +19,8 @@ Backward, last chunk to first, with ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O
     dl_s = dS_c * 1[S_c > 0];  dqs_c = dl_s ks * s;  dks += dl_s^T qs_c * s
 
 The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
-``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is ~4x faster than exp on
-CPU). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
+``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is cheaper than exp on some
+CPUs; benchmarks/README.md has the measurements). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
 ``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
 """
 
@@ -67,13 +67,13 @@ def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: f
     """``P = exp(q k^T * scale + bias - lse)``, rebuilt from the saved lse.
 
     q3 ``[B*H, C, D]``, k3 ``[B*H, n, D]``, bias ``[B, 1|H, C, n]``, lse ``[B, H, C]`` -> ``[B, H, C, n]``.
-    Computed as ``2^(x log2 e)``: on CPU exp2 runs about 4x faster than exp, the single biggest
+    Computed as ``2^(x log2 e)``: on some CPUs exp2 is much cheaper than exp, and this is the biggest
     elementwise cost of the backward; the base change costs about one rounding of the exponent.
     """
     B, H, C = lse.shape
     z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-_LOG2E, alpha=scale * _LOG2E)
     z = z.view(B, H, C, k3.shape[1]).add_(bias, alpha=_LOG2E)
-    # exponents below log2(tiny) give denormals, which are ~20x slower on CPU; they are < 1e-38
+    # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
     # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
     return torch.nn.functional.threshold_(z, math.log2(torch.finfo(z.dtype).tiny), _NEG_INF).exp2_()
 
