@@ -20,7 +20,7 @@ Backward, last chunk to first, with ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O
 
 The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
 ``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is cheaper than exp on some
-CPUs; benchmarks/README.md has the measurements). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
+CPUs). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
 ``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
 """
 
