@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from selective_attention.budget_search import pruned_loss, search_budgets  # noqa: E402
 from selective_attention.data import TextData  # noqa: E402
-from selective_attention.pruning import pruned_loss, search_budgets  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
 from selective_attention.train import TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402

@@ -179,7 +179,7 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 
 
 def cmd_eval(args: EvalOptions) -> dict:
-    from .pruning import pruned_loss
+    from .budget_search import pruned_loss
     from .train import Task, TrainConfig, evaluate, model_from_checkpoint
 
     budget = _budget_arg(args.budget)

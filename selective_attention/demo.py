@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from .budget_search import pruned_loss, search_budgets
 from .model import GPT, GPTConfig
 from .options import finite_number, positive_int
-from .pruning import pruned_loss, search_budgets
 from .train import TrainConfig, mean_loss, model_from_checkpoint
 from .train import main as train_main
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selective_attention.budget_search import pruned_loss, search_budgets
 from selective_attention.model import GPT, GPTConfig
-from selective_attention.pruning import pruned_loss, search_budgets
 
 
 def model():
