@@ -113,7 +113,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     title = (
         f"Decode per token, full cache vs budget {args.budget}, B{args.batch}, "
-        f"4 layers d256 H8 fp32 (KV = keys + values kept, all layers)"
+        f"4 layers d256 H8 fp32 (KV = every allocated key/value slot, all layers; budget b = b slots)"
     )
     print(write("decode", rows, list(rows[0]), title))
     if args.plot:
