@@ -1,5 +1,5 @@
-"""Kept for compatibility: ``from selective_attention.cache import Decoder`` (the CLI, experiments and
-benchmarks use it) keeps working. The code moved:
+"""Kept for compatibility: ``from selective_attention.cache import Decoder`` (version 0.1's import path)
+keeps working. The code moved:
 
 * :mod:`selective_attention.kv_cache`: ``LayerCache`` (one layer's static buffers) and the eviction
   policy (``keep_after_prefill``, ``evictions``, ...), plain tensor functions;

@@ -252,7 +252,8 @@ def cmd_generate(args: GenerateOptions) -> str:
     text = tok.decode(out[0])
     print(text)
     if args.budget or args.threshold:
-        print(f"\n[kept tokens per layer: {dec.occupancy()}, KV bytes: {sum(dec.kv_bytes()):,}]", file=sys.stderr)
+        kv = f"KV bytes (all slots): {sum(dec.kv_bytes()):,}"
+        print(f"\n[tokens attended per layer at the last step: {dec.occupancy()}, {kv}]", file=sys.stderr)
     return text
 
 
