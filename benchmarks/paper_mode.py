@@ -11,6 +11,7 @@ a fresh subprocess per method, so the allocator's cache of one cannot hide anoth
 glibc's mmap threshold fixed at 64 KiB so that RSS follows live tensor memory.
 
     python benchmarks/paper_mode.py [--lengths 512 1024 2048 4096 8192] [--repeats 5] [--plot]
+    python benchmarks/paper_mode.py --methods sdpa chunked --lengths 2048 --no-memory --no-save  # quick check
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--memory-length", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["sdpa", "chunked", "naive", "x-transformers"])
     ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png")
+    ap.add_argument("--no-save", action="store_true", help="print only: leave results/ as it is")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._peak:
@@ -145,11 +148,17 @@ def main() -> None:
             t[n] = f"{r[f'{n} s'] * 1e3:.0f} ms ({r[f'{n} / sdpa']:.2f}x)" if f"{n} s" in r else "-"
         table.append(t)
     Lm = args.memory_length
-    mem = {n: peak_memory(n, Lm) for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L}
-    mrow = {"L": f"extra peak memory, L={Lm}"}
-    for n in names:
-        mrow[n] = f"{mem[n]:.0f} MiB ({mem[n] / mem['sdpa']:.2f}x)" if n in mem else "-"
-    table.append(mrow)
+    mem = {}
+    if not args.no_memory:
+        mem = {n: peak_memory(n, Lm) for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L}
+        mrow = {"L": f"extra peak memory, L={Lm}"}
+        for n in names:
+            mrow[n] = f"{mem[n]:.0f} MiB ({mem[n] / mem['sdpa']:.2f}x)" if n in mem else "-"
+        table.append(mrow)
+    if args.no_save:
+        for t in table:
+            print(" | ".join(str(t.get(c, "-")) for c in ["L"] + names))
+        return
     md = write(
         "paper_mode",
         table,

@@ -63,19 +63,18 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
     return torch.matmul(torch.exp(logits - lse[..., None]), v), lse
 
 
-def _probs_minus_lse(q3: Tensor, k3: Tensor, bias: Tensor, lse: Tensor, scale: float) -> Tensor:
-    """``P = exp(q k^T * scale + bias - lse)``, rebuilt from the saved lse.
+_LOG2_TINY = {
+    dt: math.log2(torch.finfo(dt).tiny) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
-    q3 ``[B*H, C, D]``, k3 ``[B*H, n, D]``, bias ``[B, 1|H, C, n]``, lse ``[B, H, C]`` -> ``[B, H, C, n]``.
-    Computed as ``2^(x log2 e)``: on some CPUs exp2 is much cheaper than exp, and this is the biggest
-    elementwise cost of the backward; the base change costs about one rounding of the exponent.
-    """
-    B, H, C = lse.shape
-    z = torch.baddbmm(lse.reshape(B * H, C, 1), q3, k3.transpose(-2, -1), beta=-_LOG2E, alpha=scale * _LOG2E)
-    z = z.view(B, H, C, k3.shape[1]).add_(bias, alpha=_LOG2E)
-    # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
-    # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
-    return torch.nn.functional.threshold_(z, math.log2(torch.finfo(z.dtype).tiny), _NEG_INF).exp2_()
+
+def _ones_row_T(x3: Tensor) -> Tensor:
+    """``[x, 1]^T``: x3 ``[N, L, D]`` -> ``[N, D+1, L]`` (contiguous), last row ones."""
+    N, L, D = x3.shape
+    out = x3.new_empty(N, D + 1, L)
+    out[:, :D] = x3.transpose(-2, -1)
+    out[:, D] = 1.0
+    return out
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
@@ -226,18 +225,30 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         # [B*H, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
         q3, k3, v3, do3 = (t.view(B * H, L, t.shape[-1]) for t in (q, k, v, dout))
         dq3, dk3, dv3 = (t.view(B * H, L, t.shape[-1]) for t in (dq, dk, dv))
+        # The row terms ride in the GEMMs as one extra column: logits in base 2 minus lse are
+        # [q * scale * log2(e), -lse log2(e)] [k, 1]^T, and dP - delta is [dO, -delta] [v, 1]^T. The key
+        # side is transposed once here ([B*H, D+1, L]): per chunk its first i1 columns feed a plain bmm,
+        # with no per-chunk copy of k^T, v^T or of a broadcast row term.
+        kaT, vaT = _ones_row_T(k3), _ones_row_T(v3)
+        lse2 = lse.reshape(B * H, L, 1) * -_LOG2E
+        delta3 = delta.reshape(B * H, L, 1).neg()
+        a = scale * _LOG2E
         starts = list(range(0, L, chunk))
         for c in reversed(range(len(starts))):
             i0 = starts[c]
             i1 = min(i0 + chunk, L)
+            C = i1 - i0
             Sn, bias, Fc = _chunk_bias(vt, carries[c], removed, dead, penalty, i0, i1, keep_F=dmem is not None)
-            P = _probs_minus_lse(q3[:, i0:i1], k3[:, :i1], bias, lse[:, :, i0:i1], scale)  # [B, H, C, i1]
-            P3 = P.view(B * H, i1 - i0, i1)
+            qa = torch.cat([q3[:, i0:i1] * a, lse2[:, i0:i1]], dim=-1)
+            P3 = torch.bmm(qa, kaT[:, :, :i1])  # [B*H, C, i1]: logits - lse, base 2
+            P = P3.view(B, H, C, i1).add_(bias, alpha=_LOG2E)
+            # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
+            # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
+            torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            dZ3 = torch.baddbmm(
-                delta[:, :, i0:i1].reshape(B * H, i1 - i0, 1), do3[:, i0:i1], v3[:, :i1].transpose(-2, -1), beta=-1.0
-            ).mul_(P3)
+            doa = torch.cat([do3[:, i0:i1], delta3[:, i0:i1]], dim=-1)
+            dZ3 = torch.bmm(doa, vaT[:, :, :i1]).mul_(P3)
             del P, P3
             dq3[:, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale)
             dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), q3[:, i0:i1], alpha=scale)
