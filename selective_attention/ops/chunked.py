@@ -146,6 +146,17 @@ def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
     return 64 if B * H * 64 * L * itemsize <= 4 * 2**20 else 32
 
 
+def _forward_blocks(H: int, G: int, L: int, chunk: int, removed: Tensor | None, penalty: Tensor | None) -> int:
+    """How many backward chunks one forward chunk spans. The forward's temporaries (votes and bias)
+    have the bias's heads, usually G = 1, where the backward's have all H: up to ``H // heads``
+    backward chunks per forward chunk keep the two the same size, and the forward then makes that
+    many times fewer, larger calls to the fused kernel (whose query blocks grow with the rows it is
+    given). At most L / 8 rows, though: the kernel, given a bias, computes the upper half of each
+    chunk's diagonal block too, and that waste grows like chunk / L."""
+    hb = max(G, *(1 if m is None else m.shape[1] for m in (removed, penalty)))
+    return max(1, min(H // hb, L // (8 * chunk)))
+
+
 def check_chunk_size(chunk_size: object) -> None:
     """Raise ``ValueError`` unless ``chunk_size`` is None (the default) or an int >= 1."""
     if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
@@ -172,13 +183,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
-        vt = _VoteOperands(qs, ks, sel_scale, chunk, pad)
+        fchunk = chunk * _forward_blocks(H, G, L, chunk, removed, penalty)
+        vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
         mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
         carries = []  # ncol at the start of each chunk: backward rebuilds F bit for bit from it
-        for i0 in range(0, L, chunk):
-            i1 = min(i0 + chunk, L)
+        for i0 in range(0, L, fchunk):
+            i1 = min(i0 + fchunk, L)
             carries.append(ncol.clone())
             Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None)
             if Fc is not None:
@@ -188,7 +200,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             out[:, :, i0:i1] = o_c
             lse[:, :, i0:i1] = lse_c
         ctx.save_for_backward(*inputs, removed, dead, pad, out, lse, torch.stack(carries))
-        ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau = heads, scale, sel_scale, chunk, tau
+        ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.fchunk, ctx.tau = (
+            heads,
+            scale,
+            sel_scale,
+            chunk,
+            fchunk,
+            tau,
+        )
         if tau is None:
             ctx.mark_non_differentiable(mem)
         return out, mem
@@ -205,7 +224,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries, dout, dmem):
-        heads, scale, sel_scale, chunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.tau
+        heads, scale, sel_scale, chunk, fchunk, tau = (
+            ctx.heads,
+            ctx.scale,
+            ctx.sel_scale,
+            ctx.chunk,
+            ctx.fchunk,
+            ctx.tau,
+        )
         if tau is None:
             dmem = None
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -217,7 +243,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         else:  # the voting heads: their vote gradients land straight in dq, dk
             qs, ks, dqs, dks = q[:, heads], k[:, heads], dq[:, heads], dk[:, heads]
         G = qs.shape[1]
-        vt = _VoteOperands(qs, ks, sel_scale, chunk, pad)
+        vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
         want_dpen = penalty is not None and ctx.needs_input_grad[9]
         dpen = torch.zeros_like(penalty) if want_dpen else None
         dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
@@ -233,12 +259,20 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         lse2 = lse.reshape(B * H, L, 1) * -_LOG2E
         delta3 = delta.reshape(B * H, L, 1).neg()
         a = scale * _LOG2E
-        starts = list(range(0, L, chunk))
-        for c in reversed(range(len(starts))):
-            i0 = starts[c]
-            i1 = min(i0 + chunk, L)
+        # the forward's chunks (fchunk rows), last to first: their F and bias, rebuilt bit for bit from the
+        # carries, then their sub-chunks of `chunk` rows, last to first, each a slice of them
+        blocks = [(f0, min(f0 + fchunk, L)) for f0 in range(0, L, fchunk)]
+        subs = [(c, i0, min(i0 + chunk, f1)) for c, (f0, f1) in enumerate(blocks) for i0 in range(f0, f1, chunk)]
+        fc = None
+        for c, i0, i1 in reversed(subs):
+            if c != fc:
+                fc, f0 = c, blocks[c][0]
+                Sn_f, bias_f, F_f = _chunk_bias(
+                    vt, carries[c], removed, dead, penalty, f0, blocks[c][1], keep_F=dmem is not None
+                )
             C = i1 - i0
-            Sn, bias, Fc = _chunk_bias(vt, carries[c], removed, dead, penalty, i0, i1, keep_F=dmem is not None)
+            Sn, bias = Sn_f[:, :, i0 - f0 : i1 - f0, :i1], bias_f[:, :, i0 - f0 : i1 - f0, :i1]
+            Fc = None if F_f is None else F_f[:, :, i0 - f0 : i1 - f0, :i1]
             qa = torch.cat([q3[:, i0:i1] * a, lse2[:, i0:i1]], dim=-1)
             P3 = torch.bmm(qa, kaT[:, :, :i1])  # [B*H, C, i1]: logits - lse, base 2
             P = P3.view(B, H, C, i1).add_(bias, alpha=_LOG2E)
