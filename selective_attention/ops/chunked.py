@@ -68,15 +68,6 @@ _LOG2_TINY = {
 }
 
 
-def _ones_row_T(x3: Tensor) -> Tensor:
-    """``[x, 1]^T``: x3 ``[N, L, D]`` -> ``[N, D+1, L]`` (contiguous), last row ones."""
-    N, L, D = x3.shape
-    out = x3.new_empty(N, D + 1, L)
-    out[:, :D] = x3.transpose(-2, -1)
-    out[:, D] = 1.0
-    return out
-
-
 # --- one chunk's F and bias ---------------------------------------------------------------------------
 class _VoteOperands:
     """What every chunk's votes need, built once per call (and again in backward, bit for bit).
@@ -251,13 +242,11 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         # [B*H, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
         q3, k3, v3, do3 = (t.view(B * H, L, t.shape[-1]) for t in (q, k, v, dout))
         dq3, dk3, dv3 = (t.view(B * H, L, t.shape[-1]) for t in (dq, dk, dv))
-        # The row terms ride in the GEMMs as one extra column: logits in base 2 minus lse are
-        # [q * scale * log2(e), -lse log2(e)] [k, 1]^T, and dP - delta is [dO, -delta] [v, 1]^T. The key
-        # side is transposed once here ([B*H, D+1, L]): per chunk its first i1 columns feed a plain bmm,
-        # with no per-chunk copy of k^T, v^T or of a broadcast row term.
-        kaT, vaT = _ones_row_T(k3), _ones_row_T(v3)
-        lse2 = lse.reshape(B * H, L, 1) * -_LOG2E
-        delta3 = delta.reshape(B * H, L, 1).neg()
+        # k^T, v^T as views: per chunk their first i1 columns feed a plain bmm (a baddbmm with a broadcast
+        # row term would copy that term into its output first; an extra [k, 1]^T copy would cost memory)
+        kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
+        lse2 = lse.reshape(B * H, L, 1) * _LOG2E
+        delta3 = delta.reshape(B * H, L, 1)
         a = scale * _LOG2E
         # the forward's chunks (fchunk rows), last to first: their F and bias, rebuilt bit for bit from the
         # carries, then their sub-chunks of `chunk` rows, last to first, each a slice of them
@@ -273,16 +262,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             C = i1 - i0
             Sn, bias = Sn_f[:, :, i0 - f0 : i1 - f0, :i1], bias_f[:, :, i0 - f0 : i1 - f0, :i1]
             Fc = None if F_f is None else F_f[:, :, i0 - f0 : i1 - f0, :i1]
-            qa = torch.cat([q3[:, i0:i1] * a, lse2[:, i0:i1]], dim=-1)
-            P3 = torch.bmm(qa, kaT[:, :, :i1])  # [B*H, C, i1]: logits - lse, base 2
+            P3 = torch.bmm(q3[:, i0:i1] * a, kT[:, :, :i1]).sub_(lse2[:, i0:i1])  # logits - lse, base 2
             P = P3.view(B, H, C, i1).add_(bias, alpha=_LOG2E)
             # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
             # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
             torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
             dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            doa = torch.cat([do3[:, i0:i1], delta3[:, i0:i1]], dim=-1)
-            dZ3 = torch.bmm(doa, vaT[:, :, :i1]).mul_(P3)
+            dZ3 = torch.bmm(do3[:, i0:i1], vT[:, :, :i1]).sub_(delta3[:, i0:i1]).mul_(P3)
             del P, P3
             dq3[:, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale)
             dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), q3[:, i0:i1], alpha=scale)
