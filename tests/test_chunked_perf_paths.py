@@ -53,3 +53,22 @@ def test_sub_chunked_backward_matches_naive(chunk_size, extra):
     for a, b in zip(got, ref):
         if b is not None:
             torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
+def test_exclusive_rows_gemm_matches_running_sum(C):
+    gen = torch.Generator().manual_seed(C)
+    x = -torch.rand(2, 1, C, 37, generator=gen, dtype=torch.float64)
+    start = -torch.rand(2, 1, 1, 37, generator=gen, dtype=torch.float64)
+    above = torch.ones(64, 64, dtype=torch.float64).tril_(-1)
+    ref = chunked._exclusive_rows(None, x, start)
+    torch.testing.assert_close(chunked._exclusive_rows(above[: min(64, C), : min(64, C)], x, start), ref)
+
+
+def test_nan_voter_reaches_only_later_rows_like_the_spec():
+    """A NaN in one query of the voting head leaves every earlier row finite (no 0 * NaN in row sums)."""
+    q, k, v = _qkv(1, 8, 48, 4)
+    q = q.detach().clone()
+    q[0, 0, 30] = float("nan")
+    out = selective_attention(q, k.detach(), v.detach(), selection=True, backend="chunked", chunk_size=4)
+    assert torch.isfinite(out[:, :, :30]).all()

@@ -91,6 +91,14 @@ class _VoteOperands:
         n = min(chunk, qs.shape[2])  # a chunk never has more rows than the sequence
         self.no_vote = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_()
         self.future = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_(1)
+        # Running sums down a chunk's rows: torch.cumsum along rows is slow on CPU (a strided scan), a
+        # GEMM with a strictly lower triangle of ones over blocks of rows is several times faster. Only
+        # on CPU, in eager, with finite voters: a NaN or inf vote times 0 would reach the rows above it.
+        self.above = None
+        if qs.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(torch.isfinite(self.qn).all()) and bool(torch.isfinite(self.ks).all()):
+                b = min(n, _ROW_BLOCK)
+                self.above = torch.ones(b, b, dtype=qs.dtype, device=qs.device).tril_(-1)
 
 
 def _chunk_bias(
@@ -109,12 +117,15 @@ def _chunk_bias(
     ``[b, h, L, 1]``: rows whose keys are all removed; ``removed`` is not applied to them (the caller
     zeroes their output), so no row is all ``-inf``."""
     C = i1 - i0
-    Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1)).clamp_(max=0.0)  # -S
+    # -S; finite voters can still overflow to -inf: clamped to -max, so that 0 * vote stays 0 in the
+    # row sums below (a sum of two such votes is -inf either way)
+    Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1))
+    Sn.clamp_(min=-torch.finfo(Sn.dtype).max, max=0.0)
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
     Sn[..., i0:i1].masked_fill_(vt.no_vote[:C, :C], 0.0)
     # -F of row k = the earlier chunks' sums + this chunk's rows above k: one running sum down the rows
-    bias = torch.cat([ncol[:, :, None, :i1], Sn[:, :, :-1]], dim=2).cumsum_(dim=2)
+    bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, :i1])
     F_kept = bias.neg() if keep_F else None
     if penalty is not None:
         bias = bias - _rows(penalty, i0, i1)
@@ -125,6 +136,29 @@ def _chunk_bias(
             rm = rm & ~dead[:, :, i0:i1]
         bias = bias.masked_fill(rm, _NEG_INF)
     return Sn, bias, F_kept
+
+
+_ROW_BLOCK = 64  # rows per block of the running-sum GEMM: 2 * 64 flops per element, still cheap
+
+
+def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
+    """``start + sum_{r < k} x[..., r, :]`` for every row k of ``x`` ``[B, G, C, n]``; ``start``
+    ``[B, G, 1, n]``. With ``above`` (``[b, b]``, ones strictly below the diagonal): a GEMM within
+    blocks of b rows plus a running sum over the blocks' totals; otherwise one running sum."""
+    if above is None:
+        return torch.cat([start, x[:, :, :-1]], dim=2).cumsum_(dim=2)
+    B, G, C, n = x.shape
+    b = above.shape[0]
+    nb, t = divmod(C, b)
+    if nb == 0:
+        return torch.matmul(above[:t, :t], x).add_(start)
+    main = x[:, :, : nb * b].view(B, G, nb, b, n)
+    carry = torch.cat([start, main.sum(dim=3)], dim=2).cumsum_(dim=2)  # [B, G, nb + 1, n]
+    out = torch.matmul(above, main).add_(carry[:, :, :nb, None]).view(B, G, nb * b, n)
+    if t == 0:
+        return out
+    tail = torch.matmul(above[:t, :t], x[:, :, nb * b :]).add_(carry[:, :, nb:])
+    return torch.cat([out, tail], dim=2)
 
 
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
