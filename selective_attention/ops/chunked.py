@@ -315,7 +315,10 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 dF.add_(dmem[:, :, i0:i1, None] * (Fc < tau))
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later chunks (dcol) + this one
             total = dF.sum(dim=2, keepdim=True)
-            dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
+            if vt.above is not None and C <= vt.above.shape[0]:  # the rows below, as a GEMM (see _VoteOperands)
+                dS = torch.matmul(vt.above[:C, :C].T, dF).add_(dcol[:, :, None, :i1])
+            else:
+                dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
             dcol[:, :, :i1] += total[:, :, 0]
             # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
             dl = dS.mul_(Sn < 0)
