@@ -162,7 +162,8 @@ def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
 
 
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
-    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB.
+    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB. These are
+    the backward's chunks; the forward's span several of them (:func:`_forward_blocks`).
 
     Measured on CPU: 32-128 rows run at about the same speed, larger chunks are slower (temporaries
     fall out of cache) and smaller ones pay Python overhead per chunk. The temporaries grow like
@@ -399,7 +400,8 @@ def chunked_selective_attention(
             with one query row (``[B, 1, 1, L]``, key padding) stays that size: memory O(B L).
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
         scale: attention logit scale (the votes' is ``voters.scale``).
-        chunk_size: query rows per chunk (default: :func:`default_chunk_size`).
+        chunk_size: query rows per backward chunk (default: :func:`default_chunk_size`); the forward's
+            chunks are a multiple of it (:func:`_forward_blocks`).
         tau: also return ``sum_j min(F[i, j], tau)`` per row, ``[B, G, L]`` (the memory loss's
             soft count of masked tokens, times tau), differentiable.
         key_padding_mask: bool ``[B, L]``, True = padding, for the votes only (pass the padding in
