@@ -21,24 +21,33 @@ from .decoding import Decoder
 from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
-__all__ = ["pruned_loss", "search_budgets", "BudgetSearch"]
+__all__ = ["pruned_logits", "pruned_loss", "search_budgets", "BudgetSearch"]
 
 
 @torch.no_grad()
-def pruned_loss(
-    model: GPT, x: Tensor, y: Tensor, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
-) -> tuple[float, list[int]]:
-    """Mean next-token cross-entropy (nats) of ``y`` ``[B, T]`` when ``x`` ``[B, T]`` is read one token
-    at a time through a pruned KV cache, and the per-layer occupancy at the end.
-
-    With no budget and no threshold this equals the full forward's loss (the cache is exact)."""
-    B, T = x.shape
+def pruned_logits(
+    model: GPT, x: Tensor, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
+) -> tuple[Tensor, list[int]]:
+    """Next-token logits ``[B, T, vocab]`` when ``x`` ``[B, T]`` is read one token at a time through a
+    pruned KV cache, and the per-layer occupancy at the end. With no budget and no threshold they equal
+    the full forward's logits (the cache is exact)."""
+    T = x.shape[1]
     dec = Decoder(model, budget=budget, threshold=threshold)
     logits = [dec.prefill(x[:, :1], T - 1)]
     for t in range(1, T):
         logits.append(dec.step(x[:, t]))
-    logits = torch.stack(logits, dim=1)  # [B, T, vocab]
-    return token_loss(logits, y).item(), dec.occupancy()
+    return torch.stack(logits, dim=1), dec.occupancy()
+
+
+def pruned_loss(
+    model: GPT, x: Tensor, y: Tensor, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
+) -> tuple[float, list[int]]:
+    """Mean next-token cross-entropy (nats) of ``y`` ``[B, T]`` (-100 = not scored) when ``x`` ``[B, T]``
+    is read through a pruned KV cache (:func:`pruned_logits`), and the per-layer occupancy at the end."""
+    if not (y != -100).any():
+        raise ValueError("pruned_loss: every target is -100 (ignored), so there is no loss to compute.")
+    logits, occupancy = pruned_logits(model, x, budget=budget, threshold=threshold)
+    return token_loss(logits, y).item(), occupancy
 
 
 @dataclass

@@ -179,7 +179,8 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 
 
 def cmd_eval(args: EvalOptions) -> dict:
-    from .budget_search import pruned_loss
+    from .budget_search import pruned_logits
+    from .model import token_loss
     from .train import Task, TrainConfig, evaluate, model_from_checkpoint
 
     budget = _budget_arg(args.budget)
@@ -211,11 +212,16 @@ def cmd_eval(args: EvalOptions) -> dict:
     if not prunes:
         scores = evaluate(model, task, torch.device("cpu"))
     else:
-        losses = []
-        for x, y, _ in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
-            loss, occupancy = pruned_loss(model, x, y, budget=budget, threshold=args.threshold)
-            losses.append(loss)
+        losses, correct, total = [], 0, 0
+        for x, y, answer in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
+            logits, occupancy = pruned_logits(model, x, budget=budget, threshold=args.threshold)
+            losses.append(token_loss(logits, y).item())
+            if answer is not None:
+                correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
+                total += int(answer.sum())
         scores = {"val_loss": sum(losses) / len(losses)}
+        if total:
+            scores["val_accuracy"] = correct / total
     loss = scores["val_loss"]
     out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
     if "val_accuracy" in scores:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_attention.budget_search import pruned_loss, search_budgets
+from selective_attention.budget_search import pruned_logits, pruned_loss, search_budgets
 from selective_attention.model import GPT, GPTConfig
 
 
@@ -65,3 +65,14 @@ def test_pruned_loss_ignores_masked_targets():
         dec_full, _ = pruned_loss(m, x, y)
         ref = F.cross_entropy(m(x).reshape(-1, 40), y.reshape(-1)).item()
     assert abs(dec_full - ref) < 1e-10 and loss != ref
+
+
+def test_pruned_logits_equal_the_full_forward_and_all_ignored_targets_are_refused():
+    m = model()
+    x = torch.randint(0, 40, (2, 10))
+    logits, occ = pruned_logits(m, x)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, m(x), atol=1e-10, rtol=1e-10)
+    assert occ == [10, 10]
+    with pytest.raises(ValueError, match="every target is -100"):
+        pruned_loss(m, x, torch.full((2, 10), -100))

@@ -161,7 +161,9 @@ def test_eval_varassign_checkpoint(ckpts, capsys):
     assert "bits_per_byte" not in full  # the loss of one answer digit is not a rate per byte of text
     # through the cache (answers only: -100 targets ignored); a budget of the whole example is exact
     assert main(["eval", "--ckpt", str(run), "--json", "--batch_size", "4", "--batches", "1", "--budget", "19"]) == 0
-    assert json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
+    assert pruned["val_accuracy"] == full["val_accuracy"]  # answer accuracy through the cache too
     assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1", "--budget", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_tokens_per_layer"] == [4, 4]
     assert main(["eval", "--ckpt", str(run), "--context_len", "32"]) == 2
