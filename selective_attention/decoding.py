@@ -87,7 +87,7 @@ class Decoder:
         self.caches: list[LayerCache] = []
         self.t: Tensor | None = None  # position of the next token, a 0-d long tensor
         self._pos = 0  # the same position as a Python int, for the checks in step()
-        self._room = 0  # steps left before an unbudgeted layer's buffers are full
+        self._end = 0  # the position at which an unbudgeted layer's buffers are full (prompt + max_new_tokens)
         self._max_new = 0
         self._step = _compiled_decode_one_token() if compile else decode_one_token
 
@@ -125,7 +125,7 @@ class Decoder:
         self.caches = model.new_caches(B, T + max_new_tokens, budgets=self.budgets, threshold=self.threshold)
         logits = model.decode(idx, self.caches)
         self.t = torch.tensor(T, device=idx.device)
-        self._pos, self._room, self._max_new = T, max_new_tokens, max_new_tokens
+        self._pos, self._end, self._max_new = T, T + max_new_tokens, max_new_tokens
         return logits
 
     # --- one token -----------------------------------------------------------------------------------
@@ -137,7 +137,6 @@ class Decoder:
         self._check_step(token)
         logits = self._step(self.model, self.caches, token.long(), self.t)
         self._pos += 1
-        self._room -= 1
         return logits
 
     def _check_step(self, token: Tensor) -> None:
@@ -153,7 +152,7 @@ class Decoder:
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must be in [0, vocab_size={vocab}); got range [{lo}, {hi}].")
         unbudgeted = any(b is None for b in self.budgets)
-        if unbudgeted and self._room <= 0:
+        if unbudgeted and self._pos >= self._end:
             # a layer without a budget has one slot per token; a further write would overwrite the oldest
             raise ValueError(
                 f"the caches were sized by prefill(..., max_new_tokens={self._max_new}) and are full after "
