@@ -1,0 +1,617 @@
+"""Selective attention inside Hugging Face ``transformers`` models (extra ``[hf]``).
+
+Three pieces, each usable alone::
+
+    import selective_attention.hf as sa_hf
+
+    sa_hf.register()                                  # adds attn_implementation="selective"
+    config = sa_hf.configure(LlamaConfig(...), memory_eps=0.1)   # who votes, which layers, memory loss
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="selective")
+    loss = out.loss + sa_hf.memory_loss_term(model)    # or train with sa_hf.SelectiveTrainer
+    out = model.generate(ids, cache=sa_hf.SelectiveCache(budget=64), max_new_tokens=100)
+
+* :func:`register` puts :func:`attention_forward` into ``transformers.AttentionInterface`` and a
+  mask function (:func:`padding_mask`) into ``AttentionMaskInterface`` under the same name. The mask
+  function hands the attention function the raw 2-D padding mask, from which it builds key padding
+  itself: selective attention needs to know which tokens are real (padding neither votes nor is
+  voted on, and the protected "first token" is each sequence's first real one).
+* The settings live in the model config, as a plain dict ``config.selective_attention`` (so
+  ``save_pretrained`` keeps them): :func:`configure` writes it, :class:`HFSettings` reads it.
+* :class:`SelectiveCache` is a ``transformers`` cache for ``generate``: each layer keeps a
+  :class:`~selective_attention.kv_cache.LayerCache` (the keys/values that survive, their accumulated
+  F) and evicts by the paper's rule, holding at most ``budget`` tokens per layer.
+
+The attention function runs every call through :func:`selective_attention.functional.selective_attention`
+(chunked on CPU, Triton on CUDA), grouped-query attention included (keys/values are never repeated).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .functional import selective_attention
+from .kv_cache import LayerCache, eviction_score, fcum_after_prompt, keep_after_prefill
+from .model import memory_loss as _memory_loss
+from .selection import Selection
+
+try:
+    from transformers import AttentionInterface, Trainer
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "selective_attention.hf needs Hugging Face transformers: pip install 'selective-attention[hf]' "
+        "(or pip install transformers)."
+    ) from e
+
+__all__ = [
+    "NAME",
+    "HFSettings",
+    "configure",
+    "register",
+    "attention_forward",
+    "padding_mask",
+    "memory_loss",
+    "memory_loss_term",
+    "SelectiveTrainer",
+    "SelectiveCache",
+    "SelectiveLayer",
+]
+
+NAME = "selective"
+CONFIG_KEY = "selective_attention"
+
+
+# --- settings, in the model config -------------------------------------------------------------------
+@dataclass(frozen=True)
+class HFSettings:
+    """What ``config.selective_attention`` says (absent: the paper in every layer, no memory loss).
+
+    Attributes:
+        selection: who votes (:class:`~selective_attention.selection.Selection`; ``Selection()`` is the
+            paper, head 0). ``projection=True`` is refused: it needs a voting q/k pair that a
+            ``transformers`` model does not have.
+        layers: the layers that select, or ``None`` for every layer; the others run standard causal
+            attention (through the same function).
+        memory_eps, memory_tau: the paper's memory loss ``eps * L_mem`` (eps = 0: off), added by
+            :func:`memory_loss_term` / :class:`SelectiveTrainer`.
+    """
+
+    selection: Selection = field(default_factory=Selection)
+    layers: tuple[int, ...] | None = None
+    memory_eps: float = 0.0
+    memory_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.selection, Selection):
+            raise TypeError(f"selection must be a Selection, got {type(self.selection).__name__}.")
+        if self.selection.projection:
+            raise ValueError(
+                "Selection(projection=True) votes with a dedicated q/k projection, which a transformers model does "
+                "not have (selective attention in HF models adds no parameters); use Selection(head=h) or "
+                "Selection(per_head=True)."
+            )
+        if self.layers is not None:
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers must be layer indices (ints >= 0) or None (all), got {self.layers!r}.")
+        if not (isinstance(self.memory_eps, int | float) and math.isfinite(self.memory_eps) and self.memory_eps >= 0):
+            raise ValueError(f"memory_eps must be a finite number >= 0 (0 = no memory loss), got {self.memory_eps!r}.")
+        if not (isinstance(self.memory_tau, int | float) and math.isfinite(self.memory_tau) and self.memory_tau > 0):
+            raise ValueError(f"memory_tau must be a finite number > 0, got {self.memory_tau!r}.")
+
+    def selection_for(self, layer: int) -> Selection | None:
+        """The layer's selection, or ``None`` where it runs standard attention."""
+        return self.selection if self.layers is None or layer in self.layers else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> HFSettings:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise TypeError(f"config.{CONFIG_KEY} must be a dict (written by configure()), got {type(d).__name__}.")
+        unknown = set(d) - {"selection", "layers", "memory_eps", "memory_tau"}
+        if unknown:
+            raise ValueError(
+                f"config.{CONFIG_KEY} has unknown keys {sorted(unknown)}; known: selection, layers, memory_eps, "
+                "memory_tau. Was it written by a newer version?"
+            )
+        sel = d.get("selection") or {}
+        layers = d.get("layers")
+        return cls(
+            selection=Selection(**sel),
+            layers=None if layers is None else tuple(layers),
+            memory_eps=d.get("memory_eps", 0.0),
+            memory_tau=d.get("memory_tau", 1.0),
+        )
+
+
+def configure(
+    config,
+    *,
+    selection: bool | Selection = True,
+    layers: Sequence[int] | None = None,
+    memory_eps: float = 0.0,
+    memory_tau: float = 1.0,
+):
+    """Write the selective-attention settings into a ``transformers`` config (returned, changed in
+    place); ``save_pretrained`` saves them in ``config.json``. ``selection=True`` is the paper
+    (``Selection()``); see :class:`HFSettings`. Layer indices are checked against
+    ``config.num_hidden_layers``."""
+    if selection is True:
+        selection = Selection()
+    if selection is False:
+        raise ValueError(
+            "configure(selection=False) would make selective attention standard attention; use "
+            "attn_implementation='sdpa' for that, or list the selecting layers with layers=[...]."
+        )
+    s = HFSettings(selection, None if layers is None else tuple(layers), memory_eps, memory_tau)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if s.layers is not None and n_layers is not None and any(i >= n_layers for i in s.layers):
+        raise ValueError(f"layers={list(s.layers)} names layers the model lacks (num_hidden_layers={n_layers}).")
+    n_heads = getattr(config, "num_attention_heads", None)
+    if n_heads is not None:
+        s.selection.validate(n_heads)
+    setattr(config, CONFIG_KEY, s.to_dict())
+    return config
+
+
+def settings(config) -> HFSettings:
+    """The :class:`HFSettings` of a model config (defaults when it has none)."""
+    return HFSettings.from_dict(getattr(config, CONFIG_KEY, None))
+
+
+# --- registration --------------------------------------------------------------------------------------
+def register(name: str = NAME) -> None:
+    """Make ``attn_implementation=name`` (default ``"selective"``) available to every ``transformers``
+    model built afterwards: ``from_config``, ``from_pretrained`` and ``set_attn_implementation``.
+    Idempotent. (The name is not saved in ``config.json``: pass it again when reloading.)"""
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_mask)
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Tensor | None = None,
+    **kwargs,
+) -> Tensor | None:
+    """The mask function registered with :func:`register`: hands :func:`attention_forward` the 2-D
+    padding mask as it is (bool ``[B, kv_length]``, True = a real token, or ``None`` = no padding);
+    causality and selection are built there. Refuses every mask other than plain causal (packed
+    sequences, sliding windows, bidirectional or custom masks): selective attention would otherwise
+    silently ignore it."""
+    if mask_function is not causal_mask_function:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' supports plain causal self-attention with an optional padding mask; "
+            f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}: packed "
+            "sequences, a sliding window or a custom mask). Pass an attention_mask instead of packing sequences, or "
+            "use attn_implementation='sdpa' for this model."
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2-D padding mask [B, kv_length], got shape {tuple(attention_mask.shape)}.")
+    return attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+
+
+# --- the attention function ------------------------------------------------------------------------------
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The function behind ``attn_implementation="selective"``.
+
+    Args:
+        module: the model's attention module (reads ``module.config``, ``module.layer_idx``).
+        query: ``[B, H, Lq, D]``; key, value: ``[B, Hkv, Lk, D]`` (``H % Hkv == 0``).
+        attention_mask: the 2-D padding mask from :func:`padding_mask` (bool ``[B, Lk]``, True = real),
+            or ``None``.
+        dropout: dropout on the attention weights (``transformers`` passes 0 in eval mode).
+        scaling: the logit scale (default ``1 / sqrt(D)``).
+
+    Returns:
+        ``([B, Lq, H, D], None)``: no attention weights are returned.
+
+    Without a cache (training, evaluation, a prompt) this is one exact forward: the paper's F from the
+    voting head in selecting layers, standard causal attention elsewhere. With a
+    :class:`SelectiveCache`, the cache layer does the work (exact prefill, then one token at a time).
+    """
+    if softcap:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' does not apply logit soft-capping (softcap={softcap}); this model (e.g. "
+            "Gemma 2) would silently change. Use attn_implementation='eager' or 'sdpa'."
+        )
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' is causal self-attention; {type(module).__name__} is not causal."
+        )
+    config = getattr(module, "config", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if config is None or layer_idx is None:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' reads module.config and module.layer_idx, which {type(module).__name__} "
+            "does not have."
+        )
+    s = settings(config)
+    sel = s.selection_for(layer_idx)
+    B, H, Lq, D = query.shape
+    if sel is not None:
+        sel.validate(H)
+    real = attention_mask
+    cached = _claim(key)
+    seen = Lq if cached is None else cached.seen
+    if sliding_window is not None and seen > sliding_window:
+        raise NotImplementedError(
+            f"layer {layer_idx} has a sliding window of {sliding_window} tokens and this sequence has {seen}; "
+            f"attn_implementation='{NAME}' attends to every earlier token, which would change the model. Set "
+            "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
+        )
+    if cached is not None:
+        if dropout:
+            raise ValueError(
+                f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
+            )
+        out = cached.attend(query, key, value, real, sel, scaling)
+        module._selective_masked = None
+        return out.transpose(1, 2).contiguous(), None
+    Lk = key.shape[2]
+    if Lq != Lk:
+        if sel is not None:
+            raise ValueError(
+                f"layer {layer_idx} selects, and got {Lq} queries for {Lk} cached keys: the votes of the earlier "
+                "tokens are not in a plain cache. Decode with generate(..., cache=selective_attention.hf."
+                "SelectiveCache()), or pass use_cache=False."
+            )
+        kpm = None if real is None else ~real[:, -Lk:]
+        out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
+        module._selective_masked = None
+        return out.transpose(1, 2).contiguous(), None
+    kpm = None if real is None else ~real[:, -Lk:]
+    want_rows = sel is not None and s.memory_eps > 0 and module.training and torch.is_grad_enabled()
+    if sel is None:
+        out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
+        rows = None
+    elif want_rows:
+        out, rows = _attend(
+            query, key, value, selection=sel, key_padding_mask=kpm, dropout_p=dropout, scale=scaling,
+            memory_tau=s.memory_tau,
+        )  # fmt: skip
+    else:
+        out = _attend(query, key, value, selection=sel, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
+        rows = None
+    # the memory loss reads the last training forward's masked counts [B, G, L] (and which tokens are real)
+    module._selective_masked = None if rows is None else (rows, None if real is None else real[:, -Lk:])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, **kw):
+    """``selective_attention`` with grouped-query keys/values ``[B, Hkv, L, D]``."""
+    if k.shape[1] == q.shape[1]:
+        return selective_attention(q, k, v, **kw)
+    try:
+        return selective_attention(q, k, v, enable_gqa=True, **kw)
+    except TypeError:  # TODO(gqa): remove once enable_gqa lands in every backend
+        g = q.shape[1] // k.shape[1]
+        return selective_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **kw)
+
+
+# --- the memory loss -------------------------------------------------------------------------------------
+def memory_loss(model: torch.nn.Module) -> Tensor:
+    """The paper's memory loss ``L_mem`` of the model's last training forward (DESIGN §4): per
+    selecting layer, the soft count of tokens still unmasked, ``M_l[i] = (real tokens up to i) -
+    sum_j min(F_l[i, j], tau) / tau``; ``L_mem = sum_l max_i M_l[i] / (n_layers * n_tokens)``,
+    per sequence over its real tokens, averaged over the batch. Differentiable.
+
+    Needs ``memory_eps > 0`` in the config (:func:`configure`) so that the forward computes the counts,
+    the model in training mode and gradients enabled; raises otherwise, naming what is missing."""
+    found = []
+    for m in model.modules():
+        if hasattr(m, "_selective_masked"):
+            found.append(m._selective_masked)
+    if not found:
+        raise ValueError(
+            "memory_loss found no selective attention layer output: run a forward of a model built with "
+            f"attn_implementation='{NAME}' first."
+        )
+    masked = [f for f in found if f is not None]
+    if not masked:
+        raise ValueError(
+            "memory_loss: the last forward computed no masked counts. They are computed in training mode "
+            "(model.train()), with gradients enabled, without a cache, when the config has memory_eps > 0 "
+            "(selective_attention.hf.configure(config, memory_eps=0.1))."
+        )
+    real = masked[0][1]
+    rows = [r for r, _ in masked]
+    if real is None:
+        return _memory_loss(rows)
+    # per sequence over its real tokens: the same value as the unpadded sequence alone
+    per_seq = []
+    for b in range(real.shape[0]):
+        idx = real[b].nonzero().squeeze(-1)
+        if idx.numel():
+            per_seq.append(_memory_loss([r[b : b + 1, :, idx] for r in rows]))
+    return torch.stack(per_seq).mean()
+
+
+def memory_loss_term(model: torch.nn.Module) -> Tensor:
+    """``memory_eps * memory_loss(model)`` with the config's ``memory_eps``: add it to the task loss
+    after a training forward. Zero (a tensor) when ``memory_eps`` is 0."""
+    s = settings(model.config)
+    if s.memory_eps == 0:
+        return torch.zeros(())
+    return s.memory_eps * memory_loss(model)
+
+
+class SelectiveTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is the model's loss plus ``memory_eps * L_mem`` (the paper's
+    memory loss, :func:`memory_loss`), with ``memory_eps`` from the model config."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        inner = getattr(model, "module", model)  # unwrap DDP/accelerate wrappers
+        if model.training and settings(inner.config).memory_eps > 0:
+            loss = loss + memory_loss_term(inner).to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+
+# --- pruned generation ---------------------------------------------------------------------------------
+_PENDING = threading.local()  # the layer whose update() ran last, until its attention call claims it
+
+
+def _claim(key: Tensor) -> SelectiveLayer | None:
+    """The cache layer that returned exactly this ``key`` tensor from ``update``, if any (by identity)."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is None or layer._pending is None or layer._pending[0] is not key:
+        return None
+    _PENDING.layer = None
+    return layer
+
+
+class SelectiveLayer(DynamicLayer):
+    """One layer of a :class:`SelectiveCache`.
+
+    ``update(k, v)`` only records the new keys/values and counts them as seen; the attention function
+    then claims them (:func:`attention_forward`) and calls :meth:`attend`, which reads the prompt
+    exactly, or decodes one token at a time through a :class:`~selective_attention.kv_cache.LayerCache`
+    (evict, write, attend with ``-Fcum``, vote). Positions kept in the cache are counted from each
+    sequence's first real token, so the protected token has position 0 and padding is never stored.
+    """
+
+    is_croppable = False
+
+    def __init__(self, budget: int | None = None, threshold: float | None = None) -> None:
+        super().__init__()
+        self.budget, self.threshold = budget, threshold
+        self.cache: LayerCache | None = None
+        self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
+        self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    # --- what transformers calls ------------------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        last = getattr(_PENDING, "layer", None)
+        if last is not None and last._pending is not None:
+            raise RuntimeError(
+                "SelectiveCache: a layer's keys were cached but never attended through "
+                f"attn_implementation='{NAME}'. Build the model with attn_implementation='{NAME}' (every layer), "
+                "or use a plain cache (DynamicCache)."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        self.seen += key_states.shape[-2]
+        _PENDING.layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache, self.first, self._pending, self.seen = None, None, None, 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError(
+            "SelectiveCache does not support beam search (num_beams > 1): beams would share evicted tokens. "
+            "Use greedy or sampling with SelectiveCache, or beam search with the default cache."
+        )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "SelectiveCache cannot crop (assisted or speculative decoding): evicted tokens cannot be restored. "
+            "Use the default cache for assisted generation."
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.cache is not None:
+            raise NotImplementedError("SelectiveCache cannot repeat a filled cache (contrastive search).")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.cache is not None:
+            raise NotImplementedError("SelectiveCache cannot select batch rows of a filled cache.")
+
+    # --- what the attention function calls --------------------------------------------------------------
+    def occupancy(self) -> int:
+        return 0 if self.cache is None else int(self.cache.occupancy().max())
+
+    def kv_bytes(self) -> int:
+        return 0 if self.cache is None else self.cache.kv_bytes()
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None, sel: Selection | None, scale: float | None
+    ) -> Tensor:
+        """``q`` ``[B, H, Lq, D]`` and the ``k, v`` ``[B, Hkv, Lq, D]`` given to ``update`` -> ``[B, H, Lq, D]``.
+
+        ``real``: bool ``[B, seen]`` (True = real token) or ``None``."""
+        self._pending = None
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        Lq = q.shape[2]
+        start = self.seen - Lq
+        if self.cache is None:
+            if start != 0:
+                raise RuntimeError("SelectiveCache: the first call of a layer must start at position 0.")
+            return self._prefill(q, k, v, real, sel, scale)
+        if real is not None and not bool(real[:, start:].all()):
+            raise NotImplementedError(
+                "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts on "
+                "the left and generate."
+            )
+        return torch.cat([self._step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], start + t, sel, scale)
+                          for t in range(Lq)], dim=2)  # fmt: skip
+
+    def _prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None, sel: Selection | None, scale: float
+    ) -> Tensor:
+        """The prompt, exactly; then keep what the budget and threshold allow."""
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        kpm = None if real is None else ~real[:, :T]
+        if sel is None:
+            y = _attend(q, k, v, is_causal=True, key_padding_mask=kpm, scale=scale)
+        else:
+            y = _attend(q, k, v, selection=sel, key_padding_mask=kpm, scale=scale)
+        is_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None else real[:, :T]
+        if not bool(is_real.any(-1).all()):
+            raise ValueError("SelectiveCache: a prompt in the batch is all padding.")
+        first = is_real.long().argmax(-1)  # [B]
+        n_groups = 1 if sel is None else sel.n_groups(H)
+        if sel is None:
+            fcum = q.new_zeros(B, 1, T)
+        else:
+            g = H // Hkv
+            heads = range(H)[sel.heads]
+            qs = q[:, heads] * is_real[:, None, :, None]  # padding casts no votes
+            ks = k[:, [h // g for h in heads]]
+            fcum = fcum_after_prompt(qs * (scale * math.sqrt(D)), ks)  # fcum_after_prompt scales by 1/sqrt(D)
+        # relative positions: the first real token is 0 (protected), padding is never kept
+        rel = torch.arange(T, device=q.device)[None, :] - first[:, None]  # [B, T]
+        fcum = fcum.masked_fill((rel == 0)[:, None, :], 0.0)
+        score = eviction_score(fcum).masked_fill(~is_real, float("inf"))
+        capacity = self.budget if self.budget is not None else T + 64
+        self.cache = LayerCache.empty(
+            B, capacity, n_heads=Hkv, n_groups=n_groups, head_dim=D, budget=self.budget, threshold=self.threshold,
+            dtype=k.dtype, device=k.device,
+        )  # fmt: skip
+        for b in range(B):
+            idx = is_real[b].nonzero().squeeze(-1)  # this sequence's real tokens, in order
+            keep = keep_after_prefill(score[b : b + 1, idx], self.budget, self.threshold)[0]
+            kept = idx[keep]
+            n = kept.numel()
+            self.cache.k[b, :, :n] = k[b, :, kept]
+            self.cache.v[b, :, :n] = v[b, :, kept]
+            self.cache.fcum[b, :, :n] = fcum[b, :, kept]
+            self.cache.pos[b, :n] = rel[b, kept]
+        self.first = first
+        return y
+
+    def _grow(self) -> None:
+        """Double an unbudgeted cache's slots when it is full."""
+        c = self.cache
+        if c.budget is not None or bool((c.pos < 0).any(-1).all()):
+            return
+        B, Hkv, cap, D = c.k.shape
+        new = LayerCache.empty(
+            B, 2 * cap, n_heads=Hkv, n_groups=c.fcum.shape[1], head_dim=D, threshold=c.threshold, dtype=c.k.dtype,
+            device=c.k.device,
+        )  # fmt: skip
+        new.k[:, :, :cap], new.v[:, :, :cap], new.fcum[:, :, :cap], new.pos[:, :cap] = c.k, c.v, c.fcum, c.pos
+        self.cache = new
+
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, position: int, sel: Selection | None, scale: float) -> Tensor:
+        """One token ``[B, H|Hkv, 1, D]`` at absolute ``position``: evict, write, attend, vote."""
+        c = self.cache
+        c.make_room()
+        self._grow()
+        c = self.cache
+        B, H, _, D = q.shape
+        Hkv = c.k.shape[1]
+        g = H // Hkv
+        slot = c.write(k, v, torch.zeros(1, dtype=torch.long, device=q.device))
+        c.pos.scatter_(1, slot[:, None], (position - self.first)[:, None])  # per-sequence relative position
+        logits = torch.matmul(q.reshape(B, Hkv, g, D), c.k.transpose(-2, -1)) * scale  # [B, Hkv, g, cap]
+        logits = logits.reshape(B, H, 1, -1)
+        acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in at least fp32
+        w = torch.softmax(logits.to(acc) - c.fcum[:, :, None, :].to(acc), dim=-1).to(v.dtype)  # free slots: +inf
+        y = torch.matmul(w.reshape(B, Hkv, g, -1), c.v).reshape(B, H, 1, -1)
+        if sel is not None:
+            c.add_votes(logits[:, sel.heads], slot)
+        return y
+
+
+class SelectiveCache(Cache):
+    """A ``transformers`` cache for ``generate`` that prunes by the paper's rule.
+
+    Args:
+        budget: ``None`` (keep everything: exact, greedy decoding equals full recomputation), an int
+            for every layer, or one per layer: at most that many tokens per layer are stored and
+            attended at any step, the newest included (>= 2: the first real token and the newest).
+        threshold: evict any token whose accumulated penalty F exceeds it.
+
+    Pass it as ``model.generate(..., cache=SelectiveCache(...))`` with a model built with
+    ``attn_implementation="selective"``. Greedy decoding and sampling work; beam search, assisted
+    decoding and contrastive search raise (they need to reorder or crop what was evicted).
+    """
+
+    def __init__(self, budget: int | Sequence[int] | None = None, threshold: float | None = None) -> None:
+        for b in [budget] if budget is None or isinstance(budget, int) else list(budget):
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+                raise ValueError(
+                    f"budget must be None, an int >= 2 (the first token and the newest), or a list of them; got {b!r}."
+                )
+        if threshold is not None and not (isinstance(threshold, int | float) and threshold >= 0):
+            raise ValueError(f"threshold must be None or a number >= 0, got {threshold!r}.")
+        self.budget, self.threshold = budget, threshold
+        super().__init__(layers=[])
+
+    def _budget_for(self, layer_idx: int) -> int | None:
+        if self.budget is None or isinstance(self.budget, int):
+            return self.budget
+        if layer_idx >= len(self.budget):
+            raise ValueError(f"budget lists {len(self.budget)} layers; the model has more (layer {layer_idx}).")
+        return self.budget[layer_idx]
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def occupancy(self) -> list[int]:
+        """Kept tokens per layer (the most over the batch)."""
+        return [layer.occupancy() for layer in self.layers]
+
+    def kv_bytes(self) -> int:
+        """Bytes of every key/value slot allocated, over all layers and the batch."""
+        return sum(layer.kv_bytes() for layer in self.layers)

@@ -1,0 +1,319 @@
+"""attn_implementation="selective" inside Hugging Face models, SelectiveCache, the memory loss.
+
+Tiny random configs built here (nothing downloaded). The reference is our naive spec run on the same
+model's q/k/v with keys/values repeated for grouped-query attention (registered as another attention
+implementation), never HF's eager attention (float32 softmax, NaN rows under padding in fp64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import selective_attention.hf as sa_hf  # noqa: E402
+from selective_attention.functional import selective_attention  # noqa: E402
+from selective_attention.selection import Selection, selection_penalty  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sa_hf.register()
+
+CAPTURED: list = []  # (layer_idx, q, k, v) of the reference's calls, for the memory-loss formula
+
+
+def reference_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The naive spec on the model's own q/k/v, keys and values repeated to H heads."""
+    s = sa_hf.settings(module.config)
+    sel = s.selection_for(module.layer_idx)
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    kpm = None if attention_mask is None else ~attention_mask
+    CAPTURED.append((module.layer_idx, query, k, v))
+    kw = dict(is_causal=True) if sel is None else dict(selection=sel)
+    out = selective_attention(query, k, v, key_padding_mask=kpm, scale=scaling, backend="naive", **kw)
+    return out.transpose(1, 2).contiguous(), None
+
+
+transformers.AttentionInterface.register("selective_ref", reference_forward)
+transformers.masking_utils.AttentionMaskInterface.register("selective_ref", sa_hf.padding_mask)
+
+V = 61
+
+
+def tiny_config(family: str, **sel):
+    common = dict(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(head_dim=8, **common)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=None, **common)
+    else:
+        raise ValueError(family)
+    return sa_hf.configure(cfg, **sel)
+
+
+def build(family: str, dtype=torch.float64, seed: int = 0, impl: str = "selective", **sel):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **sel)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=dtype)
+    return model.eval()
+
+
+def padded_batch(seed: int = 1, lengths=(11, 8, 5), side: str = "left"):
+    """Token ids [B, T], the 2-D mask (1 = real) and positions counted from each first real token."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[b, sl] = torch.randint(1, V, (n,), generator=g)
+        mask[b, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_grads_match_the_spec(family):
+    ids, mask, pos = padded_batch()
+    sel_model = build(family).train()  # training mode: the path Trainer takes (no dropout configured)
+    ref_model = build(family, impl="selective_ref").train()
+    out = sel_model(ids, attention_mask=mask, position_ids=pos).logits
+    ref = ref_model(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=0, atol=1e-10)  # fp64: only summation order differs
+    (out[real] ** 2).sum().backward()
+    (ref[real] ** 2).sum().backward()
+    for (name, p), (_, r) in zip(sel_model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_equals_the_unpadded_sequence(side):
+    model = build("llama")
+    ids, mask, pos = padded_batch(side=side)
+    out = model(ids, attention_mask=mask, position_ids=pos).logits
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        alone = model(ids[b : b + 1, real]).logits[0]
+        torch.testing.assert_close(out[b, real], alone, rtol=0, atol=1e-12)
+
+
+def test_selection_changes_the_model_and_options_reach_it():
+    ids = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
+    paper = build("llama")(ids).logits
+    std = build("llama", impl="sdpa")(ids).logits
+    assert (paper - std).abs().max() > 1e-6  # F is not zero
+    for sel in [dict(selection=Selection(head=3)), dict(selection=Selection(per_head=True)), dict(layers=[1])]:
+        out = build("llama", **sel)(ids).logits
+        ref = build("llama", impl="selective_ref", **sel)(ids).logits
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        assert (out - paper).abs().max() > 1e-8, sel
+    # layers=[] selects nowhere: standard attention
+    torch.testing.assert_close(build("llama", layers=[])(ids).logits, std, rtol=0, atol=1e-10)
+
+
+def test_settings_survive_save_and_reload(tmp_path):
+    model = build("llama", selection=Selection(head=2), layers=[0], memory_eps=0.25, memory_tau=2.0)
+    model.save_pretrained(tmp_path)
+    auto = transformers.AutoModelForCausalLM
+    again = auto.from_pretrained(tmp_path, attn_implementation="selective", dtype=torch.float64)
+    s = sa_hf.settings(again.config)
+    assert s == sa_hf.HFSettings(Selection(head=2), (0,), 0.25, 2.0)
+    ids = torch.randint(0, V, (1, 9))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    again.set_attn_implementation("sdpa")
+    assert (again(ids).logits - model(ids).logits).abs().max() > 1e-8
+    again.set_attn_implementation("selective")
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def greedy_by_recomputation(model, ids, mask, n):
+    ids, mask = ids.clone(), mask.clone()
+    for _ in range(n):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_without_budget_equals_recomputation(family):
+    model = build(family)
+    ids, mask, _ = padded_batch(seed=5)
+    cache = sa_hf.SelectiveCache()
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_recomputation(model, ids, mask, 12))
+    n_tokens = ids.shape[1] + 12 - 1  # the last token is sampled, not cached
+    assert max(cache.occupancy()) == n_tokens - 0  # left padding: the longest prompt has no padding
+
+
+def test_generate_a_second_time_continues_exactly():
+    """A cache passed again continues where it stopped (several new tokens at once go token by token)."""
+    model = build("llama")
+    ids = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(2))
+    cache = sa_hf.SelectiveCache()
+    first = model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    more = torch.randint(1, V, (1, 3), generator=torch.Generator().manual_seed(4))
+    prompt = torch.cat([first, more], 1)
+    out = model.generate(prompt, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_recomputation(model, prompt, torch.ones_like(prompt), 5))
+
+
+@pytest.mark.parametrize("budget", [4, [3, 6]])
+def test_budget_bounds_every_layer(budget):
+    model = build("qwen2")
+    ids, mask, _ = padded_batch(seed=6)
+    cache = sa_hf.SelectiveCache(budget=budget)
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, ids.shape[1] + 10)
+    budgets = [budget] * 2 if isinstance(budget, int) else budget
+    assert cache.occupancy() == budgets
+    D, Hkv = 8, 2
+    assert cache.kv_bytes() == sum(2 * 3 * Hkv * b * D * 8 for b in budgets)  # k and v, fp64, every slot
+
+
+def test_budget_keeps_the_first_real_token_and_drops_the_most_masked():
+    """Budget 3: after the prompt each layer holds the first token and the two others with the smallest
+    accumulated F (the next step then evicts one of them to make room), checked against the spec's F."""
+    model = build("llama")
+    CAPTURED.clear()
+    ids = torch.randint(1, V, (1, 9), generator=torch.Generator().manual_seed(8))
+    ref = build("llama", impl="selective_ref")
+    ref(ids)
+    cache = sa_hf.SelectiveCache(budget=3)
+    model(ids, cache=cache, use_cache=True)
+    for layer_idx, q, k, _ in CAPTURED:
+        F = selection_penalty(q[:, 0], k[:, 0])  # [1, T, T]: F[i, j]
+        Fnext = F[0, -1] + torch.relu(q[0, 0, -1] @ k[0, 0].T / math.sqrt(q.shape[-1])) * (
+            (torch.arange(9) > 0) & (torch.arange(9) < 8)
+        )  # the F the query after the prompt sees
+        keep = {0, *sorted(range(1, 9), key=lambda j: (Fnext[j].item(), -j))[:2]}  # ties: the newer kept
+        kept = cache.layers[layer_idx].cache.pos[0]
+        assert set(kept[kept >= 0].tolist()) == keep
+
+
+def test_errors_name_the_case_and_the_fix():
+    model = build("llama")
+    ids = torch.randint(1, V, (2, 6))
+    with pytest.raises(ValueError, match="SelectiveCache"):  # a plain DynamicCache cannot hold the votes
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache = sa_hf.SelectiveCache()
+        model.generate(ids, cache=cache, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="budget"):
+        sa_hf.SelectiveCache(budget=1)
+    with pytest.raises(ValueError, match="projection"):
+        sa_hf.configure(transformers.LlamaConfig(), selection=Selection(projection=True))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        sa_hf.configure(transformers.LlamaConfig(num_hidden_layers=2), layers=[2])
+    # a sliding window shorter than the sequence would change the model
+    torch.manual_seed(0)
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 4
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        m(ids)
+    # packed sequences (positions restarting, no mask) would need a block mask
+    with pytest.raises(NotImplementedError, match="packed|mask"):
+        model(torch.randint(1, V, (1, 6)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+
+
+# --- the memory loss ---------------------------------------------------------------------------------------
+def memory_loss_by_formula(captured, sel_layers, tau, lengths):
+    """L_mem from the spec's F: sum over layers of max_i M_l[i] / (n_layers * T), per sequence, mean."""
+    per_seq = []
+    for b, T in enumerate(lengths):
+        total = 0.0
+        for _, q, k, _ in [c for c in captured if c[0] in sel_layers]:
+            F = selection_penalty(q[b : b + 1, 0, -T:], k[b : b + 1, 0, -T:])[0]  # [T, T]
+            M = torch.arange(1, T + 1, dtype=F.dtype) - torch.clamp(F, max=tau).tril().sum(-1) / tau
+            total = total + M.max()
+        per_seq.append(total / (len(sel_layers) * T))
+    return torch.stack(per_seq).mean()
+
+
+def test_memory_loss_matches_the_formula_with_left_padding():
+    ids, mask, pos = padded_batch(seed=9)
+    model = build("llama", memory_eps=0.1, memory_tau=0.5).train()
+    ref = build("llama", impl="selective_ref", memory_eps=0.1, memory_tau=0.5).train()
+    model(ids, attention_mask=mask, position_ids=pos)
+    CAPTURED.clear()
+    ref(ids, attention_mask=mask, position_ids=pos)
+    got = sa_hf.memory_loss(model)
+    want = memory_loss_by_formula(CAPTURED, {0, 1}, 0.5, mask.sum(-1).tolist())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    got.backward()  # differentiable, finite gradients
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(sa_hf.memory_loss_term(model), 0.1 * got.detach(), rtol=1e-12, atol=0)
+
+
+def test_memory_loss_refuses_when_nothing_was_computed():
+    model = build("llama")  # memory_eps = 0: no counts
+    model.train()(torch.randint(1, V, (1, 5)))
+    with pytest.raises(ValueError, match="memory_eps"):
+        sa_hf.memory_loss(model)
+    assert sa_hf.memory_loss_term(model).item() == 0.0
+
+
+def test_trainer_adds_the_memory_loss(tmp_path):
+    model = build("llama", dtype=torch.float32, memory_eps=0.5)
+    ids = torch.randint(1, V, (4, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=1, learning_rate=1e-3,
+    )  # fmt: skip
+    trainer = sa_hf.SelectiveTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    batch = {"input_ids": ids[:2], "labels": ids[:2]}
+    loss = trainer.compute_loss(model, batch)
+    plain = model(**batch).loss
+    torch.testing.assert_close(loss, plain + 0.5 * sa_hf.memory_loss(model), rtol=1e-6, atol=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_fp32(dtype):
+    ids = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = build("llama", dtype=torch.float32)(ids).logits
+    out = build("llama", dtype=dtype)(ids).logits.float()
+    assert torch.isfinite(out).all()
+    # half precision: ~3 significant digits per op through 2 layers; logits are O(0.1)
+    assert (out - ref).abs().max() < (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+def test_compiled_forward_matches_eager():
+    model = build("llama", dtype=torch.float32)
+    ids = torch.randint(1, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    eager = model(ids).logits
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(ids).logits, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_package_imports_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import selective_attention, selective_attention.model\n"
+        "try:\n    import selective_attention.hf\nexcept ImportError as e:\n    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "pip install" in out.stdout
