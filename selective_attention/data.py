@@ -1,7 +1,9 @@
-"""Corpora, the byte tokenizer, batching, and the synthetic variable-assignment task.
+"""Corpora, the tokenizers, batching, and the synthetic variable-assignment task.
 
-Read top to bottom: the tokenizer, the corpora (``kjv``, ``pydoc``, any local text file), ``TextData``
-(a contiguous train/val split with random training windows and fixed evaluation windows), and
+Read top to bottom: the tokenizers (``ByteTokenizer``, the default; ``BPETokenizer``, subwords trained on
+a training split, with a ``<bos>``), the corpora (``kjv``, ``pydoc``, any local text file), ``TextData``
+(a contiguous train/val split with random training windows and fixed evaluation windows; with a BPE
+tokenizer every window starts with ``<bos>``), and
 ``VariableAssignment`` (streams like ``a=3;c=1;a=7;a?7``: recall the latest value of a reassigned
 variable, the case selective attention is built for).
 
@@ -11,16 +13,28 @@ Shapes: ``B`` = batch size, ``T`` = context length (tokens per row). Every token
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["ByteTokenizer", "TextData", "VariableAssignment", "corpus_names", "load_text"]
+__all__ = [
+    "ByteTokenizer",
+    "BPETokenizer",
+    "TextData",
+    "VariableAssignment",
+    "corpus_names",
+    "load_text",
+    "split_text",
+    "tokenizer_from_dict",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +72,199 @@ class ByteTokenizer:
             bad = [i for i in ids if not 0 <= i < 256][:5]
             raise ValueError(f"byte ids must be in [0, 256), got {bad}.") from None
         return data.decode("utf-8", errors="replace")
+
+    bos_id: int | None = None  # no BOS: windows are plain byte streams (the behaviour before BPE)
+    kind: str = "byte"
+
+    def encode_prompt(self, text: str) -> Tensor:
+        """A prompt to continue: its bytes (the byte tokenizer has no BOS)."""
+        return self.encode(text)
+
+    def token_bytes(self) -> Tensor:
+        """``[vocab_size]``: how many bytes of text each token stands for (1 each)."""
+        return torch.ones(self.vocab_size, dtype=torch.long)
+
+    def to_dict(self) -> dict:
+        """What a checkpoint stores (see :func:`tokenizer_from_dict`)."""
+        return {"kind": "byte"}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash("byte")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+_TOKENIZERS_HINT = "pip install 'selective-attention[train]' (or: pip install 'tokenizers>=0.20')"
+
+
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"--tokenizer=bpe needs the package tokenizers: {_TOKENIZERS_HINT}") from None
+    return tokenizers
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` cut after each newline: the pieces BPE is trained on and a corpus is encoded in (in parallel).
+    The byte-level pre-tokenizer never joins a newline to the letters after it, so this changes almost nothing
+    against encoding the text in one piece, and decoding the concatenated ids gives ``text`` back exactly."""
+    return text.splitlines(keepends=True)
+
+
+class BPETokenizer:
+    """Byte-level BPE (Hugging Face ``tokenizers``), trained locally on a training split, with ``<bos>``.
+
+    The 256 byte values are in the vocabulary, so any text encodes (no ``<unk>``) and decodes back exactly;
+    merges are learned from the training text only. Token 0 is ``<bos>``: it starts every window and every
+    prompt, it is never a target, and ``decode`` drops it. The text ``"<bos>"`` in a corpus or prompt is
+    encoded as its characters, never as the special token. Training is deterministic: the same text and
+    ``vocab_size`` give the same tokenizer (the same JSON).
+
+    >>> tok = BPETokenizer.train("the cat sat on the mat\\n" * 50, vocab_size=300)
+    >>> tok.decode(tok.encode("the hat, né"))
+    'the hat, né'
+    """
+
+    BOS = "<bos>"
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer) -> None:
+        """Wrap a ``tokenizers.Tokenizer`` (one :meth:`train` made, or loaded with :meth:`from_json`); checks that
+        it is one of ours: a ``<bos>`` special token and exact round trips of text, non-ASCII included."""
+        self._tok = hf_tokenizer
+        self._tok.encode_special_tokens = True  # "<bos>" in a text is text (the flag is not saved in the JSON)
+        self.bos_id: int = self._tok.token_to_id(self.BOS)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        if self.bos_id is None:
+            raise ValueError(f"this tokenizer has no {self.BOS} token: it was not made by BPETokenizer.train.")
+        probe = "Tokens: héllo, wörld! 日本語 <bos> \t\r\n  end"
+        ids = self._tok.encode(probe, add_special_tokens=False).ids
+        if self._tok.decode(ids, skip_special_tokens=True) != probe or self.bos_id in ids:
+            raise ValueError(
+                "this tokenizer does not encode text reversibly: it is not a byte-level BPE made by BPETokenizer.train."
+            )
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 4096, *, min_frequency: int = 2) -> BPETokenizer:
+        """Learn ``vocab_size`` tokens (``<bos>`` and the 256 bytes included) from ``text``, the training split
+        only. A text too small for that many merges gives a smaller vocabulary (see ``vocab_size``)."""
+        if not isinstance(vocab_size, int) or vocab_size < 257:
+            raise ValueError(f"vocab_size must be an int >= 257 (<bos> and the 256 bytes), got {vocab_size!r}.")
+        tk = _hf_tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[cls.BOS],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        lines = _lines(text)
+        tok.train_from_iterator(lines, trainer, length=len(lines))
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """The tokenizer :meth:`to_json` wrote (data, never code); a ValueError if it is not one of ours."""
+        tk = _hf_tokenizers()
+        try:
+            tok = tk.Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own Exception type for bad JSON
+            raise ValueError(f"the tokenizer JSON does not load ({type(e).__name__}: {e}).") from None
+        return cls(tok)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def encode(self, text: str) -> Tensor:
+        """``text`` -> 1-D ``long`` ids (no ``<bos>``; see :meth:`encode_prompt`)."""
+        if len(text) < 65536:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:  # a corpus: line by line, in parallel
+            ids = [i for e in self._tok.encode_batch_fast(_lines(text), add_special_tokens=False) for i in e.ids]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def encode_prompt(self, text: str) -> Tensor:
+        """A prompt to continue: ``<bos>`` then the text's ids, as every training window starts."""
+        return torch.cat([torch.tensor([self.bos_id]), self.encode(text)])
+
+    def decode(self, ids: Tensor | Sequence[int]) -> str:
+        """1-D ids -> text, ``<bos>`` dropped; bytes cut inside a character decode as U+FFFD."""
+        if isinstance(ids, Tensor):
+            if ids.dim() > 1:
+                raise ValueError(f"decode takes a 1-D sequence of ids, got shape {tuple(ids.shape)}.")
+            ids = ids.reshape(-1).tolist()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad}.")
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self) -> Tensor:
+        """``[vocab_size]``: how many bytes of text each token stands for (0 for ``<bos>``)."""
+        n = [0 if i == self.bos_id else len(self._tok.id_to_token(i)) for i in range(self.vocab_size)]
+        return torch.tensor(n, dtype=torch.long)  # byte-level: one character of a token = one byte
+
+    def token_label(self, i: int) -> str:
+        """A printable label of token ``i`` (for plots): its text, or ``<bos>``."""
+        return self.BOS if i == self.bos_id else self._tok.decode([i])
+
+    def to_dict(self) -> dict:
+        """What a checkpoint stores: the tokenizer's JSON and its sha256 (see :func:`tokenizer_from_dict`)."""
+        j = self.to_json()
+        return {"kind": "bpe", "vocab_size": self.vocab_size, "bos_id": self.bos_id, "json": j,
+                "sha256": hashlib.sha256(j.encode()).hexdigest()}  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: object) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer a checkpoint stored (``to_dict``); ``None`` (a checkpoint from before tokenizers were
+    stored) is the byte tokenizer. A damaged or foreign one is a ValueError that says what is wrong."""
+    if d is None:
+        return ByteTokenizer()
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise ValueError(f"unknown tokenizer kind {kind!r} (this code knows 'byte' and 'bpe').")
+    j = d.get("json")
+    if not isinstance(j, str) or d.get("sha256") != hashlib.sha256(j.encode()).hexdigest():
+        raise ValueError("the stored BPE tokenizer fails its sha256: its JSON changed after it was saved.")
+    tok = BPETokenizer.from_json(j)
+    if (tok.vocab_size, tok.bos_id) != (d.get("vocab_size"), d.get("bos_id")):
+        raise ValueError(
+            f"the stored BPE tokenizer has vocab_size {tok.vocab_size} and <bos> id {tok.bos_id}, but the "
+            f"checkpoint says {d.get('vocab_size')} and {d.get('bos_id')}."
+        )
+    return tok
+
+
+def train_bpe(text: str, vocab_size: int, *, name: str = "the text", verbose: bool = False) -> BPETokenizer:
+    """:meth:`BPETokenizer.train` with a line on stderr (when ``verbose``) for a text large enough to take
+    more than a moment: what it trains on and how long it took."""
+    big = verbose and len(text) > 1_000_000
+    if big:
+        print(f"training a {vocab_size}-token BPE tokenizer on {name} ({len(text) / 1e6:.1f} M characters)...",
+              end="", file=sys.stderr, flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train(text, vocab_size)
+    if big:
+        print(f" done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,18 +354,42 @@ def load_text(name: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """``(train, val)``: ``val`` is the last ``val_fraction`` of the text's UTF-8 bytes (moved forward to the
+    next character boundary), the cut the byte tokenizer's split makes, so a BPE model is held out on the
+    same text as a byte model. A BPE tokenizer is trained on ``train`` only."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    raw = text.encode("utf-8")
+    cut = len(raw) - int(len(raw) * val_fraction)
+    while cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: inside a character
+        cut += 1
+    return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
+
+
 class TextData:
     """A token stream split into ``train`` (the head) and ``val`` (the last ``val_fraction``).
 
     The split is contiguous and every window is drawn inside one part, so no window ever holds
     both training and validation tokens.
 
+    Windows (:meth:`windows`, the one place they are made): without ``bos`` a window of ``T`` inputs is
+    ``T + 1`` consecutive tokens, inputs ``x = tokens[s : s+T]`` and targets ``y = tokens[s+1 : s+T+1]``.
+    With ``bos`` (a BPE tokenizer's ``<bos>``) every window starts with it, the token the paper's rule
+    "the first token is never masked" protects: ``x = [bos] + tokens[s : s+T-1]``, ``y = tokens[s : s+T]``,
+    so ``<bos>`` is never a target and every window's first text token is one.
+
     Args:
         tokens: ``[N]`` integer tokens.
         val_fraction: share of the stream, taken from its end, held out for validation (0 = none).
+        bos: the id every window starts with, or None (byte level: none).
+        n_val: how many of ``tokens`` (from the end) are the validation split; default
+            ``int(N * val_fraction)``. :meth:`from_text` sets it for a text cut before it was encoded.
     """
 
-    def __init__(self, tokens: Tensor, val_fraction: float = 0.1) -> None:
+    def __init__(
+        self, tokens: Tensor, val_fraction: float = 0.1, *, bos: int | None = None, n_val: int | None = None
+    ) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 1:
             raise ValueError(f"tokens must be a 1-D tensor, got {getattr(tokens, 'shape', type(tokens))}.")
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -167,20 +398,47 @@ class TextData:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         tokens = tokens.long()
         self.source: str | None = None  # where the tokens came from (a corpus name or file), for messages
-        n_val = int(len(tokens) * val_fraction)
+        n_val = int(len(tokens) * val_fraction) if n_val is None else n_val
+        if not 0 <= n_val <= len(tokens):
+            raise ValueError(f"n_val must be in [0, {len(tokens)}], got {n_val}.")
         self.train: Tensor = tokens[: len(tokens) - n_val]  # [N - n_val]
         self.val: Tensor = tokens[len(tokens) - n_val :]  # [n_val]
         self.val_fraction = val_fraction
+        self.bos = bos
 
     @classmethod
-    def from_name(cls, name: str | os.PathLike[str], val_fraction: float = 0.1) -> TextData:
-        """:func:`load_text` then :class:`ByteTokenizer`: ``TextData.from_name("kjv")``."""
-        data = cls(ByteTokenizer().encode(load_text(name)), val_fraction=val_fraction)
+    def from_text(
+        cls, text: str, val_fraction: float = 0.1, tokenizer: ByteTokenizer | BPETokenizer | None = None
+    ) -> TextData:
+        """``text`` tokenized and split. Byte level (the default): the bytes, split as :class:`TextData` splits
+        tokens. A BPE tokenizer: the text is cut first (:func:`split_text`), each part is encoded on its own,
+        and every window starts with the tokenizer's ``<bos>``."""
+        tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+        if tokenizer.bos_id is None:
+            return cls(tokenizer.encode(text), val_fraction=val_fraction)
+        train, val = split_text(text, val_fraction)
+        train_ids, val_ids = tokenizer.encode(train), tokenizer.encode(val)
+        return cls(torch.cat([train_ids, val_ids]), val_fraction, bos=tokenizer.bos_id, n_val=len(val_ids))
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str | os.PathLike[str],
+        val_fraction: float = 0.1,
+        tokenizer: ByteTokenizer | BPETokenizer | None = None,
+    ) -> TextData:
+        """:func:`load_text` then :meth:`from_text`: ``TextData.from_name("kjv")`` (bytes)."""
+        data = cls.from_text(load_text(name), val_fraction=val_fraction, tokenizer=tokenizer)
         data.source = str(name)
         return data
 
     def __repr__(self) -> str:
-        return f"TextData(train={len(self.train)} tokens, val={len(self.val)} tokens)"
+        bos = "" if self.bos is None else f", bos={self.bos}"
+        return f"TextData(train={len(self.train)} tokens, val={len(self.val)} tokens{bos})"
+
+    def _span(self, context_len: int) -> int:
+        """Tokens of the stream one window of ``context_len`` inputs reads (its inputs and targets)."""
+        return context_len if self.bos is not None else context_len + 1
 
     def _split(self, split: str, context_len: int) -> Tensor:
         if split not in ("train", "val"):
@@ -188,21 +446,28 @@ class TextData:
         if not isinstance(context_len, int) or context_len < 1:
             raise ValueError(f"context_len must be a positive int, got {context_len!r}.")
         data = self.train if split == "train" else self.val
-        if len(data) < context_len + 1:
+        span = self._span(context_len)
+        if len(data) < span:
             of = f" of {self.source!r}" if self.source is not None else ""
             total = len(self.train) + len(self.val)
+            need = "context_len + 1" if self.bos is None else "context_len (after the <bos>)"
             raise ValueError(
                 f"the {split} split{of} has {len(data)} tokens (of {total}, val_fraction={self.val_fraction}), "
-                f"but a window needs context_len + 1 = {context_len + 1}; use a shorter context_len or a larger "
+                f"but a window needs {need} = {span}; use a shorter context_len or a larger "
                 f"corpus{' (or val_fraction)' if split == 'val' else ''}."
             )
         return data
 
-    @staticmethod
-    def _windows(data: Tensor, starts: Tensor, context_len: int) -> tuple[Tensor, Tensor]:
-        idx = starts[:, None] + torch.arange(context_len + 1)  # [B, T+1]
-        chunk = data[idx]  # [B, T+1]
-        return chunk[:, :-1], chunk[:, 1:]
+    def windows(self, split: str, starts: Tensor, context_len: int) -> tuple[Tensor, Tensor]:
+        """The windows of ``split`` that start at stream positions ``starts`` ``[B]``: inputs ``x`` and targets
+        ``y``, ``[B, T]``. Every training and evaluation window is made here (see the class docstring)."""
+        data = self._split(split, context_len)
+        idx = starts[:, None] + torch.arange(self._span(context_len))  # [B, span]
+        chunk = data[idx]  # [B, span]
+        if self.bos is None:
+            return chunk[:, :-1], chunk[:, 1:]
+        bos = torch.full_like(chunk[:, :1], self.bos)  # [B, 1]
+        return torch.cat([bos, chunk[:, :-1]], dim=1), chunk
 
     def batch(
         self, split: str, batch_size: int, context_len: int, generator: torch.Generator | None = None
@@ -212,30 +477,31 @@ class TextData:
         data = self._split(split, context_len)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        starts = torch.randint(len(data) - context_len, (batch_size,), generator=generator)  # [B]
-        return self._windows(data, starts, context_len)
+        n_starts = len(data) - self._span(context_len) + 1
+        starts = torch.randint(n_starts, (batch_size,), generator=generator)  # [B]
+        return self.windows(split, starts, context_len)
 
     def n_eval_windows(self, split: str, context_len: int) -> int:
         """How many non-overlapping windows of ``context_len`` inputs ``split`` holds."""
-        return (len(self._split(split, context_len)) - 1) // context_len
+        return (len(self._split(split, context_len)) - self._span(context_len) + context_len) // context_len
 
     def eval_batches(
         self, split: str, batch_size: int, context_len: int, max_batches: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Fixed evaluation windows: yields ``(x, y)``, each ``[B, T]`` (the last batch may be smaller).
 
-        Window ``k`` has inputs ``data[kT : kT + T]``: windows never overlap and every call yields the
-        same ones. With ``max_batches`` only ``max_batches * batch_size`` windows are used, spread
+        Window ``k`` starts at stream position ``kT`` (its inputs ``data[kT : kT + T]``, or ``<bos>`` and
+        ``data[kT : kT + T - 1]``): windows never overlap, every token is a target at most once, and every call
+        yields the same ones. With ``max_batches`` only ``max_batches * batch_size`` windows are used, spread
         evenly over the split (not just its start), so a short evaluation still sees all of it."""
-        data = self._split(split, context_len)
+        total = self.n_eval_windows(split, context_len)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        total = (len(data) - 1) // context_len
         k = total if max_batches is None else min(total, max(max_batches, 0) * batch_size)
         picks = torch.arange(k) * total // k if k else torch.empty(0, dtype=torch.long)  # distinct, sorted
         starts = picks * context_len
         for i in range(0, k, batch_size):
-            yield self._windows(data, starts[i : i + batch_size], context_len)
+            yield self.windows(split, starts[i : i + batch_size], context_len)
 
 
 # ---------------------------------------------------------------------------------------------------
