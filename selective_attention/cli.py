@@ -201,7 +201,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     # varassign fixes the length of its examples; a text is cut into windows of --context_len
     T = ctx if tc.data == "varassign" else args.context_len or ctx
     tc = dataclasses.replace(tc, model=dataclasses.replace(tc.model, context_len=T))
-    task = Task(tc)
+    task = Task(tc, tokenizer=meta["tokenizer"])  # the checkpoint's tokenizer (byte level for older ones)
     T = task.val_task.seq_len if task.varassign else T
     if task.varassign and args.context_len not in (None, T):
         raise ValueError(
@@ -227,8 +227,10 @@ def cmd_eval(args: EvalOptions) -> dict:
     if "val_accuracy" in scores:
         out["val_accuracy"] = scores["val_accuracy"]
     out["perplexity"] = math.exp(loss)
-    if tc.data != "varassign":  # byte tokens of a text: the loss in bits is bits per byte
-        out["bits_per_byte"] = loss / math.log(2)
+    if tc.data != "varassign":  # bits per byte of text: the loss per token over the bytes per target token
+        n_tokens, n_bytes = _target_bytes(task)
+        out["bits_per_byte"] = loss * n_tokens / n_bytes / math.log(2)
+    out["tokenizer"] = task.tokenizer.kind
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
     if occupancy is not None:
         out["kv_tokens_per_layer"] = occupancy
@@ -240,22 +242,32 @@ def cmd_eval(args: EvalOptions) -> dict:
     return out
 
 
+def _target_bytes(task) -> tuple[int, int]:
+    """``(tokens, bytes)`` over the targets of ``task``'s evaluation windows: the bytes of text they stand for
+    (byte level: one each; ``<bos>`` is never a target)."""
+    per_token = task.tokenizer.token_bytes()
+    n_tokens = n_bytes = 0
+    for _, y, _ in task.eval_batches():
+        t = y[y != -100]
+        n_tokens, n_bytes = n_tokens + t.numel(), n_bytes + int(per_token[t].sum())
+    return n_tokens, n_bytes
+
+
 def cmd_generate(args: GenerateOptions) -> str:
-    from .data import ByteTokenizer
     from .decoding import Decoder
     from .train import model_from_checkpoint
 
     budget = _budget_arg(args.budget)
-    tok = ByteTokenizer()
-    idx = tok.encode(args.prompt)[None]
-    if idx.shape[1] == 0:
+    if args.prompt == "":
         raise ValueError("--prompt must not be empty: give at least one character to continue.")
-    model, _ = model_from_checkpoint(args.ckpt)
+    model, meta = model_from_checkpoint(args.ckpt)
+    tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
+    idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
     _check_budget_layers(budget, model.config.n_layer)
     dec = Decoder(model, budget=budget, threshold=args.threshold, compile=args.compile)
     gen = torch.Generator().manual_seed(args.seed)
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
-    text = tok.decode(out[0])
+    text = tok.decode(out[0])  # the prompt and what follows, without <bos>
     print(text)
     if args.budget or args.threshold:
         kv = f"KV bytes (all slots): {sum(dec.kv_bytes()):,}"

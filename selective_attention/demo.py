@@ -28,7 +28,7 @@ import torch
 from .budget_search import pruned_loss, search_budgets
 from .model import GPT, GPTConfig
 from .options import finite_number, positive_int
-from .train import TrainConfig, mean_loss, model_from_checkpoint
+from .train import Task, TrainConfig, mean_loss, model_from_checkpoint
 from .train import main as train_main
 
 __all__ = ["DemoConfig", "run_demo", "plot_penalty"]
@@ -44,6 +44,10 @@ class DemoConfig:
 
     out: str = "demo_out"  # folder for the report and plots
     data: str = "kjv"  # kjv | pydoc | a text file
+    tokenizer: str = "byte"  # byte | bpe (as train's --tokenizer: trained on the training split, <bos> first)
+    bpe_vocab_size: int = field(
+        default=4096, metadata={"type": positive_int, "help": "--tokenizer=bpe: tokens in the vocabulary"}
+    )
     steps: int = field(default=1000, metadata={"type": positive_int, "help": "training steps per model"})
     batch_size: int = field(default=4, metadata={"type": positive_int, "help": "sequences per training step"})
     # the standard model (vocab_size is set from the data); the selective one is the same with selection=True
@@ -74,6 +78,8 @@ class DemoConfig:
         """The training run ``name`` (its folder under ``out``): this model, selective or not."""
         return TrainConfig(
             data=self.data,
+            tokenizer=self.tokenizer,
+            bpe_vocab_size=self.bpe_vocab_size,
             out_dir=str(Path(self.out) / name),
             model=dataclasses.replace(self.model, selection=selection),
             batch_size=self.batch_size,
@@ -101,13 +107,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         runs[name]["train_seconds"] = time.perf_counter() - t0
         print(f"{name}: val loss {runs[name]['val_loss']:.4f}, {runs[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
 
-    from .data import TextData
-
-    data = TextData.from_name(cfg.data)
-    # window set 0 drives the budget search; set 1 is held out to check what it found
+    sel_model, sel_meta = model_from_checkpoint(out / "selective")
+    std_model, std_meta = model_from_checkpoint(out / "standard")
+    tokenizer = sel_meta["tokenizer"]
+    if std_meta["tokenizer"] != tokenizer:  # trained the same way on the same split: the same, or no comparison
+        raise RuntimeError(f"the two runs have different tokenizers: {std_meta['tokenizer']!r}, {tokenizer!r}.")
+    # the windows exactly as training made them (the checkpoint's tokenizer, <bos> first with BPE): set 0 drives
+    # the budget search; set 1 is held out to check what it found
+    data = Task(cfg.train_config("selective", True), tokenizer=tokenizer).text
     (xs, ys), (xh, yh) = data.eval_batches("val", cfg.search_batch, cfg.model.context_len, 2)
-    sel_model, _ = model_from_checkpoint(out / "selective")
-    std_model, _ = model_from_checkpoint(out / "standard")
     std_search, std_held = mean_loss(std_model, xs, ys), mean_loss(std_model, xh, yh)
     sel_search, sel_held = mean_loss(sel_model, xs, ys), mean_loss(sel_model, xh, yh)
     # equal loss: the standard model's. If the selective model does not reach it even with its full
@@ -147,7 +155,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     try:
         plot_curves(report, out / "loss_curves.png")
         plot_memory(report, out / "memory_vs_loss.png")
-        plot_penalty(sel_model, SENTENCE, out / "penalty_F.png")
+        plot_penalty(sel_model, SENTENCE, out / "penalty_F.png", tokenizer=tokenizer)
         print(f"plots: {out}/loss_curves.png, memory_vs_loss.png, penalty_F.png")
     except ImportError:
         print("(matplotlib is not installed: no plots; pip install 'selective-attention[train]')")
@@ -161,7 +169,7 @@ def table(report: dict) -> str:
     tol = f" + {b['tolerance']:g} nats" if b["tolerance"] else ""
     verdict = "holds" if h["holds"] else "does NOT hold"
     rows = [
-        "| model | val loss (nats/byte) | tokens/s | KV slots per layer at equal loss |",
+        f"| model | val loss ({_unit(report)}) | tokens/s | KV slots per layer at equal loss |",
         "|---|---|---|---|",
         f"| standard | {t['val_loss']:.4f} | {t['tokens_per_s']:,.0f} | {ctx} (full context) |",
         f"| selective | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | "
@@ -176,6 +184,10 @@ def table(report: dict) -> str:
         f"cache {h['selective_full_loss']:.4f}, pruned {h['pruned_loss']:.4f}: the {b['memory_ratio']:.1f}x "
         f"{verdict} there\nselective/standard training throughput {report['throughput_ratio']:.2f}"
     )
+
+
+def _unit(report: dict) -> str:
+    return "nats/byte" if report["config"].get("tokenizer", "byte") == "byte" else "nats/token"
 
 
 def _plt():
@@ -193,7 +205,7 @@ def plot_curves(report: dict, path: Path) -> None:
     for name, style in (("standard", "k-o"), ("selective", "C0-o")):
         h = report["history"][name]
         ax.plot([r["step"] for r in h], [r["val_loss"] for r in h], style, label=name, ms=3)
-    ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title="Same size, same data")
+    ax.set(xlabel="step", ylabel=f"validation loss ({_unit(report)})", title="Same size, same data")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -224,13 +236,14 @@ def plot_memory(report: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96) -> None:
-    """Heat map of each selective layer's F for ``text`` (bytes), with which tokens are masked."""
+def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96, tokenizer=None) -> None:
+    """Heat map of each selective layer's F for ``text`` (in the model's tokens: ``tokenizer``, default bytes;
+    with ``<bos>`` first for a BPE one, as in training), with which tokens are masked."""
     from .data import ByteTokenizer
 
     plt = _plt()
-    tok = ByteTokenizer()
-    idx = tok.encode(text)[:max_tokens][None]  # [1, T]
+    tok = ByteTokenizer() if tokenizer is None else tokenizer
+    idx = tok.encode_prompt(text)[:max_tokens][None]  # [1, T]
     T = idx.shape[1]
     pos = torch.arange(T)
     x = model.tok_emb(idx)
@@ -246,7 +259,10 @@ def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96) -> Non
         x = block(x, pos)[0]
     if not maps:
         raise ValueError("the model has no selective layer.")
-    labels = [chr(c) if 32 <= c < 127 else "?" for c in idx[0].tolist()]
+    if tok.kind == "byte":
+        labels = [chr(c) if 32 <= c < 127 else "?" for c in idx[0].tolist()]
+    else:
+        labels = [tok.token_label(c).replace("\n", "\\n") for c in idx[0].tolist()]
     n = len(maps)
     fig = plt.figure(figsize=(max(9.0, 4.2 * n), 4.2 + 0.9 * n))
     grid = fig.add_gridspec(1 + n, n, height_ratios=[4.0] + [0.55] * n)
@@ -260,7 +276,7 @@ def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96) -> Non
         ax.set_xlabel("key (bright = masked)", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    # which bytes the last query no longer sees: its row of F, one labelled cell per byte
+    # which tokens the last query no longer sees: its row of F, one labelled cell per token
     for row, (i, Fm) in enumerate(maps):
         ax = fig.add_subplot(grid[1 + row, :])
         last = Fm[-1].clamp(max=5.0)[None].numpy()  # F of the final query; >= 5 nats ~ gone
@@ -268,7 +284,7 @@ def plot_penalty(model: GPT, text: str, path: Path, max_tokens: int = 96) -> Non
         ax.set_xticks(range(T), labels, fontsize=6)
         ax.set_yticks([0], [f"layer {i}"], fontsize=7)
         ax.tick_params(length=0)
-    fig.text(0.5, 0.005, "strips: F of the final query for each byte (bright = masked, capped at 5 nats)",
+    fig.text(0.5, 0.005, "strips: F of the final query for each token (bright = masked, capped at 5 nats)",
              ha="center", fontsize=7)  # fmt: skip
     fig.suptitle(f"Selection penalty F for: {text[:70]}...", fontsize=8)
     fig.tight_layout()

@@ -56,8 +56,11 @@ CKPT_NAME = "ckpt.safetensors"
 #    JSON metadata), the aliases of tied weights, GPTConfig.extra, the model config nested in train_config.
 # 2: a sha256 of the tensors. 1: no checksum (loads with a warning). 1 and 2 flattened one parameter group's
 #    optimizer state into optim.{i}.{name} and the model fields into train_config; both still load and resume.
-FORMAT_VERSION = "3"
-READABLE_VERSIONS = ("1", "2", "3")
+# 4: format 3 plus the tokenizer ("tokenizer": its kind; a BPE tokenizer's JSON with a sha256). A checkpoint of
+#    formats 1-3 is byte level. Written as a new version so that code from before it refuses a BPE checkpoint
+#    instead of reading its token ids as bytes.
+FORMAT_VERSION = "4"
+READABLE_VERSIONS = ("1", "2", "3", "4")
 
 
 def _default_model() -> GPTConfig:
@@ -90,6 +93,8 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     val_fraction: float = 0.1  # share of a text held out for validation (its end)
+    tokenizer: str = "byte"  # byte (UTF-8 bytes, vocab 256) | bpe (trained on the training split; <bos> starts windows)
+    bpe_vocab_size: int = 4096  # --tokenizer=bpe: tokens in the vocabulary, <bos> and the 256 bytes included
     va_vars: int = 8  # varassign: number of variables
     va_assign: int = 24  # varassign: assignments per example
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
@@ -184,6 +189,12 @@ def _check_values(values: Mapping[str, object]) -> None:
     need(is_real(v["val_fraction"]) and 0 < v["val_fraction"] < 1, "val_fraction", "in (0, 1): training evaluates")
     for name in ("resume", "progress", "allow_config_change"):
         need(isinstance(v[name], bool), name, "true or false")
+    need(v["tokenizer"] in ("byte", "bpe"), "tokenizer", "byte or bpe")
+    need(is_int(v["bpe_vocab_size"]) and v["bpe_vocab_size"] >= 257, "bpe_vocab_size",
+         "an int >= 257 (<bos> and the 256 bytes)")  # fmt: skip
+    if v["tokenizer"] == "bpe" and v["data"] == "varassign":
+        raise ValueError("--tokenizer=bpe does not apply to --data=varassign: the task has its own character "
+                         "vocabulary; omit --tokenizer.")  # fmt: skip
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -208,9 +219,13 @@ def parse_overrides(args: Sequence[str], base: TrainConfig | None = None) -> Tra
 # --- data --------------------------------------------------------------------------------------------
 class Task:
     """A uniform face over text corpora and the variable-assignment task: training batches, validation
-    batches, and the tokenizer's ``vocab_size`` (which the model's is set to)."""
+    batches, the tokenizer and its ``vocab_size`` (which the model's is set to).
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    ``tokenizer``: the one to use (a checkpoint's, ``meta["tokenizer"]``); default: the one ``cfg`` asks for,
+    for ``--tokenizer=bpe`` trained here on the training split of ``cfg.data`` (a line on stderr if
+    ``verbose`` and the text is large). Varassign is always byte level (its own character vocabulary)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer=None, *, verbose: bool = False) -> None:
         from . import data
 
         self.cfg = cfg
@@ -220,13 +235,23 @@ class Task:
             kw = dict(n_vars=cfg.va_vars, n_assign=cfg.va_assign)
             self.train_task = data.VariableAssignment(seed=cfg.seed, **kw)
             self.val_task = data.VariableAssignment(seed=cfg.seed + 10_000, **kw)  # another stream
+            if tokenizer is not None and tokenizer.kind != "byte":
+                raise ValueError(f"--data=varassign is byte level, but the model's tokenizer is {tokenizer!r}.")
+            self.tokenizer = data.ByteTokenizer()
             self.vocab_size = self.train_task.vocab_size
             T = self.train_task.seq_len
             if T > self.context_len:
                 raise ValueError(f"varassign examples are {T} tokens; set --context_len >= {T}.")
         else:
-            self.text = data.TextData.from_name(cfg.data, val_fraction=cfg.val_fraction)
-            self.vocab_size = data.ByteTokenizer.vocab_size
+            text = data.load_text(cfg.data)
+            if tokenizer is None and cfg.tokenizer == "bpe":
+                train_text, _ = data.split_text(text, cfg.val_fraction)  # the training split only
+                name = f"the training split of {cfg.data!r}"
+                tokenizer = data.train_bpe(train_text, cfg.bpe_vocab_size, name=name, verbose=verbose)
+            self.tokenizer = tokenizer if tokenizer is not None else data.ByteTokenizer()
+            self.text = data.TextData.from_text(text, cfg.val_fraction, self.tokenizer)
+            self.text.source = cfg.data
+            self.vocab_size = self.tokenizer.vocab_size
 
     def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.varassign:
@@ -324,12 +349,17 @@ def _to_json(obj, what: str) -> str:
                          f"lists, dicts).") from None  # fmt: skip
 
 
-def save_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, **extra) -> None:
+def save_checkpoint(
+    path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, tokenizer=None, **extra
+) -> None:
     """``model.state_dict()``, ``opt.state_dict()`` and the RNG states in one safetensors file (format
     ``FORMAT_VERSION``): every tensor in the file, the rest (configs, the optimizer's param_groups and non-tensor
-    state, ``extra`` such as the history) as JSON metadata, with a sha256 of the tensors. Written to a temp file,
-    fsynced and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    state, the tokenizer (default: bytes; a BPE one as its JSON with a sha256), ``extra`` such as the history) as
+    JSON metadata, with a sha256 of the tensors. Written to a temp file, fsynced and renamed, so a crash mid-write
+    leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
+
+    from .data import ByteTokenizer
 
     model_state, aliases = _untie(model.state_dict())
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
@@ -351,6 +381,7 @@ def save_checkpoint(path: Path, model: GPT, opt: torch.optim.Optimizer, step: in
         "model_config": _to_json(dataclasses.asdict(model.config), "GPTConfig (its extra)"),
         "optimizer": _to_json({"param_groups": opt_state["param_groups"], "state": opt_values}, "the optimizer"),
         "aliases": json.dumps(aliases),
+        "tokenizer": json.dumps((tokenizer if tokenizer is not None else ByteTokenizer()).to_dict()),
         "extra": _to_json(extra, "the run's extra state"),
         "checksum": "sha256:" + tensors_checksum(tensors),
     }
@@ -438,12 +469,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             # formats 1-2: one parameter group's state as optim.{i}.{name}; lm_head.weight tied, not stored
             "optimizer": None if legacy else json.loads(raw["optimizer"]),
             "aliases": {"lm_head.weight": "tok_emb.weight"} if legacy else json.loads(raw["aliases"]),
+            # formats 1-3 (no tokenizer stored): byte level
+            "tokenizer": json.loads(raw["tokenizer"]) if "tokenizer" in raw else None,
         }
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
             f"checkpoint of format {version}; delete it, or start over with --resume=false."
         ) from None
+    meta["tokenizer"] = _stored_tokenizer(meta["tokenizer"], path)
     checksum = raw.get("checksum")
     if checksum is None:
         warnings.warn(
@@ -457,6 +491,27 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"corruption); restore it from a copy, or delete it and start over with --resume=false."
         )
     return tensors, meta
+
+
+def _stored_tokenizer(stored, path: Path):
+    """The tokenizer object of a checkpoint's "tokenizer" entry (None: byte level), or a CheckpointError."""
+    from .data import tokenizer_from_dict
+
+    try:
+        return tokenizer_from_dict(stored)
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds a tokenizer this code cannot use: {e} Restore the checkpoint from a copy, "
+            f"or retrain it."
+        ) from None
+
+
+def _check_tokenizer_fits(tokenizer, config: GPTConfig, path) -> None:
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {path}'s tokenizer ({tokenizer!r}, {tokenizer.vocab_size} tokens) does not fit its model "
+            f"(vocab_size={config.vocab_size}): the checkpoint is damaged or was edited."
+        )
 
 
 def model_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
@@ -514,12 +569,14 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the trained model of a checkpoint (eval mode), of any readable format version."""
+    """Rebuild the trained model of a checkpoint (eval mode), of any readable format version; its tokenizer is
+    ``meta["tokenizer"]`` (a ``ByteTokenizer`` for checkpoints from before tokenizers were stored)."""
     tensors, meta = load_checkpoint(path)
     try:
         config = gpt_config_from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} holds a model config this code refuses: {e}") from None
+    _check_tokenizer_fits(meta["tokenizer"], config, path)
     model = GPT(config)
     _load_model_state(model, model_state(tensors, meta), path)
     return model.to(device).eval(), meta
@@ -598,6 +655,23 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
         print(f"note: resuming {path} with a changed config: {diff}", file=sys.stderr)
 
 
+def _check_tokenizer_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
+    """Refuse to resume with another tokenizer, even with --allow_config_change: the model's embeddings are the
+    checkpoint's tokens. A stored config without the fields (written before them) was byte level."""
+    kind, size = stored.get("tokenizer", "byte"), stored.get("bpe_vocab_size", TrainConfig.bpe_vocab_size)
+    if kind != cfg.tokenizer or (kind == "bpe" and size != cfg.bpe_vocab_size):
+
+        def spell(kind: str, size: int) -> str:
+            return "--tokenizer=byte" if kind == "byte" else f"--tokenizer=bpe --bpe_vocab_size={size}"
+
+        was, now = spell(kind, size), spell(cfg.tokenizer, cfg.bpe_vocab_size)
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {was}, this run asks for {now}: a run cannot change its tokenizer "
+            f"(the model's embeddings are its tokens), not even with --allow_config_change; use the checkpoint's "
+            f"options, another --out_dir, or --resume=false."
+        )
+
+
 def _grad_norm(model: GPT, grad_clip: float) -> Tensor:
     """The total gradient norm (before clipping), clipping to ``grad_clip`` when it is > 0."""
     if grad_clip > 0:
@@ -637,18 +711,23 @@ def main(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ckpt_path = out_dir / CKPT_NAME
     torch.manual_seed(cfg.seed)
-    task = Task(cfg)
+    resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    if resumed is not None:  # the model's token ids are its checkpoint's tokenizer's: resume with that one
+        _check_tokenizer_config(cfg, resumed[1]["train_config"], ckpt_path)
+    stored_tokenizer = resumed[1]["tokenizer"] if resumed is not None else None
+    task = Task(cfg, tokenizer=stored_tokenizer, verbose=cfg.progress and main_proc)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
     model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     start, history, last_ckpt = 0, [], None
-    if cfg.resume and ckpt_path.exists():
-        tensors, meta = load_checkpoint(ckpt_path)
+    if resumed is not None:
+        tensors, meta = resumed
         try:
             stored = gpt_config_from_dict(meta["model_config"])
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} holds a model config this code refuses: {e}") from None
+        _check_tokenizer_fits(task.tokenizer, stored, ckpt_path)
         diff = _model_diff(stored, model.config)
         if diff:
             raise CheckpointError(
@@ -713,7 +792,9 @@ def main(cfg: TrainConfig) -> dict:
                 if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
                     # a finite step whose update overflowed: the next forward would catch it, after this save
                     raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN")
-                save_checkpoint(ckpt_path, model, opt, step + 1, cfg, data_rng=data_gen.get_state(), history=history)
+                save_checkpoint(
+                    ckpt_path, model, opt, step + 1, cfg, task.tokenizer, data_rng=data_gen.get_state(), history=history
+                )
                 last_ckpt = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **(
