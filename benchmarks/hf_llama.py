@@ -1,0 +1,138 @@
+"""A Hugging Face Llama-style model with attn_implementation="selective" vs "sdpa": training and decoding.
+
+The model is the hf-demo's size (4 layers, hidden 256, 8 query heads and 2 key/value heads of 32,
+MLP 688, byte vocabulary; untrained: speed and memory do not depend on the weights), fp32 on CPU.
+
+* **Training**: one AdamW step (forward, backward, optimizer) on a batch of ``--batch`` windows of
+  ``--contexts`` tokens, "selective" (the paper's F in every layer, through the chunked backend) and
+  "sdpa" (HF's standard attention) taking turns; tokens/s and the median per-round ratio.
+* **Decoding** at context ``--decode-context``: the prompt is read, then ``--steps`` tokens are decoded
+  one at a time, timing each model call, for (a) "sdpa" with HF's default ``DynamicCache``,
+  (b) "selective" with ``SelectiveCache()`` (no budget: exact), (c) "selective" with
+  ``SelectiveCache(budget=64)``. They take turns in bursts; per-token time is the median. KV bytes
+  count every key/value slot held after the prompt (a budget b holds b slots per layer).
+
+    python benchmarks/hf_llama.py [--contexts 256 1024] [--batch 4] [--decode-context 2048] [--steps 48]
+
+Writes results/hf_llama.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from common import interleaved, median_ratio, write
+
+try:
+    import transformers
+except ImportError:
+    sys.exit("this benchmark needs transformers: pip install -e '.[hf]'")
+
+import selective_attention.hf as sa_hf
+
+
+def build(impl: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=8192, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    sa_hf.configure(cfg)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+
+
+def train_step_fn(model, ids):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kv_bytes(cache) -> int:
+    if isinstance(cache, sa_hf.SelectiveCache):
+        return cache.kv_bytes()
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+@torch.no_grad()
+def decode_times(models: dict, caches: dict, prompt: torch.Tensor, steps: int, burst: int = 4, warmup: int = 4):
+    """Per-token times of each (model, cache), taking turns ``burst`` tokens at a time."""
+    nxt = {}
+    for name, model in models.items():
+        out = model(prompt, cache=caches[name], use_cache=True)
+        nxt[name] = out.logits[:, -1:].argmax(-1)
+        for _ in range(warmup):
+            nxt[name] = model(nxt[name], cache=caches[name], use_cache=True).logits[:, -1:].argmax(-1)
+    times = {name: [] for name in models}
+    for _ in range(0, steps, burst):
+        for name, model in models.items():
+            for n in range(burst):
+                t0 = time.perf_counter()
+                nxt[name] = model(nxt[name], cache=caches[name], use_cache=True).logits[:, -1:].argmax(-1)
+                if n:  # the first token of a turn pays for the other model's data in the caches
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode-context", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=48)
+    args = ap.parse_args()
+    sa_hf.register()
+    sel, std = build("selective").train(), build("sdpa").train()
+    rows = []
+    for L in args.contexts:
+        ids = torch.randint(0, 256, (args.batch, L), generator=torch.Generator().manual_seed(L))
+        t = interleaved({"selective": train_step_fn(sel, ids), "sdpa": train_step_fn(std, ids)}, args.repeats, 1)
+        tok = args.batch * L
+        rows.append({
+            "measure": f"training step, ctx {L}, batch {args.batch}",
+            "sdpa": f"{tok / statistics.median(t['sdpa']):,.0f} tok/s",
+            "selective": f"{tok / statistics.median(t['selective']):,.0f} tok/s",
+            "ratio": f"{1 / median_ratio(t, 'selective', 'sdpa'):.2f}x throughput",
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    L = args.decode_context
+    prompt = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(0))
+    models = {"sdpa": build("sdpa").eval(), "full": build("selective").eval(), "pruned": build("selective").eval()}
+    caches = {
+        "sdpa": transformers.DynamicCache(config=models["sdpa"].config),
+        "full": sa_hf.SelectiveCache(),
+        "pruned": sa_hf.SelectiveCache(budget=args.budget),
+    }
+    times = decode_times(models, caches, prompt, args.steps)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    kv = {k: kv_bytes(c) for k, c in caches.items()}
+    for name, label in [("sdpa", "sdpa + DynamicCache"), ("full", "selective + SelectiveCache()")]:
+        rows.append({
+            "measure": f"decode at ctx {L}: SelectiveCache(budget={args.budget}) vs {label}",
+            "sdpa": f"{ms[name]:.2f} ms/token, KV {kv[name] / 2**20:.2f} MiB",
+            "selective": f"{ms['pruned']:.2f} ms/token, KV {kv['pruned'] / 2**20:.3f} MiB",
+            "ratio": f"{ms['pruned'] / ms[name]:.2f}x time, {kv['pruned'] / kv[name]:.4f}x KV",
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    md = write(
+        "hf_llama",
+        rows,
+        ["measure", "sdpa", "selective", "ratio"],
+        "HF Llama-style model (4 layers, hidden 256, 8 q / 2 kv heads), selective vs baseline, fp32 CPU",
+    )
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
