@@ -28,11 +28,17 @@ class SelectiveAttention(nn.Module):
             parameters).
         bias: whether the projections have a bias.
         backend: see :func:`selective_attention.functional.selective_attention`.
+        n_kv_heads: key/value heads for grouped-query attention (``None``: ``n_heads``, multi-head);
+            must divide ``n_heads``. ``k_proj``, ``v_proj`` then give ``n_kv_heads * d_k`` features and
+            query head h reads key/value head ``h // (n_heads // n_kv_heads)`` (1: multi-query). With
+            ``selection``, a voting head h votes with its own key head (the paper's head 0 with key
+            head 0); a dedicated voting pair keeps ``d_model -> G * d_k``.
         selection_head, selection_per_head, selection_projection: deprecated aliases of the
             :class:`~selective_attention.selection.Selection` fields (with ``selection=True``).
 
     Attributes:
-        q_proj, k_proj, v_proj, out_proj: ``nn.Linear(d_model, d_model)``.
+        q_proj, out_proj: ``nn.Linear(d_model, d_model)``; k_proj, v_proj: ``nn.Linear(d_model,
+        n_kv_heads * d_k)`` (``d_model`` without grouped-query attention).
 
     Example::
 
@@ -53,6 +59,7 @@ class SelectiveAttention(nn.Module):
         selection_head: int | None = None,
         selection_per_head: bool | None = None,
         selection_projection: bool | None = None,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(d_model, int) or d_model <= 0:
@@ -64,6 +71,16 @@ class SelectiveAttention(nn.Module):
                 f"d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
                 f"e.g. n_heads in {[h for h in range(1, min(d_model, 64) + 1) if d_model % h == 0]}."
             )
+        if n_kv_heads is None:
+            n_kv_heads = n_heads
+        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
+            raise ValueError(f"n_kv_heads must be a positive int dividing n_heads, or None; got {n_kv_heads!r}.")
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}) (grouped-query attention: each key/value "
+                f"head serves n_heads // n_kv_heads query heads); e.g. n_kv_heads in "
+                f"{[h for h in range(1, n_heads + 1) if n_heads % h == 0]}."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         if backend not in BACKENDS:
@@ -73,13 +90,14 @@ class SelectiveAttention(nn.Module):
             sel.validate(n_heads)
         self.d_model = d_model
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
         self.d_k = d_model // n_heads
         self.dropout = dropout
         self.backend: Backend = backend
         self.selection: Selection | None = sel  # None: standard attention
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.d_k, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.d_k, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.sel_q_proj: nn.Linear | None = None
         self.sel_k_proj: nn.Linear | None = None
@@ -90,6 +108,8 @@ class SelectiveAttention(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+        if self.n_kv_heads != self.n_heads:
+            s += f", n_kv_heads={self.n_kv_heads}"
         if self.selection is not None:
             who = "per_head" if self.selection.per_head else f"head={self.selection.head}"
             s += f", selection=True ({who}{', projection' if self.selection.projection else ''})"
@@ -149,7 +169,7 @@ class SelectiveAttention(nn.Module):
 
     def _heads(self, x: Tensor) -> Tensor:
         B, L, C = x.shape
-        return x.view(B, L, C // self.d_k, self.d_k).transpose(1, 2)  # [B, H (or G), L, d_k]
+        return x.view(B, L, C // self.d_k, self.d_k).transpose(1, 2)  # [B, H (or Hkv, or G), L, d_k]
 
     def _projected(self, Q: Tensor, K: Tensor) -> tuple[Tensor, Tensor] | None:
         """The dedicated voting pair ``[B, G, L, d_k]`` of ``Selection(projection=True)``, else None."""
@@ -159,7 +179,8 @@ class SelectiveAttention(nn.Module):
 
     def selection_penalty(self, Q: Tensor, K: Tensor | None = None) -> Tensor:
         """The F this layer computes for the sequence ``Q`` (``K`` defaults to ``Q``): ``[B, G, L, L]``,
-        G = 1, or H with ``Selection(per_head=True)``. Materialises F: for inspection and plots."""
+        G = 1, or H with ``Selection(per_head=True)`` (query head h against its key head under grouped-query
+        attention). Materialises F: for inspection and plots."""
         if self.selection is None:
             raise ValueError("selection_penalty needs a layer built with selection=True (or a Selection).")
         K = Q if K is None else K
@@ -195,10 +216,10 @@ class SelectiveAttention(nn.Module):
         self._check_inputs(Q, K, V)
         B, Lq, _ = Q.shape
         q = self._heads(self.q_proj(Q))  # [B, H, Lq, d_k]
-        k = self._heads(self.k_proj(K))  # [B, H, Lk, d_k]
-        v = self._heads(self.v_proj(V))  # [B, H, Lk, d_k]
+        k = self._heads(self.k_proj(K))  # [B, Hkv, Lk, d_k]
+        v = self._heads(self.v_proj(V))  # [B, Hkv, Lk, d_k]
         p = self.dropout if self.training else 0.0
-        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask)
+        kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, enable_gqa=self.n_kv_heads != self.n_heads)
         if self.selection is not None:
             kw.update(selection=self.selection, selection_qk=self._projected(Q, K))
         out = selective_attention(q, k, v, selective_mask, dropout_p=p, backend=self.backend, **kw)  # [B, H, Lq, d_k]

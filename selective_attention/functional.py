@@ -19,7 +19,7 @@ Backend = Literal["auto", "triton", "chunked", "sdpa", "naive"]
 BACKENDS = NAMES  # "auto", then the backends in the order "auto" tries them
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -34,8 +34,25 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
-        raise ValueError(f"q, k, v must share [B, H]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be True or False, got {enable_gqa!r}.")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must share [B, H] (H up to enable_gqa=True); the batch sizes differ: {shapes}.")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads; got {shapes}.")
+    H, Hkv = q.shape[1], k.shape[1]
+    if H != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"q has H={H} heads but k, v have {Hkv}; pass enable_gqa=True for grouped-query attention "
+                f"(k, v with Hkv heads, H % Hkv == 0), or give k, v H heads too. Got {shapes}."
+            )
+        if Hkv == 0 or H % Hkv:
+            raise ValueError(
+                f"enable_gqa=True needs the query heads H={H} to be a multiple of the key/value heads "
+                f"Hkv={Hkv} (query head h reads key/value head h // (H // Hkv)); got {shapes}."
+            )
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}.")
     if q.shape[-1] != k.shape[-1]:
@@ -58,9 +75,10 @@ def _request(
     memory_tau: float | None = None,
     selection_head: int | None = None,
     selection_per_head: bool | None = None,
+    enable_gqa: bool = False,
 ) -> Request:
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
     if scale is None:
@@ -105,13 +123,14 @@ def selective_attention(
     memory_tau: float | None = None,
     selection_head: int | None = None,
     selection_per_head: bool | None = None,
+    enable_gqa: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head selective attention ``softmax(q k^T * scale - F) v``.
 
     Args:
         q: ``[B, H, Lq, D]`` queries.
-        k: ``[B, H, Lk, D]`` keys.
-        v: ``[B, H, Lk, Dv]`` values.
+        k: ``[B, H, Lk, D]`` keys (``[B, Hkv, Lk, D]`` with ``enable_gqa``).
+        v: ``[B, H, Lk, Dv]`` values (``[B, Hkv, Lk, Dv]`` with ``enable_gqa``).
         selective_mask: ``None``, bool (True = key removed) or float F (finite values are
             *subtracted* from the scaled logits; +inf or -inf removes the key). 2-D ``(Lq, Lk)`` or
             4-D ``(B|1, H|1, Lq, Lk)``. Example, ``Lq = Lk = 3``, float F::
@@ -155,6 +174,12 @@ def selective_attention(
         selection_head, selection_per_head: deprecated aliases of ``Selection(head=...)`` and
             ``Selection(per_head=...)`` (with ``selection=True``); a ``DeprecationWarning`` says what to
             pass instead. So is ``selection=True`` with ``selection_qk`` (``Selection(projection=True)``).
+        enable_gqa: grouped-query attention, as in ``F.scaled_dot_product_attention``: ``k``, ``v`` have
+            ``Hkv`` heads, ``H % Hkv == 0``, and query head h reads key/value head ``h // (H // Hkv)``
+            (no backend repeats the keys except the naive spec). In paper mode a voting query head h
+            votes with key head ``h // (H // Hkv)`` (the paper's head 0 with key head 0); masks and a
+            dedicated ``selection_qk`` pair keep their shapes (H query heads). Without it, ``Hkv != H``
+            is an error.
 
     Returns:
         ``[B, H, Lq, Dv]`` (and the ``[B, G, L]`` masked counts when ``memory_tau`` is given). A query
@@ -166,7 +191,7 @@ def selective_attention(
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,
-        selection_head=selection_head, selection_per_head=selection_per_head,
+        selection_head=selection_head, selection_per_head=selection_per_head, enable_gqa=enable_gqa,
     )  # fmt: skip
     out, rows = dispatch(backend, req)
     return out if memory_tau is None else (out, rows)
@@ -184,13 +209,14 @@ def attention_weights(
     scale: float | None = None,
     selection_head: int | None = None,
     selection_per_head: bool | None = None,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
-    uses, for inspection and plots. Same mask and selection arguments; rows with every key removed
-    are 0."""
+    uses, for inspection and plots: ``q`` ``[B, H, Lq, D]``, ``k`` ``[B, H, Lk, D]`` (``[B, Hkv, Lk, D]``
+    with ``enable_gqa``). Same mask and selection arguments; rows with every key removed are 0."""
     req = _request(
         q, k, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=0.0, scale=scale, selection_head=selection_head,
-        selection_per_head=selection_per_head,
+        selection_per_head=selection_per_head, enable_gqa=enable_gqa,
     )  # fmt: skip
     return naive.weights(req)

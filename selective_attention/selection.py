@@ -35,6 +35,8 @@ __all__ = [
     "vote_mask",
     "votable_keys",
     "exclusive_cumsum",
+    "grouped_matmul",
+    "kv_heads",
 ]
 
 
@@ -93,17 +95,21 @@ class Selection:
         return n_heads if self.per_head else 1
 
     def voters(self, q: Tensor, k: Tensor, projected: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """The queries and keys whose logits vote, ``[B, G, L, D]`` each, from the layer's ``q, k``
-        ``[B, H, L, D]`` (or, with ``projection``, the dedicated pair ``projected``)."""
+        """The queries and keys whose logits vote, from the layer's ``q`` ``[B, H, L, D]`` and ``k``
+        ``[B, Hkv, L, D]`` (or, with ``projection``, the dedicated pair ``projected``): ``qs``
+        ``[B, G, L, D]`` and ``ks`` ``[B, Gk, L, D]``, where query head h pairs with key head
+        ``h // (H // Hkv)`` (grouped-query attention), so ``Gk = G`` except with ``per_head`` and
+        ``Hkv < H`` (``Gk = Hkv``: keys are not repeated; :func:`grouped_matmul` reads them)."""
         if self.projection:
             if projected is None:
                 raise ValueError(
                     "Selection(projection=True) votes with a dedicated (qs, ks) pair; pass it as projected."
                 )
             return projected
-        if self.per_head:
+        if self.per_head and q.shape[1] == k.shape[1]:
             return q, k
-        return q[:, self.head : self.head + 1], k[:, self.head : self.head + 1]
+        heads = self.heads
+        return q[:, heads], k[:, kv_heads(heads, q.shape[1], k.shape[1])]
 
     def bind(self, q: Tensor, k: Tensor, projected: tuple[Tensor, Tensor] | None = None, *, scale: float) -> Voters:
         """Validate this selection against one call's ``q, k`` ``[B, H, L, D]`` (and, with ``projection``,
@@ -168,8 +174,51 @@ class Voters:
             raise ValueError("Voters takes either heads (a slice of the layer's heads) or both qs and ks.")
 
     def tensors(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``(qs, ks)`` ``[B, G, L, Ds]``: the heads of ``q, k``, or the dedicated pair."""
-        return (q[:, self.heads], k[:, self.heads]) if self.heads is not None else (self.qs, self.ks)
+        """``(qs, ks)``: the voting heads of ``q`` ``[B, H, L, D]`` and of ``k`` ``[B, Hkv, L, D]`` (query head
+        h with key head ``h // (H // Hkv)``: ``qs`` ``[B, G, L, D]``, ``ks`` ``[B, Gk, L, D]``, Gk = Hkv for
+        every head voting under grouped-query attention, else G), or the dedicated pair ``[B, G, L, Ds]``."""
+        if self.heads is None:
+            return self.qs, self.ks
+        return q[:, self.heads], k[:, self.kv_heads(q.shape[1], k.shape[1])]
+
+    def kv_heads(self, n_heads: int, n_kv_heads: int) -> slice:
+        """The key/value heads that the voting query heads read, as a slice of ``k``'s head axis (needs ``heads``)."""
+        if self.heads is None:
+            raise ValueError("a dedicated voting pair (qs, ks) has no key/value heads of the layer.")
+        return kv_heads(self.heads, n_heads, n_kv_heads)
+
+
+def kv_heads(heads: slice, n_heads: int, n_kv_heads: int) -> slice:
+    """The key/value heads read by the query heads ``heads`` (``slice(h, h + 1)`` or every head,
+    ``slice(None)``) of a layer with ``n_heads`` query and ``n_kv_heads`` key/value heads: query head h
+    reads key head ``h // (n_heads // n_kv_heads)``, so ``slice(h // g, h // g + 1)``, or every key head."""
+    chosen = range(*heads.indices(n_heads))
+    if n_kv_heads == n_heads or len(chosen) == n_heads:
+        return heads if n_kv_heads == n_heads else slice(None)
+    if len(chosen) != 1:
+        raise ValueError(f"heads must be one query head (slice(h, h + 1)) or all {n_heads}; got {heads}.")
+    h = chosen[0] // (n_heads // n_kv_heads)
+    return slice(h, h + 1)
+
+
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` per head, for grouped-query attention: ``a`` ``[..., G, M, K]`` and ``b`` ``[..., Gk, K, N]``
+    with ``G = g * Gk``; head i of ``a`` multiplies head ``i // g`` of ``b``. Returns ``[..., G, M, N]``.
+
+    ``b`` is never repeated: the g heads of ``a`` that share a head of ``b`` are stacked along M (a copy
+    of ``a`` when it is not contiguous there), ``[..., Gk, g * M, K] @ [..., Gk, K, N]``, and the
+    result is a view. ``Gk == G`` is a plain ``torch.matmul``."""
+    if a.dim() < 3 or b.dim() < 3 or a.shape[-3] == b.shape[-3]:
+        return torch.matmul(a, b)
+    G, Gk = a.shape[-3], b.shape[-3]
+    if a.dim() != b.dim():  # broadcasting over leading dims: torch.matmul's own rule
+        return torch.matmul(a, b)
+        return torch.matmul(a, b)
+    if Gk == 0 or G % Gk:
+        raise ValueError(f"grouped_matmul: {G} heads of a cannot be grouped over {Gk} heads of b.")
+    M, K = a.shape[-2:]
+    out = torch.matmul(a.reshape(*a.shape[:-3], Gk, (G // Gk) * M, K), b)  # [..., Gk, g*M, N]
+    return out.view(*a.shape[:-3], G, M, out.shape[-1])
 
 
 def _groups_of(pair: object) -> int | None:
@@ -291,7 +340,8 @@ def selection_scores(
 
     Args:
         qs: ``[..., Lq, Ds]`` the selecting queries (rows are tokens ``offset ..``).
-        ks: ``[..., Lk, Ds]`` the keys (tokens ``0 .. Lk - 1``).
+        ks: ``[..., Lk, Ds]`` the keys (tokens ``0 .. Lk - 1``); or, grouped-query attention, ``ks``
+            ``[..., Gk, Lk, Ds]`` against ``qs`` ``[..., G, Lq, Ds]``: query head i with key head ``i // (G // Gk)``.
         scale: default ``1 / sqrt(Ds)``.
         key_padding_mask: bool ``(B, Lk)``, True = padding; then qs, ks are ``[B, ..., L, Ds]``, padding
             neither votes nor is voted on, and each sequence's first real token is the protected one.
@@ -301,7 +351,7 @@ def selection_scores(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(qs.shape[-1])
-    logits = torch.matmul(qs, ks.transpose(-2, -1)) * scale
+    logits = grouped_matmul(qs, ks.transpose(-2, -1)) * scale
     Lq, Lk = qs.shape[-2], ks.shape[-2]
     allowed = vote_mask(Lq, Lk, offset=offset, device=qs.device, key_padding_mask=key_padding_mask)
     if key_padding_mask is not None:
@@ -321,7 +371,8 @@ def selection_penalty(
 
     Args:
         q0: ``[B, L, D]`` (or any ``[..., L, D]``) queries of the selecting head.
-        k0: same shape, its keys.
+        k0: same shape, its keys; or, for grouped-query heads, ``[B, Gk, L, D]`` against ``q0``
+            ``[B, G, L, D]`` (``G % Gk == 0``; query head i with key head ``i // (G // Gk)``).
         scale: logit scale, default ``1 / sqrt(D)``.
         key_padding_mask: bool ``(B, L)``, True = padding (q0, k0 then ``[B, ..., L, D]``): padding
             neither votes nor is voted on, and the protected token is each sequence's first real one.
@@ -336,10 +387,22 @@ def selection_penalty(
         F = selection_penalty(q[:, 0], k[:, 0])     # head 0 of q, k: [B, H, L, D]
         masked = F > 1.0                            # (query, key) pairs down-weighted by > e
     """
-    if q0.shape != k0.shape:
-        raise ValueError(f"q0 and k0 must have the same shape [..., L, D]; got {tuple(q0.shape)}, {tuple(k0.shape)}.")
+    grouped = (
+        q0.dim() == k0.dim() == 4
+        and (q0.shape[0], *q0.shape[2:]) == (k0.shape[0], *k0.shape[2:])
+        and _divides(k0.shape[1], q0.shape[1])
+    )
+    if q0.shape != k0.shape and not grouped:
+        raise ValueError(
+            f"q0 and k0 must have the same shape [..., L, D] (or [B, G, L, D] and [B, Gk, L, D] with G % Gk == 0, "
+            f"grouped-query heads); got {tuple(q0.shape)}, {tuple(k0.shape)}."
+        )
     S = selection_scores(q0, k0, scale=scale, key_padding_mask=key_padding_mask)  # [..., L, L]
     return exclusive_cumsum(S, dim=-2)  # row i sums the votes of rows k < i
+
+
+def _divides(a: int, b: int) -> bool:
+    return a > 0 and b % a == 0
 
 
 def exclusive_cumsum(x: Tensor, dim: int) -> Tensor:

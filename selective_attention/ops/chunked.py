@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..selection import Voters, votable_keys
+from ..selection import Voters, grouped_matmul, kv_heads, votable_keys
 from . import naive
 
 if TYPE_CHECKING:
@@ -50,17 +50,18 @@ def _has_cpu_flash() -> bool:
 
 
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k ``[B,H,n,D]``,
-    v ``[B,H,n,Dv]``, bias ``[B, 1|H, C, n]`` -> out ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at
-    least one key. PyTorch's fused CPU kernel needs ``Dv == D``; other shapes take the plain kernel."""
+    """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k ``[B,Hkv,n,D]``,
+    v ``[B,Hkv,n,Dv]`` (query head h reads kv head ``h // (H // Hkv)``), bias ``[B, 1|H, C, n]`` -> out
+    ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key. PyTorch's fused CPU kernel (which
+    reads grouped kv heads itself) needs ``Dv == D``; other shapes take the plain kernel."""
     if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _has_cpu_flash():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
         return out, lse
-    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)  # [B, H, C, n]
+    logits = grouped_matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)  # [B, H, C, n]
     lse = torch.logsumexp(logits, dim=-1)
-    return torch.matmul(torch.exp(logits - lse[..., None]), v), lse
+    return grouped_matmul(torch.exp(logits - lse[..., None]), v), lse
 
 
 _LOG2_TINY = {
@@ -72,12 +73,14 @@ _LOG2_TINY = {
 class _VoteOperands:
     """What every chunk's votes need, built once per call (and again in backward, bit for bit).
 
-    ``qn = -qs * sel_scale``, so ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and
-    scaled (the bias is ``-F``); key 0 is zeroed, so its votes are ``relu(0) = 0`` (the first token is
-    never masked) with no per-chunk masking. With ``pad`` (bool ``[B, L]``, True = padding) the same
-    zeroing keeps padding out of the votes (its qn and ks rows) and protects each sequence's first
-    real token (its ks row): O(B L), no mask of size L x L. ``no_vote``: j >= k inside a chunk's
-    diagonal block (itself and the future); ``future``: j > k."""
+    ``qn = -qs * sel_scale`` ``[B, G, L, Ds]`` and ``ks`` ``[B, Gk, L, Ds]`` (``Gk < G`` when every head
+    of a grouped-query layer votes: head i with key head ``i // (G // Gk)``, never repeated), so
+    ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and scaled (the bias is ``-F``);
+    key 0 is zeroed, so its votes are ``relu(0) = 0`` (the first token is never masked) with no
+    per-chunk masking. With ``pad`` (bool ``[B, L]``, True = padding) the same zeroing keeps padding
+    out of the votes (its qn and ks rows) and protects each sequence's first real token (its ks row):
+    O(B L), no mask of size L x L. ``no_vote``: j >= k inside a chunk's diagonal block (itself and
+    the future); ``future``: j > k."""
 
     def __init__(self, qs: Tensor, ks: Tensor, sel_scale: float, chunk: int, pad: Tensor | None = None) -> None:
         self.qn = qs * -sel_scale
@@ -119,7 +122,7 @@ def _chunk_bias(
     C = i1 - i0
     # -S; finite voters can still overflow to -inf: clamped to -max, so that 0 * vote stays 0 in the
     # row sums below (a sum of two such votes is -inf either way)
-    Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1))
+    Sn = grouped_matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1))  # ks may have G / g heads
     Sn.clamp_(min=-torch.finfo(Sn.dtype).max, max=0.0)
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
@@ -204,7 +207,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         inputs = (q, k, v, qs if heads is None else None, ks if heads is None else None, penalty)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if heads is not None:
-            qs, ks = q[:, heads], k[:, heads]
+            qs, ks = q[:, heads], k[:, kv_heads(heads, q.shape[1], k.shape[1])]
         B, H, L, _ = q.shape
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
@@ -262,26 +265,37 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             dmem = None
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, L, D = q.shape
+        Hkv = k.shape[1]
+        g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if heads is None:
             dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks)
         else:  # the voting heads: their vote gradients land straight in dq, dk
-            qs, ks, dqs, dks = q[:, heads], k[:, heads], dq[:, heads], dk[:, heads]
+            kvh = kv_heads(heads, H, Hkv)
+            qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
         G = qs.shape[1]
         vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
         want_dpen = penalty is not None and ctx.needs_input_grad[9]
         dpen = torch.zeros_like(penalty) if want_dpen else None
         dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
         delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
-        # [B*H, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
-        q3, k3, v3, do3 = (t.view(B * H, L, t.shape[-1]) for t in (q, k, v, dout))
-        dq3, dk3, dv3 = (t.view(B * H, L, t.shape[-1]) for t in (dq, dk, dv))
+        # The g query heads of one kv head are one GEMM operand: per chunk, their rows stacked head after
+        # head, [B*Hkv, g*C, .] (a copy of the chunk's rows when g > 1, a view when g = 1), so keys and
+        # values are never repeated and dk, dv sum over the group inside the GEMM.
+        q5, do5, dq5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout, dq))
+        lse5 = lse.view(B, Hkv, g, L, 1) * _LOG2E
+        delta5 = delta.view(B, Hkv, g, L, 1)
+
+        def rows(t5: Tensor, i0: int, i1: int) -> Tensor:  # [B, Hkv, g, L, X] -> [B*Hkv, g*C, X]
+            return t5[:, :, :, i0:i1].reshape(B * Hkv, g * (i1 - i0), t5.shape[-1])
+
+        # [B*Hkv, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
+        k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
+        dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
         # k^T, v^T as views: per chunk their first i1 columns feed a plain bmm (a baddbmm with a broadcast
         # row term would copy that term into its output first; an extra [k, 1]^T copy would cost memory)
         kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
-        lse2 = lse.reshape(B * H, L, 1) * _LOG2E
-        delta3 = delta.reshape(B * H, L, 1)
         a = scale * _LOG2E
         # the forward's chunks (fchunk rows), last to first: their F and bias, rebuilt bit for bit from the
         # carries, then their sub-chunks of `chunk` rows, last to first, each a slice of them
@@ -297,18 +311,21 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             C = i1 - i0
             Sn, bias = Sn_f[:, :, i0 - f0 : i1 - f0, :i1], bias_f[:, :, i0 - f0 : i1 - f0, :i1]
             Fc = None if F_f is None else F_f[:, :, i0 - f0 : i1 - f0, :i1]
-            P3 = torch.bmm(q3[:, i0:i1] * a, kT[:, :, :i1]).sub_(lse2[:, i0:i1])  # logits - lse, base 2
-            P = P3.view(B, H, C, i1).add_(bias, alpha=_LOG2E)
+            qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
+            P3 = torch.bmm(qc * a, kT[:, :, :i1]).sub_(rows(lse5, i0, i1))  # logits - lse, base 2
+            # bias [B, 1|H, C, i1] against the rows [B, Hkv, g, C, i1]: a view either way
+            bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
+            P = P3.view(B, Hkv, g, C, i1).add_(bias5, alpha=_LOG2E)
             # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
             # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
             torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
-            dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), do3[:, i0:i1])
+            dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), doc)
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            dZ3 = torch.bmm(do3[:, i0:i1], vT[:, :, :i1]).sub_(delta3[:, i0:i1]).mul_(P3)
+            dZ3 = torch.bmm(doc, vT[:, :, :i1]).sub_(rows(delta5, i0, i1)).mul_(P3)
             del P, P3
-            dq3[:, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale)
-            dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), q3[:, i0:i1], alpha=scale)
-            dZ = dZ3.view(B, H, i1 - i0, i1)
+            dq5[:, :, :, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale).view(B, Hkv, g, C, D)
+            dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), qc, alpha=scale)
+            dZ = dZ3.view(B, H, C, i1)  # head h = (kv head, member) in order: a view
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, i1]
@@ -323,8 +340,14 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             dcol[:, :, :i1] += total[:, :, 0]
             # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
             dl = dS.mul_(Sn < 0)
-            dqs[:, :, i0:i1].add_(torch.matmul(dl, vt.ks[:, :, :i1]), alpha=sel_scale)
-            dks[:, :, :i1].sub_(torch.matmul(dl.transpose(-2, -1), vt.qn[:, :, i0:i1]))
+            dqs[:, :, i0:i1].add_(grouped_matmul(dl, vt.ks[:, :, :i1]), alpha=sel_scale)
+            Gk = vt.ks.shape[1]  # G, or Hkv < G when every head of a grouped-query layer votes
+            if Gk == G:
+                dks[:, :, :i1].sub_(torch.matmul(dl.transpose(-2, -1), vt.qn[:, :, i0:i1]))
+            else:  # the g voters of one key head as one GEMM: their gradients sum in it
+                dlg = dl.reshape(B, Gk, (G // Gk) * C, i1)
+                qng = vt.qn[:, :, i0:i1].reshape(B, Gk, (G // Gk) * C, vt.qn.shape[-1])
+                dks[:, :, :i1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
         if heads is not None:
             dqs = dks = None
         return dq, dk, dv, dqs, dks, None, None, None, None, dpen, None, None, None, None
@@ -391,11 +414,14 @@ def chunked_selective_attention(
     """Causal selective attention with the paper's F, exact, never building ``[B, H, L, L]``.
 
     Args:
-        q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``.
-        voters: who votes (:meth:`~selective_attention.selection.Selection.bind`): heads of ``q, k``
-            (``slice(0, 1)``: head 0, the paper; ``slice(None)``: every head its own F), whose vote
-            gradients are added into dq, dk in place, or a dedicated pair ``qs, ks`` ``[B, G, L, Ds]``
-            with G = 1 (one F shared by all heads) or G = H; gradients flow into them.
+        q: ``[B, H, L, D]``; k: ``[B, Hkv, L, D]``; v: ``[B, Hkv, L, Dv]``. ``Hkv < H`` (``H % Hkv == 0``)
+            is grouped-query attention: query head h reads key/value head ``h // (H // Hkv)``; keys and
+            values are never repeated (the group's queries share one GEMM, and dk, dv sum over it).
+        voters: who votes (:meth:`~selective_attention.selection.Selection.bind`): heads of ``q``
+            (``slice(0, 1)``: head 0, the paper; ``slice(None)``: every head its own F) with their key
+            heads of ``k``, whose vote gradients are added into dq, dk in place, or a dedicated pair
+            ``qs, ks`` ``[B, G, L, Ds]`` with G = 1 (one F shared by all heads) or G = H; gradients flow
+            into them.
         removed: bool, broadcasts to ``[B, H, L, L]``; True = key removed (on top of causal). A mask
             with one query row (``[B, 1, 1, L]``, key padding) stays that size: memory O(B L).
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.

@@ -1,7 +1,8 @@
 """The executable spec: selective attention in the clearest PyTorch, materialising everything.
 
 Every fast path is tested against this file for outputs and gradients. As a backend
-(:mod:`~selective_attention.ops.registry`) it serves every request, dropout included.
+(:mod:`~selective_attention.ops.registry`) it serves every request, dropout included. Grouped-query
+keys and values (``Hkv < H`` heads) are simply repeated to H heads (:func:`repeat_kv`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..selection import selection_penalty
 if TYPE_CHECKING:
     from .registry import Request
 
-__all__ = ["naive_attention", "naive_selective_attention", "supports", "attend", "weights"]
+__all__ = ["naive_attention", "naive_selective_attention", "repeat_kv", "supports", "attend", "weights"]
 
 
 def naive_attention(
@@ -97,9 +98,17 @@ def naive_selective_attention(
     return out, weights, F
 
 
+def repeat_kv(k: Tensor, group: int) -> Tensor:
+    """Grouped-query keys or values ``[B, Hkv, L, D]`` as ``[B, Hkv * group, L, D]``: head h of the
+    result is head ``h // group`` of ``k`` (what the spec attends to; the fast paths never build it)."""
+    return k if group == 1 else k.repeat_interleave(group, dim=1)
+
+
 def _run(req: Request) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(out, weights, F or None)`` for a request: the paper's F when it has voters."""
-    q, k, v, mask = req.q, req.k, req.v, req.mask
+    """``(out, weights, F or None)`` for a request: the paper's F when it has voters. Grouped-query
+    keys and values are repeated to H heads first (query head h reads key/value head ``h // group``)."""
+    q, mask = req.q, req.mask
+    k, v = repeat_kv(req.k, req.group), repeat_kv(req.v, req.group)
     if req.voters is None:
         removed = mask.removed_with_causal(q.shape[-2], k.shape[-2], q.device)
         out, w = naive_attention(

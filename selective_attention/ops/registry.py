@@ -31,7 +31,8 @@ class Request:
     """One validated attention call, what every backend reads.
 
     Attributes:
-        q: ``[B, H, Lq, D]``; k: ``[B, H, Lk, D]``; v: ``[B, H, Lk, Dv]``.
+        q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``: ``Hkv = H``, or fewer
+            (grouped-query attention, ``H % Hkv == 0``): query head h reads key/value head ``h // group``.
         mask: the user's masks (:class:`~selective_attention.masks.NormalizedMask`). With ``voters``
             it was built without ``is_causal``: paper mode is causal self-attention in every backend.
         scale: the attention logit scale.
@@ -51,6 +52,16 @@ class Request:
     tau: float | None = None
     dropout_p: float = 0.0
     chunk_size: int | None = None
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads ``Hkv`` (the query heads H, or fewer under grouped-query attention)."""
+        return self.k.shape[1]
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head, ``H // Hkv`` (1: standard multi-head attention)."""
+        return self.q.shape[1] // self.k.shape[1] if self.k.shape[1] else 1
 
 
 class BackendRefused(ValueError, NotImplementedError):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import NormalizedMask
-from .naive import naive_attention
+from .naive import naive_attention, repeat_kv
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -46,15 +46,22 @@ def sdpa_attention(
     """Same result as :func:`~selective_attention.ops.naive.naive_attention` (output only) with
     ``removed = mask.removed_with_causal(Lq, Lk)`` and ``penalty = mask.penalty``.
 
-    Shapes: q ``[B, H, Lq, D]``, k ``[B, H, Lk, D]``, v ``[B, H, Lk, Dv]`` -> ``[B, H, Lq, Dv]``.
+    Shapes: q ``[B, H, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]`` -> ``[B, H, Lq, Dv]``;
+    ``Hkv < H`` is grouped-query attention (SDPA's ``enable_gqa``: query head h reads kv head
+    ``h // (H // Hkv)``).
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
     removed, penalty = mask.removed_with_causal(Lq, Lk, q.device), mask.penalty
+    gqa = k.shape[1] != q.shape[1]
     if Lq == 0 or Lk == 0:
         # SDPA kernels reject empty sequences; the answer (zeros) is the spec's.
+        g = q.shape[1] // max(k.shape[1], 1)
+        k, v = repeat_kv(k, g), repeat_kv(v, g)
         return naive_attention(q, k, v, removed=removed, penalty=penalty, scale=scale)[0]
     if mask.removed is None and penalty is None and (not mask.causal or Lq == Lk):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=mask.causal, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=mask.causal, scale=scale, enable_gqa=gqa
+        )
 
     if penalty is None:
         bias = torch.zeros((), dtype=q.dtype, device=q.device)
@@ -70,7 +77,7 @@ def sdpa_attention(
         else:
             dead = None
         bias = bias.masked_fill(removed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
     return out

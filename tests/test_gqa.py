@@ -1,0 +1,237 @@
+"""Grouped-query attention (``enable_gqa``; ``n_kv_heads``; ``n_kv_head``) against the spec run on keys
+and values repeated to every query head (``repeat_interleave(g, dim=1)``): outputs and gradients.
+
+Tolerances: fp64 to 1e-10 (``helpers.TOL``), where any reordering of sums is invisible and a wrong kv
+head, group or carry misses by O(1). fp32 to 1e-5 as well, the fast path against the spec in fp32
+(not against fp64): both sum at most ~65 keys and votes of O(1) values, in another order, which
+moves results by ~1e-6; 1e-5 keeps that margin and is still five orders under a wrong head.
+The Triton kernels (interpreter) are held to 1e-4 as in tests/test_triton.py (fp32 dots in blocks).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOL
+
+from selective_attention import SelectiveAttention
+from selective_attention.functional import attention_weights, selective_attention
+from selective_attention.selection import Selection
+
+# (H, Hkv): groups of 2, 4, one kv head (multi-query) and none (multi-head)
+HEADS = [(6, 3), (8, 2), (4, 1), (4, 4)]
+SELECTIONS = {
+    "paper": Selection(),
+    "last-head": "last",  # Selection(head=H - 1): kv head Hkv - 1
+    "per-head": Selection(per_head=True),
+    "projection": Selection(projection=True),
+    "projection-per-head": Selection(projection=True, per_head=True),
+}
+
+
+def _selection(name, H):
+    sel = SELECTIONS[name]
+    return Selection(head=H - 1) if sel == "last" else sel
+
+
+def _tensors(B, H, Hkv, L, D, dtype, *, selection=None, Ds=8, seed=0):
+    """q ``[B, H, L, D]``, k, v ``[B, Hkv, L, D]`` and, for a projection, the voting pair ``[B, G, L, Ds]``."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, L, D), (B, Hkv, L, D), (B, Hkv, L, D)]
+    if selection is not None and selection.projection:
+        G = selection.n_groups(H)
+        shapes += [(B, G, L, Ds)] * 2
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def _grads(fn, tensors, seed=1):
+    """``[out, *d(out . cotangent)/d(tensors)]``, a fixed random cotangent."""
+    xs = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*xs)
+    out = out[0] if isinstance(out, tuple) else out
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    return [out.detach(), *torch.autograd.grad(out, xs, dout, allow_unused=True, materialize_grads=True)]
+
+
+def _call(backend, g, repeat=False, **kw):
+    """``fn(q, k, v[, qs, ks])``: selective_attention on ``backend``, either with grouped k, v (``enable_gqa``)
+    or, ``repeat``, with k, v repeated to H heads (the reference)."""
+
+    def fn(q, k, v, *pair):
+        if pair:
+            kw["selection_qk"] = tuple(pair)
+        if repeat:
+            return selective_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), backend=backend, **kw)
+        return selective_attention(q, k, v, enable_gqa=True, backend=backend, **kw)
+
+    return fn
+
+
+def _assert_all_close(fast, ref, dtype, names=("out", "dq", "dk", "dv", "dqs", "dks"), tol=None):
+    tol = TOL[dtype] if tol is None else tol
+    assert len(fast) == len(ref)
+    for name, a, b in zip(names, fast, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _left_padding(B, L):
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, : min(3, L - 1)] = True  # sequence 0: left padding; the others none
+    return kpm
+
+
+def _user_mask(H, L, dtype, seed=2):
+    """A float F ``(1, H, L, L)``: penalties in [0, 2) and ~15% of keys removed (+inf)."""
+    gen = torch.Generator().manual_seed(seed)
+    F = 2 * torch.rand(1, H, L, L, generator=gen, dtype=torch.float64)
+    F = F.masked_fill(torch.rand(1, H, L, L, generator=gen) < 0.15, float("inf"))
+    return F.to(dtype)
+
+
+# --- standard attention: sdpa and the spec -----------------------------------------------------------
+STANDARD = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bool-mask": "bool",
+    "float-mask-causal": "float",
+    "left-padding": "pad",
+    "dropout": dict(dropout_p=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", list(STANDARD))
+@pytest.mark.parametrize("backend", ["sdpa", "naive"])
+@pytest.mark.parametrize("H,Hkv,L,D", [(6, 3, 33, 8), (8, 2, 7, 24), (4, 1, 1, 8), (4, 4, 65, 24)])
+def test_standard_attention_matches_repeated_spec(backend, case, dtype, H, Hkv, L, D):
+    B, g = 2, H // Hkv
+    kw = STANDARD[case]
+    if kw == "bool":
+        kw = dict(selective_mask=torch.rand(L, L, generator=torch.Generator().manual_seed(3)) < 0.3)
+    elif kw == "float":
+        kw = dict(selective_mask=_user_mask(H, L, dtype), is_causal=True)
+    elif kw == "pad":
+        kw = dict(key_padding_mask=_left_padding(B, L), is_causal=True)
+    tensors = _tensors(B, H, Hkv, L, D, dtype)
+    torch.manual_seed(0)  # dropout: both draw the same mask (the same [B, H, L, L] weights are dropped)
+    fast = _grads(_call(backend, g, **kw), tensors)
+    torch.manual_seed(0)
+    ref = _grads(_call("naive", g, repeat=True, **kw), tensors)
+    _assert_all_close(fast, ref, dtype)
+
+
+def test_cross_attention_and_weights():
+    """Lq != Lk, and attention_weights with grouped keys (the weights of the repeated keys)."""
+    q = torch.randn(2, 6, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    for backend in ("sdpa", "naive"):
+        out = selective_attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+        ref = selective_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    w = attention_weights(q, k, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(w, attention_weights(q, k.repeat_interleave(3, 1), is_causal=True), rtol=0, atol=0)
+    qs = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    w = attention_weights(qs, k, selection=Selection(per_head=True), enable_gqa=True)
+    ref = attention_weights(qs, k.repeat_interleave(3, 1), selection=Selection(per_head=True))
+    torch.testing.assert_close(w, ref, rtol=0, atol=0)
+
+
+# --- paper mode: chunked (and the spec's own grouped path) -------------------------------------------
+PAPER_SHAPES = [(2, 6, 3, 33, 8), (1, 8, 2, 65, 24), (2, 4, 1, 7, 8), (1, 4, 4, 65, 8), (2, 6, 3, 1, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("sel", list(SELECTIONS))
+@pytest.mark.parametrize(
+    "B,H,Hkv,L,D", PAPER_SHAPES, ids=[f"B{b}-H{h}-Hkv{k}-L{l}-D{d}" for b, h, k, l, d in PAPER_SHAPES]
+)
+def test_paper_mode_chunked_matches_repeated_spec(B, H, Hkv, L, D, sel, dtype):
+    selection = _selection(sel, H)
+    tensors = _tensors(B, H, Hkv, L, D, dtype, selection=selection)
+    # 16-row chunks: L = 65 spans several, so the carried column sums and their mirror in backward run
+    kw = dict(selection=selection)
+    fast = _grads(_call("chunked", H // Hkv, chunk_size=16, **kw), tensors)
+    ref = _grads(_call("naive", H // Hkv, repeat=True, **kw), tensors)
+    _assert_all_close(fast, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("sel", list(SELECTIONS))
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+def test_paper_mode_with_padding_masks_and_memory_rows(backend, sel, dtype):
+    """Left key padding, a user float mask (penalties and removed keys) and the memory-loss rows."""
+    B, H, Hkv, L, D = 2, 6, 2, 37, 8
+    selection = _selection(sel, H)
+    tensors = _tensors(B, H, Hkv, L, D, dtype, selection=selection)
+    kw = dict(selection=selection, key_padding_mask=_left_padding(B, L), selective_mask=_user_mask(H, L, dtype))
+    extra = dict(chunk_size=8) if backend == "chunked" else {}
+    fn, ref_fn = _call(backend, 3, memory_tau=0.7, **extra, **kw), _call("naive", 3, repeat=True, memory_tau=0.7, **kw)
+
+    def both(fn):  # the output and the memory-loss rows, differentiated together (the loss trains through both)
+        return lambda *t: torch.cat([x.flatten() for x in fn(*t)])
+
+    _assert_all_close(_grads(both(fn), tensors), _grads(both(ref_fn), tensors), dtype)
+
+
+def test_paper_mode_dropout_on_the_spec():
+    """Paper mode with dropout runs on the spec ("auto" picks it): the same draws as with repeated k, v."""
+    tensors = _tensors(2, 6, 3, 20, 8, torch.float64)
+    torch.manual_seed(0)
+    fast = _grads(_call("auto", 2, selection=True, dropout_p=0.2), tensors)
+    torch.manual_seed(0)
+    ref = _grads(_call("naive", 2, repeat=True, selection=True, dropout_p=0.2), tensors)
+    _assert_all_close(fast, ref, torch.float64)
+
+
+# --- errors -------------------------------------------------------------------------------------------
+def test_errors_name_the_fix():
+    q, k, v = torch.randn(1, 6, 5, 8), torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        selective_attention(q, k, v)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        selective_attention(q, k, v, selection=True)
+    with pytest.raises(ValueError, match=r"H=6.*Hkv=4"):
+        selective_attention(q, torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match="same number of heads"):
+        selective_attention(q, k, torch.randn(1, 2, 5, 8), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"selection_qk qs has shape \(1, 3, 5, 8\)"):  # the pair keeps G in (1, H)
+        selective_attention(q, k, v, selection=Selection(projection=True, per_head=True), selection_qk=(k, k),
+                            enable_gqa=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"n_kv_heads \(4\).*n_heads \(6\)"):
+        SelectiveAttention(48, 6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        SelectiveAttention(48, 6, n_kv_heads=0)
+
+
+# --- the module ---------------------------------------------------------------------------------------
+def _repeat_rows(w, n_kv, g):
+    """A ``[n_kv * d, ...]`` projection weight (or bias) with each head's rows repeated g times."""
+    return w.unflatten(0, (n_kv, -1)).repeat_interleave(g, 0).flatten(0, 1)
+
+
+@pytest.mark.parametrize("sel", [None, *SELECTIONS])
+def test_module_equals_multi_head_with_repeated_kv_projections(sel):
+    """SelectiveAttention(n_kv_heads=2) = the multi-head module whose k/v projections repeat each kv head's."""
+    d_model, H, Hkv = 48, 6, 2
+    selection = False if sel is None else _selection(sel, H)
+    torch.manual_seed(0)
+    gqa = SelectiveAttention(d_model, H, 0.0, selection=selection, n_kv_heads=Hkv).double()
+    mha = SelectiveAttention(d_model, H, 0.0, selection=selection).double()
+    state = dict(gqa.state_dict())
+    for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+        state[name] = _repeat_rows(state[name], Hkv, H // Hkv)
+    mha.load_state_dict(state)
+    assert gqa.k_proj.out_features == Hkv * 8 and "n_kv_heads=2" in repr(gqa)
+    x = torch.randn(2, 11, d_model, dtype=torch.float64, requires_grad=True)
+    kpm = _left_padding(2, 11)
+    kw = dict(is_causal=True, key_padding_mask=kpm, need_weights=True)
+    out, w = gqa(x, x, x, **kw)
+    ref, ref_w = mha(x, x, x, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(w, ref_w, **TOL[torch.float64])
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    (ref_dx,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(dx, ref_dx, **TOL[torch.float64])
+    if selection:
+        torch.testing.assert_close(gqa.selection_penalty(x), mha.selection_penalty(x), **TOL[torch.float64])
