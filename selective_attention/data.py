@@ -17,8 +17,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -250,20 +248,6 @@ def tokenizer_from_dict(d: object) -> ByteTokenizer | BPETokenizer:
             f"the stored BPE tokenizer has vocab_size {tok.vocab_size} and <bos> id {tok.bos_id}, but the "
             f"checkpoint says {d.get('vocab_size')} and {d.get('bos_id')}."
         )
-    return tok
-
-
-def train_bpe(text: str, vocab_size: int, *, name: str = "the text", verbose: bool = False) -> BPETokenizer:
-    """:meth:`BPETokenizer.train` with a line on stderr (when ``verbose``) for a text large enough to take
-    more than a moment: what it trains on and how long it took."""
-    big = verbose and len(text) > 1_000_000
-    if big:
-        print(f"training a {vocab_size}-token BPE tokenizer on {name} ({len(text) / 1e6:.1f} M characters)...",
-              end="", file=sys.stderr, flush=True)  # fmt: skip
-    t0 = time.perf_counter()
-    tok = BPETokenizer.train(text, vocab_size)
-    if big:
-        print(f" done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return tok
 
 

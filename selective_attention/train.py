@@ -244,14 +244,22 @@ class Task:
                 raise ValueError(f"varassign examples are {T} tokens; set --context_len >= {T}.")
         else:
             text = data.load_text(cfg.data)
+            bpe = tokenizer.kind == "bpe" if tokenizer is not None else cfg.tokenizer == "bpe"
+            t0, say = time.perf_counter(), verbose and bpe and len(text) > 1_000_000
+            if say:  # a few seconds for kjv: say what happens
+                what = (f"training a {cfg.bpe_vocab_size}-token BPE on the training split of" if tokenizer is None
+                        else f"encoding with the checkpoint's {tokenizer.vocab_size}-token BPE:")  # fmt: skip
+                print(f"tokenizer: {what} {cfg.data!r} ({len(text) / 1e6:.1f} M characters)...", end="",
+                      file=sys.stderr, flush=True)  # fmt: skip
             if tokenizer is None and cfg.tokenizer == "bpe":
                 train_text, _ = data.split_text(text, cfg.val_fraction)  # the training split only
-                name = f"the training split of {cfg.data!r}"
-                tokenizer = data.train_bpe(train_text, cfg.bpe_vocab_size, name=name, verbose=verbose)
+                tokenizer = data.BPETokenizer.train(train_text, cfg.bpe_vocab_size)
             self.tokenizer = tokenizer if tokenizer is not None else data.ByteTokenizer()
             self.text = data.TextData.from_text(text, cfg.val_fraction, self.tokenizer)
             self.text.source = cfg.data
             self.vocab_size = self.tokenizer.vocab_size
+            if say:
+                print(f" done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.varassign:
