@@ -10,9 +10,15 @@ The Triton kernels (interpreter) are held to 1e-4 as in tests/test_triton.py (fp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import TOL
+
+if not torch.cuda.is_available():
+    # as tests/test_triton.py: Triton picks interpreter or compiler when it decorates a kernel
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from selective_attention import SelectiveAttention
 from selective_attention.functional import attention_weights, selective_attention
@@ -182,6 +188,47 @@ def test_paper_mode_dropout_on_the_spec():
     torch.manual_seed(0)
     ref = _grads(_call("naive", 2, repeat=True, selection=True, dropout_p=0.2), tensors)
     _assert_all_close(fast, ref, torch.float64)
+
+
+# --- Triton (the interpreter on CPU) ------------------------------------------------------------------
+TRITON_CASES = [  # B, H, Hkv, L, D, selection: every kv-head mapping, tails, and one F per head
+    (1, 6, 3, 33, 8, "paper"),
+    (1, 6, 3, 33, 8, "per-head"),
+    (2, 4, 1, 7, 24, "last-head"),
+    (1, 8, 2, 65, 8, "last-head"),
+    (2, 4, 2, 1, 8, "per-head"),
+]
+
+
+@pytest.mark.parametrize(
+    "B,H,Hkv,L,D,sel", TRITON_CASES, ids=[f"B{b}-H{h}-Hkv{k}-L{l}-D{d}-{s}" for b, h, k, l, d, s in TRITON_CASES]
+)
+def test_triton_matches_repeated_spec(monkeypatch, B, H, Hkv, L, D, sel):
+    pytest.importorskip("triton", reason="the Triton backend needs `pip install triton`")
+    from selective_attention.ops.triton import op
+
+    monkeypatch.setattr(op, "debug_fill_nan", True)  # an element a kernel does not write fails the test
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors = [t.to(device) for t in _tensors(B, H, Hkv, L, D, torch.float32)]
+    kw = dict(selection=_selection(sel, H))
+    fast = _grads(_call("triton", H // Hkv, **kw), tensors)
+    ref = _grads(_call("naive", H // Hkv, repeat=True, **kw), tensors)
+    _assert_all_close(fast, ref, torch.float32, tol=dict(atol=1e-4, rtol=1e-4))
+
+
+def test_triton_fake_kernels_give_grouped_shapes():
+    """The custom ops' fake implementations (what torch.compile traces) give dk, dv the kv heads' shape."""
+    pytest.importorskip("triton", reason="the Triton backend needs `pip install triton`")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from selective_attention.ops.triton import op
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 6, 9, 16), torch.empty(2, 3, 9, 16), torch.empty(2, 3, 9, 24)
+        out, lse = op.paper_fwd(q, k, v, 0, 0.25, 0.25)
+        dq, dk, dv = op.paper_bwd(torch.empty(2, 6, 9, 24), q, k, v, out, lse, 0, 0.25, 0.25)
+    assert out.shape == (2, 6, 9, 24) and lse.shape == (2, 6, 9)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 
 # --- errors -------------------------------------------------------------------------------------------

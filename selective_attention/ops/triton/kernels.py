@@ -3,7 +3,9 @@
 Imported lazily by :mod:`.op` (Triton decides at decoration time whether it interprets, so
 ``TRITON_INTERPRET=1`` must be set before the first call). Notation: ``G`` = number of F's (1 when
 every head shares the voting head's F, H with one F per head); ``hv`` the voting head of head h's F;
-``s`` the attention scale, ``ss`` the votes' scale; all head-major tensors contiguous ``[B, H, L, D]``.
+``s`` the attention scale, ``ss`` the votes' scale; all head-major tensors contiguous: q ``[B, H, L, D]``,
+k, v ``[B, HKV, L, D]`` (grouped-query attention when ``HKV < H``: query head h reads kv head
+``h // (H // HKV)``, and the voting head hv votes with kv head ``hv // (H // HKV)``).
 
 Kernels, in launch order (grid: one program per block and per (b, h), or (b, g) for pass 1)::
 
@@ -11,7 +13,8 @@ Kernels, in launch order (grid: one program per block and per (b, h), or (b, g) 
               _fwd          out, lse: flash loop over key blocks, F rebuilt per tile
     backward  _vote_carry   the same carry at the backward's query granularity
               _delta        delta[i] = rowsum(dO * O)
-              _bwd_kv       per key block, query blocks last to first: dK, dV, dks (+ dcarry)
+              _bwd_kv       per key block and kv head, over the query heads of its group and
+                            their query blocks last to first: dK, dV, dks (+ dcarry)
               _bwd_q        per query block: dQ, dqs
 
 An F tile (query rows ``i0 .. i0+BM``, key columns ``j0 .. j0+BN``) is never stored: it is rebuilt
@@ -28,7 +31,10 @@ vote gradients share an operand). The suffix sum down a key column is carried in
 key-block program (``_bwd_kv`` walks its query blocks last to first); the query-block program
 (``_bwd_q``) reads it from ``dcarry[b, h, c, j] = sum_{i >= (c+1)*BM_q} dZ_h[i, j]``, which
 ``_bwd_kv`` writes at the query blocks' boundaries: ``[B, H, L/BM_q, L]`` fp32, the price of a
-deterministic backward without atomics. No atomics anywhere: results are bitwise reproducible.
+deterministic backward without atomics. Under grouped-query attention one ``_bwd_kv`` program owns a
+key block of one kv head and walks the query heads of its group one after the other, so dK, dV (and
+the group's share of dks) sum over the group in its registers: no two programs write one kv row. No
+atomics anywhere: results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -116,6 +122,20 @@ def _vote_ids(bh, H, VOTE_HEAD, PER_HEAD: tl.constexpr):
 
 
 @triton.jit
+def _kv_ids(bh, H, HKV, VOTE_HEAD, PER_HEAD: tl.constexpr):
+    """For query head ``bh = b * H + h``: ``(bkv, bkvv)``, the flat ``[B, HKV]`` indices of its kv head
+    ``h // (H // HKV)`` and of the voting head's kv head (its own with one F per head)."""
+    b = bh // H
+    grp = H // HKV
+    bkv = b * HKV + (bh % H) // grp
+    if PER_HEAD:
+        bkvv = bkv
+    else:
+        bkvv = b * HKV + VOTE_HEAD // grp
+    return bkv, bkvv
+
+
+@triton.jit
 def _voter_rows(X, own, bv, offs_r, offs_d, L, D, PER_HEAD: tl.constexpr):
     """The voting head's rows of ``X``: with one F per head, the rows this program already loaded."""
     if PER_HEAD:
@@ -151,7 +171,7 @@ def _bwd_tile(q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, 
 # --- pass 1: column sums of the votes, carried over query blocks ------------------------------------
 @triton.jit
 def _vote_carry_kernel(
-    Q, K, CARRY, sel_scale, L, H, VOTE_HEAD, N_R,
+    Q, K, CARRY, sel_scale, L, H, HKV, VOTE_HEAD, N_R,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PER_HEAD: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -168,7 +188,7 @@ def _vote_carry_kernel(
         b = bg
         hv = VOTE_HEAD
     qs_base = Q + (b * H + hv) * L * D
-    ks_base = K + (b * H + hv) * L * D
+    ks_base = K + (b * HKV + hv // (H // HKV)) * L * D
     carry_base = CARRY + bg * N_R * L
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -190,7 +210,7 @@ def _vote_carry_kernel(
 # --- pass 2: forward ---------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, CARRY, OUT, LSE, scale, sel_scale, L, H, VOTE_HEAD, N_CARRY,
+    Q, K, V, CARRY, OUT, LSE, scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr,
     PER_HEAD: tl.constexpr, PREC: tl.constexpr,
@@ -199,6 +219,7 @@ def _fwd_kernel(
     pid_m = tl.cdiv(L, BLOCK_M) - 1 - tl.program_id(0)  # longest rows first: better tail balance
     bh = tl.program_id(1).to(tl.int64)
     b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
+    bkv, bkvv = _kv_ids(bh, H, HKV, VOTE_HEAD, PER_HEAD)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -211,9 +232,9 @@ def _fwd_kernel(
     hi = tl.minimum((pid_m + 1) * BLOCK_M, L)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
-        v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-        ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
+        k = _load_rows(K + bkv * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
+        v = _load_rows(V + bkv * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
+        ks = _voter_rows(K, k, bkvv, offs_n, offs_d, L, D, PER_HEAD)
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         # [BLOCK_M, BLOCK_N]
         s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
@@ -245,62 +266,72 @@ def _delta_kernel(OUT, DO, DELTA, L, DV: tl.constexpr, DV_PAD: tl.constexpr, BLO
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, CARRY, DCARRY, DK, DV_OUT, DKS,
-    scale, sel_scale, L, H, VOTE_HEAD, N_CARRY, N_DCARRY,
+    scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY, N_DCARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr, DCARRY_ROWS: tl.constexpr,
     PER_HEAD: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One program per (key block, b, h): dK, dV and the vote share ``dks`` of this key block.
+    """One program per (key block, b, kv head): dK, dV and the vote share ``dks`` of this key block.
 
-    Walks the query blocks last to first, carrying ``later[j] = sum_{i after the block} dZ_h[i, j]``:
+    Walks the query heads of the kv head's group (one, without grouped-query attention) and, for
+    each, its query blocks last to first, carrying ``later[j] = sum_{i after the block} dZ_h[i, j]``:
     the exclusive suffix sum that turns dF into dS, the mirror of pass 1. At each boundary that is a
-    multiple of DCARRY_ROWS (the q-pass's block) it leaves ``later`` in DCARRY for ``_bwd_q``."""
+    multiple of DCARRY_ROWS (the q-pass's block) it leaves ``later`` in DCARRY for ``_bwd_q``. dK, dV
+    and dks sum over the group here: each kv row has one writer."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
+    bkv = tl.program_id(1).to(tl.int64)  # b * HKV + kv head
+    grp = H // HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
-    v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-    ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
+    k = _load_rows(K + bkv * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
+    v = _load_rows(V + bkv * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
+    if PER_HEAD:  # each query head votes with its own kv head: this one
+        ks = k
+    else:
+        ks = _load_rows(K + ((bkv // HKV) * HKV + VOTE_HEAD // grp) * L * D, offs_n, offs_d, L, D)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], dtype=tl.float32)
     dks = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    later = tl.zeros([BLOCK_N], dtype=tl.float32)
     n_m = tl.cdiv(L, BLOCK_M)
     m_lo = (pid_n * BLOCK_N) // BLOCK_M  # earlier query blocks see none of these keys
-    for it in range(0, n_m - m_lo):
-        m = n_m - 1 - it
-        boundary = (m + 1) * BLOCK_M  # `later` sums the rows >= boundary
-        if (boundary % DCARRY_ROWS == 0) & (boundary < L):
-            c = boundary // DCARRY_ROWS - 1
-            tl.store(DCARRY + (bh * N_DCARRY + c) * L + offs_n, later, mask=offs_n < L)
-        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        q, do, qs, lse, delta = _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PER_HEAD)
-        carry = tl.load(CARRY + (g * N_CARRY + (m * BLOCK_M) // CARRY_ROWS) * L + offs_n, mask=offs_n < L, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        p, dz, dl, later = _bwd_tile(
-            q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
-        )
-        # [BLOCK_N, DV_PAD]
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        # [BLOCK_N, D_PAD]
-        if PER_HEAD:  # q is the voter too: one GEMM for both roles
-            dk += tl.dot(tl.trans(dz * scale + dl * sel_scale).to(q.dtype), q, input_precision=PREC)
-        else:
-            dk += tl.dot(tl.trans(dz).to(q.dtype), q, input_precision=PREC) * scale
-            dks += tl.dot(tl.trans(dl).to(q.dtype), qs, input_precision=PREC) * sel_scale
-    _store_rows(DK + bh * L * D, dk, offs_n, offs_d, L, D)
-    _store_rows(DV_OUT + bh * L * DV, dv, offs_n, offs_dv, L, DV)
+    for gi in range(0, grp):
+        bh = (bkv // HKV) * H + (bkv % HKV) * grp + gi  # b * H + query head
+        b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
+        later = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for it in range(0, n_m - m_lo):
+            m = n_m - 1 - it
+            boundary = (m + 1) * BLOCK_M  # `later` sums the rows >= boundary
+            if (boundary % DCARRY_ROWS == 0) & (boundary < L):
+                c = boundary // DCARRY_ROWS - 1
+                tl.store(DCARRY + (bh * N_DCARRY + c) * L + offs_n, later, mask=offs_n < L)
+            offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+            q, do, qs, lse, delta = _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PER_HEAD)
+            carry = tl.load(
+                CARRY + (g * N_CARRY + (m * BLOCK_M) // CARRY_ROWS) * L + offs_n, mask=offs_n < L, other=0.0
+            )
+            # [BLOCK_M, BLOCK_N]
+            p, dz, dl, later = _bwd_tile(
+                q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
+            )
+            # [BLOCK_N, DV_PAD]
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+            # [BLOCK_N, D_PAD]
+            if PER_HEAD:  # q is the voter too: one GEMM for both roles
+                dk += tl.dot(tl.trans(dz * scale + dl * sel_scale).to(q.dtype), q, input_precision=PREC)
+            else:
+                dk += tl.dot(tl.trans(dz).to(q.dtype), q, input_precision=PREC) * scale
+                dks += tl.dot(tl.trans(dl).to(q.dtype), qs, input_precision=PREC) * sel_scale
+    _store_rows(DK + bkv * L * D, dk, offs_n, offs_d, L, D)
+    _store_rows(DV_OUT + bkv * L * DV, dv, offs_n, offs_dv, L, DV)
     if not PER_HEAD:
-        _store_rows(DKS + bh * L * D, dks, offs_n, offs_d, L, D)
+        _store_rows(DKS + bkv * L * D, dks, offs_n, offs_d, L, D)
 
 
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, DO, LSE, DELTA, CARRY, DCARRY, DQ, DQS,
-    scale, sel_scale, L, H, VOTE_HEAD, N_CARRY, N_DCARRY,
+    scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY, N_DCARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr,
     PER_HEAD: tl.constexpr, PREC: tl.constexpr,
@@ -311,6 +342,7 @@ def _bwd_q_kernel(
     pid_m = tl.cdiv(L, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, g, bv = _vote_ids(bh, H, VOTE_HEAD, PER_HEAD)
+    bkv, bkvv = _kv_ids(bh, H, HKV, VOTE_HEAD, PER_HEAD)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
@@ -322,9 +354,9 @@ def _bwd_q_kernel(
     dqs = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + bh * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
-        v = _load_rows(V + bh * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
-        ks = _voter_rows(K, k, bv, offs_n, offs_d, L, D, PER_HEAD)
+        k = _load_rows(K + bkv * L * D, offs_n, offs_d, L, D)  # [BLOCK_N, D_PAD]
+        v = _load_rows(V + bkv * L * DV, offs_n, offs_dv, L, DV)  # [BLOCK_N, DV_PAD]
+        ks = _voter_rows(K, k, bkvv, offs_n, offs_d, L, D, PER_HEAD)
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         later = tl.load(DCARRY + (bh * N_DCARRY + pid_m) * L + offs_n, mask=(offs_n < hi) & has_later, other=0.0)
         # [BLOCK_M, BLOCK_N]
@@ -402,13 +434,14 @@ def _empty(debug: bool, *shape, dtype, device) -> Tensor:
 def _vote_carry(q: Tensor, k: Tensor, vote_head: int, sel_scale: float, rows: int, cfg: Config, debug: bool) -> Tensor:
     """``[B, G, ceil(L / rows), L]`` fp32: the votes' column sums over all query rows before each block."""
     B, H, L, D = q.shape
+    HKV = k.shape[1]
     per_head = vote_head < 0
     G = H if per_head else 1
     n_r = triton.cdiv(L, rows)
     carry = _empty(debug, B, G, n_r, L, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(L, cfg.carry_n), B * G)
     _vote_carry_kernel[grid](
-        q, k, carry, sel_scale, L, H, max(vote_head, 0), n_r,
+        q, k, carry, sel_scale, L, H, HKV, max(vote_head, 0), n_r,
         D=D, D_PAD=_pad(D), BLOCK_R=rows, BLOCK_N=cfg.carry_n, PER_HEAD=per_head, PREC=_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip
@@ -418,8 +451,10 @@ def _vote_carry(q: Tensor, k: Tensor, vote_head: int, sel_scale: float, rows: in
 def forward(
     q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float, debug: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """``(out [B, H, L, DV], lse [B, H, L] fp32)``; q, k, v contiguous, ``vote_head = -1``: per-head F."""
+    """``(out [B, H, L, DV], lse [B, H, L] fp32)``; q ``[B, H, L, D]``, k, v ``[B, HKV, L, D|DV]`` contiguous,
+    ``vote_head = -1``: per-head F."""
     B, H, L, D = q.shape
+    HKV = k.shape[1]
     DV = v.shape[-1]
     cfg = config_for(D, q.device)
     carry = _vote_carry(q, k, vote_head, sel_scale, cfg.fwd_m, cfg, debug)
@@ -427,7 +462,7 @@ def forward(
     lse = _empty(debug, B, H, L, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(L, cfg.fwd_m), B * H)
     _fwd_kernel[grid](
-        q, k, v, carry, out, lse, scale, sel_scale, L, H, max(vote_head, 0), carry.shape[2],
+        q, k, v, carry, out, lse, scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2],
         D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, CARRY_ROWS=cfg.fwd_m,
         PER_HEAD=vote_head < 0, PREC=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.stages,
     )  # fmt: skip
@@ -446,8 +481,10 @@ def backward(
     sel_scale: float,
     debug: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` including the vote gradients of the voting head(s); all inputs contiguous."""
+    """``(dq, dk, dv)`` including the vote gradients of the voting head(s); all inputs contiguous (k, v
+    with ``HKV`` heads: dk, dv too)."""
     B, H, L, D = q.shape
+    HKV = k.shape[1]
     DV = v.shape[-1]
     cfg = config_for(D, q.device)
     per_head = vote_head < 0
@@ -461,27 +498,27 @@ def backward(
     # only the entries the q-pass reads are written (boundaries inside L, columns left of them)
     dcarry = _empty(debug, B, H, n_dcarry, L, dtype=torch.float32, device=dev)
     dq = _empty(debug, B, H, L, D, dtype=q.dtype, device=dev)
-    dk = _empty(debug, B, H, L, D, dtype=k.dtype, device=dev)
-    dv = _empty(debug, B, H, L, DV, dtype=v.dtype, device=dev)
-    # one F shared by all heads: each head's share of the voting head's vote gradients, summed below
-    shares = (1,) if per_head else (B, H, L, D)  # per-head F: unused placeholders
-    dqs = _empty(debug, *shares, dtype=torch.float32, device=dev)
-    dks = _empty(debug, *shares, dtype=torch.float32, device=dev)
+    dk = _empty(debug, B, HKV, L, D, dtype=k.dtype, device=dev)
+    dv = _empty(debug, B, HKV, L, DV, dtype=v.dtype, device=dev)
+    # one F shared by all heads: each head's share of the voting head's vote gradients (for dks, each
+    # kv head's group's share), summed below; per-head F: unused placeholders
+    dqs = _empty(debug, *((1,) if per_head else (B, H, L, D)), dtype=torch.float32, device=dev)
+    dks = _empty(debug, *((1,) if per_head else (B, HKV, L, D)), dtype=torch.float32, device=dev)
     common = dict(D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PER_HEAD=per_head, PREC=prec)
-    _bwd_kv_kernel[(triton.cdiv(L, cfg.bwd_kv_n), B * H)](
+    _bwd_kv_kernel[(triton.cdiv(L, cfg.bwd_kv_n), B * HKV)](
         q, k, v, dout, lse, delta, carry, dcarry, dk, dv, dks,
-        scale, sel_scale, L, H, max(vote_head, 0), carry.shape[2], n_dcarry,
+        scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2], n_dcarry,
         BLOCK_M=cfg.bwd_kv_m, BLOCK_N=cfg.bwd_kv_n, CARRY_ROWS=cfg.bwd_kv_m, DCARRY_ROWS=cfg.bwd_q_m,
         num_warps=cfg.bwd_warps, num_stages=cfg.stages, **common,
     )  # fmt: skip
     _bwd_q_kernel[(n_dcarry, B * H)](
         q, k, v, dout, lse, delta, carry, dcarry, dq, dqs,
-        scale, sel_scale, L, H, max(vote_head, 0), carry.shape[2], n_dcarry,
+        scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2], n_dcarry,
         BLOCK_M=cfg.bwd_q_m, BLOCK_N=cfg.bwd_q_n, CARRY_ROWS=cfg.bwd_kv_m,
         num_warps=cfg.bwd_warps, num_stages=cfg.stages, **common,
     )  # fmt: skip
     if not per_head:
-        hv = vote_head
+        hv, hkv = vote_head, vote_head // (H // HKV)
         dq[:, hv] = (dq[:, hv].float() + dqs.sum(dim=1)).to(dq.dtype)
-        dk[:, hv] = (dk[:, hv].float() + dks.sum(dim=1)).to(dk.dtype)
+        dk[:, hkv] = (dk[:, hkv].float() + dks.sum(dim=1)).to(dk.dtype)
     return dq, dk, dv

@@ -3,7 +3,8 @@
 ``selective_attention::paper_fwd(q, k, v, vote_head, scale, sel_scale) -> (out, lse)`` and
 ``selective_attention::paper_bwd(dout, q, k, v, out, lse, vote_head, scale, sel_scale) -> (dq, dk, dv)``,
 with fake (meta) implementations and the autograd formula linking them. ``vote_head = h >= 0``: one F
-from head h shared by all heads (the paper, h = 0); ``vote_head = -1``: every head its own F.
+from head h shared by all heads (the paper, h = 0); ``vote_head = -1``: every head its own F. q is
+``[B, H, L, D]``, k and v ``[B, Hkv, L, .]`` (``Hkv < H``: grouped-query attention).
 
 Triton is imported only when a kernel runs, so this module imports without Triton or a GPU.
 """
@@ -139,25 +140,30 @@ def triton_selective_attention(
         i=3 x x x x
 
     Args:
-        q, k: ``[B, H, L, D]``; v: ``[B, H, L, Dv]``; one dtype of fp32, fp16, bf16; CUDA tensors
-            (CPU tensors only under ``TRITON_INTERPRET=1``, for tests: slow). D, Dv <= 128.
-        heads: ``slice(h, h + 1)``: F from head h, shared by all heads (the paper: h = 0);
-            ``slice(None)``: every head its own F from its own logits. Both roles' gradients reach q, k.
+        q: ``[B, H, L, D]``; k: ``[B, Hkv, L, D]``; v: ``[B, Hkv, L, Dv]``; ``Hkv < H`` (``H % Hkv == 0``)
+            is grouped-query attention: query head h reads kv head ``h // (H // Hkv)``, never repeated.
+            One dtype of fp32, fp16, bf16; CUDA tensors (CPU tensors only under ``TRITON_INTERPRET=1``,
+            for tests: slow). D, Dv <= 128.
+        heads: ``slice(h, h + 1)``: F from head h (with its kv head), shared by all heads (the paper:
+            h = 0); ``slice(None)``: every head its own F from its own logits. Both roles' gradients
+            reach q, k.
         scale: attention logit scale; sel_scale: the votes' logit scale.
 
     User masks, key padding, dropout and memory-loss rows are the chunked (or naive) backend's: the
     dispatcher asks :func:`supports` before it sends a request here.
 
     Returns:
-        ``[B, H, L, Dv]`` in the inputs' dtype. Differentiable in q, k, v.
+        ``[B, H, L, Dv]`` in the inputs' dtype. Differentiable in q, k, v (dk, dv summed over each group).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D [B, H, L, D] tensor, got {getattr(t, 'shape', type(t))}.")
-    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if (k.shape[0], *k.shape[2:]) != (B, L, D) or v.shape[:3] != k.shape[:3] or Hkv == 0 or H % Hkv:
         raise ValueError(
-            f"q and k must be [B, H, L, D] and v [B, H, L, Dv] (self-attention); got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}."
+            f"q must be [B, H, L, D], k [B, Hkv, L, D] and v [B, Hkv, L, Dv] with H % Hkv == 0 (self-attention); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
         )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise TypeError(f"q, k, v must share one dtype of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}.")
