@@ -86,8 +86,9 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
 
 def fcum_after_prompt(qs: Tensor, ks: Tensor, chunk: int = 256) -> Tensor:
     """``Fcum`` after a prompt of T tokens, ``[B, G, T]``: ``sum_k S[k, j]`` over all T voting rows,
-    the F that the query after the prompt sees, from the voters ``qs, ks`` ``[B, G, T, D]``. Chunked
-    over the voting rows: never ``[B, G, T, T]``."""
+    the F that the query after the prompt sees, from the voters ``qs`` ``[B, G, T, D]`` and ``ks``
+    ``[B, G, T, D]`` (or ``[B, Gk, T, D]``, grouped-query heads: query head i with key head ``i // (G // Gk)``,
+    not repeated). Chunked over the voting rows: never ``[B, G, T, T]``."""
     out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2])
     scale = 1.0 / math.sqrt(qs.shape[-1])
     for i0 in range(0, qs.shape[2], chunk):
@@ -98,9 +99,9 @@ def fcum_after_prompt(qs: Tensor, ks: Tensor, chunk: int = 256) -> Tensor:
 # --- the buffers ------------------------------------------------------------------------------------
 @dataclass
 class LayerCache:
-    """One layer's cache and its policy. Shapes: ``k, v [B, H, cap, D]``, ``fcum [B, G, cap]``
-    (+inf at free slots), ``pos [B, cap]`` (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated
-    selector. With a budget, ``cap == budget``."""
+    """One layer's cache and its policy. Shapes: ``k, v [B, Hkv, cap, D]`` (the layer's key/value heads:
+    H, or fewer under grouped-query attention), ``fcum [B, G, cap]`` (+inf at free slots), ``pos [B, cap]``
+    (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector. With a budget, ``cap == budget``."""
 
     k: Tensor
     v: Tensor
@@ -125,7 +126,9 @@ class LayerCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> LayerCache:
-        """Free buffers of ``capacity`` slots (a layer with a budget needs ``capacity == budget``)."""
+        """Free buffers of ``capacity`` slots (a layer with a budget needs ``capacity == budget``).
+        ``n_heads``: the key/value heads stored (``Hkv``; the query heads only without grouped-query
+        attention); ``n_groups``: the penalties F (1, or the query heads H with one F per head)."""
         if budget is not None and capacity != budget:
             raise ValueError(f"a layer with budget={budget} has exactly that many slots, got capacity={capacity}.")
         B, H, G, D = batch_size, n_heads, n_groups, head_dim
@@ -160,7 +163,7 @@ class LayerCache:
 
     # --- prefill -----------------------------------------------------------------------------------
     def fill(self, k: Tensor, v: Tensor, fcum: Tensor, ks: Tensor | None = None) -> None:
-        """Store a prompt read exactly: ``k, v`` ``[B, H, T, D]``, its ``fcum`` ``[B, G, T]`` (and the
+        """Store a prompt read exactly: ``k, v`` ``[B, Hkv, T, D]``, its ``fcum`` ``[B, G, T]`` (and the
         selector's keys ``[B, G, T, D]``) at positions ``0 .. T-1``. Keeps what the policy allows
         (:func:`keep_after_prefill`), compacted to the front of the buffers in position order."""
         keep = keep_after_prefill(eviction_score(fcum), self.budget, self.threshold)  # [B, T]
@@ -188,7 +191,7 @@ class LayerCache:
         self.fcum.masked_fill_(drop[:, None, :], float("inf"))
 
     def write(self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None) -> Tensor:
-        """Write one token (``k, v`` ``[B, H, 1, D]``, selector key ``[B, G, 1, D]``) at position
+        """Write one token (``k, v`` ``[B, Hkv, 1, D]``, selector key ``[B, G, 1, D]``) at position
         ``input_pos`` ``[1]`` into each sequence's first free slot, with ``Fcum = 0``; returns the
         slots ``[B]``."""
         B, H, _, D = k.shape

@@ -54,6 +54,7 @@ class GPTConfig:
     context_len: int = 256  # longest sequence trained on; decoding past it needs a budget
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per layer
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention; must divide n_head); None = n_head
     d_model: int = 128  # residual stream width
     d_head: int | None = None  # per-head width; None = d_model // n_head (set it for "2x heads" baselines)
     dropout: float = 0.0  # residual and attention dropout (paper mode with dropout uses the naive path)
@@ -74,6 +75,14 @@ class GPTConfig:
             val = getattr(self, name)
             if not _is_int(val) or val <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {val!r}.")
+        if self.n_kv_head is not None and (
+            not _is_int(self.n_kv_head) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head
+        ):
+            divisors = [h for h in range(1, self.n_head + 1) if self.n_head % h == 0]
+            raise ValueError(
+                f"GPTConfig.n_kv_head must be an int dividing n_head={self.n_head} (grouped-query attention: one of "
+                f"{divisors}), or None for n_head; got {self.n_kv_head!r}."
+            )
         if self.d_head is not None and (not _is_int(self.d_head) or self.d_head <= 0):
             raise ValueError(
                 f"GPTConfig.d_head must be a positive even int or None (d_model // n_head), got {self.d_head!r}."
@@ -146,6 +155,11 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_head if self.d_head is not None else self.d_model // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer: ``n_kv_head``, or ``n_head`` when it is None (multi-head attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
     def layer_selects(self, i: int) -> bool:
         return self.selection and (self.selection_layers is None or i in self.selection_layers)
 
@@ -180,16 +194,21 @@ def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 class Attention(nn.Module):
     """Causal self-attention, standard or selective (``selection``: who votes, or ``None``), with
     rotary positions. One forward serves training, a prompt read into a KV cache, and one-token
-    decoding steps from it (:meth:`forward`)."""
+    decoding steps from it (:meth:`forward`).
+
+    Grouped-query attention when ``cfg.n_kv_head < cfg.n_head``: ``n_kv_head`` key/value heads, query
+    head h reading kv head ``h // (n_head // n_kv_head)``; the voting head votes with its own kv head,
+    and the KV cache holds ``n_kv_head`` heads. ``qkv`` projects ``d_model`` to ``(H + 2 Hkv) * D``:
+    the queries, then the keys, then the values."""
 
     def __init__(self, cfg: GPTConfig, selection: Selection | None) -> None:
         super().__init__()
-        self.n_head, self.d_head = cfg.n_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.d_head = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.selection = selection
         self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
         width = cfg.n_head * self.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * width, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * self.n_kv_head) * self.d_head, bias=cfg.bias)
         self.proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.sel_qk: nn.Linear | None = None
         if selection is not None and selection.projection:
@@ -198,6 +217,11 @@ class Attention(nn.Module):
     @property
     def selects(self) -> bool:
         return self.selection is not None
+
+    @property
+    def gqa(self) -> bool:
+        """Fewer key/value heads than query heads (grouped-query attention)."""
+        return self.n_kv_head != self.n_head
 
     @property
     def n_groups(self) -> int:
@@ -212,10 +236,11 @@ class Attention(nn.Module):
         self, x: Tensor, pos: Tensor | tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """``x`` ``[B, T, C]`` at positions ``pos`` ``[T]`` (or their precomputed :func:`rope_angles`)
-        -> q, k, v ``[B, H, T, D]`` (q, k rotated) and, with a dedicated selector, its rotated
-        ``(qs, ks)`` ``[B, G, T, D]``."""
+        -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]`` (q, k rotated) and, with a dedicated selector, its
+        rotated ``(qs, ks)`` ``[B, G, T, D]``."""
         rope = rope_angles(pos, self.d_head, self.rope_base, x.dtype) if isinstance(pos, Tensor) else pos
-        q, k, v = self.qkv(x).split(self.n_head * self.d_head, dim=-1)
+        kv = self.n_kv_head * self.d_head
+        q, k, v = self.qkv(x).split([self.n_head * self.d_head, kv, kv], dim=-1)
         q, k, v = self._split(q), self._split(k), self._split(v)
         q, k = rotary(q, rope), rotary(k, rope)
         sel = None
@@ -227,11 +252,14 @@ class Attention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, memory_tau: float | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Causal attention of ``[B, H, T, D]`` q/k/v -> ``([B, H, T, D], masked counts [B, G, T] or None)``."""
+        """Causal attention of q ``[B, H, T, D]``, k/v ``[B, Hkv, T, D]`` -> ``([B, H, T, D], masked counts
+        [B, G, T] or None)``."""
         p = self.dropout if self.training else 0.0
         if self.selection is None:
-            return selective_attention(q, k, v, is_causal=True, dropout_p=p), None
-        y = selective_attention(q, k, v, selection=self.selection, selection_qk=sel, dropout_p=p, memory_tau=memory_tau)
+            return selective_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.gqa), None
+        y = selective_attention(
+            q, k, v, selection=self.selection, selection_qk=sel, dropout_p=p, memory_tau=memory_tau, enable_gqa=self.gqa
+        )
         return y if memory_tau is not None else (y, None)
 
     def merge(self, y: Tensor) -> Tensor:
@@ -278,15 +306,17 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> LayerCache:
-        """Empty buffers of ``capacity`` slots for this layer's keys, values (and selector keys)."""
+        """Empty buffers of ``capacity`` slots for this layer's keys, values (``n_kv_head`` heads) and
+        selector keys."""
         return LayerCache.empty(
-            batch_size, capacity, n_heads=self.n_head, n_groups=self.n_groups, head_dim=self.d_head,
+            batch_size, capacity, n_heads=self.n_kv_head, n_groups=self.n_groups, head_dim=self.d_head,
             selector_keys=self.sel_qk is not None, budget=budget, threshold=threshold, dtype=dtype, device=device,
         )  # fmt: skip
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, cache: LayerCache) -> Tensor:
         """The prompt's exact causal attention ``[B, H, T, D]``; fills ``cache`` with its keys, values
-        and the ``Fcum`` that the query after the prompt sees (then pruned by the cache's policy)."""
+        (``[B, Hkv, T, D]``) and the ``Fcum`` that the query after the prompt sees (then pruned by the
+        cache's policy)."""
         y, _ = self.attend(q, k, v, sel)
         if self.selection is None:
             fcum = q.new_zeros(q.shape[0], 1, q.shape[2])  # [B, 1, T]: nothing is ever masked
@@ -304,17 +334,23 @@ class Attention(nn.Module):
         cache: LayerCache,
         input_pos: Tensor,
     ) -> Tensor:
-        """One token (``q, k, v`` ``[B, H, 1, D]`` at ``input_pos``) through the cache -> ``[B, H, 1, D]``.
+        """One token (``q`` ``[B, H, 1, D]``, ``k, v`` ``[B, Hkv, 1, D]`` at ``input_pos``) through the cache
+        -> ``[B, H, 1, D]``.
 
         Makes room first (so at most ``budget`` tokens are stored and attended, the new one included),
         then writes the token, attends with ``-Fcum``, and adds its votes. Static shapes, no
-        data-dependent Python branches (compiles once)."""
+        data-dependent Python branches (compiles once). Under grouped-query attention the g query heads
+        of a kv head are one matrix ``[B, Hkv, g, D]`` against its cached keys: nothing is repeated."""
         cache.make_room()
         slot = cache.write(k, v, input_pos, ks=None if sel is None else sel[1])
         scale = 1.0 / q.shape[-1] ** 0.5
-        logits = torch.matmul(q, cache.k.transpose(-2, -1)) * scale  # [B, H, 1, cap]
+        B, H, _, D = q.shape
+        Hkv, cap = cache.k.shape[1], cache.k.shape[2]
+        qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
+        logits = (torch.matmul(qg, cache.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
         # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
-        y = torch.matmul(torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1), cache.v)  # [B, H, 1, D]
+        p = torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1)  # [B, H, 1, cap]
+        y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), cache.v).view(B, H, 1, cache.v.shape[-1])  # [B, H, 1, D]
         if self.selection is not None:
             heads = self.selection.heads
             if heads is not None:  # voting heads: their logits are the attention logits just computed

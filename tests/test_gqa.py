@@ -282,3 +282,103 @@ def test_module_equals_multi_head_with_repeated_kv_projections(sel):
     torch.testing.assert_close(dx, ref_dx, **TOL[torch.float64])
     if selection:
         torch.testing.assert_close(gqa.selection_penalty(x), mha.selection_penalty(x), **TOL[torch.float64])
+
+
+# --- the language model and its KV cache ----------------------------------------------------------------
+GPT_VARIANTS = {
+    "standard": dict(),
+    "paper": dict(selection=True),
+    "last-head": dict(selection=True, selection_head=3),
+    "per-head": dict(selection=True, selection_per_head=True),
+    "projection": dict(selection=True, selection_projection=True),
+}
+
+
+def _gpt(n_kv_head, dtype=torch.float64, seed=0, **kw):
+    from selective_attention.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=40, context_len=64, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, **kw)
+    m = GPT(cfg).to(dtype).eval()
+    for b in m.blocks:  # strong logits: F is large, so pruning and masking decisions are not ties
+        b.attn.qkv.weight.data *= 6.0
+    return m
+
+
+def _as_multi_head(gqa):
+    """The multi-head GPT equal to ``gqa``: each kv head's rows of the qkv projection repeated g times."""
+    cfg = gqa.config
+    H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    mha = type(gqa)(type(cfg)(**{**cfg.__dict__, "n_kv_head": None})).to(gqa.tok_emb.weight.dtype).eval()
+    state = dict(gqa.state_dict())
+    for name, w in list(state.items()):
+        if name.endswith("attn.qkv.weight"):
+            q, k, v = w.split([H * D, Hkv * D, Hkv * D])
+            state[name] = torch.cat([q, _repeat_rows(k, Hkv, H // Hkv), _repeat_rows(v, Hkv, H // Hkv)])
+    mha.load_state_dict(state)
+    return mha
+
+
+@pytest.mark.parametrize("variant", list(GPT_VARIANTS))
+def test_gpt_equals_multi_head_with_repeated_kv(variant):
+    m = _gpt(2, **GPT_VARIANTS[variant])
+    assert m.blocks[0].attn.qkv.out_features == (4 + 2 * 2) * 8
+    idx = torch.randint(0, 40, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx), _as_multi_head(m)(idx), **TOL[torch.float64])
+    loss, _ = m.loss(idx, idx)  # trains: every parameter gets a gradient
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", list(GPT_VARIANTS))
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_cached_decoding_equals_full_forward(n_kv_head, variant, dtype):
+    from selective_attention.decoding import Decoder
+
+    m = _gpt(n_kv_head, dtype, **GPT_VARIANTS[variant])
+    idx = torch.randint(0, 40, (2, 30))
+    dec = Decoder(m)
+    logits = [dec.prefill(idx[:, :5], max_new_tokens=25)]
+    for t in range(5, 29):
+        logits.append(dec.step(idx[:, t]))
+    assert dec.caches[0].k.shape == (2, n_kv_head, 30, 8)
+    with torch.no_grad():
+        full = m(idx[:, :29])[:, 4:]
+    torch.testing.assert_close(torch.stack(logits, 1), full, **TOL[dtype])
+
+
+def test_kv_bytes_shrink_and_budgets_hold():
+    from selective_attention.decoding import Decoder
+
+    idx = torch.randint(0, 40, (2, 9))
+    mha, gqa = _gpt(None, selection=True), _gpt(1, selection=True)
+    a, b = Decoder(mha), Decoder(gqa)
+    a.prefill(idx, max_new_tokens=10)
+    b.prefill(idx, max_new_tokens=10)
+    assert sum(b.kv_bytes()) * 4 == sum(a.kv_bytes())  # Hkv / H = 1 / 4
+    for budget in (4, [3, 6]):
+        dec = Decoder(gqa, budget=budget)
+        limits = budget if isinstance(budget, list) else [budget] * 2
+        logits = dec.prefill(idx, max_new_tokens=20)
+        for _ in range(20):
+            assert all(o <= lim for o, lim in zip(dec.occupancy(), limits))
+            logits = dec.step(logits.argmax(-1))
+        assert [c.k.shape[2] for c in dec.caches] == limits and dec.occupancy() == limits
+    # greedy generation through the cache equals recomputing the full forward every step
+    out = gqa.generate(idx, 12, temperature=0)
+    ref = idx
+    with torch.no_grad():
+        for _ in range(12):
+            ref = torch.cat([ref, gqa(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_config_validates_n_kv_head():
+    from selective_attention.model import GPTConfig
+
+    assert GPTConfig(n_head=4).kv_heads == 4 and GPTConfig(n_head=4, n_kv_head=2).kv_heads == 2
+    for bad in (3, 0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=r"n_kv_head must be an int dividing n_head=4.*\[1, 2, 4\]"):
+            GPTConfig(n_head=4, n_kv_head=bad)
