@@ -309,6 +309,7 @@ def _commands() -> dict:
     """``{name: (help, [(options class, base, add_options keywords)], run)}``, in --help order; ``run`` takes the
     options given on the command line, a dict per options class."""
     from .demo import DemoConfig
+    from .hf_demo import HFDemoConfig
     from .train import TRAIN_OPTIONS, TrainConfig
 
     return {
@@ -337,6 +338,12 @@ def _commands() -> dict:
             [(GenerateOptions, None, {})],
             lambda given: cmd_generate(build(GenerateOptions, given)),
         ),
+        "hf-demo": (
+            "Hugging Face: train a Llama-style GQA model with attn_implementation='selective' and 'sdpa', "
+            "save, reload, compare, generate with SelectiveCache (needs the [hf] extra, ~5 min)",
+            [(DemoMode, None, {}), (HFDemoConfig, HFDemoConfig(), {})],
+            cmd_hf_demo,
+        ),
         "bench": (
             "quick speed check: paper mode vs standard attention",
             [(BenchOptions, None, {})],
@@ -351,6 +358,14 @@ def cmd_demo(mode: dict, given: dict) -> None:
 
     base = DemoConfig.quick() if build(DemoMode, mode).quick else DemoConfig()
     run_demo(build(DemoConfig, given, base))
+
+
+def cmd_hf_demo(mode: dict, given: dict) -> None:
+    """``hf-demo``: HFDemoConfig's options over its defaults, or over the quick run's with --quick."""
+    from .hf_demo import HFDemoConfig, run_hf_demo
+
+    base = HFDemoConfig.quick() if build(DemoMode, mode).quick else HFDemoConfig()
+    run_hf_demo(build(HFDemoConfig, given, base))
 
 
 def cmd_train(cfg) -> None:

@@ -317,3 +317,23 @@ def test_package_imports_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "pip install" in out.stdout
+
+
+def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
+    """`selective-attention hf-demo` (tiny): trains both, saves, reloads, evaluates, generates."""
+    import json
+
+    from selective_attention import cli
+
+    out = tmp_path / "hf"
+    argv = ["hf-demo", "--quick", "--steps=3", "--context_len=32", "--eval_windows=2", "--budgets=4,8",
+            "--data=pydoc", f"--out={out}", "--no_progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["val_loss"]) == {"standard", "selective"}
+    assert [r["budget"] for r in report["pruned"]] == ["full", 4, 8]
+    assert report["pruned"][1]["kv_bytes"] < report["pruned"][2]["kv_bytes"] < report["pruned"][0]["kv_bytes"]
+    assert max(report["generated"]["occupancy"]) <= 4
+    again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")
+    assert sa_hf.settings(again.config) == sa_hf.HFSettings()
+    assert "| selective | selective |" in capsys.readouterr().out
