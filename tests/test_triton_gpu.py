@@ -6,8 +6,9 @@ bf16 (the interpreter multiplies bf16 bit patterns in ``tl.dot``); the GPU block
 compiled at head dims 64 and 128 (register and shared-memory limits, the tensor-core paths); lengths
 on both sides of every block size and far past them (odd ones included); every voting mode the kernel
 serves (``Selection()``: head 0 votes, ``Selection(head=h)``, ``Selection(per_head=True)``) through the
-kernel and through ``selective_attention(..., backend="triton")``; head dims that are not powers of
-two and ``Dv != D``; a votes' scale other than the logits'; large logits; tf32; bitwise determinism.
+kernel and through ``selective_attention(..., backend="triton")``; grouped-query attention (k, v with
+``Hkv < H`` heads); head dims that are not powers of two and ``Dv != D``; a votes' scale other than the
+logits'; large logits; tf32; bitwise determinism.
 ``benchmarks/gpu_check.sh`` runs it. Skipped as a whole (one skip, no collection cost) without a CUDA
 GPU or under ``TRITON_INTERPRET=1``.
 
@@ -171,6 +172,40 @@ def test_fp32_tf32(D, mode):
         _check(_kernel(heads, s, s), _spec(heads, s, s), [q, k, v], dout, torch.float32, tf32=True)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# --- grouped-query attention: k, v with Hkv heads, query head h reads kv head h // (H // Hkv) ---------
+GQA = [  # B, H, Hkv, L, D, mode, dtype: the voting head's kv head 0 or not, Hkv = 1, both configs
+    (2, 8, 2, 1000, 64, "head0", "bf16"),
+    (1, 6, 3, 333, 128, "last", "bf16"),
+    (1, 8, 1, 777, 64, "perhead", "fp16"),
+    (2, 4, 2, 300, 128, "last", "fp32"),
+]
+
+
+@pytest.mark.parametrize(
+    "B,H,Hkv,L,D,mode,dtype", GQA, ids=[f"H{h}-Hkv{g}-L{n}-D{d}-{m}-{t}" for _, h, g, n, d, m, t in GQA]
+)
+def test_grouped_query(B, H, Hkv, L, D, mode, dtype):
+    q, _, _, dout = _problem(B, H, L, D, seed=H * Hkv + L)
+    k, v = _problem(B, Hkv, L, D, seed=L)[1:3]
+    heads, s, g = _heads(mode, H), D**-0.5, H // Hkv
+
+    def spec(q, k, v):  # the spec on k, v repeated to H heads; autograd sums dk, dv over each group
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return naive_selective_attention(q, k, v, q[:, heads], k[:, heads], scale=s, sel_scale=s)[0]
+
+    _check(_kernel(heads, s, s), spec, [q, k, v], dout, DTYPES[dtype])
+
+
+def test_grouped_query_public_api():
+    q, _, _, dout = _problem(2, 8, 500, 64, seed=5)
+    k, v = _problem(2, 2, 500, 64, seed=6)[1:3]
+
+    def run(backend):
+        return lambda q, k, v: selective_attention(q, k, v, selection=True, enable_gqa=True, backend=backend)
+
+    _check(run("triton"), run("naive"), [q, k, v], dout, torch.bfloat16)
 
 
 # --- the public API on CUDA: "triton" serves each Selection the kernel supports; "auto" picks it -----
