@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, eviction_score, fcum_after_prompt, keep_after_prefill
+from .kv_cache import LayerCache, fcum_after_prompt
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -308,14 +308,8 @@ def attention_forward(
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, **kw):
-    """``selective_attention`` with grouped-query keys/values ``[B, Hkv, L, D]``."""
-    if k.shape[1] == q.shape[1]:
-        return selective_attention(q, k, v, **kw)
-    try:
-        return selective_attention(q, k, v, enable_gqa=True, **kw)
-    except TypeError:  # TODO(gqa): remove once enable_gqa lands in every backend
-        g = q.shape[1] // k.shape[1]
-        return selective_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **kw)
+    """``selective_attention`` with grouped-query keys/values ``[B, Hkv, L, D]`` (nothing repeated)."""
+    return selective_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1], **kw)
 
 
 # --- the memory loss -------------------------------------------------------------------------------------
@@ -495,80 +489,33 @@ class SelectiveLayer(DynamicLayer):
     def _prefill(
         self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None, sel: Selection | None, scale: float
     ) -> Tensor:
-        """The prompt, exactly; then keep what the budget and threshold allow."""
+        """The prompt, exactly; then keep what the budget and threshold allow (padding is never kept)."""
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
         kpm = None if real is None else ~real[:, :T]
+        if kpm is not None and not bool((~kpm).any(-1).all()):
+            raise ValueError("SelectiveCache: a prompt in the batch is all padding.")
         if sel is None:
             y = _attend(q, k, v, is_causal=True, key_padding_mask=kpm, scale=scale)
+            fcum = q.new_zeros(B, 1, T)  # nothing is ever masked
         else:
             y = _attend(q, k, v, selection=sel, key_padding_mask=kpm, scale=scale)
-        is_real = torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None else real[:, :T]
-        if not bool(is_real.any(-1).all()):
-            raise ValueError("SelectiveCache: a prompt in the batch is all padding.")
-        first = is_real.long().argmax(-1)  # [B]
-        n_groups = 1 if sel is None else sel.n_groups(H)
-        if sel is None:
-            fcum = q.new_zeros(B, 1, T)
-        else:
-            g = H // Hkv
-            heads = range(H)[sel.heads]
-            qs = q[:, heads] * is_real[:, None, :, None]  # padding casts no votes
-            ks = k[:, [h // g for h in heads]]
-            fcum = fcum_after_prompt(qs * (scale * math.sqrt(D)), ks)  # fcum_after_prompt scales by 1/sqrt(D)
-        # relative positions: the first real token is 0 (protected), padding is never kept
-        rel = torch.arange(T, device=q.device)[None, :] - first[:, None]  # [B, T]
-        fcum = fcum.masked_fill((rel == 0)[:, None, :], 0.0)
-        score = eviction_score(fcum).masked_fill(~is_real, float("inf"))
+            qs, ks = sel.voters(q, k)
+            fcum = fcum_after_prompt(qs, ks, scale=scale, key_padding_mask=kpm)  # [B, G, T]
+        self.first = torch.zeros(B, dtype=torch.long, device=q.device) if kpm is None else (~kpm).long().argmax(-1)
         capacity = self.budget if self.budget is not None else T + 64
         self.cache = LayerCache.empty(
-            B, capacity, n_heads=Hkv, n_groups=n_groups, head_dim=D, budget=self.budget, threshold=self.threshold,
-            dtype=k.dtype, device=k.device,
+            B, capacity, n_heads=k.shape[1], n_groups=fcum.shape[1], head_dim=D, budget=self.budget,
+            threshold=self.threshold, dtype=k.dtype, device=k.device,
         )  # fmt: skip
-        for b in range(B):
-            idx = is_real[b].nonzero().squeeze(-1)  # this sequence's real tokens, in order
-            keep = keep_after_prefill(score[b : b + 1, idx], self.budget, self.threshold)[0]
-            kept = idx[keep]
-            n = kept.numel()
-            self.cache.k[b, :, :n] = k[b, :, kept]
-            self.cache.v[b, :, :n] = v[b, :, kept]
-            self.cache.fcum[b, :, :n] = fcum[b, :, kept]
-            self.cache.pos[b, :n] = rel[b, kept]
-        self.first = first
+        self.cache.fill(k, v, fcum, key_padding_mask=kpm)
         return y
-
-    def _grow(self) -> None:
-        """Double an unbudgeted cache's slots when it is full."""
-        c = self.cache
-        if c.budget is not None or bool((c.pos < 0).any(-1).all()):
-            return
-        B, Hkv, cap, D = c.k.shape
-        new = LayerCache.empty(
-            B, 2 * cap, n_heads=Hkv, n_groups=c.fcum.shape[1], head_dim=D, threshold=c.threshold, dtype=c.k.dtype,
-            device=c.k.device,
-        )  # fmt: skip
-        new.k[:, :, :cap], new.v[:, :, :cap], new.fcum[:, :, :cap], new.pos[:, :cap] = c.k, c.v, c.fcum, c.pos
-        self.cache = new
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, position: int, sel: Selection | None, scale: float) -> Tensor:
-        """One token ``[B, H|Hkv, 1, D]`` at absolute ``position``: evict, write, attend, vote."""
+        """One token (``q`` ``[B, H, 1, D]``, ``k, v`` ``[B, Hkv, 1, D]``) at absolute ``position``."""
         c = self.cache
-        c.make_room()
-        self._grow()
-        c = self.cache
-        B, H, _, D = q.shape
-        Hkv = c.k.shape[1]
-        g = H // Hkv
-        slot = c.write(k, v, torch.zeros(1, dtype=torch.long, device=q.device))
-        c.pos.scatter_(1, slot[:, None], (position - self.first)[:, None])  # per-sequence relative position
-        logits = torch.matmul(q.reshape(B, Hkv, g, D), c.k.transpose(-2, -1)) * scale  # [B, Hkv, g, cap]
-        logits = logits.reshape(B, H, 1, -1)
-        acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in at least fp32
-        w = torch.softmax(logits.to(acc) - c.fcum[:, :, None, :].to(acc), dim=-1).to(v.dtype)  # free slots: +inf
-        y = torch.matmul(w.reshape(B, Hkv, g, -1), c.v).reshape(B, H, 1, -1)
-        if sel is not None:
-            c.add_votes(logits[:, sel.heads], slot)
-        return y
+        if c.budget is None and bool((c.pos >= 0).all()):  # unbudgeted and full: double the slots
+            self.cache = c = c.grown(2 * c.capacity)
+        return c.step(q, k, v, position - self.first, sel, scale=scale)
 
 
 class SelectiveCache(Cache):

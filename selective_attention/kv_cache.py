@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .selection import selection_scores
+from .selection import Selection, selection_scores
 
 __all__ = ["LayerCache", "eviction_score", "keep_after_prefill", "evictions", "fcum_after_prompt"]
 
@@ -46,13 +46,19 @@ def eviction_score(fcum: Tensor) -> Tensor:
     return fcum[:, 0] if fcum.shape[1] == 1 else fcum.amin(dim=1)
 
 
-def keep_after_prefill(score: Tensor, budget: int | None, threshold: float | None) -> Tensor:
+def keep_after_prefill(
+    score: Tensor, budget: int | None, threshold: float | None, key_padding_mask: Tensor | None = None
+) -> Tensor:
     """Which of the T prefilled tokens to keep, bool ``[B, T]``: the first always; with a threshold
     those at or under it; with a budget the ``budget - 1`` others with the smallest score (ties: the
-    newer kept). The same outcome as evicting the largest-score (oldest on ties) token one at a time."""
+    newer kept). The same outcome as evicting the largest-score (oldest on ties) token one at a time.
+
+    With ``key_padding_mask`` (bool ``[B, T]``, True = padding) padding is never kept and "the first"
+    is each sequence's first real token."""
     B, T = score.shape
-    cand = torch.ones(B, T, dtype=torch.bool, device=score.device)
-    cand[:, 0] = False
+    real = torch.ones(B, T, dtype=torch.bool, device=score.device) if key_padding_mask is None else ~key_padding_mask
+    first = real & (real.cumsum(dim=-1) == 1)  # the protected token of each sequence
+    cand = real & ~first
     if threshold is not None:
         cand &= score <= threshold
     if budget is not None:
@@ -60,8 +66,7 @@ def keep_after_prefill(score: Tensor, budget: int | None, threshold: float | Non
         key = score[:, newest_first].masked_fill(~cand[:, newest_first], float("inf"))
         ranked = newest_first[torch.sort(key, dim=-1, stable=True).indices]  # keep-preference order
         cand &= torch.zeros_like(cand).scatter_(1, ranked[:, : budget - 1], True)
-    cand[:, 0] = True
-    return cand
+    return cand | first
 
 
 def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | None) -> Tensor:
@@ -84,15 +89,21 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
     return over | victim
 
 
-def fcum_after_prompt(qs: Tensor, ks: Tensor, chunk: int = 256) -> Tensor:
+def fcum_after_prompt(
+    qs: Tensor, ks: Tensor, chunk: int = 256, *, scale: float | None = None, key_padding_mask: Tensor | None = None
+) -> Tensor:
     """``Fcum`` after a prompt of T tokens, ``[B, G, T]``: ``sum_k S[k, j]`` over all T voting rows,
     the F that the query after the prompt sees, from the voters ``qs`` ``[B, G, T, D]`` and ``ks``
     ``[B, G, T, D]`` (or ``[B, Gk, T, D]``, grouped-query heads: query head i with key head ``i // (G // Gk)``,
-    not repeated). Chunked over the voting rows: never ``[B, G, T, T]``."""
+    not repeated). ``scale``: the voting logits' (default ``1 / sqrt(D)``). ``key_padding_mask`` (bool
+    ``[B, T]``, True = padding): padding neither votes nor is voted on and each sequence's first real
+    token is the protected one (:func:`~selective_attention.selection.vote_mask`). Chunked over the
+    voting rows: never ``[B, G, T, T]``."""
     out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2])
-    scale = 1.0 / math.sqrt(qs.shape[-1])
+    scale = 1.0 / math.sqrt(qs.shape[-1]) if scale is None else scale
     for i0 in range(0, qs.shape[2], chunk):
-        out += selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=scale, offset=i0).sum(dim=-2)
+        rows = qs[:, :, i0 : i0 + chunk]
+        out += selection_scores(rows, ks, scale=scale, offset=i0, key_padding_mask=key_padding_mask).sum(dim=-2)
     return out
 
 
@@ -162,24 +173,47 @@ class LayerCache:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.ks) if t is not None)
 
     # --- prefill -----------------------------------------------------------------------------------
-    def fill(self, k: Tensor, v: Tensor, fcum: Tensor, ks: Tensor | None = None) -> None:
+    def fill(
+        self, k: Tensor, v: Tensor, fcum: Tensor, ks: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> None:
         """Store a prompt read exactly: ``k, v`` ``[B, Hkv, T, D]``, its ``fcum`` ``[B, G, T]`` (and the
-        selector's keys ``[B, G, T, D]``) at positions ``0 .. T-1``. Keeps what the policy allows
-        (:func:`keep_after_prefill`), compacted to the front of the buffers in position order."""
-        keep = keep_after_prefill(eviction_score(fcum), self.budget, self.threshold)  # [B, T]
+        selector's keys ``[B, G, T, D]``). Keeps what the policy allows (:func:`keep_after_prefill`),
+        compacted to the front of the buffers in position order. Positions count from each sequence's
+        first real token (``key_padding_mask``, bool ``[B, T]``, True = padding; without it, from 0): the
+        protected token is at position 0 and padding is never stored."""
+        keep = keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)  # [B, T]
         if int(keep.sum(-1).max()) > self.capacity:
             raise ValueError(
                 f"{int(keep.sum(-1).max())} prompt tokens to keep, but the cache has {self.capacity} slots."
             )
+        first = 0 if key_padding_mask is None else (~key_padding_mask).long().argmax(dim=-1)  # [B]
         for b in range(k.shape[0]):
             kept = keep[b].nonzero().squeeze(-1)
             n = kept.numel()
             self.k[b, :, :n] = k[b, :, kept]
             self.v[b, :, :n] = v[b, :, kept]
             self.fcum[b, :, :n] = fcum[b, :, kept]
-            self.pos[b, :n] = kept
+            self.pos[b, :n] = kept - (first if isinstance(first, int) else first[b])
             if ks is not None:
                 self.ks[b, :, :n] = ks[b, :, kept]
+
+    def grown(self, capacity: int) -> LayerCache:
+        """A copy of this (unbudgeted) cache with ``capacity`` slots, the new ones free: for callers that
+        cannot size the buffers in advance (:class:`selective_attention.hf.SelectiveCache`)."""
+        if self.budget is not None or capacity < self.capacity:
+            raise ValueError(f"only an unbudgeted cache grows, to at least {self.capacity} slots; got {capacity}.")
+        B, Hkv, cap, D = self.k.shape
+        new = LayerCache.empty(
+            B, capacity, n_heads=Hkv, n_groups=self.fcum.shape[1], head_dim=D, selector_keys=self.ks is not None,
+            threshold=self.threshold, dtype=self.k.dtype, device=self.k.device,
+        )  # fmt: skip
+        if self.v.shape[-1] != D:
+            new.v = self.v.new_zeros(B, Hkv, capacity, self.v.shape[-1])
+        for name in ("k", "v", "fcum", "pos", "ks"):
+            old = getattr(self, name)
+            if old is not None:
+                (getattr(new, name)[:, :, :cap] if old.dim() >= 3 else getattr(new, name)[:, :cap]).copy_(old)
+        return new
 
     # --- one step: make room, write, (attend: the layer's), vote ---------------------------------------
     def make_room(self) -> None:
@@ -192,17 +226,64 @@ class LayerCache:
 
     def write(self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None) -> Tensor:
         """Write one token (``k, v`` ``[B, Hkv, 1, D]``, selector key ``[B, G, 1, D]``) at position
-        ``input_pos`` ``[1]`` into each sequence's first free slot, with ``Fcum = 0``; returns the
-        slots ``[B]``."""
+        ``input_pos`` (``[1]``, or ``[B]``: one per sequence, counted from its first real token) into each
+        sequence's first free slot, with ``Fcum = 0``; returns the slots ``[B]``."""
         B, H, _, D = k.shape
         slot = self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest  [B]
         self.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
         self.v.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
         self.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, self.fcum.shape[1], 1), 0.0)
-        self.pos.scatter_(1, slot[:, None], input_pos.view(1, 1).expand(B, 1))
+        self.pos.scatter_(1, slot[:, None], input_pos.view(-1, 1).expand(B, 1))
         if ks is not None:
             self.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, ks.shape[1], 1, ks.shape[-1]), ks)
         return slot
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        input_pos: Tensor,
+        selection: Selection | None = None,
+        selector: tuple[Tensor, Tensor] | None = None,
+        *,
+        scale: float | None = None,
+    ) -> Tensor:
+        """One token through the cache -> ``[B, H, 1, Dv]``: make room (so at most ``budget`` tokens are
+        stored and attended, the new one included), write it, attend with ``-Fcum``, and add its votes.
+
+        Args:
+            q: ``[B, H, 1, D]`` the token's queries; k, v: ``[B, Hkv, 1, D]`` its keys and values
+                (grouped-query attention: the g query heads of a kv head are one ``[B, Hkv, g, D]``
+                matrix against its cached keys; nothing is repeated).
+            input_pos: ``[1]`` or ``[B]``, the token's position (see :meth:`write`).
+            selection: who votes (``None``: a standard layer, no votes); a voting head's votes are its
+                attention logits, already computed.
+            selector: a dedicated voting pair's ``(qs, ks)`` ``[B, G, 1, Ds]`` (``Selection(projection=True)``).
+            scale: the logit scale (default ``1 / sqrt(D)``).
+
+        Static shapes, no data-dependent Python branches: compiles once. The softmax runs in at least
+        float32."""
+        self.make_room()
+        slot = self.write(k, v, input_pos, ks=None if selector is None else selector[1])
+        B, H, _, D = q.shape
+        Hkv, cap = self.k.shape[1], self.k.shape[2]
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
+        logits = (torch.matmul(qg, self.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
+        # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
+        acc = torch.promote_types(q.dtype, torch.float32)
+        p = torch.softmax(logits.to(acc) - self.fcum[:, :, None, :].to(acc), dim=-1).to(v.dtype)  # [B, H, 1, cap]
+        y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
+        if selection is not None:
+            if selection.heads is not None:  # voting heads: their logits are the attention logits just computed
+                votes = logits[:, selection.heads]  # [B, G, 1, cap]
+            else:  # a dedicated pair: its own logits against the cached selector keys
+                qs = selector[0]
+                vscale = scale if qs.shape[-1] == D else 1.0 / math.sqrt(qs.shape[-1])
+                votes = torch.matmul(qs, self.ks.transpose(-2, -1)) * vscale  # [B, G, 1, cap]
+            self.add_votes(votes, slot)
+        return y
 
     def add_votes(self, vote_logits: Tensor, slot: Tensor) -> None:
         """Add the new token's votes ``relu(vote_logits)`` (``[B, G, 1, cap]``, the voters' scaled

@@ -335,30 +335,9 @@ class Attention(nn.Module):
         input_pos: Tensor,
     ) -> Tensor:
         """One token (``q`` ``[B, H, 1, D]``, ``k, v`` ``[B, Hkv, 1, D]`` at ``input_pos``) through the cache
-        -> ``[B, H, 1, D]``.
-
-        Makes room first (so at most ``budget`` tokens are stored and attended, the new one included),
-        then writes the token, attends with ``-Fcum``, and adds its votes. Static shapes, no
-        data-dependent Python branches (compiles once). Under grouped-query attention the g query heads
-        of a kv head are one matrix ``[B, Hkv, g, D]`` against its cached keys: nothing is repeated."""
-        cache.make_room()
-        slot = cache.write(k, v, input_pos, ks=None if sel is None else sel[1])
-        scale = 1.0 / q.shape[-1] ** 0.5
-        B, H, _, D = q.shape
-        Hkv, cap = cache.k.shape[1], cache.k.shape[2]
-        qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
-        logits = (torch.matmul(qg, cache.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
-        # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
-        p = torch.softmax(logits - cache.fcum[:, :, None, :], dim=-1)  # [B, H, 1, cap]
-        y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), cache.v).view(B, H, 1, cache.v.shape[-1])  # [B, H, 1, D]
-        if self.selection is not None:
-            heads = self.selection.heads
-            if heads is not None:  # voting heads: their logits are the attention logits just computed
-                votes = logits[:, heads]  # [B, G, 1, cap]
-            else:  # a dedicated pair: its own logits against the cached selector keys
-                votes = torch.matmul(sel[0], cache.ks.transpose(-2, -1)) * scale  # [B, G, 1, cap]
-            cache.add_votes(votes, slot)
-        return y
+        -> ``[B, H, 1, D]``: :meth:`LayerCache.step <selective_attention.kv_cache.LayerCache.step>` (make room,
+        write, attend with ``-Fcum``, vote). Static shapes: compiles once."""
+        return cache.step(q, k, v, input_pos, self.selection, sel)
 
 
 class MLP(nn.Module):

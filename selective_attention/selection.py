@@ -213,7 +213,6 @@ def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
     G, Gk = a.shape[-3], b.shape[-3]
     if a.dim() != b.dim():  # broadcasting over leading dims: torch.matmul's own rule
         return torch.matmul(a, b)
-        return torch.matmul(a, b)
     if Gk == 0 or G % Gk:
         raise ValueError(f"grouped_matmul: {G} heads of a cannot be grouped over {Gk} heads of b.")
     M, K = a.shape[-2:]

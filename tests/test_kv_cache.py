@@ -71,3 +71,41 @@ def test_layer_cache_write_make_room_vote():
     assert c.attended_next() == 3  # one evicted, the new one written
     with pytest.raises(ValueError, match="budget=3 has exactly that many slots"):
         LayerCache.empty(1, 4, n_heads=2, n_groups=1, head_dim=4, budget=3)
+
+
+@pytest.mark.parametrize("budget, threshold", [(2, None), (4, None), (None, 1.0), (3, 1.5)])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_keep_after_prefill_with_left_padding_is_the_unpadded_rule_shifted(budget, threshold, pad):
+    """Padding is never kept; the protected token is the first real one."""
+    real = [0.0, 3.0, 1.0, 1.0, 0.5, 2.0, 1.0]
+    score = torch.tensor([[9.0] * pad + real])
+    kpm = torch.tensor([[True] * pad + [False] * len(real)])
+    keep = keep_after_prefill(score, budget, threshold, kpm)
+    assert keep[0].nonzero().squeeze(-1).tolist() == [pad + j for j in evict_one_at_a_time(real, budget, threshold)]
+
+
+def test_fcum_after_prompt_with_padding_equals_the_unpadded_prompt():
+    g = torch.Generator().manual_seed(0)
+    qs, ks = (torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    pad = torch.randn(1, 2, 3, 8, dtype=torch.float64, generator=g)  # padding's values must not matter
+    kpm = torch.tensor([[True] * 3 + [False] * 9])
+    padded = fcum_after_prompt(torch.cat([pad, qs], 2), torch.cat([pad, ks], 2), scale=0.3, key_padding_mask=kpm)
+    torch.testing.assert_close(padded[..., 3:], fcum_after_prompt(qs, ks, scale=0.3), rtol=1e-12, atol=1e-12)
+    assert padded[..., :3].abs().sum() == 0 and padded[..., 3].abs().sum() == 0  # no votes for padding, or the first
+
+
+def test_fill_with_padding_counts_positions_from_the_first_real_token_and_grown_keeps_everything():
+    c = LayerCache.empty(2, 6, n_heads=1, n_groups=1, head_dim=2, dtype=torch.float64)
+    k = torch.arange(2 * 5 * 2, dtype=torch.float64).view(2, 1, 5, 2)
+    kpm = torch.tensor([[True, True, False, False, False], [False] * 5])
+    c.fill(k, k, torch.zeros(2, 1, 5, dtype=torch.float64), key_padding_mask=kpm)
+    assert c.pos.tolist() == [[0, 1, 2, -1, -1, -1], [0, 1, 2, 3, 4, -1]]  # padding is not stored
+    torch.testing.assert_close(c.k[0, 0, :3], k[0, 0, 2:])
+    big = c.grown(9)
+    assert big.capacity == 9 and big.pos[:, :6].tolist() == c.pos.tolist() and (big.pos[:, 6:] == -1).all()
+    torch.testing.assert_close(big.k[:, :, :6], c.k)
+    assert (big.fcum[:, :, 6:] == float("inf")).all()
+    big.write(k[:, :, :1], k[:, :, :1], torch.tensor([3, 5]))  # one position per sequence
+    assert big.pos[:, :6].tolist() == [[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="unbudgeted"):
+        LayerCache.empty(1, 3, n_heads=1, n_groups=1, head_dim=2, budget=3).grown(6)
