@@ -337,3 +337,36 @@ def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
     again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")
     assert sa_hf.settings(again.config) == sa_hf.HFSettings()
     assert "| selective | selective |" in capsys.readouterr().out
+
+
+def test_attention_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.attention_dropout = 0.3
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective")
+    ids = torch.randint(1, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.train()
+    a, b = model(ids).logits, model(ids).logits
+    assert (a - b).abs().max() > 1e-4  # different dropout draws
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_selective_cache_refuses_a_model_whose_attention_bypasses_it():
+    model = build("llama", impl="sdpa")
+    with pytest.raises(RuntimeError, match="attn_implementation='selective'"):
+        model.generate(torch.randint(1, V, (1, 5)), cache=sa_hf.SelectiveCache(), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_forward_and_generate_match_the_spec(dtype):
+    ids, mask, pos = padded_batch(lengths=(40, 40))  # no padding: the Triton kernel serves it
+    model = build("llama", dtype=dtype).cuda()
+    ref = build("llama", impl="selective_ref", dtype=torch.float64).cuda()
+    out = model(ids.cuda()).logits.double()
+    want = ref(ids.cuda()).logits
+    assert (out - want).abs().max() < (0.1 if dtype == torch.bfloat16 else 1e-3)
+    cache = sa_hf.SelectiveCache(budget=8)
+    gen = model.generate(ids.cuda(), cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 48) and max(cache.occupancy()) <= 8
