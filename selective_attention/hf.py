@@ -27,6 +27,7 @@ The attention function runs every call through :func:`selective_attention.functi
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Sequence
@@ -166,9 +167,19 @@ def configure(
     return config
 
 
+_PARSED: dict[int, tuple[dict | None, HFSettings]] = {}  # id(config) -> (the dict as parsed, its settings)
+
+
 def settings(config) -> HFSettings:
-    """The :class:`HFSettings` of a model config (defaults when it has none)."""
-    return HFSettings.from_dict(getattr(config, CONFIG_KEY, None))
+    """The :class:`HFSettings` of a model config (defaults when it has none). Parsed once per config and
+    per value of the dict (every attention call reads it)."""
+    d = getattr(config, CONFIG_KEY, None)
+    hit = _PARSED.get(id(config))
+    if hit is not None and hit[0] == d:
+        return hit[1]
+    s = HFSettings.from_dict(d)
+    _PARSED[id(config)] = (None if d is None else json.loads(json.dumps(d)), s)  # a deep copy
+    return s
 
 
 # --- registration --------------------------------------------------------------------------------------
