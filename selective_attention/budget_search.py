@@ -6,6 +6,10 @@ every ratio here counts all b slots. "At equal loss" is the paper's "same valida
 target is the full-cache *standard* model's loss, with no tolerance unless one is asked for; and a
 searched budget holds only if it also meets the target on held-out windows that the search never saw
 (check with :func:`pruned_loss` on those).
+
+Every function takes the eviction ``policy`` (``"selective"``, the paper's, by default; ``"window"``,
+``"h2o"`` for the KV-compression baselines; ``recent`` for H2O's recent window) under the same budget
+definition, on any model: :mod:`selective_attention.kv_cache`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .decoding import Decoder
+from .kv_cache import check_policy
 from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
@@ -26,13 +31,20 @@ __all__ = ["pruned_logits", "pruned_loss", "search_budgets", "BudgetSearch"]
 
 @torch.no_grad()
 def pruned_logits(
-    model: GPT, x: Tensor, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
+    model: GPT,
+    x: Tensor,
+    *,
+    budget: int | Sequence[int] | None = None,
+    threshold: float | None = None,
+    policy: str = "selective",
+    recent: int | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Next-token logits ``[B, T, vocab]`` when ``x`` ``[B, T]`` is read one token at a time through a
-    pruned KV cache, and the per-layer occupancy at the end. With no budget and no threshold they equal
-    the full forward's logits (the cache is exact)."""
+    KV cache pruned by ``policy`` (:class:`~selective_attention.decoding.Decoder`), and the per-layer
+    occupancy at the end. With no budget and no threshold (or a budget >= T) they equal the full
+    forward's logits (the cache is exact), whatever the policy."""
     T = x.shape[1]
-    dec = Decoder(model, budget=budget, threshold=threshold)
+    dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
     logits = [dec.prefill(x[:, :1], T - 1)]
     for t in range(1, T):
         logits.append(dec.step(x[:, t]))
@@ -40,13 +52,21 @@ def pruned_logits(
 
 
 def pruned_loss(
-    model: GPT, x: Tensor, y: Tensor, *, budget: int | Sequence[int] | None = None, threshold: float | None = None
+    model: GPT,
+    x: Tensor,
+    y: Tensor,
+    *,
+    budget: int | Sequence[int] | None = None,
+    threshold: float | None = None,
+    policy: str = "selective",
+    recent: int | None = None,
 ) -> tuple[float, list[int]]:
     """Mean next-token cross-entropy (nats) of ``y`` ``[B, T]`` (-100 = not scored) when ``x`` ``[B, T]``
-    is read through a pruned KV cache (:func:`pruned_logits`), and the per-layer occupancy at the end."""
+    is read through a KV cache pruned by ``policy`` (:func:`pruned_logits`), and the per-layer occupancy
+    at the end."""
     if not (y != -100).any():
         raise ValueError("pruned_loss: every target is -100 (ignored), so there is no loss to compute.")
-    logits, occupancy = pruned_logits(model, x, budget=budget, threshold=threshold)
+    logits, occupancy = pruned_logits(model, x, budget=budget, threshold=threshold, policy=policy, recent=recent)
     return token_loss(logits, y).item(), occupancy
 
 
@@ -60,6 +80,7 @@ class BudgetSearch:
     target: float  # the loss the budgets had to stay at or under (before the tolerance)
     tolerance: float  # nats allowed above the target (0 = the paper's equal loss)
     context: int  # tokens per sequence (the full cache per layer)
+    policy: str = "selective"  # the eviction policy the budgets were searched with
     evaluations: list[dict] = field(default_factory=list)
 
     @property
@@ -75,12 +96,14 @@ def search_budgets(
     *,
     target: float | None = None,
     tolerance: float = 0.0,
+    policy: str = "selective",
+    recent: int | None = None,
     progress: bool = False,
 ) -> BudgetSearch:
     """Per-layer budgets as small as the loss allows: layer by layer, binary-search the smallest budget
-    (>= 2: the first token and the newest) that keeps the loss on ``x, y`` (all layers at their
-    current budgets) at most ``target + tolerance``. Assumes the loss does not improve when a budget
-    shrinks.
+    (>= 2: the first token and the newest; with an H2O ``recent``, >= recent + 1) that keeps the loss on
+    ``x, y`` (all layers at their current budgets) at most ``target + tolerance``. Assumes the loss does
+    not improve when a budget shrinks.
 
     Args:
         model: a trained GPT (eval mode).
@@ -88,11 +111,14 @@ def search_budgets(
         target: the loss to match, e.g. the full-cache standard model's loss on ``x, y`` (the paper's
             "equal validation perplexity"). Default: this model's own full-cache loss.
         tolerance: nats allowed above ``target``; 0 by default. Report it next to every ratio it gives.
+        policy, recent: the eviction policy (and H2O's recent window; default half of each budget) the
+            budgets are searched with (:func:`pruned_logits`).
     """
     if not tolerance >= 0 or not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be a finite number of nats >= 0, got {tolerance!r}.")
     if target is not None and not math.isfinite(target):
         raise ValueError(f"target must be a finite loss, got {target!r}.")
+    check_policy(policy, None, recent)
     T = x.shape[1]
     if T < 2:
         raise ValueError(f"the search windows must hold at least 2 tokens, got T={T}.")
@@ -103,11 +129,11 @@ def search_budgets(
     evals: list[dict] = []
     bar = progress_bar(n, "budget search", enabled=progress)
     for layer in range(n):
-        lo, hi = 2, budgets[layer]
+        lo, hi = 2 if recent is None else recent + 1, budgets[layer]  # room for the first token (and the window)
         while lo < hi:
             mid = (lo + hi) // 2
             trial = budgets[:layer] + [mid] + budgets[layer + 1 :]
-            loss, _ = pruned_loss(model, x, y, budget=trial)
+            loss, _ = pruned_loss(model, x, y, budget=trial, policy=policy, recent=recent)
             evals.append({"budgets": trial, "loss": loss})
             if loss <= goal:
                 hi = mid
@@ -117,7 +143,7 @@ def search_budgets(
         bar.update(1)
         bar.set_postfix(budgets=str(budgets))
     bar.close()
-    final, _ = pruned_loss(model, x, y, budget=budgets)
+    final, _ = pruned_loss(model, x, y, budget=budgets, policy=policy, recent=recent)
     return BudgetSearch(
         budgets=budgets,
         loss=final,
@@ -125,5 +151,6 @@ def search_budgets(
         target=full if target is None else target,
         tolerance=tolerance,
         context=T,
+        policy=policy,
         evaluations=evals,
     )

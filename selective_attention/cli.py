@@ -9,6 +9,7 @@ option classes below.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -42,6 +43,19 @@ _threshold = finite_number(positive=True, hint="; omit --threshold to evict by -
 _temperature = finite_number(positive=False, hint="; 0 = greedy")
 _top_k = int_at_least(1, hint="; omit --top_k to sample from every token")
 BUDGET_HELP = "KV budget: one int, or one per layer: 32,16,16,8 (omit: the whole context)"
+POLICY_CHOICES = ("selective", "window", "h2o")  # kv_cache.POLICIES (not imported here: the CLI loads lazily)
+
+
+def _one_of(choices: Sequence[str]):
+    """An argparse ``type``: one of ``choices``; argparse reports another naming the option and the choices."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    parse.metavar = "{" + ",".join(choices) + "}"
+    return parse
 
 
 @dataclass
@@ -50,7 +64,21 @@ class EvalOptions:
     data: str | None = None  # the corpus to evaluate on (omit: the one the model was trained on)
     budget: str | None = field(default=None, metadata={"help": BUDGET_HELP})
     threshold: float | None = field(
-        default=None, metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this"}
+        default=None,
+        metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this (--policy=selective only)"},
+    )
+    policy: str = field(
+        default="selective",
+        metadata={
+            "type": _one_of(POLICY_CHOICES),
+            "help": "which token a full layer evicts (never the first): selective = the largest penalty F (the "
+            "paper), window = the oldest (StreamingLLM-style), h2o = the least attention received, outside a "
+            "recent window (H2O-style)",
+        },
+    )
+    recent: int | None = field(
+        default=None,
+        metadata={"type": positive_int, "help": "--policy=h2o: the recent window, newest included (omit: budget/2)"},
     )
     context_len: int | None = field(
         default=None, metadata={"type": positive_int, "help": "tokens per window (omit: the model's)"}
@@ -180,10 +208,14 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits
+    from .kv_cache import check_policy
     from .model import token_loss
     from .train import Task, TrainConfig, evaluate, model_from_checkpoint
 
     budget = _budget_arg(args.budget)
+    check_policy(args.policy, args.threshold, args.recent)  # before loading anything
+    if args.policy != "selective" and budget is None:
+        raise ValueError(f"--policy={args.policy} chooses what a full layer evicts: pass --budget as well.")
     model, meta = model_from_checkpoint(args.ckpt)
     _check_budget_layers(budget, model.config.n_layer)
     ctx = model.config.context_len
@@ -214,7 +246,9 @@ def cmd_eval(args: EvalOptions) -> dict:
     else:
         losses, correct, total = [], 0, 0
         for x, y, answer in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
-            logits, occupancy = pruned_logits(model, x, budget=budget, threshold=args.threshold)
+            logits, occupancy = pruned_logits(
+                model, x, budget=budget, threshold=args.threshold, policy=args.policy, recent=args.recent
+            )
             losses.append(token_loss(logits, y).item())
             if answer is not None:
                 correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
@@ -232,6 +266,10 @@ def cmd_eval(args: EvalOptions) -> dict:
         out["bits_per_byte"] = loss * n_tokens / n_bytes / math.log(2)
     out["tokenizer"] = task.tokenizer.kind
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
+    if prunes:
+        out["policy"] = args.policy
+        if args.policy == "h2o":
+            out["recent"] = args.recent if args.recent is not None else "budget // 2"
     if occupancy is not None:
         out["kv_tokens_per_layer"] = occupancy
     if args.json:

@@ -9,7 +9,8 @@ imports ``model.py``, which imports this module for ``GPT.generate``): any modul
 
 Properties kept from the first implementation (DESIGN §4): cached decoding without pruning equals the
 full forward pass; a budget b is at most b tokens stored and attended per step, the newest included
-(b slots, room made before the write); threshold eviction; :meth:`Decoder.occupancy` and
+(b slots, room made before the write), whichever eviction policy chooses the token that goes
+(``policy``: ``"selective"``, ``"window"``, ``"h2o"``); threshold eviction; :meth:`Decoder.occupancy` and
 :meth:`Decoder.kv_bytes` count every slot. The step (:func:`decode_one_token`) has static shapes, so
 ``torch.compile`` compiles it once; :meth:`Decoder.step` checks what it would otherwise do silently
 wrong (a token out of the vocabulary, a step past the buffers' capacity, more tokens attended than the
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .kv_cache import LayerCache
+from .kv_cache import LayerCache, check_policy, h2o_recent
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -37,9 +38,16 @@ class Decoder:
             no decoding state: the caches are this decoder's, so several decoders may share a model.
         budget: per layer, the most tokens stored and attended at any step, the newest included (an
             int for all layers, or a list, one per layer; each >= 2: the first token and the newest);
-            ``None`` keeps everything. Layers without selection have Fcum = 0, so for them a budget
-            is a sliding window that keeps the first token.
-        threshold: evict any token whose Fcum exceeds this (before the next step attends).
+            ``None`` keeps everything.
+        threshold: evict any token whose Fcum exceeds this (before the next step attends); policy
+            ``"selective"`` only.
+        policy: which token a full layer evicts (never the first; :mod:`~selective_attention.kv_cache`):
+            ``"selective"`` (the paper) the largest Fcum, the oldest on ties (layers without selection
+            have Fcum = 0, so for them it is a sliding window); ``"window"`` the oldest (StreamingLLM-style:
+            the first token and the most recent); ``"h2o"`` (H2O-style heavy hitters) the one with the
+            least attention received so far, outside a recent window. Any policy works on any model.
+        recent: ``"h2o"`` only: the recent window, in tokens, the newest included (default: half of each
+            layer's budget; at most the smallest budget - 1).
         compile: run :meth:`step` through ``torch.compile`` (inductor; static shapes, so it compiles
             once, a few seconds, and again only for another model, batch size, cache size or
             threshold; past dynamo's recompile limit, 8 by default, it runs eager). It pays off
@@ -60,6 +68,8 @@ class Decoder:
         *,
         budget: int | Sequence[int] | None = None,
         threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
         compile: bool = False,
     ) -> None:
         n = model.config.n_layer
@@ -81,9 +91,14 @@ class Decoder:
                 )
         if threshold is not None and not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold!r}.")
+        check_policy(policy, threshold, recent)
+        if policy == "h2o":
+            for b in budgets:
+                h2o_recent(b, recent)  # the recent window fits every budget
         self.model = model
         self.budgets = budgets
         self.threshold = threshold
+        self.policy, self.recent = policy, recent
         self.caches: list[LayerCache] = []
         self.t: Tensor | None = None  # position of the next token, a 0-d long tensor
         self._pos = 0  # the same position as a Python int, for the checks in step()
@@ -122,7 +137,9 @@ class Decoder:
                 f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds context_len={cfg.context_len}; "
                 f"pass budget=... (at most {cfg.context_len} for every layer) to decode past it with a pruned cache."
             )
-        self.caches = model.new_caches(B, T + max_new_tokens, budgets=self.budgets, threshold=self.threshold)
+        cap = T + max_new_tokens
+        kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
+        self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
         logits = model.decode(idx, self.caches)
         self.t = torch.tensor(T, device=idx.device)
         self._pos, self._end, self._max_new = T, T + max_new_tokens, max_new_tokens

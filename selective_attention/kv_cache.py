@@ -22,6 +22,26 @@ Slots are reused (a free slot has position -1 and ``Fcum = +inf``, so the attent
 already excludes it); positions are tensors. So a step has static shapes and no Python branches on
 data: ``torch.compile`` compiles it once.
 
+Eviction policies (``LayerCache.policy``; each rule is one small function below, for the prompt and
+for a step), all under the same budget definition and all protecting the first token (each sequence's
+first real token) in every policy:
+
+* ``"selective"`` (the default; the paper): the largest ``Fcum`` goes (:func:`evictions`,
+  :func:`keep_after_prefill`). On a model without selection ``Fcum`` is 0, so this is a sliding window.
+* ``"window"``: StreamingLLM-style, the first token (its "attention sink") plus the most recent ones:
+  the oldest other token goes (:func:`window_evictions`, :func:`window_keep_after_prefill`).
+* ``"h2o"``: H2O-style heavy hitters, a recent window of ``recent`` tokens (the newest included;
+  default half the budget) plus the tokens that received the most attention so far, summed over
+  heads and over every query (the prompt's included): the non-recent token with the smallest
+  accumulated attention goes, the oldest on ties (:func:`h2o_evictions`,
+  :func:`h2o_keep_after_prefill`). Keeping the first token is this package's choice for H2O (the
+  paper does not protect it), so every policy keeps the same token that selection never masks. The
+  accumulator ``acc`` is one more per-slot buffer (bookkeeping, like ``fcum`` and ``pos``);
+  :meth:`LayerCache.step` adds each step's attention weights to it, and :func:`attention_received`
+  gives the prompt's (column sums of its attention weights, chunked).
+
+A threshold is a selective rule (it evicts by ``Fcum``): the other policies refuse it.
+
 This file is the cache and the policy only: plain tensor functions and a dataclass of buffers. The
 attention layer (``model.Attention``) reads and writes it; ``decoding.Decoder`` drives it.
 """
@@ -34,12 +54,86 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .selection import Selection, selection_scores
+from .selection import Selection, exclusive_cumsum, grouped_matmul, selection_scores
 
-__all__ = ["LayerCache", "eviction_score", "keep_after_prefill", "evictions", "fcum_after_prompt"]
+__all__ = [
+    "LayerCache",
+    "POLICIES",
+    "check_policy",
+    "eviction_score",
+    "keep_after_prefill",
+    "evictions",
+    "window_keep_after_prefill",
+    "window_evictions",
+    "h2o_keep_after_prefill",
+    "h2o_evictions",
+    "fcum_after_prompt",
+    "attention_received",
+]
+
+POLICIES = ("selective", "window", "h2o")  # the eviction policies (module docstring)
 
 
-# --- the policy: plain tensor functions ------------------------------------------------------------
+def check_policy(policy: str, threshold: float | None = None, recent: int | None = None) -> None:
+    """Refuse an unknown policy, a threshold with a policy other than ``"selective"`` and ``recent`` with a
+    policy other than ``"h2o"`` (each would be silently ignored)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}.")
+    if threshold is not None and policy != "selective":
+        raise ValueError(
+            f"threshold applies to policy='selective' only (it evicts by the penalty F); got policy={policy!r}. "
+            f"Drop the threshold, or use policy='selective'."
+        )
+    if recent is not None and policy != "h2o":
+        raise ValueError(f"recent (the H2O recent window) applies to policy='h2o' only; got policy={policy!r}.")
+    if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 1):
+        raise ValueError(f"recent must be an int >= 1 (the newest token included), got {recent!r}.")
+
+
+def h2o_recent(budget: int | None, recent: int | None) -> int | None:
+    """The recent window of an H2O layer with ``budget``: ``recent``, or half the budget (at least 1). It must
+    leave a slot for the first token: ``1 <= recent <= budget - 1``."""
+    if budget is None:
+        return recent
+    r = max(1, budget // 2) if recent is None else recent
+    if not 1 <= r <= budget - 1:
+        raise ValueError(
+            f"recent={r} does not fit budget={budget}: the recent window (the newest token included) and the "
+            f"first token share the budget, so 1 <= recent <= budget - 1 = {budget - 1}."
+        )
+    return r
+
+
+# --- the policies: plain tensor functions (shared helpers first) ----------------------------------------
+def _first_and_real(shape: tuple[int, int], device, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(first, real)``, bool ``[B, T]``: each sequence's protected first real token, and its real tokens."""
+    B, T = shape
+    real = torch.ones(B, T, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask
+    return real & (real.cumsum(dim=-1) == 1), real
+
+
+def _keep_smallest(key: Tensor, cand: Tensor, n: Tensor | int) -> Tensor:
+    """Of the candidates ``cand`` (bool ``[B, T]``), the ``n`` (per row: ``[B]``) with the smallest ``key``,
+    the newer kept on ties: what evicting the largest (the oldest on ties) one at a time leaves."""
+    B, T = key.shape
+    newest_first = torch.arange(T - 1, -1, -1, device=key.device)
+    k = key[:, newest_first].masked_fill(~cand[:, newest_first], float("inf"))
+    ranked = newest_first[torch.sort(k, dim=-1, stable=True).indices]  # keep-preference order  [B, T]
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(T, device=key.device).expand(B, T))
+    n = torch.as_tensor(n, device=key.device).view(-1, 1)
+    return cand & (rank < n)
+
+
+def _evict_largest(score: Tensor, evictable: Tensor, pos: Tensor, full: Tensor) -> Tensor:
+    """Bool ``[B, cap]``: in each row where ``full`` (``[B]``), the ``evictable`` slot with the largest
+    ``score``, the oldest (smallest position) on ties; nothing elsewhere."""
+    score = score.masked_fill(~evictable, -float("inf"))
+    tied = evictable & (score == score.amax(dim=-1, keepdim=True))
+    oldest = torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
+    return torch.zeros_like(evictable).scatter_(1, oldest, full[:, None])
+
+
+# --- selective (the paper): the largest Fcum --------------------------------------------------------------
 def eviction_score(fcum: Tensor) -> Tensor:
     """``[B, G, n]`` -> ``[B, n]``: a token is dropped for all heads, so with one F per head it counts
     as masked only as much as its least-masking head masks it."""
@@ -55,17 +149,12 @@ def keep_after_prefill(
 
     With ``key_padding_mask`` (bool ``[B, T]``, True = padding) padding is never kept and "the first"
     is each sequence's first real token."""
-    B, T = score.shape
-    real = torch.ones(B, T, dtype=torch.bool, device=score.device) if key_padding_mask is None else ~key_padding_mask
-    first = real & (real.cumsum(dim=-1) == 1)  # the protected token of each sequence
+    first, real = _first_and_real(score.shape, score.device, key_padding_mask)
     cand = real & ~first
     if threshold is not None:
         cand &= score <= threshold
     if budget is not None:
-        newest_first = torch.arange(T - 1, -1, -1, device=score.device)
-        key = score[:, newest_first].masked_fill(~cand[:, newest_first], float("inf"))
-        ranked = newest_first[torch.sort(key, dim=-1, stable=True).indices]  # keep-preference order
-        cand &= torch.zeros_like(cand).scatter_(1, ranked[:, : budget - 1], True)
+        cand = _keep_smallest(score, cand, budget - 1)
     return cand | first
 
 
@@ -75,18 +164,69 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
     threshold, then, if the layer is still full, the one with the largest score (the oldest on ties).
     Never the first token. Static shapes, no data-dependent branches."""
     evictable = pos > 0  # kept, and not the first token  [B, cap]
-    score = torch.where(evictable, eviction_score(fcum), -float("inf"))  # [B, cap]
-    over = score > threshold if threshold is not None else torch.zeros_like(evictable)
+    score = eviction_score(fcum)  # [B, cap]
+    over = evictable & (score > threshold) if threshold is not None else torch.zeros_like(evictable)
     if budget is None:
         return over
-    kept = (pos >= 0).sum(-1) - over.sum(-1)  # [B]
-    score = score.masked_fill(over, -float("inf"))
-    # the victim: the largest score, the oldest on ties (when the layer is full a finite score exists,
-    # since a budget >= 2 leaves room for the first token and at least one other)
-    tied = score == score.amax(dim=-1, keepdim=True)
-    oldest = torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
-    victim = torch.zeros_like(evictable).scatter_(1, oldest, (kept >= budget)[:, None])
+    full = (pos >= 0).sum(-1) - over.sum(-1) >= budget  # [B]
+    # (when the layer is full an evictable token is left: a budget >= 2 holds the first and another)
+    victim = _evict_largest(score, evictable & ~over, pos, full)
     return over | victim
+
+
+# --- the sliding window + first token (StreamingLLM-style) ---------------------------------------------
+def window_keep_after_prefill(
+    shape: tuple[int, int], budget: int | None, key_padding_mask: Tensor | None = None, *, device=None
+) -> Tensor:
+    """Which of the T prefilled tokens a sliding window keeps, bool ``[B, T]`` (``shape`` = ``(B, T)``): the
+    first (the attention sink) and the ``budget - 1`` newest others; padding never."""
+    first, real = _first_and_real(shape, device, key_padding_mask)
+    if budget is None:
+        return real
+    age = -torch.arange(shape[1], dtype=torch.float32, device=real.device).expand(shape)  # the newest: smallest
+    return first | _keep_smallest(age, real & ~first, budget - 1)
+
+
+def window_evictions(pos: Tensor, budget: int | None) -> Tensor:
+    """What a sliding-window step drops before writing its token, bool ``[B, cap]`` (``pos`` ``[B, cap]``,
+    -1 = free): if the layer is full, the oldest token other than the first."""
+    if budget is None:
+        return torch.zeros_like(pos, dtype=torch.bool)
+    full = (pos >= 0).sum(-1) >= budget  # [B]
+    oldest = torch.where(pos > 0, pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
+    return torch.zeros_like(pos, dtype=torch.bool).scatter_(1, oldest, full[:, None])
+
+
+# --- heavy hitters + a recent window (H2O-style) --------------------------------------------------------
+def h2o_keep_after_prefill(
+    acc: Tensor, budget: int | None, recent: int | None, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Which of the T prefilled tokens H2O keeps, bool ``[B, T]``, from the attention each received
+    ``acc`` ``[B, T]``: the first, the ``recent`` newest (the recent window, the last prompt token
+    included), and of the others those with the largest ``acc`` up to ``budget`` tokens in all (the
+    newer on ties). The same as evicting the smallest-``acc`` (oldest on ties) non-recent token one at a
+    time: nothing attends in between, so ``acc`` does not move. Padding is never kept."""
+    first, real = _first_and_real(acc.shape, acc.device, key_padding_mask)
+    if budget is None:
+        return real
+    rpos = real.long().cumsum(-1) - 1  # positions from the first real token
+    newest = rpos.amax(-1, keepdim=True)
+    in_window = real & ~first & (rpos > newest - recent)
+    heavy = _keep_smallest(-acc, real & ~first & ~in_window, budget - 1 - in_window.sum(-1))
+    return first | in_window | heavy
+
+
+def h2o_evictions(acc: Tensor, pos: Tensor, budget: int | None, recent: int | None) -> Tensor:
+    """What an H2O step drops before writing its token, bool ``[B, cap]``, from the accumulated attention
+    ``acc`` ``[B, cap]`` and positions ``pos``: if the layer is full, of the tokens outside the recent
+    window (the ``recent - 1`` newest stored, which stay with the token about to be written) and other
+    than the first, the one with the smallest ``acc``, the oldest on ties."""
+    if budget is None:
+        return torch.zeros_like(pos, dtype=torch.bool)
+    full = (pos >= 0).sum(-1) >= budget
+    newest = pos.amax(-1, keepdim=True)
+    outside = (pos > 0) & (pos <= newest - (recent - 1))
+    return _evict_largest(-acc, outside, pos, full)
 
 
 def fcum_after_prompt(
@@ -107,12 +247,52 @@ def fcum_after_prompt(
     return out
 
 
+def attention_received(
+    q: Tensor,
+    k: Tensor,
+    voters: tuple[Tensor, Tensor] | None = None,
+    chunk: int = 64,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """The attention each of a prompt's T tokens received, ``[B, T]``: the column sums of the prompt's causal
+    attention weights, summed over the heads and over all T queries (H2O's score after the prompt).
+
+    ``q`` ``[B, H, T, D]``, ``k`` ``[B, Hkv, T, D]`` (grouped-query heads read, not repeated); ``scale``: the
+    logits' (default ``1 / sqrt(D)``). With ``voters`` (``qs, ks``: :meth:`Selection.voters`) the weights
+    are selective attention's, ``softmax(q k^T * scale - F)`` with F from the voters' logits at their
+    default scale (as :func:`fcum_after_prompt`), carried from chunk to chunk. Chunked over the queries:
+    ``[B, H, chunk, T]`` at a time, never ``[B, H, T, T]``. Summed in at least float32."""
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(B, T, dtype=acc_dtype, device=q.device)
+    carry = None  # column sums of the votes of the rows before the chunk  [B, G, T]
+    keys = torch.arange(T, device=q.device)
+    kt = k.transpose(-2, -1)
+    for i0 in range(0, T, chunk):
+        rows = q[:, :, i0 : i0 + chunk]
+        logits = (grouped_matmul(rows, kt) * scale).to(acc_dtype)  # [B, H, C, T]
+        future = keys[None, :] > keys[i0 : i0 + rows.shape[2], None]  # [C, T]
+        logits = logits.masked_fill(future, -float("inf"))
+        if voters is not None:
+            qs, ks = voters
+            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, offset=i0).to(acc_dtype)  # [B, G, C, T]
+            carry = torch.zeros_like(S[:, :, 0]) if carry is None else carry
+            logits = logits - (carry[:, :, None] + exclusive_cumsum(S, dim=-2))  # F of these rows; G = 1 or H
+            carry = carry + S.sum(dim=-2)
+        out += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+    return out
+
+
 # --- the buffers ------------------------------------------------------------------------------------
 @dataclass
 class LayerCache:
     """One layer's cache and its policy. Shapes: ``k, v [B, Hkv, cap, D]`` (the layer's key/value heads:
     H, or fewer under grouped-query attention), ``fcum [B, G, cap]`` (+inf at free slots), ``pos [B, cap]``
-    (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector. With a budget, ``cap == budget``."""
+    (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector; ``acc [B, cap]`` (policy ``"h2o"``
+    only: the attention each slot's token received so far, summed over heads; 0 at free slots). With a
+    budget, ``cap == budget``."""
 
     k: Tensor
     v: Tensor
@@ -120,7 +300,10 @@ class LayerCache:
     pos: Tensor
     ks: Tensor | None
     budget: int | None = None  # at most this many tokens stored and attended, the newest included
-    threshold: float | None = None  # evict any token whose Fcum exceeds this
+    threshold: float | None = None  # evict any token whose Fcum exceeds this (policy "selective" only)
+    policy: str = "selective"  # which token goes when the layer is full: "selective", "window" or "h2o"
+    recent: int | None = None  # "h2o": the recent window, the newest token included (default: budget // 2)
+    acc: Tensor | None = None  # "h2o": accumulated attention received per slot [B, cap]
 
     @classmethod
     def empty(
@@ -134,14 +317,19 @@ class LayerCache:
         selector_keys: bool = False,
         budget: int | None = None,
         threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> LayerCache:
         """Free buffers of ``capacity`` slots (a layer with a budget needs ``capacity == budget``).
         ``n_heads``: the key/value heads stored (``Hkv``; the query heads only without grouped-query
-        attention); ``n_groups``: the penalties F (1, or the query heads H with one F per head)."""
+        attention); ``n_groups``: the penalties F (1, or the query heads H with one F per head);
+        ``policy``, ``recent``: see the module docstring."""
         if budget is not None and capacity != budget:
             raise ValueError(f"a layer with budget={budget} has exactly that many slots, got capacity={capacity}.")
+        check_policy(policy, threshold, recent)
+        recent = h2o_recent(budget, recent) if policy == "h2o" else None
         B, H, G, D = batch_size, n_heads, n_groups, head_dim
         kw = dict(dtype=dtype, device=device)
         return cls(
@@ -152,7 +340,17 @@ class LayerCache:
             ks=torch.zeros(B, G, capacity, D, **kw) if selector_keys else None,
             budget=budget,
             threshold=threshold,
-        )
+            policy=policy,
+            recent=recent,
+            acc=torch.zeros(B, capacity, dtype=torch.promote_types(dtype or torch.get_default_dtype(), torch.float32),
+                            device=device) if policy == "h2o" else None,
+        )  # fmt: skip
+
+    @property
+    def tracks_attention(self) -> bool:
+        """Whether the policy needs the attention each token received (``"h2o"``): then :meth:`fill` needs
+        the prompt's (:func:`attention_received`) and :meth:`step` adds each step's."""
+        return self.acc is not None
 
     @property
     def capacity(self) -> int:
@@ -169,19 +367,28 @@ class LayerCache:
 
     def kv_bytes(self) -> int:
         """Bytes of every stored key/value slot, free or kept: the k, v (and dedicated selector key)
-        buffers, for the whole batch. Per-slot bookkeeping (``fcum``, ``pos``) is not counted."""
+        buffers, for the whole batch. Per-slot bookkeeping (``fcum``, ``pos``, ``acc``) is not counted."""
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.ks) if t is not None)
 
     # --- prefill -----------------------------------------------------------------------------------
     def fill(
-        self, k: Tensor, v: Tensor, fcum: Tensor, ks: Tensor | None = None, key_padding_mask: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        fcum: Tensor,
+        ks: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        acc: Tensor | None = None,
     ) -> None:
         """Store a prompt read exactly: ``k, v`` ``[B, Hkv, T, D]``, its ``fcum`` ``[B, G, T]`` (and the
-        selector's keys ``[B, G, T, D]``). Keeps what the policy allows (:func:`keep_after_prefill`),
+        selector's keys ``[B, G, T, D]``; with policy ``"h2o"``, ``acc`` ``[B, T]``, the attention each token
+        received: :func:`attention_received`). Keeps what the policy allows (:meth:`keep_after_prefill`),
         compacted to the front of the buffers in position order. Positions count from each sequence's
         first real token (``key_padding_mask``, bool ``[B, T]``, True = padding; without it, from 0): the
         protected token is at position 0 and padding is never stored."""
-        keep = keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)  # [B, T]
+        if self.tracks_attention and acc is None:
+            raise ValueError("policy 'h2o' keeps the tokens that received the most attention: pass the prompt's acc.")
+        keep = self.keep_after_prefill(fcum, acc, key_padding_mask)  # [B, T]
         if int(keep.sum(-1).max()) > self.capacity:
             raise ValueError(
                 f"{int(keep.sum(-1).max())} prompt tokens to keep, but the cache has {self.capacity} slots."
@@ -196,6 +403,16 @@ class LayerCache:
             self.pos[b, :n] = kept - (first if isinstance(first, int) else first[b])
             if ks is not None:
                 self.ks[b, :, :n] = ks[b, :, kept]
+            if self.acc is not None:
+                self.acc[b, :n] = acc[b, kept]
+
+    def keep_after_prefill(self, fcum: Tensor, acc: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+        """Which prompt tokens this layer's policy keeps, bool ``[B, T]`` (one of the ``*keep_after_prefill``)."""
+        if self.policy == "window":
+            return window_keep_after_prefill(fcum[:, 0].shape, self.budget, key_padding_mask, device=fcum.device)
+        if self.policy == "h2o":
+            return h2o_keep_after_prefill(acc, self.budget, self.recent, key_padding_mask)
+        return keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)
 
     def grown(self, capacity: int) -> LayerCache:
         """A copy of this (unbudgeted) cache with ``capacity`` slots, the new ones free: for callers that
@@ -205,29 +422,40 @@ class LayerCache:
         B, Hkv, cap, D = self.k.shape
         new = LayerCache.empty(
             B, capacity, n_heads=Hkv, n_groups=self.fcum.shape[1], head_dim=D, selector_keys=self.ks is not None,
-            threshold=self.threshold, dtype=self.k.dtype, device=self.k.device,
+            threshold=self.threshold, policy=self.policy, recent=self.recent, dtype=self.k.dtype, device=self.k.device,
         )  # fmt: skip
         if self.v.shape[-1] != D:
             new.v = self.v.new_zeros(B, Hkv, capacity, self.v.shape[-1])
-        for name in ("k", "v", "fcum", "pos", "ks"):
+        for name in ("k", "v", "fcum", "pos", "ks", "acc"):
             old = getattr(self, name)
             if old is not None:
                 (getattr(new, name)[:, :, :cap] if old.dim() >= 3 else getattr(new, name)[:, :cap]).copy_(old)
         return new
 
     # --- one step: make room, write, (attend: the layer's), vote ---------------------------------------
+    def evictions(self) -> Tensor:
+        """What this layer's policy drops before a new token is written, bool ``[B, cap]`` (one of the
+        ``*evictions`` functions; a branch on the configuration only)."""
+        if self.policy == "window":
+            return window_evictions(self.pos, self.budget)
+        if self.policy == "h2o":
+            return h2o_evictions(self.acc, self.pos, self.budget, self.recent)
+        return evictions(self.fcum, self.pos, self.budget, self.threshold)
+
     def make_room(self) -> None:
-        """Evict what the policy drops before a new token is written (:func:`evictions`)."""
+        """Evict what the policy drops before a new token is written (:meth:`evictions`)."""
         if self.budget is None and self.threshold is None:  # a branch on the configuration only
             return
-        drop = evictions(self.fcum, self.pos, self.budget, self.threshold)
+        drop = self.evictions()
         self.pos.masked_fill_(drop, -1)
         self.fcum.masked_fill_(drop[:, None, :], float("inf"))
+        if self.acc is not None:
+            self.acc.masked_fill_(drop, 0.0)
 
     def write(self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None) -> Tensor:
         """Write one token (``k, v`` ``[B, Hkv, 1, D]``, selector key ``[B, G, 1, D]``) at position
         ``input_pos`` (``[1]``, or ``[B]``: one per sequence, counted from its first real token) into each
-        sequence's first free slot, with ``Fcum = 0``; returns the slots ``[B]``."""
+        sequence's first free slot, with ``Fcum = 0`` (and no attention received yet); returns the slots ``[B]``."""
         B, H, _, D = k.shape
         slot = self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest  [B]
         self.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
@@ -236,6 +464,8 @@ class LayerCache:
         self.pos.scatter_(1, slot[:, None], input_pos.view(-1, 1).expand(B, 1))
         if ks is not None:
             self.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, ks.shape[1], 1, ks.shape[-1]), ks)
+        if self.acc is not None:
+            self.acc.scatter_(1, slot[:, None], 0.0)
         return slot
 
     def step(
@@ -249,8 +479,9 @@ class LayerCache:
         *,
         scale: float | None = None,
     ) -> Tensor:
-        """One token through the cache -> ``[B, H, 1, Dv]``: make room (so at most ``budget`` tokens are
-        stored and attended, the new one included), write it, attend with ``-Fcum``, and add its votes.
+        """One token through the cache -> ``[B, H, 1, Dv]``: make room by the policy (so at most ``budget``
+        tokens are stored and attended, the new one included), write it, attend with ``-Fcum``, add its
+        votes and (policy ``"h2o"``) its attention weights, summed over heads, to ``acc``.
 
         Args:
             q: ``[B, H, 1, D]`` the token's queries; k, v: ``[B, Hkv, 1, D]`` its keys and values
@@ -272,8 +503,11 @@ class LayerCache:
         qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
         logits = (torch.matmul(qg, self.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
         # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
-        acc = torch.promote_types(q.dtype, torch.float32)
-        p = torch.softmax(logits.to(acc) - self.fcum[:, :, None, :].to(acc), dim=-1).to(v.dtype)  # [B, H, 1, cap]
+        fp = torch.promote_types(q.dtype, torch.float32)
+        p = torch.softmax(logits.to(fp) - self.fcum[:, :, None, :].to(fp), dim=-1)  # [B, H, 1, cap]
+        if self.acc is not None:  # H2O: the attention each slot received, summed over heads
+            self.acc += p.sum(dim=(1, 2)).to(self.acc.dtype)
+        p = p.to(v.dtype)
         y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
         if selection is not None:
             if selection.heads is not None:  # voting heads: their logits are the attention logits just computed
@@ -296,5 +530,5 @@ class LayerCache:
     def attended_next(self) -> int:
         """How many tokens the next step would attend to (the most over the batch): the kept ones
         that survive its evictions, and the new one."""
-        drop = evictions(self.fcum, self.pos, self.budget, self.threshold)
+        drop = self.evictions()
         return int((self.valid.sum(-1) - drop.sum(-1) + 1).max())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, fcum_after_prompt
+from .kv_cache import LayerCache, attention_received, fcum_after_prompt
 from .selection import Selection
 
 __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
@@ -303,26 +303,31 @@ class Attention(nn.Module):
         *,
         budget: int | None = None,
         threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> LayerCache:
         """Empty buffers of ``capacity`` slots for this layer's keys, values (``n_kv_head`` heads) and
-        selector keys."""
+        selector keys, evicting by ``policy`` (:mod:`~selective_attention.kv_cache`)."""
         return LayerCache.empty(
             batch_size, capacity, n_heads=self.n_kv_head, n_groups=self.n_groups, head_dim=self.d_head,
-            selector_keys=self.sel_qk is not None, budget=budget, threshold=threshold, dtype=dtype, device=device,
+            selector_keys=self.sel_qk is not None, budget=budget, threshold=threshold, policy=policy, recent=recent,
+            dtype=dtype, device=device,
         )  # fmt: skip
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, sel: tuple[Tensor, Tensor] | None, cache: LayerCache) -> Tensor:
         """The prompt's exact causal attention ``[B, H, T, D]``; fills ``cache`` with its keys, values
-        (``[B, Hkv, T, D]``) and the ``Fcum`` that the query after the prompt sees (then pruned by the
-        cache's policy)."""
+        (``[B, Hkv, T, D]``), the ``Fcum`` that the query after the prompt sees and, for an H2O cache, the
+        attention each token received (then pruned by the cache's policy)."""
         y, _ = self.attend(q, k, v, sel)
-        if self.selection is None:
+        voters = None if self.selection is None else self.selection.voters(q, k, sel)
+        if voters is None:
             fcum = q.new_zeros(q.shape[0], 1, q.shape[2])  # [B, 1, T]: nothing is ever masked
         else:
-            fcum = fcum_after_prompt(*self.selection.voters(q, k, sel))  # [B, G, T]
-        cache.fill(k, v, fcum, ks=None if sel is None else sel[1])
+            fcum = fcum_after_prompt(*voters)  # [B, G, T]
+        acc = attention_received(q, k, voters) if cache.tracks_attention else None  # [B, T], chunked
+        cache.fill(k, v, fcum, ks=None if sel is None else sel[1], acc=acc)
         return y
 
     def step(
@@ -479,15 +484,18 @@ class GPT(nn.Module):
         *,
         budgets: Sequence[int | None] | None = None,
         threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
     ) -> list[LayerCache]:
         """Empty per-layer caches for :meth:`decode`: layer l has ``budgets[l]`` slots, or ``max_len``
-        (prompt + tokens to generate) when it has no budget; ``threshold`` evicts in every layer."""
+        (prompt + tokens to generate) when it has no budget; ``threshold`` evicts in every layer; ``policy``
+        (``"selective"``, ``"window"``, ``"h2o"``) and ``recent`` choose what goes when a layer is full
+        (:mod:`~selective_attention.kv_cache`)."""
         budgets = [None] * len(self.blocks) if budgets is None else budgets
         w = self.tok_emb.weight
+        kw = dict(threshold=threshold, policy=policy, recent=recent, dtype=w.dtype, device=w.device)
         return [
-            block.attn.new_cache(
-                batch_size, max_len if b is None else b, budget=b, threshold=threshold, dtype=w.dtype, device=w.device
-            )
+            block.attn.new_cache(batch_size, max_len if b is None else b, budget=b, **kw)
             for block, b in zip(self.blocks, budgets, strict=True)
         ]
 
@@ -540,6 +548,8 @@ class GPT(nn.Module):
         top_k: int | None = None,
         budget: int | Sequence[int] | None = None,
         threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
         generator: torch.Generator | None = None,
         compile: bool = False,
     ) -> Tensor:
@@ -547,15 +557,16 @@ class GPT(nn.Module):
 
         Decodes with a KV cache (exact: equal to re-running the full forward each step). ``budget``
         (an int for all layers or one per layer) keeps at most that many tokens per layer, evicting
-        the token with the largest accumulated penalty (never the first); ``threshold`` evicts any
-        token whose penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the
-        decoding step (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`).
+        by ``policy`` (never the first token): ``"selective"`` the token with the largest accumulated
+        penalty, ``"window"`` the oldest, ``"h2o"`` the one outside a recent window of ``recent`` tokens
+        that received the least attention; ``threshold`` (``"selective"`` only) evicts any token whose
+        penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the decoding step
+        (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`).
         """
         from .decoding import Decoder
 
-        return Decoder(self, budget=budget, threshold=threshold, compile=compile).generate(
-            _as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
-        )
+        dec = Decoder(self, budget=budget, threshold=threshold, policy=policy, recent=recent, compile=compile)
+        return dec.generate(_as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
 
 def token_loss(logits: Tensor, targets: Tensor) -> Tensor:
