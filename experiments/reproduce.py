@@ -1,25 +1,36 @@
-"""The paper's claims at laptop scale: many short runs, one result file each, and a report rebuilt
-from whatever result files exist (so an interrupted session loses at most the run in progress).
+"""The paper's claims at laptop scale: many short runs, one result file each, a report rebuilt from
+whatever result files exist (an interrupted set loses at most the run in progress).
 
-    python experiments/reproduce.py run [--seeds 0 1 2] [--only lm-selective ...]   # skips finished runs
-    python experiments/reproduce.py heldout    # check searched budgets on held-out windows
-    python experiments/reproduce.py report                                         # README table + plots
+    python experiments/reproduce.py plan                      # the runs, in order, and which are done
+    python experiments/reproduce.py run [--contexts 512] [--seeds 0 1] [--only standard selective]
+    python experiments/reproduce.py report                    # tables + plots from the result files
 
-Runs (same data, steps and optimizer for all; byte-level KJV, context 512, 4 layers, d_model 128):
-  lm-standard            standard attention, 4 heads of 32
-  lm-selective           selective attention (the paper's F from head 0), same size
-  lm-standard-2xheads    standard attention with 8 heads of 32 (2x attention width/parameters)
-  lm-selective-memloss   selective + the paper's memory loss (tau 1, eps 0.1)
-  va-standard / va-selective   the variable-assignment task (latest value of a reassigned variable;
-                         2 layers, 4 variables, 8 assignments, loss on the answer only)
-For each selective LM run a budget search on one set of validation windows finds the smallest
-per-layer KV budgets (a budget b = at most b tokens stored and attended per step, the newest
-included) whose loss is at most the same-seed standard model's full-cache loss on those windows: the
-paper's "less memory at equal validation perplexity", with no tolerance unless --tolerance is given
-(then printed beside every ratio). A second set of windows, never seen by the search, checks it: a
-ratio counts as reproduced only where the pruned selective model is at or under the standard model
-there too. Statistics are paired by seed (same initialisation and data order): the mean difference,
-its paired t and two-sided p-value, and every seed.
+**Runs.** KJV with a 4,096-token BPE trained on the training split (a real ``<bos>`` starts every
+window: the token the paper never masks), 4 layers, d_model 128, heads of 32, 1,000 AdamW steps of
+2,048 tokens (batch = 2048 / context), the same data order and initialisation for every variant of a
+seed. Variants: ``standard`` (4 heads), ``selective`` (the paper's F from head 0), ``selective-memloss``
+(+ the memory loss, eps 0.1, tau 1), and at context 512 ``standard-h2`` / ``standard-h8`` (2 and 8
+heads of 32: the "selective ~ standard with 2x heads" question). Contexts 512 (seeds 0-4), 1024 and
+2048 (seeds 0-2).
+
+**Why these sizes.** The whole plan must fit about a working day of 2-core CPU time: at context 512 a
+standard run takes ~2.5 min and a selective one ~5.5 min on an Intel Xeon (2 cores); the evaluations
+below add ~2 min per run; 1024 and 2048 cost more per token (attention grows with the context). 1,000
+steps of 2,048 tokens (2 M tokens, ~1/3 of an epoch of the training split) is where the byte-level
+reproduction's losses had mostly settled; a model this small shows the method's memory behaviour, not
+its quality at scale.
+
+**KV memory** (every stored slot counted; a budget b = at most b tokens stored and attended per layer at
+any step, the newest included). Two window sets from the validation split: set 0 ("search") chooses
+budgets, set 1 ("held out") checks them. For each method -- (a) standard + sliding window with the first
+token (StreamingLLM-style), (b) standard + heavy hitters (H2O-style), (c) selective + the paper's rule,
+(d) selective + sliding window -- the smallest uniform budget (of 2^k up to the context) whose loss on set
+0 is at most the same-seed full-cache *standard* model's loss there, then checked on set 1; for (c) also
+the per-layer budget search. A reduction counts only if it holds on set 1. The loss-vs-budget curves
+on set 1 are the plot a reader wants.
+
+**Statistics** are paired by seed: the mean difference, its std, the paired t and two-sided p, every
+seed listed (selective_attention.stats.paired_t).
 """
 
 from __future__ import annotations
@@ -36,206 +47,257 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selective_attention.budget_search import pruned_loss, search_budgets  # noqa: E402
-from selective_attention.data import TextData  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
-from selective_attention.train import TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
+from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
-RESULTS = ROOT / "results" / "repro"
-RUNS_DIR = ROOT / "runs" / "repro"
-
+RESULTS = ROOT / "results" / "reproduction"
+RUNS_DIR = ROOT / "runs" / "reproduction"
+TOKENS_PER_STEP = 2048
 # flat: the model's options beside the training ones, as on the command line (TrainConfig.from_options)
-LM = dict(data="kjv", context_len=512, n_layer=4, n_head=4, d_model=128, batch_size=4, max_steps=600,
-          lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=100, eval_batches=16, ckpt_interval=100)  # fmt: skip
-# 4 variables, 8 assignments ("b=3;a=1;b=7;...;b?7"); the loss is on the answer only
-VA = dict(data="varassign", va_vars=4, va_assign=8, context_len=64, n_layer=2, n_head=4, d_model=128,
-          batch_size=32, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=60, eval_interval=250,
-          eval_batches=16, ckpt_interval=250)  # fmt: skip
-RUNS = {
-    "lm-standard": {**LM},
-    "lm-selective": {**LM, "selection": True},
-    "lm-standard-2xheads": {**LM, "n_head": 8, "d_head": 32},
-    "lm-selective-memloss": {**LM, "selection": True, "memory_eps": 0.1},
-    "va-standard": {**VA},
-    "va-selective": {**VA, "selection": True},
+BASE = dict(data="kjv", tokenizer="bpe", bpe_vocab_size=4096, n_layer=4, n_head=4, d_head=32, d_model=128,
+            max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=100, eval_interval=200, eval_batches=8,
+            ckpt_interval=200)  # fmt: skip
+VARIANTS = {
+    "standard": {},
+    "selective": {"selection": True},
+    "selective-memloss": {"selection": True, "memory_eps": 0.1},
+    "standard-h2": {"n_head": 2},
+    "standard-h8": {"n_head": 8},
 }
-SEARCH_WINDOWS = 16  # per window set: the search sees set 0, set 1 is held out
+PLAN = {  # context: (seeds, variants); runs go context by context, seed by seed, standard first
+    512: (range(5), list(VARIANTS)),
+    1024: (range(3), ["standard", "selective", "selective-memloss"]),
+    2048: (range(3), ["standard", "selective", "selective-memloss"]),
+}
+METHODS = {  # name: (the model it prunes, the eviction policy)
+    "standard + window": ("standard", "window"),
+    "standard + H2O": ("standard", "h2o"),
+    "selective + selective": ("selective", "selective"),
+    "selective + window": ("selective", "window"),
+}
+WINDOWS = 16  # per window set: set 0 chooses budgets, set 1 is held out
 
 
-def val_windows(cfg: TrainConfig, which: int = 0):
-    """Validation windows of the run's corpus: set 0 drives the budget search, set 1 is held out to check it."""
-    data = TextData.from_name(cfg.data, val_fraction=cfg.val_fraction)
-    batches = data.eval_batches("val", SEARCH_WINDOWS, cfg.model.context_len, 2)
-    for _ in range(which):
-        next(batches)
-    return next(batches)
+def run_name(context: int, variant: str, seed: int) -> str:
+    return f"c{context}-{variant}-s{seed}"
 
 
-def heldout(name: str, seed: int) -> None:
-    """Check a selective run's searched budgets on held-out windows (the search saw only set 0)."""
-    f = RESULTS / f"{name}-s{seed}.json"
-    std = RESULTS / f"lm-standard-s{seed}.json"
-    r = json.loads(f.read_text())
-    if "heldout" in r or not std.exists() or "budgets_vs_standard" not in r:
-        return
-    cfg = TrainConfig.from_dict(r["config"])  # also the flat config of results written before it was nested
-    x, y = val_windows(cfg, which=1)
-    model, _ = model_from_checkpoint(cfg.out_dir)
-    std_model, _ = model_from_checkpoint(TrainConfig.from_dict(json.loads(std.read_text())["config"]).out_dir)
-    out = {"standard_full": mean_loss(std_model, x, y), "selective_full": mean_loss(model, x, y)}
-    budgets = r["budgets_vs_standard"].get("budgets")
-    if budgets:
-        out["pruned"] = pruned_loss(model, x, y, budget=budgets)[0]
-        out["holds"] = out["pruned"] <= out["standard_full"] + r["budgets_vs_standard"]["tolerance"]
-    r["heldout"] = out
-    f.write_text(json.dumps(r, indent=1))
-    print(f"{name} seed {seed} held out: {out}", flush=True)
+def config(context: int, variant: str, seed: int) -> TrainConfig:
+    opts = {**BASE, **VARIANTS[variant], "context_len": context, "batch_size": TOKENS_PER_STEP // context,
+            "seed": seed, "out_dir": str(RUNS_DIR / run_name(context, variant, seed)), "progress": False}  # fmt: skip
+    return TrainConfig.from_options(opts)
 
 
-def run_one(name: str, seed: int, tolerance: float = 0.0) -> dict:
-    out = RESULTS / f"{name}-s{seed}.json"
+def window_sets(cfg: TrainConfig, tokenizer):
+    """The two fixed window sets of the validation split (set 0: search, set 1: held out), disjoint."""
+    batches = Task(cfg, tokenizer=tokenizer).text.eval_batches("val", WINDOWS, cfg.model.context_len, 2)
+    return next(batches), next(batches)
+
+
+def uniform_budgets(context: int) -> list[int]:
+    out, b = [], 4
+    while b < context:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def kv_methods(result: dict, model, sets, standard: dict | None) -> dict:
+    """Loss vs uniform budget on both window sets for this model's methods; the smallest budget that
+    reaches the same-seed standard model's full-cache loss on set 0, checked on set 1."""
+    variant = result["variant"]
+    kind = "standard" if variant == "standard" else "selective" if variant.startswith("selective") else None
+    out = {}
+    for method, (model_kind, policy) in METHODS.items():
+        if model_kind != kind:
+            continue
+        curve = []
+        for b in uniform_budgets(result["context"]):
+            losses = [pruned_loss(model, x, y, budget=b, policy=policy)[0] for x, y in sets]
+            curve.append({"budget": b, "search": losses[0], "heldout": losses[1]})
+        entry = {"curve": curve}
+        if standard is not None:
+            target, check = standard["full"]["search"], standard["full"]["heldout"]
+            chosen = next((c for c in curve if c["search"] <= target), None)
+            entry["at_standard_loss"] = {
+                "budget": None if chosen is None else chosen["budget"],
+                "ratio": None if chosen is None else result["context"] / chosen["budget"],
+                "holds": chosen is not None and chosen["heldout"] <= check,
+                "heldout_loss": None if chosen is None else chosen["heldout"],
+            }
+        out[method] = entry
+    return out
+
+
+def run_one(context: int, variant: str, seed: int) -> dict:
+    name = run_name(context, variant, seed)
+    out = RESULTS / f"{name}.json"
     if out.exists():
         return json.loads(out.read_text())
-    cfg = TrainConfig.from_options({**RUNS[name], "seed": seed, "out_dir": str(RUNS_DIR / f"{name}-s{seed}"),
-                                    "progress": False})  # fmt: skip
+    cfg = config(context, variant, seed)
     t0 = time.perf_counter()
     summary = train(cfg)
-    result = {"name": name, "seed": seed, "config": dataclasses.asdict(cfg), "train_seconds": time.perf_counter() - t0,
-              **{k: summary[k] for k in ("val_loss", "val_accuracy", "tokens_per_s", "params", "history")}}  # fmt: skip
-    if name.startswith("lm-"):
-        model, _ = model_from_checkpoint(cfg.out_dir)
-        x, y = val_windows(cfg)
-        result["search_loss"] = mean_loss(model, x, y)
-        if cfg.model.selection:
-            std_file = RESULTS / f"lm-standard-s{seed}.json"
-            if std_file.exists():
-                target = json.loads(std_file.read_text())["search_loss"]
-                if result["search_loss"] <= target + tolerance:
-                    eq = search_budgets(model, x, y, target=target, tolerance=tolerance)
-                    result["budgets_vs_standard"] = {
-                        "budgets": eq.budgets,
-                        "loss": eq.loss,
-                        "target": target,
-                        "tolerance": tolerance,
-                        "memory_ratio": eq.memory_ratio,
-                    }
-                else:
-                    result["budgets_vs_standard"] = {
-                        "target": target,
-                        "tolerance": tolerance,
-                        "memory_ratio": None,
-                        "note": "selective full-cache loss is above the standard's: no budget reaches it",
-                    }
+    seconds = time.perf_counter() - t0
+    result = {"name": name, "context": context, "variant": variant, "seed": seed, "config": dataclasses.asdict(cfg),
+              "train_seconds": seconds}  # fmt: skip
+    result.update({k: summary[k] for k in ("val_loss", "tokens_per_s", "params", "history")})
+    model, meta = model_from_checkpoint(cfg.out_dir)
+    sets = window_sets(cfg, meta["tokenizer"])
+    result["full"] = {"search": mean_loss(model, *sets[0]), "heldout": mean_loss(model, *sets[1])}
+    std_file = RESULTS / f"{run_name(context, 'standard', seed)}.json"
+    standard = result if variant == "standard" else json.loads(std_file.read_text()) if std_file.exists() else None
+    t1 = time.perf_counter()
+    result["kv"] = kv_methods(result, model, sets, standard)
+    if cfg.model.selection and standard is not None:
+        target = standard["full"]["search"]
+        if result["full"]["search"] <= target:
+            eq = search_budgets(model, *sets[0], target=target)
+            held = pruned_loss(model, *sets[1], budget=eq.budgets)[0]
+            result["per_layer_search"] = {"budgets": eq.budgets, "ratio": eq.memory_ratio, "search": eq.loss,
+                                          "heldout": held, "holds": held <= standard["full"]["heldout"]}  # fmt: skip
+        else:
+            result["per_layer_search"] = {"note": "the full cache is above the standard's loss on the search set"}
+    result["eval_seconds"] = time.perf_counter() - t1
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
-    print(f"{name} seed {seed}: val {result['val_loss']:.4f} ({result['train_seconds']:.0f}s)", flush=True)
+    print(f"{name}: val {result['val_loss']:.4f}, held out {result['full']['heldout']:.4f} "
+          f"({seconds:.0f} s training, {result['eval_seconds']:.0f} s evaluation)", flush=True)  # fmt: skip
     return result
 
 
-def mean_std(xs):
+def planned(contexts=None, seeds=None, only=None):
+    for context, (ctx_seeds, variants) in PLAN.items():
+        if contexts and context not in contexts:
+            continue
+        for seed in ctx_seeds:
+            if seeds is not None and seed not in seeds:
+                continue
+            for variant in variants:  # standard first: the others are measured against it
+                if not only or variant in only:
+                    yield context, variant, seed
+
+
+# --- the report ------------------------------------------------------------------------------------
+def load() -> dict:
+    return {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
+
+
+def heldout_by_seed(runs: dict, context: int, variant: str) -> dict[int, float]:
+    chosen = (r for r in runs.values() if r["context"] == context and r["variant"] == variant)
+    return {r["seed"]: r["full"]["heldout"] for r in chosen}
+
+
+def _ms(xs) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
-        return None, None, 0
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
-
-
-def fmt(m, s, n, digits=4):
-    return "-" if m is None else f"{m:.{digits}f} ± {s:.{digits}f} (n={n})"
+        return "-"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f} (n={len(xs)})"
 
 
 def report() -> str:
-    rows = {}
-    for f in sorted(RESULTS.glob("*.json")):
-        r = json.loads(f.read_text())
-        rows.setdefault(r["name"], []).append(r)
-    lines = [
-        "| run | val loss (nats/byte) | answer accuracy |",
-        "|---|---|---|",
-    ]
-    for name in RUNS:
-        rs = rows.get(name, [])
-        if rs:
-            loss = mean_std([r["val_loss"] for r in rs])
-            acc = mean_std([r.get("val_accuracy") for r in rs])
-            lines.append(f"| {name} | {fmt(*loss)} | {fmt(*acc, digits=3)} |")
-    lines += ["", "Paired by seed (same initialisation and data order), difference to the same-size baseline:", "",
-              "| run − baseline | seeds | validation loss difference (nats/byte) |", "|---|---|---|"]  # fmt: skip
-    for name, base in (("lm-selective", "lm-standard"), ("lm-selective-memloss", "lm-standard"),
-                       ("lm-standard-2xheads", "lm-standard"), ("va-selective", "va-standard")):  # fmt: skip
-        a = {r["seed"]: r["val_loss"] for r in rows.get(name, [])}
-        b = {r["seed"]: r["val_loss"] for r in rows.get(base, [])}
-        seeds = sorted(a.keys() & b.keys())
-        if len(seeds) >= 2:
-            pt = paired_t([a[s] for s in seeds], [b[s] for s in seeds])
-            per = ", ".join(f"{a[s] - b[s]:+.4f}" for s in seeds)
-            lines.append(f"| {name} − {base} | {seeds} | {pt} (per seed: {per}) |")
-    lines += ["", "KV memory at the same-seed standard model's loss (budgets searched on one set of validation "
-              "windows; every stored slot counted, the newest token included), checked on held-out windows:", "",
-              "| run | seed | budgets (slots per layer) | KV reduction | tolerance | held out: standard / selective "
-              "full / pruned | holds |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("lm-selective", "lm-selective-memloss"):
-        for r in sorted(rows.get(name, []), key=lambda r: r["seed"]):
-            eq, h = r.get("budgets_vs_standard", {}), r.get("heldout", {})
-            if not eq:
-                continue
-            ratio = f"{eq['memory_ratio']:.1f}x" if eq.get("memory_ratio") else "- (" + eq.get("note", "") + ")"
-            held = (f"{h['standard_full']:.4f} / {h['selective_full']:.4f} / {h['pruned']:.4f}" if "pruned" in h
-                    else "-")  # fmt: skip
-            lines.append(f"| {name} | {r['seed']} | {eq.get('budgets', '-')} | {ratio} | {eq['tolerance']:g} | "
-                         f"{held} | {'yes' if h.get('holds') else 'no'} |")  # fmt: skip
+    runs = load()
+    lines = ["Held-out loss (nats/token, 4,096-token BPE; window set 1, 16 windows), mean ± std over seeds:", "",
+             "| context | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]  # fmt: skip
+    for context in PLAN:
+        cells = [_ms([r["full"]["heldout"] for r in runs.values() if r["context"] == context and r["variant"] == v])
+                 for v in VARIANTS]  # fmt: skip
+        lines.append(f"| {context} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by seed (same initialisation and data order), held-out loss difference:", "",
+              "| context | comparison | difference (nats/token) | per seed |", "|---|---|---|---|"]  # fmt: skip
+    pairs = [("selective", "standard"), ("selective-memloss", "standard"), ("standard-h8", "standard"),
+             ("standard-h2", "standard"), ("selective", "standard-h8")]  # fmt: skip
+    for context in PLAN:
+        for a, b in pairs:
+            da, db = (heldout_by_seed(runs, context, v) for v in (a, b))
+            seeds = sorted(da.keys() & db.keys())
+            if len(seeds) >= 2:
+                per = ", ".join(f"s{s} {da[s] - db[s]:+.4f}" for s in seeds)
+                lines.append(f"| {context} | {a} − {b} | {paired_t([da[s] for s in seeds], [db[s] for s in seeds])} "
+                             f"| {per} |")  # fmt: skip
+    lines += ["", "KV reduction at the same-seed full-cache standard model's loss (uniform budget chosen on window "
+              "set 0, checked on the held-out set 1; every slot counted). Per seed: reduction (holds on set 1?):", "",
+              "| context | model + eviction | " + " | ".join(f"seed {s}" for s in range(5)) + " |",
+              "|---|---|" + "---|" * 5]  # fmt: skip
+    for context in PLAN:
+        for variant in ("standard", "selective", "selective-memloss"):
+            kind = "standard" if variant == "standard" else "selective"
+            for method in [m for m, (k, _) in METHODS.items() if k == kind] + ["per-layer search"]:
+                cells = []
+                for seed in range(5):
+                    r = runs.get(run_name(context, variant, seed)) or {}
+                    e = (
+                        r.get("per_layer_search")
+                        if method == "per-layer search"
+                        else r.get("kv", {}).get(method, {}).get("at_standard_loss")
+                    )
+                    if e is None:
+                        cells.append("")
+                    elif e.get("ratio") is None:
+                        cells.append("none")
+                    else:
+                        cells.append(f"{e['ratio']:.1f}x ({'yes' if e['holds'] else 'no'})")
+                if any(cells):
+                    label = method.split(" + ")[-1] if " + " in method else method
+                    lines.append(f"| {context} | {variant} + {label} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
-    (RESULTS.parent / "repro.md").write_text(md)
+    (RESULTS.parent / "reproduction.md").write_text(md)
     try:
-        plot(rows)
-        ckpt = RUNS_DIR / "lm-selective-s0"
-        if (ckpt / "ckpt.safetensors").exists():
-            from selective_attention.demo import SENTENCE, plot_penalty
-
-            model, _ = model_from_checkpoint(ckpt)
-            plot_penalty(model, SENTENCE, RESULTS.parent / "penalty_F.png")
+        plot(runs)
     except ImportError:
         pass
     return md
 
 
-def plot(rows) -> None:
+def plot(runs: dict) -> None:
+    """Per context: held-out loss vs KV tokens per layer, one curve per method (mean over seeds), and
+    the full-cache standard model's loss as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, name in enumerate(n for n in RUNS if n.startswith("lm-")):
-        for j, r in enumerate(rows.get(name, [])):
-            h = r["history"]
-            ax.plot([e["step"] for e in h], [e["val_loss"] for e in h], color=f"C{i}", alpha=0.7,
-                    label=name if j == 0 else None)  # fmt: skip
-    n_seeds = max((len(rows.get(n, [])) for n in RUNS), default=0)
-    ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"KJV, context 512, {n_seeds} seeds each")
-    ax.set_ylim(top=2.2)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    contexts = [c for c in PLAN if any(r["context"] == c for r in runs.values())]
+    if not contexts:
+        return
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for i, (method, (kind, _)) in enumerate(METHODS.items()):
+            curves = [r["kv"][method]["curve"] for r in runs.values()
+                      if r["context"] == context and r["variant"] == kind and method in r.get("kv", {})]  # fmt: skip
+            if curves:
+                budgets = [c["budget"] for c in curves[0]]
+                mean = [statistics.mean(cv[j]["heldout"] for cv in curves) for j in range(len(budgets))]
+                ax.plot(budgets, mean, "o-", color=f"C{i}", label=f"{method} ({len(curves)} seeds)")
+        std = [r["full"]["heldout"] for r in runs.values() if r["context"] == context and r["variant"] == "standard"]
+        if std:
+            ax.axhline(statistics.mean(std), color="k", ls="--", lw=1, label="standard, full cache")
+        ax.set(xscale="log", xlabel="KV tokens per layer (budget)", ylabel="held-out loss (nats/token)",
+               title=f"context {context}")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS.parent / "repro_loss.png", dpi=120)
+    fig.savefig(RESULTS.parent / "reproduction_kv.png", dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["run", "heldout", "report"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", nargs="+", default=list(RUNS))
-    ap.add_argument("--tolerance", type=float, default=0.0, help="nats above the standard's loss still 'equal'")
+    ap.add_argument("command", choices=["plan", "run", "report"])
+    ap.add_argument("--contexts", type=int, nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS))
     args = ap.parse_args()
+    todo = list(planned(args.contexts, args.seeds, args.only))
+    if args.command == "plan":
+        for context, variant, seed in todo:
+            done = (RESULTS / f"{run_name(context, variant, seed)}.json").exists()
+            print(f"{'done' if done else 'todo'}  {run_name(context, variant, seed)}")
+        return
     if args.command == "run":
-        for seed in args.seeds:
-            for name in args.only:  # standard before selective: the vs-standard search needs it
-                run_one(name, seed, args.tolerance)
-    if args.command in ("run", "heldout"):
-        for f in sorted(RESULTS.glob("lm-selective*.json")):
-            r = json.loads(f.read_text())
-            heldout(r["name"], r["seed"])
+        for context, variant, seed in todo:
+            run_one(context, variant, seed)
     print(report())
 
 
