@@ -327,3 +327,34 @@ def test_cli_policy_errors(tiny_run, extra, match, capsys):
     assert match in capsys.readouterr().err
     assert main(["eval", "--ckpt", tiny_run, "--policy", "window"]) == 2
     assert "pass --budget as well" in capsys.readouterr().err
+
+
+def test_kv_curves_experiment_on_tiny_checkpoints(tiny_run, tmp_path, capsys):
+    """experiments/kv_curves.py end to end: every method at every budget and the searched one, on windows that
+    exclude the search windows; JSON, table and plot written."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("kv_curves", root / "experiments" / "kv_curves.py")
+    kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv)
+    sel = tmp_path / "sel"
+    args = ["--data=pydoc", f"--out_dir={sel}", "--n_layer=2", "--n_head=2", "--d_model=32", "--context_len=32",
+            "--batch_size=4", "--max_steps=2", "--eval_interval=2", "--eval_batches=1", "--progress=false",
+            "--selection=true"]  # fmt: skip
+    train_main(parse_overrides(args))
+    out = tmp_path / "res" / "kv"
+    r = kv.main(["--standard", tiny_run, "--selective", str(sel), "--windows", "3", "--budgets", "4", "8",
+                 "--searched", "4,6", "--search_batch", "2", "--out", str(out)])  # fmt: skip
+    assert list(r["curves"]) == list(kv.METHODS)
+    for curve in r["curves"].values():
+        assert [p["kv_tokens_per_layer"] for p in curve] == [4, 8, 32] and curve[-1]["full"]
+    assert set(r["at_searched_budgets"]) == set(kv.METHODS) and r["windows"]["n"] == 3
+    assert 0 not in r["windows"]["indices"]  # window 0 is always the first search window
+    assert r["curves"]["standard + window"][-1]["loss"] == r["full_loss"]["standard"]
+    text = (tmp_path / "res" / "kv.md").read_text()
+    assert "| 4, 6 (searched) |" in text and "3 windows of 32 tokens" in text
+    assert json.loads((tmp_path / "res" / "kv.json").read_text())["targets"] == 3 * 32
+    assert (tmp_path / "res" / "kv.png").stat().st_size > 1000
+    assert "CPU time" in capsys.readouterr().out
