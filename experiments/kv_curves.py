@@ -39,15 +39,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
 from selective_attention.budget_search import pruned_logits  # noqa: E402
 from selective_attention.train import Task, TrainConfig, model_from_checkpoint  # noqa: E402
 
-METHODS = {  # name: (the checkpoint it prunes, the eviction policy)
-    "standard + window": ("standard", "window"),
-    "standard + H2O": ("standard", "h2o"),
-    "selective + selective": ("selective", "selective"),
-    "selective + window": ("selective", "window"),
-}
 BUDGETS = [8, 16, 32, 64, 128, 256]
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from selective_attention.budget_search import pruned_loss, search_budgets  # noqa: E402
+from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
+from selective_attention.budget_search import pruned_loss, search_budgets, uniform_budgets  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
 from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
@@ -70,12 +71,6 @@ PLAN = {  # context: (seeds, variants); runs go context by context, seed by seed
     1024: (range(3), ["standard", "selective", "selective-memloss"]),
     2048: (range(3), ["standard", "selective", "selective-memloss"]),
 }
-METHODS = {  # name: (the model it prunes, the eviction policy)
-    "standard + window": ("standard", "window"),
-    "standard + H2O": ("standard", "h2o"),
-    "selective + selective": ("selective", "selective"),
-    "selective + window": ("selective", "window"),
-}
 WINDOWS = 16  # per window set: set 0 chooses budgets, set 1 is held out
 
 
@@ -93,14 +88,6 @@ def window_sets(cfg: TrainConfig, tokenizer):
     """The two fixed window sets of the validation split (set 0: search, set 1: held out), disjoint."""
     batches = Task(cfg, tokenizer=tokenizer).text.eval_batches("val", WINDOWS, cfg.model.context_len, 2)
     return next(batches), next(batches)
-
-
-def uniform_budgets(context: int) -> list[int]:
-    out, b = [], 4
-    while b < context:
-        out.append(b)
-        b *= 2
-    return out
 
 
 def kv_methods(result: dict, model, sets, standard: dict | None) -> dict:

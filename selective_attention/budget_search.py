@@ -26,7 +26,25 @@ from .kv_cache import check_policy
 from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
-__all__ = ["pruned_logits", "pruned_loss", "search_budgets", "BudgetSearch"]
+__all__ = ["pruned_logits", "pruned_loss", "search_budgets", "BudgetSearch", "KV_METHODS", "uniform_budgets"]
+
+# The KV-compression methods compared at equal memory (DESIGN §4): name -> (which model it prunes, the
+# eviction policy). One list for the demo, the reproduction and experiments/kv_curves.py.
+KV_METHODS = {
+    "standard + window": ("standard", "window"),  # StreamingLLM-style: the first token + the most recent
+    "standard + H2O": ("standard", "h2o"),  # H2O-style: heavy hitters + a recent window
+    "selective + selective": ("selective", "selective"),  # the paper: the largest penalty F goes
+    "selective + window": ("selective", "window"),  # does the selective model alone do it?
+}
+
+
+def uniform_budgets(context: int, smallest: int = 4) -> list[int]:
+    """Budgets ``smallest, 2*smallest, ...`` below ``context``: the x axis of a loss-vs-memory curve."""
+    out, b = [], smallest
+    while b < context:
+        out.append(b)
+        b *= 2
+    return out
 
 
 @torch.no_grad()
