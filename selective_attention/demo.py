@@ -251,12 +251,16 @@ def plot_memory(report: dict, path: Path) -> None:
     for i, (method, curve) in enumerate(h.get("curves", {}).items()):
         ax.plot([c["budget"] for c in curve], [c["loss"] for c in curve], "o-", ms=3, color=f"C{i}", label=method)
     ax.axhline(h["standard_full_loss"], color="k", ls="--", lw=1, label="standard, full cache")
-    ax.axhline(h["selective_full_loss"], color="C2", ls=":", lw=1, label="selective, full cache")
+    ax.axhline(h["selective_full_loss"], color="0.4", ls=":", lw=1.2, label="selective, full cache")
     n = len(b["budgets"])
-    ax.scatter([sum(b["budgets"]) / n], [h["pruned_loss"]], marker="*", s=80, color="C3", zorder=3,
+    ax.scatter([sum(b["budgets"]) / n], [h["pruned_loss"]], marker="*", s=90, color="k", zorder=3,
                label=f"selective, searched budgets {b['budgets']}")  # fmt: skip
     ax.set(xscale="log", xlabel="KV tokens per layer (budget; the newest token included)",
            ylabel=f"held-out loss ({_unit(report)})", title="Memory vs loss, held-out windows")  # fmt: skip
+    ticks = sorted({c["budget"] for curve in h.get("curves", {}).values() for c in curve})
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
