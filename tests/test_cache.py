@@ -240,23 +240,6 @@ def test_decode_past_context_len_with_a_budget():
         m.generate(idx, 30, budget=[8, 17])
 
 
-def test_decode_step_compiles_once():
-    """The step that Decoder(compile=True) compiles has static shapes: one graph for every step. (The
-    checks around it in Decoder.step run eagerly, outside the compiled function.)"""
-    from torch._dynamo.testing import CompileCounter
-
-    m = model(selection=True)
-    dec = Decoder(m, budget=5)
-    logits = dec.prefill(torch.randint(0, 40, (2, 8)), 20)
-    counter = CompileCounter()
-    step = torch.compile(decoding.decode_one_token, backend=counter)
-    with torch.no_grad():
-        for _ in range(12):
-            logits = step(m, dec.caches, logits.argmax(-1), dec.t)
-    assert counter.frame_count == 1
-    assert dec.occupancy() == [5, 5]
-
-
 def test_sampling_controls():
     m = model(selection=True)
     idx = torch.randint(0, 40, (2, 5))
