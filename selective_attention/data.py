@@ -29,6 +29,7 @@ __all__ = [
     "TextData",
     "VariableAssignment",
     "corpus_names",
+    "curriculum_assign",
     "load_text",
     "split_text",
     "tokenizer_from_dict",
@@ -503,6 +504,9 @@ class VariableAssignment:
     4 * n_assign + 3`` inputs per row. The queried variable is the one of a uniformly chosen
     assignment, so variables assigned more often (reassigned) are queried more often.
 
+    A curriculum (:func:`curriculum_assign`) trains on fewer assignments first: ``sample``, ``batch`` and
+    ``seq_len_of`` take an ``n_assign`` of their own (default: the task's), so one task serves every stage.
+
     Args:
         n_vars: how many variable names (letters from ``a``), at most 26.
         n_values: how many values (digits from ``0``), at most 10.
@@ -528,14 +532,27 @@ class VariableAssignment:
     @property
     def seq_len(self) -> int:
         """``T``, the input length of one example (its bytes minus one)."""
-        return 4 * self.n_assign + 3
+        return self.seq_len_of(self.n_assign)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """``batch_size`` whole examples as bytes ``[B, T + 1]``, ``T = seq_len``."""
+    @staticmethod
+    def seq_len_of(n_assign: int) -> int:
+        """``T`` of an example with ``n_assign`` assignments: ``4 * n_assign + 3``."""
+        return 4 * n_assign + 3
+
+    def _n(self, n_assign: int | None) -> int:
+        if n_assign is None:
+            return self.n_assign
+        if not isinstance(n_assign, int) or isinstance(n_assign, bool) or n_assign < 1:
+            raise ValueError(f"n_assign must be a positive int, got {n_assign!r}.")
+        return n_assign
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, n_assign: int | None = None) -> Tensor:
+        """``batch_size`` whole examples as bytes ``[B, T + 1]``, ``T = seq_len_of(n_assign)``; ``n_assign``
+        defaults to the task's (a curriculum passes its stage's)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         g = self._generator if generator is None else generator
-        B, N = batch_size, self.n_assign
+        B, N = batch_size, self._n(n_assign)
         names = torch.randint(self.n_vars, (B, N), generator=g)  # [B, N]
         values = torch.randint(self.n_values, (B, N), generator=g)  # [B, N]
         query = names.gather(1, torch.randint(N, (B, 1), generator=g))  # [B, 1], assigned by construction
@@ -551,16 +568,19 @@ class VariableAssignment:
         tail = torch.cat([query + a, torch.full_like(query, ord("?")), answer + zero, torch.full_like(query, 10)], 1)
         return torch.cat([assigns.reshape(B, 4 * N), tail], dim=1)  # [B, 4N + 4]
 
-    def batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def batch(
+        self, batch_size: int, generator: torch.Generator | None = None, n_assign: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs ``x`` and next-byte targets ``y``, ``[B, T]``, and ``answer_mask`` (bool ``[B, T]``),
-        True exactly where ``y`` is the answer digit (where ``x`` is ``?``), one position per row.
+        True exactly where ``y`` is the answer digit (where ``x`` is ``?``), one position per row;
+        ``T = seq_len_of(n_assign)``, ``n_assign`` by default the task's.
 
         Without a generator the task's own (seeded) one is used: two tasks with the same seed yield
         the same sequence of batches."""
-        seq = self.sample(batch_size, generator)  # [B, T+1]
+        seq = self.sample(batch_size, generator, n_assign)  # [B, T+1]
         x, y = seq[:, :-1], seq[:, 1:]
         answer_mask = torch.zeros_like(x, dtype=torch.bool)
-        answer_mask[:, self.seq_len - 2] = True  # y = "...v?" + answer + "\n": the answer is y's second to last
+        answer_mask[:, x.shape[1] - 2] = True  # y = "...v?" + answer + "\n": the answer is y's second to last
         return x, y, answer_mask
 
     def example(self, generator: torch.Generator | None = None) -> str:
@@ -600,3 +620,37 @@ class VariableAssignment:
             raise ValueError("answer_mask marks no answer.")
         correct = logits.argmax(dim=-1)[answer_mask] == y[answer_mask]
         return correct.sum().item() / n
+
+
+def curriculum_assign(step: int, final: int, start: int = 0, ramp_steps: int = 0, hold_steps: int = 0) -> int:
+    """Assignments per example at training step ``step`` (0-based) of a curriculum from ``start`` to ``final``.
+
+    ``start == 0`` is no curriculum: ``final`` at every step. Otherwise the count stays at ``start`` for the first
+    ``hold_steps`` steps, then grows in equal stages, one per value ``start, start + 1, ..., final``, over the next
+    ``ramp_steps`` steps: ``start + floor((final - start + 1) * (step - hold_steps) / ramp_steps)``, at most
+    ``final``; from ``hold_steps + ramp_steps`` on it is ``final``. A pure function of the step, so a resumed run is
+    at the same point of it as an uninterrupted one.
+
+    >>> [curriculum_assign(s, final=4, start=2, ramp_steps=6) for s in range(8)]
+    [2, 2, 3, 3, 4, 4, 4, 4]
+    >>> [curriculum_assign(s, final=4, start=2, ramp_steps=3, hold_steps=2) for s in range(6)]
+    [2, 2, 2, 3, 4, 4]
+    """
+    for name, v in (("step", step), ("final", final), ("start", start), ("ramp_steps", ramp_steps),
+                    ("hold_steps", hold_steps)):  # fmt: skip
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"curriculum_assign: {name} must be an int >= 0, got {v!r}.")
+    if final < 1:
+        raise ValueError(f"curriculum_assign: final must be >= 1, got {final}.")
+    if start == 0:
+        return final
+    if start > final:
+        raise ValueError(f"curriculum_assign: start ({start}) must be at most final ({final}).")
+    if ramp_steps < 1:
+        raise ValueError(f"curriculum_assign: a curriculum (start={start}) needs ramp_steps >= 1, got {ramp_steps}.")
+    step = step - hold_steps
+    if step < 0:
+        return start
+    if step >= ramp_steps:
+        return final
+    return min(final, start + (final - start + 1) * step // ramp_steps)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .data import curriculum_assign
 from .model import GPT, GPTConfig, token_loss
 from .options import parse_options
 from .progress import progress as progress_bar
@@ -96,7 +97,10 @@ class TrainConfig:
     tokenizer: str = "byte"  # byte (UTF-8 bytes, vocab 256) | bpe (trained on the training split; <bos> starts windows)
     bpe_vocab_size: int = 4096  # --tokenizer=bpe: tokens in the vocabulary, <bos> and the 256 bytes included
     va_vars: int = 8  # varassign: number of variables
-    va_assign: int = 24  # varassign: assignments per example
+    va_assign: int = 24  # varassign: assignments per example (with a curriculum: the final count, evaluated on)
+    va_assign_start: int = 0  # varassign curriculum: assignments at step 0 (0 = none: va_assign from the start)
+    va_ramp_steps: int = 0  # varassign curriculum: steps over which the count grows to va_assign, in equal stages
+    va_hold_steps: int = 0  # varassign curriculum: steps at va_assign_start before the growth starts
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
     # Free to change on resume: RESUMABLE_FIELDS (max_steps extends the run and stretches the lr schedule).
     allow_config_change: bool = False  # resume even with another data, lr, batch_size, ... (else refused)
@@ -176,6 +180,20 @@ def _check_values(values: Mapping[str, object]) -> None:
         need(is_int(v[name]) and v[name] >= 1, name, "an int >= 1")
     for name in ("warmup_steps", "stop_after", "selection_head"):
         need(is_int(v[name]) and v[name] >= 0, name, "an int >= 0")
+    need(is_int(v["va_assign_start"]) and 0 <= v["va_assign_start"] <= v["va_assign"], "va_assign_start",
+         f"an int in [0, --va_assign={v['va_assign']}] (0 = no curriculum)")  # fmt: skip
+    for name in ("va_ramp_steps", "va_hold_steps"):
+        need(is_int(v[name]) and v[name] >= 0, name, "an int >= 0")
+    if v["va_assign_start"]:
+        need(v["va_ramp_steps"] >= 1, "va_ramp_steps", "an int >= 1 with a curriculum (--va_assign_start > 0)")
+        if v["data"] != "varassign":
+            raise ValueError(f"--va_assign_start={v['va_assign_start']} is a curriculum of --data=varassign; it does "
+                             f"not apply to --data={v['data']}: omit it.")  # fmt: skip
+    else:
+        for name in ("va_ramp_steps", "va_hold_steps"):
+            if v[name]:
+                raise ValueError(f"--{name}={v[name]} needs a curriculum: set --va_assign_start (the assignments "
+                                 f"at step 0) or omit it.")  # fmt: skip
     d_head = v["d_head"]
     need(d_head is None or (is_int(d_head) and d_head >= 1), "d_head", "an int >= 1, or none for d_model // n_head")
     need(is_int(v["seed"]), "seed", "an int")
@@ -261,10 +279,20 @@ class Task:
             if say:
                 print(f" done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
-    def batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def n_assign_at(self, step: int | None) -> int:
+        """Varassign: assignments per training example at ``step`` (the curriculum's; ``None``: the final count,
+        the one evaluated on)."""
+        c = self.cfg
+        if step is None:
+            return c.va_assign
+        return curriculum_assign(step, c.va_assign, c.va_assign_start, c.va_ramp_steps, c.va_hold_steps)
+
+    def batch(self, gen: torch.Generator, step: int | None = None) -> tuple[Tensor, Tensor]:
+        """A training batch; on varassign with a curriculum its examples have ``n_assign_at(step)`` assignments
+        (``4 n + 3`` tokens per row)."""
         if self.varassign:
             # learn the task, not the random stream: only the answer is a target (-100 is ignored)
-            x, y, answer = self.train_task.batch(self.cfg.batch_size, gen)
+            x, y, answer = self.train_task.batch(self.cfg.batch_size, gen, self.n_assign_at(step))
             return x, y.masked_fill(~answer, -100)
         return self.text.batch("train", self.cfg.batch_size, self.context_len, gen)
 
@@ -771,7 +799,7 @@ def main(cfg: TrainConfig) -> dict:
                 return {"stopped_at": step, "out_dir": str(out_dir)}
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            x, y = task.batch(data_gen)
+            x, y = task.batch(data_gen, step)
             x, y = x.to(device), y.to(device)
             loss, stats = train_model(x, y)  # through DDP's forward when distributed, so gradients sync
             opt.zero_grad(set_to_none=True)
@@ -790,6 +818,8 @@ def main(cfg: TrainConfig) -> dict:
             tok_seen += x.numel() * world
             tps = tok_seen / (time.perf_counter() - t_start)
             last = {"step": step + 1, "loss": loss_val, "tokens_per_s": tps, **stats}
+            if task.varassign and cfg.va_assign_start:  # the curriculum's stage (evaluation is on va_assign)
+                last["va_assign"] = task.n_assign_at(step)
             done = step + 1 == cfg.max_steps
             if main_proc and ((step + 1) % cfg.eval_interval == 0 or done):
                 ev = evaluate(model, task, device)
