@@ -7,8 +7,9 @@ Compares, at B1 H8 D64 fp32 over sequence lengths:
   * ``x-transformers``  its ``Attend(causal=True, selective=True)``, if installed (``bench`` extra).
 Times are medians of interleaved rounds; ratios are medians of per-round ratios to ``sdpa``.
 Extra peak memory (peak RSS during one fwd+bwd minus RSS with the inputs allocated) is measured in
-a fresh subprocess per method, so the allocator's cache of one cannot hide another's peak, with
-glibc's mmap threshold fixed at 64 KiB so that RSS follows live tensor memory.
+a fresh subprocess per method, so the allocator's cache of one cannot hide another's peak: with the
+default allocator (what a user gets), and with glibc's mmap threshold fixed at 64 KiB so that RSS
+follows live tensor memory (``--mmap-threshold``).
 
     python benchmarks/paper_mode.py [--lengths 512 1024 2048 4096 8192] [--repeats 5] [--plot]
     python benchmarks/paper_mode.py --methods sdpa chunked --lengths 2048 --no-memory --no-save  # quick check
@@ -25,7 +26,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, interleaved, median_ratio, write
+from common import RESULTS, interleaved, machine, median_ratio, write
 
 from selective_attention.functional import selective_attention
 
@@ -85,10 +86,12 @@ def _peak_child(method: str, L: int) -> None:
     print(json.dumps({"extra": _status_bytes("VmHWM") - base}))
 
 
-def peak_memory(method: str, L: int) -> float:
-    # glibc's adaptive mmap threshold keeps freed multi-MiB temporaries in the heap, so RSS would
-    # count allocator slack; a fixed threshold makes RSS follow live tensor memory, for every method.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def peak_memory(method: str, L: int, fixed_threshold: bool = False) -> float:
+    # glibc's adaptive mmap threshold keeps freed multi-MiB temporaries in the heap, so RSS also
+    # counts allocator slack; a fixed threshold makes RSS follow live tensor memory, for every method.
+    env = dict(os.environ)
+    if fixed_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(
         [sys.executable, __file__, "--_peak", method, str(L)], capture_output=True, text=True, check=True, env=env
     )
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png")
     ap.add_argument("--no-save", action="store_true", help="print only: leave results/ as it is")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument(
+        "--mmap-threshold", action="store_true", help="also measure memory with MALLOC_MMAP_THRESHOLD_=64 KiB"
+    )
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._peak:
@@ -150,12 +156,16 @@ def main() -> None:
     Lm = args.memory_length
     mem = {}
     if not args.no_memory:
-        mem = {n: peak_memory(n, Lm) for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L}
-        mrow = {"L": f"extra peak memory, L={Lm}"}
-        for n in names:
-            mrow[n] = f"{mem[n]:.0f} MiB ({mem[n] / mem['sdpa']:.2f}x)" if n in mem else "-"
-        table.append(mrow)
+        measured = [n for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L]
+        for fixed in [False, True] if args.mmap_threshold else [False]:
+            m = {n: peak_memory(n, Lm, fixed) for n in measured}
+            mrow = {"L": f"extra peak memory, L={Lm}" + (", MALLOC_MMAP_THRESHOLD_=64K" if fixed else "")}
+            for n in names:
+                mrow[n] = f"{m[n]:.0f} MiB ({m[n] / m['sdpa']:.2f}x)" if n in m else "-"
+            table.append(mrow)
+            mem.update({(f"{n} mmap64k" if fixed else n): x for n, x in m.items()})
     if args.no_save:
+        print(machine())
         for t in table:
             print(" | ".join(str(t.get(c, "-")) for c in ["L"] + names))
         return

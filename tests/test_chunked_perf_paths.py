@@ -1,7 +1,7 @@
-"""The chunked path's forward chunks span several backward chunks (``_forward_blocks``); the backward
-rebuilds each forward chunk's F and bias and slices its sub-chunks from it. Exact against the naive
-spec (fp64) for chunk sizes that do and do not divide L or the forward chunk, with a mask, padding,
-a float F and memory rows."""
+"""The chunked path's forward chunks span several chunk_size units (``_forward_blocks``); the backward
+rebuilds each forward chunk's F and bias and walks its keys in tiles (``_key_tile``). Exact against the
+naive spec (fp64) for chunk sizes that do and do not divide L or the forward chunk, for tiles of one
+or several blocks of key columns, with a mask, padding, a float F and memory rows."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from helpers import TOL
 
 from selective_attention.functional import selective_attention
 from selective_attention.ops import chunked
+from selective_attention.selection import Selection
 
 
 def _qkv(B, H, L, D, seed=0):
@@ -18,7 +19,7 @@ def _qkv(B, H, L, D, seed=0):
 
 
 def _run(backend, q, k, v, **kw):
-    out = selective_attention(q, k, v, selection=True, backend=backend, **kw)
+    out = selective_attention(q, k, v, backend=backend, **{"selection": True, **kw})
     o, m = out if isinstance(out, tuple) else (out, None)
     loss = o.pow(2).sum() + (0.0 if m is None else m.pow(2).sum())
     return (o, m, *torch.autograd.grad(loss, (q, k, v)))
@@ -72,3 +73,44 @@ def test_nan_voter_reaches_only_later_rows_like_the_spec():
     q[0, 0, 30] = float("nan")
     out = selective_attention(q, k.detach(), v.detach(), selection=True, backend="chunked", chunk_size=4)
     assert torch.isfinite(out[:, :, :30]).all()
+
+
+# B*H = 8 rows of heads, blocks of C = 4 query rows (chunk_size 2, two per forward block), fp64: tiles
+# of C keys, or of 3C = 12 (the last one narrower)
+@pytest.mark.parametrize("tile_bytes", [1, 8 * 4 * 12 * 8])
+@pytest.mark.parametrize("extra", ["none", "mask", "padding", "float_F", "memory", "every_head"])
+def test_key_tiled_backward_matches_naive(monkeypatch, tile_bytes, extra):
+    """Several key tiles per query block (the last one narrower), the diagonal one included."""
+    monkeypatch.setattr(chunked, "_TILE_BYTES", tile_bytes)
+    B, H, L, D = 1, 8, 45, 4
+    assert chunked._key_tile(B * H, 4, L, 8) in (4, 12)  # really several tiles
+    q, k, v = _qkv(B, H, L, D, seed=3)
+    kw = {}
+    if extra == "mask":
+        kw["selective_mask"] = torch.rand(B, 1, L, L, generator=torch.Generator().manual_seed(4)) < 0.2
+    elif extra == "padding":
+        pad = torch.zeros(B, L, dtype=torch.bool)
+        pad[0, :7] = True
+        kw["key_padding_mask"] = pad
+    elif extra == "float_F":
+        kw["selective_mask"] = torch.rand(1, 1, L, L, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
+    elif extra == "memory":
+        kw["memory_tau"] = 1.0
+    elif extra == "every_head":
+        kw["selection"] = Selection(per_head=True)
+    ref = _run("naive", q, k, v, **kw)
+    got = _run("chunked", q, k, v, chunk_size=2, **kw)
+    for a, b in zip(got, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
+def test_exclusive_rows_below_gemm_matches_suffix_sum(C):
+    gen = torch.Generator().manual_seed(C)
+    x = -torch.rand(2, 1, C, 37, generator=gen, dtype=torch.float64)
+    start = -torch.rand(2, 1, 1, 37, generator=gen, dtype=torch.float64)
+    ref = x.flip(2).cumsum(2).flip(2) - x + start  # sum over the rows below, exclusive
+    above = torch.ones(64, 64, dtype=torch.float64).tril_(-1)
+    torch.testing.assert_close(chunked._exclusive_rows_below(None, x, start), ref)
+    torch.testing.assert_close(chunked._exclusive_rows_below(above[: min(64, C), : min(64, C)], x, start), ref)

@@ -11,12 +11,16 @@ Forward, chunk by chunk, first to last::
     colsum += S_c.sum(rows)                            # carried to later chunks [B, G, L]
     out_c, lse_c = attention(q_c, k, v, bias = -F_c - penalty, causal/removed = -inf)
 
-Backward, last chunk to first, with ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O_h))``::
+Backward, the same chunks last to first, each one's keys in tiles of columns (``_key_tile``: the
+temporaries ``[B, H, C, width]`` stay within a few MiB, in cache, however long the sequence), with
+``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O_h))``; everything but dq is column-wise, so a tile needs
+only its own columns::
 
-    dF_c = -sum_h dZ_h                                 # [B, G, C, i1]
-    dS_c[k, j] = dcol[j] + sum_{i in c, i > k} dF_c[i, j]   (exclusive suffix sum down columns)
-    dcol += dF_c.sum(rows)                             # carried to earlier chunks
-    dl_s = dS_c * 1[S_c > 0];  dqs_c = dl_s ks * s;  dks += dl_s^T qs_c * s
+    dF_t = -sum_h dZ_h                                 # [B, G, C, width]
+    dS_t[k, j] = dcol[j] + sum_{i in c, i > k} dF_t[i, j]   (exclusive suffix sum down columns)
+    dcol[tile] += dF_t.sum(rows)                       # carried to earlier chunks
+    dl_s = dS_t * 1[S_t > 0];  dqs_c += dl_s ks_t * s;  dks_t += dl_s^T qs_c * s
+    dq_c += dZ k_t;  dk_t += dZ^T q_c;  dv_t += P^T dO_c
 
 The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
 ``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is cheaper than exp on some
@@ -164,9 +168,43 @@ def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
     return torch.cat([out, tail], dim=2)
 
 
+def _exclusive_rows_below(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
+    """``start + sum_{r > k} x[..., r, :]`` for every row k of ``x`` ``[B, G, C, n]`` (the mirror of
+    :func:`_exclusive_rows`: a suffix sum down the columns); ``start`` ``[B, G, 1, n]``. With ``above``:
+    within blocks of b rows a GEMM with its transpose (ones strictly above the diagonal), plus the sums
+    of the blocks below, added last to first; otherwise one running sum."""
+    if above is None:
+        return (x.sum(dim=2, keepdim=True) - x.cumsum(dim=2)).add_(start)
+    B, G, C, n = x.shape
+    below = above.T  # row k of below @ x sums the rows r > k
+    b = below.shape[0]
+    nb, t = divmod(C, b)
+    if nb == 0:
+        return torch.matmul(below[:t, :t], x).add_(start)
+    main = x[:, :, : nb * b].view(B, G, nb, b, n)
+    totals = [main.sum(dim=3)] + ([x[:, :, nb * b :].sum(dim=2, keepdim=True)] if t else [])
+    # carry[m] = start + the totals of the blocks after block m
+    carry = torch.cat([*totals, start], dim=2).flip(2).cumsum_(dim=2).flip(2)[:, :, 1:]
+    out = torch.matmul(below, main).add_(carry[:, :, :nb, None]).view(B, G, nb * b, n)
+    if t == 0:
+        return out
+    tail = torch.matmul(below[:t, :t], x[:, :, nb * b :]).add_(carry[:, :, nb:])
+    return torch.cat([out, tail], dim=2)
+
+
+_TILE_BYTES = 4 * 2**20  # the backward's [B, H, C, width] tiles: 4 MiB, the forward's temporaries' size
+
+
+def _key_tile(BH: int, C: int, L: int, itemsize: int) -> int:
+    """Key columns per backward tile for query blocks of C rows: ``[BH, C, width]`` within ``_TILE_BYTES``,
+    a multiple of C (at least C), at most L."""
+    width = _TILE_BYTES // max(1, BH * C * itemsize)
+    return min(L, max(C, width - width % C))
+
+
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
-    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB. These are
-    the backward's chunks; the forward's span several of them (:func:`_forward_blocks`).
+    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB. The unit of
+    the query blocks that forward and backward walk (:func:`_forward_blocks` of them per block).
 
     Measured on CPU: 32-128 rows run at about the same speed, larger chunks are slower (temporaries
     fall out of cache) and smaller ones pay Python overhead per chunk. The temporaries grow like
@@ -176,12 +214,13 @@ def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
 
 
 def _forward_blocks(H: int, G: int, L: int, chunk: int, removed: Tensor | None, penalty: Tensor | None) -> int:
-    """How many backward chunks one forward chunk spans. The forward's temporaries (votes and bias)
-    have the bias's heads, usually G = 1, where the backward's have all H: up to ``H // heads``
-    backward chunks per forward chunk keep the two the same size, and the forward then makes that
-    many times fewer, larger calls to the fused kernel (whose query blocks grow with the rows it is
-    given). At most L / 8 rows, though: the kernel, given a bias, computes the upper half of each
-    chunk's diagonal block too, and that waste grows like chunk / L."""
+    """How many chunks one query block spans, in forward and backward alike. The forward's temporaries
+    (votes and bias) have the bias's heads, usually G = 1, where the backward's have all H but are
+    tiled by keys (:func:`_key_tile`): up to ``H // heads`` chunks per block keep the forward's the
+    size of ``H`` chunks, and the forward then makes that many times fewer, larger calls to the fused
+    kernel (whose query blocks grow with the rows it is given), the backward fewer, larger GEMMs. At
+    most L / 8 rows, though: the kernel, given a bias, computes the upper half of each block's
+    diagonal part too, and that waste grows like block / L."""
     hb = max(G, *(1 if m is None else m.shape[1] for m in (removed, penalty)))
     return max(1, min(H // hb, L // (8 * chunk)))
 
@@ -253,14 +292,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries, dout, dmem):
-        heads, scale, sel_scale, chunk, fchunk, tau = (
-            ctx.heads,
-            ctx.scale,
-            ctx.sel_scale,
-            ctx.chunk,
-            ctx.fchunk,
-            ctx.tau,
-        )
+        heads, scale, sel_scale, fchunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.fchunk, ctx.tau
         if tau is None:
             dmem = None
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -274,80 +306,84 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         else:  # the voting heads: their vote gradients land straight in dq, dk
             kvh = kv_heads(heads, H, Hkv)
             qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
-        G = qs.shape[1]
+        G, Gk = qs.shape[1], ks.shape[1]  # Gk = G, or Hkv < G when every head of a grouped-query layer votes
         vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
         want_dpen = penalty is not None and ctx.needs_input_grad[9]
         dpen = torch.zeros_like(penalty) if want_dpen else None
-        dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later chunks
+        dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later blocks
         delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
-        # The g query heads of one kv head are one GEMM operand: per chunk, their rows stacked head after
-        # head, [B*Hkv, g*C, .] (a copy of the chunk's rows when g > 1, a view when g = 1), so keys and
+        # The g query heads of one kv head are one GEMM operand: per block, their rows stacked head after
+        # head, [B*Hkv, g*C, .] (a copy of the block's rows when g > 1, a view when g = 1), so keys and
         # values are never repeated and dk, dv sum over the group inside the GEMM.
-        q5, do5, dq5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout, dq))
+        q5, do5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout))
         lse5 = lse.view(B, Hkv, g, L, 1) * _LOG2E
         delta5 = delta.view(B, Hkv, g, L, 1)
 
         def rows(t5: Tensor, i0: int, i1: int) -> Tensor:  # [B, Hkv, g, L, X] -> [B*Hkv, g*C, X]
             return t5[:, :, :, i0:i1].reshape(B * Hkv, g * (i1 - i0), t5.shape[-1])
 
-        # [B*Hkv, L, D] views: the per-chunk matmuls write their results in place (baddbmm_)
+        # [B*Hkv, L, D] views: the per-tile matmuls accumulate into their key rows in place (baddbmm_)
         k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
         dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
-        # k^T, v^T as views: per chunk their first i1 columns feed a plain bmm (a baddbmm with a broadcast
-        # row term would copy that term into its output first; an extra [k, 1]^T copy would cost memory)
         kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
         a = scale * _LOG2E
-        # the forward's chunks (fchunk rows), last to first: their F and bias, rebuilt bit for bit from the
-        # carries, then their sub-chunks of `chunk` rows, last to first, each a slice of them
-        blocks = [(f0, min(f0 + fchunk, L)) for f0 in range(0, L, fchunk)]
-        subs = [(c, i0, min(i0 + chunk, f1)) for c, (f0, f1) in enumerate(blocks) for i0 in range(f0, f1, chunk)]
-        fc = None
-        for c, i0, i1 in reversed(subs):
-            if c != fc:
-                fc, f0 = c, blocks[c][0]
-                Sn_f, bias_f, F_f = _chunk_bias(
-                    vt, carries[c], removed, dead, penalty, f0, blocks[c][1], keep_F=dmem is not None
-                )
+        width = _key_tile(B * H, fchunk, L, q.element_size())
+        # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
+        # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
+        # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
+        # columns (and dcol, the later blocks' sums of dF in those columns):
+        #
+        #            keys 0 ............................ i1
+        #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (its F, bias: [B, G|H, C, i1])
+        #        i1
+        for i0 in reversed(range(0, L, fchunk)):
+            i1 = min(i0 + fchunk, L)
             C = i1 - i0
-            Sn, bias = Sn_f[:, :, i0 - f0 : i1 - f0, :i1], bias_f[:, :, i0 - f0 : i1 - f0, :i1]
-            Fc = None if F_f is None else F_f[:, :, i0 - f0 : i1 - f0, :i1]
+            Sn_b, bias_b, F_b = _chunk_bias(vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None)
             qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-            P3 = torch.bmm(qc * a, kT[:, :, :i1]).sub_(rows(lse5, i0, i1))  # logits - lse, base 2
-            # bias [B, 1|H, C, i1] against the rows [B, Hkv, g, C, i1]: a view either way
-            bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-            P = P3.view(B, Hkv, g, C, i1).add_(bias5, alpha=_LOG2E)
-            # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
-            # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
-            torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
-            dv3[:, :i1].baddbmm_(P3.transpose(-2, -1), doc)
-            # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            dZ3 = torch.bmm(doc, vT[:, :, :i1]).sub_(rows(delta5, i0, i1)).mul_(P3)
-            del P, P3
-            dq5[:, :, :, i0:i1] = torch.bmm(dZ3, k3[:, :i1]).mul_(scale).view(B, Hkv, g, C, D)
-            dk3[:, :i1].baddbmm_(dZ3.transpose(-2, -1), qc, alpha=scale)
-            dZ = dZ3.view(B, H, C, i1)  # head h = (kv head, member) in order: a view
-            if want_dpen:
-                _accumulate_broadcast(dpen, -dZ, i0, i1)
-            dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, i1]
-            if dmem is not None:  # d/dF sum_j min(F, tau) = 1[F < tau]
-                dF.add_(dmem[:, :, i0:i1, None] * (Fc < tau))
-            # dS[k, j] = sum over later queries i > k of dF[i, j]: later chunks (dcol) + this one
-            total = dF.sum(dim=2, keepdim=True)
-            if vt.above is not None and C <= vt.above.shape[0]:  # the rows below, as a GEMM (see _VoteOperands)
-                dS = torch.matmul(vt.above[:C, :C].T, dF).add_(dcol[:, :, None, :i1])
-            else:
-                dS = (total - dF.cumsum(dim=2)).add_(dcol[:, :, None, :i1])
-            dcol[:, :, :i1] += total[:, :, 0]
-            # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
-            dl = dS.mul_(Sn < 0)
-            dqs[:, :, i0:i1].add_(grouped_matmul(dl, vt.ks[:, :, :i1]), alpha=sel_scale)
-            Gk = vt.ks.shape[1]  # G, or Hkv < G when every head of a grouped-query layer votes
-            if Gk == G:
-                dks[:, :, :i1].sub_(torch.matmul(dl.transpose(-2, -1), vt.qn[:, :, i0:i1]))
-            else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                dlg = dl.reshape(B, Gk, (G // Gk) * C, i1)
-                qng = vt.qn[:, :, i0:i1].reshape(B, Gk, (G // Gk) * C, vt.qn.shape[-1])
-                dks[:, :, :i1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
+            qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
+            qn_c = vt.qn[:, :, i0:i1]
+            dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
+            dqs_c = torch.zeros_like(qn_c)  # sum over the tiles of dl ks
+            dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
+            for j0 in range(0, i1, width):
+                j1 = min(j0 + width, i1)
+                n = j1 - j0
+                Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
+                # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
+                P3 = torch.bmm(qa, kT[:, :, j0:j1]).sub_(lse_c)  # [B*Hkv, g*C, n]
+                bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
+                P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
+                # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
+                # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
+                torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
+                dv3[:, j0:j1].baddbmm_(P3.transpose(-2, -1), doc)  # dV = P^T dO
+                # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
+                dZ3 = torch.bmm(doc, vT[:, :, j0:j1]).sub_(delta_c).mul_(P3)
+                del P, P3
+                dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
+                dk3[:, j0:j1].baddbmm_(dZ3.transpose(-2, -1), qc, alpha=scale)  # dk = s dZ^T q
+                dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
+                if want_dpen:
+                    _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
+                dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
+                del dZ, dZ3
+                if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F < tau]
+                    dF.add_(dmem_c * (F_b[..., j0:j1] < tau))
+                # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
+                dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
+                dcol[:, :, j0:j1] += dF.sum(dim=2)
+                # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
+                dl = dS.mul_(Sn < 0)
+                dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
+                if Gk == G:
+                    dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c))
+                else:  # the g voters of one key head as one GEMM: their gradients sum in it
+                    dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
+                    qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
+                    dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
+            dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
+            dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
         if heads is not None:
             dqs = dks = None
         return dq, dk, dv, dqs, dks, None, None, None, None, dpen, None, None, None, None
@@ -384,18 +420,19 @@ def _refuse_double_backward(grads: tuple, graph: tuple) -> tuple:
     return tuple(None if g is None else next(it) for g in grads)
 
 
-def _rows(mask: Tensor, i0: int, i1: int) -> Tensor:
-    """Rows ``i0 .. i1-1`` and keys ``0 .. i1-1`` of a ``[b, h, L|1, L]`` mask; a mask with one row
-    (the same keys for every query, like key padding) broadcasts over the rows."""
-    return mask[:, :, i0:i1, :i1] if mask.shape[2] != 1 else mask[..., :i1]
+def _rows(mask: Tensor, i0: int, i1: int, j0: int = 0, j1: int | None = None) -> Tensor:
+    """Rows ``i0 .. i1-1`` and keys ``j0 .. j1-1`` (default ``0 .. i1-1``) of a ``[b, h, L|1, L]`` mask; a
+    mask with one row (the same keys for every query, like key padding) broadcasts over the rows."""
+    j1 = i1 if j1 is None else j1
+    return mask[:, :, i0:i1, j0:j1] if mask.shape[2] != 1 else mask[..., j0:j1]
 
 
-def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int) -> None:
-    """``_rows(dst, i0, i1) += grad``, summed over the dims where ``dst`` broadcasts (size 1)."""
+def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+    """``_rows(dst, i0, i1, j0, j1) += grad``, summed over the dims where ``dst`` broadcasts (size 1)."""
     dims = [d for d in (0, 1, 2) if dst.shape[d] == 1 and grad.shape[d] != 1]
     if dims:
         grad = grad.sum(dim=dims, keepdim=True)
-    _rows(dst, i0, i1).add_(grad)
+    _rows(dst, i0, i1, j0, j1).add_(grad)
 
 
 def chunked_selective_attention(
@@ -426,8 +463,9 @@ def chunked_selective_attention(
             with one query row (``[B, 1, 1, L]``, key padding) stays that size: memory O(B L).
         penalty: float, broadcasts to ``[B, H, L, L]``; added to F.
         scale: attention logit scale (the votes' is ``voters.scale``).
-        chunk_size: query rows per backward chunk (default: :func:`default_chunk_size`); the forward's
-            chunks are a multiple of it (:func:`_forward_blocks`).
+        chunk_size: the unit of the query blocks (default: :func:`default_chunk_size`); forward and
+            backward walk blocks of a multiple of it (:func:`_forward_blocks`), the backward each
+            block's keys in tiles (:func:`_key_tile`).
         tau: also return ``sum_j min(F[i, j], tau)`` per row, ``[B, G, L]`` (the memory loss's
             soft count of masked tokens, times tau), differentiable.
         key_padding_mask: bool ``[B, L]``, True = padding, for the votes only (pass the padding in
