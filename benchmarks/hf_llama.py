@@ -13,6 +13,7 @@ MLP 688, byte vocabulary; untrained: speed and memory do not depend on the weigh
   count every key/value slot held after the prompt (a budget b holds b slots per layer).
 
     python benchmarks/hf_llama.py [--contexts 256 1024] [--batch 4] [--decode-context 2048] [--steps 48]
+                                  [--decode-batches 1 8]
 
 Writes results/hf_llama.{json,md}.
 """
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
     sa_hf.register()
     sel, std = build("selective").train(), build("sdpa").train()
@@ -107,24 +109,25 @@ def main() -> None:
         })  # fmt: skip
         print(rows[-1], flush=True)
     L = args.decode_context
-    prompt = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(0))
     models = {"sdpa": build("sdpa").eval(), "full": build("selective").eval(), "pruned": build("selective").eval()}
-    caches = {
-        "sdpa": transformers.DynamicCache(config=models["sdpa"].config),
-        "full": sa_hf.SelectiveCache(),
-        "pruned": sa_hf.SelectiveCache(budget=args.budget),
-    }
-    times = decode_times(models, caches, prompt, args.steps)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    kv = {k: kv_bytes(c) for k, c in caches.items()}
-    for name, label in [("sdpa", "sdpa + DynamicCache"), ("full", "selective + SelectiveCache()")]:
-        rows.append({
-            "measure": f"decode at ctx {L}: SelectiveCache(budget={args.budget}) vs {label}",
-            "sdpa": f"{ms[name]:.2f} ms/token, KV {kv[name] / 2**20:.2f} MiB",
-            "selective": f"{ms['pruned']:.2f} ms/token, KV {kv['pruned'] / 2**20:.3f} MiB",
-            "ratio": f"{ms['pruned'] / ms[name]:.2f}x time, {kv['pruned'] / kv[name]:.4f}x KV",
-        })  # fmt: skip
-        print(rows[-1], flush=True)
+    for B in args.decode_batches:
+        prompt = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(0))
+        caches = {
+            "sdpa": transformers.DynamicCache(config=models["sdpa"].config),
+            "full": sa_hf.SelectiveCache(),
+            "pruned": sa_hf.SelectiveCache(budget=args.budget),
+        }
+        times = decode_times(models, caches, prompt, args.steps)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        kv = {k: kv_bytes(c) for k, c in caches.items()}
+        for name, label in [("sdpa", "sdpa + DynamicCache"), ("full", "selective + SelectiveCache()")]:
+            rows.append({
+                "measure": f"decode, ctx {L}, batch {B}: SelectiveCache(budget={args.budget}) vs {label}",
+                "sdpa": f"{ms[name]:.2f} ms/token, KV {kv[name] / 2**20:.2f} MiB",
+                "selective": f"{ms['pruned']:.2f} ms/token, KV {kv['pruned'] / 2**20:.3f} MiB",
+                "ratio": f"{ms['pruned'] / ms[name]:.2f}x time, {kv['pruned'] / kv[name]:.4f}x KV",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
     md = write(
         "hf_llama",
         rows,
