@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ CONFIGS: dict[str, dict] = {
         "note": "3 layers, longer",
     },  # fmt: skip
 }
-FINAL = "c1"
+FINAL = "c5"
 # runs stopped by hand before their end (no result file): listed in the exploration table all the same
 STOPPED = {
     "c2-selective-s0": "stopped at step 2000 of 3000: in-training accuracy 0.38 at 8 assignments, flat since step 250",
@@ -167,6 +168,18 @@ def test(model, cfg: TrainConfig) -> dict:
         r, _ = answers(n_assign, 1024)
         by_assign[str(n_assign)] = r.float().mean().item()
     return {"accuracy": right.float().mean().item(), "n": len(right), "by_count": by_count, "by_assign": by_assign}
+
+
+def latest_value_baseline(n_vars: int, n_assign: int, n: int = TEST_EXAMPLES) -> float:
+    """Accuracy of answering the value of the last assignment, whatever its variable, on the test examples: what a
+    model that copies the latest value without matching the name gets."""
+    task = VariableAssignment(n_vars=n_vars, n_assign=n_assign)
+    gen = torch.Generator().manual_seed(TEST_SEED + n_assign)
+    right = 0
+    for i in range(0, n, 512):
+        x, y, answer = task.batch(min(512, n - i), gen, n_assign)
+        right += int((x[:, 4 * n_assign - 2] == y[answer]).sum())  # the last assignment's value
+    return right / n
 
 
 def commit(path: Path, message: str) -> None:
@@ -254,8 +267,11 @@ def describe(opts: dict) -> str:
 def report() -> str:
     rows = load()
     acc = lambda r: r["test"]["accuracy"]  # noqa: E731
-    lines = ["Exploration: every configuration tried (answer accuracy on 4,096 held-out examples of the final "
-             "setting; seconds of training per run, on 2 shared CPU cores, 1 thread, `nice -n 19`):", "",
+    lines = ["Exploration: every configuration tried, in order (answer accuracy on 4,096 held-out examples of the "
+             "config's final number of assignments, per seed; seconds of training per run, on 2 CPU cores shared "
+             "with other jobs, 1 thread, `nice -n 19`). Answering the latest value whatever its variable scores "
+             f"{latest_value_baseline(4, 8):.3f} at 4 vars / 8 assignments and {latest_value_baseline(4, 2):.3f} at "
+             "4 vars / 2 assignments on these examples; a uniform guess 0.1.", "",
              "| config | setting | steps | seeds | s/run | standard | selective |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     order = [c for c in CONFIGS if c in rows] + sorted(set(rows) - set(CONFIGS))
@@ -269,7 +285,8 @@ def report() -> str:
         for a in ATTENTIONS:
             rs = [by.get(a, {}).get(s) for s in seeds]
             cells.append(", ".join(f"{acc(r):.3f}" if r else "-" for r in rs))
-        note = f"; {any_r['note']}" if any_r["note"] else ""
+        note = CONFIGS[c].get("note", "") if c in CONFIGS else any_r["note"]
+        note = f"; {note}" if note else ""
         lines.append(f"| {c}{' (final)' if c == FINAL else ''} | {describe(opts)}{note} | {opts['max_steps']} | "
                      f"{seeds} | {statistics.fmean(secs):.0f} | {cells[0]} | {cells[1]} |")  # fmt: skip
     for name, why in STOPPED.items():
@@ -317,29 +334,39 @@ def report() -> str:
 
 
 def plot(rows) -> None:
+    """Two panels per run of FINAL: the answer accuracy at the final count (in-training evaluation, 512 examples)
+    and the training batch's answer loss (at the curriculum's count of that step), both against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     final = rows.get(FINAL, {})
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    opts = CONFIGS[FINAL]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
     for i, a in enumerate(ATTENTIONS):
         for j, (seed, r) in enumerate(sorted(final.get(a, {}).items())):
             h = [e for e in r["history"] if "val_accuracy" in e]
-            ax.plot([e["step"] for e in h], [e["val_accuracy"] for e in h], color=f"C{i}", alpha=0.8,
-                    ls=("-", "--", ":", "-.")[j % 4], label=f"{a}, seed {seed}")  # fmt: skip
-    opts = CONFIGS[FINAL]
+            style = dict(color=f"C{i}", alpha=0.8, ls=("-", "--", ":", "-.")[j % 4], label=f"{a}, seed {seed}")
+            ax.plot([e["step"] for e in h], [e["val_accuracy"] for e in h], **style)
+            ax2.plot([e["step"] for e in h], [e["loss"] for e in h], **style)
+    for a_ in (ax, ax2):
+        if opts.get("va_hold_steps"):
+            a_.axvline(opts["va_hold_steps"], color="grey", lw=0.8, ls=":")
+        if opts.get("va_assign_start"):
+            a_.axvline(opts["va_ramp_steps"] + opts.get("va_hold_steps", 0), color="grey", lw=0.8, ls=":")
+        a_.grid(alpha=0.3)
     if opts.get("va_assign_start"):
-        end = opts["va_ramp_steps"] + opts.get("va_hold_steps", 0)
-        ax.axvline(end, color="grey", lw=0.8, ls=":")
-        ax.text(end, 0.02, f" curriculum reaches {opts['va_assign']}", fontsize=7, color="grey")
-    if opts.get("va_hold_steps"):
-        ax.axvline(opts["va_hold_steps"], color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="step", ylabel=f"answer accuracy ({opts['va_assign']} assignments)", ylim=(0, 1.02),
-           title=f"Variable assignment, config {FINAL}: {describe(opts)}")  # fmt: skip
+        hold = opts.get("va_hold_steps", 0)
+        ax2.text(0, 0.02, f" {opts['va_assign_start']} assignments", fontsize=7, color="grey")
+        ax2.text(hold, 0.02, f" growing to {opts['va_assign']}", fontsize=7, color="grey")
+        ax2.text(hold + opts["va_ramp_steps"], 0.02, f" {opts['va_assign']}", fontsize=7, color="grey")
+    ax.set(ylabel=f"answer accuracy at {opts['va_assign']} assignments", ylim=(0, 1.02),
+           title="\n".join(textwrap.wrap(f"Variable assignment, config {FINAL}: {describe(opts)}", 90)))  # fmt: skip
     ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3)
+    ax2.set(xlabel="step", ylabel="training answer loss (nats, one batch,\nat the step's number of assignments)",
+            ylim=(0, 2.5))  # fmt: skip
+    ax2.yaxis.label.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS.parent / "varassign.png", dpi=120)
