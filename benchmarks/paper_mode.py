@@ -135,11 +135,14 @@ def main() -> None:
     ap.add_argument(
         "--mmap-threshold", action="store_true", help="also measure memory with MALLOC_MMAP_THRESHOLD_=64 KiB"
     )
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for the timings (default: torch's own)")
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._peak:
         _peak_child(args._peak[0], int(args._peak[1]))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for L in args.lengths:

@@ -64,6 +64,19 @@ def test_exclusive_rows_gemm_matches_running_sum(C):
     above = torch.ones(64, 64, dtype=torch.float64).tril_(-1)
     ref = chunked._exclusive_rows(None, x, start)
     torch.testing.assert_close(chunked._exclusive_rows(above[: min(64, C), : min(64, C)], x, start), ref)
+    # into a workspace (the forward's bias buffer), NaN-filled so that an unwritten row fails
+    out = torch.full_like(x, float("nan"))
+    got = chunked._exclusive_rows(above[: min(64, C), : min(64, C)], x, start, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, ref)
+
+
+def test_workspace_views_share_one_buffer():
+    ws = chunked._Workspace(torch.empty(0), P=24)
+    a, b = ws("P", 2, 3, 4), ws("P", 5, 2)
+    assert a.is_contiguous() and b.is_contiguous() and a.data_ptr() == b.data_ptr()
+    with pytest.raises(RuntimeError):
+        ws("P", 5, 5)  # larger than the buffer was sized for
 
 
 def test_nan_voter_reaches_only_later_rows_like_the_spec():

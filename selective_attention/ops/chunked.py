@@ -26,6 +26,8 @@ The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA 
 ``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is cheaper than exp on some
 CPUs). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
 ``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
+The per-block votes and bias and the per-tile products live in buffers reused by every block and tile
+(``_Workspace``): fresh ones would cost their page faults each time.
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ _LOG2_TINY = {
 }
 
 
+class _Workspace:
+    """Flat buffers reused by every block and tile of one forward or backward: a fresh multi-MiB tensor per
+    block costs its page faults each time (glibc serves such sizes by mmap), which on some CPUs take
+    longer than the GEMM that fills it. ``sizes``: the elements each named buffer may hold, allocated on
+    first use; ``ws(name, *shape)`` is a contiguous view of the front of one."""
+
+    def __init__(self, like: Tensor, **sizes: int) -> None:
+        self.like, self.sizes, self.bufs = like, sizes, {}
+
+    def __call__(self, name: str, *shape: int) -> Tensor:
+        if name not in self.bufs:
+            self.bufs[name] = self.like.new_empty(self.sizes[name])
+        return self.bufs[name][: math.prod(shape)].view(shape)
+
+
 # --- one chunk's F and bias ---------------------------------------------------------------------------
 class _VoteOperands:
     """What every chunk's votes need, built once per call (and again in backward, bit for bit).
@@ -103,7 +120,9 @@ class _VoteOperands:
         # on CPU, in eager, with finite voters: a NaN or inf vote times 0 would reach the rows above it.
         self.above = None
         if qs.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(torch.isfinite(self.qn).all()) and bool(torch.isfinite(self.ks).all()):
+            # one reduction instead of isfinite's four passes: a NaN or inf makes the sum non-finite (an
+            # overflowing sum of finite voters only sends them down the exact running-sum path too)
+            if math.isfinite(float(self.qn.sum() + self.ks.sum())):
                 b = min(n, _ROW_BLOCK)
                 self.above = torch.ones(b, b, dtype=qs.dtype, device=qs.device).tril_(-1)
 
@@ -117,22 +136,29 @@ def _chunk_bias(
     i0: int,
     i1: int,
     keep_F: bool = False,
+    ws: _Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Rows ``i0 .. i1-1``: the negated votes ``-S`` ``[B, G, C, i1]``, the attention bias
     ``[B, G|H, C, i1]`` (``-(F + penalty)``, ``-inf`` at future and removed keys) and (``keep_F``) F.
     ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows. ``dead``
     ``[b, h, L, 1]``: rows whose keys are all removed; ``removed`` is not applied to them (the caller
-    zeroes their output), so no row is all ``-inf``."""
+    zeroes their output), so no row is all ``-inf``. With ``ws``, the votes and the bias are views of its
+    buffers ``votes`` and ``bias`` (``[B, G, C, i1]`` each), valid until the next call."""
     C = i1 - i0
     # -S; finite voters can still overflow to -inf: clamped to -max, so that 0 * vote stays 0 in the
     # row sums below (a sum of two such votes is -inf either way)
-    Sn = grouped_matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1))  # ks may have G / g heads
+    qn, ksT = vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1)
+    B, G = qn.shape[:2]
+    if ws is not None and ksT.shape[1] == G:
+        Sn = torch.matmul(qn, ksT, out=ws("votes", B, G, C, i1))
+    else:
+        Sn = grouped_matmul(qn, ksT)  # ks may have G / g heads
     Sn.clamp_(min=-torch.finfo(Sn.dtype).max, max=0.0)
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
     Sn[..., i0:i1].masked_fill_(vt.no_vote[:C, :C], 0.0)
     # -F of row k = the earlier chunks' sums + this chunk's rows above k: one running sum down the rows
-    bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, :i1])
+    bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, :i1], None if ws is None else ws("bias", B, G, C, i1))
     F_kept = bias.neg() if keep_F else None
     if penalty is not None:
         bias = bias - _rows(penalty, i0, i1)
@@ -148,24 +174,27 @@ def _chunk_bias(
 _ROW_BLOCK = 64  # rows per block of the running-sum GEMM: 2 * 64 flops per element, still cheap
 
 
-def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
+def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor, out: Tensor | None = None) -> Tensor:
     """``start + sum_{r < k} x[..., r, :]`` for every row k of ``x`` ``[B, G, C, n]``; ``start``
     ``[B, G, 1, n]``. With ``above`` (``[b, b]``, ones strictly below the diagonal): a GEMM within
-    blocks of b rows plus a running sum over the blocks' totals; otherwise one running sum."""
+    blocks of b rows plus a running sum over the blocks' totals, written into ``out`` if given;
+    otherwise one running sum."""
     if above is None:
         return torch.cat([start, x[:, :, :-1]], dim=2).cumsum_(dim=2)
     B, G, C, n = x.shape
     b = above.shape[0]
     nb, t = divmod(C, b)
-    if nb == 0:
-        return torch.matmul(above[:t, :t], x).add_(start)
-    main = x[:, :, : nb * b].view(B, G, nb, b, n)
-    carry = torch.cat([start, main.sum(dim=3)], dim=2).cumsum_(dim=2)  # [B, G, nb + 1, n]
-    out = torch.matmul(above, main).add_(carry[:, :, :nb, None]).view(B, G, nb * b, n)
-    if t == 0:
-        return out
-    tail = torch.matmul(above[:t, :t], x[:, :, nb * b :]).add_(carry[:, :, nb:])
-    return torch.cat([out, tail], dim=2)
+    out = torch.empty_like(x) if out is None else out
+    carry = start  # start + the totals of the blocks so far
+    if nb:
+        main = x[:, :, : nb * b].view(B, G, nb, b, n)
+        if nb > 1 or t:
+            carry = torch.cat([start, main.sum(dim=3)], dim=2).cumsum_(dim=2)  # [B, G, nb + 1, n]
+        main_out = out[:, :, : nb * b].view(B, G, nb, b, n)
+        torch.matmul(above, main, out=main_out).add_(carry[:, :, :nb, None])
+    if t:
+        torch.matmul(above[:t, :t], x[:, :, nb * b :], out=out[:, :, nb * b :]).add_(carry[:, :, nb:])
+    return out
 
 
 def _exclusive_rows_below(above: Tensor | None, x: Tensor, start: Tensor) -> Tensor:
@@ -253,21 +282,22 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         lse = q.new_empty(B, H, L)
         fchunk = chunk * _forward_blocks(H, G, L, chunk, removed, penalty)
         vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
+        ws = _Workspace(qs, votes=B * G * min(fchunk, L) * L, bias=B * G * min(fchunk, L) * L)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
         mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
-        carries = []  # ncol at the start of each chunk: backward rebuilds F bit for bit from it
+        carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
         for i0 in range(0, L, fchunk):
             i1 = min(i0 + fchunk, L)
-            carries.append(ncol.clone())
-            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None)
+            carries[i0 // fchunk] = ncol
+            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
             if Fc is not None:
                 mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1)
             ncol[:, :, :i1] += Sn.sum(dim=2)
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
             lse[:, :, i0:i1] = lse_c
-        ctx.save_for_backward(*inputs, removed, dead, pad, out, lse, torch.stack(carries))
+        ctx.save_for_backward(*inputs, removed, dead, pad, out, lse, carries)
         ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.fchunk, ctx.tau = (
             heads,
             scale,
@@ -328,6 +358,11 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
         a = scale * _LOG2E
         width = _key_tile(B * H, fchunk, L, q.element_size())
+        rows_max = min(fchunk, L)
+        ws = _Workspace(
+            q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
+            P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
+        )  # fmt: skip
         # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
         # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
         # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
@@ -339,7 +374,9 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         for i0 in reversed(range(0, L, fchunk)):
             i1 = min(i0 + fchunk, L)
             C = i1 - i0
-            Sn_b, bias_b, F_b = _chunk_bias(vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None)
+            Sn_b, bias_b, F_b = _chunk_bias(
+                vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
+            )
             qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
             qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
             qn_c = vt.qn[:, :, i0:i1]
@@ -351,18 +388,21 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 n = j1 - j0
                 Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
                 # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-                P3 = torch.bmm(qa, kT[:, :, j0:j1]).sub_(lse_c)  # [B*Hkv, g*C, n]
+                P3 = torch.bmm(qa, kT[:, :, j0:j1], out=ws("P", B * Hkv, g * C, n)).sub_(lse_c)  # [B*Hkv, g*C, n]
                 bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
                 P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
                 # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
                 # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
                 torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
-                dv3[:, j0:j1].baddbmm_(P3.transpose(-2, -1), doc)  # dV = P^T dO
+                # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
+                # one call per head.
+                dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
                 # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-                dZ3 = torch.bmm(doc, vT[:, :, j0:j1]).sub_(delta_c).mul_(P3)
+                dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n)).sub_(delta_c).mul_(P3)
                 del P, P3
                 dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-                dk3[:, j0:j1].baddbmm_(dZ3.transpose(-2, -1), qc, alpha=scale)  # dk = s dZ^T q
+                dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
+                dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
                 dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
                 if want_dpen:
                     _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
