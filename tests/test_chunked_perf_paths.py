@@ -26,9 +26,12 @@ def _run(backend, q, k, v, **kw):
 
 
 def test_forward_chunks_span_several_backward_chunks():
-    assert chunked._forward_blocks(8, 1, 64, 2, None, None) == 4
+    assert chunked._forward_blocks(8, 1, 64, 2, None, None) == 8  # H // G
     assert chunked._forward_blocks(8, 8, 64, 2, None, None) == 1  # every head votes: the bias has all H
-    assert chunked._forward_blocks(8, 1, 64, 8, None, None) == 1  # at most L / 8 rows
+    assert chunked._forward_blocks(8, 1, 64, 16, None, None) == 1  # at most L / 4 rows
+    assert chunked._forward_blocks(8, 1, 64, 8, None, None) == 2
+    assert chunked._forward_blocks(8, 1, 64, 2, None, None, max_rows=5) == 2  # at most max_rows rows
+    assert chunked._block_rows(8, 4) == 256  # B H = 8, fp32: [8, 256, 512] tiles are 4 MiB
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])

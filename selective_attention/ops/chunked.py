@@ -242,16 +242,27 @@ def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
     return 64 if B * H * 64 * L * itemsize <= 4 * 2**20 else 32
 
 
-def _forward_blocks(H: int, G: int, L: int, chunk: int, removed: Tensor | None, penalty: Tensor | None) -> int:
+def _forward_blocks(
+    H: int, G: int, L: int, chunk: int, removed: Tensor | None, penalty: Tensor | None, max_rows: int | None = None
+) -> int:
     """How many chunks one query block spans, in forward and backward alike. The forward's temporaries
     (votes and bias) have the bias's heads, usually G = 1, where the backward's have all H but are
     tiled by keys (:func:`_key_tile`): up to ``H // heads`` chunks per block keep the forward's the
     size of ``H`` chunks, and the forward then makes that many times fewer, larger calls to the fused
-    kernel (whose query blocks grow with the rows it is given), the backward fewer, larger GEMMs. At
-    most L / 8 rows, though: the kernel, given a bias, computes the upper half of each block's
-    diagonal part too, and that waste grows like block / L."""
+    kernel (whose query blocks grow with the rows it is given), the backward fewer, larger GEMMs, and
+    both fewer per-op overheads (what limits short sequences). At most L / 4 rows, though: the kernel,
+    given a bias, computes the upper half of each block's diagonal part too, and that waste grows like
+    block / L; and at most ``max_rows`` (:func:`_block_rows`)."""
     hb = max(G, *(1 if m is None else m.shape[1] for m in (removed, penalty)))
-    return max(1, min(H // hb, L // (8 * chunk)))
+    n = min(H // hb, L // (4 * chunk))
+    return max(1, n if max_rows is None else min(n, max_rows // chunk))
+
+
+def _block_rows(BH: int, itemsize: int) -> int:
+    """The most rows of a query block whose backward tiles ``[BH, C, width]`` can span two blocks of key
+    columns (``width = 2 C``) within ``_TILE_BYTES``: larger blocks would shrink the tiles to one block of
+    columns, or grow them out of cache (measured: 512-row blocks at L = 2048 are slower than 256)."""
+    return math.isqrt(_TILE_BYTES // max(1, 2 * BH * itemsize))
 
 
 def check_chunk_size(chunk_size: object) -> None:
@@ -280,7 +291,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         G = qs.shape[1]
         out = v.new_empty(B, H, L, v.shape[-1])
         lse = q.new_empty(B, H, L)
-        fchunk = chunk * _forward_blocks(H, G, L, chunk, removed, penalty)
+        fchunk = chunk * _forward_blocks(H, G, L, chunk, removed, penalty, _block_rows(B * H, q.element_size()))
         vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
         ws = _Workspace(qs, votes=B * G * min(fchunk, L) * L, bias=B * G * min(fchunk, L) * L)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
