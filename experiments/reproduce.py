@@ -251,13 +251,16 @@ def plot(runs: dict) -> None:
         return
     fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
     for ax, context in zip(axes[0], contexts):
-        for i, (method, (kind, _)) in enumerate(METHODS.items()):
+        lines = [(m, k, k, "-") for m, (k, _) in METHODS.items()]
+        lines += [(m, "selective", "selective-memloss", "--") for m, (k, _) in METHODS.items() if k == "selective"]
+        for i, (method, kind, variant, ls) in enumerate(lines):
             curves = [r["kv"][method]["curve"] for r in runs.values()
-                      if r["context"] == context and r["variant"] == kind and method in r.get("kv", {})]  # fmt: skip
+                      if r["context"] == context and r["variant"] == variant and method in r.get("kv", {})]  # fmt: skip
             if curves:
                 budgets = [c["budget"] for c in curves[0]]
                 mean = [statistics.mean(cv[j]["heldout"] for cv in curves) for j in range(len(budgets))]
-                ax.plot(budgets, mean, "o-", color=f"C{i}", label=f"{method} ({len(curves)} seeds)")
+                label = method if variant == kind else method.replace("selective", "memloss", 1)
+                ax.plot(budgets, mean, "o" + ls, color=f"C{i}", ms=4, label=f"{label} ({len(curves)} seeds)")
         std = [r["full"]["heldout"] for r in runs.values() if r["context"] == context and r["variant"] == "standard"]
         if std:
             ax.axhline(statistics.mean(std), color="k", ls="--", lw=1, label="standard, full cache")
