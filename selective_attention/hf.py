@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, fcum_after_prompt
+from .kv_cache import LayerCache, check_policy, fcum_after_prompt
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -407,9 +407,9 @@ class SelectiveLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, budget: int | None = None, threshold: float | None = None) -> None:
+    def __init__(self, budget: int | None = None, threshold: float | None = None, policy: str = "selective") -> None:
         super().__init__()
-        self.budget, self.threshold = budget, threshold
+        self.budget, self.threshold, self.policy = budget, threshold, policy
         self.cache: LayerCache | None = None
         self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
         self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
@@ -516,7 +516,7 @@ class SelectiveLayer(DynamicLayer):
         capacity = self.budget if self.budget is not None else T + 64
         self.cache = LayerCache.empty(
             B, capacity, n_heads=k.shape[1], n_groups=fcum.shape[1], head_dim=D, budget=self.budget,
-            threshold=self.threshold, dtype=k.dtype, device=k.device,
+            threshold=self.threshold, policy=self.policy, dtype=k.dtype, device=k.device,
         )  # fmt: skip
         self.cache.fill(k, v, fcum, key_padding_mask=kpm)
         return y
@@ -537,13 +537,19 @@ class SelectiveCache(Cache):
             for every layer, or one per layer: at most that many tokens per layer are stored and
             attended at any step, the newest included (>= 2: the first real token and the newest).
         threshold: evict any token whose accumulated penalty F exceeds it.
+        policy: which token a full layer evicts: ``"selective"`` (the paper: the largest accumulated F)
+            or ``"window"`` (StreamingLLM-style: the oldest, the first real token kept), a baseline at
+            the same memory (:mod:`selective_attention.kv_cache`). H2O is not offered here: its prompt
+            scores would need the attention weights under padding.
 
     Pass it as ``model.generate(..., cache=SelectiveCache(...))`` with a model built with
     ``attn_implementation="selective"``. Greedy decoding and sampling work; beam search, assisted
     decoding and contrastive search raise (they need to reorder or crop what was evicted).
     """
 
-    def __init__(self, budget: int | Sequence[int] | None = None, threshold: float | None = None) -> None:
+    def __init__(
+        self, budget: int | Sequence[int] | None = None, threshold: float | None = None, policy: str = "selective"
+    ) -> None:
         for b in [budget] if budget is None or isinstance(budget, int) else list(budget):
             if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
                 raise ValueError(
@@ -551,7 +557,13 @@ class SelectiveCache(Cache):
                 )
         if threshold is not None and not (isinstance(threshold, int | float) and threshold >= 0):
             raise ValueError(f"threshold must be None or a number >= 0, got {threshold!r}.")
-        self.budget, self.threshold = budget, threshold
+        if policy == "h2o":
+            raise NotImplementedError(
+                "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "
+                "baseline of selective_attention.model.GPT (generate(..., policy='h2o'))."
+            )
+        check_policy(policy, threshold)
+        self.budget, self.threshold, self.policy = budget, threshold, policy
         super().__init__(layers=[])
 
     def _budget_for(self, layer_idx: int) -> int | None:
@@ -563,7 +575,7 @@ class SelectiveCache(Cache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold))
+            self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
         return self.layers[layer_idx].update(key_states, value_states)
 
     def occupancy(self) -> list[int]:

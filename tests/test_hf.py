@@ -370,3 +370,21 @@ def test_cuda_forward_and_generate_match_the_spec(dtype):
     cache = sa_hf.SelectiveCache(budget=8)
     gen = model.generate(ids.cuda(), cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 48) and max(cache.occupancy()) <= 8
+
+
+def test_window_policy_keeps_the_first_real_token_and_the_newest():
+    model = build("llama")
+    ids, mask, _ = padded_batch(seed=7, lengths=(9, 6))
+    cache = sa_hf.SelectiveCache(budget=4, policy="window")
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for layer in cache.layers:
+        for b, n in enumerate((9, 6)):
+            pos = layer.cache.pos[b]
+            seen = n + 5 - 1  # the last generated token is sampled, not cached
+            assert sorted(pos[pos >= 0].tolist()) == [0, seen - 3, seen - 2, seen - 1]
+    with pytest.raises(NotImplementedError, match="h2o"):
+        sa_hf.SelectiveCache(budget=4, policy="h2o")
+    with pytest.raises(ValueError, match="policy"):
+        sa_hf.SelectiveCache(budget=4, policy="lru")
+    with pytest.raises(ValueError, match="threshold"):
+        sa_hf.SelectiveCache(budget=4, threshold=1.0, policy="window")
