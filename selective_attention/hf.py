@@ -414,6 +414,7 @@ class SelectiveLayer(DynamicLayer):
         self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
         self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
         self._pending: tuple[Tensor, Tensor] | None = None
+        self.owner: object | None = None  # the SelectiveCache holding this layer
 
     # --- what transformers calls ------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -422,7 +423,10 @@ class SelectiveLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         last = getattr(_PENDING, "layer", None)
-        if last is not None and last._pending is not None:
+        if last is not None and last._pending is not None and last.owner is not self.owner:
+            last._pending = None  # left by another cache (a failed or bypassed run): not this cache's business
+        elif last is not None and last._pending is not None:
+            last._pending = None  # raise once, not on every later call
             raise RuntimeError(
                 "SelectiveCache: a layer's keys were cached but never attended through "
                 f"attn_implementation='{NAME}'. Build the model with attn_implementation='{NAME}' (every layer), "
@@ -576,6 +580,7 @@ class SelectiveCache(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
+            self.layers[-1].owner = self
         return self.layers[layer_idx].update(key_states, value_states)
 
     def occupancy(self) -> list[int]:

@@ -356,6 +356,11 @@ def test_selective_cache_refuses_a_model_whose_attention_bypasses_it():
     model = build("llama", impl="sdpa")
     with pytest.raises(RuntimeError, match="attn_implementation='selective'"):
         model.generate(torch.randint(1, V, (1, 5)), cache=sa_hf.SelectiveCache(), max_new_tokens=2, do_sample=False)
+    # what that failed run left behind does not disturb the next cache
+    ids = torch.randint(1, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    sel = build("llama")
+    out = sel.generate(ids, cache=sa_hf.SelectiveCache(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_recomputation(sel, ids, torch.ones_like(ids), 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
