@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .data import ByteTokenizer, TextData
 from .options import positive_int
 from .progress import progress
+from .train import lr_schedule
 
 __all__ = ["HFDemoConfig", "run_hf_demo", "pruned_loss"]
 
@@ -86,13 +87,6 @@ class HFDemoConfig:
         )  # fmt: skip
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    warm = max(1, steps // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 def train(model, data: TextData, cfg: HFDemoConfig, name: str) -> list[float]:
     """``cfg.steps`` AdamW steps on random training windows (the same ones for every model: the
     generator is seeded by ``cfg.seed``); returns the training losses."""
@@ -105,7 +99,8 @@ def train(model, data: TextData, cfg: HFDemoConfig, name: str) -> list[float]:
     bar = progress(cfg.steps, f"train {name}", enabled=cfg.progress)
     for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.steps, cfg.lr)
+            group["lr"] = lr_schedule(step, lr=cfg.lr, min_lr=0.0, warmup_steps=max(1, cfg.steps // 10),
+                                      max_steps=cfg.steps)  # fmt: skip
         x, y = data.batch("train", cfg.batch_size, cfg.context_len, generator=gen)
         logits = model(x).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -619,12 +619,17 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
 
 
 # --- the loop ----------------------------------------------------------------------------------------
+def lr_schedule(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The training run's learning rate at ``step`` (:func:`lr_schedule` with ``cfg``'s settings)."""
+    return lr_schedule(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
 
 
 def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer:
