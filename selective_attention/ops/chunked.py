@@ -342,9 +342,13 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # The voting heads' own vote gradients (sel_scale dl ks, sel_scale dl^T qs) have the shape of their
+        # attention gradients (scale dZ k, scale dZ^T q): dl * sel_scale / scale added into their dZ rides
+        # the dq and dk GEMMs. A dedicated pair (qs, ks) gets GEMMs of its own.
+        fold = heads is not None and scale != 0.0
         if heads is None:
             dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks)
-        else:  # the voting heads: their vote gradients land straight in dq, dk
+        else:
             kvh = kv_heads(heads, H, Hkv)
             qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
         G, Gk = qs.shape[1], ks.shape[1]  # Gk = G, or Hkv < G when every head of a grouped-query layer votes
@@ -392,7 +396,7 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
             qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
             qn_c = vt.qn[:, :, i0:i1]
             dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
-            dqs_c = torch.zeros_like(qn_c)  # sum over the tiles of dl ks
+            dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
             dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
             for j0 in range(0, i1, width):
                 j1 = min(j0 + width, i1)
@@ -411,14 +415,10 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
                 dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n)).sub_(delta_c).mul_(P3)
                 del P, P3
-                dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-                dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
-                dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
                 dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
                 if want_dpen:
                     _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
                 dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
-                del dZ, dZ3
                 if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F < tau]
                     dF.add_(dmem_c * (F_b[..., j0:j1] < tau))
                 # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
@@ -426,15 +426,24 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 dcol[:, :, j0:j1] += dF.sum(dim=2)
                 # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
                 dl = dS.mul_(Sn < 0)
-                dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
-                if Gk == G:
-                    dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c))
-                else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                    dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
-                    qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
-                    dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
+                if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
+                    dZ[:, heads].add_(dl, alpha=sel_scale / scale)
+                else:
+                    dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
+                    if Gk == G:
+                        dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c))
+                    else:  # the g voters of one key head as one GEMM: their gradients sum in it
+                        dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
+                        qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
+                        dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
+                del dZ, dF, dS, dl
+                dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
+                dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
+                dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
+                del dZ3
             dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
-            dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
+            if not fold:
+                dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
         if heads is not None:
             dqs = dks = None
         return dq, dk, dv, dqs, dks, None, None, None, None, dpen, None, None, None, None
