@@ -346,7 +346,9 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
         raise ValueError(
             "memory_loss: the last forward computed no masked counts. They are computed in training mode "
             "(model.train()), with gradients enabled, without a cache, when the config has memory_eps > 0 "
-            "(selective_attention.hf.configure(config, memory_eps=0.1))."
+            "(selective_attention.hf.configure(config, memory_eps=0.1)). With activation checkpointing, use its "
+            "non-reentrant mode (transformers' default; use_reentrant=False): the reentrant one runs the forward "
+            "without gradients."
         )
     real = masked[0][1]
     rows = [r for r, _ in masked]

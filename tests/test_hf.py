@@ -290,6 +290,35 @@ def test_trainer_adds_the_memory_loss(tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_activation_checkpointing_keeps_loss_memory_loss_and_gradients():
+    """Non-reentrant checkpointing (transformers' default) recomputes each layer in backward: the memory
+    loss read after the forward is the same value with the same gradients as without checkpointing."""
+    ids, mask, pos = padded_batch(seed=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = build("llama", memory_eps=0.1).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        out = model(ids, attention_mask=mask, position_ids=pos, labels=ids)
+        loss = out.loss + sa_hf.memory_loss_term(model)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_reentrant_checkpointing_is_refused_by_name():
+    """Reentrant checkpointing runs the forward without gradients, so no masked counts exist: the error
+    says to use the non-reentrant mode."""
+    model = build("llama", memory_eps=0.1).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model(torch.randint(1, V, (1, 6)), labels=torch.randint(1, V, (1, 6)))
+    with pytest.raises(ValueError, match="use_reentrant"):
+        sa_hf.memory_loss(model)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_close_to_fp32(dtype):
     ids = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -306,6 +335,22 @@ def test_compiled_forward_matches_eager():
     eager = model(ids).logits
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(ids).logits, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile of the whole model, forward and backward: loss and gradients as in eager (fp32)."""
+    ids = torch.randint(1, V, (2, 24), generator=torch.Generator().manual_seed(2))
+    results = []
+    for compiled in (False, True):
+        model = build("llama", dtype=torch.float32).train()
+        run = torch.compile(model) if compiled else model
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_package_imports_without_transformers():
