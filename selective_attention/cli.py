@@ -410,7 +410,10 @@ def cmd_train(cfg) -> None:
     from .train import main as train_main
 
     summary = train_main(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    # one write per line: under torchrun every rank prints its summary to the same pipe, and print's
+    # separate writes of the text and the newline could interleave two ranks' lines
+    sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
