@@ -500,32 +500,18 @@ class LayerCache:
         B, H, _, D = q.shape
         Hkv, cap = self.k.shape[1], self.k.shape[2]
         scale = 1.0 / math.sqrt(D) if scale is None else scale
+        qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
+        logits = (torch.matmul(qg, self.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
         # free slots hold Fcum = +inf: the bias -Fcum removes them with no extra mask
         fp = torch.promote_types(q.dtype, torch.float32)
-        voting = None if selection is None or selection.heads is None else range(*selection.heads.indices(H))
-        if self.acc is None and q.dtype == fp and (voting is None or len(voting) == 1):
-            # neither the weights nor every head's logits are needed: one fused call (float32/64; the bias
-            # would lose precision in a half-precision mask), then the voting head's logits alone
-            y = torch.nn.functional.scaled_dot_product_attention(
-                q, self.k, self.v, attn_mask=-self.fcum[:, :, None, :], scale=scale, enable_gqa=Hkv != H
-            )  # [B, H, 1, Dv]
-            logits = None
-            if voting is not None:
-                h, kh = voting[0], voting[0] // (H // Hkv)  # the voting query head and its kv head
-                logits = torch.matmul(q[:, h : h + 1], self.k[:, kh : kh + 1].mT) * scale  # [B, 1, 1, cap]
-        else:
-            qg = q.reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, g, D]: query head h = (kv head, member)
-            logits = (torch.matmul(qg, self.k.transpose(-2, -1)) * scale).view(B, H, 1, cap)  # [B, H, 1, cap]
-            p = torch.softmax(logits.to(fp) - self.fcum[:, :, None, :].to(fp), dim=-1)  # [B, H, 1, cap]
-            if self.acc is not None:  # H2O: the attention each slot received, summed over heads
-                self.acc += p.sum(dim=(1, 2)).to(self.acc.dtype)
-            p = p.to(v.dtype)
-            y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
-            if voting is not None:
-                logits = logits[:, selection.heads]  # [B, G, 1, cap]
+        p = torch.softmax(logits.to(fp) - self.fcum[:, :, None, :].to(fp), dim=-1)  # [B, H, 1, cap]
+        if self.acc is not None:  # H2O: the attention each slot received, summed over heads
+            self.acc += p.sum(dim=(1, 2)).to(self.acc.dtype)
+        p = p.to(v.dtype)
+        y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
         if selection is not None:
-            if selection.heads is not None:  # voting heads: their logits (computed above) are their votes
-                votes = logits
+            if selection.heads is not None:  # voting heads: their logits are the attention logits just computed
+                votes = logits[:, selection.heads]  # [B, G, 1, cap]
             else:  # a dedicated pair: its own logits against the cached selector keys
                 qs = selector[0]
                 vscale = scale if qs.shape[-1] == D else 1.0 / math.sqrt(qs.shape[-1])

@@ -38,24 +38,3 @@ def assert_error_bounded(fast, naive, ref64, factor=3.0, name=""):
     err_naive = (naive.double() - ref64).abs().max().item() if ref64.numel() else 0.0
     floor = 4 * torch.finfo(fast.dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
     assert err_fast <= factor * err_naive + floor, f"{name}: error {err_fast:.3g} vs naive {err_naive:.3g}"
-
-
-def spy_attended_keys(monkeypatch) -> list[int]:
-    """Record, for each decoding step's attention (either path of ``LayerCache.step``: the fused
-    ``scaled_dot_product_attention`` given the bias ``-Fcum``, or ``softmax`` of the biased logits), the
-    most keys any row attends to (finite entries). Returns the list that fills as steps run."""
-    seen = []
-    real_softmax, real_sdpa = torch.softmax, torch.nn.functional.scaled_dot_product_attention
-
-    def softmax(x, dim=-1, **kw):
-        seen.append(int(torch.isfinite(x).sum(-1).max()))
-        return real_softmax(x, dim=dim, **kw)
-
-    def sdpa(q, k, v, attn_mask=None, **kw):
-        if attn_mask is not None and attn_mask.is_floating_point():
-            seen.append(int(torch.isfinite(attn_mask).sum(-1).max()))
-        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(torch, "softmax", softmax)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
-    return seen
