@@ -13,12 +13,14 @@ seed. Variants: ``standard`` (4 heads), ``selective`` (the paper's F from head 0
 heads of 32: the "selective ~ standard with 2x heads" question). Contexts 512 (seeds 0-4), 1024 and
 2048 (seeds 0-2).
 
-**Why these sizes.** The whole plan must fit about a working day of 2-core CPU time: at context 512 a
-standard run takes ~2.5 min and a selective one ~5.5 min on an Intel Xeon (2 cores); the evaluations
-below add ~2 min per run; 1024 and 2048 cost more per token (attention grows with the context). 1,000
-steps of 2,048 tokens (2 M tokens, ~1/3 of an epoch of the training split) is where the byte-level
-reproduction's losses had mostly settled; a model this small shows the method's memory behaviour, not
-its quality at scale.
+**Why these sizes.** The plan was sized for about a working day of 2-core CPU time, from a standard run
+of ~2.5 min and a selective one of ~5.5 min at context 512 on an Intel Xeon. Measured since, with the
+CPU shared: 6-9 min of training and 4-5 min of evaluation per run at 512 (the curves decode every budget
+token by token), so the 43 runs take nearer two working days; 1024 and 2048 cost more per token
+(attention grows with the context). 1,000 steps of 2,048 tokens (2 M tokens: about 2.2 passes over the
+~0.9 M-token BPE training split) is where the byte-level reproduction's losses had mostly settled; the
+BPE models' validation loss is still falling there, so these are short runs: a model this small shows
+the method's memory behaviour, not its quality at scale.
 
 **KV memory** (every stored slot counted; a budget b = at most b tokens stored and attended per layer at
 any step, the newest included). Two window sets from the validation split: set 0 ("search") chooses
