@@ -22,6 +22,10 @@ only its own columns::
     dl_s = dS_t * 1[S_t > 0];  dqs_c += dl_s ks_t * s;  dks_t += dl_s^T qs_c * s
     dq_c += dZ k_t;  dk_t += dZ^T q_c;  dv_t += P^T dO_c
 
+When the voters are heads of q and k themselves (the paper), the two vote GEMMs are not run: their
+products have the shape of those heads' attention gradients, so ``dl_s * s / scale`` is added into the
+voting heads' dZ before the dq and dk GEMMs.
+
 The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA uses) given the bias;
 ``lse`` saved in the forward lets backward rebuild ``P_h`` (in base 2: exp2 is cheaper than exp on some
 CPUs). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
