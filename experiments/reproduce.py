@@ -14,10 +14,11 @@ heads of 32: the "selective ~ standard with 2x heads" question). Contexts 512 (s
 2048 (seeds 0-2).
 
 **Why these sizes.** The plan was sized for about a working day of 2-core CPU time, from a standard run
-of ~2.5 min and a selective one of ~5.5 min at context 512 on an Intel Xeon. Measured since, with the
-CPU shared: 6-9 min of training and 4-5 min of evaluation per run at 512 (the curves decode every budget
-token by token), so the 43 runs take nearer two working days; 1024 and 2048 cost more per token
-(attention grows with the context). 1,000 steps of 2,048 tokens (2 M tokens: about 2.2 passes over the
+of ~2.5 min and a selective one of ~5.5 min at context 512 on an Intel Xeon. Measured since at 512: on a
+quiet CPU ~4 min of training and ~1 min of evaluation for a standard run, ~6 + 3 min for a selective one
+(the curves decode every budget token by token); with the CPU shared, 6-9 + 4-5 min. 1024 and 2048 cost
+more per token (attention grows with the context): about a working day on a quiet 2-core CPU, nearer two
+when it is shared. 1,000 steps of 2,048 tokens (2 M tokens: about 2.2 passes over the
 ~0.9 M-token BPE training split) is where the byte-level reproduction's losses had mostly settled; the
 BPE models' validation loss is still falling there, so these are short runs: a model this small shows
 the method's memory behaviour, not its quality at scale.
