@@ -25,6 +25,26 @@ def _run(backend, q, k, v, **kw):
     return (o, m, *torch.autograd.grad(loss, (q, k, v)))
 
 
+def _extra(extra, B, L, seed, pad):
+    """Keyword arguments for one ``extra`` case: a bool mask (seed), key padding of sequence ``pad[0]``'s first
+    ``pad[1]`` keys, a float F (seed + 1), memory rows, or every head voting."""
+    kw = {}
+    if extra == "mask":
+        kw["selective_mask"] = torch.rand(B, 1, L, L, generator=torch.Generator().manual_seed(seed)) < 0.2
+    elif extra == "padding":
+        kpm = torch.zeros(B, L, dtype=torch.bool)
+        kpm[pad[0], : pad[1]] = True
+        kw["key_padding_mask"] = kpm
+    elif extra == "float_F":
+        gen = torch.Generator().manual_seed(seed + 1)
+        kw["selective_mask"] = torch.rand(1, 1, L, L, generator=gen, dtype=torch.float64)
+    elif extra == "memory":
+        kw["memory_tau"] = 1.0
+    elif extra == "every_head":
+        kw["selection"] = Selection(per_head=True)
+    return kw
+
+
 def test_forward_chunks_span_several_backward_chunks():
     assert chunked._forward_blocks(8, 1, 64, 2, None, None) == 8  # H // G
     assert chunked._forward_blocks(8, 8, 64, 2, None, None) == 1  # every head votes: the bias has all H
@@ -39,19 +59,7 @@ def test_forward_chunks_span_several_backward_chunks():
 def test_sub_chunked_backward_matches_naive(chunk_size, extra):
     B, H, L, D = 2, 8, 48, 4
     q, k, v = _qkv(B, H, L, D)
-    kw = {}
-    if extra == "mask":
-        gen = torch.Generator().manual_seed(1)
-        kw["selective_mask"] = torch.rand(B, 1, L, L, generator=gen) < 0.2
-    elif extra == "padding":
-        pad = torch.zeros(B, L, dtype=torch.bool)
-        pad[1, :5] = True
-        kw["key_padding_mask"] = pad
-    elif extra == "float_F":
-        gen = torch.Generator().manual_seed(2)
-        kw["selective_mask"] = torch.rand(1, 1, L, L, generator=gen, dtype=torch.float64)
-    elif extra == "memory":
-        kw["memory_tau"] = 1.0
+    kw = _extra(extra, B, L, seed=1, pad=(1, 5))
     ref = _run("naive", q, k, v, **kw)
     got = _run("chunked", q, k, v, chunk_size=chunk_size, **kw)
     for a, b in zip(got, ref):
@@ -101,19 +109,7 @@ def test_key_tiled_backward_matches_naive(monkeypatch, tile_bytes, extra):
     B, H, L, D = 1, 8, 45, 4
     assert chunked._key_tile(B * H, 4, L, 8) in (4, 12)  # really several tiles
     q, k, v = _qkv(B, H, L, D, seed=3)
-    kw = {}
-    if extra == "mask":
-        kw["selective_mask"] = torch.rand(B, 1, L, L, generator=torch.Generator().manual_seed(4)) < 0.2
-    elif extra == "padding":
-        pad = torch.zeros(B, L, dtype=torch.bool)
-        pad[0, :7] = True
-        kw["key_padding_mask"] = pad
-    elif extra == "float_F":
-        kw["selective_mask"] = torch.rand(1, 1, L, L, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
-    elif extra == "memory":
-        kw["memory_tau"] = 1.0
-    elif extra == "every_head":
-        kw["selection"] = Selection(per_head=True)
+    kw = _extra(extra, B, L, seed=4, pad=(0, 7))
     ref = _run("naive", q, k, v, **kw)
     got = _run("chunked", q, k, v, chunk_size=2, **kw)
     for a, b in zip(got, ref):
