@@ -25,6 +25,15 @@ def _run(backend, q, k, v, **kw):
     return (o, m, *torch.autograd.grad(loss, (q, k, v)))
 
 
+def _assert_chunked_matches_naive(q, k, v, chunk_size, **kw):
+    """Outputs, memory rows and gradients of ``chunked`` equal the naive spec's (fp64 tolerances)."""
+    ref = _run("naive", q, k, v, **kw)
+    got = _run("chunked", q, k, v, chunk_size=chunk_size, **kw)
+    for a, b in zip(got, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
 def _extra(extra, B, L, seed, pad):
     """Keyword arguments for one ``extra`` case: a bool mask (seed), key padding of sequence ``pad[0]``'s first
     ``pad[1]`` keys, a float F (seed + 1), memory rows, or every head voting."""
@@ -60,11 +69,7 @@ def test_sub_chunked_backward_matches_naive(chunk_size, extra):
     B, H, L, D = 2, 8, 48, 4
     q, k, v = _qkv(B, H, L, D)
     kw = _extra(extra, B, L, seed=1, pad=(1, 5))
-    ref = _run("naive", q, k, v, **kw)
-    got = _run("chunked", q, k, v, chunk_size=chunk_size, **kw)
-    for a, b in zip(got, ref):
-        if b is not None:
-            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    _assert_chunked_matches_naive(q, k, v, chunk_size=chunk_size, **kw)
 
 
 @pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
@@ -110,11 +115,7 @@ def test_key_tiled_backward_matches_naive(monkeypatch, tile_bytes, extra):
     assert chunked._key_tile(B * H, 4, L, 8) in (4, 12)  # really several tiles
     q, k, v = _qkv(B, H, L, D, seed=3)
     kw = _extra(extra, B, L, seed=4, pad=(0, 7))
-    ref = _run("naive", q, k, v, **kw)
-    got = _run("chunked", q, k, v, chunk_size=2, **kw)
-    for a, b in zip(got, ref):
-        if b is not None:
-            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    _assert_chunked_matches_naive(q, k, v, chunk_size=2, **kw)
 
 
 @pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
