@@ -209,7 +209,6 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits
     from .kv_cache import check_policy
-    from .model import token_loss
     from .train import Task, TrainConfig, evaluate, model_from_checkpoint
 
     budget = _budget_arg(args.budget)
@@ -240,22 +239,16 @@ def cmd_eval(args: EvalOptions) -> dict:
             f"--context_len does not apply to varassign: every example is {T} tokens "
             f"(va_assign={tc.va_assign}); omit --context_len."
         )
-    occupancy = None
-    if not prunes:
-        scores = evaluate(model, task, torch.device("cpu"))
-    else:
-        losses, correct, total = [], 0, 0
-        for x, y, answer in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
-            logits, occupancy = pruned_logits(
-                model, x, budget=budget, threshold=args.threshold, policy=args.policy, recent=args.recent
-            )
-            losses.append(token_loss(logits, y).item())
-            if answer is not None:
-                correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
-                total += int(answer.sum())
-        scores = {"val_loss": sum(losses) / len(losses)}
-        if total:
-            scores["val_accuracy"] = correct / total
+    occupancy = []
+
+    def pruned(x: torch.Tensor) -> torch.Tensor:  # the last batch's kept tokens per layer are reported
+        logits, occ = pruned_logits(model, x, budget=budget, threshold=args.threshold, policy=args.policy,
+                                    recent=args.recent)  # fmt: skip
+        occupancy[:] = occ
+        return logits
+
+    scores = evaluate(model, task, torch.device("cpu"), logits_fn=pruned if prunes else None)
+    occupancy = occupancy or None
     loss = scores["val_loss"]
     out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
     if "val_accuracy" in scores:

@@ -25,11 +25,12 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .data import curriculum_assign
@@ -314,22 +315,28 @@ def mean_loss(model: GPT, x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, task: Task, device: torch.device) -> dict[str, float]:
-    """Mean validation cross-entropy (nats/token; on varassign, of the answers), and answer accuracy.
-    Runs in eval mode and leaves the model in the mode it was in."""
+def evaluate(
+    model: GPT, task: Task, device: torch.device, logits_fn: Callable[[Tensor], Tensor] | None = None
+) -> dict[str, float]:
+    """Validation cross-entropy (nats/token; on varassign, of the answers) over every target of the evaluation
+    batches, each token weighing the same (a smaller last batch is not overweighted), and answer accuracy.
+    ``logits_fn``: ``x [B, T] -> logits [B, T, vocab]`` (default ``model(x)``; e.g. a pruned cache). Runs in
+    eval mode and leaves the model in the mode it was in."""
     was_training = model.training
     model.eval()
-    losses, correct, total = [], 0, 0
-    for x, y, answer in task.eval_batches():
+    logits_fn = model if logits_fn is None else logits_fn
+    loss_sum, n_targets, correct, total = 0.0, 0, 0, 0
+    for x, y, answer in task.eval_batches():  # y is -100 where it is not a target (varassign: all but the answer)
         x, y = x.to(device), y.to(device)
-        logits = model(x)
-        losses.append(token_loss(logits, y).item())
+        logits = logits_fn(x)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="sum").item()
+        n_targets += int((y != -100).sum())
         if answer is not None:
             answer = answer.to(device)
             correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
             total += int(answer.sum())
     model.train(was_training)
-    out = {"val_loss": sum(losses) / len(losses)}
+    out = {"val_loss": loss_sum / n_targets}
     if total:
         out["val_accuracy"] = correct / total
     return out

@@ -366,6 +366,35 @@ def _as_format_2(src, dst_root):
     return dst_root / "run"
 
 
+def test_evaluate_weighs_every_target_token_alike():
+    """A smaller last batch (and varassign's one target per row) counts per token, not per batch: the loss is
+    the plain mean over every target of every batch, here of unequal sizes."""
+    import torch.nn.functional as F
+
+    from selective_attention.model import GPT, GPTConfig
+    from selective_attention.train import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for rows in (5, 2):
+        x = torch.randint(0, 32, (rows, 12), generator=gen)
+        y = torch.randint(0, 32, (rows, 12), generator=gen)
+        y[:, : rows * 2] = -100  # unequal numbers of targets per batch, too
+        batches.append((x, y, None))
+
+    class Batches:
+        def eval_batches(self):
+            return iter(batches)
+
+    model = GPT(GPTConfig(vocab_size=32, context_len=12, n_layer=1, n_head=2, d_model=16)).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x).flatten(0, 1) for x, _, _ in batches])
+        ref = F.cross_entropy(logits, torch.cat([y.flatten() for _, y, _ in batches])).item()
+    per_batch = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y, _ in batches]
+    assert abs(sum(per_batch) / 2 - ref) > 1e-3  # the two averages differ here, so the test can fail
+    assert evaluate(model, Batches(), torch.device("cpu"))["val_loss"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_format_2_checkpoint_loads_for_eval(tmp_path):
     main(tiny(tmp_path / "new", max_steps=4))
     old = _as_format_2(tmp_path / "new" / "run", tmp_path / "old")
