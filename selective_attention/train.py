@@ -142,6 +142,9 @@ class TrainConfig:
 # others (data, optimisation, eval_batches, which sets what val_loss measures, ...) would silently mix two
 # experiments in one history, so main() refuses them without --allow_config_change=true. The model is compared
 # on its own (it must be the same, see _model_diff).
+# varassign's validation examples come from this seed's stream, a training rank's from seed + 1000 * rank
+# (:func:`data_seed`): a run whose training stream would be the validation stream is refused
+VA_VAL_SEED = 12345
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
      "ckpt_interval"}
@@ -253,7 +256,7 @@ class Task:
         if self.varassign:
             kw = dict(n_vars=cfg.va_vars, n_assign=cfg.va_assign)
             self.train_task = data.VariableAssignment(seed=cfg.seed, **kw)
-            self.val_task = data.VariableAssignment(seed=cfg.seed + 10_000, **kw)  # another stream
+            self.val_task = data.VariableAssignment(seed=VA_VAL_SEED, **kw)  # the same for every run
             if tokenizer is not None and tokenizer.kind != "byte":
                 raise ValueError(f"--data=varassign is byte level, but the model's tokenizer is {tokenizer!r}.")
             self.tokenizer = data.ByteTokenizer()
@@ -299,7 +302,7 @@ class Task:
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         if self.varassign:
-            gen = torch.Generator().manual_seed(12345)
+            gen = torch.Generator().manual_seed(VA_VAL_SEED)
             for _ in range(self.cfg.eval_batches):
                 x, y, answer = self.val_task.batch(self.cfg.batch_size, gen)
                 yield x, y.masked_fill(~answer, -100), answer
@@ -639,6 +642,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lr_schedule(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
 
 
+def data_seed(cfg: TrainConfig, rank: int) -> int:
+    """The seed of a rank's training-data stream: ``seed + 1000 * rank``. On varassign it must not be
+    ``VA_VAL_SEED``, whose stream is the validation set (the model would be evaluated on its training data)."""
+    s = cfg.seed + 1000 * rank
+    if cfg.data == "varassign" and s == VA_VAL_SEED:
+        raise ValueError(
+            f"--seed={cfg.seed} makes rank {rank}'s varassign training stream (seed + 1000 * rank = {s}) the "
+            f"validation stream (seed {VA_VAL_SEED}): the model would be evaluated on its training examples. "
+            f"Choose another --seed."
+        )
+    return s
+
+
 def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(model.parameters())  # one group: every weight decays (checkpoints hold any param_groups)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -767,7 +783,7 @@ def main(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
     model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    data_gen = torch.Generator().manual_seed(data_seed(cfg, rank))
     start, history, last_ckpt = 0, [], None
     if resumed is not None:
         tensors, meta = resumed
@@ -789,6 +805,13 @@ def main(cfg: TrainConfig) -> dict:
         if "rng.data" in tensors:
             data_gen.set_state(tensors["rng.data"])
         start = last_ckpt = meta["step"]
+        if start > cfg.max_steps:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} is at step {start}, past --max_steps={cfg.max_steps}: this run would train "
+                f"nothing and report the step-{start} model as a {cfg.max_steps}-step one. Pass --max_steps >= "
+                f"{start} to continue it, `selective-attention eval --ckpt={out_dir}` to evaluate it, another "
+                f"--out_dir, or --resume=false."
+            )
         history = [row for row in meta["extra"].get("history", []) if row.get("step", 0) <= start]
     if main_proc:
         # the log is the history so far: a resume drops the rows a killed run logged after its checkpoint

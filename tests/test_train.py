@@ -395,6 +395,30 @@ def test_evaluate_weighs_every_target_token_alike():
     assert evaluate(model, Batches(), torch.device("cpu"))["val_loss"] == pytest.approx(ref, rel=1e-6)
 
 
+def test_resume_with_fewer_max_steps_than_trained_is_refused(tmp_path):
+    main(tiny(tmp_path, max_steps=8))
+    with pytest.raises(CheckpointError, match=r"at step 8, past --max_steps=4.*--max_steps >= 8"):
+        main(tiny(tmp_path, max_steps=4))
+    assert main(tiny(tmp_path, max_steps=8))["val_loss"] is not None  # equal: nothing left to train, not an error
+
+
+def test_varassign_training_stream_never_is_the_validation_stream(tmp_path):
+    """Rank r trains on the stream of seed + 1000 r; the validation examples are the stream of VA_VAL_SEED."""
+    cfg = tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64)
+    assert train_mod.data_seed(cfg, 0) == cfg.seed and train_mod.data_seed(cfg, 2) == cfg.seed + 2000
+    bad = tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64, seed=train_mod.VA_VAL_SEED)
+    with pytest.raises(ValueError, match=r"--seed=12345 makes rank 0's varassign training stream"):
+        main(bad)
+    with pytest.raises(ValueError, match=r"rank 1's"):
+        train_mod.data_seed(tiny(tmp_path, data="varassign", seed=train_mod.VA_VAL_SEED - 1000), 1)
+    # what the refusal prevents: that seed's training batches are the validation batches
+    task = train_mod.Task(bad)
+    x, _ = task.batch(torch.Generator().manual_seed(train_mod.VA_VAL_SEED))  # rank 0 of --seed=12345
+    xv, _, _ = next(task.eval_batches())
+    assert torch.equal(x, xv)
+    assert train_mod.data_seed(tiny(tmp_path, seed=train_mod.VA_VAL_SEED), 0) == train_mod.VA_VAL_SEED  # text data
+
+
 def test_format_2_checkpoint_loads_for_eval(tmp_path):
     main(tiny(tmp_path / "new", max_steps=4))
     old = _as_format_2(tmp_path / "new" / "run", tmp_path / "old")
