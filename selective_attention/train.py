@@ -61,8 +61,11 @@ CKPT_NAME = "ckpt.safetensors"
 # 4: format 3 plus the tokenizer ("tokenizer": its kind; a BPE tokenizer's JSON with a sha256). A checkpoint of
 #    formats 1-3 is byte level. Written as a new version so that code from before it refuses a BPE checkpoint
 #    instead of reading its token ids as bytes.
-FORMAT_VERSION = "4"
-READABLE_VERSIONS = ("1", "2", "3", "4")
+# 5: format 4 with the checksum over the metadata too (every entry but the checksum, after the tensors): a
+#    flipped byte in a config (rope_base, selection, ...) would otherwise load as another model, silently.
+FORMAT_VERSION = "5"
+READABLE_VERSIONS = ("1", "2", "3", "4", "5")
+_TENSOR_ONLY_CHECKSUM = ("1", "2", "3", "4")  # formats whose checksum covers the tensors only
 
 
 def _default_model() -> GPTConfig:
@@ -361,15 +364,26 @@ class TrainingDiverged(RuntimeError, ValueError):
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
 
 
-def tensors_checksum(tensors: dict[str, Tensor]) -> str:
+def tensors_checksum(tensors: dict[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order (catches flipped bytes that
-    would otherwise load as wrong weights and evaluate to ``val_loss: nan``)."""
+    would otherwise load as wrong weights and evaluate to ``val_loss: nan``), then, if given, every
+    ``metadata`` entry but ``"checksum"``, in key order (format 5 on: a changed config is caught too)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, whatever the dtype
+    for key in sorted(metadata or {}):
+        if key != "checksum":
+            h.update(f"{len(key)}:{key}={len(metadata[key])}:".encode() + metadata[key].encode())
     return h.hexdigest()
+
+
+def signed(tensors: dict[str, Tensor], meta: Mapping[str, str]) -> dict[str, str]:
+    """``meta`` with the checksum its ``format_version`` stores: over the tensors and (format 5 on) the metadata."""
+    meta = {k: v for k, v in meta.items() if k != "checksum"}
+    covered = None if meta.get("format_version") in _TENSOR_ONLY_CHECKSUM else meta
+    return {**meta, "checksum": "sha256:" + tensors_checksum(tensors, covered)}
 
 
 def _untie(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -429,8 +443,8 @@ def save_checkpoint(
         "aliases": json.dumps(aliases),
         "tokenizer": json.dumps((tokenizer if tokenizer is not None else ByteTokenizer()).to_dict()),
         "extra": _to_json(extra, "the run's extra state"),
-        "checksum": "sha256:" + tensors_checksum(tensors),
     }
+    meta = signed(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -531,10 +545,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"verified (resuming the run saves it again, with one).",
             stacklevel=2,
         )
-    elif checksum != "sha256:" + tensors_checksum(tensors):
+    elif checksum != "sha256:" + tensors_checksum(tensors, None if version in _TENSOR_ONLY_CHECKSUM else raw):
+        what = "tensor bytes" if version in _TENSOR_ONLY_CHECKSUM else "tensor bytes or metadata (configs, tokenizer)"
         raise CheckpointError(
-            f"checkpoint {path} fails its checksum: its tensor bytes changed after it was written (disk or copy "
-            f"corruption); restore it from a copy, or delete it and start over with --resume=false."
+            f"checkpoint {path} fails its checksum: its {what} changed after it was written (disk or copy "
+            f"corruption, or an edit); restore it from a copy, or delete it and start over with --resume=false."
         )
     return tensors, meta
 

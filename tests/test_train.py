@@ -219,6 +219,24 @@ def test_checksum_catches_corrupted_tensor_bytes(tmp_path):
         main(tiny(tmp_path, max_steps=8))  # resuming refuses too
 
 
+def test_checksum_covers_the_metadata(tmp_path):
+    """One changed byte in a stored config (here rope_base, which changes every logit and no tensor) is refused,
+    not loaded as another model; a format-4 file (checksum over the tensors only) still loads."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    stored = json.dumps(load_checkpoint(path)[1]["model_config"])
+    assert '"rope_base": 10000.0' in stored
+    _rewrite_metadata(path, sign=False, model_config=stored.replace('"rope_base": 10000.0', '"rope_base": 18000.0'))
+    with pytest.raises(CheckpointError, match=r"fails its checksum: its tensor bytes or metadata"):
+        model_from_checkpoint(path)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        main(tiny(tmp_path, max_steps=8))
+    _rewrite_metadata(path, model_config=stored, format_version="4")  # as format 4 wrote it
+    assert load_checkpoint(path)[1]["format_version"] == "4"
+    _rewrite_metadata(path, sign=False, model_config=stored.replace('"rope_base": 10000.0', '"rope_base": 18000.0'))
+    assert model_from_checkpoint(path)[0].config.rope_base == 18000.0  # what format 4 could not catch
+
+
 def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -315,14 +333,16 @@ def test_evaluate_leaves_the_model_in_its_mode():
 
 
 # --- checkpoint format: state-dict APIs, version check, older formats, model config fields ----------------
-def _rewrite_metadata(path, **changes):
-    """Rewrite a checkpoint's metadata (the tensors, hence the checksum, unchanged)."""
+def _rewrite_metadata(path, sign=True, **changes):
+    """Rewrite a checkpoint's metadata, with the checksum its format version has (as a writer of that version, or
+    another program writing a consistent file, would), or (``sign=False``) the old checksum left as it was."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(path), metadata={**meta, **changes})
+    meta = {**meta, **changes}
+    save_file(tensors, str(path), metadata=train_mod.signed(tensors, meta) if sign else meta)
 
 
 def _write_format_2(path, cfg, model, opt, step, history, rng):
