@@ -432,8 +432,8 @@ def save_checkpoint(
             else:
                 opt_values.setdefault(str(pid), {})[name] = val
     tensors["rng.torch"] = torch.get_rng_state()
-    if "data_rng" in extra:
-        tensors["rng.data"] = extra.pop("data_rng")
+    for rank, state in enumerate(extra.pop("data_rngs", [])):  # each rank's data stream: rank 0's is "rng.data"
+        tensors["rng.data" if rank == 0 else f"rng.data.{rank}"] = state
     meta = {
         "format_version": FORMAT_VERSION,
         "step": str(step),
@@ -817,8 +817,7 @@ def main(cfg: TrainConfig) -> dict:
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
         _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
         torch.set_rng_state(tensors["rng.torch"])
-        if "rng.data" in tensors:
-            data_gen.set_state(tensors["rng.data"])
+        _restore_data_rng(data_gen, tensors, meta, rank, world, ckpt_path)
         start = last_ckpt = meta["step"]
         if start > cfg.max_steps:
             raise CheckpointError(
@@ -846,7 +845,7 @@ def main(cfg: TrainConfig) -> dict:
         step = start
         for step in range(start, cfg.max_steps):
             if cfg.stop_after and step - start >= cfg.stop_after:
-                return {"stopped_at": step, "out_dir": str(out_dir)}
+                return {"rank": rank, "stopped_at": step, "out_dir": str(out_dir)}
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             x, y = task.batch(data_gen, step)
@@ -876,13 +875,16 @@ def main(cfg: TrainConfig) -> dict:
                 last.update(ev)
                 history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
                 _log(out_dir, history[-1])
+            if (step + 1) % cfg.ckpt_interval == 0 or done:
+                data_rngs = _gather(data_gen.get_state(), world)  # every rank's stream: all ranks take part
             if main_proc and ((step + 1) % cfg.ckpt_interval == 0 or done):
                 if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
                     # a finite step whose update overflowed: the next forward would catch it, after this save
                     raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN")
                 save_checkpoint(
-                    ckpt_path, model, opt, step + 1, cfg, task.tokenizer, data_rng=data_gen.get_state(), history=history
-                )
+                    ckpt_path, model, opt, step + 1, cfg, task.tokenizer, data_rngs=data_rngs, world_size=world,
+                    history=history,
+                )  # fmt: skip
                 last_ckpt = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **(
@@ -914,6 +916,36 @@ def main(cfg: TrainConfig) -> dict:
         "val_accuracy": final.get("val_accuracy"),
         "history": history,
     }
+
+
+def _gather(state: Tensor, world: int) -> list[Tensor]:
+    """Every rank's ``state`` (a data generator's), in rank order; called by all ranks together."""
+    if world == 1:
+        return [state]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _restore_data_rng(gen: torch.Generator, tensors: dict, meta: dict, rank: int, world: int, path: Path) -> None:
+    """Set this rank's data generator to where the checkpoint's run left it: each rank has its own stream (checkpoints
+    before per-rank states held rank 0's only). A run with another number of processes is refused: its ranks would
+    read other streams, and each step another number of examples."""
+    stored_world = meta["extra"].get("world_size")  # None: written before it was stored
+    if stored_world is not None and stored_world != world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run of {stored_world} training process(es); this one has {world}, "
+            f"whose ranks would read other data streams, and each step another number of examples. Resume it with "
+            f"{stored_world} (torchrun --nproc_per_node={stored_world}), or use another --out_dir or --resume=false."
+        )
+    key = "rng.data" if rank == 0 else f"rng.data.{rank}"
+    if key not in tensors or (stored_world is None and world > 1):
+        raise CheckpointError(
+            f"checkpoint {path} holds no data-stream state for {'rank ' + str(rank) if world > 1 else 'its run'} "
+            f"(written before each rank's was stored): a resume cannot continue the same data. Start over with "
+            f"another --out_dir or --resume=false."
+        )
+    gen.set_state(tensors[key])
 
 
 def _write_log(out_dir: Path, rows: list[dict]) -> None:

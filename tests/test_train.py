@@ -133,25 +133,62 @@ def test_checkpoint_holds_optimizer_and_rng(tmp_path):
     assert meta["train_config"]["max_steps"] == 4 and train_mod.FORMAT_VERSION == meta["format_version"]
 
 
-def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
-    """torchrun with 2 CPU processes (gloo): each rank sees other data, yet the replicas stay equal,
-    so the gradients were averaged."""
+def _torchrun(out_dir, *extra, nproc=2):
+    """``selective-attention train`` under torchrun with ``nproc`` CPU processes (gloo) -> each rank's summary."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "selective_attention", "train",
-           "--data=pydoc", f"--out_dir={tmp_path / 'ddp'}", "--n_layer=1", "--n_head=2", "--d_model=32",
+           "--data=pydoc", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--d_model=32",
            "--context_len=32", "--batch_size=4", "--max_steps=4", "--eval_interval=4", "--eval_batches=1",
-           "--progress=false", "--selection=true"]  # fmt: skip
+           "--progress=false", "--selection=true", *extra]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     # the ranks' own errors come before torchrun's summary of them: show those lines, not just the tail
     errors = [ln for ln in r.stderr.splitlines() if any(w in ln for w in ("Error", "terminate", "what()", "exitcode"))]
     assert r.returncode == 0, "\n".join(errors[:40]) + "\n...\n" + r.stderr[-1500:]
-    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    return sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda s: s["rank"])
+
+
+def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank sees other data, yet the replicas stay equal,
+    so the gradients were averaged."""
+    summaries = _torchrun(tmp_path / "ddp")
+    assert [s["rank"] for s in summaries] == [0, 1]
     assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
     assert (tmp_path / "ddp" / "ckpt.safetensors").exists()
+
+
+def test_ddp_resume_continues_each_ranks_data(tmp_path):
+    """A 2-process run killed after its step-2 checkpoint and resumed ends where an uninterrupted one does: each
+    rank's data stream is stored (not rank 0's for all). Another number of processes is refused."""
+    ref = _torchrun(tmp_path / "a", "--ckpt_interval=2")
+    _torchrun(tmp_path / "b", "--ckpt_interval=2", "--stop_after=3")
+    tensors, meta = load_checkpoint(tmp_path / "b")
+    assert meta["step"] == 2 and meta["extra"]["world_size"] == 2
+    assert not torch.equal(tensors["rng.data"], tensors["rng.data.1"])
+    resumed = _torchrun(tmp_path / "b", "--ckpt_interval=2")
+    assert [s["param_checksum"] for s in resumed] == [s["param_checksum"] for s in ref]
+    assert resumed[0]["val_loss"] == ref[0]["val_loss"]
+    cfg = TrainConfig.from_options(
+        dict(
+            data="pydoc",
+            out_dir=str(tmp_path / "b"),
+            n_layer=1,
+            n_head=2,
+            d_model=32,
+            context_len=32,
+            batch_size=4,
+            max_steps=4,
+            eval_interval=4,
+            eval_batches=1,
+            progress=False,
+            selection=True,
+            ckpt_interval=2,
+        )
+    )  # fmt: skip  (the runs' options, in one process)
+    with pytest.raises(CheckpointError, match=r"run of 2 training process\(es\); this one has 1.*nproc_per_node=2"):
+        main(cfg)
 
 
 def test_varassign_targets_only_the_answer(tmp_path):
