@@ -380,7 +380,18 @@ class SelectiveTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         inner = getattr(model, "module", model)  # unwrap DDP/accelerate wrappers
         if model.training and settings(inner.config).memory_eps > 0:
-            loss = loss + memory_loss_term(inner).to(loss.device)
+            term = memory_loss_term(inner).to(loss.device)
+            # With gradient accumulation the Trainer divides the loss by the number of micro-batches unless the
+            # model already normalised it over the whole accumulated batch (its own rule, repeated here); then the
+            # term, added whole to each micro-batch, would count that many times: divide it here instead.
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                    self.compute_loss_func is not None
+                )
+            if scaled:
+                term = term / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
 
@@ -530,7 +541,8 @@ class SelectiveLayer(DynamicLayer):
     def _step(self, q: Tensor, k: Tensor, v: Tensor, position: int, sel: Selection | None, scale: float) -> Tensor:
         """One token (``q`` ``[B, H, 1, D]``, ``k, v`` ``[B, Hkv, 1, D]``) at absolute ``position``."""
         c = self.cache
-        if c.budget is None and bool((c.pos >= 0).all()):  # unbudgeted and full: double the slots
+        # unbudgeted and a row is full (rows with more padding still have free slots): double the slots
+        if c.budget is None and bool((c.pos >= 0).all(dim=-1).any()):
             self.cache = c = c.grown(2 * c.capacity)
         return c.step(q, k, v, position - self.first, sel, scale=scale)
 
