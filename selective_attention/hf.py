@@ -146,7 +146,8 @@ def configure(
     memory_tau: float = 1.0,
 ):
     """Write the selective-attention settings into a ``transformers`` config (returned, changed in
-    place); ``save_pretrained`` saves them in ``config.json``. ``selection=True`` is the paper
+    place; for a composite model such as a vision-language one, into its text decoder's config, which its
+    attention layers read); ``save_pretrained`` saves them in ``config.json``. ``selection=True`` is the paper
     (``Selection()``); see :class:`HFSettings`. Layer indices are checked against
     ``config.num_hidden_layers``."""
     if selection is True:
@@ -157,14 +158,22 @@ def configure(
             "attn_implementation='sdpa' for that, or list the selecting layers with layers=[...]."
         )
     s = HFSettings(selection, None if layers is None else tuple(layers), memory_eps, memory_tau)
-    n_layers = getattr(config, "num_hidden_layers", None)
+    target = _text_config(config)  # a composite model's (e.g. a VLM's) decoder: what its attention layers read
+    n_layers = getattr(target, "num_hidden_layers", None)
     if s.layers is not None and n_layers is not None and any(i >= n_layers for i in s.layers):
         raise ValueError(f"layers={list(s.layers)} names layers the model lacks (num_hidden_layers={n_layers}).")
-    n_heads = getattr(config, "num_attention_heads", None)
+    n_heads = getattr(target, "num_attention_heads", None)
     if n_heads is not None:
         s.selection.validate(n_heads)
-    setattr(config, CONFIG_KEY, s.to_dict())
+    setattr(target, CONFIG_KEY, s.to_dict())
     return config
+
+
+def _text_config(config):
+    """The config of the decoder whose attention layers read the settings: ``config`` itself, or for a composite
+    model (a vision-language model: ``text_config``) its text decoder's."""
+    get = getattr(config, "get_text_config", None)
+    return config if get is None else get(decoder=True)
 
 
 _PARSED: dict[int, tuple[dict | None, HFSettings]] = {}  # id(config) -> (the dict as parsed, its settings)
@@ -172,7 +181,9 @@ _PARSED: dict[int, tuple[dict | None, HFSettings]] = {}  # id(config) -> (the di
 
 def settings(config) -> HFSettings:
     """The :class:`HFSettings` of a model config (defaults when it has none). Parsed once per config and
-    per value of the dict (every attention call reads it)."""
+    per value of the dict (every attention call reads it). A composite model's config: its text decoder's."""
+    if not hasattr(config, CONFIG_KEY):
+        config = _text_config(config)
     d = getattr(config, CONFIG_KEY, None)
     hit = _PARSED.get(id(config))
     if hit is not None and hit[0] == d:

@@ -143,6 +143,28 @@ def test_settings_survive_save_and_reload(tmp_path):
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_configure_a_composite_model_reaches_its_text_decoder(tmp_path):
+    """A vision-language model's attention layers read its text config: configure() on the top config writes the
+    settings there (it once wrote them where no layer looked, and the defaults ran silently)."""
+    text = tiny_config("llama")
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=V - 1)
+    sa_hf.configure(cfg, layers=[1], selection=Selection(head=3), memory_eps=0.5)
+    want = sa_hf.HFSettings(Selection(head=3), (1,), 0.5, 1.0)
+    assert sa_hf.settings(cfg.text_config) == want and sa_hf.settings(cfg) == want
+    with pytest.raises(ValueError, match="layers the model lacks"):
+        sa_hf.configure(cfg, layers=[7])
+    torch.manual_seed(0)
+    impl = {"text_config": "selective", "vision_config": "sdpa"}
+    model = transformers.LlavaForConditionalGeneration._from_config(cfg, attn_implementation=impl, dtype=torch.float64)
+    attn = model.model.language_model.layers[0].self_attn
+    assert sa_hf.settings(attn.config) == want
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert sa_hf.settings(again.text_config) == want
+
+
 def greedy_by_recomputation(model, ids, mask, n):
     ids, mask = ids.clone(), mask.clone()
     for _ in range(n):
