@@ -215,20 +215,47 @@ def padding_mask(
     """The mask function registered with :func:`register`: hands :func:`attention_forward` the 2-D
     padding mask as it is (bool ``[B, kv_length]``, True = a real token, or ``None`` = no padding);
     causality and selection are built there. Refuses every mask other than plain causal (packed
-    sequences, sliding windows, bidirectional or custom masks): selective attention would otherwise
-    silently ignore it."""
+    sequences, bidirectional or custom masks, a sliding window shorter than the sequence): selective
+    attention would otherwise silently ignore it. A mask function other than transformers' causal one
+    (a sliding window layer's, say) is evaluated on this call's positions and passes where it is causal
+    there (a window at least as long as the sequence)."""
     if mask_function is not causal_mask_function:
-        raise NotImplementedError(
-            f"attn_implementation='{NAME}' supports plain causal self-attention with an optional padding mask; "
-            f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}: packed "
-            "sequences, a sliding window or a custom mask). Pass an attention_mask instead of packing sequences, or "
-            "use attn_implementation='sdpa' for this model."
-        )
+        local = kwargs.get("local_size")
+        span = q_offset + q_length - kv_offset  # the most keys a query of this call may see
+        if local is not None and span > local:
+            raise NotImplementedError(
+                f"this model has layers with a sliding window of {local} tokens and this sequence has {span}; "
+                f"attn_implementation='{NAME}' attends to every earlier token, which would change the model. Set "
+                "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
+            )
+        if not _is_causal_here(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask):
+            raise NotImplementedError(
+                f"attn_implementation='{NAME}' supports plain causal self-attention with an optional padding mask; "
+                f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}: packed "
+                "sequences, a sliding window or a custom mask). Pass an attention_mask instead of packing sequences, "
+                "or use attn_implementation='sdpa' for this model."
+            )
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [B, kv_length], got shape {tuple(attention_mask.shape)}.")
     return attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+
+
+def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
+                    attention_mask: Tensor | None, rows: int = 256) -> bool:  # fmt: skip
+    """Whether ``mask_function(b, h, q, kv)`` (transformers' index-based mask functions) is ``kv <= q`` at every
+    position of this call, evaluated ``rows`` queries at a time (never a ``[B, q, kv]`` tensor at once)."""
+    device = attention_mask.device if attention_mask is not None else "cpu"
+    b = torch.arange(B, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    kv = torch.arange(kv_offset, kv_offset + kv_length, device=device)[None, None, None, :]
+    for q0 in range(0, q_length, rows):
+        q = torch.arange(q_offset + q0, q_offset + min(q0 + rows, q_length), device=device)[None, None, :, None]
+        got = torch.as_tensor(mask_function(b, h, q, kv), device=device)
+        if not bool((got == (kv <= q)).all()):
+            return False
+    return True
 
 
 # --- the attention function ------------------------------------------------------------------------------
@@ -284,7 +311,7 @@ def attention_forward(
         sel.validate(H)
     real = attention_mask
     cached = _claim(key)
-    seen = Lq if cached is None else cached.seen
+    seen = key.shape[2] if cached is None else cached.seen
     if sliding_window is not None and seen > sliding_window:
         raise NotImplementedError(
             f"layer {layer_idx} has a sliding window of {sliding_window} tokens and this sequence has {seen}; "

@@ -276,6 +276,36 @@ def test_errors_name_the_case_and_the_fix():
         model(torch.randint(1, V, (1, 6)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_longer_than_the_sequence_is_plain_causal(family):
+    """Mistral-7B-v0.1 and Qwen2 with use_sliding_window configure a window; while a sequence fits in it the window
+    masks nothing, so the model runs (it was refused whatever the length), with the logits of the same model
+    without a window, generation included; a longer sequence is refused, naming the setting."""
+    ids, mask, pos = padded_batch(seed=7)
+    models = []
+    for window in (32, None):
+        cfg = tiny_config(family)
+        cfg.sliding_window = window
+        if family == "qwen2":
+            cfg.use_sliding_window, cfg.max_window_layers = window is not None, 1  # layer 1 slides, layer 0 not
+            cfg.layer_types = None
+            cfg = type(cfg)(**cfg.to_dict())  # rebuilt: layer_types follow the window settings
+        torch.manual_seed(0)
+        models.append(transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective",
+                                                                    dtype=torch.float64).eval())  # fmt: skip
+    windowed, plain = models
+    assert windowed.config.sliding_window == 32
+    torch.testing.assert_close(windowed(ids, attention_mask=mask, position_ids=pos).logits,
+                               plain(ids, attention_mask=mask, position_ids=pos).logits, rtol=0, atol=0)  # fmt: skip
+    gen = {}
+    for name, m in (("windowed", windowed), ("plain", plain)):
+        gen[name] = m.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(gen["windowed"], gen["plain"])
+    with pytest.raises(NotImplementedError, match=r"sliding window of 32 tokens and this sequence has 40.*None"):
+        windowed(torch.randint(1, V, (1, 40)))
+
+
 # --- the memory loss ---------------------------------------------------------------------------------------
 def memory_loss_by_formula(captured, sel_layers, tau, lengths):
     """L_mem from the spec's F: sum over layers of max_i M_l[i] / (n_layers * T), per sequence, mean."""
