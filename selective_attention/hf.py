@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -309,6 +311,12 @@ def attention_forward(
     B, H, Lq, D = query.shape
     if sel is not None:
         sel.validate(H)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' takes a 2-D padding mask [B, L] (True or 1 = a real token) and builds the "
+            f"causal and selection masks itself; got a {attention_mask.dim()}-D mask {tuple(attention_mask.shape)} "
+            "(a custom 4-D mask). Pass the 2-D padding mask, or use attn_implementation='sdpa' for custom masks."
+        )
     real = attention_mask
     cached = _claim(key)
     seen = key.shape[2] if cached is None else cached.seen
@@ -319,6 +327,8 @@ def attention_forward(
             "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
         )
     if cached is not None:
+        if cached.owner is not None:
+            cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
         if dropout:
             raise ValueError(
                 f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
@@ -352,8 +362,25 @@ def attention_forward(
         out = _attend(query, key, value, selection=sel, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
         rows = None
     # the memory loss reads the last training forward's masked counts [B, G, L] (and which tokens are real)
-    module._selective_masked = None if rows is None else (rows, None if real is None else real[:, -Lk:])
+    module._selective_masked = None if rows is None else _Masked(rows, None if real is None else real[:, -Lk:])
     return out.transpose(1, 2).contiguous(), None
+
+
+class _Masked:
+    """One layer's masked counts from the last training forward (``rows`` ``[B, G, L]``, part of the autograd graph,
+    and ``real``, bool ``[B, L]`` or None), read by :func:`memory_loss`. A copy of the model (``copy.deepcopy``, as
+    for an EMA or teacher model, or pickling) starts without them: graph tensors cannot be deep-copied."""
+
+    __slots__ = ("rows", "real")
+
+    def __init__(self, rows: Tensor, real: Tensor | None) -> None:
+        self.rows, self.real = rows, real
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, **kw):
@@ -388,8 +415,8 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
             "non-reentrant mode (transformers' default; use_reentrant=False): the reentrant one runs the forward "
             "without gradients."
         )
-    real = masked[0][1]
-    rows = [r for r, _ in masked]
+    real = masked[0].real
+    rows = [m.rows for m in masked]
     if real is None:
         return _memory_loss(rows)
     # per sequence over its real tokens: the same value as the unpadded sequence alone
@@ -540,6 +567,12 @@ class SelectiveLayer(DynamicLayer):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         Lq = q.shape[2]
         start = self.seen - Lq
+        if real is not None and real.shape[-1] != self.seen:
+            raise ValueError(
+                f"SelectiveCache: the padding mask covers {real.shape[-1]} tokens but the cache has seen {self.seen}: "
+                "the model was given the cache together with tokens it already holds (generate(..., use_cache=False) "
+                "feeds the whole sequence each step). Drop use_cache=False, or pass no cache."
+            )
         if self.cache is None:
             if start != 0:
                 raise RuntimeError("SelectiveCache: the first call of a layer must start at position 0.")
@@ -559,7 +592,10 @@ class SelectiveLayer(DynamicLayer):
         B, H, T, D = q.shape
         kpm = None if real is None else ~real[:, :T]
         if kpm is not None and not bool((~kpm).any(-1).all()):
-            raise ValueError("SelectiveCache: a prompt in the batch is all padding.")
+            raise ValueError(
+                "SelectiveCache: a row of the first call's tokens is all padding (a prompt of padding only, or "
+                "generate(prefill_chunk_size=...) smaller than a row's left padding: drop prefill_chunk_size)."
+            )
         if sel is None:
             y = _attend(q, k, v, is_causal=True, key_padding_mask=kpm, scale=scale)
             fcum = q.new_zeros(B, 1, T)  # nothing is ever masked
@@ -585,6 +621,29 @@ class SelectiveLayer(DynamicLayer):
         return c.step(q, k, v, position - self.first, sel, scale=scale)
 
 
+def _budget_value(budget) -> int | list[int] | None:
+    """``budget`` as None, an int or a list of ints (numpy and 0-d tensor integers accepted), each >= 2."""
+
+    def one(b) -> int:
+        try:
+            if isinstance(b, bool):
+                raise TypeError
+            b = operator.index(b)
+        except TypeError:
+            b = None
+        if b is None or b < 2:
+            raise ValueError(
+                f"budget must be None, an int >= 2 (the first token and the newest), or a list of them; got {budget!r}."
+            )
+        return b
+
+    if budget is None:
+        return None
+    if isinstance(budget, Sequence) or (isinstance(budget, Tensor) and budget.dim() == 1):
+        return [one(b) for b in budget]
+    return one(budget)
+
+
 class SelectiveCache(Cache):
     """A ``transformers`` cache for ``generate`` that prunes by the paper's rule.
 
@@ -598,6 +657,10 @@ class SelectiveCache(Cache):
             the same memory (:mod:`selective_attention.kv_cache`). H2O is not offered here: its prompt
             scores would need the attention weights under padding.
 
+    The first call of each layer (the prompt) is read exactly, then pruned; tokens given in later calls, one or
+    several at a time (a continuation, or ``generate(prefill_chunk_size=...)``'s later chunks), go through one at a
+    time under the budget, as generated tokens do: with a budget, chunked prefill is not the same as one prefill.
+
     Pass it as ``model.generate(..., cache=SelectiveCache(...))`` with a model built with
     ``attn_implementation="selective"``. Greedy decoding and sampling work; beam search, assisted
     decoding and contrastive search raise (they need to reorder or crop what was evicted).
@@ -606,12 +669,10 @@ class SelectiveCache(Cache):
     def __init__(
         self, budget: int | Sequence[int] | None = None, threshold: float | None = None, policy: str = "selective"
     ) -> None:
-        for b in [budget] if budget is None or isinstance(budget, int) else list(budget):
-            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-                raise ValueError(
-                    f"budget must be None, an int >= 2 (the first token and the newest), or a list of them; got {b!r}."
-                )
-        if threshold is not None and not (isinstance(threshold, int | float) and threshold >= 0):
+        budget = _budget_value(budget)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
+        ):
             raise ValueError(f"threshold must be None or a number >= 0, got {threshold!r}.")
         if policy == "h2o":
             raise NotImplementedError(
@@ -621,6 +682,14 @@ class SelectiveCache(Cache):
         check_policy(policy, threshold)
         self.budget, self.threshold, self.policy = budget, threshold, policy
         super().__init__(layers=[])
+
+    def check_layers(self, n_layers: int | None) -> None:
+        """Refuse a per-layer budget list of another length than the model's ``n_layers`` (None: unknown)."""
+        if isinstance(self.budget, list) and n_layers is not None and len(self.budget) != n_layers:
+            raise ValueError(
+                f"SelectiveCache(budget=...) lists {len(self.budget)} budgets and the model has {n_layers} layers; "
+                f"give one int for every layer, or {n_layers} of them."
+            )
 
     def _budget_for(self, layer_idx: int) -> int | None:
         if self.budget is None or isinstance(self.budget, int):

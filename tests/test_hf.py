@@ -306,6 +306,42 @@ def test_sliding_window_longer_than_the_sequence_is_plain_causal(family):
         windowed(torch.randint(1, V, (1, 40)))
 
 
+def test_cache_arguments_and_misuse_are_clear_errors():
+    import numpy as np
+
+    model = build("llama")  # 2 layers
+    ids = torch.randint(1, V, (1, 6))
+    assert sa_hf.SelectiveCache(budget=np.int64(4)).budget == 4 and sa_hf.SelectiveCache(torch.tensor(5)).budget == 5
+    assert sa_hf.SelectiveCache(budget=(np.int32(3), 4)).budget == [3, 4]
+    for bad in (True, 1, 2.5, "4", [4, 1]):
+        with pytest.raises(ValueError, match="budget must be"):
+            sa_hf.SelectiveCache(budget=bad)
+    with pytest.raises(ValueError, match="threshold"):
+        sa_hf.SelectiveCache(threshold=True)
+    for budget in ([4], [4, 4, 4]):  # too few or too many for 2 layers (the extra one was silently ignored)
+        with pytest.raises(ValueError, match=r"lists \d budgets and the model has 2 layers"):
+            model.generate(ids, cache=sa_hf.SelectiveCache(budget=budget), max_new_tokens=2, do_sample=False)
+    pids, pmask, _ = padded_batch(seed=8)  # (checked where a padding mask is given)
+    with pytest.raises(ValueError, match="use_cache=False"):  # the cache and the whole sequence again, each step
+        model.generate(pids, attention_mask=pmask, cache=sa_hf.SelectiveCache(), use_cache=False, max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="2-D padding mask"):
+        model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_a_model_copies_after_a_training_forward():
+    """deepcopy (an EMA or teacher model) right after a training forward with the memory loss: the copy has no
+    counts (they are graph tensors), the original's memory loss still works."""
+    import copy
+
+    model = build("llama", memory_eps=0.1).train()
+    model(torch.randint(1, V, (2, 7)))
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="computed no masked counts"):
+        sa_hf.memory_loss(twin)
+    assert torch.isfinite(sa_hf.memory_loss(model))
+
+
 # --- the memory loss ---------------------------------------------------------------------------------------
 def memory_loss_by_formula(captured, sel_layers, tau, lengths):
     """L_mem from the spec's F: sum over layers of max_i M_l[i] / (n_layers * T), per sequence, mean."""
