@@ -227,8 +227,15 @@ def cmd_eval(args: EvalOptions) -> dict:
     # The data exactly as training built it (same corpus, split, varassign streams), read through train.py.
     tc = TrainConfig.from_dict(meta["train_config"])
     tc = dataclasses.replace(tc, batch_size=args.batch_size, eval_batches=args.batches)
-    if args.data is not None:
-        tc = dataclasses.replace(tc, data=args.data)
+    if args.data is not None and args.data != tc.data:
+        if args.data == "varassign" and tc.tokenizer == "bpe":
+            raise ValueError(
+                f"--data=varassign: this checkpoint reads {meta['tokenizer'].vocab_size}-token BPE, and varassign is a "
+                "task of its own characters; evaluate it on a text (--data=kjv, pydoc or a file)."
+            )
+        # training options of the checkpoint's data that do not apply to the other data: dropped, not refused
+        curriculum = dict(va_assign_start=0, va_ramp_steps=0, va_hold_steps=0) if args.data != "varassign" else {}
+        tc = dataclasses.replace(tc, data=args.data, **curriculum)
     # varassign fixes the length of its examples; a text is cut into windows of --context_len
     T = ctx if tc.data == "varassign" else args.context_len or ctx
     tc = dataclasses.replace(tc, model=dataclasses.replace(tc.model, context_len=T))

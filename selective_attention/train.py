@@ -128,7 +128,9 @@ class TrainConfig:
             )
         _check_values({**_flat_values(base), **values})
         model = dataclasses.replace(base.model, **{k: v for k, v in values.items() if k in model_names})
-        return dataclasses.replace(base, model=model, **{k: v for k, v in values.items() if k in own_names})
+        cfg = dataclasses.replace(base, model=model, **{k: v for k, v in values.items() if k in own_names})
+        _refuse_ignored(values, cfg)
+        return cfg
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> TrainConfig:
@@ -239,6 +241,25 @@ def parse_overrides(args: Sequence[str], base: TrainConfig | None = None) -> Tra
     """``["--lr=1e-3", "--selection=true"]`` (or ``["--lr", "1e-3"]``) -> a TrainConfig, the others from ``base``:
     the ``train`` command's options (see :mod:`selective_attention.options`). A bad one is a ValueError naming it."""
     return TrainConfig.from_options(parse_options(args, TrainConfig, TrainConfig(), **TRAIN_OPTIONS), base)
+
+
+def _refuse_ignored(given: Mapping[str, object], cfg: TrainConfig) -> None:
+    """Refuse an option ``given`` (on the command line, or to :meth:`TrainConfig.from_options`) that this run would
+    ignore: it would run as if it were absent, and the user meant something else. Stored configs are not checked
+    (``from_dict``): a checkpoint always loads."""
+    ignored = {
+        "bpe_vocab_size": (cfg.tokenizer != "bpe", "applies to --tokenizer=bpe"),
+        "va_vars": (cfg.data != "varassign", "applies to --data=varassign"),
+        "va_assign": (cfg.data != "varassign", "applies to --data=varassign"),
+        "val_fraction": (
+            cfg.data == "varassign",
+            "splits a text corpus; varassign draws its validation examples from a stream of their own",
+        ),  # fmt: skip
+        "memory_tau": (cfg.model.memory_eps == 0, "is the memory loss's, which is off (--memory_eps=0)"),
+    }
+    for name, (unused, why) in ignored.items():
+        if name in given and unused:
+            raise ValueError(f"--{name}={given[name]!r} would be ignored: it {why}; drop it.")
 
 
 # --- data --------------------------------------------------------------------------------------------

@@ -194,6 +194,35 @@ def test_every_command_help_comes_from_its_dataclass(capsys):
     assert "--vocab_size" not in out  # the data sets it
 
 
+def test_eval_on_other_data_than_the_checkpoints(tmp_path, capsys):
+    """A varassign checkpoint trained with a curriculum evaluates on a text (the curriculum options are its training
+    data's, dropped); a BPE checkpoint on varassign is refused with the reason."""
+    run = tmp_path / "va"
+    va = ["--data=varassign", "--va_assign=4", "--va_assign_start=2", "--va_ramp_steps=1"]
+    cfg = parse_overrides([*va, *TINY, f"--out_dir={run}", "--max_steps=2", "--eval_interval=2", "--context_len=32"])
+    train_main(cfg)
+    assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1", "--data", "pydoc"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"] == "pydoc" and out["val_loss"] > 0
+    bpe = tmp_path / "bpe"
+    train_main(parse_overrides(["--data=pydoc", "--tokenizer=bpe", "--bpe_vocab_size=300", *TINY,
+                                f"--out_dir={bpe}", "--max_steps=1"]))  # fmt: skip
+    assert main(["eval", "--ckpt", str(bpe), "--batches", "1", "--data", "varassign"]) == 2
+    assert "this checkpoint reads 300-token BPE" in capsys.readouterr().err
+
+
+def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    for argv, match in [
+        (["--bpe_vocab_size=1000"], "--bpe_vocab_size=1000 would be ignored: it applies to --tokenizer=bpe"),
+        (["--va_assign=64"], "--va_assign=64 would be ignored: it applies to --data=varassign"),
+        (["--va_vars=3"], "--va_vars=3 would be ignored"),
+        (["--selection=true", "--memory_tau=5"], "--memory_tau=5.0 would be ignored: it is the memory loss's"),
+        (["--data=varassign", "--val_fraction=0.5"], "--val_fraction=0.5 would be ignored"),
+    ]:
+        assert main(["train", *argv, f"--out_dir={tmp_path}"]) == 2
+        assert match in capsys.readouterr().err
+
+
 def test_train_option_errors(tmp_path, capsys):
     assert main(["train", "--n_layer", "two"]) == 2  # a type error: argparse's usage and message
     err = capsys.readouterr().err
