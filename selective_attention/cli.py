@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -236,11 +237,21 @@ def cmd_eval(args: EvalOptions) -> dict:
         # training options of the checkpoint's data that do not apply to the other data: dropped, not refused
         curriculum = dict(va_assign_start=0, va_ramp_steps=0, va_hold_steps=0) if args.data != "varassign" else {}
         tc = dataclasses.replace(tc, data=args.data, **curriculum)
+    stored = meta["extra"].get("data")  # the training text's record (checkpoints before it: none)
+    if args.data is None and stored is not None and stored["path"] is not None and Path(stored["path"]).is_file():
+        tc = dataclasses.replace(tc, data=stored["path"])  # the file trained on, wherever eval runs from
     # varassign fixes the length of its examples; a text is cut into windows of --context_len
     T = ctx if tc.data == "varassign" else args.context_len or ctx
     tc = dataclasses.replace(tc, model=dataclasses.replace(tc.model, context_len=T))
     task = Task(tc, tokenizer=meta["tokenizer"])  # the checkpoint's tokenizer (byte level for older ones)
     T = task.val_task.seq_len if task.varassign else T
+    if args.data is None and stored is not None and task.data is not None and task.data["sha256"] != stored["sha256"]:
+        raise ValueError(
+            f"this checkpoint was trained on {stored['path'] or stored['source']} (sha256 {stored['sha256'][:12]}...), "
+            f"and {tc.data!r} now reads another text (sha256 {task.data['sha256'][:12]}...): its validation split is "
+            f"not the one held out in training. Pass --data=<the training file>, or --data={tc.data} to evaluate on "
+            f"this text knowingly."
+        )
     if task.varassign and args.context_len not in (None, T):
         raise ValueError(
             f"--context_len does not apply to varassign: every example is {T} tokens "

@@ -277,6 +277,7 @@ class Task:
         self.cfg = cfg
         self.context_len = cfg.model.context_len
         self.varassign = cfg.data == "varassign"
+        self.data: dict | None = None  # a text's source, resolved path and sha256 (below)
         if self.varassign:
             kw = dict(n_vars=cfg.va_vars, n_assign=cfg.va_assign)
             self.train_task = data.VariableAssignment(seed=cfg.seed, **kw)
@@ -303,6 +304,12 @@ class Task:
             self.tokenizer = tokenizer if tokenizer is not None else data.ByteTokenizer()
             self.text = data.TextData.from_text(text, cfg.val_fraction, self.tokenizer)
             self.text.source = cfg.data
+            path = Path(cfg.data)
+            self.data = {  # what a checkpoint records of its text, so that eval and resume read the same one
+                "source": cfg.data,
+                "path": str(path.resolve()) if path.is_file() else None,
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
             self.vocab_size = self.tokenizer.vocab_size
             if say:
                 print(f" done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -835,6 +842,7 @@ def main(cfg: TrainConfig) -> dict:
                 f"use another --out_dir or --resume=false."
             )
         _check_train_config(cfg, meta["train_config"], ckpt_path)
+        _check_same_text(meta["extra"].get("data"), task.data, ckpt_path, cfg.allow_config_change)
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
         _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
         torch.set_rng_state(tensors["rng.torch"])
@@ -904,7 +912,7 @@ def main(cfg: TrainConfig) -> dict:
                     raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN")
                 save_checkpoint(
                     ckpt_path, model, opt, step + 1, cfg, task.tokenizer, data_rngs=data_rngs, world_size=world,
-                    history=history,
+                    history=history, data=task.data,
                 )  # fmt: skip
                 last_ckpt = step + 1
             bar.update(1)
@@ -937,6 +945,19 @@ def main(cfg: TrainConfig) -> dict:
         "val_accuracy": final.get("val_accuracy"),
         "history": history,
     }
+
+
+def _check_same_text(stored: dict | None, now: dict | None, path: Path, allowed: bool) -> None:
+    """Refuse to resume on another text than the checkpoint was trained on (the same --data name read from another
+    folder, or an edited file): the run would mix two corpora. Checkpoints before the record: not checked."""
+    if stored is None or now is None or stored["sha256"] == now["sha256"] or allowed:
+        return
+    raise CheckpointError(
+        f"checkpoint {path} was trained on {stored['path'] or stored['source']} (sha256 {stored['sha256'][:12]}...); "
+        f"--data={now['source']} now reads {now['path'] or 'a text'} with sha256 {now['sha256'][:12]}...: another "
+        f"text. Pass the checkpoint's file as --data, --allow_config_change=true to continue on this text, another "
+        f"--out_dir, or --resume=false."
+    )
 
 
 def _gather(state: Tensor, world: int) -> list[Tensor]:

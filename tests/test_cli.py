@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from selective_attention.cli import main
+from selective_attention.train import CheckpointError, parse_overrides
 from selective_attention.train import main as train_main
-from selective_attention.train import parse_overrides
 
 
 def test_demo_runs_and_shows_masking(capsys):
@@ -209,6 +209,33 @@ def test_eval_on_other_data_than_the_checkpoints(tmp_path, capsys):
                                 f"--out_dir={bpe}", "--max_steps=1"]))  # fmt: skip
     assert main(["eval", "--ckpt", str(bpe), "--batches", "1", "--data", "varassign"]) == 2
     assert "this checkpoint reads 300-token BPE" in capsys.readouterr().err
+
+
+def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch):
+    """A run trained on a relative --data file is evaluated on that file from any folder (another file of the same
+    name there was read silently); an edited file, or another text on resume, is refused, naming --data."""
+    from selective_attention.data import load_text
+
+    text = load_text("pydoc")
+    (tmp_path / "A").mkdir(), (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "corpus.txt").write_text(text[:60_000])
+    (tmp_path / "B" / "corpus.txt").write_text(text[60_000:120_000])  # same name, another text
+    monkeypatch.chdir(tmp_path / "A")
+    opts = ["--data=corpus.txt", *TINY, "--out_dir=run", "--max_steps=2", "--eval_interval=2", "--eval_batches=2"]
+    summary = train_main(parse_overrides(opts))
+    monkeypatch.chdir(tmp_path / "B")
+    assert main(["eval", "--ckpt", "../A/run", "--json", "--batch_size", "4", "--batches", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)  # A's text, not B's
+    assert out["data"] == str((tmp_path / "A" / "corpus.txt").resolve())
+    assert main(["eval", "--ckpt", "../A/run", "--json", "--batches", "1", "--data", "corpus.txt"]) == 0  # knowingly
+    assert json.loads(capsys.readouterr().out)["data"] == "corpus.txt"
+    with pytest.raises(CheckpointError, match=r"trained on .*A/corpus.txt .*another text"):  # resume on B's text
+        train_main(parse_overrides([*opts[:-4], "--out_dir=../A/run", "--max_steps=4", "--eval_interval=2",
+                                    "--eval_batches=2"]))  # fmt: skip
+    (tmp_path / "A" / "corpus.txt").write_text(text[:50_000])  # the training file edited since
+    assert main(["eval", "--ckpt", "../A/run", "--batches", "1"]) == 2
+    assert "now reads another text" in capsys.readouterr().err
 
 
 def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
