@@ -220,10 +220,12 @@ def cmd_eval(args: EvalOptions) -> dict:
     _check_budget_layers(budget, model.config.n_layer)
     ctx = model.config.context_len
     prunes = budget is not None or args.threshold is not None
-    if args.context_len is not None and args.context_len > ctx and not prunes:
+    bounded = budget is not None and all(b <= ctx for b in (budget if isinstance(budget, list) else [budget]))
+    if args.context_len is not None and args.context_len > ctx and not bounded:
         raise ValueError(
             f"--context_len {args.context_len} exceeds the model's context_len={ctx}; use --context_len <= {ctx}, "
-            f"or pass --budget to read longer windows through a pruned cache."
+            f"or pass --budget <= {ctx} (for every layer; a --threshold alone does not bound what a layer attends "
+            f"to) to read longer windows through a pruned cache."
         )
     # The data exactly as training built it (same corpus, split, varassign streams), read through train.py.
     tc = TrainConfig.from_dict(meta["train_config"])

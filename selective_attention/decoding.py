@@ -119,30 +119,36 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, idx: Tensor, max_new_tokens: int = 0) -> Tensor:
         """Run the prompt ``idx`` ``[B, T]`` exactly, fill the caches (pruned to budget), and return
-        the next-token logits ``[B, vocab]``. Caches hold room for ``max_new_tokens`` more."""
+        the next-token logits ``[B, vocab]``. Caches hold room for ``max_new_tokens`` more.
+
+        A prompt longer than ``context_len`` needs a budget of at most ``context_len`` in every layer: its first
+        ``context_len`` tokens are read exactly, the rest one at a time through the pruned caches, as generated
+        tokens are. Without one, ``T + max_new_tokens`` must fit in ``context_len`` (a threshold alone cannot
+        promise that: how much it evicts depends on the text)."""
         model, cfg = self.model, self.model.config
         idx = model.tokens(idx)  # any integer dtype (uint8 bytes, say) is read as long; checked
         B, T = idx.shape
+        ctx = cfg.context_len
         if T == 0:
             raise ValueError("the prompt must hold at least one token (e.g. a BOS token).")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
-        if T > cfg.context_len:
-            raise ValueError(
-                f"prompt length {T} exceeds context_len={cfg.context_len}: the prompt is read exactly, every "
-                f"token attending to all before it; pass its last {cfg.context_len} tokens."
+        if not self._bounded and T + max_new_tokens > ctx:
+            what = (f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}") + (
+                " (a threshold alone does not bound what a layer attends to)" if self.threshold is not None else ""
             )
-        if self.threshold is None and not self._bounded and T + max_new_tokens > cfg.context_len:
             raise ValueError(
-                f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds context_len={cfg.context_len}; "
-                f"pass budget=... (at most {cfg.context_len} for every layer) to decode past it with a pruned cache."
-            )
-        cap = T + max_new_tokens
+                f"{what} exceeds context_len={ctx}; pass a budget of at most {ctx} for every layer (--budget on the "
+                f"command line) to read and decode past it through a pruned cache, or a shorter prompt."
+            )  # fmt: skip
+        cap = min(T, ctx) + max_new_tokens
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
         self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
-        logits = model.decode(idx, self.caches)
-        self.t = torch.tensor(T, device=idx.device)
-        self._pos, self._end, self._max_new = T, T + max_new_tokens, max_new_tokens
+        logits = model.decode(idx[:, :ctx], self.caches)
+        self.t = torch.tensor(min(T, ctx), device=idx.device)
+        self._pos, self._end, self._max_new = min(T, ctx), cap, max_new_tokens
+        for i in range(ctx, T):  # the rest of a long prompt, through the pruned caches (bounded budgets only)
+            logits = self.step(idx[:, i])
         return logits
 
     # --- one token -----------------------------------------------------------------------------------

@@ -238,6 +238,20 @@ def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch)
     assert "now reads another text" in capsys.readouterr().err
 
 
+def test_generate_a_prompt_longer_than_the_context(ckpts, capsys):
+    run, _ = ckpts["text"]  # context_len 32, byte level
+    prompt = "def f(x):\n    return x + 1  # forty chars"
+    assert main(["generate", "--ckpt", str(run), "--prompt", prompt, "--max_new_tokens", "5", "--budget", "16"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+    assert main(["generate", "--ckpt", str(run), "--prompt", prompt, "--max_new_tokens", "5"]) == 2
+    assert "--budget on the command line" in capsys.readouterr().err
+    # a threshold alone is refused before generating (it failed partway, losing what it had generated)
+    argv = ["generate", "--ckpt", str(run), "--prompt", "ab", "--max_new_tokens", "60", "--threshold", "1000"]
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert "a threshold alone does not bound" in err.err and err.out == ""
+
+
 def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
     for argv, match in [
         (["--bpe_vocab_size=1000"], "--bpe_vocab_size=1000 would be ignored: it applies to --tokenizer=bpe"),

@@ -48,3 +48,29 @@ def test_attention_prefill_then_steps_equal_the_full_forward(variant):
             rows.append(attn(x[:, t : t + 1], torch.tensor([t]), c, input_pos=torch.tensor([t]))[0])
     torch.testing.assert_close(torch.cat(rows, 1), full, rtol=1e-10, atol=1e-10)
     assert c.pos[0].tolist() == list(range(12))
+
+
+def test_a_prompt_longer_than_the_context_goes_through_a_bounded_cache():
+    """With a budget <= context_len in every layer a prompt may be longer than the context: its first context_len
+    tokens are read exactly, the rest one at a time through the pruned caches. Without one, or with a threshold
+    alone (which bounds nothing), it is refused before anything runs."""
+    from selective_attention.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, context_len=16, n_layer=2, n_head=2, d_model=16, selection=True)).eval()
+    idx = torch.randint(0, 40, (2, 23))
+    got = decoding.Decoder(model, budget=8).prefill(idx, 5)
+    ref = decoding.Decoder(model, budget=8)
+    want = ref.prefill(idx[:, :16], 7 + 5)
+    for i in range(16, 23):
+        want = ref.step(idx[:, i])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    out = decoding.Decoder(model, budget=8).generate(idx, 5, temperature=0.0)
+    assert out.shape == (2, 28) and torch.equal(out[:, :23], idx)
+    for kw, match in [(dict(), "prompt length 23 exceeds context_len=16"),
+                      (dict(threshold=1.0), "a threshold alone does not bound"),
+                      (dict(budget=32), "budget of at most 16")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            decoding.Decoder(model, **kw).prefill(idx, 0)
+    with pytest.raises(ValueError, match=r"prompt length 10 \+ max_new_tokens 8 \(a threshold alone"):
+        decoding.Decoder(model, threshold=1.0).prefill(idx[:, :10], 8)
