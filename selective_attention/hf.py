@@ -261,6 +261,10 @@ def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offs
 
 
 # --- the attention function ------------------------------------------------------------------------------
+# attention-function keyword arguments that change the attention itself (transformers models pass them through)
+_CHANGES_ATTENTION = ("s_aux", "sinks", "position_bias", "attention_bias")
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -295,7 +299,13 @@ def attention_forward(
             f"attn_implementation='{NAME}' does not apply logit soft-capping (softcap={softcap}); this model (e.g. "
             "Gemma 2) would silently change. Use attn_implementation='eager' or 'sdpa'."
         )
-    if not getattr(module, "is_causal", True):
+    changes = {k: kwargs[k] for k in _CHANGES_ATTENTION if kwargs.get(k) is not None}
+    if changes:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' does not apply {', '.join(sorted(changes))} (attention sinks or a learned "
+            f"bias, e.g. gpt-oss): this model would silently change. Use attn_implementation='eager' or 'sdpa'."
+        )
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise NotImplementedError(
             f"attn_implementation='{NAME}' is causal self-attention; {type(module).__name__} is not causal."
         )

@@ -329,6 +329,18 @@ def test_cache_arguments_and_misuse_are_clear_errors():
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
 
 
+def test_attention_sinks_are_refused_not_ignored():
+    """gpt-oss passes learned attention sinks (s_aux) to the attention function; with its sliding window now allowed
+    for short sequences, they must be refused, not dropped."""
+    cfg = transformers.GptOssConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=64, max_position_embeddings=128)  # fmt: skip
+    sa_hf.configure(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
+    with pytest.raises(NotImplementedError, match="does not apply s_aux"):
+        model(torch.randint(1, V, (1, 10)))
+
+
 def test_a_model_copies_after_a_training_forward():
     """deepcopy (an EMA or teacher model) right after a training forward with the memory loss: the copy has no
     counts (they are graph tensors), the original's memory loss still works."""
