@@ -191,6 +191,12 @@ def settings(config) -> HFSettings:
     if hit is not None and hit[0] == d:
         return hit[1]
     s = HFSettings.from_dict(d)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if s.layers is not None and isinstance(n_layers, int) and any(i >= n_layers for i in s.layers):
+        raise ValueError(
+            f"config.{CONFIG_KEY} lists layers={list(s.layers)}, but the model has {n_layers} (num_hidden_layers): "
+            "those would silently run standard attention. Write the settings again with configure(config, layers=...)."
+        )
     _PARSED[id(config)] = (None if d is None else json.loads(json.dumps(d)), s)  # a deep copy
     return s
 

@@ -7,6 +7,7 @@ implementation), never HF's eager attention (float32 softmax, NaN rows under pad
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -327,6 +328,18 @@ def test_cache_arguments_and_misuse_are_clear_errors():
                        do_sample=False, pad_token_id=0)  # fmt: skip
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_a_stored_config_naming_missing_layers_is_refused(tmp_path):
+    model = build("llama", layers=[1])
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    stored[sa_hf.CONFIG_KEY]["layers"] = [1, 5]  # edited by hand, or a config of a deeper model
+    path.write_text(json.dumps(stored))
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="selective")
+    with pytest.raises(ValueError, match=r"layers=\[1, 5\], but the model has 2"):
+        again(torch.randint(1, V, (1, 5)))
 
 
 def test_attention_sinks_are_refused_not_ignored():
