@@ -315,6 +315,15 @@ def cmd_generate(args: GenerateOptions) -> str:
     tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
     idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
     _check_budget_layers(budget, model.config.n_layer)
+    ctx = model.config.context_len
+    bounded = budget is not None and all(b <= ctx for b in (budget if isinstance(budget, list) else [budget]))
+    if args.threshold is not None and not bounded and idx.shape[1] + args.max_new_tokens > ctx:
+        # the library checks each step and would stop partway, the text generated so far lost: refuse up front
+        raise ValueError(
+            f"the prompt ({idx.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} exceed context_len={ctx}, "
+            f"and a --threshold alone does not bound what a layer attends to; add --budget <= {ctx}, or generate "
+            f"fewer tokens."
+        )
     dec = Decoder(model, budget=budget, threshold=args.threshold, compile=args.compile)
     gen = torch.Generator().manual_seed(args.seed)
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)

@@ -123,8 +123,9 @@ class Decoder:
 
         A prompt longer than ``context_len`` needs a budget of at most ``context_len`` in every layer: its first
         ``context_len`` tokens are read exactly, the rest one at a time through the pruned caches, as generated
-        tokens are. Without one, ``T + max_new_tokens`` must fit in ``context_len`` (a threshold alone cannot
-        promise that: how much it evicts depends on the text)."""
+        tokens are. Without one, ``T + max_new_tokens`` must fit in ``context_len``, except with a threshold: then
+        each step checks that no layer attends to more than ``context_len`` tokens (how much a threshold evicts
+        depends on the text)."""
         model, cfg = self.model, self.model.config
         idx = model.tokens(idx)  # any integer dtype (uint8 bytes, say) is read as long; checked
         B, T = idx.shape
@@ -133,14 +134,12 @@ class Decoder:
             raise ValueError("the prompt must hold at least one token (e.g. a BOS token).")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
-        if not self._bounded and T + max_new_tokens > ctx:
-            what = (f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}") + (
-                " (a threshold alone does not bound what a layer attends to)" if self.threshold is not None else ""
-            )
+        if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
+            what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
             raise ValueError(
                 f"{what} exceeds context_len={ctx}; pass a budget of at most {ctx} for every layer (--budget on the "
                 f"command line) to read and decode past it through a pruned cache, or a shorter prompt."
-            )  # fmt: skip
+            )
         cap = min(T, ctx) + max_new_tokens
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
         self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)

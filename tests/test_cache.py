@@ -234,8 +234,10 @@ def test_decode_past_context_len_with_a_budget():
     idx = torch.randint(0, 40, (1, 12))
     out = m.generate(idx, 30, temperature=0, budget=8)  # past context_len: allowed with budgets <= it
     assert out.shape == (1, 42)
+    long = torch.randint(0, 40, (1, 20))  # a longer prompt: its first 16 tokens read exactly, the rest pruned
+    assert m.generate(long, 3, budget=8).shape == (1, 23)
     with pytest.raises(ValueError, match="prompt length 20 exceeds context_len=16"):
-        m.generate(torch.randint(0, 40, (1, 20)), 3, budget=8)  # the prompt is read exactly
+        m.generate(long, 3)
     with pytest.raises(ValueError, match="at most 16 for every layer"):
         m.generate(idx, 30, budget=[8, 17])
 

@@ -249,7 +249,7 @@ def test_generate_a_prompt_longer_than_the_context(ckpts, capsys):
     argv = ["generate", "--ckpt", str(run), "--prompt", "ab", "--max_new_tokens", "60", "--threshold", "1000"]
     assert main(argv) == 2
     err = capsys.readouterr()
-    assert "a threshold alone does not bound" in err.err and err.out == ""
+    assert "a --threshold alone does not bound" in err.err and err.out == ""
 
 
 def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
