@@ -75,6 +75,24 @@ def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
     assert meta["step"] == 4
 
 
+def test_save_makes_the_file_and_its_rename_durable(tmp_path, monkeypatch):
+    """fsync of the temp file before the rename and of the folder after it (else a power loss may bring the old
+    checkpoint back while log.jsonl is ahead of it)."""
+    import os
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(train_mod.os, "fsync", spy)
+    main(tiny(tmp_path, max_steps=4))
+    assert synced == ["file", "dir"]
+
+
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     path = tmp_path / "run" / "ckpt.safetensors"
