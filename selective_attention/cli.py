@@ -209,8 +209,9 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits
+    from .checkpoint import model_from_checkpoint
     from .kv_cache import check_policy
-    from .train import Task, TrainConfig, evaluate, model_from_checkpoint
+    from .train import Task, TrainConfig, evaluate
 
     budget = _budget_arg(args.budget)
     check_policy(args.policy, args.threshold, args.recent)  # before loading anything
@@ -305,8 +306,8 @@ def _target_bytes(task) -> tuple[int, int]:
 
 
 def cmd_generate(args: GenerateOptions) -> str:
+    from .checkpoint import model_from_checkpoint
     from .decoding import Decoder
-    from .train import model_from_checkpoint
 
     budget = _budget_arg(args.budget)
     if args.prompt == "":

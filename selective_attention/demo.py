@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from .budget_search import KV_METHODS, pruned_loss, search_budgets, uniform_budgets
+from .checkpoint import model_from_checkpoint
 from .model import GPT, GPTConfig
 from .options import finite_number, positive_int
 from .progress import progress as progress_bar
-from .train import Task, TrainConfig, mean_loss, model_from_checkpoint
+from .train import Task, TrainConfig, mean_loss
 from .train import main as train_main
 
 __all__ = ["DemoConfig", "run_demo", "plot_penalty"]

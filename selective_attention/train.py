@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import (  # re-exported: the loop's public names since before checkpoint.py
+    CKPT_NAME,
+    CheckpointError,
+    _check_tokenizer_fits,
+    _load_model_state,
+    _load_optimizer_state,
+    _model_diff,
+    _nested_train_config,
+    gpt_config_from_dict,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_state,
+    optimizer_state,
+    save_checkpoint,
+)
 from .data import curriculum_assign
 from .model import GPT, GPTConfig, token_loss
 from .options import parse_options
@@ -52,20 +66,6 @@ __all__ = [
     "CheckpointError",
     "TrainingDiverged",
 ]
-
-CKPT_NAME = "ckpt.safetensors"
-# 3: model.state_dict() and optimizer.state_dict() (tensors in the file, param_groups and other non-tensors as
-#    JSON metadata), the aliases of tied weights, GPTConfig.extra, the model config nested in train_config.
-# 2: a sha256 of the tensors. 1: no checksum (loads with a warning). 1 and 2 flattened one parameter group's
-#    optimizer state into optim.{i}.{name} and the model fields into train_config; both still load and resume.
-# 4: format 3 plus the tokenizer ("tokenizer": its kind; a BPE tokenizer's JSON with a sha256). A checkpoint of
-#    formats 1-3 is byte level. Written as a new version so that code from before it refuses a BPE checkpoint
-#    instead of reading its token ids as bytes.
-# 5: format 4 with the checksum over the metadata too (every entry but the checksum, after the tensors): a
-#    flipped byte in a config (rope_base, selection, ...) would otherwise load as another model, silently.
-FORMAT_VERSION = "5"
-READABLE_VERSIONS = ("1", "2", "3", "4", "5")
-_TENSOR_ONLY_CHECKSUM = ("1", "2", "3", "4")  # formats whose checksum covers the tensors only
 
 
 def _default_model() -> GPTConfig:
@@ -154,13 +154,6 @@ RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
      "ckpt_interval"}
 )  # fmt: skip
-# GPTConfig fields that do not change the model or its training: free-form notes
-_MODEL_NOTES = frozenset({"extra"})
-# Checkpoint formats 1-2 stored these GPTConfig fields flat in train_config (d_head 0 = None, selection_layers a
-# string like "0,2", "" = None)
-_LEGACY_MODEL_FIELDS = ("n_layer", "n_head", "d_model", "d_head", "context_len", "dropout", "selection",
-                        "selection_layers", "selection_head", "selection_per_head", "selection_projection",
-                        "memory_eps", "memory_tau")  # fmt: skip
 
 
 def _flat_values(cfg: TrainConfig) -> dict[str, object]:
@@ -376,12 +369,7 @@ def evaluate(
     return out
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, corrupt, of an unknown format version, or made for another
-    model or training config."""
-
-
+# --- errors of a run ------------------------------------------------------------------------------------
 class TrainingDiverged(RuntimeError, ValueError):
     """The loss or the gradient norm became inf/NaN. The run stopped before the optimizer step, so no
     checkpoint holds the bad weights. A ValueError too: the fix is another option value (a lower --lr),
@@ -390,301 +378,6 @@ class TrainingDiverged(RuntimeError, ValueError):
     def __init__(self, message: str, step: int, loss: float, grad_norm: float) -> None:
         super().__init__(message)
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-
-
-def tensors_checksum(tensors: dict[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (catches flipped bytes that
-    would otherwise load as wrong weights and evaluate to ``val_loss: nan``), then, if given, every
-    ``metadata`` entry but ``"checksum"``, in key order (format 5 on: a changed config is caught too)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, whatever the dtype
-    for key in sorted(metadata or {}):
-        if key != "checksum":
-            h.update(f"{len(key)}:{key}={len(metadata[key])}:".encode() + metadata[key].encode())
-    return h.hexdigest()
-
-
-def signed(tensors: dict[str, Tensor], meta: Mapping[str, str]) -> dict[str, str]:
-    """``meta`` with the checksum its ``format_version`` stores: over the tensors and (format 5 on) the metadata."""
-    meta = {k: v for k, v in meta.items() if k != "checksum"}
-    covered = None if meta.get("format_version") in _TENSOR_ONLY_CHECKSUM else meta
-    return {**meta, "checksum": "sha256:" + tensors_checksum(tensors, covered)}
-
-
-def _untie(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Drop each entry that is the same tensor as an earlier one (tied weights: lm_head.weight is tok_emb.weight;
-    safetensors refuses shared memory) -> ``(state, {dropped name: the name it is})``."""
-    seen, kept, aliases = {}, {}, {}
-    for name, t in state.items():
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        kept[name] = t
-    return kept, aliases
-
-
-def _to_json(obj, what: str) -> str:
-    try:
-        return json.dumps(obj)
-    except TypeError as e:
-        raise ValueError(f"cannot save {what} in a checkpoint: {e}; keep it to JSON values (numbers, strings, "
-                         f"lists, dicts).") from None  # fmt: skip
-
-
-def save_checkpoint(
-    path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, tokenizer=None, **extra
-) -> None:
-    """``model.state_dict()``, ``opt.state_dict()`` and the RNG states in one safetensors file (format
-    ``FORMAT_VERSION``): every tensor in the file, the rest (configs, the optimizer's param_groups and non-tensor
-    state, the tokenizer (default: bytes; a BPE one as its JSON with a sha256), ``extra`` such as the history) as
-    JSON metadata, with a sha256 of the tensors. Written to a temp file, fsynced and renamed, so a crash mid-write
-    leaves the previous checkpoint intact."""
-    from safetensors.torch import save_file
-
-    from .data import ByteTokenizer
-
-    model_state, aliases = _untie(model.state_dict())
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
-    opt_state = opt.state_dict()
-    opt_values: dict[str, dict] = {}  # per-parameter state that is not a tensor
-    for pid, st in opt_state["state"].items():
-        for name, val in st.items():
-            if isinstance(val, Tensor):
-                tensors[f"optim.state.{pid}.{name}"] = val.detach().cpu().contiguous()
-            else:
-                opt_values.setdefault(str(pid), {})[name] = val
-    tensors["rng.torch"] = torch.get_rng_state()
-    for rank, state in enumerate(extra.pop("data_rngs", [])):  # each rank's data stream: rank 0's is "rng.data"
-        tensors["rng.data" if rank == 0 else f"rng.data.{rank}"] = state
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": str(step),
-        "train_config": _to_json(dataclasses.asdict(cfg), "the training config"),
-        "model_config": _to_json(dataclasses.asdict(model.config), "GPTConfig (its extra)"),
-        "optimizer": _to_json({"param_groups": opt_state["param_groups"], "state": opt_values}, "the optimizer"),
-        "aliases": json.dumps(aliases),
-        "tokenizer": json.dumps((tokenizer if tokenizer is not None else ByteTokenizer()).to_dict()),
-        "extra": _to_json(extra, "the run's extra state"),
-    }
-    meta = signed(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (after a power loss the checkpoint is the new one, as the log says), where
-    the platform can open a folder (not Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _nested_train_config(d: Mapping[str, object]) -> dict:
-    """A stored train_config with the model's fields under "model": formats 1-2 stored them flat."""
-    d = dict(d)
-    if "model" in d:
-        return d
-    model = {k: d.pop(k) for k in _LEGACY_MODEL_FIELDS if k in d}
-    if model.get("d_head") == 0:
-        model["d_head"] = None
-    layers = model.get("selection_layers")
-    if isinstance(layers, str):
-        model["selection_layers"] = [int(s) for s in layers.split(",") if s.strip()] or None
-    d["model"] = model
-    return d
-
-
-def gpt_config_from_dict(d: Mapping[str, object]) -> GPTConfig:
-    """The GPTConfig ``dataclasses.asdict`` stored: fields missing (added to GPTConfig after the checkpoint was
-    written) take their defaults; fields GPTConfig no longer has are dropped with a warning."""
-    names = {f.name for f in dataclasses.fields(GPTConfig)}
-    dropped = sorted(set(d) - names)
-    if dropped:
-        warnings.warn(f"ignoring stored model fields this GPTConfig does not have: {dropped}", stacklevel=2)
-    kw = {k: v for k, v in d.items() if k in names}
-    if kw.get("selection_layers") is not None:
-        kw["selection_layers"] = tuple(kw["selection_layers"])
-    return GPTConfig(**kw)
-
-
-def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
-    """``{field: (stored, now)}`` over the fields that shape the model or its training (not the notes)."""
-    return {
-        f.name: (getattr(stored, f.name), getattr(now, f.name))
-        for f in dataclasses.fields(GPTConfig)
-        if f.name not in _MODEL_NOTES and getattr(stored, f.name) != getattr(now, f.name)
-    }
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint: ``(tensors, metadata)`` with the configs decoded (``train_config`` with the model under
-    "model", also for formats 1-2); raises CheckpointError. Reads only tensors and JSON: never runs code."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / CKPT_NAME
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; train one with `selective-attention train --out_dir=...`.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            version = raw.get("format_version")
-            if version in READABLE_VERSIONS:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a selective-attention checkpoint ({type(e).__name__}: {e}); "
-            f"delete it, or start over with --resume=false."
-        ) from e
-    if version not in READABLE_VERSIONS:
-        what = "has no format version" if version is None else f"has format version {version!r}"
-        raise CheckpointError(
-            f"checkpoint {path} {what}; this selective-attention reads versions {', '.join(READABLE_VERSIONS)} "
-            f"(it writes {FORMAT_VERSION}). A newer version was written by a newer selective-attention: upgrade it "
-            f"(pip install -U selective-attention) to read this file, or start over with --resume=false."
-        )
-    try:
-        legacy = version in ("1", "2")
-        meta = {
-            "format_version": version,
-            "step": int(raw["step"]),
-            "train_config": _nested_train_config(json.loads(raw["train_config"])),
-            "model_config": json.loads(raw["model_config"]),
-            "extra": json.loads(raw.get("extra", "{}")),
-            # formats 1-2: one parameter group's state as optim.{i}.{name}; lm_head.weight tied, not stored
-            "optimizer": None if legacy else json.loads(raw["optimizer"]),
-            "aliases": {"lm_head.weight": "tok_emb.weight"} if legacy else json.loads(raw["aliases"]),
-            # formats 1-3 (no tokenizer stored): byte level
-            "tokenizer": json.loads(raw["tokenizer"]) if "tokenizer" in raw else None,
-        }
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
-            f"checkpoint of format {version}; delete it, or start over with --resume=false."
-        ) from None
-    meta["tokenizer"] = _stored_tokenizer(meta["tokenizer"], path)
-    checksum = raw.get("checksum")
-    if checksum is None:
-        warnings.warn(
-            f"checkpoint {path} has no checksum (written before checksums were stored); its bytes cannot be "
-            f"verified (resuming the run saves it again, with one).",
-            stacklevel=2,
-        )
-    elif checksum != "sha256:" + tensors_checksum(tensors, None if version in _TENSOR_ONLY_CHECKSUM else raw):
-        what = "tensor bytes" if version in _TENSOR_ONLY_CHECKSUM else "tensor bytes or metadata (configs, tokenizer)"
-        raise CheckpointError(
-            f"checkpoint {path} fails its checksum: its {what} changed after it was written (disk or copy "
-            f"corruption, or an edit); restore it from a copy, or delete it and start over with --resume=false."
-        )
-    return tensors, meta
-
-
-def _stored_tokenizer(stored, path: Path):
-    """The tokenizer object of a checkpoint's "tokenizer" entry (None: byte level), or a CheckpointError."""
-    from .data import tokenizer_from_dict
-
-    try:
-        return tokenizer_from_dict(stored)
-    except ValueError as e:
-        raise CheckpointError(
-            f"checkpoint {path} holds a tokenizer this code cannot use: {e} Restore the checkpoint from a copy, "
-            f"or retrain it."
-        ) from None
-
-
-def _check_tokenizer_fits(tokenizer, config: GPTConfig, path) -> None:
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(
-            f"checkpoint {path}'s tokenizer ({tokenizer!r}, {tokenizer.vocab_size} tokens) does not fit its model "
-            f"(vocab_size={config.vocab_size}): the checkpoint is damaged or was edited."
-        )
-
-
-def model_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
-    """The model's state dict from a loaded checkpoint, tied weights restored."""
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    for name, same in meta["aliases"].items():
-        if same in state:
-            state[name] = state[same]
-    return state
-
-
-def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer's state dict from a loaded checkpoint, for ``opt.load_state_dict``. Formats 1-2 stored one
-    parameter group's state as ``optim.{i}.{name}``: it takes ``opt``'s param_groups."""
-    state: dict[int, dict] = {}
-    if meta["optimizer"] is None:
-        for key, t in tensors.items():
-            if key.startswith("optim."):
-                i, name = key[len("optim.") :].split(".", 1)
-                state.setdefault(int(i), {})[name] = t
-        return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
-    for key, t in tensors.items():
-        if key.startswith("optim.state."):
-            pid, name = key[len("optim.state.") :].split(".", 1)
-            state.setdefault(int(pid), {})[name] = t
-    for pid, values in meta["optimizer"]["state"].items():
-        state.setdefault(int(pid), {}).update(values)
-    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
-
-
-def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
-    have = model.state_dict().keys()
-    missing, unexpected = [k for k in have if k not in state], [k for k in state if k not in have]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None:
-    """Restore the optimizer's state; its hyperparameters stay those of the config it was built from (a resume
-    with --allow_config_change=true trains with the new ones)."""
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    try:
-        opt.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"checkpoint {path}'s optimizer state does not fit this model's optimizer ({type(e).__name__}: {e}); "
-            f"use another --out_dir or --resume=false."
-        ) from None
-    for g, h in zip(opt.param_groups, hyper):
-        g.update(h)
-
-
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the trained model of a checkpoint (eval mode), of any readable format version; its tokenizer is
-    ``meta["tokenizer"]`` (a ``ByteTokenizer`` for checkpoints from before tokenizers were stored)."""
-    tensors, meta = load_checkpoint(path)
-    try:
-        config = gpt_config_from_dict(meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} holds a model config this code refuses: {e}") from None
-    _check_tokenizer_fits(meta["tokenizer"], config, path)
-    model = GPT(config)
-    _load_model_state(model, model_state(tensors, meta), path)
-    return model.to(device).eval(), meta
 
 
 # --- the loop ----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from selective_attention import train as train_mod
+from selective_attention import checkpoint
 from selective_attention.cli import main as cli
 from selective_attention.data import BPETokenizer, ByteTokenizer, TextData, load_text, split_text
 from selective_attention.train import CheckpointError, Task, TrainConfig, load_checkpoint, main, model_from_checkpoint
@@ -172,7 +172,7 @@ def _rewrite(path, **changes):
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
-    save_file(tensors, str(path), metadata=train_mod.signed(tensors, meta))  # as that code would have written it
+    save_file(tensors, str(path), metadata=checkpoint.signed(tensors, meta))  # as that code would have written it
 
 
 def test_damaged_or_foreign_tokenizer_is_a_clear_error(bpe_run, tmp_path, capsys):
@@ -221,7 +221,7 @@ def test_byte_and_older_checkpoints_load_as_byte_level(tmp_path, capsys):
     assert cli(["train", *byte, f"--out_dir={run}", "--max_steps=2"]) == 0
     capsys.readouterr()
     tensors, meta = load_checkpoint(run)
-    assert meta["tokenizer"] == ByteTokenizer() and meta["format_version"] == train_mod.FORMAT_VERSION
+    assert meta["tokenizer"] == ByteTokenizer() and meta["format_version"] == checkpoint.FORMAT_VERSION
     _rewrite(run / "ckpt.safetensors", tokenizer=None, format_version="3")  # as written before tokenizers were stored
     model, meta = model_from_checkpoint(run)
     assert meta["format_version"] == "3" and meta["tokenizer"] == ByteTokenizer() and model.config.vocab_size == 256

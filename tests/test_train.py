@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from selective_attention import checkpoint
 from selective_attention import train as train_mod
 from selective_attention.train import (
     CheckpointError,
@@ -148,7 +149,7 @@ def test_checkpoint_holds_optimizer_and_rng(tmp_path):
     tensors, meta = load_checkpoint(tmp_path / "run")
     assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in tensors)
     assert "rng.torch" in tensors and "rng.data" in tensors
-    assert meta["train_config"]["max_steps"] == 4 and train_mod.FORMAT_VERSION == meta["format_version"]
+    assert meta["train_config"]["max_steps"] == 4 and checkpoint.FORMAT_VERSION == meta["format_version"]
 
 
 def _torchrun(out_dir, *extra, nproc=2):
@@ -397,7 +398,7 @@ def _rewrite_metadata(path, sign=True, **changes):
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = {**meta, **changes}
-    save_file(tensors, str(path), metadata=train_mod.signed(tensors, meta) if sign else meta)
+    save_file(tensors, str(path), metadata=checkpoint.signed(tensors, meta) if sign else meta)
 
 
 def _write_format_2(path, cfg, model, opt, step, history, rng):
@@ -424,7 +425,7 @@ def _write_format_2(path, cfg, model, opt, step, history, rng):
     model_config.pop("extra")
     meta = {"format_version": "2", "step": str(step), "train_config": json.dumps(flat),
             "model_config": json.dumps(model_config), "extra": json.dumps({"history": history}),
-            "checksum": "sha256:" + train_mod.tensors_checksum(tensors)}  # fmt: skip
+            "checksum": "sha256:" + checkpoint.tensors_checksum(tensors)}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
 
@@ -516,7 +517,7 @@ def test_format_2_resume_is_exact(tmp_path):
 
     assert strip(a["history"]) == strip(b["history"]) and [r["step"] for r in a["history"]] == [4, 8]
     (ta, _), (tb, mb) = load_checkpoint(tmp_path / "a" / "run"), load_checkpoint(tmp_path / "b" / "run")
-    assert mb["format_version"] == train_mod.FORMAT_VERSION  # saved again in the current format
+    assert mb["format_version"] == checkpoint.FORMAT_VERSION  # saved again in the current format
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
