@@ -17,15 +17,11 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .model import GPT, GPTConfig
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 __all__ = [
     "CKPT_NAME",
@@ -117,13 +113,14 @@ def _to_json(obj, what: str) -> str:
 
 
 def save_checkpoint(
-    path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, tokenizer=None, **extra
+    path: Path, model: GPT, opt: torch.optim.Optimizer, step: int, cfg, tokenizer=None, **extra
 ) -> None:
     """``model.state_dict()``, ``opt.state_dict()`` and the RNG states in one safetensors file (format
     ``FORMAT_VERSION``): every tensor in the file, the rest (configs, the optimizer's param_groups and non-tensor
     state, the tokenizer (default: bytes; a BPE one as its JSON with a sha256), ``extra`` such as the history) as
-    JSON metadata, with a sha256 of the tensors. Written to a temp file, fsynced and renamed, so a crash mid-write
-    leaves the previous checkpoint intact."""
+    JSON metadata, with a sha256 of the tensors and the metadata. ``cfg``: the run's ``TrainConfig`` (any dataclass;
+    stored as ``train_config``). Written to a temp file, fsynced and renamed, so a crash mid-write leaves the
+    previous checkpoint intact."""
     from safetensors.torch import save_file
 
     from .data import ByteTokenizer
