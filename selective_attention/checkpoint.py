@@ -50,7 +50,9 @@ CKPT_NAME = "ckpt.safetensors"
 #    flipped byte in a config (rope_base, selection, ...) would otherwise load as another model, silently.
 FORMAT_VERSION = "5"
 READABLE_VERSIONS = ("1", "2", "3", "4", "5")
-_TENSOR_ONLY_CHECKSUM = ("1", "2", "3", "4")  # formats whose checksum covers the tensors only
+# formats whose checksum covers the tensors only (a format-5 file relabelled 4 is checked so: a deliberate edit,
+# not the single flipped byte the checksum guards against)
+_TENSOR_ONLY_CHECKSUM = ("1", "2", "3", "4")
 
 
 # GPTConfig fields that do not change the model or its training: free-form notes
@@ -136,6 +138,8 @@ def save_checkpoint(
             else:
                 opt_values.setdefault(str(pid), {})[name] = val
     tensors["rng.torch"] = torch.get_rng_state()
+    if "data_rng" in extra:  # the single data stream callers passed before per-rank streams: rank 0's
+        extra.setdefault("data_rngs", [extra.pop("data_rng")])
     for rank, state in enumerate(extra.pop("data_rngs", [])):  # each rank's data stream: rank 0's is "rng.data"
         tensors["rng.data" if rank == 0 else f"rng.data.{rank}"] = state
     meta = {

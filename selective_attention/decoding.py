@@ -137,8 +137,8 @@ class Decoder:
         if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
             what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
             raise ValueError(
-                f"{what} exceeds context_len={ctx}; pass a budget of at most {ctx} for every layer (--budget on the "
-                f"command line) to read and decode past it through a pruned cache, or a shorter prompt."
+                f"{what} exceeds context_len={ctx}; pass a budget of at most {ctx} for every layer (budget=...; "
+                f"--budget on the command line) to read and decode past it through a pruned cache, or a shorter prompt."
             )
         cap = min(T, ctx) + max_new_tokens
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)

@@ -232,11 +232,14 @@ def padding_mask(
         span = q_offset + q_length - kv_offset  # the most keys a query of this call may see
         if local is not None and span > local:
             raise NotImplementedError(
-                f"this model has layers with a sliding window of {local} tokens and this sequence has {span}; "
-                f"attn_implementation='{NAME}' attends to every earlier token, which would change the model. Set "
-                "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
+                f"this model has layers that attend to a local span of {local} tokens (a sliding window, or chunked "
+                f"attention) and this sequence has {span}; attn_implementation='{NAME}' attends to every earlier "
+                "token, which would change the model. Set config.sliding_window (or attention_chunk_size) to None or "
+                "larger than your sequences, or use attn_implementation='sdpa'."
             )
-        if not _is_causal_here(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask):
+        device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+        if not _is_causal_here(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask,
+                               device):  # fmt: skip
             raise NotImplementedError(
                 f"attn_implementation='{NAME}' supports plain causal self-attention with an optional padding mask; "
                 f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}: packed "
@@ -251,17 +254,25 @@ def padding_mask(
 
 
 def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
-                    attention_mask: Tensor | None, rows: int = 256) -> bool:  # fmt: skip
+                    attention_mask: Tensor | None, device, rows: int = 256) -> bool:  # fmt: skip
     """Whether ``mask_function(b, h, q, kv)`` (transformers' index-based mask functions) is ``kv <= q`` at every
-    position of this call, evaluated ``rows`` queries at a time (never a ``[B, q, kv]`` tensor at once)."""
-    device = attention_mask.device if attention_mask is not None else "cpu"
+    position of this call whose key is a real token (``attention_mask``, bool-like ``[B, >= kv_offset + kv_length]``,
+    or None: all), evaluated ``rows`` queries at a time (never a ``[B, q, kv]`` tensor at once). A function that
+    cannot take index tensors (a custom one written for scalars) counts as not causal."""
     b = torch.arange(B, device=device)[:, None, None, None]
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     kv = torch.arange(kv_offset, kv_offset + kv_length, device=device)[None, None, None, :]
+    padding = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        padding = ~attention_mask[:, kv_offset : kv_offset + kv_length].bool().to(device)[:, None, None, :]
     for q0 in range(0, q_length, rows):
         q = torch.arange(q_offset + q0, q_offset + min(q0 + rows, q_length), device=device)[None, None, :, None]
-        got = torch.as_tensor(mask_function(b, h, q, kv), device=device)
-        if not bool((got == (kv <= q)).all()):
+        try:
+            got = torch.as_tensor(mask_function(b, h, q, kv), device=device)
+        except Exception:  # e.g. data-dependent Python control flow on a scalar index
+            return False
+        same = got == (kv <= q)
+        if not bool((same if padding is None else same | padding).all()):  # padding keys are removed anyway
             return False
     return True
 
@@ -655,8 +666,9 @@ def _budget_value(budget) -> int | list[int] | None:
 
     if budget is None:
         return None
-    if isinstance(budget, Sequence) or (isinstance(budget, Tensor) and budget.dim() == 1):
-        return [one(b) for b in budget]
+    if isinstance(budget, Sequence | Tensor) or type(budget).__name__ == "ndarray":  # a list, or 1-D array
+        if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, str | bytes):
+            return [one(b) for b in budget]
     return one(budget)
 
 

@@ -34,6 +34,8 @@ from torch import Tensor
 
 from .checkpoint import (  # re-exported: the loop's public names since before checkpoint.py
     CKPT_NAME,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
     CheckpointError,
     _check_tokenizer_fits,
     _load_model_state,
@@ -46,6 +48,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
     model_state,
     optimizer_state,
     save_checkpoint,
+    tensors_checksum,
 )
 from .data import curriculum_assign
 from .model import GPT, GPTConfig, token_loss
@@ -53,6 +56,9 @@ from .options import parse_options
 from .progress import progress as progress_bar
 
 __all__ = [
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "tensors_checksum",
     "TrainConfig",
     "Task",
     "main",
@@ -236,22 +242,27 @@ def parse_overrides(args: Sequence[str], base: TrainConfig | None = None) -> Tra
     return TrainConfig.from_options(parse_options(args, TrainConfig, TrainConfig(), **TRAIN_OPTIONS), base)
 
 
+def inert_fields(cfg: TrainConfig) -> dict[str, str]:
+    """The options that have no effect on a run of ``cfg``, each with why: refused when given (``from_options``), and
+    not compared when a run resumes (a checkpoint written before they were refused may hold any value)."""
+    inert = {}
+    if cfg.tokenizer != "bpe":
+        inert["bpe_vocab_size"] = "applies to --tokenizer=bpe"
+    if cfg.data != "varassign":
+        inert["va_vars"] = inert["va_assign"] = "applies to --data=varassign"
+    else:
+        inert["val_fraction"] = "splits a text corpus; varassign's validation examples are a stream of their own"
+    if cfg.model.memory_eps == 0:
+        inert["memory_tau"] = "is the memory loss's, which is off (--memory_eps=0)"
+    return inert
+
+
 def _refuse_ignored(given: Mapping[str, object], cfg: TrainConfig) -> None:
     """Refuse an option ``given`` (on the command line, or to :meth:`TrainConfig.from_options`) that this run would
     ignore: it would run as if it were absent, and the user meant something else. Stored configs are not checked
     (``from_dict``): a checkpoint always loads."""
-    ignored = {
-        "bpe_vocab_size": (cfg.tokenizer != "bpe", "applies to --tokenizer=bpe"),
-        "va_vars": (cfg.data != "varassign", "applies to --data=varassign"),
-        "va_assign": (cfg.data != "varassign", "applies to --data=varassign"),
-        "val_fraction": (
-            cfg.data == "varassign",
-            "splits a text corpus; varassign draws its validation examples from a stream of their own",
-        ),  # fmt: skip
-        "memory_tau": (cfg.model.memory_eps == 0, "is the memory loss's, which is off (--memory_eps=0)"),
-    }
-    for name, (unused, why) in ignored.items():
-        if name in given and unused:
+    for name, why in inert_fields(cfg).items():
+        if name in given:
             raise ValueError(f"--{name}={given[name]!r} would be ignored: it {why}; drop it.")
 
 
@@ -300,7 +311,7 @@ class Task:
             path = Path(cfg.data)
             self.data = {  # what a checkpoint records of its text, so that eval and resume read the same one
                 "source": cfg.data,
-                "path": str(path.resolve()) if path.is_file() else None,
+                "path": None if cfg.data in data.corpus_names() or not path.is_file() else str(path.resolve()),
                 "sha256": hashlib.sha256(text.encode()).hexdigest(),
             }
             self.vocab_size = self.tokenizer.vocab_size
@@ -458,7 +469,9 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
     defaults = _flat_values(TrainConfig())
     now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}
     old = {k: stored.get(k, defaults[k]) for k in now}
-    changed = [k for k in now if k not in RESUMABLE_FIELDS and old[k] != now[k]]
+    stored_cfg = TrainConfig.from_dict({**stored, "model": dataclasses.asdict(cfg.model)})
+    inert = set(inert_fields(cfg)) & set(inert_fields(stored_cfg))  # no effect in either run: not a change
+    changed = [k for k in now if k not in RESUMABLE_FIELDS | inert and old[k] != now[k]]
     if not changed:
         return
     diff = ", ".join(f"{k}: {old[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in changed)
@@ -544,7 +557,8 @@ def main(cfg: TrainConfig) -> dict:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} holds a model config this code refuses: {e}") from None
         _check_tokenizer_fits(task.tokenizer, stored, ckpt_path)
-        diff = _model_diff(stored, model.config)
+        inert = set(inert_fields(cfg)) & set(inert_fields(dataclasses.replace(cfg, model=stored)))
+        diff = {k: v for k, v in _model_diff(stored, model.config).items() if k not in inert}
         if diff:
             raise CheckpointError(
                 f"checkpoint {ckpt_path} was made for another model (field: (checkpoint, now)) {diff}; "
@@ -614,7 +628,7 @@ def main(cfg: TrainConfig) -> dict:
                 history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
                 _log(out_dir, history[-1])
             if (step + 1) % cfg.ckpt_interval == 0 or done:
-                data_rngs = _gather(data_gen.get_state(), world)  # every rank's stream: all ranks take part
+                data_rngs = _gather(data_gen.get_state(), world, device)  # every rank's stream: all ranks take part
             if main_proc and ((step + 1) % cfg.ckpt_interval == 0 or done):
                 if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
                     # a finite step whose update overflowed: the next forward would catch it, after this save
@@ -669,13 +683,15 @@ def _check_same_text(stored: dict | None, now: dict | None, path: Path, allowed:
     )
 
 
-def _gather(state: Tensor, world: int) -> list[Tensor]:
-    """Every rank's ``state`` (a data generator's), in rank order; called by all ranks together."""
+def _gather(state: Tensor, world: int, device: torch.device) -> list[Tensor]:
+    """Every rank's ``state`` (a data generator's: a byte tensor of the same size on every rank), in rank order, on
+    the CPU; called by all ranks together. Through the training device (NCCL moves CUDA tensors only)."""
     if world == 1:
         return [state]
-    states: list = [None] * world
-    torch.distributed.all_gather_object(states, state)
-    return states
+    mine = state.to(device)
+    states = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(states, mine)
+    return [t.cpu() for t in states]
 
 
 def _restore_data_rng(gen: torch.Generator, tensors: dict, meta: dict, rank: int, world: int, path: Path) -> None:

@@ -252,6 +252,18 @@ def test_generate_a_prompt_longer_than_the_context(ckpts, capsys):
     assert "a --threshold alone does not bound" in err.err and err.out == ""
 
 
+def test_a_built_in_corpus_is_not_a_file_of_its_name(tmp_path, monkeypatch):
+    """--data=pydoc reads Python's help topics even where a file named pydoc exists: the checkpoint records no path
+    for it, so eval does not read that file either."""
+    from selective_attention.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pydoc").write_text("not the corpus " * 1000)
+    train_main(parse_overrides(["--data=pydoc", *TINY, "--out_dir=run", "--max_steps=1"]))
+    record = load_checkpoint(tmp_path / "run")[1]["extra"]["data"]
+    assert record["source"] == "pydoc" and record["path"] is None
+
+
 def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
     for argv, match in [
         (["--bpe_vocab_size=1000"], "--bpe_vocab_size=1000 would be ignored: it applies to --tokenizer=bpe"),

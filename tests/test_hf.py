@@ -303,7 +303,9 @@ def test_sliding_window_longer_than_the_sequence_is_plain_causal(family):
         gen[name] = m.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(), max_new_tokens=8,
                                do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(gen["windowed"], gen["plain"])
-    with pytest.raises(NotImplementedError, match=r"sliding window of 32 tokens and this sequence has 40.*None"):
+    with pytest.raises(
+        NotImplementedError, match=r"local span of 32 tokens \(a sliding window.*has 40.*sliding_window"
+    ):
         windowed(torch.randint(1, V, (1, 40)))
 
 
@@ -314,6 +316,8 @@ def test_cache_arguments_and_misuse_are_clear_errors():
     ids = torch.randint(1, V, (1, 6))
     assert sa_hf.SelectiveCache(budget=np.int64(4)).budget == 4 and sa_hf.SelectiveCache(torch.tensor(5)).budget == 5
     assert sa_hf.SelectiveCache(budget=(np.int32(3), 4)).budget == [3, 4]
+    assert sa_hf.SelectiveCache(budget=np.array([3, 4])).budget == [3, 4]
+    assert sa_hf.SelectiveCache(budget=torch.tensor([5, 6])).budget == [5, 6]
     for bad in (True, 1, 2.5, "4", [4, 1]):
         with pytest.raises(ValueError, match="budget must be"):
             sa_hf.SelectiveCache(budget=bad)
@@ -340,6 +344,26 @@ def test_a_stored_config_naming_missing_layers_is_refused(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="selective")
     with pytest.raises(ValueError, match=r"layers=\[1, 5\], but the model has 2"):
         again(torch.randint(1, V, (1, 5)))
+
+
+def test_mask_check_reads_real_keys_and_names_the_local_span():
+    """The causal check of another mask function compares real keys only (transformers' chunked attention puts left
+    padding in chunk -1: not causal there, and removed anyway), refuses a function that cannot take index tensors,
+    and a span past the local one names both settings."""
+    from transformers.masking_utils import and_masks, causal_mask_function, chunked_overlay
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)  # 2 left padding
+    chunked = and_masks(chunked_overlay(8, (~mask).sum(-1)), causal_mask_function)
+    kw = dict(mask_function=chunked, attention_mask=mask, local_size=8)
+    assert torch.equal(sa_hf.padding_mask(1, 6, 6, **kw), mask)  # the 6 tokens fit in a chunk of 8
+
+    def scalar_only(b, h, q, kv):
+        return bool(kv <= q)  # Python control flow on an index: not an index-tensor function
+
+    with pytest.raises(NotImplementedError, match="plain causal"):
+        sa_hf.padding_mask(1, 6, 6, mask_function=scalar_only, attention_mask=mask)
+    with pytest.raises(NotImplementedError, match="local span of 4 tokens.*attention_chunk_size"):
+        sa_hf.padding_mask(1, 6, 6, mask_function=chunked, attention_mask=mask, local_size=4)
 
 
 def test_attention_sinks_are_refused_not_ignored():

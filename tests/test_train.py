@@ -478,6 +478,37 @@ def test_resume_with_fewer_max_steps_than_trained_is_refused(tmp_path):
     assert main(tiny(tmp_path, max_steps=8))["val_loss"] is not None  # equal: nothing left to train, not an error
 
 
+def test_a_run_with_an_inert_option_from_before_its_refusal_still_resumes(tmp_path):
+    """Options with no effect are refused when given, but a checkpoint written before may hold any value for them:
+    resuming compares only what has an effect (memory_tau with the memory loss off was a dead end)."""
+    import dataclasses
+
+    base = tiny(tmp_path, max_steps=4)
+    old = dataclasses.replace(base, bpe_vocab_size=1000, model=dataclasses.replace(base.model, memory_tau=2.0))
+    main(old)  # built directly, as such a config could be before
+    s = main(tiny(tmp_path, max_steps=8))
+    assert [row["step"] for row in s["history"]] == [4, 8]
+    with pytest.raises(CheckpointError, match="another config: lr"):  # a field with an effect is still compared
+        main(tiny(tmp_path, max_steps=12, lr=1e-2))
+
+
+def test_save_checkpoint_takes_the_older_single_data_stream(tmp_path):
+    from selective_attention.model import GPT
+
+    cfg = tiny(tmp_path)
+    model = GPT(dataclasses_replace_vocab(cfg.model))
+    opt = torch.optim.AdamW(model.parameters())
+    state = torch.Generator().manual_seed(3).get_state()
+    checkpoint.save_checkpoint(tmp_path / "c.safetensors", model, opt, 1, cfg, data_rng=state)
+    assert torch.equal(load_checkpoint(tmp_path / "c.safetensors")[0]["rng.data"], state)
+
+
+def dataclasses_replace_vocab(model_cfg, vocab=256):
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, vocab_size=vocab)
+
+
 def test_varassign_training_stream_never_is_the_validation_stream(tmp_path):
     """Rank r trains on the stream of seed + 1000 r; the validation examples are the stream of VA_VAL_SEED."""
     cfg = tiny(tmp_path, data="varassign", va_vars=3, va_assign=5, context_len=64)
