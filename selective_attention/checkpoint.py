@@ -138,6 +138,9 @@ def save_checkpoint(
             else:
                 opt_values.setdefault(str(pid), {})[name] = val
     tensors["rng.torch"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # dropout on a GPU draws from that device's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     if "data_rng" in extra:  # the single data stream callers passed before per-rank streams: rank 0's
         extra.setdefault("data_rngs", [extra.pop("data_rng")])
     for rank, state in enumerate(extra.pop("data_rngs", [])):  # each rank's data stream: rank 0's is "rng.data"

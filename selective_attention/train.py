@@ -569,6 +569,8 @@ def main(cfg: TrainConfig) -> dict:
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
         _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
         torch.set_rng_state(tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         _restore_data_rng(data_gen, tensors, meta, rank, world, ckpt_path)
         start = last_ckpt = meta["step"]
         if start > cfg.max_steps:

@@ -55,6 +55,17 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(ta[k], tb[k]), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+def test_resume_on_a_gpu_with_dropout_equals_uninterrupted(tmp_path):
+    """Dropout on a GPU draws from the device's generator: its state is in the checkpoint too."""
+    kw = dict(device="cuda", dropout=0.1)
+    ref = main(tiny(tmp_path / "a", **kw))
+    main(tiny(tmp_path / "b", stop_after=6, **kw))
+    resumed = main(tiny(tmp_path / "b", **kw))
+    assert resumed["param_checksum"] == ref["param_checksum"]
+    assert "rng.cuda" in load_checkpoint(tmp_path / "b" / "run")[0]
+
+
 def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, max_steps=4)
     main(cfg)
