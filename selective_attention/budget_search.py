@@ -40,6 +40,10 @@ KV_METHODS = {
 
 def uniform_budgets(context: int, smallest: int = 4) -> list[int]:
     """Budgets ``smallest, 2*smallest, ...`` below ``context``: the x axis of a loss-vs-memory curve."""
+    if isinstance(smallest, bool) or not isinstance(smallest, int) or smallest < 2:
+        raise ValueError(
+            f"smallest must be an int >= 2 (a budget holds the first token and the newest), got {smallest!r}."
+        )
     out, b = [], smallest
     while b < context:
         out.append(b)

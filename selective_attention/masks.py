@@ -147,7 +147,7 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
         )
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
-    if not penalty.any():
+    if not penalty.any() and not mask.requires_grad:  # all zero: no penalty (unless it is learned, from zero)
         penalty = None
     return removed, penalty
 

@@ -39,6 +39,12 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> PairedT:
     if len(a) != len(b):
         raise ValueError(f"paired_t needs one b per a (paired by seed); got {len(a)} and {len(b)} values.")
     d = [x - y for x, y in zip(a, b)]
+    bad = [i for i, x in enumerate(d) if not math.isfinite(x)]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"paired_t: pair {i} ({a[i]!r}, {b[i]!r}) is not finite (a diverged run?); leave it out, and say so."
+        )
     n = len(d)
     if n == 0:
         raise ValueError("paired_t needs at least one pair.")

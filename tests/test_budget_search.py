@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_attention.budget_search import pruned_logits, pruned_loss, search_budgets
+from selective_attention.budget_search import pruned_logits, pruned_loss, search_budgets, uniform_budgets
 from selective_attention.model import GPT, GPTConfig
 
 
@@ -76,3 +76,10 @@ def test_pruned_logits_equal_the_full_forward_and_all_ignored_targets_are_refuse
     assert occ == [10, 10]
     with pytest.raises(ValueError, match="every target is -100"):
         pruned_loss(m, x, torch.full((2, 10), -100))
+
+
+def test_uniform_budgets_start_at_two_at_least():
+    assert uniform_budgets(64, 2) == [2, 4, 8, 16, 32] and uniform_budgets(64) == [4, 8, 16, 32]
+    for bad in (0, 1, -4, 2.0, True):  # 0 looped forever; 1 is a budget no cache takes
+        with pytest.raises(ValueError, match="smallest must be an int >= 2"):
+            uniform_budgets(64, bad)

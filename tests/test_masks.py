@@ -142,3 +142,18 @@ def test_causal_with_other_removals_keeps_both():
 def test_causal_alignment_cross_lengths():
     assert torch.equal(causal_removed(2, 4), torch.tensor([[0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool))
     assert torch.equal(causal_removed(3, 3), torch.ones(3, 3, dtype=torch.bool).triu(1))
+
+
+def test_a_learned_mask_starting_at_zero_gets_its_gradient():
+    """A zero parameter (plus a -inf causal part) is the usual start of a learned bias: it is a penalty whose
+    gradient flows, not 'no penalty' (its values all 0 once dropped it from the graph)."""
+    L = 6
+    bias = torch.zeros(L, L, dtype=torch.float64, requires_grad=True)
+    causal = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+    q, k, v = (torch.randn(1, 2, L, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for backend in ("naive", "auto"):
+        (g,) = torch.autograd.grad(selective_attention(q, k, v, bias + causal, backend=backend).pow(2).sum(), bias)
+        assert g.abs().sum() > 0
+        if backend == "naive":
+            want = g
+    torch.testing.assert_close(g, want)

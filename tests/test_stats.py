@@ -42,3 +42,10 @@ def test_paired_t_degenerate_cases():
     assert math.isnan(paired_t([1.0, 2.0], [0.0, 1.0]).p)  # identical differences: no spread
     with pytest.raises(ValueError, match="paired by seed"):
         paired_t([1.0, 2.0], [1.0])
+
+
+def test_a_non_finite_pair_is_named():
+    with pytest.raises(ValueError, match=r"pair 2 \(nan, 2\) is not finite"):
+        paired_t([1, 2, math.nan], [0, 1, 2])
+    with pytest.raises(ValueError, match="pair 0"):
+        paired_t([math.inf, 2], [0, 1])

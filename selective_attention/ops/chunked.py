@@ -100,7 +100,10 @@ class _VoteOperands:
 
     ``qn = -qs * sel_scale`` ``[B, G, L, Ds]`` and ``ks`` ``[B, Gk, L, Ds]`` (``Gk < G`` when every head
     of a grouped-query layer votes: head i with key head ``i // (G // Gk)``, never repeated), so
-    ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and scaled (the bias is ``-F``);
+    ``min(qn ks^T, 0) = -S`` comes out of the matmul already negated and scaled (the bias is ``-F``).
+    In float16 / bfloat16 the scale is applied after the matmul instead (``qn = -qs``, ``post = sel_scale``):
+    rounding ``qs * sel_scale`` first would move a near-zero vote by a rounding of ``|qs| |ks|`` and flip its
+    sign, hence its relu gate, and a flipped gate moves the voting head's gradient by a sum over later queries;
     key 0 is zeroed, so its votes are ``relu(0) = 0`` (the first token is never masked) with no
     per-chunk masking. With ``pad`` (bool ``[B, L]``, True = padding) the same zeroing keeps padding
     out of the votes (its qn and ks rows) and protects each sequence's first real token (its ks row):
@@ -108,7 +111,8 @@ class _VoteOperands:
     the future); ``future``: j > k."""
 
     def __init__(self, qs: Tensor, ks: Tensor, sel_scale: float, chunk: int, pad: Tensor | None = None) -> None:
-        self.qn = qs * -sel_scale
+        self.post = sel_scale if qs.dtype in (torch.float16, torch.bfloat16) else 1.0  # see above
+        self.qn = qs * -sel_scale if self.post == 1.0 else -qs
         self.ks = ks.clone()
         self.ks[:, :, 0] = 0.0
         if pad is not None:
@@ -157,6 +161,8 @@ def _chunk_bias(
         Sn = torch.matmul(qn, ksT, out=ws("votes", B, G, C, i1))
     else:
         Sn = grouped_matmul(qn, ksT)  # ks may have G / g heads
+    if vt.post != 1.0:
+        Sn.mul_(vt.post)  # after the product: its sign is the exact product's
     Sn.clamp_(min=-torch.finfo(Sn.dtype).max, max=0.0)
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
@@ -435,11 +441,11 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 else:
                     dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
                     if Gk == G:
-                        dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c))
+                        dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c), alpha=vt.post)
                     else:  # the g voters of one key head as one GEMM: their gradients sum in it
                         dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
                         qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
-                        dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng))
+                        dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
                 del dZ, dF, dS, dl
                 dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
                 dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
