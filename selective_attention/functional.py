@@ -83,6 +83,8 @@ def _request(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (default 1 / sqrt(D)), got {scale!r}.")
     chosen = as_selection(
         selection, head=selection_head, per_head=selection_per_head, projected=selection_qk, stacklevel=4
     )

@@ -21,10 +21,14 @@ cannot be told apart when ``H == 1`` or ``B == 1``, and guessing wrong is silent
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+# finite F at or below this is a penalty of the opposite sign to an additive mask's -1e9: warned about
+_ADDITIVE_MASK_LIKE = -1e4
 
 __all__ = ["NormalizedMask", "normalize_mask", "causal_removed", "squeeze_expanded"]
 
@@ -147,6 +151,13 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
         )
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
+    if bool((penalty <= _ADDITIVE_MASK_LIKE).any()):
+        warnings.warn(
+            f"{name} holds finite values <= {_ADDITIVE_MASK_LIKE:g}: F is *subtracted* from the logits, so those keys "
+            f"get more weight, not less. If this is an additive mask (-1e9 or finfo.min = masked, as in "
+            f"nn.MultiheadAttention or transformers), pass its negation, or a bool mask (True = removed).",
+            stacklevel=4,
+        )
     if not penalty.any() and not mask.requires_grad:  # all zero: no penalty (unless it is learned, from zero)
         penalty = None
     return removed, penalty

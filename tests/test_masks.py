@@ -1,6 +1,7 @@
 """The mask rule of DESIGN §2: bool True removes; float F subtracted; any +-inf removes."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -157,3 +158,19 @@ def test_a_learned_mask_starting_at_zero_gets_its_gradient():
         if backend == "naive":
             want = g
     torch.testing.assert_close(g, want)
+
+
+def test_an_additive_style_mask_is_warned_about_and_a_bad_scale_refused():
+    """F is subtracted (DESIGN §2): -1e9, the additive-mask convention for "masked", gives those keys the most
+    weight. That is warned about (the fix named); a non-finite scale is refused."""
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    additive = torch.zeros(4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), -1e9)
+    with pytest.warns(UserWarning, match=r"subtracted.*pass its negation, or a bool mask"):
+        selective_attention(q, k, v, additive)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        selective_attention(q, k, v, -additive)  # the same mask negated: a penalty, no warning
+        selective_attention(q, k, v, torch.full((4, 4), -5.0))  # a moderate bonus is legitimate
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            selective_attention(q, k, v, scale=bad)
