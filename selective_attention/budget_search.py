@@ -106,6 +106,12 @@ class BudgetSearch:
     evaluations: list[dict] = field(default_factory=list)
 
     @property
+    def reached(self) -> bool:
+        """Whether these budgets keep the loss at ``target + tolerance``: False when even the full cache is above it
+        (then every budget is the full context, and ``memory_ratio`` is 1 by that, not by a search)."""
+        return self.loss <= self.target + self.tolerance
+
+    @property
     def memory_ratio(self) -> float:
         """Full KV memory / pruned KV memory, all layers: every slot of every budget counts."""
         return self.context * len(self.budgets) / sum(self.budgets)
@@ -144,6 +150,8 @@ def search_budgets(
     T = x.shape[1]
     if T < 2:
         raise ValueError(f"the search windows must hold at least 2 tokens, got T={T}.")
+    if recent is not None and recent + 1 > T:
+        raise ValueError(f"recent={recent} leaves no budget within the windows' T={T} tokens: use recent <= {T - 1}.")
     n = model.config.n_layer
     full, _ = pruned_loss(model, x, y)
     goal = (full if target is None else target) + tolerance

@@ -83,3 +83,16 @@ def test_uniform_budgets_start_at_two_at_least():
     for bad in (0, 1, -4, 2.0, True):  # 0 looped forever; 1 is a budget no cache takes
         with pytest.raises(ValueError, match="smallest must be an int >= 2"):
             uniform_budgets(64, bad)
+
+
+def test_a_search_that_cannot_reach_its_target_says_so():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, context_len=16, n_layer=2, n_head=2, d_model=16, selection=True)).eval()
+    x = torch.randint(0, 40, (2, 16))
+    y = torch.randint(0, 40, (2, 16))
+    ok = search_budgets(model, x, y)  # its own full-cache loss: reachable by definition
+    assert ok.reached
+    low = search_budgets(model, x, y, target=ok.full_loss - 1.0)  # a nat below its own full cache
+    assert not low.reached and low.budgets == [16, 16] and low.memory_ratio == 1.0
+    with pytest.raises(ValueError, match="recent=16 leaves no budget"):
+        search_budgets(model, x, y, policy="h2o", recent=16)
