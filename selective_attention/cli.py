@@ -210,6 +210,7 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits
     from .checkpoint import model_from_checkpoint
+    from .decoding import budgets_fit
     from .kv_cache import check_policy
     from .train import Task, TrainConfig, evaluate
 
@@ -221,8 +222,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     _check_budget_layers(budget, model.config.n_layer)
     ctx = model.config.context_len
     prunes = budget is not None or args.threshold is not None
-    bounded = budget is not None and all(b <= ctx for b in (budget if isinstance(budget, list) else [budget]))
-    if args.context_len is not None and args.context_len > ctx and not bounded:
+    if args.context_len is not None and args.context_len > ctx and not budgets_fit(budget, ctx):
         raise ValueError(
             f"--context_len {args.context_len} exceeds the model's context_len={ctx}; use --context_len <= {ctx}, "
             f"or pass --budget <= {ctx} (for every layer; a --threshold alone does not bound what a layer attends "
@@ -307,7 +307,7 @@ def _target_bytes(task) -> tuple[int, int]:
 
 def cmd_generate(args: GenerateOptions) -> str:
     from .checkpoint import model_from_checkpoint
-    from .decoding import Decoder
+    from .decoding import Decoder, budgets_fit
 
     budget = _budget_arg(args.budget)
     if args.prompt == "":
@@ -317,8 +317,7 @@ def cmd_generate(args: GenerateOptions) -> str:
     idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
     _check_budget_layers(budget, model.config.n_layer)
     ctx = model.config.context_len
-    bounded = budget is not None and all(b <= ctx for b in (budget if isinstance(budget, list) else [budget]))
-    if args.threshold is not None and not bounded and idx.shape[1] + args.max_new_tokens > ctx:
+    if args.threshold is not None and not budgets_fit(budget, ctx) and idx.shape[1] + args.max_new_tokens > ctx:
         # the library checks each step and would stop partway, the text generated so far lost: refuse up front
         raise ValueError(
             f"the prompt ({idx.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} exceed context_len={ctx}, "

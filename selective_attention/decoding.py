@@ -30,6 +30,13 @@ from .kv_cache import LayerCache, check_policy, h2o_recent
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
 
+def budgets_fit(budget: int | Sequence[int | None] | None, context_len: int) -> bool:
+    """Whether ``budget`` (one for every layer, or one per layer) bounds every layer to at most ``context_len``
+    tokens: then decoding, and reading a prompt, may go past the context."""
+    budgets = budget if isinstance(budget, Sequence) else [budget]
+    return all(b is not None and b <= context_len for b in budgets)
+
+
 class Decoder:
     """Incremental decoding for a :class:`~selective_attention.model.GPT`.
 
@@ -113,7 +120,7 @@ class Decoder:
     @property
     def _bounded(self) -> bool:
         """Every layer attends to at most ``context_len`` tokens whatever happens (budgets within it)."""
-        return all(b is not None and b <= self.model.config.context_len for b in self.budgets)
+        return budgets_fit(self.budgets, self.model.config.context_len)
 
     # --- prefill -----------------------------------------------------------------------------------
     @torch.no_grad()

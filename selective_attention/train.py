@@ -629,9 +629,10 @@ def main(cfg: TrainConfig) -> dict:
                 last.update(ev)
                 history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
                 _log(out_dir, history[-1])
-            if (step + 1) % cfg.ckpt_interval == 0 or done:
+            save = (step + 1) % cfg.ckpt_interval == 0 or done  # the same on every rank
+            if save:
                 data_rngs = _gather(data_gen.get_state(), world, device)  # every rank's stream: all ranks take part
-            if main_proc and ((step + 1) % cfg.ckpt_interval == 0 or done):
+            if main_proc and save:
                 if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
                     # a finite step whose update overflowed: the next forward would catch it, after this save
                     raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN")
