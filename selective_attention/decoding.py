@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .kv_cache import LayerCache, check_policy, h2o_recent
+from .kv_cache import LayerCache, check_budget, check_policy, h2o_recent
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -90,12 +90,7 @@ class Decoder:
             budgets = list(budget)
         else:
             raise TypeError(f"budget must be an int, a list of n_layer={n} ints, or None; got {budget!r}.")
-        for b in budgets:
-            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
-                raise ValueError(
-                    f"every budget must be an int >= 2 (the first token is always kept, and the newest is "
-                    f"attended); got {b!r}. Pass budget=None for a layer that keeps everything."
-                )
+        budgets = [None if b is None else check_budget(b) for b in budgets]
         if threshold is not None and not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold!r}.")
         check_policy(policy, threshold, recent)

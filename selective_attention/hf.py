@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, check_policy, fcum_after_prompt
+from .kv_cache import LayerCache, check_budget, check_policy, fcum_after_prompt
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -650,26 +649,12 @@ class SelectiveLayer(DynamicLayer):
 
 def _budget_value(budget) -> int | list[int] | None:
     """``budget`` as None, an int or a list of ints (numpy and 0-d tensor integers accepted), each >= 2."""
-
-    def one(b) -> int:
-        try:
-            if isinstance(b, bool):
-                raise TypeError
-            b = operator.index(b)
-        except TypeError:
-            b = None
-        if b is None or b < 2:
-            raise ValueError(
-                f"budget must be None, an int >= 2 (the first token and the newest), or a list of them; got {budget!r}."
-            )
-        return b
-
     if budget is None:
         return None
     if isinstance(budget, Sequence | Tensor) or type(budget).__name__ == "ndarray":  # a list, or 1-D array
         if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, str | bytes):
-            return [one(b) for b in budget]
-    return one(budget)
+            return [check_budget(b) for b in budget]
+    return check_budget(budget)
 
 
 class SelectiveCache(Cache):

@@ -49,6 +49,7 @@ attention layer (``model.Attention``) reads and writes it; ``decoding.Decoder`` 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ __all__ = [
     "LayerCache",
     "POLICIES",
     "check_policy",
+    "check_budget",
     "eviction_score",
     "keep_after_prefill",
     "evictions",
@@ -88,6 +90,23 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
         raise ValueError(f"recent (the H2O recent window) applies to policy='h2o' only; got policy={policy!r}.")
     if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 1):
         raise ValueError(f"recent must be an int >= 1 (the newest token included), got {recent!r}.")
+
+
+def check_budget(b: object) -> int:
+    """One layer's budget as an int (numpy or 0-d tensor integers accepted), or a ValueError: it must be >= 2, room
+    for the first token (always kept) and the newest (always attended)."""
+    try:
+        if isinstance(b, bool):
+            raise TypeError
+        value = operator.index(b)
+    except TypeError:
+        value = None
+    if value is None or value < 2:
+        raise ValueError(
+            f"every budget must be an int >= 2 (the first token is always kept, and the newest is attended); got "
+            f"{b!r}. Pass None for a layer that keeps everything."
+        )
+    return value
 
 
 def h2o_recent(budget: int | None, recent: int | None) -> int | None:
