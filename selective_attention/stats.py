@@ -62,26 +62,35 @@ def t_two_sided_p(t: float, df: int) -> float:
     """``P(|T| >= |t|)`` for Student's t with an integer ``df >= 1`` degrees of freedom.
 
     Exact, by the classical finite series in ``theta = atan(|t| / sqrt(df))`` (Abramowitz & Stegun
-    26.7.3-4): for odd df, ``A = (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))``
-    with ``(df - 3) / 2`` terms after the 1; for even df, ``A = sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4
-    + ...)`` with ``(df - 2) / 2`` terms after the 1; and ``p = 1 - A``."""
+    26.7.3-4), ``s = sin theta``, ``c = cos theta``: for odd df, ``A = (2/pi) (theta + s c (1 + 2/3 c^2
+    + 2*4/(3*5) c^4 + ...))`` with ``(df - 3) / 2`` terms after the 1; for even df, ``A = s (1 + 1/2 c^2
+    + 1*3/(2*4) c^4 + ...)`` with ``(df - 2) / 2`` terms after the 1; ``p = 1 - A``. When ``p`` is small
+    (below 1e-3), ``1 - A`` would cancel to nothing (p = 1e-12 printed as 0), so ``p`` is summed
+    directly as the rest of the infinite series whose full sum makes ``A = 1`` (``arcsin(c) / (s c)``
+    for odd df, ``1 / s`` for even), each term a factor ``<= c^2`` smaller than the last."""
     if not isinstance(df, int) or df < 1:
         raise ValueError(f"df must be an int >= 1, got {df!r}.")
     if math.isnan(t):
         return math.nan
     theta = math.atan(abs(t) / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
+    r = math.hypot(t, math.sqrt(df))  # s and c from t itself: cos(theta) near pi/2 loses digits
+    s, c = abs(t) / r, math.sqrt(df) / r
     c2 = c * c
-    if df % 2:
-        total, term = 1.0, 1.0
-        for k in range(1, (df - 1) // 2):  # 2/3, 2*4/(3*5), ...
-            term *= (2 * k) / (2 * k + 1) * c2
-            total += term
-        a = (2 / math.pi) * (theta + (s * c * total if df > 1 else 0.0))
-    else:
-        total, term = 1.0, 1.0
-        for k in range(1, df // 2):  # 1/2, 1*3/(2*4), ...
-            term *= (2 * k - 1) / (2 * k) * c2
-            total += term
-        a = s * total
-    return min(1.0, max(0.0, 1.0 - a))
+    odd = df % 2 == 1
+    # term k of the series (k = 0, 1, ...): odd df, (2k)!! / (2k+1)!! c^2k; even df, (2k-1)!! / (2k)!! c^2k
+    ratio = (lambda k: (2 * k) / (2 * k + 1)) if odd else (lambda k: (2 * k - 1) / (2 * k))
+    first_left_out = (df - 1) // 2 if odd else df // 2
+    total, term = 1.0, 1.0
+    for k in range(1, first_left_out):
+        term *= ratio(k) * c2
+        total += term
+    a = (2 / math.pi) * (theta + (s * c * total if df > 1 else 0.0)) if odd else s * total
+    if 1.0 - a > 1e-3:
+        return min(1.0, 1.0 - a)
+    term *= ratio(first_left_out) * c2 if first_left_out > 0 else 1.0  # the first term left out
+    tail, k = 0.0, first_left_out
+    while term > 1e-17 * tail:
+        tail += term
+        k += 1
+        term *= ratio(k) * c2
+    return min(1.0, (2 / math.pi) * s * c * tail if odd else s * tail)

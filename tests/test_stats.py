@@ -26,6 +26,24 @@ def test_p_edges():
         t_two_sided_p(1.0, 0)
 
 
+# far tails, from scipy.stats.t.sf (2 * sf): p must keep its relative precision, not cancel to 0
+TAILS = [(40.0, 4, 2.3340163226012678e-06), (300.0, 2, 1.1110925929355216e-05),
+         (1e4, 3, 2.20531550229581e-12), (25.0, 9, 1.2589450378990368e-09)]  # fmt: skip
+
+
+@pytest.mark.parametrize("t, df, p", TAILS)
+def test_small_p_keeps_its_digits(t, df, p):
+    assert t_two_sided_p(t, df) == pytest.approx(p, rel=1e-10, abs=0)
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 7.0, 1e3, 1e8, 1e30])
+def test_p_matches_closed_forms(t):
+    # df = 1 (Cauchy): (2/pi) atan(1/t); df = 2: 1 - t / sqrt(2 + t^2), written without the cancellation
+    assert t_two_sided_p(t, 1) == pytest.approx(2 / math.pi * math.atan(1 / t), rel=1e-12, abs=0)
+    r = math.sqrt(2 + t * t)
+    assert t_two_sided_p(t, 2) == pytest.approx(2 / (r * (r + t)), rel=1e-12, abs=0)
+
+
 def test_paired_t_uses_the_differences():
     a, b = [1.70, 1.72, 1.69], [1.73, 1.76, 1.71]
     r = paired_t(a, b)
