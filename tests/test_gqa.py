@@ -10,15 +10,9 @@ The Triton kernels (interpreter) are held to 1e-4 as in tests/test_triton.py (fp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from helpers import TOL
-
-if not torch.cuda.is_available():
-    # as tests/test_triton.py: Triton picks interpreter or compiler when it decorates a kernel
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from selective_attention import SelectiveAttention
 from selective_attention.functional import attention_weights, selective_attention

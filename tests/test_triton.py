@@ -9,14 +9,8 @@ interpreter multiplies bf16 bit patterns in ``tl.dot`` (triton-lang/triton#11584
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Triton picks interpreter or compiler when it decorates a kernel: set before the kernels import.
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton", reason="the Triton backend needs `pip install triton` (CPU runs use its interpreter)")
 
