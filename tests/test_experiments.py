@@ -52,3 +52,10 @@ def test_tiny_plan_runs_and_reports(reproduce):
     md = reproduce.report()
     assert "| 16 | selective − standard |" in md and "s0 " in md and "s1 " in md
     assert "| 16 | standard + window |" in md
+
+
+def test_a_variant_waits_for_its_seeds_standard(reproduce):
+    # its KV verdicts are measured against that run's loss: started first, they were never filled in
+    with pytest.raises(SystemExit, match=r"c16-standard-s1.*--seeds 1 --only standard"):
+        reproduce.run_one(16, "selective", 1)
+    assert not list(reproduce.RESULTS.glob("*.json"))  # refused before training: nothing written
