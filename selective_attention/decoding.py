@@ -10,8 +10,9 @@ imports ``model.py``, which imports this module for ``GPT.generate``): any modul
 Properties kept from the first implementation (DESIGN §4): cached decoding without pruning equals the
 full forward pass; a budget b is at most b tokens stored and attended per step, the newest included
 (b slots, room made before the write), whichever eviction policy chooses the token that goes
-(``policy``: ``"selective"``, ``"window"``, ``"h2o"``); threshold eviction; :meth:`Decoder.occupancy` and
-:meth:`Decoder.kv_bytes` count every slot. The step (:func:`decode_one_token`) has static shapes, so
+(``policy``: ``"selective"``, ``"window"``, ``"h2o"``); threshold eviction; :meth:`Decoder.kv_bytes` counts every slot a
+cache holds (so a threshold alone, which frees slots but keeps the buffers, saves none there), and
+:meth:`Decoder.occupancy` the tokens kept. The step (:func:`decode_one_token`) has static shapes, so
 ``torch.compile`` compiles it once; :meth:`Decoder.step` checks what it would otherwise do silently
 wrong (a token out of the vocabulary, a step past the buffers' capacity, more tokens attended than the
 model's ``context_len``) eagerly, outside the compiled function.
@@ -20,6 +21,7 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +37,17 @@ def budgets_fit(budget: int | Sequence[int | None] | None, context_len: int) -> 
     tokens: then decoding, and reading a prompt, may go past the context."""
     budgets = budget if isinstance(budget, Sequence) else [budget]
     return all(b is not None and b <= context_len for b in budgets)
+
+
+def _is_int(x: object) -> bool:
+    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 class Decoder:
@@ -82,7 +95,7 @@ class Decoder:
         n = model.config.n_layer
         if budget is None:
             budgets: list[int | None] = [None] * n
-        elif isinstance(budget, int) and not isinstance(budget, bool):
+        elif _is_int(budget):  # numpy and 0-d tensor integers too, as in a list
             budgets = [budget] * n
         elif isinstance(budget, Sequence) and not isinstance(budget, str):
             if len(budget) != n:
@@ -91,8 +104,6 @@ class Decoder:
         else:
             raise TypeError(f"budget must be an int, a list of n_layer={n} ints, or None; got {budget!r}.")
         budgets = [None if b is None else check_budget(b) for b in budgets]
-        if threshold is not None and not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold!r}.")
         check_policy(policy, threshold, recent)
         if policy == "h2o":
             for b in budgets:
@@ -213,10 +224,10 @@ class Decoder:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Prefill ``idx`` ``[B, T]`` and sample ``max_new_tokens``; returns ``[B, T + max_new_tokens]``."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
+        if isinstance(temperature, bool) or not temperature >= 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}.")
         logits = self.prefill(idx, max_new_tokens)
         out = [idx]
         for n in range(max_new_tokens):

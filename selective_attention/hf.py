@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -683,10 +682,6 @@ class SelectiveCache(Cache):
         self, budget: int | Sequence[int] | None = None, threshold: float | None = None, policy: str = "selective"
     ) -> None:
         budget = _budget_value(budget)
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
-        ):
-            raise ValueError(f"threshold must be None or a number >= 0, got {threshold!r}.")
         if policy == "h2o":
             raise NotImplementedError(
                 "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "

@@ -49,6 +49,7 @@ attention layer (``model.Attention``) reads and writes it; ``decoding.Decoder`` 
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -78,7 +79,12 @@ POLICIES = ("selective", "window", "h2o")  # the eviction policies (module docst
 
 def check_policy(policy: str, threshold: float | None = None, recent: int | None = None) -> None:
     """Refuse an unknown policy, a threshold with a policy other than ``"selective"`` and ``recent`` with a
-    policy other than ``"h2o"`` (each would be silently ignored)."""
+    policy other than ``"h2o"`` (each would be silently ignored), a threshold that is not a number >= 0 and a
+    ``recent`` that is not an int >= 1."""
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
+    ):
+        raise ValueError(f"threshold must be None or a number >= 0 (Fcum above it is evicted), got {threshold!r}.")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}.")
     if threshold is not None and policy != "selective":
@@ -258,11 +264,13 @@ def fcum_after_prompt(
     ``[B, T]``, True = padding): padding neither votes nor is voted on and each sequence's first real
     token is the protected one (:func:`~selective_attention.selection.vote_mask`). Chunked over the
     voting rows: never ``[B, G, T, T]``."""
-    out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2])
+    # summed in at least fp32 (as the cache keeps it): in bf16 a column's sum stops growing near 128 / vote
+    out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2], dtype=torch.promote_types(qs.dtype, torch.float32))
     scale = 1.0 / math.sqrt(qs.shape[-1]) if scale is None else scale
     for i0 in range(0, qs.shape[2], chunk):
         rows = qs[:, :, i0 : i0 + chunk]
-        out += selection_scores(rows, ks, scale=scale, offset=i0, key_padding_mask=key_padding_mask).sum(dim=-2)
+        votes = selection_scores(rows, ks, scale=scale, offset=i0, key_padding_mask=key_padding_mask)
+        out += votes.sum(dim=-2, dtype=out.dtype)
     return out
 
 
@@ -310,8 +318,9 @@ class LayerCache:
     """One layer's cache and its policy. Shapes: ``k, v [B, Hkv, cap, D]`` (the layer's key/value heads:
     H, or fewer under grouped-query attention), ``fcum [B, G, cap]`` (+inf at free slots), ``pos [B, cap]``
     (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector; ``acc [B, cap]`` (policy ``"h2o"``
-    only: the attention each slot's token received so far, summed over heads; 0 at free slots). With a
-    budget, ``cap == budget``."""
+    only: the attention each slot's token received so far, summed over heads; 0 at free slots). ``fcum``
+    and ``acc`` are running sums, kept in at least fp32 whatever the model's dtype. With a budget,
+    ``cap == budget``."""
 
     k: Tensor
     v: Tensor
@@ -345,24 +354,27 @@ class LayerCache:
         ``n_heads``: the key/value heads stored (``Hkv``; the query heads only without grouped-query
         attention); ``n_groups``: the penalties F (1, or the query heads H with one F per head);
         ``policy``, ``recent``: see the module docstring."""
-        if budget is not None and capacity != budget:
-            raise ValueError(f"a layer with budget={budget} has exactly that many slots, got capacity={capacity}.")
+        if budget is not None:
+            budget = check_budget(budget)  # budget 1 would leave only the first token's slot: it was evicted
+            if capacity != budget:
+                raise ValueError(f"a layer with budget={budget} has exactly that many slots, got capacity={capacity}.")
         check_policy(policy, threshold, recent)
         recent = h2o_recent(budget, recent) if policy == "h2o" else None
         B, H, G, D = batch_size, n_heads, n_groups, head_dim
         kw = dict(dtype=dtype, device=device)
+        # running sums in at least fp32: one step's vote added to a bf16 Fcum of ~128 rounds away
+        acc_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         return cls(
             k=torch.zeros(B, H, capacity, D, **kw),
             v=torch.zeros(B, H, capacity, D, **kw),
-            fcum=torch.full((B, G, capacity), float("inf"), **kw),
+            fcum=torch.full((B, G, capacity), float("inf"), dtype=acc_dtype, device=device),
             pos=torch.full((B, capacity), -1, dtype=torch.long, device=device),
             ks=torch.zeros(B, G, capacity, D, **kw) if selector_keys else None,
             budget=budget,
             threshold=threshold,
             policy=policy,
             recent=recent,
-            acc=torch.zeros(B, capacity, dtype=torch.promote_types(dtype or torch.get_default_dtype(), torch.float32),
-                            device=device) if policy == "h2o" else None,
+            acc=torch.zeros(B, capacity, dtype=acc_dtype, device=device) if policy == "h2o" else None,
         )  # fmt: skip
 
     @property
@@ -477,12 +489,14 @@ class LayerCache:
         sequence's first free slot, with ``Fcum = 0`` (and no attention received yet); returns the slots ``[B]``."""
         B, H, _, D = k.shape
         slot = self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest  [B]
+        # in the cache's dtype: under autocast a Linear's k, v are bf16 while the buffers keep the model's
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         self.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
         self.v.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, v.shape[-1]), v)
         self.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, self.fcum.shape[1], 1), 0.0)
         self.pos.scatter_(1, slot[:, None], input_pos.view(-1, 1).expand(B, 1))
         if ks is not None:
-            self.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, ks.shape[1], 1, ks.shape[-1]), ks)
+            self.ks.scatter_(2, slot.view(B, 1, 1, 1).expand(B, ks.shape[1], 1, ks.shape[-1]), ks.to(self.ks.dtype))
         if self.acc is not None:
             self.acc.scatter_(1, slot[:, None], 0.0)
         return slot
@@ -526,7 +540,7 @@ class LayerCache:
         p = torch.softmax(logits.to(fp) - self.fcum[:, :, None, :].to(fp), dim=-1)  # [B, H, 1, cap]
         if self.acc is not None:  # H2O: the attention each slot received, summed over heads
             self.acc += p.sum(dim=(1, 2)).to(self.acc.dtype)
-        p = p.to(v.dtype)
+        p = p.to(self.v.dtype)
         y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
         if selection is not None:
             if selection.heads is not None:  # voting heads: their logits are the attention logits just computed

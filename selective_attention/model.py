@@ -185,7 +185,7 @@ def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple
 
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate pairs of channels ``(i, i + D/2)`` of ``x`` ``[B, H, T, D]`` by the angles of ``rope``."""
-    cos, sin = rope
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)  # under autocast x (a Linear's output) is bf16, rope not
     D = x.shape[-1]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -1,5 +1,6 @@
 """Cached decoding: exact without pruning; pruning follows the eviction rule of DESIGN §4."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,15 +261,29 @@ def test_sampling_controls():
         (dict(budget=[4, True]), ValueError, "int >= 2"),
         (dict(budget=[4]), ValueError, "n_layer=2"),
         (dict(budget="4"), TypeError, "budget must be"),
-        (dict(threshold=-1.0), ValueError, "threshold must be > 0"),
+        (dict(threshold=-1.0), ValueError, "threshold must be None or a number >= 0"),
+        (dict(threshold=True), ValueError, "threshold must be None or a number >= 0 .*got True"),
+        (dict(threshold=float("nan")), ValueError, "threshold must be None or a number >= 0 .*got nan"),
         (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "finite number >= 0.*got nan"),  # failed inside multinomial
+        (dict(temperature=float("inf")), ValueError, "finite number >= 0.*got inf"),
         (dict(top_k=0), ValueError, "top_k"),
+        (dict(top_k=2.5), ValueError, "top_k must be an int >= 1 or None, got 2.5"),  # failed inside topk
     ],
 )
 def test_generate_errors(kw, exc, match):
     m = model()
     with pytest.raises(exc, match=match):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
+
+
+def test_a_numpy_or_tensor_budget_is_one_int_as_in_a_list():
+    m = model(selection=True)
+    idx = torch.randint(0, 40, (2, 5))
+    expect = m.generate(idx, 6, temperature=0, budget=4)
+    for b in (np.int64(4), torch.tensor(4)):
+        assert Decoder(m, budget=b).budgets == [4, 4]
+        assert torch.equal(m.generate(idx, 6, temperature=0, budget=b), expect)
 
 
 def test_step_past_capacity_raises():

@@ -109,3 +109,27 @@ def test_fill_with_padding_counts_positions_from_the_first_real_token_and_grown_
     assert big.pos[:, :6].tolist() == [[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 4, 5]]
     with pytest.raises(ValueError, match="unbudgeted"):
         LayerCache.empty(1, 3, n_heads=1, n_groups=1, head_dim=2, budget=3).grown(6)
+
+
+def test_bf16_caches_keep_their_running_sums_in_fp32():
+    # one step's vote added to a bf16 Fcum of ~128 rounds away: Fcum stopped growing, the eviction order changed
+    c = LayerCache.empty(1, 2, n_heads=1, n_groups=1, head_dim=2, dtype=torch.bfloat16)
+    assert c.k.dtype == torch.bfloat16 and c.fcum.dtype == torch.float32
+    c.pos[:] = torch.tensor([[0, 1]])
+    c.fcum[:] = 0
+    for _ in range(1000):
+        c.add_votes(torch.full((1, 1, 1, 2), 0.5, dtype=torch.bfloat16), torch.tensor([0]))
+    assert c.fcum[0, 0, 1].item() == 500.0  # bf16 stopped at 128
+    # the prompt's F too: 300 rows each voting 0.5 on key 1 sum to 149.5, not a bf16 value near 128
+    qs = torch.zeros(1, 1, 300, 2, dtype=torch.bfloat16)
+    qs[..., 0] = 1.0
+    ks = torch.zeros(1, 1, 300, 2, dtype=torch.bfloat16)
+    ks[0, 0, 1, 0] = 0.5 * 2**0.5  # logit q.k / sqrt(2) = 0.5 for every row after key 1
+    f = fcum_after_prompt(qs, ks)
+    assert f.dtype == torch.float32 and f[0, 0, 1].item() == 0.5 * 298
+
+
+def test_a_cache_built_directly_checks_its_budget():
+    # budget 1 leaves no slot but the first token's: the first step evicted the protected token
+    with pytest.raises(ValueError, match="every budget must be an int >= 2"):
+        LayerCache.empty(1, 1, n_heads=1, n_groups=1, head_dim=2, budget=1)

@@ -200,3 +200,21 @@ def test_memory_loss_lowers_kept_tokens_when_trained():
         mem.backward()
         opt.step()
     assert mem.item() < first * 0.9
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_an_fp32_model_runs_under_bf16_autocast(selection):
+    # autocast makes the Linear outputs (q, k, v) bf16 while the rotary angles stayed fp32: q and k were
+    # promoted back, v not ("q, k, v must share a dtype"); the decode step wrote bf16 k/v into fp32 caches
+    torch.manual_seed(0)
+    m = GPT(tiny(n_kv_head=2, selection=selection))
+    idx = torch.randint(0, 40, (2, 20))
+    ref = m(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx)
+        out = m.generate(idx[:, :6], 8, temperature=0, budget=4 if selection else None)
+    # bf16 keeps 8 bits of mantissa: logits ~1 off by a few 1e-2 at most; a wrong head or position is O(1)
+    assert logits.dtype == torch.bfloat16 and (logits.float() - ref).abs().max() < 0.1
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx.flatten()).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+    assert out.shape == (2, 14) and torch.equal(out[:, :6], idx[:, :6])
