@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
-from selective_attention.budget_search import pruned_logits  # noqa: E402
+from selective_attention.budget_search import pruned_logits, smallest_budget_at  # noqa: E402
 from selective_attention.train import Task, TrainConfig, model_from_checkpoint  # noqa: E402
 
 BUDGETS = [8, 16, 32, 64, 128, 256]
@@ -172,13 +172,15 @@ def table(r: dict) -> str:
         rows.append(f"| {', '.join(map(str, sb))} (searched) | " + " | ".join(cells) + " |")
     smallest, tried = [], min(budgets)
     for m in methods:
-        ok = [p["kv_tokens_per_layer"] for p in r["curves"][m] if p["loss"] <= ref and not p.get("full")]
-        if not ok:
+        b = smallest_budget_at(
+            [(p["kv_tokens_per_layer"], p["loss"]) for p in r["curves"][m] if not p.get("full")], ref
+        )
+        if b is None:
             smallest.append("none below the full cache")
-        elif min(ok) == tried:  # the curve may reach it lower still
+        elif b == tried:  # the curve may reach it lower still
             smallest.append(f"<= {tried} (>= {T / tried:.0f}x less; the smallest tried)")
         else:
-            smallest.append(f"{min(ok)} ({T / min(ok):.0f}x less)")
+            smallest.append(f"{b} ({T / b:.0f}x less)")
     rows.append("| smallest uniform budget at or under the standard's full-cache loss | " + " | ".join(smallest) + " |")
     note = (
         f"\nHeld-out validation loss ({unit}; in brackets: minus the full-cache standard model's, {ref:.4f}) on "

@@ -50,7 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
-from selective_attention.budget_search import pruned_loss, search_budgets, uniform_budgets  # noqa: E402
+from selective_attention.budget_search import (  # noqa: E402
+    pruned_loss,
+    search_budgets,
+    smallest_budget_at,
+    uniform_budgets,
+)
 from selective_attention.stats import paired_t  # noqa: E402
 from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
@@ -198,17 +203,6 @@ def _ms(xs) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f} (n={len(xs)})"
 
 
-def heldout_crossing(curve: list[dict], target: float) -> int | None:
-    """The smallest budget below the context from which on (every larger budget too) the held-out loss is at or
-    under ``target``; None if there is none."""
-    best = None
-    for c in sorted(curve, key=lambda c: -c["budget"]):
-        if c["heldout"] > target:
-            break
-        best = c["budget"]
-    return best
-
-
 def report() -> str:
     runs = load()
     lines = ["Held-out loss (nats/token, 4,096-token BPE; window set 1, 16 windows), mean ± std over seeds:", "",
@@ -276,7 +270,8 @@ def report() -> str:
                     if r is None or std is None or method not in r.get("kv", {}):
                         cells.append("")
                         continue
-                    b = heldout_crossing(r["kv"][method]["curve"], std["full"]["heldout"])
+                    curve = r["kv"][method]["curve"]
+                    b = smallest_budget_at([(c["budget"], c["heldout"]) for c in curve], std["full"]["heldout"])
                     cells.append("none" if b is None else f"{context / b:.0f}x")
                 if any(cells):
                     label = method.split(" + ")[-1]

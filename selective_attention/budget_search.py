@@ -26,7 +26,15 @@ from .kv_cache import check_policy
 from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
-__all__ = ["pruned_logits", "pruned_loss", "search_budgets", "BudgetSearch", "KV_METHODS", "uniform_budgets"]
+__all__ = [
+    "pruned_logits",
+    "pruned_loss",
+    "search_budgets",
+    "BudgetSearch",
+    "KV_METHODS",
+    "uniform_budgets",
+    "smallest_budget_at",
+]
 
 # The KV-compression methods compared at equal memory (DESIGN §4): name -> (which model it prunes, the
 # eviction policy). One list for the demo, the reproduction and experiments/kv_curves.py.
@@ -52,6 +60,18 @@ def uniform_budgets(context: int, smallest: int = 4) -> list[int]:
 
 
 @torch.no_grad()
+def smallest_budget_at(points: Sequence[tuple[int, float]], target: float) -> int | None:
+    """Read a loss-vs-budget curve: the smallest budget from which on the loss is at or under ``target`` at
+    every larger budget of ``points`` (``(budget, loss)`` pairs, any order), or None if the largest is above it.
+    A lucky dip below the target under a budget that misses it does not count."""
+    best = None
+    for budget, loss in sorted(points, reverse=True):
+        if loss > target:
+            break
+        best = budget
+    return best
+
+
 def pruned_logits(
     model: GPT,
     x: Tensor,

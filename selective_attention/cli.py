@@ -121,7 +121,7 @@ class SeedExampleOptions:
 
 @dataclass
 class DemoMode:
-    quick: bool = False  # a ~1 minute version: a tiny model, few steps (DemoConfig.quick)
+    quick: bool = False  # a ~1 minute version: a tiny model, few steps (its defaults replace the ones listed)
 
 
 def _grid(weights: torch.Tensor, labels: Sequence[str]) -> str:
@@ -207,6 +207,15 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
         )
 
 
+def _check_threshold_applies(model, threshold: float | None) -> None:
+    """A threshold evicts by F; a model without selective layers has F = 0 everywhere, so it would never act."""
+    if threshold is not None and not any(b.attn.selects for b in model.blocks):
+        raise ValueError(
+            "--threshold evicts tokens by the penalty F, and this checkpoint has no selective layer (F = 0): it "
+            "would evict nothing. Drop --threshold, or use --budget (on this model a sliding window)."
+        )
+
+
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits
     from .checkpoint import model_from_checkpoint
@@ -220,6 +229,7 @@ def cmd_eval(args: EvalOptions) -> dict:
         raise ValueError(f"--policy={args.policy} chooses what a full layer evicts: pass --budget as well.")
     model, meta = model_from_checkpoint(args.ckpt)
     _check_budget_layers(budget, model.config.n_layer)
+    _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len
     prunes = budget is not None or args.threshold is not None
     if args.context_len is not None and args.context_len > ctx and not budgets_fit(budget, ctx):
@@ -282,6 +292,8 @@ def cmd_eval(args: EvalOptions) -> dict:
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
     if prunes:
         out["policy"] = args.policy
+        if args.policy == "selective" and not any(b.attn.selects for b in model.blocks):
+            out["policy"] = "selective (no selective layer: F = 0, so the oldest token goes, a sliding window)"
         if args.policy == "h2o":
             out["recent"] = args.recent if args.recent is not None else "budget // 2"
     if occupancy is not None:
@@ -316,6 +328,7 @@ def cmd_generate(args: GenerateOptions) -> str:
     tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
     idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
     _check_budget_layers(budget, model.config.n_layer)
+    _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len
     if args.threshold is not None and not budgets_fit(budget, ctx) and idx.shape[1] + args.max_new_tokens > ctx:
         # the library checks each step and would stop partway, the text generated so far lost: refuse up front

@@ -149,9 +149,10 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
             what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
+            fewer = "a shorter prompt" if T > ctx else f"max_new_tokens <= {ctx - T} (--max_new_tokens)"
             raise ValueError(
                 f"{what} exceeds context_len={ctx}; pass a budget of at most {ctx} for every layer (budget=...; "
-                f"--budget on the command line) to read and decode past it through a pruned cache, or a shorter prompt."
+                f"--budget on the command line) to read and decode past it through a pruned cache, or {fewer}."
             )
         cap = min(T, ctx) + max_new_tokens
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .budget_search import KV_METHODS, pruned_loss, search_budgets, uniform_budgets
+from .budget_search import KV_METHODS, pruned_loss, search_budgets, smallest_budget_at, uniform_budgets
 from .checkpoint import model_from_checkpoint
 from .model import GPT, GPTConfig
 from .options import finite_number, positive_int
@@ -101,7 +101,22 @@ SENTENCE = "And God said, Let there be light: and there was light. And God saw t
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
+    if cfg.data == "varassign":
+        raise ValueError(
+            "the demo compares KV memory on text; --data=varassign has no text windows: use --data kjv, pydoc or a "
+            "text file (experiments/varassign.py compares the two attentions on variable assignment)."
+        )
+    # the windows the search and its check read, counted before any training (BPE: a few seconds, trained again
+    # by each run); the split holds only so many, and eval_batches would quietly use fewer
+    n_val = Task(cfg.train_config("standard", False)).text.n_eval_windows("val", cfg.model.context_len)
+    if n_val < 2 * cfg.search_batch:
+        raise ValueError(
+            f"--search_batch {cfg.search_batch} needs {2 * cfg.search_batch} validation windows of "
+            f"{cfg.model.context_len} tokens (as many held out as searched), but {cfg.data!r} holds {n_val}: use "
+            f"--search_batch <= {n_val // 2}."
+        )
     out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").unlink(missing_ok=True)  # a run stopped partway leaves no report of an earlier one
     runs = {}
     for name, selection in (("standard", False), ("selective", True)):
         t0 = time.perf_counter()
@@ -121,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     std_search, std_held = mean_loss(std_model, xs, ys), mean_loss(std_model, xh, yh)
     sel_search, sel_held = mean_loss(sel_model, xs, ys), mean_loss(sel_model, xh, yh)
     # equal loss: the standard model's. If the selective model does not reach it even with its full
-    # cache, no budget can: then search against its own full-cache loss and say so.
+    # cache, no budget can: then search against its own full-cache loss and say so (no saving at equal loss).
     reached = sel_search <= std_search + cfg.tolerance
     target = std_search if reached else sel_search
     search = search_budgets(sel_model, xs, ys, target=target, tolerance=cfg.tolerance, progress=cfg.progress)
@@ -150,6 +165,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "pruned_loss": search.loss,
             "standard_full_loss": std_search,
             "equal_to": "standard" if reached else "selective (own full cache)",
+            "reached_standard": reached,  # the selective model's full cache at or under the standard's loss
+            "found": search.reached,  # some budget below the context met the target
             "target_loss": search.target,
             "tolerance": search.tolerance,
             "memory_ratio": search.memory_ratio,
@@ -160,11 +177,15 @@ def run_demo(cfg: DemoConfig) -> dict:
             "selective_full_loss": sel_held,
             "pruned_loss": pruned_held,
             "holds": pruned_held <= held_reference + cfg.tolerance,
+            "reference": "standard" if reached else "selective (own full cache)",
             "curves": curves,
         },
         "throughput_ratio": runs["selective"]["tokens_per_s"] / runs["standard"]["tokens_per_s"],
+        "models": {"standard": dataclasses.asdict(std_model.config), "selective": dataclasses.asdict(sel_model.config)},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    tmp = out / "report.json.tmp"  # whole or not at all
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
     print(table(report))
     try:
         plot_curves(report, out / "loss_curves.png")
@@ -181,14 +202,28 @@ def table(report: dict) -> str:
     s, t, b, h = report["selective"], report["standard"], report["budget_search"], report["heldout"]
     ctx = b["context"]
     tol = f" + {b['tolerance']:g} nats" if b["tolerance"] else ""
-    verdict = "holds" if h["holds"] else "does NOT hold"
+    reached = b.get("reached_standard", b["equal_to"] == "standard")
+    found = b.get("found", b["memory_ratio"] > 1)
+    if not reached:  # the full cache is already above the standard's loss: no budget can be at it
+        kv = f"none: even its full cache is above the standard's loss{tol}"
+    elif not found:
+        kv = f"{ctx} (no budget below the context stays at the standard's loss{tol})"
+    else:
+        kv = (
+            f"{sum(b['budgets']) / len(b['budgets']):.1f} (budgets {b['budgets']}): "
+            f"{b['memory_ratio']:.1f}x less at standard's loss{tol}"
+        )
+    reference = h.get("reference", b["equal_to"])
+    verdict = (
+        f"the {b['memory_ratio']:.1f}x ({reference}'s loss{tol}) {'holds' if h['holds'] else 'does NOT hold'} there"
+        if found
+        else "nothing to check"
+    )
     rows = [
         f"| model | val loss ({_unit(report)}) | tokens/s | KV slots per layer at equal loss |",
         "|---|---|---|---|",
         f"| standard | {t['val_loss']:.4f} | {t['tokens_per_s']:,.0f} | {ctx} (full context) |",
-        f"| selective | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | "
-        f"{sum(b['budgets']) / len(b['budgets']):.1f} (budgets {b['budgets']}): "
-        f"{b['memory_ratio']:.1f}x less at {b['equal_to']}'s loss{tol} |",
+        f"| selective | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | {kv} |",
     ]
     return (
         "\n".join(rows)
@@ -197,22 +232,27 @@ def table(report: dict) -> str:
             f"selective full cache {b['full_loss']:.4f}, pruned {b['pruned_loss']:.4f} (target: "
             f"{b['equal_to']}{tol} = {b['target_loss'] + b['tolerance']:.4f})"
             f"\nheld-out windows (not seen by the search): standard {h['standard_full_loss']:.4f}, selective full "
-            f"cache {h['selective_full_loss']:.4f}, pruned {h['pruned_loss']:.4f}: the {b['memory_ratio']:.1f}x "
-            f"{verdict} there\nselective/standard training throughput {report['throughput_ratio']:.2f}"
+            f"cache {h['selective_full_loss']:.4f}, pruned {h['pruned_loss']:.4f}: {verdict}"
+            f"\nselective/standard training throughput {report['throughput_ratio']:.2f}"
         )
         + _curve_lines(h, ctx)
     )
 
 
 def _curve_lines(h: dict, ctx: int) -> str:
-    """For each method, the smallest uniform budget whose held-out loss is at or under the full-cache
-    standard model's (read off the held-out curve)."""
+    """For each method, the smallest uniform budget from which on the held-out loss is at or under the
+    full-cache standard model's (read off the held-out curve: :func:`smallest_budget_at`)."""
     if not h.get("curves"):
         return ""
     parts = []
     for method, curve in h["curves"].items():
-        ok = [c["budget"] for c in curve if c["loss"] <= h["standard_full_loss"]]
-        parts.append(f"{method} {min(ok)} ({ctx / min(ok):.0f}x)" if ok else f"{method} none below {ctx}")
+        b = smallest_budget_at([(c["budget"], c["loss"]) for c in curve], h["standard_full_loss"])
+        if b is None:
+            parts.append(f"{method} none below {ctx}")
+        elif b == min(c["budget"] for c in curve):  # the curve may reach it lower still
+            parts.append(f"{method} <= {b} (>= {ctx / b:.0f}x, the smallest tried)")
+        else:
+            parts.append(f"{method} {b} ({ctx / b:.0f}x)")
     return "\nheld-out curves, smallest uniform budget at the standard's full-cache loss: " + "; ".join(parts)
 
 

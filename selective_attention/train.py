@@ -594,12 +594,14 @@ def main(cfg: TrainConfig) -> dict:
     bar = progress_bar(cfg.max_steps, out_dir.name, enabled=cfg.progress and main_proc, initial=start)
     try:
         tokens_per_step = cfg.batch_size * cfg.model.context_len * world
-        t_start, tok_seen, last = time.perf_counter(), 0, {}
+        # tokens/s of the training steps alone: evaluations and checkpoints are off the clock
+        train_seconds, tok_seen, last = 0.0, 0, {}
         model.train()
         step = start
         for step in range(start, cfg.max_steps):
             if cfg.stop_after and step - start >= cfg.stop_after:
                 return {"rank": rank, "stopped_at": step, "out_dir": str(out_dir)}
+            t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             x, y = task.batch(data_gen, step)
@@ -619,7 +621,8 @@ def main(cfg: TrainConfig) -> dict:
                 raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, f"lr {lr_at(step, cfg):.3g} at that step")
             opt.step()
             tok_seen += x.numel() * world
-            tps = tok_seen / (time.perf_counter() - t_start)
+            train_seconds += time.perf_counter() - t_step
+            tps = tok_seen / train_seconds
             last = {"step": step + 1, "loss": loss_val, "tokens_per_s": tps, **stats}
             if task.varassign and cfg.va_assign_start:  # the curriculum's stage (evaluation is on va_assign)
                 last["va_assign"] = task.n_assign_at(step)

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_attention.budget_search import pruned_logits, pruned_loss, search_budgets, uniform_budgets
+from selective_attention.budget_search import (
+    pruned_logits,
+    pruned_loss,
+    search_budgets,
+    smallest_budget_at,
+    uniform_budgets,
+)
 from selective_attention.model import GPT, GPTConfig
 
 
@@ -96,3 +102,13 @@ def test_a_search_that_cannot_reach_its_target_says_so():
     assert not low.reached and low.budgets == [16, 16] and low.memory_ratio == 1.0
     with pytest.raises(ValueError, match="recent=16 leaves no budget"):
         search_budgets(model, x, y, policy="h2o", recent=16)
+
+
+def test_a_curve_is_read_from_the_largest_budget_down():
+    points = [(4, 0.5), (8, 0.2), (16, 0.1)]
+    assert smallest_budget_at(points, 0.25) == 8
+    assert smallest_budget_at(points[::-1], 0.25) == 8  # any order
+    dip = [(4, 0.2), (8, 0.5), (16, 0.1)]  # a lucky dip under a budget that misses does not count
+    assert smallest_budget_at(dip, 0.25) == 16
+    assert smallest_budget_at(dip, 0.05) is None
+    assert smallest_budget_at([(4, 0.25)], 0.25) == 4  # at the target is at it

@@ -71,11 +71,13 @@ TINY = ["--n_layer=2", "--n_head=2", "--d_model=32", "--context_len=32", "--batc
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """A tiny text checkpoint and a tiny varassign one (2 training steps each), and their summaries."""
+    """Tiny text (selective), varassign and standard text checkpoints (2 training steps each), and their summaries."""
     root = tmp_path_factory.mktemp("ckpts")
     runs = {}
-    for name, data in (("text", ["--data=pydoc"]), ("va", ["--data=varassign", "--va_assign=4"])):
-        cfg = parse_overrides([*data, *TINY, f"--out_dir={root / name}", "--max_steps=2", "--eval_interval=2"])
+    kinds = (("text", ["--data=pydoc"]), ("va", ["--data=varassign", "--va_assign=4"]),
+             ("standard", ["--data=pydoc", "--selection=false"]))  # fmt: skip
+    for name, data in kinds:
+        cfg = parse_overrides([*TINY, *data, f"--out_dir={root / name}", "--max_steps=2", "--eval_interval=2"])
         runs[name] = (root / name, train_main(cfg))
     return runs
 
@@ -286,3 +288,73 @@ def test_train_option_errors(tmp_path, capsys):
     assert "error: d_model (30) must be divisible by n_head (4)" in capsys.readouterr().err
     assert main(["train", "--lr=0.1", "lr"]) == 2
     assert "expected --key=value or --key value, got 'lr'" in capsys.readouterr().err
+
+
+def _report(reached=True, found=True, holds=True, tolerance=0.0, curve=((4, 1.5), (8, 1.5), (16, 1.5))):
+    """A demo report as run_demo writes it, for table()'s wording in every outcome."""
+    return {
+        "config": {"tokenizer": "byte"},
+        "standard": {"val_loss": 1.6, "tokens_per_s": 1000.0},
+        "selective": {"val_loss": 1.55 if reached else 1.7, "tokens_per_s": 800.0},
+        "budget_search": {
+            "budgets": [8, 8] if found else [32, 32],
+            "context": 32,
+            "full_loss": 1.55,
+            "pruned_loss": 1.58,
+            "standard_full_loss": 1.6,
+            "equal_to": "standard" if reached else "selective (own full cache)",
+            "reached_standard": reached,
+            "found": found,
+            "target_loss": 1.6,
+            "tolerance": tolerance,
+            "memory_ratio": 4.0 if found else 1.0,
+        },  # fmt: skip
+        "heldout": {
+            "standard_full_loss": 1.6,
+            "selective_full_loss": 1.55,
+            "pruned_loss": 1.59,
+            "holds": holds,
+            "reference": "standard" if reached else "selective (own full cache)",
+            "curves": {"selective + selective": [{"budget": b, "loss": v} for b, v in curve]},
+        },  # fmt: skip
+        "throughput_ratio": 0.8,
+    }
+
+
+def test_demo_table_says_what_each_outcome_is():
+    from selective_attention.demo import table
+
+    text = table(_report())
+    assert "4.0x less at standard's loss |" in text and "the 4.0x (standard's loss) holds there" in text
+    # the selective model's full cache above the standard's: no saving at equal loss, whatever its own search found
+    text = table(_report(reached=False))
+    assert "none: even its full cache is above the standard's loss" in text and "less at" not in text
+    assert "the 4.0x (selective (own full cache)'s loss) holds there" in text
+    # nothing below the context met the target: not "1.0x less"
+    text = table(_report(found=False))
+    assert "32 (no budget below the context stays at the standard's loss)" in text and "nothing to check" in text
+    # a tolerance is printed beside every verdict it produced
+    assert "(standard's loss + 0.05 nats) does NOT hold" in table(_report(tolerance=0.05, holds=False))
+    # the first budget tried already at the target: the curve may go lower, said so
+    assert "selective + selective <= 4 (>= 8x, the smallest tried)" in table(_report())
+    assert "selective + selective 16 (2x)" in table(_report(curve=((4, 1.5), (8, 1.7), (16, 1.5))))
+
+
+def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path):
+    from selective_attention.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="varassign has no text windows"):
+        run_demo(DemoConfig.quick(out=str(tmp_path / "d"), data="varassign"))
+    with pytest.raises(ValueError, match=r"--search_batch 5000 needs 10000 validation windows.*--search_batch <="):
+        run_demo(DemoConfig.quick(out=str(tmp_path / "d"), data="pydoc", search_batch=5000))
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_a_threshold_on_a_model_without_selective_layers_is_refused(ckpts, capsys):
+    # F = 0 everywhere: the threshold evicted nothing, and the report said "policy: selective" all the same
+    std = str(ckpts["standard"][0])
+    for cmd in (["eval", "--batches", "1"], ["generate", "--max_new_tokens", "4"]):
+        assert main([*cmd, "--ckpt", std, "--threshold", "1"]) == 2
+        assert "no selective layer (F = 0)" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", std, "--batches", "1", "--budget", "8", "--json"]) == 0
+    assert "a sliding window" in json.loads(capsys.readouterr().out)["policy"]

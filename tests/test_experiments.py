@@ -59,11 +59,3 @@ def test_a_variant_waits_for_its_seeds_standard(reproduce):
     with pytest.raises(SystemExit, match=r"c16-standard-s1.*--seeds 1 --only standard"):
         reproduce.run_one(16, "selective", 1)
     assert not list(reproduce.RESULTS.glob("*.json"))  # refused before training: nothing written
-
-
-def test_heldout_crossing_needs_every_larger_budget_at_the_target(reproduce):
-    curve = [{"budget": b, "heldout": h} for b, h in [(4, 0.5), (8, 0.2), (16, 0.1)]]
-    assert reproduce.heldout_crossing(curve, 0.25) == 8
-    curve[1]["heldout"], curve[0]["heldout"] = 0.5, 0.2  # a dip at 4 below a miss at 8 does not count
-    assert reproduce.heldout_crossing(curve, 0.25) == 16
-    assert reproduce.heldout_crossing(curve, 0.05) is None
