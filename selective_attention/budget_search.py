@@ -59,7 +59,6 @@ def uniform_budgets(context: int, smallest: int = 4) -> list[int]:
     return out
 
 
-@torch.no_grad()
 def smallest_budget_at(points: Sequence[tuple[int, float]], target: float) -> int | None:
     """Read a loss-vs-budget curve: the smallest budget from which on the loss is at or under ``target`` at
     every larger budget of ``points`` (``(budget, loss)`` pairs, any order), or None if the largest is above it.
@@ -72,6 +71,7 @@ def smallest_budget_at(points: Sequence[tuple[int, float]], target: float) -> in
     return best
 
 
+@torch.no_grad()
 def pruned_logits(
     model: GPT,
     x: Tensor,
@@ -130,6 +130,12 @@ class BudgetSearch:
         """Whether these budgets keep the loss at ``target + tolerance``: False when even the full cache is above it
         (then every budget is the full context, and ``memory_ratio`` is 1 by that, not by a search)."""
         return self.loss <= self.target + self.tolerance
+
+    @property
+    def saves_memory(self) -> bool:
+        """Whether some layer's budget is below the full context while the loss stays at ``target + tolerance``
+        (``reached`` alone is also true when every budget is the full context)."""
+        return self.reached and any(b < self.context for b in self.budgets)
 
     @property
     def memory_ratio(self) -> float:

@@ -110,10 +110,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     # by each run); the split holds only so many, and eval_batches would quietly use fewer
     n_val = Task(cfg.train_config("standard", False)).text.n_eval_windows("val", cfg.model.context_len)
     if n_val < 2 * cfg.search_batch:
+        fix = f"use --search_batch <= {n_val // 2}" if n_val >= 2 else "use a shorter context or a longer text"
         raise ValueError(
             f"--search_batch {cfg.search_batch} needs {2 * cfg.search_batch} validation windows of "
-            f"{cfg.model.context_len} tokens (as many held out as searched), but {cfg.data!r} holds {n_val}: use "
-            f"--search_batch <= {n_val // 2}."
+            f"{cfg.model.context_len} tokens (as many held out as searched), but {cfg.data!r} holds {n_val}: {fix}."
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # a run stopped partway leaves no report of an earlier one
@@ -166,7 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "standard_full_loss": std_search,
             "equal_to": "standard" if reached else "selective (own full cache)",
             "reached_standard": reached,  # the selective model's full cache at or under the standard's loss
-            "found": search.reached,  # some budget below the context met the target
+            "found": search.saves_memory,  # some budget below the context met the target
             "target_loss": search.target,
             "tolerance": search.tolerance,
             "memory_ratio": search.memory_ratio,

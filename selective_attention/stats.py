@@ -72,6 +72,8 @@ def t_two_sided_p(t: float, df: int) -> float:
         raise ValueError(f"df must be an int >= 1, got {df!r}.")
     if math.isnan(t):
         return math.nan
+    if math.isinf(t):
+        return 0.0
     theta = math.atan(abs(t) / math.sqrt(df))
     r = math.hypot(t, math.sqrt(df))  # s and c from t itself: cos(theta) near pi/2 loses digits
     s, c = abs(t) / r, math.sqrt(df) / r

@@ -1,10 +1,13 @@
 """Loss with a pruned cache and the per-layer budget search."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from selective_attention.budget_search import (
+    BudgetSearch,
     pruned_logits,
     pruned_loss,
     search_budgets,
@@ -100,6 +103,11 @@ def test_a_search_that_cannot_reach_its_target_says_so():
     assert ok.reached
     low = search_budgets(model, x, y, target=ok.full_loss - 1.0)  # a nat below its own full cache
     assert not low.reached and low.budgets == [16, 16] and low.memory_ratio == 1.0
+    assert not low.saves_memory
+    # met, but only by the full cache in every layer: "reached", yet no memory saved (the demo said "1.0x less")
+    full = BudgetSearch(budgets=[16, 16], loss=1.0, full_loss=1.0, target=1.0, tolerance=0.0, context=16)
+    assert full.reached and not full.saves_memory
+    assert dataclasses.replace(full, budgets=[16, 8]).saves_memory
     with pytest.raises(ValueError, match="recent=16 leaves no budget"):
         search_budgets(model, x, y, policy="h2o", recent=16)
 

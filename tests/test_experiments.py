@@ -59,3 +59,12 @@ def test_a_variant_waits_for_its_seeds_standard(reproduce):
     with pytest.raises(SystemExit, match=r"c16-standard-s1.*--seeds 1 --only standard"):
         reproduce.run_one(16, "selective", 1)
     assert not list(reproduce.RESULTS.glob("*.json"))  # refused before training: nothing written
+
+
+def test_the_set_0_choice_needs_every_larger_budget_at_the_target(reproduce):
+    std = {"full": {"search": 1.0, "heldout": 1.0}}
+    dip = [{"budget": 4, "search": 0.9, "heldout": 0.9}, {"budget": 8, "search": 1.1, "heldout": 1.1}]
+    assert reproduce.at_standard_loss(dip, 16, std)["budget"] is None  # 4 dips under, 8 misses: not chosen
+    ok = [{"budget": 4, "search": 1.2, "heldout": 0.9}, {"budget": 8, "search": 1.0, "heldout": 1.01}]
+    e = reproduce.at_standard_loss(ok, 16, std)
+    assert (e["budget"], e["ratio"], e["holds"], e["heldout_loss"]) == (8, 2.0, False, 1.01)

@@ -22,6 +22,7 @@ def test_p_edges():
     assert t_two_sided_p(0.0, 3) == 1.0
     assert t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| >= 1) = 1/2
     assert t_two_sided_p(1e6, 4) < 1e-12
+    assert t_two_sided_p(math.inf, 3) == t_two_sided_p(-math.inf, 1) == 0.0
     with pytest.raises(ValueError, match="df"):
         t_two_sided_p(1.0, 0)
 
