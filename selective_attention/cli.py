@@ -40,7 +40,7 @@ __all__ = ["main", "demo", "seed_example"]
 
 
 # --- the subcommands' options ------------------------------------------------------------------------
-_threshold = finite_number(positive=True, hint="; omit --threshold to evict by --budget only")
+_threshold = finite_number(positive=False, hint="; omit --threshold to evict by --budget only")  # as check_policy
 _temperature = finite_number(positive=False, hint="; 0 = greedy")
 _top_k = int_at_least(1, hint="; omit --top_k to sample from every token")
 BUDGET_HELP = "KV budget: one int, or one per layer: 32,16,16,8 (omit: the whole context)"
