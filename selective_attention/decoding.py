@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .kv_cache import LayerCache, check_budget, check_policy, h2o_recent
+from .kv_cache import LayerCache, budget_value, check_policy, h2o_recent
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -93,17 +93,10 @@ class Decoder:
         compile: bool = False,
     ) -> None:
         n = model.config.n_layer
-        if budget is None:
-            budgets: list[int | None] = [None] * n
-        elif _is_int(budget):  # numpy and 0-d tensor integers too, as in a list
-            budgets = [budget] * n
-        elif isinstance(budget, Sequence) and not isinstance(budget, str):
-            if len(budget) != n:
-                raise ValueError(f"budget has {len(budget)} entries but the model has n_layer={n} layers.")
-            budgets = list(budget)
-        else:
-            raise TypeError(f"budget must be an int, a list of n_layer={n} ints, or None; got {budget!r}.")
-        budgets = [None if b is None else check_budget(b) for b in budgets]
+        value = budget_value(budget)  # None, one int, or one per layer (numpy / tensor integers too)
+        budgets: list[int | None] = value if isinstance(value, list) else [value] * n
+        if len(budgets) != n:
+            raise ValueError(f"budget has {len(budgets)} entries but the model has n_layer={n} layers.")
         check_policy(policy, threshold, recent)
         if policy == "h2o":
             for b in budgets:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, check_budget, check_policy, fcum_after_prompt
+from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -646,16 +646,6 @@ class SelectiveLayer(DynamicLayer):
         return c.step(q, k, v, position - self.first, sel, scale=scale)
 
 
-def _budget_value(budget) -> int | list[int] | None:
-    """``budget`` as None, an int or a list of ints (numpy and 0-d tensor integers accepted), each >= 2."""
-    if budget is None:
-        return None
-    if isinstance(budget, Sequence | Tensor) or type(budget).__name__ == "ndarray":  # a list, or 1-D array
-        if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, str | bytes):
-            return [check_budget(b) for b in budget]
-    return check_budget(budget)
-
-
 class SelectiveCache(Cache):
     """A ``transformers`` cache for ``generate`` that prunes by the paper's rule.
 
@@ -681,7 +671,9 @@ class SelectiveCache(Cache):
     def __init__(
         self, budget: int | Sequence[int] | None = None, threshold: float | None = None, policy: str = "selective"
     ) -> None:
-        budget = _budget_value(budget)
+        budget = budget_value(budget)
+        if isinstance(budget, list) and None in budget:
+            raise ValueError(f"SelectiveCache takes an int budget for every listed layer, got {budget!r}.")
         if policy == "h2o":
             raise NotImplementedError(
                 "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,18 @@ def check_budget(b: object) -> int:
             f"{b!r}. Pass None for a layer that keeps everything."
         )
     return value
+
+
+def budget_value(budget: object) -> int | list[int | None] | None:
+    """A budget argument as ``None`` (keep everything), one int for every layer, or a list with one int (or None)
+    per layer: Python, numpy and 0-d tensor integers, lists, tuples, 1-D arrays and 1-D tensors; each int >= 2
+    (:func:`check_budget`). A ValueError names anything else."""
+    if budget is None:
+        return None
+    if isinstance(budget, Sequence | Tensor) or type(budget).__name__ == "ndarray":  # a list, or a 1-D array
+        if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, str | bytes):
+            return [None if b is None else check_budget(b) for b in budget]
+    return check_budget(budget)
 
 
 def h2o_recent(budget: int | None, recent: int | None) -> int | None:

@@ -260,7 +260,8 @@ def test_sampling_controls():
         (dict(budget=1), ValueError, "int >= 2"),
         (dict(budget=[4, True]), ValueError, "int >= 2"),
         (dict(budget=[4]), ValueError, "n_layer=2"),
-        (dict(budget="4"), TypeError, "budget must be"),
+        (dict(budget="4"), ValueError, "every budget must be an int >= 2 .*got '4'"),
+        (dict(budget=torch.tensor([4])), ValueError, "budget has 1 entries but the model has n_layer=2"),
         (dict(threshold=-1.0), ValueError, "threshold must be None or a number >= 0"),
         (dict(threshold=True), ValueError, "threshold must be None or a number >= 0 .*got True"),
         (dict(threshold=float("nan")), ValueError, "threshold must be None or a number >= 0 .*got nan"),
@@ -281,7 +282,7 @@ def test_a_numpy_or_tensor_budget_is_one_int_as_in_a_list():
     m = model(selection=True)
     idx = torch.randint(0, 40, (2, 5))
     expect = m.generate(idx, 6, temperature=0, budget=4)
-    for b in (np.int64(4), torch.tensor(4)):
+    for b in (np.int64(4), torch.tensor(4), np.array([4, 4]), torch.tensor([4, 4]), (np.int32(4), 4)):
         assert Decoder(m, budget=b).budgets == [4, 4]
         assert torch.equal(m.generate(idx, 6, temperature=0, budget=b), expect)
 
