@@ -95,7 +95,7 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
         )
     if recent is not None and policy != "h2o":
         raise ValueError(f"recent (the H2O recent window) applies to policy='h2o' only; got policy={policy!r}.")
-    if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 1):
+    if recent is not None and (isinstance(recent, bool) or not isinstance(recent, numbers.Integral) or recent < 1):
         raise ValueError(f"recent must be an int >= 1 (the newest token included), got {recent!r}.")
 
 
