@@ -293,7 +293,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     if prunes:
         out["policy"] = args.policy
         if args.policy == "selective" and not any(b.attn.selects for b in model.blocks):
-            out["policy"] = "selective (no selective layer: F = 0, so the oldest token goes, a sliding window)"
+            out["note"] = "no selective layer: F = 0, so the oldest token goes (as with policy window)"
         if args.policy == "h2o":
             out["recent"] = args.recent if args.recent is not None else "budget // 2"
     if occupancy is not None:
