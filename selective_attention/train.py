@@ -669,7 +669,8 @@ def main(cfg: TrainConfig) -> dict:
         "steps": cfg.max_steps,
         "params": model.num_params(),
         "tokens_per_step": tokens_per_step,
-        "tokens_per_s": last.get("tokens_per_s", 0.0),
+        # a resume of a finished run trains no step: the tokens/s its history logged, not 0
+        "tokens_per_s": last.get("tokens_per_s", final.get("tokens_per_s", 0.0)),
         "val_loss": final.get("val_loss"),
         "val_accuracy": final.get("val_accuracy"),
         "history": history,

@@ -642,3 +642,9 @@ def test_train_config_from_a_format_2_dict():
     )  # fmt: skip
     stored = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as a checkpoint stores it
     assert TrainConfig.from_dict(stored) == cfg
+
+
+def test_resuming_a_finished_run_reports_its_logged_throughput(tmp_path):
+    first = main(tiny(tmp_path, max_steps=4))
+    again = main(tiny(tmp_path, max_steps=4, resume=True))  # nothing left to train
+    assert first["tokens_per_s"] > 0 and again["tokens_per_s"] == first["history"][-1]["tokens_per_s"]
