@@ -207,9 +207,14 @@ def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
         )
 
 
+def _selects(model) -> bool:
+    """Whether any layer computes F (without one, F = 0 everywhere)."""
+    return any(b.attn.selects for b in model.blocks)
+
+
 def _check_threshold_applies(model, threshold: float | None) -> None:
     """A threshold evicts by F; a model without selective layers has F = 0 everywhere, so it would never act."""
-    if threshold is not None and not any(b.attn.selects for b in model.blocks):
+    if threshold is not None and not _selects(model):
         raise ValueError(
             "--threshold evicts tokens by the penalty F, and this checkpoint has no selective layer (F = 0): it "
             "would evict nothing. Drop --threshold, or use --budget (on this model a sliding window)."
@@ -292,7 +297,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
     if prunes:
         out["policy"] = args.policy
-        if args.policy == "selective" and not any(b.attn.selects for b in model.blocks):
+        if args.policy == "selective" and not _selects(model):
             out["note"] = "no selective layer: F = 0, so the oldest token goes (as with policy window)"
         if args.policy == "h2o":
             out["recent"] = args.recent if args.recent is not None else "budget // 2"

@@ -21,13 +21,12 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .kv_cache import LayerCache, budget_value, check_policy, h2o_recent
+from .kv_cache import LayerCache, budget_value, check_policy, h2o_recent, is_int
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -37,17 +36,6 @@ def budgets_fit(budget: int | Sequence[int | None] | None, context_len: int) -> 
     tokens: then decoding, and reading a prompt, may go past the context."""
     budgets = budget if isinstance(budget, Sequence) else [budget]
     return all(b is not None and b <= context_len for b in budgets)
-
-
-def _is_int(x: object) -> bool:
-    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor."""
-    if isinstance(x, bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
 
 
 class Decoder:
@@ -220,7 +208,7 @@ class Decoder:
         """Prefill ``idx`` ``[B, T]`` and sample ``max_new_tokens``; returns ``[B, T + max_new_tokens]``."""
         if isinstance(temperature, bool) or not temperature >= 0 or temperature == float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}.")
         logits = self.prefill(idx, max_new_tokens)
         out = [idx]

@@ -102,18 +102,24 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
 def check_budget(b: object) -> int:
     """One layer's budget as an int (numpy or 0-d tensor integers accepted), or a ValueError: it must be >= 2, room
     for the first token (always kept) and the newest (always attended)."""
-    try:
-        if isinstance(b, bool):
-            raise TypeError
-        value = operator.index(b)
-    except TypeError:
-        value = None
+    value = operator.index(b) if is_int(b) else None
     if value is None or value < 2:
         raise ValueError(
             f"every budget must be an int >= 2 (the first token is always kept, and the newest is attended); got "
             f"{b!r}. Pass None for a layer that keeps everything."
         )
     return value
+
+
+def is_int(x: object) -> bool:
+    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def budget_value(budget: object) -> int | list[int | None] | None:
