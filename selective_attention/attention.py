@@ -62,9 +62,9 @@ class SelectiveAttention(nn.Module):
         n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model <= 0:
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}.")
-        if not isinstance(n_heads, int) or n_heads <= 0:
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
             raise ValueError(f"n_heads must be a positive int, got {n_heads!r}.")
         if d_model % n_heads != 0:
             raise ValueError(
@@ -81,13 +81,18 @@ class SelectiveAttention(nn.Module):
                 f"head serves n_heads // n_kv_heads query heads); e.g. n_kv_heads in "
                 f"{[h for h in range(1, n_heads + 1) if n_heads % h == 0]}."
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
         sel = as_selection(selection, head=selection_head, per_head=selection_per_head, projection=selection_projection)
         if sel is not None:
             sel.validate(n_heads)
+            if backend == "sdpa":  # every forward would be refused: say so now
+                raise ValueError(
+                    "backend='sdpa' is standard attention only and cannot run selection; use backend='auto' "
+                    "(or 'chunked', 'triton', 'naive') with selection, or selection=False with 'sdpa'."
+                )
         self.d_model = d_model
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
@@ -177,17 +182,21 @@ class SelectiveAttention(nn.Module):
             return None
         return self._heads(self.sel_q_proj(Q)), self._heads(self.sel_k_proj(K))
 
-    def selection_penalty(self, Q: Tensor, K: Tensor | None = None) -> Tensor:
+    def selection_penalty(
+        self, Q: Tensor, K: Tensor | None = None, *, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
         """The F this layer computes for the sequence ``Q`` (``K`` defaults to ``Q``): ``[B, G, L, L]``,
         G = 1, or H with ``Selection(per_head=True)`` (query head h against its key head under grouped-query
-        attention). Materialises F: for inspection and plots."""
+        attention). ``key_padding_mask`` (bool ``[B, L]``, True = padding) as in :meth:`forward`: padding
+        neither votes nor is voted on, and each sequence's first real token is the protected one.
+        Materialises F: for inspection and plots."""
         if self.selection is None:
             raise ValueError("selection_penalty needs a layer built with selection=True (or a Selection).")
         K = Q if K is None else K
         self._check_inputs(Q, K, K)
         q, k = self._heads(self.q_proj(Q)), self._heads(self.k_proj(K))
         qs, ks = self.selection.voters(q, k, self._projected(Q, K))
-        return selection_penalty(qs, ks, scale=1.0 / self.d_k**0.5)
+        return selection_penalty(qs, ks, scale=1.0 / self.d_k**0.5, key_padding_mask=key_padding_mask)
 
     def forward(
         self,

@@ -79,8 +79,8 @@ def _request(
 ) -> Request:
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
     _check_qkv(q, k, v, enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}.")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}.")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
@@ -171,8 +171,8 @@ def selective_attention(
         chunk_size: query rows per chunk for ``"chunked"``, an int >= 1 (``None``: 64, fewer for very
             long L). Any other value raises ``ValueError``.
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
-            ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F),
-            differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
+            ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F; float32 for
+            float16 / bfloat16 inputs: the loss subtracts them from a count of ~L tokens), differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
         selection_head, selection_per_head: deprecated aliases of ``Selection(head=...)`` and
             ``Selection(per_head=...)`` (with ``selection=True``); a ``DeprecationWarning`` says what to
             pass instead. So is ``selection=True`` with ``selection_qk`` (``Selection(projection=True)``).

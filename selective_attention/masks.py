@@ -136,27 +136,34 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
         return mask, None
     if not mask.is_floating_point():
         raise TypeError(
-            f"{name} has dtype {mask.dtype}; accepted are torch.bool (True removes a key) or the "
-            f"query's floating dtype {dtype} (values subtracted from the logits, +-inf removes). "
+            f"{name} has dtype {mask.dtype}; accepted are torch.bool (True removes a key) or "
+            f"a floating dtype (values subtracted from the logits, +-inf removes). "
             f"For a 0/1 integer mask use mask.bool()."
-        )
-    if mask.dtype != dtype:
-        raise TypeError(
-            f"{name} has dtype {mask.dtype} but the queries are {dtype}; a float mask must match "
-            f"(pass {name}.to({dtype})). Casting silently could turn large penalties into inf."
         )
     if torch.isnan(mask).any():
         raise ValueError(
             f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
         )
+    # Another float dtype (an fp32 mask for bf16 queries under autocast, say): which keys are removed is read
+    # in the mask's own dtype, and only the finite penalties are cast, so a cast can never remove a key.
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
+    if penalty.dtype != dtype:
+        penalty = penalty.to(dtype)
+        if torch.isinf(penalty).any():
+            big = mask.masked_fill(removed, 0.0).abs().max().item()
+            raise ValueError(
+                f"{name} ({mask.dtype}) holds finite penalties up to {big:g}, which are inf in the queries' "
+                f"{dtype}: a cast would remove those keys. Use +-inf (or a bool mask) to remove a key, "
+                f"penalties within {dtype}'s range (max {torch.finfo(dtype).max:g}) to weight it, or queries "
+                f"in {mask.dtype}."
+            )
     if bool((penalty <= _ADDITIVE_MASK_LIKE).any()):
         warnings.warn(
             f"{name} holds finite values <= {_ADDITIVE_MASK_LIKE:g}: F is *subtracted* from the logits, so those keys "
             f"get more weight, not less. If this is an additive mask (-1e9 or finfo.min = masked, as in "
             f"nn.MultiheadAttention or transformers), pass its negation, or a bool mask (True = removed).",
-            stacklevel=4,
+            stacklevel=5,  # _split <- normalize_mask <- _request <- selective_attention <- the caller
         )
     if not penalty.any() and not mask.requires_grad:  # all zero: no penalty (unless it is learned, from zero)
         penalty = None
@@ -181,7 +188,8 @@ def normalize_mask(
         selective_mask: bool or float, 2-D ``(Lq, Lk)`` or 4-D ``(B|1, H|1, Lq, Lk)``; see the module
             docstring for the rule.
         B, H, Lq, Lk: the attention problem's sizes.
-        dtype, device: the queries'; a float mask must match the dtype, any mask the device.
+        dtype, device: the queries'; a float mask's finite penalties are cast to the dtype (an error if one
+            overflows there), any mask must be on the device.
         is_causal: also remove future keys (``j > i + Lk - Lq``).
         key_padding_mask: bool ``(B, Lk)``, True = padding (removed for every query). Kept as
             ``(B, 1, 1, Lk)`` in ``removed`` unless ``is_causal`` or a full mask widens it (paper mode

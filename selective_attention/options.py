@@ -30,6 +30,7 @@ import functools
 import inspect
 import io
 import math
+import re
 import textwrap
 import tokenize
 import types
@@ -262,14 +263,19 @@ def build(cls: type, values: dict, base=None, *, flatten: Sequence[str] = ()):
     return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
 
 
+_OPTION_NAME = re.compile(r"--[A-Za-z][\w-]*")
+
+
 def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Option names with underscores (``--no-progress`` -> ``--no_progress``); a bare ``--`` dropped."""
+    """Option names with underscores (``--no-progress`` -> ``--no_progress``); a bare ``--`` dropped (no
+    command takes positional arguments). Only a token whose part before any ``=`` is an option name is
+    rewritten, and only that part: a value such as ``--prompt "-- a well-known text"`` is kept as given."""
     out = []
     for a in argv:
         if a == "--":
             continue
-        if a.startswith("--"):
-            key, eq, value = a.partition("=")
+        key, eq, value = a.partition("=")
+        if _OPTION_NAME.fullmatch(key):
             a = "--" + key[2:].replace("-", "_") + eq + value
         out.append(a)
     return out

@@ -151,6 +151,8 @@ class Selection:
         if qs.shape != ks.shape:
             raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
         Ds = qs.shape[-1]
+        if Ds == 0:
+            raise ValueError(f"selection_qk qs and ks have Ds = 0 features ({tuple(qs.shape)}); the votes need Ds >= 1.")
         return Voters(scale=scale if Ds == D else 1.0 / math.sqrt(Ds), qs=qs, ks=ks)
 
 
@@ -348,6 +350,15 @@ def selection_scores(
     Returns:
         ``[..., Lq, Lk]``, zero outside the vote mask.
     """
+    for name, t in (("qs", qs), ("ks", ks)):
+        if not isinstance(t, Tensor) or t.dim() < 2 or not t.is_floating_point() or t.shape[-1] == 0:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating [..., L, Ds] tensor with Ds >= 1, got {got}.")
+    if qs.dtype != ks.dtype or qs.shape[-1] != ks.shape[-1]:
+        raise ValueError(
+            f"qs and ks must share a dtype and a feature size Ds; got qs {qs.dtype} {tuple(qs.shape)}, "
+            f"ks {ks.dtype} {tuple(ks.shape)}."
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(qs.shape[-1])
     logits = grouped_matmul(qs, ks.transpose(-2, -1)) * scale

@@ -231,8 +231,8 @@ def test_equals_multihead_attention(kind, Lq, Lk):
         ((512, 0), "n_heads must be a positive int, got 0"),
         ((512, -2), "n_heads must be a positive int"),
         ((0, 1), "d_model must be a positive int"),
-        ((512, 8, 1.0), r"dropout must be in \[0, 1\), got 1.0"),
-        ((512, 8, -0.1), r"dropout must be in \[0, 1\)"),
+        ((512, 8, 1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+        ((512, 8, -0.1), r"dropout must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_constructor_args(args, match):

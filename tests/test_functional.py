@@ -107,6 +107,19 @@ def test_custom_scale():
     torch.testing.assert_close(selective_attention(q, k, v, scale=0.5), ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("causal", ["is_causal", "seed_mask"])
+def test_causal_with_a_scale_at_most_zero_matches_the_spec(scale, causal):
+    """PyTorch's CPU kernel with is_causal gives NaN rows for a scale <= 0; the sdpa backend (reached by
+    is_causal and by the seed's causal mask alike) must not."""
+    q, k, v = qkv(1, 2, 4, 4, 3)
+    kw = {"is_causal": True} if causal == "is_causal" else {"selective_mask": torch.full((4, 4), INF).triu(1)}
+    ref = selective_attention(q, k, v, scale=scale, backend="naive", **kw)
+    got = selective_attention(q, k, v, scale=scale, backend="sdpa", **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
 def test_dropout_statistics_and_determinism():
     """Dropout keeps the expectation: averaged over many draws it matches the no-dropout output."""
     q, k, v = qkv(1, 1, 8, 8, 4, requires_grad=False)
@@ -144,7 +157,7 @@ def test_bad_dtypes_and_args():
         selective_attention(q, k.double(), v)
     with pytest.raises(TypeError, match="floating"):
         selective_attention(q.long(), k.long(), v.long())
-    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):
         selective_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match="backend"):
         selective_attention(q, k, v, backend="flash")

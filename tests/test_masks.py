@@ -72,10 +72,39 @@ def test_integer_mask_raises(dtype):
         selective_attention(q, k, v, torch.zeros(3, 3, dtype=dtype))
 
 
-def test_float_mask_dtype_mismatch_raises():
-    q, k, v = qkv(1, 1, 3, 3, 4)
-    with pytest.raises(TypeError, match="float64.*float32"):
-        selective_attention(q, k, v, torch.zeros(3, 3, dtype=torch.float64))
+def test_a_float_mask_of_another_dtype_is_read_then_cast():
+    """Removal is read in the mask's own dtype and only its finite penalties are cast to the queries'
+    (an fp32 seed mask with bf16 queries under autocast, an fp64 mask with fp32 queries); a finite penalty
+    that the cast would turn into inf (removing its key) is an error naming the value."""
+    q, k, v = qkv(1, 2, 5, 5, 4)
+    F64 = torch.rand(5, 5, dtype=torch.float64) * 3
+    F64[1, 3] = INF
+    F64[4, 0] = -INF
+    want = selective_attention(q, k, v, F64.float())
+    torch.testing.assert_close(selective_attention(q, k, v, F64), want, rtol=0, atol=0)
+    # the seed's float mask under autocast: the module's q is bf16, the user's mask fp32
+    from selective_attention import SelectiveAttention
+
+    torch.manual_seed(0)
+    m = SelectiveAttention(16, 4, dropout=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    seed_mask = torch.triu(torch.full((5, 5), -INF), diagonal=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, x, x, seed_mask)
+        ref = m(x, x, x, torch.ones(5, 5, dtype=torch.bool).triu(1))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    h = qkv(1, 1, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"up to 100000.*inf in the queries' torch.float16.*bool mask"):
+        selective_attention(*(t.half() for t in h), torch.tensor([[0.0, 1e5, 0.0]] * 3))
+
+
+def test_the_additive_mask_warning_points_at_the_callers_line():
+    q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selective_attention(q, k, v, torch.full((4, 4), -1e9))
+    assert [w.filename for w in caught] == [__file__]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from helpers import TOL, assert_error_bounded, grads
 
 from selective_attention.functional import attention_weights, selective_attention
 from selective_attention.ops import chunked
-from selective_attention.selection import Voters, selection_penalty, votable_keys, vote_mask
+from selective_attention.selection import Selection, Voters, selection_penalty, votable_keys, vote_mask
 
 
 def _qkv(B, H, L, D, Dv=None, dtype=torch.float64, seed=0):
@@ -239,3 +239,57 @@ def test_votable_keys_and_vote_mask_with_padding():
         vote_mask(5, 5, key_padding_mask=pad.float())
     with pytest.raises(ValueError, match=r"\(B, Lk\)"):
         vote_mask(5, 4, key_padding_mask=pad)
+
+
+# --- edges found in review: ties, bad arguments, the module's F under padding --------------------------
+def test_memory_rows_gradient_at_a_tie_f_equals_tau_is_the_specs():
+    """sum_j min(F, tau) has a kink at F = tau: the chunked backward takes the naive spec's (clamp's)
+    subgradient there. All ones: every vote is 1, so F hits tau = 1 exactly."""
+    q, k = (torch.ones(1, 1, 6, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.zeros(1, 1, 6, 1, dtype=torch.float64)
+    got = {}
+    for backend in ("chunked", "naive"):
+        _, rows = selective_attention(q, k, v, selection=True, scale=1.0, memory_tau=1.0, backend=backend)
+        got[backend] = torch.autograd.grad(rows.sum(), (q, k))
+    assert got["naive"][0].abs().sum() > 0  # the tie is reached: the test could fail
+    for a, b in zip(got["chunked"], got["naive"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_bad_arguments_are_clear_errors():
+    from selective_attention import SelectiveAttention
+
+    q, k, v = _qkv(1, 2, 4, 3)
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\), got '0.1'"):
+        selective_attention(q, k, v, dropout_p="0.1")
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got '0.1'"):
+        SelectiveAttention(8, 2, dropout="0.1")
+    with pytest.raises(ValueError, match="d_model must be a positive int, got True"):
+        SelectiveAttention(True, 1)
+    with pytest.raises(ValueError, match="backend='sdpa' is standard attention only.*backend='auto'"):
+        SelectiveAttention(8, 2, selection=True, backend="sdpa")
+    empty = torch.zeros(1, 5, 0)
+    with pytest.raises(ValueError, match="Ds >= 1"):
+        selection_penalty(empty, empty)
+    with pytest.raises(ValueError, match=r"floating \[..., L, Ds\]"):
+        selection_penalty(torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError, match="share a dtype"):
+        selection_penalty(torch.randn(1, 5, 3), torch.randn(1, 5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Ds = 0"):
+        e4 = torch.zeros(1, 1, 4, 0, dtype=q.dtype)
+        selective_attention(q, k, v, selection=Selection(projection=True), selection_qk=(e4, e4))
+
+
+def test_module_selection_penalty_takes_the_forwards_padding():
+    """SelectiveAttention.selection_penalty(key_padding_mask=...) is the F its forward uses under padding:
+    with a left-padded sequence, its F on the real tokens equals the unpadded sequence's."""
+    from selective_attention import SelectiveAttention
+
+    torch.manual_seed(0)
+    m = SelectiveAttention(8, 2, dropout=0.0, selection=True).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    xp = torch.cat([torch.randn(1, 2, 8, dtype=torch.float64), x], dim=1)
+    pad = torch.tensor([[True, True, False, False, False, False, False]])
+    F = m.selection_penalty(xp, key_padding_mask=pad)
+    torch.testing.assert_close(F[..., 2:, 2:], m.selection_penalty(x), **TOL[torch.float64])
+    assert (F[..., :2] == 0).all() and (F[..., :2, :] == 0).all()

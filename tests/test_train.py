@@ -155,6 +155,14 @@ def test_parse_overrides():
         parse_overrides(["lr"])
 
 
+def test_option_values_that_look_like_options_are_kept():
+    """Only option names are rewritten (dashes to underscores): a value is passed on as given."""
+    from selective_attention.options import normalise_argv
+
+    argv = ["--prompt", "-- a well-known text", "--out-dir=a-b", "--x=--y-z", "--", "--no-progress"]
+    assert normalise_argv(argv) == ["--prompt", "-- a well-known text", "--out_dir=a-b", "--x=--y-z", "--no_progress"]
+
+
 def test_checkpoint_holds_optimizer_and_rng(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     tensors, meta = load_checkpoint(tmp_path / "run")

@@ -58,7 +58,8 @@ def sdpa_attention(
         g = q.shape[1] // max(k.shape[1], 1)
         k, v = repeat_kv(k, g), repeat_kv(v, g)
         return naive_attention(q, k, v, removed=removed, penalty=penalty, scale=scale)[0]
-    if mask.removed is None and penalty is None and (not mask.causal or Lq == Lk):
+    # is_causal with a scale <= 0 gives NaN rows in PyTorch's CPU kernel: such calls take the mask below
+    if mask.removed is None and penalty is None and (not mask.causal or (Lq == Lk and scale > 0)):
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=mask.causal, scale=scale, enable_gqa=gqa
         )
