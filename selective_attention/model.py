@@ -588,6 +588,8 @@ def memory_loss(masked: Sequence[Tensor]) -> Tensor:
         # no position, or no sequence: there is no token to count, so no loss (a max over none is undefined)
         raise ValueError(f"memory_loss of an empty batch: masked counts have shape {tuple(masked[0].shape)} [B, G, T].")
     T = masked[0].shape[-1]
-    count = torch.arange(1, T + 1, device=masked[0].device, dtype=masked[0].dtype)  # tokens seen at i
-    per_layer = [(count - m).amax(dim=-1).mean() for m in masked]  # max over i; mean over B, G
+    # tokens seen at i, in at least float32: in bfloat16 a count near 1024 is rounded to a multiple of 8
+    acc = torch.promote_types(masked[0].dtype, torch.float32)
+    count = torch.arange(1, T + 1, device=masked[0].device, dtype=acc)
+    per_layer = [(count - m.to(acc)).amax(dim=-1).mean() for m in masked]  # max over i; mean over B, G
     return torch.stack(per_layer).sum() / (len(masked) * T)

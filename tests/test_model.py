@@ -157,6 +157,28 @@ def test_memory_loss_hand_checked():
     assert memory_loss(masked2).item() == pytest.approx((4 + 3.5) / (2 * 4))
 
 
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+def test_memory_rows_and_loss_are_summed_in_float32_for_bfloat16(backend):
+    """The loss subtracts the rows from a count of ~T tokens, where bfloat16's spacing is 8 (T = 1024): rows and
+    count are kept in float32, so the bf16 model's memory term is the fp32 one's up to the rounding of its q, k."""
+    from selective_attention.functional import selective_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, D = 1, 2, 1030, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=gen) * 0.6 for _ in range(3))
+    rows = {}
+    for dt in (torch.float64, torch.bfloat16):
+        qd, kd, vd = (t.to(torch.float64).to(dt) for t in (q.bfloat16(), k.bfloat16(), v.bfloat16()))
+        _, rows[dt] = selective_attention(qd, kd, vd, selection=True, memory_tau=1.0, backend=backend)
+    assert rows[torch.bfloat16].dtype == torch.float32
+    ref = memory_loss([rows[torch.float64]]).item()
+    got = memory_loss([rows[torch.bfloat16]]).item()
+    kept = T - rows[torch.float64][..., -1].max().item()  # the reference's kept count at the end: ~ its max
+    assert kept < 200  # a trained-like case: most of the T tokens masked, so the loss is a small difference
+    # F's own bf16 rounding (relative 2^-8 per entry, each min(F, 1) <= 1) moves a row by well under 1 token
+    assert abs(got - ref) * T < 1.0, (got * T, ref * T)
+
+
 def test_model_loss_includes_memory_term_from_F():
     torch.manual_seed(0)
     cfg = tiny(selection=True, memory_eps=0.1, memory_tau=1.0)

@@ -306,14 +306,15 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
         ws = _Workspace(qs, votes=B * G * min(fchunk, L) * L, bias=B * G * min(fchunk, L) * L)
         ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
         # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
-        mem = qs.new_zeros(B, G, L) if tau is not None else qs.new_zeros(0)
+        # summed in at least float32, like the naive spec's (they are subtracted from a count of ~L tokens)
+        mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
         carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
         for i0 in range(0, L, fchunk):
             i1 = min(i0 + fchunk, L)
             carries[i0 // fchunk] = ncol
             Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
             if Fc is not None:
-                mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1)
+                mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1, dtype=mem.dtype)
             ncol[:, :, :i1] += Sn.sum(dim=2)
             o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
             out[:, :, i0:i1] = o_c
@@ -429,8 +430,8 @@ class _ChunkedSelectiveAttention(torch.autograd.Function):
                 if want_dpen:
                     _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
                 dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
-                if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F < tau]
-                    dF.add_(dmem_c * (F_b[..., j0:j1] < tau))
+                if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F <= tau] (at F = tau: clamp's, the spec's)
+                    dF.add_(dmem_c * (F_b[..., j0:j1] <= tau))
                 # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
                 dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
                 dcol[:, :, j0:j1] += dF.sum(dim=2)

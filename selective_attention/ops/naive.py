@@ -132,7 +132,10 @@ def attend(req: Request) -> tuple[Tensor, Tensor | None]:
     out, _, F = _run(req)
     if req.tau is None:
         return out, None
-    return out, F.clamp(max=req.tau).sum(-1) / req.tau
+    # summed in at least float32: the memory loss subtracts these rows from the count of tokens (~ L), where
+    # bfloat16's spacing is 8 at L = 1024: max_i of such differences would be mostly rounding
+    acc = torch.promote_types(F.dtype, torch.float32)
+    return out, F.clamp(max=req.tau).sum(-1, dtype=acc) / req.tau
 
 
 def weights(req: Request) -> Tensor:

@@ -5,7 +5,8 @@ A backend is a module with two functions of one :class:`Request`:
 * ``supports(req) -> str | None``: None when it can serve the request, else the reason, a sentence
   that names the fix (a named backend that cannot serve raises :class:`BackendRefused` with it);
 * ``attend(req) -> (out, rows)``: ``out`` ``[B, H, Lq, Dv]``; ``rows`` the memory loss's soft count
-  of masked keys ``sum_j min(F[i, j], tau) / tau`` ``[B, G, L]`` when ``req.tau`` is given, else None.
+  of masked keys ``sum_j min(F[i, j], tau) / tau`` ``[B, G, L]`` (summed in at least float32) when
+  ``req.tau`` is given, else None.
 
 ``backend="auto"`` takes the first of :data:`PREFERENCE` that supports the request on its device.
 Adding a backend: its module (``supports`` + ``attend``, with a test against ``ops/naive.py``) and
