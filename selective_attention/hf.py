@@ -22,14 +22,20 @@ Three pieces, each usable alone::
   F) and evicts by the paper's rule, holding at most ``budget`` tokens per layer.
 
 The attention function runs every call through :func:`selective_attention.functional.selective_attention`
-(chunked on CPU, Triton on CUDA), grouped-query attention included (keys/values are never repeated).
+(``backend="auto"``), grouped-query attention included (keys/values are never repeated). In selecting layers that
+is the chunked kernel on CPU; on CUDA the Triton kernel serves only calls without padding, memory-loss rows or
+dropout (inference, and training with ``memory_eps = 0``), while padded batches and memory-loss training
+(``memory_eps > 0``, :class:`SelectiveTrainer`) run the chunked kernel on the GPU and attention dropout the naive
+spec (it materialises ``[B, H, L, L]``). Layers that do not select run PyTorch's scaled_dot_product_attention.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -37,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt
+from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt, is_int
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -45,6 +51,7 @@ try:
     from transformers import AttentionInterface, Trainer
     from transformers.cache_utils import Cache, DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+    from transformers.utils import logging as _hf_logging
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "selective_attention.hf needs Hugging Face transformers: pip install 'selective-attention[hf]' "
@@ -68,6 +75,8 @@ __all__ = [
 NAME = "selective"
 CONFIG_KEY = "selective_attention"
 
+logger = _hf_logging.get_logger(__name__)  # transformers' logger: warning_once, as its own attention functions
+
 
 # --- settings, in the model config -------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -79,9 +88,10 @@ class HFSettings:
             paper, head 0). ``projection=True`` is refused: it needs a voting q/k pair that a
             ``transformers`` model does not have.
         layers: the layers that select, or ``None`` for every layer; the others run standard causal
-            attention (through the same function).
+            attention (through the same function). Python, numpy or 0-d tensor integers, stored as plain ints
+            (``config.json`` must serialise them).
         memory_eps, memory_tau: the paper's memory loss ``eps * L_mem`` (eps = 0: off), added by
-            :func:`memory_loss_term` / :class:`SelectiveTrainer`.
+            :func:`memory_loss_term` / :class:`SelectiveTrainer`. ``memory_eps > 0`` needs a selecting layer.
     """
 
     selection: Selection = field(default_factory=Selection)
@@ -99,12 +109,19 @@ class HFSettings:
                 "Selection(per_head=True)."
             )
         if self.layers is not None:
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+            if not all(is_int(i) and operator.index(i) >= 0 for i in self.layers):
                 raise ValueError(f"layers must be layer indices (ints >= 0) or None (all), got {self.layers!r}.")
+            object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))  # np.int64 -> int
         if not (isinstance(self.memory_eps, int | float) and math.isfinite(self.memory_eps) and self.memory_eps >= 0):
             raise ValueError(f"memory_eps must be a finite number >= 0 (0 = no memory loss), got {self.memory_eps!r}.")
         if not (isinstance(self.memory_tau, int | float) and math.isfinite(self.memory_tau) and self.memory_tau > 0):
             raise ValueError(f"memory_tau must be a finite number > 0, got {self.memory_tau!r}.")
+        if self.layers == () and self.memory_eps > 0:
+            raise ValueError(
+                f"memory_eps={self.memory_eps} with layers=[]: no layer selects, so there are no masked tokens for "
+                "the memory loss to count. Set memory_eps=0, or list the selecting layers (layers=[...], or None "
+                "for every layer)."
+            )
 
     def selection_for(self, layer: int) -> Selection | None:
         """The layer's selection, or ``None`` where it runs standard attention."""
@@ -303,12 +320,48 @@ def attention_forward(
         scaling: the logit scale (default ``1 / sqrt(D)``).
 
     Returns:
-        ``([B, Lq, H, D], None)``: no attention weights are returned.
+        ``([B, Lq, H, D], None)``: no attention weights are returned (``output_attentions=True`` logs a warning
+        once, naming :func:`selective_attention.functional.attention_weights`).
 
     Without a cache (training, evaluation, a prompt) this is one exact forward: the paper's F from the
     voting head in selecting layers, standard causal attention elsewhere. With a
-    :class:`SelectiveCache`, the cache layer does the work (exact prefill, then one token at a time).
+    :class:`SelectiveCache`, the cache layer does the work (exact prefill, then one token at a time). A call
+    the function refuses leaves that cache as it was before the call (or, when other layers already hold the
+    call's tokens, marked unusable, naming the error).
     """
+    # Claim first: the cache layer's update() already counted these tokens, and a refusal must undo that.
+    cached = _claim(key)
+    args = (module, query, key, value, attention_mask, cached, dropout, scaling, sliding_window, softcap, kwargs)
+    if cached is None:
+        return _forward(*args)
+    try:
+        return _forward(*args)
+    except Exception as e:
+        cached.refused(key.shape[2], e)
+        raise
+
+
+def _forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    cached: SelectiveLayer | None,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+    softcap: float | None,
+    kwargs: dict,
+) -> tuple[Tensor, None]:
+    """:func:`attention_forward` once ``cached`` (the :class:`SelectiveLayer` whose ``update`` returned ``key``, or
+    None) is claimed."""
+    if kwargs.get("output_attentions"):
+        logger.warning_once(
+            f"attn_implementation='{NAME}' does not return attention weights (output_attentions=True gives none). "
+            "Compute them from a layer's q/k with selective_attention.functional.attention_weights(q, k, "
+            "selection=...), or use attn_implementation='eager' for the standard model's."
+        )
     if softcap:
         raise NotImplementedError(
             f"attn_implementation='{NAME}' does not apply logit soft-capping (softcap={softcap}); this model (e.g. "
@@ -343,7 +396,6 @@ def attention_forward(
             "(a custom 4-D mask). Pass the 2-D padding mask, or use attn_implementation='sdpa' for custom masks."
         )
     real = attention_mask
-    cached = _claim(key)
     seen = key.shape[2] if cached is None else cached.seen
     if sliding_window is not None and seen > sliding_window:
         raise NotImplementedError(
@@ -373,8 +425,12 @@ def attention_forward(
         out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
         module._selective_masked = None
         return out.transpose(1, 2).contiguous(), None
+    if real is None and Lq > 1:
+        _check_not_packed(kwargs.get("position_ids"))
     kpm = None if real is None else ~real[:, -Lk:]
     want_rows = sel is not None and s.memory_eps > 0 and module.training and torch.is_grad_enabled()
+    if want_rows and getattr(module, "_is_replica", False):  # a torch.nn.DataParallel replica
+        raise ValueError(f"the memory loss cannot be computed under torch.nn.DataParallel: {_DATA_PARALLEL}")
     if sel is None:
         out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
         rows = None
@@ -389,6 +445,37 @@ def attention_forward(
     # the memory loss reads the last training forward's masked counts [B, G, L] (and which tokens are real)
     module._selective_masked = None if rows is None else _Masked(rows, None if real is None else real[:, -Lk:])
     return out.transpose(1, 2).contiguous(), None
+
+
+_CONSECUTIVE = threading.local()  # the position_ids last found consecutive: every layer gets the same tensor
+
+
+def _check_not_packed(position_ids: Tensor | None) -> None:
+    """Refuse packed sequences that reach the attention function unmasked: ``position_ids`` ``[B, L]`` that do not
+    count up by one along a row. transformers builds the packed mask (which :func:`padding_mask` refuses) only
+    without a cache, and models build one by default (``use_cache``), so the positions are what tells. Checked once
+    per tensor (not per layer: a check reads the values, a device sync); not under ``torch.compile``, where the
+    branch on values would break the graph (transformers does not detect packing there either)."""
+    if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+        return
+    if torch.compiler.is_compiling():
+        return
+    version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
+    last = getattr(_CONSECUTIVE, "last", None)
+    if last is not None and last[0]() is position_ids and last[1] == version:
+        return
+    restart = torch.diff(position_ids, dim=-1) != 1  # [B, L - 1]
+    if bool(restart.any()):
+        row = int(restart.any(-1).nonzero()[0, 0])
+        shown = position_ids[row, :16].tolist()
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' got packed sequences: position_ids that restart within a row (row {row}: "
+            f"{shown}{' ...' if position_ids.shape[-1] > 16 else ''}) and no attention_mask. Selective attention "
+            "would let each token attend to, and vote on, the other sequences of its row. Pass an attention_mask "
+            "instead of packing sequences (one sequence per row, padded), or use attn_implementation='sdpa' with "
+            "use_cache=False (transformers masks packed sequences only without a cache)."
+        )
+    _CONSECUTIVE.last = (weakref.ref(position_ids), version)
 
 
 class _Masked:
@@ -414,6 +501,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, **kw):
 
 
 # --- the memory loss -------------------------------------------------------------------------------------
+_DATA_PARALLEL = (
+    "its forward runs on per-GPU replicas of the model, which keep the masked counts the memory loss reads, and the "
+    "wrapped model's own layers never see them. Use DistributedDataParallel (launch with torchrun; Trainer then "
+    "uses it), or train on one GPU (CUDA_VISIBLE_DEVICES=0), or set memory_eps=0."
+)
+
+
 def memory_loss(model: torch.nn.Module) -> Tensor:
     """The paper's memory loss ``L_mem`` of the model's last training forward (DESIGN §4): per
     selecting layer, the soft count of tokens still unmasked, ``M_l[i] = (real tokens up to i) -
@@ -421,7 +515,10 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
     per sequence over its real tokens, averaged over the batch. Differentiable.
 
     Needs ``memory_eps > 0`` in the config (:func:`configure`) so that the forward computes the counts,
-    the model in training mode and gradients enabled; raises otherwise, naming what is missing."""
+    the model in training mode and gradients enabled; raises otherwise, naming what is missing. Refuses a
+    ``torch.nn.DataParallel`` model (its replicas keep the counts; use DistributedDataParallel)."""
+    if isinstance(model, torch.nn.DataParallel):
+        raise ValueError(f"memory_loss got a torch.nn.DataParallel model: {_DATA_PARALLEL}")
     found = []
     for m in model.modules():
         if hasattr(m, "_selective_masked"):
@@ -455,8 +552,9 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
 
 def memory_loss_term(model: torch.nn.Module) -> Tensor:
     """``memory_eps * memory_loss(model)`` with the config's ``memory_eps``: add it to the task loss
-    after a training forward. Zero (a tensor) when ``memory_eps`` is 0."""
-    s = settings(model.config)
+    after a training forward. Zero (a tensor) when ``memory_eps`` is 0. Refuses a ``torch.nn.DataParallel``
+    model otherwise (:func:`memory_loss`)."""
+    s = settings(model.module.config if isinstance(model, torch.nn.DataParallel) else model.config)
     if s.memory_eps == 0:
         return torch.zeros(())
     return s.memory_eps * memory_loss(model)
@@ -464,9 +562,13 @@ def memory_loss_term(model: torch.nn.Module) -> Tensor:
 
 class SelectiveTrainer(Trainer):
     """``transformers.Trainer`` whose loss is the model's loss plus ``memory_eps * L_mem`` (the paper's
-    memory loss, :func:`memory_loss`), with ``memory_eps`` from the model config."""
+    memory loss, :func:`memory_loss`), with ``memory_eps`` from the model config. With ``memory_eps > 0`` it refuses
+    ``torch.nn.DataParallel`` (what ``Trainer`` uses on several GPUs of one process): launch with ``torchrun`` for
+    DistributedDataParallel."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(model, torch.nn.DataParallel) and model.training and settings(model.module.config).memory_eps:
+            raise ValueError(f"SelectiveTrainer with memory_eps > 0 and torch.nn.DataParallel: {_DATA_PARALLEL}")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         inner = getattr(model, "module", model)  # unwrap DDP/accelerate wrappers
         if model.training and settings(inner.config).memory_eps > 0:
@@ -517,7 +619,8 @@ class SelectiveLayer(DynamicLayer):
         self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
         self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
         self._pending: tuple[Tensor, Tensor] | None = None
-        self.owner: object | None = None  # the SelectiveCache holding this layer
+        self._writing = False  # attend() is changing the stored state (a failure then cannot be undone)
+        self.owner: SelectiveCache | None = None  # the SelectiveCache holding this layer
 
     # --- what transformers calls ------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -530,11 +633,14 @@ class SelectiveLayer(DynamicLayer):
             last._pending = None  # left by another cache (a failed or bypassed run): not this cache's business
         elif last is not None and last._pending is not None:
             last._pending = None  # raise once, not on every later call
-            raise RuntimeError(
+            msg = (
                 "SelectiveCache: a layer's keys were cached but never attended through "
                 f"attn_implementation='{NAME}'. Build the model with attn_implementation='{NAME}' (every layer), "
                 "or use a plain cache (DynamicCache)."
             )
+            if self.owner is not None:
+                self.owner.broken = msg  # that layer counted tokens it never stored
+            raise RuntimeError(msg)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._pending = (key_states, value_states)
@@ -552,8 +658,18 @@ class SelectiveLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self.cache, self.first, self._pending, self.seen = None, None, None, 0
+        self.cache, self.first, self._pending, self.seen, self._writing = None, None, None, 0, False
         self.is_initialized = False
+
+    def refused(self, n_new: int, error: Exception) -> None:
+        """Undo :meth:`update` of ``n_new`` tokens after the attention function refused (or failed) the call that
+        claimed them. The cache stays usable when this layer was the call's first (every layer has then seen as
+        many tokens); otherwise earlier layers already hold the call's tokens, or the failure came while the state
+        was being written, and the :class:`SelectiveCache` is marked unusable, naming ``error``."""
+        writing, self._writing, self._pending = self._writing, False, None
+        self.seen -= n_new
+        if self.owner is not None and (writing or len({layer.seen for layer in self.owner.layers}) > 1):
+            self.owner.broken = f"{type(error).__name__}: {error}"
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError(
@@ -607,8 +723,11 @@ class SelectiveLayer(DynamicLayer):
                 "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts on "
                 "the left and generate."
             )
-        return torch.cat([self._step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], start + t, sel, scale)
-                          for t in range(Lq)], dim=2)  # fmt: skip
+        self._writing = True
+        out = torch.cat([self._step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], start + t, sel, scale)
+                         for t in range(Lq)], dim=2)  # fmt: skip
+        self._writing = False
+        return out
 
     def _prefill(
         self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None, sel: Selection | None, scale: float
@@ -628,6 +747,7 @@ class SelectiveLayer(DynamicLayer):
             y = _attend(q, k, v, selection=sel, key_padding_mask=kpm, scale=scale)
             qs, ks = sel.voters(q, k)
             fcum = fcum_after_prompt(qs, ks, scale=scale, key_padding_mask=kpm)  # [B, G, T]
+        self._writing = True
         self.first = torch.zeros(B, dtype=torch.long, device=q.device) if kpm is None else (~kpm).long().argmax(-1)
         capacity = self.budget if self.budget is not None else T + 64
         self.cache = LayerCache.empty(
@@ -635,6 +755,7 @@ class SelectiveLayer(DynamicLayer):
             threshold=self.threshold, policy=self.policy, dtype=k.dtype, device=k.device,
         )  # fmt: skip
         self.cache.fill(k, v, fcum, key_padding_mask=kpm)
+        self._writing = False
         return y
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, position: int, sel: Selection | None, scale: float) -> Tensor:
@@ -651,8 +772,11 @@ class SelectiveCache(Cache):
 
     Args:
         budget: ``None`` (keep everything: exact, greedy decoding equals full recomputation), an int
-            for every layer, or one per layer: at most that many tokens per layer are stored and
-            attended at any step, the newest included (>= 2: the first real token and the newest).
+            for every layer, or one per layer (an int, or ``None``: that layer keeps everything): at most
+            that many tokens per layer are stored and attended at any step, the newest included (>= 2: the
+            first real token and the newest). A layer that does not select (left out of
+            ``configure(layers=[...])``) has F = 0, so a budget there evicts the oldest tokens (a sliding
+            window, the first real token kept); ``None`` in its place keeps all of them.
         threshold: evict any token whose accumulated penalty F exceeds it.
         policy: which token a full layer evicts: ``"selective"`` (the paper: the largest accumulated F)
             or ``"window"`` (StreamingLLM-style: the oldest, the first real token kept), a baseline at
@@ -665,15 +789,18 @@ class SelectiveCache(Cache):
 
     Pass it as ``model.generate(..., cache=SelectiveCache(...))`` with a model built with
     ``attn_implementation="selective"``. Greedy decoding and sampling work; beam search, assisted
-    decoding and contrastive search raise (they need to reorder or crop what was evicted).
+    decoding and contrastive search raise (they need to reorder or crop what was evicted). A call that
+    fails part-way (some layers hold its tokens, others not) leaves the cache unusable: every later use
+    raises, naming the first error, until :meth:`reset`.
     """
 
     def __init__(
-        self, budget: int | Sequence[int] | None = None, threshold: float | None = None, policy: str = "selective"
+        self,
+        budget: int | Sequence[int | None] | None = None,
+        threshold: float | None = None,
+        policy: str = "selective",
     ) -> None:
-        budget = budget_value(budget)
-        if isinstance(budget, list) and None in budget:
-            raise ValueError(f"SelectiveCache takes an int budget for every listed layer, got {budget!r}.")
+        budget = budget_value(budget)  # a list may hold None: that layer unbudgeted
         if policy == "h2o":
             raise NotImplementedError(
                 "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "
@@ -681,14 +808,32 @@ class SelectiveCache(Cache):
             )
         check_policy(policy, threshold)
         self.budget, self.threshold, self.policy = budget, threshold, policy
+        self.broken: str | None = None  # the error that left the layers disagreeing on the tokens seen
         super().__init__(layers=[])
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"this SelectiveCache was left part-way through a call by an earlier error ({self.broken}); its layers "
+                "no longer hold the same tokens. Pass a new SelectiveCache(), or call cache.reset() to empty it."
+            )
+
+    def reset(self) -> None:
+        """Empty every layer (a cache left unusable by an error included)."""
+        self.broken = None
+        super().reset()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        self._check_usable()
+        return super().get_seq_length(layer_idx)
 
     def check_layers(self, n_layers: int | None) -> None:
         """Refuse a per-layer budget list of another length than the model's ``n_layers`` (None: unknown)."""
         if isinstance(self.budget, list) and n_layers is not None and len(self.budget) != n_layers:
             raise ValueError(
                 f"SelectiveCache(budget=...) lists {len(self.budget)} budgets and the model has {n_layers} layers; "
-                f"give one int for every layer, or {n_layers} of them."
+                f"give one int for every layer, or {n_layers} entries (an int, or None for a layer that keeps "
+                "everything)."
             )
 
     def _budget_for(self, layer_idx: int) -> int | None:
@@ -699,6 +844,7 @@ class SelectiveCache(Cache):
         return self.budget[layer_idx]
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        self._check_usable()
         while len(self.layers) <= layer_idx:
             self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
             self.layers[-1].owner = self

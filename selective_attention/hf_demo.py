@@ -64,6 +64,11 @@ class HFDemoConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.")
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of n_heads={self.n_heads}.")
+        if not self.budgets:
+            raise ValueError(
+                "budgets is empty: the demo evaluates the pruned cache at each budget and generates with the smallest; "
+                "give at least one, e.g. --budgets=16,32,64."
+            )
         if any(b < 2 for b in self.budgets):
             raise ValueError(f"budgets must be >= 2 (the first token and the newest), got {self.budgets}.")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -131,7 +136,8 @@ def pruned_loss(model, x: torch.Tensor, y: torch.Tensor, budget: int | None) -> 
     """Loss of ``x, y`` ``[N, T]`` read through ``SelectiveCache(budget)``: the first token is the
     prompt, then every token is decoded one at a time against the pruned cache, exactly as
     ``generate`` would (teacher-forced). Returns ``(loss, KV bytes of one window's cache at the end)``
-    (every allocated slot: with a budget b, b slots per layer)."""
+    (every allocated key/value slot: with a budget b, b slots per layer; the per-slot bookkeeping, accumulated F
+    and position, is not counted)."""
     from selective_attention.hf import SelectiveCache
 
     model.eval()

@@ -144,6 +144,25 @@ def test_settings_survive_save_and_reload(tmp_path):
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
+    """Layer indices as numpy or tensor integers (as budgets take them) are stored as plain ints, so config.json
+    serialises them; bools, floats and negatives are still refused."""
+    import numpy as np
+
+    for layers in (np.array([0, 1]), [np.int64(1)], torch.tensor([0])):
+        cfg = tiny_config("llama", layers=layers)
+        stored = cfg.selective_attention["layers"]
+        assert stored == [int(i) for i in layers] and all(type(i) is int for i in stored)
+        json.dumps(stored)
+    model = build("llama", layers=np.array([1]))
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="selective")
+    assert sa_hf.settings(again.config).layers == (1,)
+    for bad in ([True], [0.0], [-1], np.array([[0]])):
+        with pytest.raises(ValueError, match="layers must be layer indices"):
+            tiny_config("llama", layers=bad)
+
+
 def test_configure_a_composite_model_reaches_its_text_decoder(tmp_path):
     """A vision-language model's attention layers read its text config: configure() on the top config writes the
     settings there (it once wrote them where no layer looked, and the defaults ran silently)."""
@@ -277,6 +296,52 @@ def test_errors_name_the_case_and_the_fix():
         model(torch.randint(1, V, (1, 6)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
 
 
+def test_packed_sequences_are_refused_with_the_default_cache():
+    """Packed sequences (positions restarting, no attention_mask) reach the mask hook only without a cache; with the
+    DynamicCache a model builds by default (use_cache, in eval and in training) they ran silently, every token
+    attending across the other sequences of its row. The positions refuse them; consecutive ones, from any start,
+    and left padding (which has a mask) still run."""
+    model = build("llama")
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        with pytest.raises(NotImplementedError, match=r"packed sequences.*row 1: \[0, 1, 2, 0, 1, 2\].*attention_mask"):
+            model(ids, position_ids=packed)
+    model.eval()
+    start = torch.arange(5, 11)[None]  # a window of a longer text: consecutive, not packed
+    torch.testing.assert_close(model(ids, position_ids=start).logits, model(ids, position_ids=start).logits)
+    start[0, 3:] = torch.arange(3)  # the same tensor, changed in place: checked again
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=start)
+    pids, pmask, ppos = padded_batch(seed=5)  # left padding: positions repeat 0 under the mask
+    model(pids, attention_mask=pmask, position_ids=ppos)
+    out = model.generate(pids, attention_mask=pmask, cache=sa_hf.SelectiveCache(), max_new_tokens=3,
+                         do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(out, greedy_by_recomputation(model, pids, pmask, 3))
+
+
+def test_output_attentions_warns_once_and_names_the_alternatives(caplog):
+    """Like sdpa, the selective function returns no attention weights: output_attentions=True says so (once)
+    instead of returning an empty tuple silently."""
+    import logging
+
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-message cache
+    model = build("llama")
+    ids = torch.randint(1, V, (1, 5))
+    with caplog.at_level(logging.WARNING, logger="selective_attention.hf"):
+        out = model(ids, output_attentions=True)
+        model(ids, output_attentions=True)
+    assert out.attentions == ()
+    said = [r.getMessage() for r in caplog.records if "attention weights" in r.getMessage()]
+    assert len(said) == 1, said  # two calls of two layers: one warning
+    assert "attention_weights" in said[0] and "attn_implementation='eager'" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selective_attention.hf"):
+        model(ids)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_sliding_window_longer_than_the_sequence_is_plain_causal(family):
     """Mistral-7B-v0.1 and Qwen2 with use_sliding_window configure a window; while a sequence fits in it the window
@@ -332,6 +397,101 @@ def test_cache_arguments_and_misuse_are_clear_errors():
                        do_sample=False, pad_token_id=0)  # fmt: skip
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_budget_list_may_leave_a_layer_unbudgeted():
+    """budget=[None, b] keeps every token in layer 0 and b in layer 1 (as GPT.generate takes it); [None, None] is
+    the exact unbudgeted cache."""
+    import numpy as np
+
+    model = build("llama")
+    ids, mask, _ = padded_batch(seed=5)
+    n_tokens = ids.shape[1] + 6 - 1  # the last token is sampled, not cached
+    cache = sa_hf.SelectiveCache(budget=[None, np.int64(4)])
+    assert cache.budget == [None, 4]
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert cache.occupancy() == [n_tokens, 4]
+    out = model.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(budget=[None, None]), max_new_tokens=6,
+                         do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(out, greedy_by_recomputation(model, ids, mask, 6))
+
+
+def test_budget_in_a_layer_that_does_not_select_is_a_sliding_window():
+    """A layer left out of configure(layers=[...]) has F = 0: a budget there keeps the first real token and the
+    newest ones (what the README says); None in its place keeps everything."""
+    model = build("llama", layers=[1])
+    ids, mask, _ = padded_batch(seed=7, lengths=(9, 6))
+    for budget in (4, [4, 4], [None, 4]):
+        cache = sa_hf.SelectiveCache(budget=budget)
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        layer0 = cache.layers[0].cache
+        for b, n in enumerate((9, 6)):
+            pos = layer0.pos[b]
+            seen = n + 5 - 1
+            want = list(range(seen)) if budget == [None, 4] else [0, seen - 3, seen - 2, seen - 1]
+            assert sorted(pos[pos >= 0].tolist()) == want, budget
+
+
+SOFTCAP_AT: dict = {"layer": None}  # the layer where "selective_softcap" adds a soft-cap (a refusal), or None
+
+
+def softcap_at_forward(module, *args, **kwargs):
+    """The selective function, refusing the call at one layer (as a Gemma 2 layer's softcap is refused)."""
+    if module.layer_idx == SOFTCAP_AT["layer"]:
+        kwargs["softcap"] = 30.0
+    return sa_hf.attention_forward(module, *args, **kwargs)
+
+
+transformers.AttentionInterface.register("selective_softcap", softcap_at_forward)
+transformers.masking_utils.AttentionMaskInterface.register("selective_softcap", sa_hf.padding_mask)
+
+
+def test_a_refused_call_leaves_the_cache_usable_or_says_why():
+    """A refusal after the cache's update() once left the layer counted but unclaimed: the next use of the cache
+    reported an unrelated error (keys never attended, or a wrong position). Refused at the call's first layer, the
+    cache is as before the call and serves the fixed model exactly; refused at a later layer (the earlier ones
+    hold the tokens), the cache refuses every use, naming the first error, until reset()."""
+    model = build("llama", impl="selective_softcap")
+    ids = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(2))
+    want = greedy_by_recomputation(model, ids, torch.ones_like(ids), 4)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    try:
+        SOFTCAP_AT["layer"] = 0
+        cache = sa_hf.SelectiveCache()
+        with pytest.raises(NotImplementedError, match="softcap"):
+            model.generate(ids, cache=cache, **kw)
+        SOFTCAP_AT["layer"] = None
+        assert torch.equal(model.generate(ids, cache=cache, **kw), want)
+
+        SOFTCAP_AT["layer"] = 1
+        cache = sa_hf.SelectiveCache()
+        with pytest.raises(NotImplementedError, match="softcap"):
+            model.generate(ids, cache=cache, **kw)
+        SOFTCAP_AT["layer"] = None
+        with pytest.raises(RuntimeError, match=r"left part-way.*softcap=30\.0.*new SelectiveCache.*reset"):
+            model.generate(ids, cache=cache, **kw)
+        cache.reset()
+        assert torch.equal(model.generate(ids, cache=cache, **kw), want)
+    finally:
+        SOFTCAP_AT["layer"] = None
+
+
+def test_a_dropout_refusal_in_training_mode_leaves_the_cache_usable():
+    """Decoding in training mode with attention dropout is refused; after model.eval() the same cache works (the
+    refused call once left the tokens counted: "the first call of a layer must start at position 0")."""
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.attention_dropout = 0.3
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective", dtype=torch.float64)
+    ids = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(1))
+    cache = sa_hf.SelectiveCache(budget=4)
+    with pytest.raises(ValueError, match="eval mode"):
+        model.train()(ids, cache=cache, use_cache=True)
+    model.eval()
+    got = model(ids, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, model(ids, cache=sa_hf.SelectiveCache(budget=4), use_cache=True).logits,
+                               rtol=0, atol=0)  # fmt: skip
+    assert cache.occupancy() == [4, 4]
 
 
 def test_a_stored_config_naming_missing_layers_is_refused(tmp_path):
@@ -426,6 +586,41 @@ def test_memory_loss_refuses_when_nothing_was_computed():
     with pytest.raises(ValueError, match="memory_eps"):
         sa_hf.memory_loss(model)
     assert sa_hf.memory_loss_term(model).item() == 0.0
+
+
+def test_memory_eps_without_a_selecting_layer_is_refused_up_front():
+    """layers=[] with memory_eps > 0 was accepted, then memory_loss_term blamed the training mode; refused where the
+    settings are made (and read back), naming both values and the fix."""
+    with pytest.raises(ValueError, match=r"memory_eps=0\.1 with layers=\[\].*memory_eps=0.*layers="):
+        tiny_config("llama", layers=[], memory_eps=0.1)
+    with pytest.raises(ValueError, match=r"memory_eps=0\.5 with layers=\[\]"):
+        sa_hf.HFSettings.from_dict({"layers": [], "memory_eps": 0.5})
+    assert sa_hf.settings(tiny_config("llama", layers=[], memory_eps=0.0)).layers == ()
+
+
+def test_memory_loss_refuses_data_parallel(tmp_path):
+    """nn.DataParallel (Trainer's wrapper when n_gpu > 1) runs each forward on replicas, which keep the masked
+    counts: the memory loss refuses it by name, naming DistributedDataParallel / torchrun, where the wrapped model
+    is given and where a replica computes the counts. (On CPU the wrapper runs the model itself.)"""
+    model = build("llama", dtype=torch.float32, memory_eps=0.5).train()
+    dp = torch.nn.DataParallel(model)
+    ids = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    dp(ids)
+    for fn in (sa_hf.memory_loss, sa_hf.memory_loss_term):
+        with pytest.raises(ValueError, match="DataParallel.*DistributedDataParallel.*torchrun"):
+            fn(dp)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                          save_strategy="no")  # fmt: skip
+    trainer = sa_hf.SelectiveTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    with pytest.raises(ValueError, match="SelectiveTrainer.*DataParallel.*torchrun"):
+        trainer.compute_loss(dp, {"input_ids": ids, "labels": ids})
+    attn = model.model.layers[0].self_attn
+    replica = attn._replicate_for_data_parallel()  # what DataParallel runs on each GPU
+    q, k = torch.randn(1, 6, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="DataParallel.*torchrun"):
+        sa_hf.attention_forward(replica, q, k, k, None)
+    assert sa_hf.attention_forward(attn, q, k, k, None)[0].shape == (1, 5, 6, 8)  # the model itself computes them
+    assert sa_hf.memory_loss_term(torch.nn.DataParallel(build("llama"))).item() == 0.0  # memory_eps = 0: no term
 
 
 def test_trainer_adds_the_memory_loss(tmp_path):
@@ -562,6 +757,19 @@ def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
     again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")
     assert sa_hf.settings(again.config) == sa_hf.HFSettings()
     assert "| selective | selective |" in capsys.readouterr().out
+
+
+def test_hf_demo_refuses_empty_budgets_before_training(tmp_path, capsys):
+    """--budgets= (none) trained both models, then failed on min() of no budgets: refused before any training."""
+    from selective_attention import cli
+    from selective_attention.hf_demo import HFDemoConfig
+
+    with pytest.raises(ValueError, match="budgets is empty.*--budgets=16,32,64"):
+        HFDemoConfig(budgets=())
+    out = tmp_path / "hf"
+    assert cli.main(["hf-demo", "--quick", "--budgets=", f"--out={out}", "--no_progress"]) == 2
+    assert "budgets is empty" in capsys.readouterr().err
+    assert not out.exists()  # nothing was trained or written
 
 
 def test_attention_dropout_applies_in_training_only():
