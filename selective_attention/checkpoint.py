@@ -25,6 +25,7 @@ from .model import GPT, GPTConfig
 
 __all__ = [
     "CKPT_NAME",
+    "PREVIOUS_CKPT_NAME",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
     "CheckpointError",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 CKPT_NAME = "ckpt.safetensors"
+PREVIOUS_CKPT_NAME = "previous-ckpt.safetensors"  # where --resume=false sets the old run's checkpoint aside
 # 3: model.state_dict() and optimizer.state_dict() (tensors in the file, param_groups and other non-tensors as
 #    JSON metadata), the aliases of tied weights, GPTConfig.extra, the model config nested in train_config.
 # 2: a sha256 of the tensors. 1: no checksum (loads with a warning). 1 and 2 flattened one parameter group's
@@ -238,12 +240,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"checkpoint {path} is corrupt or not a selective-attention checkpoint ({type(e).__name__}: {e}); "
             f"delete it, or start over with --resume=false."
         ) from e
-    if version not in READABLE_VERSIONS:
-        what = "has no format version" if version is None else f"has format version {version!r}"
+    if version is None:
         raise CheckpointError(
-            f"checkpoint {path} {what}; this selective-attention reads versions {', '.join(READABLE_VERSIONS)} "
-            f"(it writes {FORMAT_VERSION}). A newer version was written by a newer selective-attention: upgrade it "
-            f"(pip install -U selective-attention) to read this file, or start over with --resume=false."
+            f"{path} is a safetensors file without selective-attention's metadata (no format version): not a "
+            f"checkpoint of this library (another library's weights?). Pass a checkpoint written by "
+            f"selective-attention train, or, to train afresh in its folder, --resume=false or another --out_dir."
+        )
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version!r}; this selective-attention reads versions "
+            f"{', '.join(READABLE_VERSIONS)} (it writes {FORMAT_VERSION}). A newer version was written by a newer "
+            f"selective-attention: upgrade it (pip install -U selective-attention) to read this file."
         )
     try:
         legacy = version in ("1", "2")
@@ -266,6 +273,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         ) from None
     meta["tokenizer"] = _stored_tokenizer(meta["tokenizer"], path)
     checksum = raw.get("checksum")
+    if checksum is None and version != "1":  # every format since 2 writes one: it was removed
+        raise CheckpointError(
+            f"checkpoint {path} (format {version}) has no checksum, which every checkpoint of that format is "
+            f"written with: its metadata was edited, so its configs may no longer match its tensors. Restore it "
+            f"from a copy, or retrain."
+        )
     if checksum is None:
         warnings.warn(
             f"checkpoint {path} has no checksum (written before checksums were stored); its bytes cannot be "

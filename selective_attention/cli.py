@@ -33,6 +33,7 @@ from .options import (
     normalise_argv,
     positive_int,
     refuse_unknown,
+    seed_int,
     values_of,
 )
 
@@ -93,7 +94,10 @@ class EvalOptions:
 class GenerateOptions:
     ckpt: str  # a run folder or a .safetensors checkpoint
     prompt: str = "In the beginning"  # the text to continue
-    max_new_tokens: int = field(default=200, metadata={"type": non_negative_int, "help": "tokens to generate"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"type": non_negative_int, "help": "tokens to generate (omit: 200, or as many as fit the context)"},
+    )
     temperature: float = field(default=0.8, metadata={"type": _temperature, "help": "sampling temperature; 0 = greedy"})
     top_k: int | None = field(
         default=None, metadata={"type": _top_k, "help": "sample from the k likeliest tokens (omit: from all)"}
@@ -102,7 +106,7 @@ class GenerateOptions:
     threshold: float | None = field(
         default=None, metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this"}
     )
-    seed: int = 0  # sampling seed
+    seed: int = field(default=0, metadata={"type": seed_int, "help": "sampling seed"})
     compile: bool = False  # compile the decoding step (a few seconds; pays off with --budget)
 
 
@@ -199,11 +203,22 @@ def _budget_arg(text: str | None) -> int | list[int] | None:
     return parts[0] if len(parts) == 1 else parts
 
 
-def _check_budget_layers(budget: int | list[int] | None, n_layer: int) -> None:
+def _check_budget(budget: int | list[int] | None, model) -> None:
+    """One budget for every layer or one per layer, each at most the model's context_len: a layer never
+    attends to more tokens than that (reading longer windows or generating past it needs budgets within
+    it), and a budget allocates its slots up front (10^8 would be gigabytes of nothing)."""
+    n_layer, ctx = model.config.n_layer, model.config.context_len
     if isinstance(budget, list) and len(budget) != n_layer:
         raise ValueError(
             f"--budget has {len(budget)} values but the model has {n_layer} layers; "
             f"give one int for all layers or {n_layer} comma-separated ints."
+        )
+    big = [b for b in (budget if isinstance(budget, list) else [budget]) if b is not None and b > ctx]
+    if big:
+        raise ValueError(
+            f"--budget {big[0]} exceeds the model's context_len={ctx}: a layer never needs more slots than "
+            f"that (and a budget allocates its slots up front); use --budget <= {ctx}, or omit --budget to keep "
+            f"the whole context."
         )
 
 
@@ -233,7 +248,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     if args.policy != "selective" and budget is None:
         raise ValueError(f"--policy={args.policy} chooses what a full layer evicts: pass --budget as well.")
     model, meta = model_from_checkpoint(args.ckpt)
-    _check_budget_layers(budget, model.config.n_layer)
+    _check_budget(budget, model)
     _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len
     prunes = budget is not None or args.threshold is not None
@@ -332,9 +347,17 @@ def cmd_generate(args: GenerateOptions) -> str:
     model, meta = model_from_checkpoint(args.ckpt)
     tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
     idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
-    _check_budget_layers(budget, model.config.n_layer)
+    _check_budget(budget, model)
     _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len
+    if args.max_new_tokens is None:  # 200, or what fits: past the context only a budget within it can go
+        fits = 200 if budgets_fit(budget, ctx) else ctx - idx.shape[1]
+        if fits <= 0:
+            raise ValueError(
+                f"the prompt ({idx.shape[1]} tokens) fills the model's context_len={ctx}: shorten it, or pass "
+                f"--budget <= {ctx} (every layer) to generate past the context through a pruned cache."
+            )
+        args = dataclasses.replace(args, max_new_tokens=min(200, fits))
     if args.threshold is not None and not budgets_fit(budget, ctx) and idx.shape[1] + args.max_new_tokens > ctx:
         # the library checks each step and would stop partway, the text generated so far lost: refuse up front
         raise ValueError(
@@ -347,7 +370,7 @@ def cmd_generate(args: GenerateOptions) -> str:
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     text = tok.decode(out[0])  # the prompt and what follows, without <bos>
     print(text)
-    if args.budget or args.threshold:
+    if budget is not None or args.threshold is not None:  # --threshold 0 prunes too
         kv = f"KV bytes (all slots): {sum(dec.kv_bytes()):,}"
         print(f"\n[tokens attended per layer at the last step: {dec.occupancy()}, {kv}]", file=sys.stderr)
     return text

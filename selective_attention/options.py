@@ -38,8 +38,8 @@ import typing
 from collections.abc import Sequence
 
 __all__ = ["add_options", "parse_options", "build", "values_of", "UsageError", "OptionParser", "help_formatter",
-           "normalise_argv", "refuse_unknown", "int_at_least", "finite_number", "positive_int", "non_negative_int",
-           "field_comments"]  # fmt: skip
+           "normalise_argv", "refuse_unknown", "int_at_least", "seed_int", "SEED_MAX", "finite_number", "positive_int",
+           "non_negative_int", "field_comments"]  # fmt: skip
 
 
 # --- options from dataclasses ------------------------------------------------------------------------
@@ -76,6 +76,23 @@ def int_at_least(low: int, hint: str = ""):
 
     parse.metavar = "INT"
     return parse
+
+
+SEED_MAX = 2**62  # torch.manual_seed takes 64 bits; the data streams add 1000 per rank to a seed
+
+
+def seed_int(text: str) -> int:
+    """An argparse ``type``: a seed, an int in ``[0, SEED_MAX]``."""
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**62], got {text!r}") from None
+    if not 0 <= val <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**62], got {text!r}")
+    return val
+
+
+seed_int.metavar = "INT"
 
 
 def finite_number(*, positive: bool, hint: str = ""):

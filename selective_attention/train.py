@@ -35,6 +35,7 @@ from torch import Tensor
 from .checkpoint import (  # re-exported: the loop's public names since before checkpoint.py
     CKPT_NAME,
     FORMAT_VERSION,
+    PREVIOUS_CKPT_NAME,
     READABLE_VERSIONS,
     CheckpointError,
     _check_tokenizer_fits,
@@ -52,7 +53,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
 )
 from .data import curriculum_assign
 from .model import GPT, GPTConfig, token_loss
-from .options import parse_options
+from .options import SEED_MAX, parse_options
 from .progress import progress as progress_bar
 
 __all__ = [
@@ -112,7 +113,7 @@ class TrainConfig:
     va_ramp_steps: int = 0  # varassign curriculum: steps over which the count grows to va_assign, in equal stages
     va_hold_steps: int = 0  # varassign curriculum: steps at va_assign_start before the growth starts
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
-    # Free to change on resume: RESUMABLE_FIELDS (max_steps extends the run and stretches the lr schedule).
+    # Free to change on resume: RESUMABLE_FIELDS (max_steps extends the run; the lr schedule is recomputed for it).
     allow_config_change: bool = False  # resume even with another data, lr, batch_size, ... (else refused)
 
     def __post_init__(self) -> None:
@@ -148,9 +149,9 @@ class TrainConfig:
         return cls(model=model, **{k: v for k, v in d.items() if k in own})
 
 
-# Options that may differ between a run and its resume: how long to train (a longer max_steps also stretches
-# the cosine schedule from the resumed step on), where and how to run, how often to evaluate and save. The
-# others (data, optimisation, eval_batches, which sets what val_loss measures, ...) would silently mix two
+# Options that may differ between a run and its resume: how long to train (the cosine schedule is recomputed
+# for the new max_steps: a longer run's learning rate at the resumed step is higher than where it stopped),
+# where and how to run, how often to evaluate and save. The others (data, optimisation, eval_batches, which sets what val_loss measures, ...) would silently mix two
 # experiments in one history, so main() refuses them without --allow_config_change=true. The model is compared
 # on its own (it must be the same, see _model_diff).
 # varassign's validation examples come from this seed's stream, a training rank's from seed + 1000 * rank
@@ -204,10 +205,13 @@ def _check_values(values: Mapping[str, object]) -> None:
                                  f"at step 0) or omit it.")  # fmt: skip
     d_head = v["d_head"]
     need(d_head is None or (is_int(d_head) and d_head >= 1), "d_head", "an int >= 1, or none for d_model // n_head")
-    need(is_int(v["seed"]), "seed", "an int")
+    need(is_int(v["seed"]) and 0 <= v["seed"] <= SEED_MAX, "seed", "an int in [0, 2**62]")
     need(is_real(v["lr"]) and v["lr"] > 0, "lr", "a finite number > 0")
     for name in ("min_lr", "weight_decay", "memory_eps"):
         need(is_real(v[name]) and v[name] >= 0, name, "a finite number >= 0")
+    if v["min_lr"] > v["lr"]:  # the cosine "decay" would raise the learning rate over the run
+        raise ValueError(f"--min_lr={v['min_lr']:g} is above --lr={v['lr']:g}: the cosine schedule goes from lr down "
+                         f"to min_lr, so it would rise instead; pass --min_lr <= lr (e.g. --min_lr={v['lr'] / 10:g}).")  # fmt: skip
     need(is_real(v["grad_clip"]) and v["grad_clip"] >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)")
     need(is_real(v["memory_tau"]) and v["memory_tau"] > 0, "memory_tau", "a finite number > 0")
     for name in ("beta1", "beta2", "dropout"):
@@ -292,7 +296,8 @@ class Task:
             self.vocab_size = self.train_task.vocab_size
             T = self.train_task.seq_len
             if T > self.context_len:
-                raise ValueError(f"varassign examples are {T} tokens; set --context_len >= {T}.")
+                raise ValueError(f"varassign examples are {T} tokens, longer than the model's context_len="
+                                 f"{self.context_len}: a model trained with --context_len >= {T} reads them.")  # fmt: skip
         else:
             text = data.load_text(cfg.data)
             bpe = tokenizer.kind == "bpe" if tokenizer is not None else cfg.tokenizer == "bpe"
@@ -515,9 +520,10 @@ def _diverged(step: int, loss: float, grad_norm: float, cfg: TrainConfig, last_c
         if last_ckpt is not None
         else "no checkpoint of this run was written"
     )
+    lower = f"--lr={cfg.lr / 10:g}" + (f" --min_lr={cfg.lr / 100:g}" if cfg.min_lr > cfg.lr / 10 else "")
     return TrainingDiverged(
         f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} ({what}); lower --lr "
-        f"(now {cfg.lr:g}), e.g. --lr={cfg.lr / 10:g}, or warm up longer with --warmup_steps; {kept}.",
+        f"(now {cfg.lr:g}), e.g. {lower}, or warm up longer with --warmup_steps; {kept}.",
         step,
         loss,
         grad_norm,
@@ -539,12 +545,21 @@ def main(cfg: TrainConfig) -> dict:
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ckpt_path = out_dir / CKPT_NAME
+    if main_proc and not cfg.resume and ckpt_path.exists():
+        # starting over: the old run's checkpoint must not outlive its emptied log (a run killed before its
+        # first save would otherwise leave it for the next resume), but it is set aside, not deleted
+        aside = out_dir / PREVIOUS_CKPT_NAME
+        ckpt_path.replace(aside)
+        print(f"--resume=false: the previous run's checkpoint is moved to {aside}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     if resumed is not None:  # the model's token ids are its checkpoint's tokenizer's: resume with that one
         _check_tokenizer_config(cfg, resumed[1]["train_config"], ckpt_path)
     stored_tokenizer = resumed[1]["tokenizer"] if resumed is not None else None
     task = Task(cfg, tokenizer=stored_tokenizer, verbose=cfg.progress and main_proc)
+    if not task.varassign:  # both splits hold a window: found now, not at the first evaluation after training
+        for split in ("train", "val"):
+            task.text._split(split, cfg.model.context_len)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
     model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)

@@ -359,3 +359,29 @@ def test_a_threshold_on_a_model_without_selective_layers_is_refused(ckpts, capsy
     assert main(["eval", "--ckpt", std, "--batches", "1", "--budget", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["policy"] == "selective" and "F = 0, so the oldest token goes" in out["note"]
+
+
+def test_generate_defaults_fit_the_context_and_budgets_are_bounded(ckpts, capsys):
+    run, missing = str(ckpts["text"][0]), "/nonexistent"  # context_len 32, byte level
+    # default --max_new_tokens: what fits the context (it was 200, refused on any model of context < 216)
+    assert main(["generate", "--ckpt", run, "--prompt", "ab"]) == 0
+    assert main(["generate", "--ckpt", run, "--prompt", "x" * 32]) == 2
+    assert "the prompt (32 tokens) fills the model's context_len=32" in capsys.readouterr().err
+    # a budget above the context is refused before a slot is allocated (10^20 overflowed, 10^8 took gigabytes)
+    for cmd in (["generate", "--prompt", "ab"], ["eval", "--batches", "1"]):
+        for b in ("33", "1" + "0" * 20, "8,40"):
+            assert main([cmd[0], "--ckpt", run, *cmd[1:], "--budget", b]) == 2
+            err = capsys.readouterr().err
+            assert "exceeds the model's context_len=32" in err and "Traceback" not in err
+    # --threshold 0 prunes (every voted-on token goes): its KV line is printed like any other threshold's
+    assert main(["generate", "--ckpt", run, "--prompt", "ab", "--max_new_tokens", "3", "--threshold", "0"]) == 0
+    assert "KV bytes (all slots)" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", missing, "--seed", "1" * 25]) == 2
+    assert "argument --seed: must be an int in [0, 2**62]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--seed=-1.*an int in \[0, 2\*\*62\]"):
+        parse_overrides(["--seed=-1"])
+    # varassign on a text model whose context is shorter than an example: the fix is the training's
+    assert main(["eval", "--ckpt", run, "--data", "varassign"]) == 2
+    assert "longer than the model's context_len=32: a model trained with --context_len >= " in (
+        capsys.readouterr().err
+    )

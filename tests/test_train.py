@@ -123,6 +123,37 @@ def test_resume_false_starts_over(tmp_path):
     assert s["history"][-1]["step"] == 4
 
 
+def test_resume_false_sets_the_old_checkpoint_aside_before_training(tmp_path):
+    """A --resume=false run killed before its first save must not leave the old run's checkpoint for the next
+    resume (which would continue the old run under the new run's emptied log): it is moved aside at the start."""
+    main(tiny(tmp_path, max_steps=6, ckpt_interval=6))
+    run = tmp_path / "run"
+    main(tiny(tmp_path, max_steps=8, ckpt_interval=8, resume=False, stop_after=2))  # killed before a save
+    assert not (run / checkpoint.CKPT_NAME).exists()
+    assert load_checkpoint(run / checkpoint.PREVIOUS_CKPT_NAME)[1]["step"] == 6  # kept, aside
+    s = main(tiny(tmp_path, max_steps=4))  # the next plain run starts afresh, not from step 6
+    assert [h["step"] for h in s["history"]] == [4]
+
+
+def test_a_split_too_small_for_one_window_fails_before_training(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("In the beginning was the word. " * 40)
+    with pytest.raises(ValueError, match=r"the val split.*has \d+ tokens.*needs"):
+        main(tiny(tmp_path, data=str(corpus), val_fraction=0.01, tokenizer="byte", context_len=64))
+    assert not (tmp_path / "run" / checkpoint.CKPT_NAME).exists()
+
+
+def test_min_lr_above_lr_is_refused_and_the_divergence_advice_keeps_them_ordered():
+    with pytest.raises(ValueError, match=r"--min_lr=0.0003 is above --lr=0.0001.*--min_lr=1e-05"):
+        parse_overrides(["--lr=1e-4"])
+    cfg = parse_overrides(["--lr=1e-3"])
+    msg = str(train_mod._diverged(3, float("nan"), 1e9, cfg, None, "non-finite loss"))
+    advice = msg.split("e.g. ")[1].split(",")[0].split()
+    lr, min_lr = (float(a.split("=")[1]) for a in advice)  # what it advises is itself accepted
+    assert advice[0] == "--lr=0.0001" and min_lr <= lr
+    parse_overrides(advice)
+
+
 def test_varassign_task_trains_and_reports_accuracy(tmp_path):
     s = main(tiny(tmp_path, data="varassign", context_len=128, max_steps=4, eval_interval=4))
     assert 0.0 <= s["val_accuracy"] <= 1.0
@@ -312,7 +343,10 @@ def test_checksum_covers_the_metadata(tmp_path):
     assert model_from_checkpoint(path)[0].config.rope_base == 18000.0  # what format 4 could not catch
 
 
-def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
+def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_path):
+    """Format 1 was written without a checksum (a warning); every later format with one, so a file of those
+    without it had its metadata edited (its configs may no longer match its tensors): refused. A safetensors
+    file without this library's metadata is named as such."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -322,11 +356,17 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert "checksum" in meta
-    old = {k: v for k, v in meta.items() if k != "checksum"}  # as written before checksums existed
+    old = {k: v for k, v in meta.items() if k != "checksum"}
     save_file(tensors, str(path), metadata=old)
+    with pytest.raises(CheckpointError, match=rf"\(format {checkpoint.FORMAT_VERSION}\) has no checksum.*edited"):
+        load_checkpoint(path)
+    save_file(tensors, str(path), metadata={**old, "format_version": "1"})  # as format 1 wrote it
     with pytest.warns(UserWarning, match="no checksum"):
         loaded, m = load_checkpoint(path)
     assert m["step"] == 4 and loaded.keys() == tensors.keys()
+    save_file(tensors, str(path), metadata={"format": "pt"})  # another library's weights
+    with pytest.raises(CheckpointError, match="without selective-attention's metadata.*not a checkpoint of this"):
+        load_checkpoint(path)
 
 
 def test_resume_refuses_a_changed_training_config(tmp_path):
