@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor, nn
 
 from .functional import BACKENDS, Backend, attention_weights, selective_attention
@@ -81,7 +83,7 @@ class SelectiveAttention(nn.Module):
                 f"head serves n_heads // n_kv_heads query heads); e.g. n_kv_heads in "
                 f"{[h for h in range(1, n_heads + 1) if n_heads % h == 0]}."
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")

@@ -116,6 +116,10 @@ class HFSettings:
             raise ValueError(f"memory_eps must be a finite number >= 0 (0 = no memory loss), got {self.memory_eps!r}.")
         if not (isinstance(self.memory_tau, int | float) and math.isfinite(self.memory_tau) and self.memory_tau > 0):
             raise ValueError(f"memory_tau must be a finite number > 0, got {self.memory_tau!r}.")
+
+    def check_memory_loss(self) -> None:
+        """Refuse ``memory_eps > 0`` without a selecting layer (nothing to count). Checked by :func:`configure` and
+        before the loss is computed, not when a stored config is read (inference ignores the memory loss)."""
         if self.layers == () and self.memory_eps > 0:
             raise ValueError(
                 f"memory_eps={self.memory_eps} with layers=[]: no layer selects, so there are no masked tokens for "
@@ -175,6 +179,7 @@ def configure(
             "attn_implementation='sdpa' for that, or list the selecting layers with layers=[...]."
         )
     s = HFSettings(selection, None if layers is None else tuple(layers), memory_eps, memory_tau)
+    s.check_memory_loss()
     target = _text_config(config)  # a composite model's (e.g. a VLM's) decoder: what its attention layers read
     n_layers = getattr(target, "num_hidden_layers", None)
     if s.layers is not None and n_layers is not None and any(i >= n_layers for i in s.layers):
@@ -396,6 +401,8 @@ def _forward(
             "(a custom 4-D mask). Pass the 2-D padding mask, or use attn_implementation='sdpa' for custom masks."
         )
     real = attention_mask
+    if real is None and Lq > 1:  # with any cache or none: packed rows would attend across their sequences
+        _check_not_packed(kwargs.get("position_ids"))
     seen = key.shape[2] if cached is None else cached.seen
     if sliding_window is not None and seen > sliding_window:
         raise NotImplementedError(
@@ -425,8 +432,6 @@ def _forward(
         out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
         module._selective_masked = None
         return out.transpose(1, 2).contiguous(), None
-    if real is None and Lq > 1:
-        _check_not_packed(kwargs.get("position_ids"))
     kpm = None if real is None else ~real[:, -Lk:]
     want_rows = sel is not None and s.memory_eps > 0 and module.training and torch.is_grad_enabled()
     if want_rows and getattr(module, "_is_replica", False):  # a torch.nn.DataParallel replica
@@ -462,8 +467,8 @@ def _check_not_packed(position_ids: Tensor | None) -> None:
         return
     version = None if position_ids.is_inference() else position_ids._version  # inference tensors have none
     last = getattr(_CONSECUTIVE, "last", None)
-    if last is not None and last[0]() is position_ids and last[1] == version:
-        return
+    if version is not None and last is not None and last[0]() is position_ids and last[1] == version:
+        return  # checked, and unchanged since (an inference tensor can change unseen: checked every time)
     restart = torch.diff(position_ids, dim=-1) != 1  # [B, L - 1]
     if bool(restart.any()):
         row = int(restart.any(-1).nonzero()[0, 0])
@@ -557,6 +562,7 @@ def memory_loss_term(model: torch.nn.Module) -> Tensor:
     s = settings(model.module.config if isinstance(model, torch.nn.DataParallel) else model.config)
     if s.memory_eps == 0:
         return torch.zeros(())
+    s.check_memory_loss()
     return s.memory_eps * memory_loss(model)
 
 
@@ -845,6 +851,17 @@ class SelectiveCache(Cache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         self._check_usable()
+        n_new = key_states.shape[-2]
+        # every layer must have seen the same tokens: a call that stopped between layers (an error outside the
+        # attention function, an interrupt) leaves them apart, and that state must never be decoded from
+        before = self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+        want = (self.layers[0].seen if self.layers else 0) - (n_new if layer_idx > 0 else 0)
+        if before != want or (layer_idx == 0 and len({layer.seen for layer in self.layers}) > 1):
+            self.broken = (
+                f"its layers hold different numbers of tokens ({[layer.seen for layer in self.layers]}): an earlier "
+                "call stopped part-way between layers"
+            )
+            self._check_usable()
         while len(self.layers) <= layer_idx:
             self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
             self.layers[-1].owner = self

@@ -82,13 +82,13 @@ SEED_MAX = 2**62  # torch.manual_seed takes 64 bits; the data streams add 1000 p
 
 
 def seed_int(text: str) -> int:
-    """An argparse ``type``: a seed, an int in ``[0, SEED_MAX]``."""
+    """An argparse ``type``: a seed, an int in ``[-SEED_MAX, SEED_MAX]``."""
     try:
         val = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**62], got {text!r}") from None
-    if not 0 <= val <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**62], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an int in [-2**62, 2**62], got {text!r}") from None
+    if abs(val) > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an int in [-2**62, 2**62], got {text!r}")
     return val
 
 

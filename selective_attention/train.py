@@ -205,13 +205,10 @@ def _check_values(values: Mapping[str, object]) -> None:
                                  f"at step 0) or omit it.")  # fmt: skip
     d_head = v["d_head"]
     need(d_head is None or (is_int(d_head) and d_head >= 1), "d_head", "an int >= 1, or none for d_model // n_head")
-    need(is_int(v["seed"]) and 0 <= v["seed"] <= SEED_MAX, "seed", "an int in [0, 2**62]")
+    need(is_int(v["seed"]) and abs(v["seed"]) <= SEED_MAX, "seed", "an int in [-2**62, 2**62]")
     need(is_real(v["lr"]) and v["lr"] > 0, "lr", "a finite number > 0")
     for name in ("min_lr", "weight_decay", "memory_eps"):
         need(is_real(v[name]) and v[name] >= 0, name, "a finite number >= 0")
-    if v["min_lr"] > v["lr"]:  # the cosine "decay" would raise the learning rate over the run
-        raise ValueError(f"--min_lr={v['min_lr']:g} is above --lr={v['lr']:g}: the cosine schedule goes from lr down "
-                         f"to min_lr, so it would rise instead; pass --min_lr <= lr (e.g. --min_lr={v['lr'] / 10:g}).")  # fmt: skip
     need(is_real(v["grad_clip"]) and v["grad_clip"] >= 0, "grad_clip", "a finite number >= 0 (0 = no clipping)")
     need(is_real(v["memory_tau"]) and v["memory_tau"] > 0, "memory_tau", "a finite number > 0")
     for name in ("beta1", "beta2", "dropout"):
@@ -545,12 +542,6 @@ def main(cfg: TrainConfig) -> dict:
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ckpt_path = out_dir / CKPT_NAME
-    if main_proc and not cfg.resume and ckpt_path.exists():
-        # starting over: the old run's checkpoint must not outlive its emptied log (a run killed before its
-        # first save would otherwise leave it for the next resume), but it is set aside, not deleted
-        aside = out_dir / PREVIOUS_CKPT_NAME
-        ckpt_path.replace(aside)
-        print(f"--resume=false: the previous run's checkpoint is moved to {aside}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     if resumed is not None:  # the model's token ids are its checkpoint's tokenizer's: resume with that one
@@ -560,6 +551,9 @@ def main(cfg: TrainConfig) -> dict:
     if not task.varassign:  # both splits hold a window: found now, not at the first evaluation after training
         for split in ("train", "val"):
             task.text._split(split, cfg.model.context_len)
+    if resumed is None and cfg.min_lr > cfg.lr:  # a new run only: a stored config always loads and resumes
+        raise ValueError(f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the cosine schedule goes from lr down to "
+                         f"min_lr, so it would rise instead; pass --min_lr <= lr (e.g. --min_lr={cfg.lr / 10:g}).")  # fmt: skip
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
     model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)
@@ -596,6 +590,12 @@ def main(cfg: TrainConfig) -> dict:
                 f"--out_dir, or --resume=false."
             )
         history = [row for row in meta["extra"].get("history", []) if row.get("step", 0) <= start]
+    if main_proc and not cfg.resume and ckpt_path.exists():
+        # starting over (every check passed): the old run's checkpoint must not outlive its emptied log (a run
+        # killed before its first save would leave it for the next resume); it is set aside, not deleted
+        aside = out_dir / PREVIOUS_CKPT_NAME
+        ckpt_path.replace(aside)
+        print(f"--resume=false: the previous run's checkpoint is moved to {aside}", file=sys.stderr)
     if main_proc:
         # the log is the history so far: a resume drops the rows a killed run logged after its checkpoint
         # (they are trained and logged again), a fresh run starts an empty one

@@ -314,6 +314,15 @@ def test_packed_sequences_are_refused_with_the_default_cache():
     start[0, 3:] = torch.arange(3)  # the same tensor, changed in place: checked again
     with pytest.raises(NotImplementedError, match="packed sequences"):
         model(ids, position_ids=start)
+    with torch.inference_mode():  # an inference tensor has no version counter: checked every time
+        pos = torch.arange(6)[None]
+        model(ids[:1], position_ids=pos)
+        pos[0, 3:] = torch.arange(3)
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            model(ids[:1], position_ids=pos)
+    cache = sa_hf.SelectiveCache()  # and through a SelectiveCache (its prefill)
+    with pytest.raises(NotImplementedError, match="packed sequences"):
+        model(ids, position_ids=packed, cache=cache, use_cache=True)
     pids, pmask, ppos = padded_batch(seed=5)  # left padding: positions repeat 0 under the mask
     model(pids, attention_mask=pmask, position_ids=ppos)
     out = model.generate(pids, attention_mask=pmask, cache=sa_hf.SelectiveCache(), max_new_tokens=3,
@@ -593,9 +602,14 @@ def test_memory_eps_without_a_selecting_layer_is_refused_up_front():
     settings are made (and read back), naming both values and the fix."""
     with pytest.raises(ValueError, match=r"memory_eps=0\.1 with layers=\[\].*memory_eps=0.*layers="):
         tiny_config("llama", layers=[], memory_eps=0.1)
-    with pytest.raises(ValueError, match=r"memory_eps=0\.5 with layers=\[\]"):
-        sa_hf.HFSettings.from_dict({"layers": [], "memory_eps": 0.5})
     assert sa_hf.settings(tiny_config("llama", layers=[], memory_eps=0.0)).layers == ()
+    # a config stored with the combination (before this check) still runs; only its memory loss is refused
+    model = build("llama", dtype=torch.float32, layers=[0])
+    model.config.selective_attention = {**model.config.selective_attention, "layers": [], "memory_eps": 0.5}
+    out = model.train()(torch.randint(1, V, (1, 5)), labels=torch.randint(1, V, (1, 5)))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=r"memory_eps=0\.5 with layers=\[\]"):
+        sa_hf.memory_loss_term(model)
 
 
 def test_memory_loss_refuses_data_parallel(tmp_path):
@@ -826,3 +840,27 @@ def test_window_policy_keeps_the_first_real_token_and_the_newest():
         sa_hf.SelectiveCache(budget=4, policy="lru")
     with pytest.raises(ValueError, match="threshold"):
         sa_hf.SelectiveCache(budget=4, threshold=1.0, policy="window")
+
+
+def test_a_call_stopped_between_layers_leaves_the_cache_refusing_every_use():
+    """An error outside the attention function (an MLP running out of memory, an interrupt) stops a call after
+    some layers took its tokens: the next use of that cache is refused, naming the cause, until reset()."""
+    model = build("llama")
+    ids = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(3))
+    cache = sa_hf.SelectiveCache()
+    fail = [True]
+
+    def hook(module, args):
+        if fail[0]:
+            fail[0] = False
+            raise MemoryError("simulated: out of memory in layer 0's MLP")
+
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(hook)
+    with pytest.raises(MemoryError):
+        model(ids, cache=cache, use_cache=True)
+    with pytest.raises(RuntimeError, match=r"different numbers of tokens \(\[\d+\]\).*stopped part-way.*reset"):
+        model(ids[:, :1], cache=cache, use_cache=True)
+    handle.remove()
+    cache.reset()
+    out = model.generate(ids, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_by_recomputation(model, ids, torch.ones_like(ids), 3))

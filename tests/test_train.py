@@ -139,13 +139,22 @@ def test_a_split_too_small_for_one_window_fails_before_training(tmp_path):
     corpus = tmp_path / "small.txt"
     corpus.write_text("In the beginning was the word. " * 40)
     with pytest.raises(ValueError, match=r"the val split.*has \d+ tokens.*needs"):
-        main(tiny(tmp_path, data=str(corpus), val_fraction=0.01, tokenizer="byte", context_len=64))
+        # evaluating late and saving early: before this check, a checkpoint was written before the error
+        main(tiny(tmp_path, data=str(corpus), val_fraction=0.01, tokenizer="byte", context_len=64, eval_interval=12,
+                  ckpt_interval=2))
     assert not (tmp_path / "run" / checkpoint.CKPT_NAME).exists()
 
 
-def test_min_lr_above_lr_is_refused_and_the_divergence_advice_keeps_them_ordered():
+def test_min_lr_above_lr_is_refused_for_a_new_run_and_the_divergence_advice_keeps_them_ordered(tmp_path):
     with pytest.raises(ValueError, match=r"--min_lr=0.0003 is above --lr=0.0001.*--min_lr=1e-05"):
-        parse_overrides(["--lr=1e-4"])
+        main(tiny(tmp_path, lr=1e-4))
+    assert not (tmp_path / "run" / checkpoint.CKPT_NAME).exists()
+    # a stored config with lr < min_lr (written before the rule) still loads and resumes
+    main(tiny(tmp_path, lr=1e-4, min_lr=1e-5, max_steps=2, eval_interval=2, ckpt_interval=2))
+    _rewrite_metadata(tmp_path / "run" / checkpoint.CKPT_NAME, train_config=json.dumps(
+        {**load_checkpoint(tmp_path / "run")[1]["train_config"], "min_lr": 3e-4}))  # fmt: skip
+    cfg = tiny(tmp_path, lr=1e-4, max_steps=4, eval_interval=2, ckpt_interval=2)
+    assert [h["step"] for h in main(cfg)["history"]] == [2, 4]
     cfg = parse_overrides(["--lr=1e-3"])
     msg = str(train_mod._diverged(3, float("nan"), 1e9, cfg, None, "non-finite loss"))
     advice = msg.split("e.g. ")[1].split(",")[0].split()
