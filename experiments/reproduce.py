@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -203,11 +204,14 @@ def heldout_by_seed(runs: dict, context: int, variant: str) -> dict[int, float]:
 
 def _ms(xs) -> str:
     xs = [x for x in xs if x is not None]
+    bad = sum(not math.isfinite(x) for x in xs)  # a diverged run: left out, and said
+    xs = [x for x in xs if math.isfinite(x)]
+    note = f", {bad} not finite, left out" if bad else ""
     if not xs:
-        return "-"
+        return "-" if not bad else f"- ({bad} not finite)"
     if len(xs) == 1:
-        return f"{xs[0]:.4f} (n=1)"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f} (n={len(xs)})"
+        return f"{xs[0]:.4f} (n=1{note})"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f} (n={len(xs)}{note})"
 
 
 def report() -> str:
@@ -226,9 +230,11 @@ def report() -> str:
     for context in PLAN:
         for a, b in pairs:
             da, db = (heldout_by_seed(runs, context, v) for v in (a, b))
-            seeds = sorted(da.keys() & db.keys())
+            both = sorted(da.keys() & db.keys())
+            seeds = [s for s in both if math.isfinite(da[s]) and math.isfinite(db[s])]
             if len(seeds) >= 2:
-                per = ", ".join(f"s{s} {da[s] - db[s]:+.4f}" for s in seeds)
+                per = ", ".join(f"s{s} {da[s] - db[s]:+.4f}" if s in seeds else f"s{s} not finite (left out)"
+                                for s in both)  # fmt: skip
                 lines.append(f"| {context} | {a} − {b} | {paired_t([da[s] for s in seeds], [db[s] for s in seeds])} "
                              f"| {per} |")  # fmt: skip
     lines += ["", "KV reduction at the same-seed full-cache standard model's loss (the smallest uniform budget, or in "
@@ -314,12 +320,12 @@ def plot(runs: dict) -> None:
                       if r["context"] == context and r["variant"] == variant and method in r.get("kv", {})]  # fmt: skip
             if curves:
                 budgets = [c["budget"] for c in curves[0]]
-                mean = [statistics.mean(cv[j]["heldout"] for cv in curves) for j in range(len(budgets))]
+                mean = [sum(cv[j]["heldout"] for cv in curves) / len(curves) for j in range(len(budgets))]  # NaN: a gap
                 label = method if variant == kind else method.replace("selective", "memloss", 1)
                 ax.plot(budgets, mean, "o" + ls, color=f"C{i}", ms=4, label=f"{label} ({len(curves)} seeds)")
         std = [r["full"]["heldout"] for r in runs.values() if r["context"] == context and r["variant"] == "standard"]
         if std:
-            ax.axhline(statistics.mean(std), color="k", ls="--", lw=1, label=f"standard, full cache ({len(std)} seeds)")
+            ax.axhline(sum(std) / len(std), color="k", ls="--", lw=1, label=f"standard, full cache ({len(std)} seeds)")
         ax.set(xscale="log", xlabel="KV tokens per layer (budget)", ylabel="held-out loss (nats/token)",
                title=f"context {context}")  # fmt: skip
         ax.grid(alpha=0.3)

@@ -68,3 +68,18 @@ def test_the_set_0_choice_needs_every_larger_budget_at_the_target(reproduce):
     ok = [{"budget": 4, "search": 1.2, "heldout": 0.9}, {"budget": 8, "search": 1.0, "heldout": 1.01}]
     e = reproduce.at_standard_loss(ok, 16, std)
     assert (e["budget"], e["ratio"], e["holds"], e["heldout_loss"]) == (8, 2.0, False, 1.01)
+
+
+def test_a_diverged_run_is_left_out_of_the_paired_statistics_by_name(reproduce):
+    """A non-finite held-out loss (a diverged run) used to stop the whole report (paired_t refuses it): the pair
+    is left out, and the per-seed column says so."""
+    reproduce.RESULTS.mkdir(parents=True)
+    losses = {("standard", 0): 2.0, ("standard", 1): 2.1, ("standard", 2): 2.2,
+              ("selective", 0): 1.9, ("selective", 1): float("nan"), ("selective", 2): 2.05}  # fmt: skip
+    for (variant, seed), loss in losses.items():
+        r = {"name": f"c16-{variant}-s{seed}", "context": 16, "variant": variant, "seed": seed,
+             "full": {"search": loss, "heldout": loss}, "kv": {}}  # fmt: skip
+        (reproduce.RESULTS / f"{r['name']}.json").write_text(json.dumps(r))
+    md = reproduce.report()
+    row = next(line for line in md.splitlines() if line.startswith("| 16 | selective − standard |"))
+    assert "(n=2)" in row and "s1 not finite (left out)" in row and "s0 -0.1000" in row and "s2 -0.1500" in row
