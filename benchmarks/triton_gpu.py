@@ -133,12 +133,15 @@ def _ratio(a, b) -> float | str:
     return round(a / b, 2) if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
 
 
-def run(D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naive_max_L: int) -> list[dict]:
+def run(
+    D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naive_max_L: int, rows: list[dict]
+) -> None:
+    """Appends one row per method to ``rows`` as it is measured (a crash keeps the rows before it)."""
     B, H = max(1, TOKENS // L), MODEL_DIM // D
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    rows, base = [], {}
+    base = {}
     for name, fn in make_methods(names, L, naive_max_L).items():
         row = {c: "-" for c in COLUMNS} | {"D": D, "L": L, "B": B, "H": H, "method": name, "note": ""}
         try:
@@ -149,7 +152,10 @@ def run(D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naiv
             row["note"] = "OOM" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:300]
             for t in (q, k, v):
                 t.grad = None
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # after an illegal memory access the context is gone: keep the row, go on
+                pass
             rows.append(row)
             print(f"D={D} L={L} {name}: {row['note']}", flush=True)
             continue
@@ -165,7 +171,6 @@ def run(D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naiv
         print(row, flush=True)
     del q, k, v, dout
     torch.cuda.empty_cache()
-    return rows
 
 
 def environment() -> dict:
@@ -242,8 +247,10 @@ def main() -> None:
                 rows.append({c: "-" for c in COLUMNS} | {"D": D, "L": L, "B": B, "H": H, "method": "all",
                                                          "note": "not run: time budget spent"})  # fmt: skip
                 continue
-            rows += run(D, L, dtype, args.methods, args.repeats, args.naive_max_L)
-            save(args.out, args.name, rows, meta)
+            try:
+                run(D, L, dtype, args.methods, args.repeats, args.naive_max_L, rows)
+            finally:  # a crash (a dead CUDA context) keeps every row measured so far
+                save(args.out, args.name, rows, meta)
     meta["complete"] = True
     meta["seconds"] = round(time.monotonic() - t0, 1)
     print(save(args.out, args.name, rows, meta))

@@ -27,14 +27,16 @@ def grads(fn, *inputs):
     return out.detach(), [t.grad.clone() for t in inputs]
 
 
-def assert_error_bounded(fast, naive, ref64, factor=3.0, name=""):
+def assert_error_bounded(fast, naive, ref64, factor=3.0, name="", eps=None):
     """flash-attention's rule: a low-precision path's error against an fp64 reference may be at most
     ``factor`` x the error of the naive path in the same precision (plus a few ulp of the scale).
 
     A wrong result misses by O(|ref|); reordered sums in fp32 by ~1e-7 |ref|; so this follows the
-    dtype instead of a magic number."""
+    dtype instead of a magic number. ``eps``: the unit roundoff of the products when it is not the dtype's
+    (fp32 tensors multiplied in tf32: 2**-10)."""
     ref64 = ref64.double()
     err_fast = (fast.double() - ref64).abs().max().item() if ref64.numel() else 0.0
     err_naive = (naive.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    floor = 4 * torch.finfo(fast.dtype).eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
+    eps = torch.finfo(fast.dtype).eps if eps is None else eps  # tf32 products: 2**-10, not fp32's eps
+    floor = 4 * eps * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
     assert err_fast <= factor * err_naive + floor, f"{name}: error {err_fast:.3g} vs naive {err_naive:.3g}"

@@ -126,12 +126,13 @@ def test_gpu_low_precision(D, heads, dtype):
     _low_precision(2, 4, 1000, D, heads, dtype)
 
 
+@pytest.mark.parametrize("table", ["_GPU", "_GPU_FP32"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_gpu_block_sizes(monkeypatch, D):
+def test_gpu_block_sizes(monkeypatch, D, table):
     """The GPU configurations' block sizes (not their compilation) through whatever runs here."""
     from selective_attention.ops.triton import kernels
 
-    monkeypatch.setattr(kernels, "config_for", lambda d, device: kernels._GPU[D])
+    monkeypatch.setattr(kernels, "config_for", lambda d, device, dtype=None: getattr(kernels, table)[D])
     B, H, L = 1, 2, 300
     inputs, dout, scale = _inputs(B, H, L, D, torch.float32), _cotangent(B, H, L, D, torch.float32), D**-0.5
     for heads in (slice(0, 1), slice(None)):
@@ -230,3 +231,16 @@ def test_functional_dispatches_to_triton():
         selective_attention(q, k, v, selection=True, selection_qk=(q[:, :1], k[:, :1]), backend="triton")
     with pytest.raises(NotImplementedError, match="memory-loss"):
         selective_attention(q, k, v, selection=True, memory_tau=1.0, backend="triton")
+
+
+def test_fp32_takes_its_own_gpu_block_sizes():
+    """fp32 tiles are twice the bytes: with tf32 dots the 16-bit configuration's forward needs more shared memory
+    than an H100/H200 block may have (measured by compiling for sm_90), so fp32 inputs get smaller blocks."""
+    from selective_attention.ops.triton import kernels
+
+    cuda = torch.device("cuda")
+    for D, key in ((48, 64), (64, 64), (128, 128)):
+        assert kernels.config_for(D, cuda, torch.float32) is kernels._GPU_FP32[key]
+        for dt in (torch.bfloat16, torch.float16):
+            assert kernels.config_for(D, cuda, dt) is kernels._GPU[key]
+    assert kernels.config_for(64, torch.device("cpu"), torch.float32) is kernels.INTERPRET_CONFIG

@@ -100,7 +100,9 @@ def _check(fast_fn, spec_fn, inputs, dout, dtype, *, tf32=False):
         return
     ref = _grads(spec_fn, inputs, dout, torch.float64)
     for name, a, b, c in zip(NAMES, fast, low, ref):
-        assert_error_bounded(a, b, c, factor=3.0, name=name)
+        # tf32: the tensor cores truncate fp32 inputs (no rounding instruction in Triton's code) where cuBLAS may
+        # round: a bias that piles up in F, a sum of positive votes; the floor is tf32's unit roundoff
+        assert_error_bounded(a, b, c, factor=3.0, name=name, eps=2**-10 if tf32 else None)
 
 
 # --- every dtype x every voting mode, at an odd length, both GPU configurations ----------------------

@@ -403,15 +403,24 @@ _GPU = {
     64: Config(128, 64, 32, 64, 128, 32, 64, fwd_warps=8, bwd_warps=8, stages=3),
     128: Config(128, 32, 32, 64, 64, 32, 64, fwd_warps=8, bwd_warps=8, stages=2),
 }
+# fp32 tiles are twice the bytes: with tf32 dots (tensor cores keep them in shared memory) _GPU's forward asks
+# an H100/H200 for ~246 KB of the 227 KB a block may have (compiled ahead of time for sm_90: Triton 3.6 and
+# 3.8). Half the query rows, 4 warps and 2 stages stay under ~197 KB in both precisions, D = 64 and 128.
+_GPU_FP32 = {
+    64: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, stages=2),
+    128: Config(64, 32, 32, 32, 64, 32, 64, fwd_warps=4, bwd_warps=4, stages=2),
+}
 # The interpreter runs tiles as numpy arrays: small, unequal blocks exercise every carry and tail
 # (L = 100 spans 4-7 blocks in each pass, kv and q passes disagree on the query block).
 INTERPRET_CONFIG = Config(32, 16, 16, 32, 32, 16, 16)
 
 
-def config_for(D: int, device: torch.device) -> Config:
+def config_for(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Config:
+    """Block sizes for head dim ``D`` and the inputs' ``dtype`` on ``device`` (the interpreter's off CUDA)."""
     if device.type != "cuda":
         return INTERPRET_CONFIG
-    return _GPU[64] if D <= 64 else _GPU[128]
+    table = _GPU_FP32 if dtype == torch.float32 else _GPU
+    return table[64] if D <= 64 else table[128]
 
 
 def _pad(d: int) -> int:
@@ -456,7 +465,7 @@ def forward(
     B, H, L, D = q.shape
     HKV = k.shape[1]
     DV = v.shape[-1]
-    cfg = config_for(D, q.device)
+    cfg = config_for(D, q.device, q.dtype)
     carry = _vote_carry(q, k, vote_head, sel_scale, cfg.fwd_m, cfg, debug)
     out = _empty(debug, B, H, L, DV, dtype=v.dtype, device=q.device)
     lse = _empty(debug, B, H, L, dtype=torch.float32, device=q.device)
@@ -486,7 +495,7 @@ def backward(
     B, H, L, D = q.shape
     HKV = k.shape[1]
     DV = v.shape[-1]
-    cfg = config_for(D, q.device)
+    cfg = config_for(D, q.device, q.dtype)
     per_head = vote_head < 0
     prec = _precision(q.dtype)
     dev = q.device

@@ -11,6 +11,8 @@ Triton is imported only when a kernel runs, so this module imports without Trito
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,12 @@ def is_available() -> bool:
     return torch.cuda.is_available() or _interpreting()
 
 
+def _on(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (cuda:1 inputs with device 0 current
+    would be read out of another device's memory)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("selective_attention::paper_fwd", mutates_args=())
 def paper_fwd(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float) -> tuple[Tensor, Tensor]:
     B, H, L, _ = q.shape
@@ -50,9 +58,10 @@ def paper_fwd(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel
         return v.new_empty(B, H, 0, v.shape[-1]), q.new_empty(B, H, 0, dtype=torch.float32)
     from . import kernels
 
-    return kernels.forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), vote_head, scale, sel_scale, debug=debug_fill_nan
-    )
+    with _on(q):
+        return kernels.forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), vote_head, scale, sel_scale, debug=debug_fill_nan
+        )
 
 
 @paper_fwd.register_fake
@@ -78,7 +87,8 @@ def paper_bwd(
     from . import kernels
 
     q, k, v, out, lse, dout = (t.contiguous() for t in (q, k, v, out, lse, dout))
-    return kernels.backward(dout, q, k, v, out, lse, vote_head, scale, sel_scale, debug=debug_fill_nan)
+    with _on(q):
+        return kernels.backward(dout, q, k, v, out, lse, vote_head, scale, sel_scale, debug=debug_fill_nan)
 
 
 @paper_bwd.register_fake
