@@ -133,9 +133,7 @@ def _ratio(a, b) -> float | str:
     return round(a / b, 2) if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
 
 
-def run(
-    D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naive_max_L: int, rows: list[dict]
-) -> None:
+def run(D: int, L: int, dtype: torch.dtype, names: list[str], repeats: int, naive_max_L: int, rows: list[dict]) -> None:
     """Appends one row per method to ``rows`` as it is measured (a crash keeps the rows before it)."""
     B, H = max(1, TOKENS // L), MODEL_DIM // D
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -173,7 +173,8 @@ def selective_attention(
             long L). Any other value raises ``ValueError``.
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
             ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F; float32 for
-            float16 / bfloat16 inputs: the loss subtracts them from a count of ~L tokens), differentiable: the memory loss is built from it (:mod:`selective_attention.model`).
+            float16 / bfloat16 inputs: the loss subtracts them from a count of ~L tokens), differentiable:
+            the memory loss is built from it (:mod:`selective_attention.model`).
         selection_head, selection_per_head: deprecated aliases of ``Selection(head=...)`` and
             ``Selection(per_head=...)`` (with ``selection=True``); a ``DeprecationWarning`` says what to
             pass instead. So is ``selection=True`` with ``selection_qk`` (``Selection(projection=True)``).

@@ -152,7 +152,9 @@ class Selection:
             raise ValueError(f"selection_qk qs and ks must have one shape; got {tuple(qs.shape)}, {tuple(ks.shape)}.")
         Ds = qs.shape[-1]
         if Ds == 0:
-            raise ValueError(f"selection_qk qs and ks have Ds = 0 features ({tuple(qs.shape)}); the votes need Ds >= 1.")
+            raise ValueError(
+                f"selection_qk qs and ks have Ds = 0 features ({tuple(qs.shape)}); the votes need Ds >= 1."
+            )
         return Voters(scale=scale if Ds == D else 1.0 / math.sqrt(Ds), qs=qs, ks=ks)
 
 

@@ -151,9 +151,9 @@ class TrainConfig:
 
 # Options that may differ between a run and its resume: how long to train (the cosine schedule is recomputed
 # for the new max_steps: a longer run's learning rate at the resumed step is higher than where it stopped),
-# where and how to run, how often to evaluate and save. The others (data, optimisation, eval_batches, which sets what val_loss measures, ...) would silently mix two
-# experiments in one history, so main() refuses them without --allow_config_change=true. The model is compared
-# on its own (it must be the same, see _model_diff).
+# where and how to run, how often to evaluate and save. The others (data, optimisation, eval_batches, which
+# sets what val_loss measures, ...) would silently mix two experiments in one history, so main() refuses them
+# without --allow_config_change=true. The model is compared on its own (it must be the same, see _model_diff).
 # varassign's validation examples come from this seed's stream, a training rank's from seed + 1000 * rank
 # (:func:`data_seed`): a run whose training stream would be the validation stream is refused
 VA_VAL_SEED = 12345
@@ -293,8 +293,10 @@ class Task:
             self.vocab_size = self.train_task.vocab_size
             T = self.train_task.seq_len
             if T > self.context_len:
-                raise ValueError(f"varassign examples are {T} tokens, longer than the model's context_len="
-                                 f"{self.context_len}: a model trained with --context_len >= {T} reads them.")  # fmt: skip
+                raise ValueError(
+                    f"varassign examples are {T} tokens, longer than the model's context_len={self.context_len}: "
+                    f"a model trained with --context_len >= {T} reads them."
+                )
         else:
             text = data.load_text(cfg.data)
             bpe = tokenizer.kind == "bpe" if tokenizer is not None else cfg.tokenizer == "bpe"
@@ -552,8 +554,10 @@ def main(cfg: TrainConfig) -> dict:
         for split in ("train", "val"):
             task.text._split(split, cfg.model.context_len)
     if resumed is None and cfg.min_lr > cfg.lr:  # a new run only: a stored config always loads and resumes
-        raise ValueError(f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the cosine schedule goes from lr down to "
-                         f"min_lr, so it would rise instead; pass --min_lr <= lr (e.g. --min_lr={cfg.lr / 10:g}).")  # fmt: skip
+        raise ValueError(
+            f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the cosine schedule goes from lr down to min_lr, so "
+            f"it would rise instead; pass --min_lr <= lr (e.g. --min_lr={cfg.lr / 10:g})."
+        )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=task.vocab_size))
     model = GPT(cfg.model).to(device)
     opt = _optimizer(model, cfg)

@@ -383,6 +383,4 @@ def test_generate_defaults_fit_the_context_and_budgets_are_bounded(ckpts, capsys
     parse_overrides(["--seed=-3"])  # negative seeds were always accepted: stored configs hold them
     # varassign on a text model whose context is shorter than an example: the fix is the training's
     assert main(["eval", "--ckpt", run, "--data", "varassign"]) == 2
-    assert "longer than the model's context_len=32: a model trained with --context_len >= " in (
-        capsys.readouterr().err
-    )
+    assert "longer than the model's context_len=32: a model trained with --context_len >= " in (capsys.readouterr().err)

@@ -140,8 +140,8 @@ def test_a_split_too_small_for_one_window_fails_before_training(tmp_path):
     corpus.write_text("In the beginning was the word. " * 40)
     with pytest.raises(ValueError, match=r"the val split.*has \d+ tokens.*needs"):
         # evaluating late and saving early: before this check, a checkpoint was written before the error
-        main(tiny(tmp_path, data=str(corpus), val_fraction=0.01, tokenizer="byte", context_len=64, eval_interval=12,
-                  ckpt_interval=2))
+        kw = dict(val_fraction=0.01, tokenizer="byte", context_len=64, eval_interval=12, ckpt_interval=2)
+        main(tiny(tmp_path, data=str(corpus), **kw))
     assert not (tmp_path / "run" / checkpoint.CKPT_NAME).exists()
 
 

@@ -12,7 +12,6 @@ Triton is imported only when a kernel runs, so this module imports without Trito
 from __future__ import annotations
 
 import contextlib
-
 import os
 from typing import TYPE_CHECKING
 
