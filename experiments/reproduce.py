@@ -332,6 +332,29 @@ def plot(runs: dict) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS.parent / "reproduction_kv.png", dpi=120)
+    plot_loss_curves(runs, contexts)
+
+
+def plot_loss_curves(runs: dict, contexts: list[int]) -> None:
+    """Per context: the training-time validation loss (eval_batches windows of the validation split, every
+    eval_interval steps, from each run's history) vs step, one line per variant (mean over its seeds)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        for i, variant in enumerate(VARIANTS):
+            hists = [[h for h in r["history"] if "val_loss" in h] for r in runs.values()
+                     if r["context"] == context and r["variant"] == variant and r.get("history")]  # fmt: skip
+            if not hists:
+                continue
+            steps = [h["step"] for h in hists[0]]
+            mean = [sum(hs[j]["val_loss"] for hs in hists) / len(hists) for j in range(len(steps))]
+            ax.plot(steps, mean, "o-", color=f"C{i}", ms=3, label=f"{variant} ({len(hists)} seeds)")
+        ax.set(xlabel="step", ylabel="validation loss (nats/token)", title=f"context {context}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS.parent / "reproduction_loss.png", dpi=120)
 
 
 def main() -> None:

@@ -52,6 +52,10 @@ def test_tiny_plan_runs_and_reports(reproduce):
     md = reproduce.report()
     assert "| 16 | selective − standard |" in md and "s0 " in md and "s1 " in md
     assert "| 16 | standard + window |" in md
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots: KV curves and loss curves per context
+        assert all(
+            (reproduce.RESULTS.parent / f).stat().st_size > 0 for f in ("reproduction_kv.png", "reproduction_loss.png")
+        )
 
 
 def test_a_variant_waits_for_its_seeds_standard(reproduce):
