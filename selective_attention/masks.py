@@ -149,9 +149,9 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
     if penalty.dtype != dtype:
-        penalty = penalty.to(dtype)
+        finite, penalty = penalty, penalty.to(dtype)
         if torch.isinf(penalty).any():
-            big = mask.masked_fill(removed, 0.0).abs().max().item()
+            big = finite.abs().max().item()
             raise ValueError(
                 f"{name} ({mask.dtype}) holds finite penalties up to {big:g}, which are inf in the queries' "
                 f"{dtype}: a cast would remove those keys. Use +-inf (or a bool mask) to remove a key, "
