@@ -31,7 +31,6 @@ spec (it materialises ``[B, H, L, L]``). Layers that do not select run PyTorch's
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import threading
@@ -217,8 +216,18 @@ def settings(config) -> HFSettings:
             f"config.{CONFIG_KEY} lists layers={list(s.layers)}, but the model has {n_layers} (num_hidden_layers): "
             "those would silently run standard attention. Write the settings again with configure(config, layers=...)."
         )
-    _PARSED[id(config)] = (None if d is None else json.loads(json.dumps(d)), s)  # a deep copy
+    _PARSED[id(config)] = (_copy(d), s)
     return s
+
+
+def _copy(x):
+    """A deep copy of a JSON-like value (dicts, lists, scalars), plain enough for torch.compile to trace: the
+    first call of a compiled model parses its settings inside the graph (``json`` there broke it per layer)."""
+    if isinstance(x, dict):
+        return {key: _copy(value) for key, value in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copy(value) for value in x)
+    return x
 
 
 # --- registration --------------------------------------------------------------------------------------

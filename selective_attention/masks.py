@@ -199,6 +199,9 @@ def normalize_mask(
     removed: Tensor | None = None
     penalty: Tensor | None = None
     padding: Tensor | None = None
+    # The shortcuts below read values (no padding at all, no key removed, a mask that is the causal rule); under
+    # torch.compile that would break the graph, so it keeps the masks as given (the same result, the masked path).
+    compiling = torch.compiler.is_compiling()
     if selective_mask is not None:
         if not isinstance(selective_mask, Tensor):
             raise TypeError(f"selective_mask must be a torch.Tensor or None, got {type(selective_mask).__name__}.")
@@ -224,15 +227,15 @@ def normalize_mask(
             )
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}.")
-        if key_padding_mask.any():
+        if compiling or key_padding_mask.any():
             padding = key_padding_mask
             pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
             removed = pad if removed is None else removed | pad
 
     causal = is_causal
-    if removed is not None and not removed.any():
+    if removed is not None and not compiling and not removed.any():
         removed = None
-    if removed is not None and removed.shape[:2] == (1, 1):
+    if removed is not None and removed.shape[:2] == (1, 1) and not compiling:
         # A mask that *is* the causal rule (the seed's example) runs on the causal kernels.
         rule = causal_removed(Lq, Lk, device)
         if is_causal:

@@ -127,7 +127,7 @@ def test_repr_mentions_selection():
 
 
 def test_torch_compile_paper_layer():
-    """torch.compile (inductor) traces through the chunked autograd.Function: same outputs and grads."""
+    """torch.compile (inductor) of the paper layer (the chunked custom ops inside its graph): same outputs and grads."""
     torch.manual_seed(0)
     attn = SelectiveAttention(32, 4, dropout=0.0, selection=True)
     x = torch.randn(2, 70, 32, requires_grad=True)

@@ -742,6 +742,31 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_padded_training_is_one_graph_and_matches_eager():
+    """A padded batch through a compiled model on its first call (its settings parsed inside the trace): as
+    many graph breaks as sdpa's model (none), and the loss and gradients of eager."""
+    ids, mask, _ = padded_batch(side="left")
+    breaks = {}
+    for impl in ("sdpa", "selective"):
+        torch._dynamo.reset()
+        model = build("llama", dtype=torch.float32, impl=impl).train()
+        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=ids)
+        breaks[impl] = [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    assert breaks["selective"] == breaks["sdpa"] == [], breaks
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = build("llama", dtype=torch.float32).train()
+        run = torch.compile(model, fullgraph=True) if compiled else model
+        loss = run(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_package_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"

@@ -111,15 +111,15 @@ def test_bad_chunk_size_raises(bad):
 
 # --- 4. key padding: O(B L) masks in the chunked path; the first real token is protected ----------------
 def _spy_removed(monkeypatch):
-    """Record the ``removed`` mask (and its shape) that each call hands the chunked autograd Function."""
+    """Record the ``removed`` mask (and its shape) that each call hands the chunked custom op."""
     seen = []
-    apply = chunked._ChunkedSelectiveAttention.apply
+    apply = chunked._apply
 
     def spy(q, k, v, qs, ks, heads, removed, *rest):
         seen.append(None if removed is None else tuple(removed.shape))
         return apply(q, k, v, qs, ks, heads, removed, *rest)
 
-    monkeypatch.setattr(chunked._ChunkedSelectiveAttention, "apply", spy)
+    monkeypatch.setattr(chunked, "_apply", spy)
     return seen
 
 

@@ -285,179 +285,303 @@ def check_chunk_size(chunk_size: object) -> None:
     )
 
 
-class _ChunkedSelectiveAttention(torch.autograd.Function):
-    """Inputs ``q, k, v, qs, ks, heads, ...``: the voters are ``(qs, ks)``, or, when ``heads`` is a
-    slice, the heads ``q[:, heads], k[:, heads]`` themselves; then their vote gradients are added into
-    dq/dk in place (a separate input would cost autograd two full-size zero tensors and a sum)."""
+def _block_span(q: Tensor, G: int, chunk: int, removed: Tensor | None, penalty: Tensor | None) -> int:
+    """Query rows per block of forward and backward alike (a multiple of ``chunk``), for q ``[B, H, L, D]``
+    (contiguous) and G voting heads."""
+    B, H, L, _ = q.shape
+    return chunk * _forward_blocks(H, G, L, chunk, removed, penalty, _block_rows(B * H, q.element_size()))
 
-    @staticmethod
-    def forward(ctx, q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau):
-        # the inputs themselves are saved, not contiguous copies: the double-backward guard links to them
-        inputs = (q, k, v, qs if heads is None else None, ks if heads is None else None, penalty)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if heads is not None:
-            qs, ks = q[:, heads], k[:, kv_heads(heads, q.shape[1], k.shape[1])]
-        B, H, L, _ = q.shape
-        G = qs.shape[1]
-        out = v.new_empty(B, H, L, v.shape[-1])
-        lse = q.new_empty(B, H, L)
-        fchunk = chunk * _forward_blocks(H, G, L, chunk, removed, penalty, _block_rows(B * H, q.element_size()))
-        vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
-        ws = _Workspace(qs, votes=B * G * min(fchunk, L) * L, bias=B * G * min(fchunk, L) * L)
-        ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
-        # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
-        # summed in at least float32, like the naive spec's (they are subtracted from a count of ~L tokens)
-        mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
-        carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
-        for i0 in range(0, L, fchunk):
-            i1 = min(i0 + fchunk, L)
-            carries[i0 // fchunk] = ncol
-            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
-            if Fc is not None:
-                mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1, dtype=mem.dtype)
-            ncol[:, :, :i1] += Sn.sum(dim=2)
-            o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
-            out[:, :, i0:i1] = o_c
-            lse[:, :, i0:i1] = lse_c
-        ctx.save_for_backward(*inputs, removed, dead, pad, out, lse, carries)
-        ctx.heads, ctx.scale, ctx.sel_scale, ctx.chunk, ctx.fchunk, ctx.tau = (
-            heads,
-            scale,
-            sel_scale,
-            chunk,
-            fchunk,
-            tau,
+
+def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau):
+    """``(out, mem, lse, carries)``: the attention, the memory-loss rows (``[B, G, 0]`` without ``tau``), and
+    what backward needs: the rows' log-sum-exp ``[B, H, L]`` and the column sums carried into each block
+    ``[blocks, B, G, L]``. The voters are ``(qs, ks)``, or, when ``heads`` is a slice, those heads of q, k."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if heads is not None:
+        qs, ks = q[:, heads], k[:, kv_heads(heads, q.shape[1], k.shape[1])]
+    B, H, L, _ = q.shape
+    G = qs.shape[1]
+    out = v.new_empty(B, H, L, v.shape[-1])
+    lse = q.new_empty(B, H, L)
+    fchunk = _block_span(q, G, chunk, removed, penalty)
+    vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
+    ws = _Workspace(qs, votes=B * G * min(fchunk, L) * L, bias=B * G * min(fchunk, L) * L)
+    ncol = qs.new_zeros(B, G, L)  # minus the column sums of the votes so far
+    # memory-loss rows: sum_j min(F[i, j], tau), only when asked for (tau given)
+    # summed in at least float32, like the naive spec's (they are subtracted from a count of ~L tokens)
+    mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
+    carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
+    for i0 in range(0, L, fchunk):
+        i1 = min(i0 + fchunk, L)
+        carries[i0 // fchunk] = ncol
+        Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
+        if Fc is not None:
+            mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1, dtype=mem.dtype)
+        ncol[:, :, :i1] += Sn.sum(dim=2)
+        o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
+        out[:, :, i0:i1] = o_c
+        lse[:, :, i0:i1] = lse_c
+    return out, mem, lse, carries
+
+
+def _backward(
+    q,
+    k,
+    v,
+    qs,
+    ks,
+    heads,
+    penalty,
+    removed,
+    dead,
+    pad,
+    out,
+    lse,
+    carries,
+    dout,
+    dmem,
+    scale,
+    sel_scale,
+    chunk,
+    tau,
+    want_dpen,
+):
+    """``(dq, dk, dv, dqs, dks, dpen)`` (``dqs, dks`` None when the voters are ``heads`` of q, k: their vote
+    gradients are added into dq, dk; ``dpen`` None unless ``want_dpen``)."""
+    if tau is None:
+        dmem = None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
+    dout = dout.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # The voting heads' own vote gradients (sel_scale dl ks, sel_scale dl^T qs) have the shape of their
+    # attention gradients (scale dZ k, scale dZ^T q): dl * sel_scale / scale added into their dZ rides
+    # the dq and dk GEMMs. A dedicated pair (qs, ks) gets GEMMs of its own.
+    fold = heads is not None and scale != 0.0
+    if heads is None:
+        dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks)
+    else:
+        kvh = kv_heads(heads, H, Hkv)
+        qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
+    G, Gk = qs.shape[1], ks.shape[1]  # Gk = G, or Hkv < G when every head of a grouped-query layer votes
+    fchunk = _block_span(q, G, chunk, removed, penalty)
+    vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
+    dpen = torch.zeros_like(penalty) if want_dpen else None
+    dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later blocks
+    delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
+    # The g query heads of one kv head are one GEMM operand: per block, their rows stacked head after
+    # head, [B*Hkv, g*C, .] (a copy of the block's rows when g > 1, a view when g = 1), so keys and
+    # values are never repeated and dk, dv sum over the group inside the GEMM.
+    q5, do5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout))
+    lse5 = lse.view(B, Hkv, g, L, 1) * _LOG2E
+    delta5 = delta.view(B, Hkv, g, L, 1)
+
+    def rows(t5: Tensor, i0: int, i1: int) -> Tensor:  # [B, Hkv, g, L, X] -> [B*Hkv, g*C, X]
+        return t5[:, :, :, i0:i1].reshape(B * Hkv, g * (i1 - i0), t5.shape[-1])
+
+    # [B*Hkv, L, D] views: the per-tile matmuls accumulate into their key rows in place (baddbmm_)
+    k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
+    dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
+    kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
+    a = scale * _LOG2E
+    width = _key_tile(B * H, fchunk, L, q.element_size())
+    rows_max = min(fchunk, L)
+    ws = _Workspace(
+        q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
+        P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
+    )  # fmt: skip
+    # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
+    # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
+    # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
+    # columns (and dcol, the later blocks' sums of dF in those columns):
+    #
+    #            keys 0 ............................ i1
+    #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (its F, bias: [B, G|H, C, i1])
+    #        i1
+    for i0 in reversed(range(0, L, fchunk)):
+        i1 = min(i0 + fchunk, L)
+        C = i1 - i0
+        Sn_b, bias_b, F_b = _chunk_bias(
+            vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
         )
-        if tau is None:
-            ctx.mark_non_differentiable(mem)
-        return out, mem
+        qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
+        qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
+        qn_c = vt.qn[:, :, i0:i1]
+        dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
+        dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
+        dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
+        for j0 in range(0, i1, width):
+            j1 = min(j0 + width, i1)
+            n = j1 - j0
+            Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
+            # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
+            P3 = torch.bmm(qa, kT[:, :, j0:j1], out=ws("P", B * Hkv, g * C, n)).sub_(lse_c)  # [B*Hkv, g*C, n]
+            bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
+            P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
+            # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
+            # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
+            torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
+            # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
+            # one call per head.
+            dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
+            # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
+            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n)).sub_(delta_c).mul_(P3)
+            del P, P3
+            dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
+            if want_dpen:
+                _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
+            dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
+            if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F <= tau] (at F = tau: clamp's, the spec's)
+                dF.add_(dmem_c * (F_b[..., j0:j1] <= tau))
+            # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
+            dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
+            dcol[:, :, j0:j1] += dF.sum(dim=2)
+            # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
+            dl = dS.mul_(Sn < 0)
+            if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
+                dZ[:, heads].add_(dl, alpha=sel_scale / scale)
+            else:
+                dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
+                if Gk == G:
+                    dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c), alpha=vt.post)
+                else:  # the g voters of one key head as one GEMM: their gradients sum in it
+                    dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
+                    qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
+                    dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
+            del dZ, dF, dS, dl
+            dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
+            dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
+            dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
+            del dZ3
+        dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
+        if not fold:
+            dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
+    if heads is not None:
+        dqs = dks = None
+    return dq, dk, dv, dqs, dks, dpen
 
-    @staticmethod
-    def backward(ctx, dout, dmem):
-        saved = ctx.saved_tensors
-        inputs = saved[:6]  # q, k, v, qs, ks, penalty as given to forward
-        with torch.no_grad():
-            grads = _ChunkedSelectiveAttention._backward(ctx, *saved, dout, dmem)
-        if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
-            grads = _refuse_double_backward(grads, (*inputs, dout, dmem))
-        return grads
 
-    @staticmethod
-    def _backward(ctx, q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries, dout, dmem):
-        heads, scale, sel_scale, fchunk, tau = ctx.heads, ctx.scale, ctx.sel_scale, ctx.fchunk, ctx.tau
-        if tau is None:
-            dmem = None
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, L, D = q.shape
-        Hkv = k.shape[1]
-        g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
-        dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        # The voting heads' own vote gradients (sel_scale dl ks, sel_scale dl^T qs) have the shape of their
-        # attention gradients (scale dZ k, scale dZ^T q): dl * sel_scale / scale added into their dZ rides
-        # the dq and dk GEMMs. A dedicated pair (qs, ks) gets GEMMs of its own.
-        fold = heads is not None and scale != 0.0
-        if heads is None:
-            dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks)
-        else:
-            kvh = kv_heads(heads, H, Hkv)
-            qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
-        G, Gk = qs.shape[1], ks.shape[1]  # Gk = G, or Hkv < G when every head of a grouped-query layer votes
-        vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
-        want_dpen = penalty is not None and ctx.needs_input_grad[9]
-        dpen = torch.zeros_like(penalty) if want_dpen else None
-        dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later blocks
-        delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
-        # The g query heads of one kv head are one GEMM operand: per block, their rows stacked head after
-        # head, [B*Hkv, g*C, .] (a copy of the block's rows when g > 1, a view when g = 1), so keys and
-        # values are never repeated and dk, dv sum over the group inside the GEMM.
-        q5, do5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout))
-        lse5 = lse.view(B, Hkv, g, L, 1) * _LOG2E
-        delta5 = delta.view(B, Hkv, g, L, 1)
+# --- as torch.library custom ops: torch.compile runs them as they are --------------------------------------
+# Traced by inductor, the blocks and tiles above compiled to code 1.6-1.9x slower than these eager kernels
+# (measured: fwd+bwd at L = 256-2048, fp32 CPU), and the dispatch broke the graph. As custom ops with fake
+# (shape-only) implementations, a compiled model keeps one graph and calls them as they run in eager.
+# ``heads`` crosses as ``(h0, h1)`` (the voters are ``q[:, h0:h1]``) when ``qs`` is None.
+@torch.library.custom_op("selective_attention::chunked_fwd", mutates_args=())
+def chunked_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qs: Tensor | None,
+    ks: Tensor | None,
+    h0: int,
+    h1: int,
+    removed: Tensor | None,
+    dead: Tensor | None,
+    pad: Tensor | None,
+    penalty: Tensor | None,
+    scale: float,
+    sel_scale: float,
+    chunk: int,
+    tau: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    heads = slice(h0, h1) if qs is None else None
+    return _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau)
 
-        def rows(t5: Tensor, i0: int, i1: int) -> Tensor:  # [B, Hkv, g, L, X] -> [B*Hkv, g*C, X]
-            return t5[:, :, :, i0:i1].reshape(B * Hkv, g * (i1 - i0), t5.shape[-1])
 
-        # [B*Hkv, L, D] views: the per-tile matmuls accumulate into their key rows in place (baddbmm_)
-        k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
-        dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
-        kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
-        a = scale * _LOG2E
-        width = _key_tile(B * H, fchunk, L, q.element_size())
-        rows_max = min(fchunk, L)
-        ws = _Workspace(
-            q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
-            P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
+@chunked_fwd.register_fake
+def _chunked_fwd_fake(q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, scale, sel_scale, chunk, tau):
+    q = q.contiguous()
+    B, H, L, _ = q.shape
+    like, G = (q, h1 - h0) if qs is None else (qs, qs.shape[1])
+    nb = -(-L // _block_span(q, G, chunk, removed, penalty))
+    mem = like.new_empty(B, G, L if tau is not None else 0, dtype=torch.promote_types(like.dtype, torch.float32))
+    return v.new_empty(B, H, L, v.shape[-1]), mem, q.new_empty(B, H, L), like.new_empty(nb, B, G, L)
+
+
+@torch.library.custom_op("selective_attention::chunked_bwd", mutates_args=())
+def chunked_bwd(
+    dout: Tensor,
+    dmem: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qs: Tensor | None,
+    ks: Tensor | None,
+    h0: int,
+    h1: int,
+    penalty: Tensor | None,
+    removed: Tensor | None,
+    dead: Tensor | None,
+    pad: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    carries: Tensor,
+    scale: float,
+    sel_scale: float,
+    chunk: int,
+    tau: float | None,
+    want_dpen: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dqs, dks, dpen)``; the ones that do not exist are empty ``[0]`` tensors."""
+    heads = slice(h0, h1) if qs is None else None
+    grads = _backward(
+        q, k, v, qs, ks, heads, penalty, removed, dead, pad, out, lse, carries, dout, dmem, scale, sel_scale,
+        chunk, tau, want_dpen,
+    )  # fmt: skip
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@chunked_bwd.register_fake
+def _chunked_bwd_fake(
+    dout, dmem, q, k, v, qs, ks, h0, h1, penalty, removed, dead, pad, out, lse, carries, scale, sel_scale, chunk, tau,
+    want_dpen,
+):  # fmt: skip
+    grads = [torch.empty_like(q.contiguous()), torch.zeros_like(k.contiguous()), torch.zeros_like(v.contiguous())]
+    grads += [q.new_empty(0), q.new_empty(0)] if qs is None else [torch.zeros_like(qs), torch.zeros_like(ks)]
+    grads.append(torch.zeros_like(penalty) if want_dpen else q.new_empty(0))
+    return tuple(grads)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, scale, sel_scale, chunk, tau = inputs
+    out, _, lse, carries = output
+    ctx.save_for_backward(q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries)
+    ctx.args = h0, h1, scale, sel_scale, chunk, tau
+    ctx.mark_non_differentiable(*output[2:], *output[1:2] * (tau is None))
+
+
+_PENALTY = 10  # penalty's place among chunked_fwd's inputs
+
+
+def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
+    q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries = saved = ctx.saved_tensors
+    h0, h1, scale, sel_scale, chunk, tau = ctx.args
+    want_dpen = penalty is not None and ctx.needs_input_grad[_PENALTY]
+    with torch.no_grad():
+        dq, dk, dv, dqs, dks, dpen = chunked_bwd(
+            dout, None if tau is None else dmem, q, k, v, qs, ks, h0, h1, penalty, removed, dead, pad, out, lse,
+            carries, scale, sel_scale, chunk, tau, want_dpen,
         )  # fmt: skip
-        # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
-        # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
-        # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
-        # columns (and dcol, the later blocks' sums of dF in those columns):
-        #
-        #            keys 0 ............................ i1
-        #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (its F, bias: [B, G|H, C, i1])
-        #        i1
-        for i0 in reversed(range(0, L, fchunk)):
-            i1 = min(i0 + fchunk, L)
-            C = i1 - i0
-            Sn_b, bias_b, F_b = _chunk_bias(
-                vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
-            )
-            qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-            qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
-            qn_c = vt.qn[:, :, i0:i1]
-            dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
-            dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
-            dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
-            for j0 in range(0, i1, width):
-                j1 = min(j0 + width, i1)
-                n = j1 - j0
-                Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
-                # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-                P3 = torch.bmm(qa, kT[:, :, j0:j1], out=ws("P", B * Hkv, g * C, n)).sub_(lse_c)  # [B*Hkv, g*C, n]
-                bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-                P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
-                # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
-                # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
-                torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
-                # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
-                # one call per head.
-                dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
-                # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-                dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n)).sub_(delta_c).mul_(P3)
-                del P, P3
-                dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
-                if want_dpen:
-                    _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
-                dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
-                if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F <= tau] (at F = tau: clamp's, the spec's)
-                    dF.add_(dmem_c * (F_b[..., j0:j1] <= tau))
-                # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
-                dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
-                dcol[:, :, j0:j1] += dF.sum(dim=2)
-                # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
-                dl = dS.mul_(Sn < 0)
-                if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
-                    dZ[:, heads].add_(dl, alpha=sel_scale / scale)
-                else:
-                    dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
-                    if Gk == G:
-                        dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c), alpha=vt.post)
-                    else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                        dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
-                        qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
-                        dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
-                del dZ, dF, dS, dl
-                dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-                dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
-                dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
-                del dZ3
-            dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
-            if not fold:
-                dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
-        if heads is not None:
-            dqs = dks = None
-        return dq, dk, dv, dqs, dks, None, None, None, None, dpen, None, None, None, None
+    grads = (dq, dk, dv, None if qs is None else dqs, None if qs is None else dks, *[None] * 5)
+    grads += (dpen if want_dpen else None, None, None, None, None)
+    if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
+        grads = _refuse_double_backward(grads, (*saved[:6], dout, dmem))
+    return grads
+
+
+chunked_fwd.register_autograd(_chunked_fwd_backward, setup_context=_setup_context)
+
+
+def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau) -> tuple[Tensor, Tensor]:
+    """``(out, mem)`` through the custom ops (``heads``: a slice of q's heads, or None with ``qs, ks``)."""
+    h0, h1 = (0, 0) if heads is None else heads.indices(q.shape[1])[:2]
+    out, mem, _, _ = chunked_fwd(
+        q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, float(scale), float(sel_scale), chunk,
+        None if tau is None else float(tau),
+    )  # fmt: skip
+    return out, mem
 
 
 _DOUBLE_BACKWARD = (
@@ -468,7 +592,7 @@ _DOUBLE_BACKWARD = (
 
 class _NoDoubleBackward(torch.autograd.Function):
     """Passes first-order gradients through unchanged; differentiating them raises. Its inputs include
-    the chunked Function's own inputs, so any path from the gradients back to q, k, v, ... meets it
+    the chunked op's own inputs, so any path from the gradients back to q, k, v, ... meets it
     (``once_differentiable`` links only to the incoming gradient, and a second derivative that
     reaches q only through saved inputs would silently miss this term)."""
 
@@ -562,12 +686,15 @@ def chunked_selective_attention(
         else:
             future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
             dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
-        if not dead.any():
+    # shortcuts only (an all-False mask gives the same result), skipped under torch.compile: reading a value
+    # would break the graph
+    if not torch.compiler.is_compiling():
+        if dead is not None and not dead.any():
             dead = None
-    if key_padding_mask is not None and not key_padding_mask.any():
-        key_padding_mask = None
+        if key_padding_mask is not None and not key_padding_mask.any():
+            key_padding_mask = None
     qs, ks, heads = voters.qs, voters.ks, voters.heads
-    out, rows = _ChunkedSelectiveAttention.apply(
+    out, rows = _apply(
         q, k, v, qs, ks, heads, removed, dead, key_padding_mask, penalty, scale, voters.scale, chunk, tau
     )
     out = out if dead is None else out.masked_fill(dead, 0.0)

@@ -83,8 +83,15 @@ NAMES = ("auto", *PREFERENCE)
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (imported on first use)."""
-    return importlib.import_module(f".{PREFERENCE[name][0]}", __package__)
+    """The module implementing backend ``name``."""
+    return _MODULES[name]
+
+
+# Imported here, once (none of them imports Triton): an import inside ``dispatch`` would break the graph of a
+# model under ``torch.compile`` at every attention call.
+_MODULES: dict[str, ModuleType] = {
+    name: importlib.import_module(f".{mod}", __package__) for name, (mod, _) in PREFERENCE.items()
+}
 
 
 def choose(backend: str, req: Request) -> str:
