@@ -5,7 +5,8 @@ MLP 688, byte vocabulary; untrained: speed and memory do not depend on the weigh
 
 * **Training**: one AdamW step (forward, backward, optimizer) on a batch of ``--batch`` windows of
   ``--contexts`` tokens, "selective" (the paper's F in every layer, through the chunked backend) and
-  "sdpa" (HF's standard attention) taking turns; tokens/s and the median per-round ratio.
+  "sdpa" (HF's standard attention) taking turns; tokens/s and the median per-round ratio. Then both again
+  under ``torch.compile`` (``--train-modes``): the selective model's attention stays the chunked custom ops.
 * **Decoding** at context ``--decode-context``: the prompt is read, then ``--steps`` tokens are decoded
   one at a time, timing each model call, for (a) "sdpa" with HF's default ``DynamicCache``,
   (b) "selective" with ``SelectiveCache()`` (no budget: exact), (c) "selective" with
@@ -95,21 +96,26 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     args = ap.parse_args()
     sa_hf.register()
-    sel, std = build("selective").train(), build("sdpa").train()
     rows = []
-    for L in args.contexts:
-        ids = torch.randint(0, 256, (args.batch, L), generator=torch.Generator().manual_seed(L))
-        t = interleaved({"selective": train_step_fn(sel, ids), "sdpa": train_step_fn(std, ids)}, args.repeats, 1)
-        tok = args.batch * L
-        rows.append({
-            "measure": f"training step, ctx {L}, batch {args.batch}",
-            "sdpa": f"{tok / statistics.median(t['sdpa']):,.0f} tok/s",
-            "selective": f"{tok / statistics.median(t['selective']):,.0f} tok/s",
-            "ratio": f"{1 / median_ratio(t, 'selective', 'sdpa'):.2f}x throughput",
-        })  # fmt: skip
-        print(rows[-1], flush=True)
+    for mode in args.train_modes:
+        models = {impl: build(impl).train() for impl in ("selective", "sdpa")}
+        if mode == "compiled":  # both under torch.compile (static shapes: one graph per context), like with like
+            models = {impl: torch.compile(m, dynamic=False) for impl, m in models.items()}
+        for L in args.contexts:
+            ids = torch.randint(0, 256, (args.batch, L), generator=torch.Generator().manual_seed(L))
+            steps = {impl: train_step_fn(m, ids) for impl, m in models.items()}
+            t = interleaved(steps, args.repeats, 1)
+            tok = args.batch * L
+            rows.append({
+                "measure": f"training step, ctx {L}, batch {args.batch}" + (", compiled" if mode == "compiled" else ""),
+                "sdpa": f"{tok / statistics.median(t['sdpa']):,.0f} tok/s",
+                "selective": f"{tok / statistics.median(t['selective']):,.0f} tok/s",
+                "ratio": f"{1 / median_ratio(t, 'selective', 'sdpa'):.2f}x throughput",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
     L = args.decode_context
     std = build("sdpa").eval()
     models = {"sdpa": std, "full": build("selective").eval(), "pruned": build("selective").eval(), "floor": std}
