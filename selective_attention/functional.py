@@ -6,6 +6,7 @@ import math
 import numbers
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from .masks import normalize_mask
@@ -77,6 +78,7 @@ def _request(
     selection_head: int | None = None,
     selection_per_head: bool | None = None,
     enable_gqa: bool = False,
+    backend: str = "auto",
 ) -> Request:
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
     _check_qkv(q, k, v, enable_gqa)
@@ -102,6 +104,11 @@ def _request(
         # [B, 1, 1, L] key padding mask into [B, 1, L, L]
         is_causal=is_causal and chosen is None,
         key_padding_mask=key_padding_mask,
+        # compiled paper mode off CUDA runs the chunked kernel, masks or not: no value read, no graph break. (For
+        # the Triton kernel a mask that is all False must still be dropped, read eagerly, for it to serve.)
+        read_values=not (
+            torch.compiler.is_compiling() and chosen is not None and q.device.type != "cuda" and backend != "triton"
+        ),
     )
     voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
     if memory_tau is not None and (voters is None or not memory_tau > 0):
@@ -195,7 +202,7 @@ def selective_attention(
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,
-        selection_head=selection_head, selection_per_head=selection_per_head, enable_gqa=enable_gqa,
+        selection_head=selection_head, selection_per_head=selection_per_head, enable_gqa=enable_gqa, backend=backend,
     )  # fmt: skip
     out, rows = dispatch(backend, req)
     return out if memory_tau is None else (out, rows)

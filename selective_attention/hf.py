@@ -221,11 +221,12 @@ def settings(config) -> HFSettings:
 
 
 def _copy(x):
-    """A deep copy of a JSON-like value (dicts, lists, scalars), plain enough for torch.compile to trace: the
-    first call of a compiled model parses its settings inside the graph (``json`` there broke it per layer)."""
+    """A deep copy of a JSON-like value (dicts, lists, tuples, sets, scalars), plain enough for torch.compile to
+    trace: the first call of a compiled model parses its settings inside the graph (``json`` there broke it per
+    layer)."""
     if isinstance(x, dict):
         return {key: _copy(value) for key, value in x.items()}
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple, set, frozenset)):
         return type(x)(_copy(value) for value in x)
     return x
 

@@ -181,6 +181,7 @@ def normalize_mask(
     device: torch.device,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    read_values: bool = True,
 ) -> NormalizedMask:
     """Validate and combine the user's masks into a :class:`NormalizedMask`.
 
@@ -195,13 +196,13 @@ def normalize_mask(
             ``(B, 1, 1, Lk)`` in ``removed`` unless ``is_causal`` or a full mask widens it (paper mode
             passes ``is_causal=False``: its kernels apply causality themselves, so key padding stays
             O(B Lk)), and returned as ``padding`` for the selection's vote rule.
+        read_values: False keeps the masks as given, skipping the shortcuts that read their values (no padding
+            at all, no key removed, a mask that is the causal rule): the same result on the masked path, and no
+            graph break under ``torch.compile`` (paper mode off CUDA, whose chunked kernel takes any mask).
     """
     removed: Tensor | None = None
     penalty: Tensor | None = None
     padding: Tensor | None = None
-    # The shortcuts below read values (no padding at all, no key removed, a mask that is the causal rule); under
-    # torch.compile that would break the graph, so it keeps the masks as given (the same result, the masked path).
-    compiling = torch.compiler.is_compiling()
     if selective_mask is not None:
         if not isinstance(selective_mask, Tensor):
             raise TypeError(f"selective_mask must be a torch.Tensor or None, got {type(selective_mask).__name__}.")
@@ -227,15 +228,15 @@ def normalize_mask(
             )
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}.")
-        if compiling or key_padding_mask.any():
+        if not read_values or key_padding_mask.any():
             padding = key_padding_mask
             pad = key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
             removed = pad if removed is None else removed | pad
 
     causal = is_causal
-    if removed is not None and not compiling and not removed.any():
+    if removed is not None and read_values and not removed.any():
         removed = None
-    if removed is not None and removed.shape[:2] == (1, 1) and not compiling:
+    if removed is not None and removed.shape[:2] == (1, 1) and read_values:
         # A mask that *is* the causal rule (the seed's example) runs on the causal kernels.
         rule = causal_removed(Lq, Lk, device)
         if is_causal:

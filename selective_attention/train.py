@@ -113,6 +113,7 @@ class TrainConfig:
     va_ramp_steps: int = 0  # varassign curriculum: steps over which the count grows to va_assign, in equal stages
     va_hold_steps: int = 0  # varassign curriculum: steps at va_assign_start before the growth starts
     stop_after: int = 0  # > 0: stop (as if killed) after this many steps of this process; for tests
+    compile: bool = False  # training steps through torch.compile: faster after a one-time compilation (first step)
     # Free to change on resume: RESUMABLE_FIELDS (max_steps extends the run; the lr schedule is recomputed for it).
     allow_config_change: bool = False  # resume even with another data, lr, batch_size, ... (else refused)
 
@@ -159,7 +160,7 @@ class TrainConfig:
 VA_VAL_SEED = 12345
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
-     "ckpt_interval"}
+     "ckpt_interval", "compile"}
 )  # fmt: skip
 
 
@@ -609,11 +610,14 @@ def main(cfg: TrainConfig) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model)
+    if cfg.compile:  # forward and backward; evaluation stays eager (the module itself)
+        train_model = torch.compile(train_model)
     failed = False
     bar = progress_bar(cfg.max_steps, out_dir.name, enabled=cfg.progress and main_proc, initial=start)
     try:
         tokens_per_step = cfg.batch_size * cfg.model.context_len * world
-        # tokens/s of the training steps alone: evaluations and checkpoints are off the clock
+        # tokens/s of the training steps alone: evaluations, checkpoints (and with --compile the first step, which
+        # compiles) are off the clock
         train_seconds, tok_seen, last = 0.0, 0, {}
         model.train()
         step = start
@@ -639,9 +643,13 @@ def main(cfg: TrainConfig) -> dict:
             if bad:
                 raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, f"lr {lr_at(step, cfg):.3g} at that step")
             opt.step()
-            tok_seen += x.numel() * world
-            train_seconds += time.perf_counter() - t_step
-            tps = tok_seen / train_seconds
+            seconds = time.perf_counter() - t_step
+            if cfg.compile and step == start and step + 1 < cfg.max_steps:
+                tps = x.numel() * world / seconds  # the step that compiled: its own rate, off the run's clock
+            else:
+                tok_seen += x.numel() * world
+                train_seconds += seconds
+                tps = tok_seen / train_seconds
             last = {"step": step + 1, "loss": loss_val, "tokens_per_s": tps, **stats}
             if task.varassign and cfg.va_assign_start:  # the curriculum's stage (evaluation is on va_assign)
                 last["va_assign"] = task.n_assign_at(step)

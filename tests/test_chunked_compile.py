@@ -130,3 +130,18 @@ def test_masks_compile_as_one_graph():
         torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
         for a, b in zip(g, g_ref):
             torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_compiled_triton_call_keeps_dropping_an_all_false_padding_mask():
+    """Keeping masks while compiling is for the chunked kernel only: the Triton kernel takes no mask, so an all-False
+    key_padding_mask (a tokenizer's all-ones attention_mask) is still read and dropped for it (here through Triton's
+    interpreter)."""
+    pytest.importorskip("triton")
+    q, k, v = (t.detach().float() for t in _fwd_args("paper")[:3])
+    pad = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+
+    def fn(q, k, v):
+        return selective_attention(q, k, v, selection=True, key_padding_mask=pad, backend="triton")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v), atol=0, rtol=0)

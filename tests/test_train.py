@@ -55,6 +55,21 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(ta[k], tb[k]), k
 
 
+def test_compiled_training_matches_eager_and_resumes_either_way(tmp_path):
+    """--compile: the same run as eager up to inductor's reordered sums (selective layers with the memory loss,
+    through the chunked custom ops), and a compiled run resumes without it (or with: the option is free on resume)."""
+    kw = dict(max_steps=8, memory_eps=0.1)
+    ref = main(tiny(tmp_path / "a", **kw))
+    comp = main(tiny(tmp_path / "b", compile=True, stop_after=4, **kw))
+    assert comp["stopped_at"] == 4
+    comp = main(tiny(tmp_path / "b", **kw))  # resumed without --compile
+    for a, b in zip(ref["history"], comp["history"], strict=True):
+        assert a["step"] == b["step"]
+        for key in ("loss", "ce", "memory", "val_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert all(row["tokens_per_s"] > 0 for row in comp["history"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
 def test_resume_on_a_gpu_with_dropout_equals_uninterrupted(tmp_path):
     """Dropout on a GPU draws from the device's generator: its state is in the checkpoint too."""
