@@ -21,6 +21,7 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -126,8 +127,14 @@ class Decoder:
         ctx = cfg.context_len
         if T == 0:
             raise ValueError("the prompt must hold at least one token (e.g. a BOS token).")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or int(max_new_tokens) < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)  # numpy and 0-d tensor integers too
+        if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            warnings.warn(
+                "the model is in training mode, so its dropout is applied while decoding: call model.eval() first.",
+                stacklevel=3,
+            )
         if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
             what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
             fewer = "a shorter prompt" if T > ctx else f"max_new_tokens <= {ctx - T} (--max_new_tokens)"

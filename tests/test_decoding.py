@@ -70,3 +70,27 @@ def test_a_prompt_longer_than_the_context_goes_through_a_bounded_cache():
     for kw in (dict(), dict(threshold=1.0), dict(budget=32)):
         with pytest.raises(ValueError, match="prompt length 23 exceeds context_len=16.*budget of at most 16"):
             decoding.Decoder(model, **kw).prefill(idx, 0)
+
+
+def test_generate_takes_numpy_token_counts_and_warns_in_training_mode():
+    """max_new_tokens may be any integer (numpy's too); a model left in training mode would apply its dropout while
+    decoding: said, not silently done."""
+    import warnings
+
+    import numpy as np
+
+    from selective_attention.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, context_len=32, n_layer=1, n_head=2, d_model=16, dropout=0.1, selection=True))
+    idx = torch.randint(0, 40, (1, 5))
+    with pytest.warns(UserWarning, match=r"training mode.*model\.eval\(\)"):
+        out = decoding.Decoder(model).generate(idx, np.int64(3), temperature=0)
+    assert out.shape == (1, 8)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoding.Decoder(model).generate(idx, torch.tensor(2), temperature=0)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+            decoding.Decoder(model).prefill(idx, bad)
