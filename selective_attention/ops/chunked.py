@@ -74,8 +74,16 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
     return grouped_matmul(torch.exp(logits - lse[..., None]), v), lse
 
 
-_LOG2_TINY = {
-    dt: math.log2(torch.finfo(dt).tiny) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Backward flushes to an exact 0 every P below 2^_P_FLOOR[dtype]: a subnormal number (below the dtype's smallest
+# normal, "tiny") costs Intel CPUs a microcode assist in every operation that reads or writes it, ~100x the time. A
+# trained selective model's F pushes many weights down there; P itself is kept >= tiny by the floor, and 48 octaves
+# more keep dZ = P * (dO v - delta) normal too whenever |dO v - delta| >= 2^-48 (so the dq and dk GEMMs, which read
+# dZ, stay fast: a demo checkpoint's training step ran 1.6x slower without them). What is dropped is below 2^-78 of a
+# row that sums to 1 (fp32, bf16, fp64: 2^-974), invisible at their precision. float16's range is too short for
+# the margin (tiny is 2^-14): its floor stays at tiny.
+_P_FLOOR = {
+    dt: math.log2(torch.finfo(dt).tiny) + (0 if dt == torch.float16 else 48)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 }
 
 
@@ -420,9 +428,8 @@ def _backward(
             P3 = torch.bmm(qa, kT[:, :, j0:j1], out=ws("P", B * Hkv, g * C, n)).sub_(lse_c)  # [B*Hkv, g*C, n]
             bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
             P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
-            # exponents below log2(tiny) give denormals, which are far slower on CPU; they are < 1e-38
-            # (fp32) of a row that sums to 1, so flushing them to an exact 0 changes nothing representable.
-            torch.nn.functional.threshold_(P, _LOG2_TINY[P.dtype], _NEG_INF).exp2_()
+            # no subnormal P, nor (mostly) dZ: see _P_FLOOR
+            torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
             # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
             # one call per head.
             dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
