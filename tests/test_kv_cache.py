@@ -133,3 +133,31 @@ def test_a_cache_built_directly_checks_its_budget():
     # budget 1 leaves no slot but the first token's: the first step evicted the protected token
     with pytest.raises(ValueError, match="every budget must be an int >= 2"):
         LayerCache.empty(1, 1, n_heads=1, n_groups=1, head_dim=2, budget=1)
+
+
+def test_step_multiplies_no_subnormal_weights(monkeypatch):
+    """A trained model's F sends some attention weights into subnormal numbers (below 1.2e-38 in float32), which cost
+    Intel CPUs a microcode assist per operation: the step flushes weights below 2^-100 before they multiply v. Here
+    Fcum puts weights of ~1e-40 on half the keys; every matmul operand is checked, and the output is the weights'
+    (those weights contribute ~1e-40 of a row that sums to 1)."""
+    B, H, T, D = 2, 2, 16, 8
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, T, D, generator=gen) for _ in range(2))
+    q = torch.zeros(B, H, 1, D)  # every logit 0: the weights are exp(-Fcum) / sum
+    fcum = torch.zeros(B, 1, T)
+    fcum[..., 1::2] = 92.0  # exp(-92) = 1.1e-40: subnormal in float32
+    cache = LayerCache.empty(B, T + 1, n_heads=H, n_groups=1, head_dim=D)
+    cache.fill(k, v, fcum)
+    found, matmul = [], torch.matmul
+
+    def spy(a, b, *args, **kw):
+        found.extend(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in (a, b))
+        return matmul(a, b, *args, **kw)
+
+    k_new, v_new = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+    monkeypatch.setattr(torch, "matmul", spy)
+    y = cache.step(q, k_new, v_new, torch.tensor([T]))
+    monkeypatch.setattr(torch, "matmul", matmul)
+    assert found and sum(found) == 0, f"{sum(found)} subnormal matmul operands"
+    kept = torch.cat([v[:, :, 0::2], v_new], dim=2)  # Fcum 0: keys 0, 2, ..., 14 and the new one, equal weights
+    torch.testing.assert_close(y, kept.mean(dim=2, keepdim=True))
