@@ -21,6 +21,8 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -133,7 +135,7 @@ class Decoder:
         if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
             warnings.warn(
                 "the model is in training mode, so its dropout is applied while decoding: call model.eval() first.",
-                stacklevel=3,
+                stacklevel=_caller_level(),
             )
         if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
             what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
@@ -225,6 +227,17 @@ class Decoder:
             if n + 1 < max_new_tokens:
                 logits = self.step(tok)
         return torch.cat(out, dim=1)
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel, from the function calling this one, of the first frame outside this package
+    and torch (whose ``no_grad`` decorator adds frames): the user's call, however deep in the package it came."""
+    package, level = os.path.dirname(os.path.abspath(__file__)), 2
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def decode_one_token(model: nn.Module, caches: list[LayerCache], token: Tensor, input_pos: Tensor) -> Tensor:

@@ -9,10 +9,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .masks import normalize_mask
+from .masks import NormalizedMask, normalize_mask
 from .ops import naive
 from .ops.chunked import check_chunk_size
-from .ops.registry import NAMES, Request, dispatch
+from .ops.registry import NAMES, PREFERENCE, Request, backend_module, dispatch
 from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["selective_attention", "attention_weights", "selection_penalty", "Selection"]
@@ -92,6 +92,15 @@ def _request(
         selection, head=selection_head, per_head=selection_per_head, projected=selection_qk, stacklevel=4
     )
     B, H, Lq, _ = q.shape
+    voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
+    if memory_tau is not None and (voters is None or not memory_tau > 0):
+        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
+    # Compiled paper mode reads no mask value (a graph break) unless the Triton kernel, which takes no mask, could
+    # serve the call once an all-False mask were dropped: every other paper-mode kernel takes masks as they are.
+    read_values = not torch.compiler.is_compiling() or voters is None
+    if not read_values and (backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])):
+        plain = Request(q, k, v, NormalizedMask(None, None, False), scale, voters, memory_tau, dropout_p, chunk_size)
+        read_values = backend_module("triton").supports(plain) is None
     mask = normalize_mask(
         selective_mask,
         B=B,
@@ -104,15 +113,8 @@ def _request(
         # [B, 1, 1, L] key padding mask into [B, 1, L, L]
         is_causal=is_causal and chosen is None,
         key_padding_mask=key_padding_mask,
-        # compiled paper mode off CUDA runs the chunked kernel, masks or not: no value read, no graph break. (For
-        # the Triton kernel a mask that is all False must still be dropped, read eagerly, for it to serve.)
-        read_values=not (
-            torch.compiler.is_compiling() and chosen is not None and q.device.type != "cuda" and backend != "triton"
-        ),
+        read_values=read_values,
     )
-    voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
-    if memory_tau is not None and (voters is None or not memory_tau > 0):
-        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
     return Request(q, k, v, mask, scale, voters, memory_tau, dropout_p, chunk_size)
 
 

@@ -564,8 +564,9 @@ class LayerCache:
         # weights below 2^-100 (float64: 2^-1000) to an exact 0 before they multiply v: a trained model's F sends
         # some into subnormal numbers, which cost Intel CPUs a microcode assist each (the demo checkpoint's full-cache
         # step: 6% faster); invisible in the output (a row sums to 1)
-        torch.nn.functional.threshold_(p, _P_FLOOR[p.dtype], 0.0)
-        p = p.to(self.v.dtype)
+        # (out of place: softmax's backward reads its output, for a step run with gradients, as an HF training forward
+        # through a SelectiveCache)
+        p = torch.nn.functional.threshold(p, _P_FLOOR[p.dtype], 0.0).to(self.v.dtype)
         y = torch.matmul(p.view(B, Hkv, H // Hkv, cap), self.v).view(B, H, 1, self.v.shape[-1])
         if selection is not None:
             if selection.heads is not None:  # voting heads: their logits are the attention logits just computed

@@ -215,7 +215,7 @@ def _check_values(values: Mapping[str, object]) -> None:
     for name in ("beta1", "beta2", "dropout"):
         need(is_real(v[name]) and 0 <= v[name] < 1, name, "in [0, 1)")
     need(is_real(v["val_fraction"]) and 0 < v["val_fraction"] < 1, "val_fraction", "in (0, 1): training evaluates")
-    for name in ("resume", "progress", "allow_config_change"):
+    for name in ("resume", "progress", "allow_config_change", "compile"):
         need(isinstance(v[name], bool), name, "true or false")
     need(v["tokenizer"] in ("byte", "bpe"), "tokenizer", "byte or bpe")
     need(is_int(v["bpe_vocab_size"]) and v["bpe_vocab_size"] >= 257, "bpe_vocab_size",

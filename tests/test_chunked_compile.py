@@ -145,3 +145,33 @@ def test_compiled_triton_call_keeps_dropping_an_all_false_padding_mask():
 
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v), atol=0, rtol=0)
+
+
+def test_compiled_paper_mode_reads_masks_only_where_triton_could_serve(monkeypatch):
+    """Where "auto" may pick Triton (CUDA; here the CPU, through the interpreter, stands in for it), an all-False
+    padding mask is read and dropped so that Triton serves (a graph break); a call Triton could not serve anyway
+    (backend="chunked", memory rows) keeps its masks and compiles as one graph."""
+    pytest.importorskip("triton")
+    from selective_attention.ops import registry
+
+    monkeypatch.setitem(registry.PREFERENCE, "triton", ("triton", ("cuda", "cpu")))
+    q, k, v = (t.detach().float() for t in _fwd_args("paper")[:3])
+    pad = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
+    pad[1, :2] = True
+    served = []
+    from selective_attention import functional
+
+    def dispatch(backend, req):  # which kernel would serve; no kernel runs
+        served.append(registry.choose(backend, req))
+        return torch.zeros_like(req.q), None
+
+    monkeypatch.setattr(functional, "dispatch", dispatch)
+    for kw in (dict(backend="chunked"), dict(memory_tau=1.0)):
+        torch._dynamo.reset()
+        torch.compile(lambda q, k, v, kw=kw: selective_attention(q, k, v, selection=True, key_padding_mask=pad, **kw),
+                      fullgraph=True, backend="eager")(q, k, v)  # fmt: skip
+    assert served == ["chunked", "chunked"]
+    torch._dynamo.reset()
+    torch.compile(lambda q, k, v: selective_attention(q, k, v, selection=True, key_padding_mask=torch.zeros_like(pad)),
+                  backend="eager")(q, k, v)  # fmt: skip
+    assert served[-1] == "triton"

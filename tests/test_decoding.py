@@ -84,9 +84,12 @@ def test_generate_takes_numpy_token_counts_and_warns_in_training_mode():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=40, context_len=32, n_layer=1, n_head=2, d_model=16, dropout=0.1, selection=True))
     idx = torch.randint(0, 40, (1, 5))
-    with pytest.warns(UserWarning, match=r"training mode.*model\.eval\(\)"):
-        out = decoding.Decoder(model).generate(idx, np.int64(3), temperature=0)
-    assert out.shape == (1, 8)
+    calls = (lambda: decoding.Decoder(model).generate(idx, np.int64(3), temperature=0), lambda: model.generate(idx, 3))
+    for call in calls:
+        with pytest.warns(UserWarning, match=r"training mode.*model\.eval\(\)") as caught:
+            out = call()
+        assert out.shape == (1, 8)
+        assert caught[0].filename == __file__  # the user's line, not the library's or torch's no_grad wrapper
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -161,3 +161,25 @@ def test_step_multiplies_no_subnormal_weights(monkeypatch):
     assert found and sum(found) == 0, f"{sum(found)} subnormal matmul operands"
     kept = torch.cat([v[:, :, 0::2], v_new], dim=2)  # Fcum 0: keys 0, 2, ..., 14 and the new one, equal weights
     torch.testing.assert_close(y, kept.mean(dim=2, keepdim=True))
+
+
+def test_step_is_differentiable():
+    """A step run with gradients (a Hugging Face training forward through a SelectiveCache does this): the flush of
+    tiny weights is out of place, so softmax's backward still has its output; gradients equal plain attention's
+    over the kept keys."""
+    B, H, T, D = 1, 2, 6, 4
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(B, H, T, D, generator=gen) for _ in range(2))
+    cache = LayerCache.empty(B, T + 1, n_heads=H, n_groups=1, head_dim=D)
+    cache.fill(k, v, torch.zeros(B, 1, T))
+    q = torch.randn(B, H, 1, D, generator=gen, requires_grad=True)
+    k_new, v_new = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+    y = cache.step(q, k_new, v_new, torch.tensor([T]))
+    (g,) = torch.autograd.grad(y.sum(), q)
+    q2 = q.detach().requires_grad_()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q2, torch.cat([k, k_new], dim=2), torch.cat([v, v_new], dim=2)
+    )
+    (g_ref,) = torch.autograd.grad(ref.sum(), q2)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(g, g_ref)

@@ -428,6 +428,13 @@ def test_bad_options_are_clear_errors(option):
         parse_overrides([option])
 
 
+def test_flags_must_be_booleans():
+    """From Python, a string is refused ("false" is truthy: the run would have compiled)."""
+    for name in ("compile", "resume", "progress"):
+        with pytest.raises(ValueError, match=f"--{name}='false' is invalid.*true or false"):
+            TrainConfig.from_options({name: "false"})
+
+
 def test_bad_selection_layers_and_devices_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--selection_layers: expects comma-separated ints like 0,2.*'a,b'"):
         parse_overrides(["--selection_layers=a,b"])

@@ -79,7 +79,8 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
 # trained selective model's F pushes many weights down there; P itself is kept >= tiny by the floor, and 48 octaves
 # more keep dZ = P * (dO v - delta) normal too whenever |dO v - delta| >= 2^-48 (so the dq and dk GEMMs, which read
 # dZ, stay fast: a demo checkpoint's training step ran 1.6x slower without them). What is dropped is below 2^-78 of a
-# row that sums to 1 (fp32, bf16, fp64: 2^-974), invisible at their precision. float16's range is too short for
+# row that sums to 1 (fp32, bf16; fp64: 2^-974): a gradient moves by ~1e-23 of its largest entry at most (an entry
+# itself that small, ~1e-25, can become 0; fp64: bit for bit here). float16's range is too short for
 # the margin (tiny is 2^-14): its floor stays at tiny.
 _P_FLOOR = {
     dt: math.log2(torch.finfo(dt).tiny) + (0 if dt == torch.float16 else 48)
