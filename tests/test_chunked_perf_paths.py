@@ -162,7 +162,7 @@ def test_bf16_vote_gates_keep_their_sign(voters):
 @pytest.mark.parametrize("spread", [1.0, 3.0])
 def test_backward_gemms_never_read_subnormal_numbers(monkeypatch, spread):
     """Subnormal operands cost Intel CPUs a microcode assist per operation (a trained demo model's training step ran
-    1.6x slower): the backward flushes P below 2^-78 (fp32), which keeps dZ normal too. Every GEMM operand is checked
+    1.7x slower): the backward flushes P below 2^-78 (fp32), which keeps dZ normal too. Every GEMM operand is checked
     (random votes already send P into [2^-126, 2^-78]), and the gradients stay within fp32's error of the fp64 spec."""
     from helpers import assert_error_bounded, grads
 

@@ -78,7 +78,7 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
 # normal, "tiny") costs Intel CPUs a microcode assist in every operation that reads or writes it, ~100x the time. A
 # trained selective model's F pushes many weights down there; P itself is kept >= tiny by the floor, and 48 octaves
 # more keep dZ = P * (dO v - delta) normal too whenever |dO v - delta| >= 2^-48 (so the dq and dk GEMMs, which read
-# dZ, stay fast: a demo checkpoint's training step ran 1.6x slower without them). What is dropped is below 2^-78 of a
+# dZ, stay fast: a demo checkpoint's training step ran 1.7x slower without them). What is dropped is below 2^-78 of a
 # row that sums to 1 (fp32, bf16; fp64: 2^-974): a gradient moves by ~1e-23 of its largest entry at most (an entry
 # itself that small, ~1e-25, can become 0; fp64: bit for bit here). float16's range is too short for
 # the margin (tiny is 2^-14): its floor stays at tiny.
