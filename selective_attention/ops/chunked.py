@@ -240,6 +240,14 @@ def _exclusive_rows_below(above: Tensor | None, x: Tensor, start: Tensor) -> Ten
     return torch.cat([out, tail], dim=2)
 
 
+def _keep_where_negative(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad`` zeroed where ``x >= 0``, in place (``x`` is clamped to ``[-max, 0]``: its negative entries are
+    relu's open gate). One fused pass: ``grad.mul_(x < 0)`` makes a bool tensor, converts it to ``grad``'s
+    dtype and multiplies, ~8x the time (measured on CPU, fp32, a 1 MiB tile); hardtanh's backward keeps the
+    gradient where ``min < x < max``, and here no ``x`` is ``-inf``."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, _NEG_INF, 0.0, grad_input=grad)
+
+
 _TILE_BYTES = 4 * 2**20  # the backward's [B, H, C, width] tiles: 4 MiB, the forward's temporaries' size
 
 
@@ -447,7 +455,7 @@ def _backward(
             dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
             dcol[:, :, j0:j1] += dF.sum(dim=2)
             # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
-            dl = dS.mul_(Sn < 0)
+            dl = _keep_where_negative(dS, Sn)
             if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
                 dZ[:, heads].add_(dl, alpha=sel_scale / scale)
             else:
