@@ -95,9 +95,9 @@ def _request(
     voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
     if memory_tau is not None and (voters is None or not memory_tau > 0):
         raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
-    # Compiled paper mode reads no mask value (a graph break) unless the Triton kernel, which takes no mask, could
-    # serve the call once an all-False mask were dropped: every other paper-mode kernel takes masks as they are.
-    read_values = not torch.compiler.is_compiling() or voters is None
+    # Compiled calls read no mask value (a graph break) unless the Triton kernel, which takes no mask, could serve
+    # the call once an all-False mask were dropped: every other kernel (SDPA's included) takes masks as they are.
+    read_values = not torch.compiler.is_compiling()
     if not read_values and (backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])):
         plain = Request(q, k, v, NormalizedMask(None, None, False), scale, voters, memory_tau, dropout_p, chunk_size)
         read_values = backend_module("triton").supports(plain) is None

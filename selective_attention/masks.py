@@ -130,8 +130,10 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
     return mask
 
 
-def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """A validated mask -> (removed, penalty or None)."""
+def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True) -> tuple[Tensor, Tensor | None]:
+    """A validated mask -> (removed, penalty or None). ``read_values=False`` (a compiled call): the value checks
+    raise through ``torch._assert_async`` (a RuntimeError, no graph break) with shorter messages, the additive-mask
+    warning is not given and an all-zero penalty is kept (the same result)."""
     if mask.dtype == torch.bool:
         return mask, None
     if not mask.is_floating_point():
@@ -140,17 +142,26 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
             f"a floating dtype (values subtracted from the logits, +-inf removes). "
             f"For a 0/1 integer mask use mask.bool()."
         )
-    if torch.isnan(mask).any():
-        raise ValueError(
-            f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
-        )
+    nan_msg = (
+        f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
+    )
+    if not read_values:
+        torch._assert_async(~torch.isnan(mask).any(), nan_msg)
+    elif torch.isnan(mask).any():
+        raise ValueError(nan_msg)
     # Another float dtype (an fp32 mask for bf16 queries under autocast, say): which keys are removed is read
     # in the mask's own dtype, and only the finite penalties are cast, so a cast can never remove a key.
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
     if penalty.dtype != dtype:
         finite, penalty = penalty, penalty.to(dtype)
-        if torch.isinf(penalty).any():
+        if not read_values:
+            torch._assert_async(
+                ~torch.isinf(penalty).any(),
+                f"{name} ({mask.dtype}) holds finite penalties that are inf in the queries' {dtype}: a cast would "
+                f"remove those keys. Use +-inf (or a bool mask) to remove a key, or penalties within {dtype}'s range.",
+            )
+        elif torch.isinf(penalty).any():
             big = finite.abs().max().item()
             raise ValueError(
                 f"{name} ({mask.dtype}) holds finite penalties up to {big:g}, which are inf in the queries' "
@@ -158,6 +169,8 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor 
                 f"penalties within {dtype}'s range (max {torch.finfo(dtype).max:g}) to weight it, or queries "
                 f"in {mask.dtype}."
             )
+    if not read_values:
+        return removed, penalty
     if bool((penalty <= _ADDITIVE_MASK_LIKE).any()):
         warnings.warn(
             f"{name} holds finite values <= {_ADDITIVE_MASK_LIKE:g}: F is *subtracted* from the logits, so those keys "
@@ -198,7 +211,8 @@ def normalize_mask(
             O(B Lk)), and returned as ``padding`` for the selection's vote rule.
         read_values: False keeps the masks as given, skipping the shortcuts that read their values (no padding
             at all, no key removed, a mask that is the causal rule): the same result on the masked path, and no
-            graph break under ``torch.compile`` (paper mode off CUDA, whose chunked kernel takes any mask).
+            graph break under ``torch.compile`` (every compiled call but one Triton could serve, which takes no
+            mask); a float mask's value checks then raise through ``torch._assert_async``.
     """
     removed: Tensor | None = None
     penalty: Tensor | None = None
@@ -212,7 +226,7 @@ def normalize_mask(
                 f"move it with .to({str(device)!r})."
             )
         mask = _check_mask_shape("selective_mask", selective_mask, B, H, Lq, Lk)
-        removed, penalty = _split("selective_mask", squeeze_expanded(mask), dtype)
+        removed, penalty = _split("selective_mask", squeeze_expanded(mask), dtype, read_values)
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):

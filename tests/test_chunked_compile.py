@@ -132,6 +132,37 @@ def test_masks_compile_as_one_graph():
             torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("selection", [True, False])
+def test_float_mask_compiles_as_one_graph(selection):
+    """A float selective_mask (penalties and +inf removals, in another float dtype than the queries) under
+    fullgraph=True, in paper mode and standard attention: its value checks raise through torch._assert_async
+    instead of branching on values; the same result as eager, and a NaN in it still refuses the call."""
+    q, k, v = (t.detach().float().requires_grad_() for t in _fwd_args("paper")[:3])
+    L = q.shape[2]
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(1, 1, L, L, generator=g, dtype=torch.float64) * 2
+    mask[..., 6, 2] = float("inf")
+
+    def fn(q, k, v, mask):
+        return selective_attention(q, k, v, mask, is_causal=True, selection=selection)
+
+    torch._dynamo.reset()
+    o_ref, g_ref = grads(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    compiled = torch.compile(fn, fullgraph=True)
+    o, g = grads(lambda q, k, v: compiled(q, k, v, mask), q, k, v)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    bad = mask.clone()
+    bad[..., 3, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="contains NaN"):
+        compiled(q, k, v, bad)
+    huge = mask.clone()
+    huge[..., 4, 0] = 1e300  # finite in float64, inf in the queries' float32
+    with pytest.raises(RuntimeError, match="inf in the queries"):
+        compiled(q, k, v, huge)
+
+
 def test_compiled_triton_call_keeps_dropping_an_all_false_padding_mask():
     """Keeping masks while compiling is for the chunked kernel only: the Triton kernel takes no mask, so an all-False
     key_padding_mask (a tokenizer's all-ones attention_mask) is still read and dropped for it (here through Triton's

@@ -732,13 +732,13 @@ def test_compiled_training_step_matches_eager():
     _assert_compiled_step_matches_eager(dict(input_ids=ids, labels=ids))
 
 
-def _assert_compiled_step_matches_eager(inputs: dict, fullgraph: bool = False) -> None:
-    """One training forward and backward of the tiny Llama, eager and compiled: the same loss and gradients (fp32;
-    inductor reorders sums)."""
+def _assert_compiled_step_matches_eager(inputs: dict, fullgraph: bool = False, **sel) -> None:
+    """One training forward and backward of the tiny Llama (``sel``: its configure() settings), eager and compiled:
+    the same loss and gradients (fp32; inductor reorders sums)."""
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = build("llama", dtype=torch.float32).train()
+        model = build("llama", dtype=torch.float32, **sel).train()
         run = torch.compile(model, fullgraph=fullgraph) if compiled else model
         loss = run(**inputs).loss
         loss.backward()
@@ -749,18 +749,22 @@ def _assert_compiled_step_matches_eager(inputs: dict, fullgraph: bool = False) -
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_padded_training_is_one_graph_and_matches_eager():
+@pytest.mark.parametrize("layers", [None, [0]])
+def test_compiled_padded_training_is_one_graph_and_matches_eager(layers):
     """A padded batch through a compiled model on its first call (its settings parsed inside the trace): as
-    many graph breaks as sdpa's model (none), and the loss and gradients of eager."""
+    many graph breaks as sdpa's model (none), and the loss and gradients of eager. With ``layers=[0]`` the other
+    layer is standard attention given the padding mask, which also reads no mask value while compiling."""
     ids, mask, _ = padded_batch(side="left")
     breaks = {}
     for impl in ("sdpa", "selective"):
         torch._dynamo.reset()
-        model = build("llama", dtype=torch.float32, impl=impl).train()
+        model = build("llama", dtype=torch.float32, impl=impl, layers=layers).train()
         explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=ids)
         breaks[impl] = [str(r.reason).splitlines()[0] for r in explained.break_reasons]
     assert breaks["selective"] == breaks["sdpa"] == [], breaks
-    _assert_compiled_step_matches_eager(dict(input_ids=ids, attention_mask=mask, labels=ids), fullgraph=True)
+    _assert_compiled_step_matches_eager(
+        dict(input_ids=ids, attention_mask=mask, labels=ids), fullgraph=True, layers=layers
+    )
 
 
 def test_package_imports_without_transformers():

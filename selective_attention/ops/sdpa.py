@@ -73,7 +73,7 @@ def sdpa_attention(
         # SDPA kernels differ on rows with every key removed (zeros on some, NaN on others):
         # unmask such rows and zero their output ourselves, so every backend gives 0 and a 0 grad.
         dead = removed.all(dim=-1, keepdim=True)  # [b, h, Lq, 1]
-        if dead.any():
+        if torch.compiler.is_compiling() or dead.any():  # compiled: no value read (a graph break), the same result
             removed = removed & ~dead
         else:
             dead = None
