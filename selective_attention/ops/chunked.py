@@ -190,7 +190,9 @@ def _chunk_bias(
     return Sn, bias, F_kept
 
 
-_ROW_BLOCK = 64  # rows per block of the running-sum GEMM: 2 * 64 flops per element, still cheap
+# rows per block of the running-sum GEMM: 2 * 32 flops per element. Measured on an Intel Xeon (the running sums alone,
+# [B, 1, 128-256, 512-2048]): 15-25% faster than 64-row blocks; 16 rows won on the smallest and lost on the others.
+_ROW_BLOCK = 32
 
 
 def _exclusive_rows(above: Tensor | None, x: Tensor, start: Tensor, out: Tensor | None = None) -> Tensor:
