@@ -172,13 +172,19 @@ def _keep_smallest(key: Tensor, cand: Tensor, n: Tensor | int) -> Tensor:
     return cand & (rank < n)
 
 
+def _largest(score: Tensor, candidates: Tensor, pos: Tensor) -> Tensor:
+    """``[B]``: each row's ``candidates`` slot (bool ``[B, cap]``) with the largest ``score``, the oldest (smallest
+    position ``pos``) on ties; any slot in a row without candidates."""
+    score = torch.where(candidates, score, -float("inf"))
+    tied = candidates & (score == score.amax(dim=-1, keepdim=True))
+    return torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1)
+
+
 def _evict_largest(score: Tensor, evictable: Tensor, pos: Tensor, full: Tensor) -> Tensor:
     """Bool ``[B, cap]``: in each row where ``full`` (``[B]``), the ``evictable`` slot with the largest
     ``score``, the oldest (smallest position) on ties; nothing elsewhere."""
-    score = score.masked_fill(~evictable, -float("inf"))
-    tied = evictable & (score == score.amax(dim=-1, keepdim=True))
-    oldest = torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
-    return torch.zeros_like(evictable).scatter_(1, oldest, full[:, None])
+    victim = _largest(score, evictable, pos)[:, None]  # [B, 1]
+    return torch.zeros_like(evictable).scatter_(1, victim, full[:, None])
 
 
 # --- selective (the paper): the largest Fcum --------------------------------------------------------------
@@ -211,8 +217,7 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
     ``[B, G, cap]`` and slot positions ``pos`` ``[B, cap]`` (-1 = free): every token over the
     threshold, then, if the layer is still full, the one with the largest score (the oldest on ties).
     Never the first token. Static shapes, no data-dependent branches."""
-    evictable = pos > 0  # kept, and not the first token  [B, cap]
-    score = eviction_score(fcum)  # [B, cap]
+    score, evictable = selective_rule(fcum, pos)
     over = evictable & (score > threshold) if threshold is not None else torch.zeros_like(evictable)
     if budget is None:
         return over
@@ -220,6 +225,12 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
     # (when the layer is full an evictable token is left: a budget >= 2 holds the first and another)
     victim = _evict_largest(score, evictable & ~over, pos, full)
     return over | victim
+
+
+def selective_rule(fcum: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """``(score, candidates)`` ``[B, cap]`` each: a full selective layer evicts the candidate (kept, not the first
+    token) with the largest score (its Fcum), the oldest on ties."""
+    return eviction_score(fcum), pos > 0
 
 
 # --- the sliding window + first token (StreamingLLM-style) ---------------------------------------------
@@ -241,8 +252,13 @@ def window_evictions(pos: Tensor, budget: int | None) -> Tensor:
     if budget is None:
         return torch.zeros_like(pos, dtype=torch.bool)
     full = (pos >= 0).sum(-1) >= budget  # [B]
-    oldest = torch.where(pos > 0, pos, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)  # [B, 1]
-    return torch.zeros_like(pos, dtype=torch.bool).scatter_(1, oldest, full[:, None])
+    return _evict_largest(*window_rule(pos), pos, full)
+
+
+def window_rule(pos: Tensor) -> tuple[Tensor, Tensor]:
+    """``(score, candidates)`` ``[B, cap]`` each: a full window layer evicts the oldest candidate (kept, not the
+    first token): the largest ``-pos``."""
+    return -pos, pos > 0
 
 
 # --- heavy hitters + a recent window (H2O-style) --------------------------------------------------------
@@ -272,9 +288,14 @@ def h2o_evictions(acc: Tensor, pos: Tensor, budget: int | None, recent: int | No
     if budget is None:
         return torch.zeros_like(pos, dtype=torch.bool)
     full = (pos >= 0).sum(-1) >= budget
+    return _evict_largest(*h2o_rule(acc, pos, recent), pos, full)
+
+
+def h2o_rule(acc: Tensor, pos: Tensor, recent: int) -> tuple[Tensor, Tensor]:
+    """``(score, candidates)`` ``[B, cap]`` each: a full H2O layer evicts, of the tokens outside the recent window
+    and other than the first, the one with the smallest ``acc`` (the largest ``-acc``), the oldest on ties."""
     newest = pos.amax(-1, keepdim=True)
-    outside = (pos > 0) & (pos <= newest - (recent - 1))
-    return _evict_largest(-acc, outside, pos, full)
+    return -acc, (pos > 0) & (pos <= newest - (recent - 1))
 
 
 def fcum_after_prompt(
@@ -506,12 +527,33 @@ class LayerCache:
         if self.acc is not None:
             self.acc.masked_fill_(drop, 0.0)
 
-    def write(self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None) -> Tensor:
+    def slot_for_next(self) -> Tensor:
+        """Make room for a new token (:meth:`make_room`) and return the slot each sequence writes it to, ``[B]``:
+        the first free one. Without a threshold a step evicts at most one token, a full layer's, and a full layer
+        has no free slot (``cap == budget``), so the new token takes the victim's slot: nothing is marked free
+        first, the same state as :meth:`make_room` and a search for the free slot in ~10 small ops, not ~25 (what
+        eager decoding pays per op, not per element, is most of a pruned step's time)."""
+        if self.budget is None or self.threshold is not None:  # branches on the configuration only
+            self.make_room()
+            return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
+        low, free = self.pos.min(dim=-1)  # the first free slot, if any (min gives the first minimum)  [B]
+        if self.policy == "window":
+            rule = window_rule(self.pos)
+        elif self.policy == "h2o":
+            rule = h2o_rule(self.acc, self.pos, self.recent)
+        else:
+            rule = selective_rule(self.fcum, self.pos)
+        return torch.where(low >= 0, _largest(*rule, self.pos), free)  # full: the victim's slot
+
+    def write(
+        self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None, slot: Tensor | None = None
+    ) -> Tensor:
         """Write one token (``k, v`` ``[B, Hkv, 1, D]``, selector key ``[B, G, 1, D]``) at position
-        ``input_pos`` (``[1]``, or ``[B]``: one per sequence, counted from its first real token) into each
-        sequence's first free slot, with ``Fcum = 0`` (and no attention received yet); returns the slots ``[B]``."""
+        ``input_pos`` (``[1]``, or ``[B]``: one per sequence, counted from its first real token) into ``slot``
+        ``[B]`` (default: each sequence's first free slot), with ``Fcum = 0`` (and no attention received yet);
+        returns the slots ``[B]``."""
         B, H, _, D = k.shape
-        slot = self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest  [B]
+        slot = self.pos.argmin(dim=-1) if slot is None else slot  # a free slot has position -1: the smallest
         # in the cache's dtype: under autocast a Linear's k, v are bf16 while the buffers keep the model's
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         self.k.scatter_(2, slot.view(B, 1, 1, 1).expand(B, H, 1, D), k)
@@ -551,8 +593,7 @@ class LayerCache:
 
         Static shapes, no data-dependent Python branches: compiles once. The softmax runs in at least
         float32."""
-        self.make_room()
-        slot = self.write(k, v, input_pos, ks=None if selector is None else selector[1])
+        slot = self.write(k, v, input_pos, ks=None if selector is None else selector[1], slot=self.slot_for_next())
         B, H, _, D = q.shape
         Hkv, cap = self.k.shape[1], self.k.shape[2]
         scale = 1.0 / math.sqrt(D) if scale is None else scale

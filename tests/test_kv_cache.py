@@ -183,3 +183,36 @@ def test_step_is_differentiable():
     (g_ref,) = torch.autograd.grad(ref.sum(), q2)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("policy", ["selective", "window", "h2o"])
+def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(policy):
+    """A step's fast room-making (at most one victim, whose slot the new token takes) against the general one
+    (mark every dropped slot free, then take the first free slot): the same slots and the same buffers, over many
+    random states with tied scores, shuffled slots, free slots and full rows."""
+    g = torch.Generator().manual_seed(0)
+    cap = B = 6
+    for trial in range(60):
+        fast = LayerCache.empty(
+            B, cap, n_heads=1, n_groups=2, head_dim=2, budget=cap, policy=policy, dtype=torch.float64
+        )
+        for b in range(B):
+            n = int(torch.randint(1, cap + 1, (1,), generator=g)) if b else cap  # row 0 full, the others at random
+            slots = torch.randperm(cap, generator=g)[:n]
+            ages = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(3 * cap, generator=g)[: n - 1]])
+            fast.pos[b, slots] = ages
+            fast.fcum[b, :, slots] = torch.randint(0, 3, (2, n), generator=g).double()  # few values: ties
+            if fast.acc is not None:
+                fast.acc[b, slots] = torch.randint(0, 3, (n,), generator=g).double()
+        ref = LayerCache(**{f: (t.clone() if isinstance(t, torch.Tensor) else t) for f, t in vars(fast).items()})
+        ref.make_room()
+        want = ref.pos.argmin(dim=-1)
+        got = fast.slot_for_next()
+        assert torch.equal(got, want), trial
+        # the slot the token takes is the victim's or a free one; writing it makes the two states equal
+        for c, slot in ((fast, got), (ref, want)):
+            c.write(torch.ones(B, 1, 1, 2, dtype=torch.float64), torch.ones(B, 1, 1, 2, dtype=torch.float64),
+                    torch.full((B,), 99), slot=slot)  # fmt: skip
+        for name in ("pos", "fcum", "k", "v", "acc"):
+            a, b = getattr(fast, name), getattr(ref, name)
+            assert (a is None and b is None) or torch.equal(a, b), (trial, name)
