@@ -734,16 +734,28 @@ class SelectiveLayer(DynamicLayer):
             if start != 0:
                 raise RuntimeError("SelectiveCache: the first call of a layer must start at position 0.")
             return self._prefill(q, k, v, real, sel, scale)
-        if real is not None and not bool(real[:, start:].all()):
-            raise NotImplementedError(
-                "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts on "
-                "the left and generate."
-            )
+        if real is not None and not self._continuation_checked(real, start):
+            if not bool(real[:, start:].all()):
+                raise NotImplementedError(
+                    "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts "
+                    "on the left and generate."
+                )
+            if self.owner is not None and not real.is_inference():  # inference tensors have no version: no memo
+                self.owner._checked = (weakref.ref(real), real._version, start)
         self._writing = True
-        out = torch.cat([self._step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], start + t, sel, scale)
-                         for t in range(Lq)], dim=2)  # fmt: skip
+        if Lq == 1:  # a generated token
+            out = self._step(q, k, v, start, sel, scale)
+        else:
+            out = torch.cat([self._step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], start + t, sel,
+                                        scale) for t in range(Lq)], dim=2)  # fmt: skip
         self._writing = False
         return out
+
+    def _continuation_checked(self, real: Tensor, start: int) -> bool:
+        """Whether another layer of this call already found ``real[:, start:]`` all real: every layer gets the same
+        padding mask tensor, and the check reads its values (a device sync), once per call is enough."""
+        checked = None if self.owner is None or real.is_inference() else self.owner._checked
+        return checked is not None and checked[0]() is real and checked[1:] == (real._version, start)
 
     def _prefill(
         self, q: Tensor, k: Tensor, v: Tensor, real: Tensor | None, sel: Selection | None, scale: float
@@ -825,6 +837,7 @@ class SelectiveCache(Cache):
         check_policy(policy, threshold)
         self.budget, self.threshold, self.policy = budget, threshold, policy
         self.broken: str | None = None  # the error that left the layers disagreeing on the tokens seen
+        self._checked: tuple | None = None  # the padding mask a layer last found all real after the prompt
         super().__init__(layers=[])
 
     def _check_usable(self) -> None:

@@ -296,6 +296,26 @@ def test_errors_name_the_case_and_the_fix():
         model(torch.randint(1, V, (1, 6)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_padding_after_the_prompt_is_refused_in_every_call(inference):
+    """A continuation whose padding mask has padding after the prompt is refused, naming the fix. Every layer of a
+    call sees the same mask, which is read once per call: the next call's mask is read again. Under
+    torch.inference_mode the mask has no version to remember, and is read in every layer."""
+    model = build("llama")
+    ids, mask, _ = padded_batch(lengths=(6, 4), side="left")
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        cache = sa_hf.SelectiveCache(budget=4)
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        step = torch.randint(1, V, (2, 1))
+        ok = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        model(step, attention_mask=ok, cache=cache, use_cache=True)  # all real after the prompt
+        nxt = torch.cat([ok, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        nxt[1, -1] = 0  # the second row pads its new token
+        with pytest.raises(NotImplementedError, match="padded continuation.*pad prompts on the left"):
+            model(step, attention_mask=nxt, cache=cache, use_cache=True)
+
+
 def test_packed_sequences_are_refused_with_the_default_cache():
     """Packed sequences (positions restarting, no attention_mask) reach the mask hook only without a cache; with the
     DynamicCache a model builds by default (use_cache, in eval and in training) they ran silently, every token
