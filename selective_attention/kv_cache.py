@@ -27,20 +27,23 @@ for a step), all under the same budget definition and all protecting the first t
 first real token) in every policy:
 
 * ``"selective"`` (the default; the paper): the largest ``Fcum`` goes (:func:`evictions`,
-  :func:`keep_after_prefill`). On a model without selection ``Fcum`` is 0, so this is a sliding window.
+  :func:`keep_after_prefill`, :func:`selective_rule`). On a model without selection ``Fcum`` is 0, so this is a
+  sliding window.
 * ``"window"``: StreamingLLM-style, the first token (its "attention sink") plus the most recent ones:
-  the oldest other token goes (:func:`window_evictions`, :func:`window_keep_after_prefill`).
+  the oldest other token goes (:func:`window_evictions`, :func:`window_keep_after_prefill`, :func:`window_rule`).
 * ``"h2o"``: H2O-style heavy hitters, a recent window of ``recent`` tokens (the newest included;
   default half the budget) plus the tokens that received the most attention so far, summed over
   heads and over every query (the prompt's included): the non-recent token with the smallest
   accumulated attention goes, the oldest on ties (:func:`h2o_evictions`,
-  :func:`h2o_keep_after_prefill`). Keeping the first token is this package's choice for H2O (the
+  :func:`h2o_keep_after_prefill`, :func:`h2o_rule`). Keeping the first token is this package's choice for H2O (the
   paper does not protect it), so every policy keeps the same token that selection never masks. The
   accumulator ``acc`` is one more per-slot buffer (bookkeeping, like ``fcum`` and ``pos``);
   :meth:`LayerCache.step` adds each step's attention weights to it, and :func:`attention_received`
   gives the prompt's (column sums of its attention weights, chunked).
 
-A threshold is a selective rule (it evicts by ``Fcum``): the other policies refuse it.
+A threshold is a selective rule (it evicts by ``Fcum``): the other policies refuse it. Without one, a step
+evicts at most one token, a full layer's: each policy's ``*_rule`` gives the candidates and the score it is chosen
+by, the largest score and the oldest on ties, and the new token takes its slot (:meth:`LayerCache.slot_for_next`).
 
 This file is the cache and the policy only: plain tensor functions and a dataclass of buffers. The
 attention layer (``model.Attention``) reads and writes it; ``decoding.Decoder`` drives it.
@@ -67,10 +70,13 @@ __all__ = [
     "eviction_score",
     "keep_after_prefill",
     "evictions",
+    "selective_rule",
     "window_keep_after_prefill",
     "window_evictions",
+    "window_rule",
     "h2o_keep_after_prefill",
     "h2o_evictions",
+    "h2o_rule",
     "fcum_after_prompt",
     "attention_received",
 ]
