@@ -840,6 +840,11 @@ class SelectiveCache(Cache):
         self._checked: tuple | None = None  # the padding mask a layer last found all real after the prompt
         super().__init__(layers=[])
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_checked"] = None  # a weak reference (to a padding mask): not picklable, and a call's memo only
+        return state
+
     def _check_usable(self) -> None:
         if self.broken is not None:
             raise RuntimeError(

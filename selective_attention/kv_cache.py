@@ -539,7 +539,8 @@ class LayerCache:
         has no free slot (``cap == budget``), so the new token takes the victim's slot: nothing is marked free
         first, the same state as :meth:`make_room` and a search for the free slot in ~10 small ops, not ~25 (what
         eager decoding pays per op, not per element, is most of a pruned step's time)."""
-        if self.budget is None or self.threshold is not None:  # branches on the configuration only
+        # branches on the configuration only (a cache built directly, not by empty(), may have spare slots)
+        if self.budget is None or self.threshold is not None or self.capacity != self.budget:
             self.make_room()
             return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
         low, free = self.pos.min(dim=-1)  # the first free slot, if any (min gives the first minimum)  [B]

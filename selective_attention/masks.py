@@ -131,9 +131,9 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
 
 
 def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True) -> tuple[Tensor, Tensor | None]:
-    """A validated mask -> (removed, penalty or None). ``read_values=False`` (a compiled call): the value checks
-    raise through ``torch._assert_async`` (a RuntimeError, no graph break) with shorter messages, the additive-mask
-    warning is not given and an all-zero penalty is kept (the same result)."""
+    """A validated mask -> (removed, penalty or None). ``read_values=False`` (a compiled call): on CPU the value checks
+    raise through ``torch._assert_async`` (a RuntimeError, no graph break; elsewhere they read the values), the
+    additive-mask warning is not given and an all-zero penalty is kept (the same result)."""
     if mask.dtype == torch.bool:
         return mask, None
     if not mask.is_floating_point():
@@ -145,7 +145,10 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
     nan_msg = (
         f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
     )
-    if not read_values:
+    # compiled, the checks below raise through torch._assert_async on CPU only: on CUDA it becomes a device-side
+    # assert, which leaves the process's CUDA context unusable; there they read the values (a graph break)
+    checks_async = not read_values and mask.device.type == "cpu"
+    if checks_async:
         torch._assert_async(~torch.isnan(mask).any(), nan_msg)
     elif torch.isnan(mask).any():
         raise ValueError(nan_msg)
@@ -154,21 +157,21 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
     removed = torch.isinf(mask)
     penalty = mask.masked_fill(removed, 0.0)
     if penalty.dtype != dtype:
-        finite, penalty = penalty, penalty.to(dtype)
-        if not read_values:
-            torch._assert_async(
-                ~torch.isinf(penalty).any(),
-                f"{name} ({mask.dtype}) holds finite penalties that are inf in the queries' {dtype}: a cast would "
-                f"remove those keys. Use +-inf (or a bool mask) to remove a key, or penalties within {dtype}'s range.",
+        limit = torch.finfo(dtype).max
+        if torch.finfo(penalty.dtype).max > limit:  # a wider mask: its finite penalties must fit the queries' dtype
+            # compared in the mask's own dtype, before the cast: a compiled isinf-after-cast can be fused with the
+            # cast and skip its rounding (inductor, fp16), and the limit is exact in the wider dtype
+            over = penalty.abs() > limit
+            msg = (
+                f"{name} ({mask.dtype}) holds finite penalties beyond the queries' {dtype} range (max {limit:g}), "
+                f"which are inf in the queries' {dtype}: a cast would remove those keys. Use +-inf (or a bool mask) "
+                f"to remove a key, penalties within {dtype}'s range to weight it, or queries in {mask.dtype}."
             )
-        elif torch.isinf(penalty).any():
-            big = finite.abs().max().item()
-            raise ValueError(
-                f"{name} ({mask.dtype}) holds finite penalties up to {big:g}, which are inf in the queries' "
-                f"{dtype}: a cast would remove those keys. Use +-inf (or a bool mask) to remove a key, "
-                f"penalties within {dtype}'s range (max {torch.finfo(dtype).max:g}) to weight it, or queries "
-                f"in {mask.dtype}."
-            )
+            if checks_async:
+                torch._assert_async(~over.any(), msg)
+            elif over.any():
+                raise ValueError(f"{msg} (The largest is {penalty.abs().max().item():g}.)")
+        penalty = penalty.to(dtype)
     if not read_values:
         return removed, penalty
     if bool((penalty <= _ADDITIVE_MASK_LIKE).any()):

@@ -159,8 +159,31 @@ def test_float_mask_compiles_as_one_graph(selection):
         compiled(q, k, v, bad)
     huge = mask.clone()
     huge[..., 4, 0] = 1e300  # finite in float64, inf in the queries' float32
-    with pytest.raises(RuntimeError, match="inf in the queries"):
+    with pytest.raises(RuntimeError, match="beyond the queries' torch.float32 range"):
         compiled(q, k, v, huge)
+
+
+def test_compiled_float_mask_refuses_penalties_beyond_half_precision():
+    """fp16 queries and an fp32 mask with a finite penalty past fp16's range (7e4 > 65504): eager raises a ValueError,
+    compiled a RuntimeError, and neither turns the penalty into a removed key (inductor fused a cast-then-isinf check
+    with the cast and skipped its rounding: the row came out as zeros). Within range, compiled equals eager."""
+    q, k, v = (t.detach().half() for t in _fwd_args("paper", dtype=torch.float32)[:3])
+    L = q.shape[2]
+
+    def fn(q, k, v, mask):
+        return selective_attention(q, k, v, mask, is_causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    ok = torch.zeros(1, 1, L, L)
+    ok[..., 6, :] = 65504.0  # a uniform shift of one row, at fp16's largest finite value: no change
+    torch.testing.assert_close(compiled(q, k, v, ok), fn(q, k, v, ok), atol=2e-3, rtol=2e-3)
+    bad = ok.clone()
+    bad[..., 6, :] = 7e4
+    with pytest.raises(ValueError, match="beyond the queries' torch.float16 range"):
+        fn(q, k, v, bad)
+    with pytest.raises(RuntimeError, match="beyond the queries' torch.float16 range"):
+        compiled(q, k, v, bad)
 
 
 def test_compiled_triton_call_keeps_dropping_an_all_false_padding_mask():

@@ -7,9 +7,11 @@ implementation), never HF's eager attention (float32 softmax, NaN rows under pad
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -314,6 +316,12 @@ def test_padding_after_the_prompt_is_refused_in_every_call(inference):
         nxt[1, -1] = 0  # the second row pads its new token
         with pytest.raises(NotImplementedError, match="padded continuation.*pad prompts on the left"):
             model(step, attention_mask=nxt, cache=cache, use_cache=True)
+    # the memo (a weak reference) does not stop a used cache from being saved: pickled and loaded, it decodes on
+    ok2 = torch.cat([ok, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        want = model(step, attention_mask=ok2, cache=copy.deepcopy(cache), use_cache=True).logits
+        got = model(step, attention_mask=ok2, cache=pickle.loads(pickle.dumps(cache)), use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_packed_sequences_are_refused_with_the_default_cache():

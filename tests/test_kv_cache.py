@@ -216,3 +216,14 @@ def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(po
         for name in ("pos", "fcum", "k", "v", "acc"):
             a, b = getattr(fast, name), getattr(ref, name)
             assert (a is None and b is None) or torch.equal(a, b), (trial, name)
+
+
+def test_slot_for_next_with_spare_slots_evicts_like_make_room():
+    """A cache built directly with more slots than its budget (empty() refuses that; the dataclass does not) takes
+    the general path: a row at its budget evicts before writing, even with free slots left."""
+    c = LayerCache.empty(1, 4, n_heads=1, n_groups=1, head_dim=2, budget=4, dtype=torch.float64)
+    c = LayerCache(**{**vars(c), "budget": 3})
+    c.pos[0, :3] = torch.tensor([0, 1, 2])
+    c.fcum[0, 0, :3] = torch.tensor([0.0, 5.0, 1.0])
+    slot = c.slot_for_next()
+    assert c.pos[0].tolist() == [0, -1, 2, -1] and slot.tolist() == [1]  # position 1 (the largest F) went
