@@ -347,9 +347,11 @@ def test_prompt_too_long_without_pruning():
         m.generate(torch.full((1, 3), 99), 2)
 
 
-def test_compiled_decoder_matches_eager():
+@pytest.mark.parametrize("policy", ["selective", "window", "h2o"])
+def test_compiled_decoder_matches_eager(policy):
     """Decoder(compile=True) runs the step through inductor: the same kept tokens, the same logits,
-    and one compilation for every step and decoder. Tolerance: the model is float64, but rotary
+    and one compilation for every step and decoder, for every eviction policy (each picks its victim's
+    slot in the step: LayerCache.slot_for_next). Tolerance: the model is float64, but rotary
     angles are computed in float32 by design, and inductor's cos/sin may differ from eager's by an
     fp32 ulp (~6e-8 relative), which the strong test weights amplify ~10x."""
     import torch._dynamo
@@ -359,7 +361,7 @@ def test_compiled_decoder_matches_eager():
     decoding._compiled_decode_one_token.cache_clear()
     m = model(selection=True)
     idx = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
-    eager, comp = Decoder(m, budget=6), Decoder(m, budget=6, compile=True)
+    eager, comp = Decoder(m, budget=6, policy=policy), Decoder(m, budget=6, policy=policy, compile=True)
     le, lc = eager.prefill(idx, 10), comp.prefill(idx, 10)
     for _ in range(10):
         tok = le.argmax(-1)
@@ -367,6 +369,6 @@ def test_compiled_decoder_matches_eager():
         torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
         for ce, cc in zip(eager.caches, comp.caches):
             assert torch.equal(ce.pos, cc.pos)
-    again = Decoder(m, budget=6, compile=True).generate(idx, 8, temperature=0)  # reuses the compiled step
-    assert torch.equal(again, m.generate(idx, 8, temperature=0, budget=6))
+    again = Decoder(m, budget=6, policy=policy, compile=True).generate(idx, 8, temperature=0)  # reuses the step
+    assert torch.equal(again, m.generate(idx, 8, temperature=0, budget=6, policy=policy))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

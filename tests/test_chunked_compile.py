@@ -163,6 +163,40 @@ def test_float_mask_compiles_as_one_graph(selection):
         compiled(q, k, v, huge)
 
 
+@pytest.mark.parametrize("case", ["causal_rule", "all_false", "all_true", "dead_rows", "no_padding"])
+def test_compiled_standard_attention_takes_masks_as_given_and_matches_eager(case):
+    """Standard attention (no selection) read no mask value when compiled: a mask that is the causal rule, an
+    all-False mask or key padding mask stay masks (eager drops them for the causal kernel), and rows with every key
+    removed are handled unconditionally (zeros, zero gradient). One graph, and eager's outputs and gradients."""
+    q, k, v = (t.detach().float().requires_grad_() for t in _fwd_args("paper")[:3])
+    B, _, L, _ = q.shape
+    kw = {}
+    if case == "causal_rule":  # the seed's example: True = removed above the diagonal
+        kw = dict(selective_mask=torch.ones(L, L, dtype=torch.bool).triu(1))
+    elif case == "all_false":
+        kw = dict(selective_mask=torch.zeros(L, L, dtype=torch.bool), is_causal=True)
+    elif case == "all_true":  # every key removed: every row is dead
+        kw = dict(selective_mask=torch.ones(L, L, dtype=torch.bool))
+    elif case == "dead_rows":  # the first three queries lose every key they could see
+        m = torch.zeros(L, L, dtype=torch.bool)
+        m[:3, :3] = True
+        kw = dict(selective_mask=m, is_causal=True)
+    else:
+        kw = dict(key_padding_mask=torch.zeros(B, L, dtype=torch.bool), is_causal=True)
+
+    def fn(q, k, v):
+        return selective_attention(q, k, v, **kw)
+
+    torch._dynamo.reset()
+    o_ref, g_ref = grads(fn, q, k, v)
+    o, g = grads(torch.compile(fn, fullgraph=True), q, k, v)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    if case == "all_true":
+        assert not o.any() and not any(t.any() for t in g)
+
+
 def test_compiled_float_mask_refuses_penalties_beyond_half_precision():
     """fp16 queries and an fp32 mask with a finite penalty past fp16's range (7e4 > 65504): eager raises a ValueError,
     compiled a RuntimeError, and neither turns the penalty into a removed key (inductor fused a cast-then-isinf check

@@ -194,8 +194,9 @@ def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(po
     cap = B = 6
     for trial in range(60):
         fast = LayerCache.empty(
-            B, cap, n_heads=1, n_groups=2, head_dim=2, budget=cap, policy=policy, dtype=torch.float64
-        )
+            B, cap, n_heads=1, n_groups=2, head_dim=2, budget=cap, policy=policy, dtype=torch.float64,
+            selector_keys=True,
+        )  # fmt: skip
         for b in range(B):
             n = int(torch.randint(1, cap + 1, (1,), generator=g)) if b else cap  # row 0 full, the others at random
             slots = torch.randperm(cap, generator=g)[:n]
@@ -212,8 +213,8 @@ def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(po
         # the slot the token takes is the victim's or a free one; writing it makes the two states equal
         for c, slot in ((fast, got), (ref, want)):
             c.write(torch.ones(B, 1, 1, 2, dtype=torch.float64), torch.ones(B, 1, 1, 2, dtype=torch.float64),
-                    torch.full((B,), 99), slot=slot)  # fmt: skip
-        for name in ("pos", "fcum", "k", "v", "acc"):
+                    torch.full((B,), 99), ks=torch.ones(B, 2, 1, 2, dtype=torch.float64), slot=slot)  # fmt: skip
+        for name in ("pos", "fcum", "k", "v", "ks", "acc"):
             a, b = getattr(fast, name), getattr(ref, name)
             assert (a is None and b is None) or torch.equal(a, b), (trial, name)
 
