@@ -110,6 +110,18 @@ def test_paper_layer_compiles_as_one_graph():
     torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)  # the projections' sums, reordered by inductor
 
 
+def _compiled_matches_eager(fn, *inputs):
+    """``fn`` compiled with fullgraph=True (no graph break) against eager: outputs and gradients within fp32's
+    tolerance. Returns the compiled ``(output, gradients)``."""
+    torch._dynamo.reset()
+    o_ref, g_ref = grads(fn, *inputs)
+    o, g = grads(torch.compile(fn, fullgraph=True), *inputs)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    return o, g
+
+
 def test_masks_compile_as_one_graph():
     """Key padding and a bool mask under fullgraph=True: the value-reading shortcuts (no padding, no key
     removed, a mask that is the causal rule) are skipped while compiling; the same result as eager."""
@@ -124,12 +136,7 @@ def test_masks_compile_as_one_graph():
         def fn(q, k, v, kw=kw):
             return selective_attention(q, k, v, selection=True, **kw)
 
-        torch._dynamo.reset()
-        o_ref, g_ref = grads(fn, q, k, v)
-        o, g = grads(torch.compile(fn, fullgraph=True), q, k, v)
-        torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
-        for a, b in zip(g, g_ref):
-            torch.testing.assert_close(a, b, **TOL[torch.float32])
+        _compiled_matches_eager(fn, q, k, v)
 
 
 @pytest.mark.parametrize("selection", [True, False])
@@ -187,12 +194,7 @@ def test_compiled_standard_attention_takes_masks_as_given_and_matches_eager(case
     def fn(q, k, v):
         return selective_attention(q, k, v, **kw)
 
-    torch._dynamo.reset()
-    o_ref, g_ref = grads(fn, q, k, v)
-    o, g = grads(torch.compile(fn, fullgraph=True), q, k, v)
-    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    o, g = _compiled_matches_eager(fn, q, k, v)
     if case == "all_true":
         assert not o.any() and not any(t.any() for t in g)
 
