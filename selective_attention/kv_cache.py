@@ -179,10 +179,11 @@ def _keep_smallest(key: Tensor, cand: Tensor, n: Tensor | int) -> Tensor:
 
 
 def _largest(score: Tensor, candidates: Tensor, pos: Tensor) -> Tensor:
-    """``[B]``: each row's ``candidates`` slot (bool ``[B, cap]``) with the largest ``score``, the oldest (smallest
-    position ``pos``) on ties; any slot in a row without candidates."""
+    """``[B]``: each row's ``candidates`` slot (bool ``[B, cap]``) with the largest ``score`` (never ``-inf``), the
+    oldest (smallest position ``pos``) on ties; any slot in a row without candidates (all of its slots tie at
+    ``-inf``)."""
     score = torch.where(candidates, score, -float("inf"))
-    tied = candidates & (score == score.amax(dim=-1, keepdim=True))
+    tied = score == score.amax(dim=-1, keepdim=True)  # candidates only, unless there are none
     return torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
@@ -233,10 +234,11 @@ def evictions(fcum: Tensor, pos: Tensor, budget: int | None, threshold: float | 
     return over | victim
 
 
-def selective_rule(fcum: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+def selective_rule(fcum: Tensor, pos: Tensor, free: bool = False) -> tuple[Tensor, Tensor]:
     """``(score, candidates)`` ``[B, cap]`` each: a full selective layer evicts the candidate (kept, not the first
-    token) with the largest score (its Fcum), the oldest on ties."""
-    return eviction_score(fcum), pos > 0
+    token) with the largest score (its Fcum), the oldest on ties. ``free``: free slots are candidates too (each
+    rule scores them above every kept token: here Fcum is +inf), so the choice is the first free slot, if any."""
+    return eviction_score(fcum), (pos != 0) if free else (pos > 0)
 
 
 # --- the sliding window + first token (StreamingLLM-style) ---------------------------------------------
@@ -261,10 +263,10 @@ def window_evictions(pos: Tensor, budget: int | None) -> Tensor:
     return _evict_largest(*window_rule(pos), pos, full)
 
 
-def window_rule(pos: Tensor) -> tuple[Tensor, Tensor]:
+def window_rule(pos: Tensor, free: bool = False) -> tuple[Tensor, Tensor]:
     """``(score, candidates)`` ``[B, cap]`` each: a full window layer evicts the oldest candidate (kept, not the
-    first token): the largest ``-pos``."""
-    return -pos, pos > 0
+    first token): the largest ``-pos``. ``free``: as in :func:`selective_rule` (a free slot scores 1)."""
+    return -pos, (pos != 0) if free else (pos > 0)
 
 
 # --- heavy hitters + a recent window (H2O-style) --------------------------------------------------------
@@ -297,11 +299,13 @@ def h2o_evictions(acc: Tensor, pos: Tensor, budget: int | None, recent: int | No
     return _evict_largest(*h2o_rule(acc, pos, recent), pos, full)
 
 
-def h2o_rule(acc: Tensor, pos: Tensor, recent: int) -> tuple[Tensor, Tensor]:
+def h2o_rule(acc: Tensor, pos: Tensor, recent: int, free: bool = False) -> tuple[Tensor, Tensor]:
     """``(score, candidates)`` ``[B, cap]`` each: a full H2O layer evicts, of the tokens outside the recent window
-    and other than the first, the one with the smallest ``acc`` (the largest ``-acc``), the oldest on ties."""
+    and other than the first, the one with the smallest ``acc`` (the largest ``-acc``), the oldest on ties.
+    ``free``: as in :func:`selective_rule` (a free slot scores 0, the most, and is the oldest on ties)."""
     newest = pos.amax(-1, keepdim=True)
-    return -acc, (pos > 0) & (pos <= newest - (recent - 1))
+    candidates = (pos > 0) & (pos <= newest - (recent - 1))
+    return -acc, (candidates | (pos < 0)) if free else candidates
 
 
 def fcum_after_prompt(
@@ -537,20 +541,21 @@ class LayerCache:
         """Make room for a new token (:meth:`make_room`) and return the slot each sequence writes it to, ``[B]``:
         the first free one. Without a threshold a step evicts at most one token, a full layer's, and a full layer
         has no free slot (``cap == budget``), so the new token takes the victim's slot: nothing is marked free
-        first, the same state as :meth:`make_room` and a search for the free slot in ~10 small ops, not ~25 (what
-        eager decoding pays per op, not per element, is most of a pruned step's time)."""
+        first. Each rule scores a free slot above every kept token, so the largest of the rule's candidates and
+        the free slots is the first free slot, or the victim: the same state as :meth:`make_room` and a search for
+        the free slot in 6 small ops, not ~25 (what eager decoding pays per op, not per element, is most of a
+        pruned step's time)."""
         # branches on the configuration only (a cache built directly, not by empty(), may have spare slots)
         if self.budget is None or self.threshold is not None or self.capacity != self.budget:
             self.make_room()
             return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
-        low, free = self.pos.min(dim=-1)  # the first free slot, if any (min gives the first minimum)  [B]
         if self.policy == "window":
-            rule = window_rule(self.pos)
+            rule = window_rule(self.pos, free=True)
         elif self.policy == "h2o":
-            rule = h2o_rule(self.acc, self.pos, self.recent)
+            rule = h2o_rule(self.acc, self.pos, self.recent, free=True)
         else:
-            rule = selective_rule(self.fcum, self.pos)
-        return torch.where(low >= 0, _largest(*rule, self.pos), free)  # full: the victim's slot
+            rule = selective_rule(self.fcum, self.pos, free=True)
+        return _largest(*rule, self.pos)
 
     def write(
         self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None, slot: Tensor | None = None
@@ -632,8 +637,8 @@ class LayerCache:
         """Add the new token's votes ``relu(vote_logits)`` (``[B, G, 1, cap]``, the voters' scaled
         logits against every slot) to ``Fcum``, for kept tokens other than the first and the new one
         in ``slot`` ``[B]`` (DESIGN §3): after attending, as they affect later queries only."""
-        voted = (self.pos > 0).scatter(1, slot[:, None], False)  # [B, cap]
-        self.fcum += torch.relu(vote_logits[:, :, 0, :]) * voted[:, None, :]
+        voted = (self.pos > 0).scatter_(1, slot[:, None], False)  # [B, cap]
+        self.fcum += torch.where(voted[:, None, :], torch.relu(vote_logits[:, :, 0, :]), 0.0)
 
     # --- for the decoder's eager checks ---------------------------------------------------------------
     def attended_next(self) -> int:
