@@ -179,12 +179,15 @@ def _keep_smallest(key: Tensor, cand: Tensor, n: Tensor | int) -> Tensor:
 
 
 def _largest(score: Tensor, candidates: Tensor, pos: Tensor) -> Tensor:
-    """``[B]``: each row's ``candidates`` slot (bool ``[B, cap]``) with the largest ``score`` (never ``-inf``), the
-    oldest (smallest position ``pos``) on ties; any slot in a row without candidates (all of its slots tie at
-    ``-inf``)."""
-    score = torch.where(candidates, score, -float("inf"))
-    tied = score == score.amax(dim=-1, keepdim=True)  # candidates only, unless there are none
-    return torch.where(tied, pos, torch.iinfo(torch.long).max).argmin(dim=-1)
+    """``[B]``: each row's ``candidates`` slot (bool ``[B, cap]``) with the largest ``score`` (never its dtype's lowest
+    value), the oldest (smallest position ``pos``) on ties; any slot in a row without candidates (all of its slots
+    tie at the lowest value)."""
+    # (masked_fill takes its value as a number; where() would first make it a tensor: two more ops, and a decode
+    # step pays per op)
+    lowest = -float("inf") if score.is_floating_point() else torch.iinfo(score.dtype).min  # window: -pos, integers
+    score = score.masked_fill(~candidates, lowest)
+    untied = score != score.amax(dim=-1, keepdim=True)  # all but the best candidates, unless there are none
+    return pos.masked_fill(untied, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
 def _evict_largest(score: Tensor, evictable: Tensor, pos: Tensor, full: Tensor) -> Tensor:
@@ -637,8 +640,8 @@ class LayerCache:
         """Add the new token's votes ``relu(vote_logits)`` (``[B, G, 1, cap]``, the voters' scaled
         logits against every slot) to ``Fcum``, for kept tokens other than the first and the new one
         in ``slot`` ``[B]`` (DESIGN §3): after attending, as they affect later queries only."""
-        voted = (self.pos > 0).scatter_(1, slot[:, None], False)  # [B, cap]
-        self.fcum += torch.where(voted[:, None, :], torch.relu(vote_logits[:, :, 0, :]), 0.0)
+        unvoted = (self.pos <= 0).scatter_(1, slot[:, None], True)  # [B, cap]
+        self.fcum += torch.relu(vote_logits[:, :, 0, :]).masked_fill_(unvoted[:, None, :], 0.0)
 
     # --- for the decoder's eager checks ---------------------------------------------------------------
     def attended_next(self) -> int:
