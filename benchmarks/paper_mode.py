@@ -1,6 +1,6 @@
 """Paper-mode selective attention vs standard causal attention (SDPA), forward + backward.
 
-Compares, at B1 H8 D64 fp32 over sequence lengths:
+Compares, at B1 H8 D64 fp32 (``--shape B H D`` for another) over sequence lengths:
   * ``sdpa``     F.scaled_dot_product_attention(is_causal=True): standard attention, the baseline;
   * ``chunked``  ours, paper mode (F from head 0), the default backend;
   * ``naive``    ours, the spec (materialises F and the weights);
@@ -13,6 +13,8 @@ follows live tensor memory (``--mmap-threshold``).
 
     python benchmarks/paper_mode.py [--lengths 512 1024 2048 4096 8192] [--repeats 5] [--plot]
     python benchmarks/paper_mode.py --methods sdpa chunked --lengths 2048 --no-memory --no-save  # quick check
+    python benchmarks/paper_mode.py --shape 2 4 32 --lengths 256 512 1024 --methods sdpa chunked --no-memory \
+        --no-save  # the demo LM's attention (4 heads of 32, 2048 tokens a step)
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from common import RESULTS, interleaved, machine, median_ratio, write
 
 from selective_attention.functional import selective_attention
 
-B, H, D = 1, 8, 64
+DEFAULT_SHAPE = (1, 8, 64)
+B, H, D = DEFAULT_SHAPE  # or --shape B H D
 NAIVE_MAX_L = 4096  # the materialising methods need O(H L^2) memory and get slow beyond this
 
 
@@ -92,9 +95,11 @@ def peak_memory(method: str, L: int, fixed_threshold: bool = False) -> float:
     env = dict(os.environ)
     if fixed_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    shape = [str(n) for n in (B, H, D)]
     out = subprocess.run(
-        [sys.executable, __file__, "--_peak", method, str(L)], capture_output=True, text=True, check=True, env=env
-    )
+        [sys.executable, __file__, "--shape", *shape, "--_peak", method, str(L)],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"] / 2**20
 
 
@@ -136,8 +141,12 @@ def main() -> None:
         "--mmap-threshold", action="store_true", help="also measure memory with MALLOC_MMAP_THRESHOLD_=64 KiB"
     )
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for the timings (default: torch's own)")
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("B", "H", "D"), help="batch, heads, head dim (1 8 64)")
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global B, H, D
+    if args.shape:
+        B, H, D = args.shape
     if args._peak:
         _peak_child(args._peak[0], int(args._peak[1]))
         return
@@ -172,16 +181,17 @@ def main() -> None:
         for t in table:
             print(" | ".join(str(t.get(c, "-")) for c in ["L"] + names))
         return
+    name = "paper_mode" if (B, H, D) == DEFAULT_SHAPE else f"paper_mode_B{B}H{H}D{D}"  # the README's table: default
     md = write(
-        "paper_mode",
+        name,
         table,
         ["L"] + names,
         f"Paper-mode fwd+bwd vs standard causal attention (SDPA), B{B} H{H} D{D} fp32; ratio to SDPA in ()",
     )
     print(md)
-    (RESULTS / "paper_mode_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
+    (RESULTS / f"{name}_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
     if args.plot:
-        plot(rows, RESULTS / "paper_mode.png")
+        plot(rows, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
