@@ -219,6 +219,21 @@ def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(po
             assert (a is None and b is None) or torch.equal(a, b), (trial, name)
 
 
+@pytest.mark.parametrize("policy", ["selective", "window", "h2o"])
+def test_a_step_writes_to_the_first_free_slot_before_evicting_any_kept_token(policy):
+    """The fast slot choice takes the largest of each rule's candidates and the free slots, so every rule must score a
+    free slot above any kept token, the extremes included: a kept token at Fcum = +inf (an overflowed sum), at the
+    largest finite Fcum, at the smallest acc (0, tied with a free slot's), or the oldest after the first."""
+    c = LayerCache.empty(2, 5, n_heads=1, n_groups=1, head_dim=2, budget=5, policy=policy, dtype=torch.float64)
+    c.pos[:] = torch.tensor([[0, 1, -1, 2, -1], [0, 3, 1, -1, 2]])
+    c.fcum[:, 0] = torch.tensor([[0.0, float("inf"), float("inf"), torch.finfo(torch.float64).max, float("inf")],
+                                 [0.0, 0.0, torch.finfo(torch.float64).max, float("inf"), float("inf")]])  # fmt: skip
+    if c.acc is not None:
+        c.acc[:] = torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    assert c.slot_for_next().tolist() == [2, 3]  # each row's first free slot; nothing evicted
+    assert c.pos.tolist() == [[0, 1, -1, 2, -1], [0, 3, 1, -1, 2]]
+
+
 def test_slot_for_next_with_spare_slots_evicts_like_make_room():
     """A cache built directly with more slots than its budget (empty() refuses that; the dataclass does not) takes
     the general path: a row at its budget evicts before writing, even with free slots left."""
