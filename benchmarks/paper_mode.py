@@ -14,7 +14,7 @@ follows live tensor memory (``--mmap-threshold``).
     python benchmarks/paper_mode.py [--lengths 512 1024 2048 4096 8192] [--repeats 5] [--plot]
     python benchmarks/paper_mode.py --methods sdpa chunked --lengths 2048 --no-memory --no-save  # quick check
     python benchmarks/paper_mode.py --shape 2 4 32 --lengths 256 512 1024 --methods sdpa chunked --no-memory \
-        --no-save  # the demo LM's attention (4 heads of 32, 2048 tokens a step)
+        --no-save  # the demo LM's attention (4 heads of 32; B2 at 1024 is its 2048 tokens a step)
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-length", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["sdpa", "chunked", "naive", "x-transformers"])
-    ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png")
+    ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png (another --shape: its own name)")
     ap.add_argument("--no-save", action="store_true", help="print only: leave results/ as it is")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument(

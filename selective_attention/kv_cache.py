@@ -186,7 +186,9 @@ def _largest(score: Tensor, candidates: Tensor, pos: Tensor) -> Tensor:
     # step pays per op)
     lowest = -float("inf") if score.is_floating_point() else torch.iinfo(score.dtype).min  # window: -pos, integers
     score = score.masked_fill(~candidates, lowest)
-    untied = score != score.amax(dim=-1, keepdim=True)  # all but the best candidates, unless there are none
+    # all but the best candidates, unless there are none (and none with a NaN score: every slot ties, the oldest wins,
+    # as in make_room's path)
+    untied = score < score.amax(dim=-1, keepdim=True)
     return pos.masked_fill(untied, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
@@ -305,7 +307,8 @@ def h2o_evictions(acc: Tensor, pos: Tensor, budget: int | None, recent: int | No
 def h2o_rule(acc: Tensor, pos: Tensor, recent: int, free: bool = False) -> tuple[Tensor, Tensor]:
     """``(score, candidates)`` ``[B, cap]`` each: a full H2O layer evicts, of the tokens outside the recent window
     and other than the first, the one with the smallest ``acc`` (the largest ``-acc``), the oldest on ties.
-    ``free``: as in :func:`selective_rule` (a free slot scores 0, the most, and is the oldest on ties)."""
+    ``free``: as in :func:`selective_rule` (a free slot scores 0, the most, since ``acc``, attention received, is
+    never negative; and it is the oldest on ties)."""
     newest = pos.amax(-1, keepdim=True)
     candidates = (pos > 0) & (pos <= newest - (recent - 1))
     return -acc, (candidates | (pos < 0)) if free else candidates
@@ -546,7 +549,7 @@ class LayerCache:
         has no free slot (``cap == budget``), so the new token takes the victim's slot: nothing is marked free
         first. Each rule scores a free slot above every kept token, so the largest of the rule's candidates and
         the free slots is the first free slot, or the victim: the same state as :meth:`make_room` and a search for
-        the free slot in 6 small ops, not ~25 (what eager decoding pays per op, not per element, is most of a
+        the free slot in 7 small ops, not ~25 (what eager decoding pays per op, not per element, is most of a
         pruned step's time)."""
         # branches on the configuration only (a cache built directly, not by empty(), may have spare slots)
         if self.budget is None or self.threshold is not None or self.capacity != self.budget:

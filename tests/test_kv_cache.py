@@ -234,6 +234,23 @@ def test_a_step_writes_to_the_first_free_slot_before_evicting_any_kept_token(pol
     assert c.pos.tolist() == [[0, 1, -1, 2, -1], [0, 3, 1, -1, 2]]
 
 
+@pytest.mark.parametrize("policy", ["selective", "h2o"])
+def test_a_nan_score_does_not_send_a_step_onto_the_first_token(policy):
+    """A model that already produces NaN gives a NaN Fcum (or acc): the step still takes the slot make_room's path
+    takes (the first free one, not slot 0, the first token's), in a row with free slots and in a full one."""
+    nan = float("nan")
+    recent = 1 if policy == "h2o" else None
+    c = LayerCache.empty(2, 4, n_heads=1, n_groups=1, head_dim=2, budget=4, policy=policy, recent=recent)
+    c.pos[:] = torch.tensor([[0, 1, -1, -1], [0, 1, 2, 3]])
+    c.fcum[:, 0] = torch.tensor([[0.0, nan, float("inf"), float("inf")], [0.0, nan, 1.0, 0.0]])
+    if c.acc is not None:
+        c.acc[:] = torch.tensor([[1.0, nan, 0.0, 0.0], [1.0, nan, 0.0, 0.0]])
+    ref = LayerCache(**{f: (t.clone() if isinstance(t, torch.Tensor) else t) for f, t in vars(c).items()})
+    ref.make_room()
+    assert c.slot_for_next().tolist() == ref.pos.argmin(dim=-1).tolist()
+    assert c.slot_for_next()[0].item() == 2
+
+
 def test_slot_for_next_with_spare_slots_evicts_like_make_room():
     """A cache built directly with more slots than its budget (empty() refuses that; the dataclass does not) takes
     the general path: a row at its budget evicts before writing, even with free slots left."""
