@@ -225,6 +225,8 @@ class SelectiveAttention(nn.Module):
             ``[B, Lq, d_model]``, or ``(output, weights)`` when ``need_weights``.
         """
         self._check_inputs(Q, K, V)
+        if not isinstance(need_weights, bool):
+            raise TypeError(f"need_weights must be True or False, got {need_weights!r}.")
         B, Lq, _ = Q.shape
         q = self._heads(self.q_proj(Q))  # [B, H, Lq, d_k]
         k = self._heads(self.k_proj(K))  # [B, Hkv, Lk, d_k]

@@ -21,6 +21,26 @@ Backend = Literal["auto", "triton", "chunked", "sdpa", "naive"]
 BACKENDS = NAMES  # "auto", then the backends in the order "auto" tries them
 
 
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors as ``torch.autocast`` gives them to ``F.scaled_dot_product_attention``: inside an autocast region
+    for their device, floating tensors other than float64 in its dtype (``torch.get_autocast_dtype``); unchanged
+    outside one. Under autocast a model's q, k and v may arrive in different dtypes (Hugging Face's rotary embedding
+    returns float32 q, k beside a bfloat16 v), which SDPA accepts there."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None:
+        return tensors
+    try:
+        enabled = torch.is_autocast_enabled(first.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return tensors
+    if not enabled:
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -82,6 +102,8 @@ def _request(
 ) -> Request:
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
     _check_qkv(q, k, v, enable_gqa)
+    if not isinstance(is_causal, bool):  # a truthy "false" or tensor would silently mask the future
+        raise TypeError(f"is_causal must be True or False, got {is_causal!r}.")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}.")
     if scale is None:
@@ -93,8 +115,13 @@ def _request(
     )
     B, H, Lq, _ = q.shape
     voters = None if chosen is None else chosen.bind(q, k, selection_qk, scale=scale)  # validated once, against H
-    if memory_tau is not None and (voters is None or not memory_tau > 0):
-        raise ValueError(f"memory_tau needs selection=True and a value > 0; got {memory_tau!r}.")
+    if memory_tau is not None and (
+        voters is None
+        or isinstance(memory_tau, bool)
+        or not isinstance(memory_tau, numbers.Real)
+        or not 0 < memory_tau < math.inf
+    ):  # tau = inf would count nothing: a memory loss of 0 with no gradient
+        raise ValueError(f"memory_tau needs selection=True and a finite value > 0; got {memory_tau!r}.")
     # Compiled calls read no mask value (a graph break) unless the Triton kernel, which takes no mask, could serve
     # the call once an all-False mask were dropped: every other kernel (SDPA's included) takes masks as they are.
     read_values = not torch.compiler.is_compiling()
@@ -194,6 +221,9 @@ def selective_attention(
             dedicated ``selection_qk`` pair keep their shapes (H query heads). Without it, ``Hkv != H``
             is an error.
 
+    Inside ``torch.autocast``, q, k, v (and ``selection_qk``) are first cast to the autocast dtype, as autocast
+    does for ``F.scaled_dot_product_attention`` (float64 tensors excepted).
+
     Returns:
         ``[B, H, Lq, Dv]`` (and the ``[B, G, L]`` masked counts when ``memory_tau`` is given). A query
         whose keys are all removed gets zeros (not NaN), and finite (zero) gradients.
@@ -201,6 +231,10 @@ def selective_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     check_chunk_size(chunk_size)
+    if isinstance(q, Tensor):  # (anything else: _check_qkv names it)
+        q, k, v = autocast_inputs(q, k, v)
+        if isinstance(selection_qk, tuple) and len(selection_qk) == 2:
+            selection_qk = autocast_inputs(*selection_qk)
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,

@@ -261,6 +261,10 @@ def test_bad_forward_inputs():
         attn(x, x, x, torch.zeros(3, 4, 5, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="Q must be a torch.Tensor"):
         attn([1.0], x, x)
+    with pytest.raises(TypeError, match="is_causal must be True or False, got 'false'"):
+        attn(x, x, x, is_causal="false")
+    with pytest.raises(TypeError, match="need_weights must be True or False, got 'false'"):
+        attn(x, x, x, need_weights="false")
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])

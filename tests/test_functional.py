@@ -161,6 +161,12 @@ def test_bad_dtypes_and_args():
         selective_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match="backend"):
         selective_attention(q, k, v, backend="flash")
+    for bad in ("false", 0.5, None, torch.tensor(True)):  # a truthy "false" once masked the future silently
+        with pytest.raises(TypeError, match="is_causal must be True or False"):
+            selective_attention(q, k, v, is_causal=bad)
+    for tau in (float("inf"), float("nan"), 0.0, True, "1"):  # inf counted nothing: a memory loss of 0, no gradient
+        with pytest.raises(ValueError, match="memory_tau needs selection=True and a finite value > 0"):
+            selective_attention(q, k, v, selection=True, memory_tau=tau)
 
 
 # Property test: random shapes, mask kinds and causality; the fast path always equals the spec.
@@ -189,3 +195,22 @@ def test_property_fast_equals_naive(B, H, Lq, Lk, D, mask_kind, is_causal, pad, 
     torch.testing.assert_close(o_fast, o_ref, **TOL[torch.float64])
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "chunked"])
+def test_autocast_casts_the_inputs_as_for_sdpa(backend):
+    """Inside torch.autocast, q, k, v of mixed dtypes (a float32 q, k beside a bfloat16 v, as a rotary embedding
+    leaves them) run in autocast's dtype: the result of casting them first, bit for bit. float64 is left alone,
+    and outside autocast mixed dtypes are still refused."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g) for _ in range(3))
+    sel = dict(is_causal=True) if backend == "sdpa" else dict(selection=True)
+    want = selective_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend=backend, **sel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = selective_attention(q, k, v.bfloat16(), backend=backend, **sel)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        q64, k64, v64 = q.double(), k.double(), v.double()
+        assert selective_attention(q64, k64, v64, backend=backend, **sel).dtype == torch.float64
+    with pytest.raises(TypeError, match="must share a dtype"):
+        selective_attention(q, k, v.bfloat16(), backend=backend, **sel)
