@@ -32,16 +32,17 @@ spec (it materialises ``[B, H, L, L]``). Layers that do not select run PyTorch's
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import threading
 import weakref
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from .functional import selective_attention
+from .functional import autocast_inputs, selective_attention
 from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt, is_int
 from .model import memory_loss as _memory_loss
 from .selection import Selection
@@ -78,6 +79,18 @@ logger = _hf_logging.get_logger(__name__)  # transformers' logger: warning_once,
 
 
 # --- settings, in the model config -------------------------------------------------------------------
+_SELECTION_FIELDS = tuple(f.name for f in fields(Selection))  # (read here, not per call: it breaks a compiled graph)
+
+
+def _real(x) -> float | None:
+    """``x`` as a plain float if it is a real number (Python, numpy, or a 0-d real tensor; not a bool), else None."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or (hasattr(x, "dtype") and x.dtype == bool):
+        return None
+    return float(x)
+
+
 @dataclass(frozen=True)
 class HFSettings:
     """What ``config.selective_attention`` says (absent: the paper in every layer, no memory loss).
@@ -108,13 +121,22 @@ class HFSettings:
                 "Selection(per_head=True)."
             )
         if self.layers is not None:
+            if isinstance(self.layers, str | bytes) or not isinstance(self.layers, Iterable):
+                raise ValueError(
+                    f"layers must be a list of layer indices (ints >= 0) or None (all), got {self.layers!r}"
+                    + (f"; for one layer pass layers=[{self.layers}]." if is_int(self.layers) else ".")
+                )
+            object.__setattr__(self, "layers", tuple(self.layers))
             if not all(is_int(i) and operator.index(i) >= 0 for i in self.layers):
                 raise ValueError(f"layers must be layer indices (ints >= 0) or None (all), got {self.layers!r}.")
             object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))  # np.int64 -> int
-        if not (isinstance(self.memory_eps, int | float) and math.isfinite(self.memory_eps) and self.memory_eps >= 0):
+        eps, tau = _real(self.memory_eps), _real(self.memory_tau)
+        if eps is None or not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"memory_eps must be a finite number >= 0 (0 = no memory loss), got {self.memory_eps!r}.")
-        if not (isinstance(self.memory_tau, int | float) and math.isfinite(self.memory_tau) and self.memory_tau > 0):
+        if tau is None or not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"memory_tau must be a finite number > 0, got {self.memory_tau!r}.")
+        object.__setattr__(self, "memory_eps", eps)  # a plain float: config.json must serialise it
+        object.__setattr__(self, "memory_tau", tau)
 
     def check_memory_loss(self) -> None:
         """Refuse ``memory_eps > 0`` without a selecting layer (nothing to count). Checked by :func:`configure` and
@@ -148,10 +170,16 @@ class HFSettings:
                 "memory_tau. Was it written by a newer version?"
             )
         sel = d.get("selection") or {}
+        known = _SELECTION_FIELDS
+        if not isinstance(sel, dict) or set(sel) - set(known):
+            raise ValueError(
+                f"config.{CONFIG_KEY}['selection'] = {sel!r} is not a selection: a dict of {', '.join(known)} (as "
+                "configure() writes it). Write the settings again with configure(config, selection=Selection(...))."
+            )
         layers = d.get("layers")
         return cls(
             selection=Selection(**sel),
-            layers=None if layers is None else tuple(layers),
+            layers=layers,
             memory_eps=d.get("memory_eps", 0.0),
             memory_tau=d.get("memory_tau", 1.0),
         )
@@ -177,7 +205,7 @@ def configure(
             "configure(selection=False) would make selective attention standard attention; use "
             "attn_implementation='sdpa' for that, or list the selecting layers with layers=[...]."
         )
-    s = HFSettings(selection, None if layers is None else tuple(layers), memory_eps, memory_tau)
+    s = HFSettings(selection, layers, memory_eps, memory_tau)
     s.check_memory_loss()
     target = _text_config(config)  # a composite model's (e.g. a VLM's) decoder: what its attention layers read
     n_layers = getattr(target, "num_hidden_layers", None)
@@ -390,7 +418,9 @@ def _forward(
         )
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise NotImplementedError(
-            f"attn_implementation='{NAME}' is causal self-attention; {type(module).__name__} is not causal."
+            f"attn_implementation='{NAME}' is causal self-attention; {type(module).__name__} is not causal. In a "
+            "composite model (a vision-language model) give the text decoder alone selective attention: "
+            f"attn_implementation={{'text_config': '{NAME}', '': 'sdpa'}} (one entry per sub-config; '' the rest)."
         )
     config = getattr(module, "config", None)
     layer_idx = getattr(module, "layer_idx", None)
@@ -420,6 +450,9 @@ def _forward(
             f"attn_implementation='{NAME}' attends to every earlier token, which would change the model. Set "
             "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
         )
+    # under torch.autocast, q and k may come out of the rotary embedding in float32 beside a bfloat16 v: one dtype,
+    # autocast's, as it gives SDPA (the cache then stores that dtype)
+    query, key, value = autocast_inputs(query, key, value)
     if cached is not None:
         if cached.owner is not None:
             cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
@@ -534,14 +567,27 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
     ``torch.nn.DataParallel`` model (its replicas keep the counts; use DistributedDataParallel)."""
     if isinstance(model, torch.nn.DataParallel):
         raise ValueError(f"memory_loss got a torch.nn.DataParallel model: {_DATA_PARALLEL}")
-    found = []
+    found, now = [], set()
+    functions = AttentionInterface()  # the registered attention functions by name
     for m in model.modules():
         if hasattr(m, "_selective_masked"):
+            # counts left by an earlier forward of a layer whose attention has since been switched away
+            # (set_attn_implementation("sdpa")) are stale: its last forward did not run this function
+            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+            if impl is not None and functions.get(impl) is not attention_forward:
+                now.add(impl)
+                continue
             found.append(m._selective_masked)
     if not found:
         raise ValueError(
             "memory_loss found no selective attention layer output: run a forward of a model built with "
-            f"attn_implementation='{NAME}' first."
+            f"attn_implementation='{NAME}' first"
+            + (
+                f" (its attention is now {', '.join(map(repr, sorted(now)))}; switch back with "
+                f"model.set_attn_implementation('{NAME}'))."
+                if now
+                else "."
+            )
         )
     masked = [f for f in found if f is not None]
     if not masked:
@@ -726,9 +772,11 @@ class SelectiveLayer(DynamicLayer):
         start = self.seen - Lq
         if real is not None and real.shape[-1] != self.seen:
             raise ValueError(
-                f"SelectiveCache: the padding mask covers {real.shape[-1]} tokens but the cache has seen {self.seen}: "
-                "the model was given the cache together with tokens it already holds (generate(..., use_cache=False) "
-                "feeds the whole sequence each step). Drop use_cache=False, or pass no cache."
+                f"SelectiveCache: the padding mask covers {real.shape[-1]} tokens but the cache has seen {self.seen} "
+                f"(it held {start} before this call): the mask must cover every token the cache has seen, and these "
+                "new ones. A new prompt needs a new SelectiveCache() or cache.reset(); a continuation passes the "
+                "whole sequence so far with its mask (generate does); generate(..., use_cache=False) feeds the whole "
+                "sequence each step with the cache, so drop use_cache=False or pass no cache."
             )
         if self.cache is None:
             if start != 0:
@@ -879,6 +927,12 @@ class SelectiveCache(Cache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         self._check_usable()
+        held = next((layer.first.shape[0] for layer in self.layers if layer.first is not None), None)
+        if held is not None and key_states.shape[0] != held:  # refused before any layer counts the call's tokens
+            raise ValueError(
+                f"this SelectiveCache holds {held} sequences and the call has {key_states.shape[0]}: a cache serves "
+                "the batch of its first call. For a new batch pass a new SelectiveCache(), or call cache.reset()."
+            )
         n_new = key_states.shape[-2]
         # every layer must have seen the same tokens: a call that stopped between layers (an error outside the
         # attention function, an interrupt) leaves them apart, and that state must never be decoded from

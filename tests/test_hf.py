@@ -163,6 +163,29 @@ def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
     for bad in ([True], [0.0], [-1], np.array([[0]])):
         with pytest.raises(ValueError, match="layers must be layer indices"):
             tiny_config("llama", layers=bad)
+    for bad, hint in ((1, r"layers=\[1\]"), ("01", "list of layer indices")):
+        with pytest.raises(ValueError, match=hint):
+            tiny_config("llama", layers=bad)
+
+
+def test_configure_takes_numpy_and_tensor_numbers_and_refuses_bools_and_bad_stored_settings():
+    """memory_eps and memory_tau as numpy or 0-d tensor numbers are stored as plain floats (config.json serialises
+    them); a bool (True would be eps = 1) is refused; a hand-edited selection with an unknown key is named."""
+    import numpy as np
+
+    for eps in (np.float32(0.25), torch.tensor(0.25), np.int64(1)):
+        cfg = tiny_config("llama", memory_eps=eps, memory_tau=np.float64(0.5))
+        stored = cfg.selective_attention
+        assert stored["memory_eps"] == float(eps) and type(stored["memory_eps"]) is float
+        assert stored["memory_tau"] == 0.5 and type(stored["memory_tau"]) is float
+        json.dumps(stored)
+    for bad in (True, np.bool_(True), torch.tensor(True), torch.tensor([0.1]), "0.1", float("nan")):
+        with pytest.raises(ValueError, match="memory_eps must be a finite number"):
+            tiny_config("llama", memory_eps=bad)
+    cfg = tiny_config("llama")
+    cfg.selective_attention = {"selection": {"heads": 1}}
+    with pytest.raises(ValueError, match=r"\{'heads': 1\} is not a selection.*head, per_head, projection"):
+        sa_hf.settings(cfg)
 
 
 def test_configure_a_composite_model_reaches_its_text_decoder(tmp_path):
@@ -434,6 +457,22 @@ def test_cache_arguments_and_misuse_are_clear_errors():
                        do_sample=False, pad_token_id=0)  # fmt: skip
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    # a filled cache reused for a new padded prompt, or for another batch size: named, with the fix, and the cache
+    # is left as it was (it still continues its own batch)
+    cache = sa_hf.SelectiveCache(budget=4)
+    first = model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"new SelectiveCache\(\) or cache.reset\(\)"):
+        model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    cache = sa_hf.SelectiveCache(budget=4)
+    model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    seen = [layer.seen for layer in cache.layers]
+    with pytest.raises(ValueError, match=r"holds 3 sequences and the call has 1.*new SelectiveCache\(\)"):
+        model.generate(torch.randint(1, V, (1, 20)), cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert [layer.seen for layer in cache.layers] == seen and cache.broken is None
+    prompt = torch.cat([first, torch.randint(1, V, (3, 2))], 1)
+    more = model.generate(prompt, attention_mask=torch.cat([pmask, torch.ones(3, 4, dtype=pmask.dtype)], 1),
+                          cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert more.shape == (3, prompt.shape[1] + 1)
 
 
 def test_budget_list_may_leave_a_layer_unbudgeted():
@@ -640,6 +679,23 @@ def test_memory_eps_without_a_selecting_layer_is_refused_up_front():
         sa_hf.memory_loss_term(model)
 
 
+def test_memory_loss_refuses_counts_of_an_implementation_switched_away():
+    """After a selective training forward and set_attn_implementation("sdpa"), a forward leaves the old counts in
+    the layers: memory_loss refuses them, naming the switch, instead of returning the earlier batch's value (whose
+    graph a backward may already have freed). Switched back, it reads the new forward's counts."""
+    model = build("llama", dtype=torch.float32, memory_eps=0.5).train()
+    ids = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    sa_hf.memory_loss(model).backward()
+    model.set_attn_implementation("sdpa")
+    model(ids)
+    with pytest.raises(ValueError, match="attention is now 'sdpa'.*set_attn_implementation"):
+        sa_hf.memory_loss_term(model)
+    model.set_attn_implementation("selective")
+    model(ids[:, :6])
+    sa_hf.memory_loss(model).backward()  # fresh counts: a graph not yet freed
+
+
 def test_memory_loss_refuses_data_parallel(tmp_path):
     """nn.DataParallel (Trainer's wrapper when n_gpu > 1) runs each forward on replicas, which keep the masked
     counts: the memory loss refuses it by name, naming DistributedDataParallel / torchrun, where the wrapped model
@@ -744,6 +800,32 @@ def test_half_precision_runs_close_to_fp32(dtype):
     assert torch.isfinite(out).all()
     # half precision: ~3 significant digits per op through 2 layers; logits are O(0.1)
     assert (out - ref).abs().max() < (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+def test_autocast_runs_forward_training_and_pruned_generate():
+    """A float32 model inside torch.autocast (what Trainer(bf16=True) and accelerate use): the rotary embedding
+    gives float32 q, k beside a bfloat16 v. The forward is as close to the float32 one as sdpa's under autocast,
+    training with the memory loss back-propagates, and budgeted generation keeps its bound."""
+    ids = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(1))
+    err = {}
+    for impl in ("sdpa", "selective"):
+        model = build("llama", dtype=torch.float32, impl=impl)
+        with torch.no_grad():
+            ref = model(ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(ids).logits
+        assert out.dtype == torch.bfloat16
+        err[impl] = (out.float() - ref).abs().max().item()
+    assert err["selective"] < max(2 * err["sdpa"], 1e-2), err
+    model = build("llama", dtype=torch.float32, memory_eps=0.1).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss + sa_hf.memory_loss_term(model)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    cache = sa_hf.SelectiveCache(budget=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.eval().generate(ids, max_new_tokens=6, do_sample=False, cache=cache, pad_token_id=0)
+    assert out.shape == (2, 26) and max(cache.occupancy()) <= 4
 
 
 def test_compiled_forward_matches_eager():
