@@ -66,6 +66,9 @@ _LEGACY_MODEL_FIELDS = ("n_layer", "n_head", "d_model", "d_head", "context_len",
                         "memory_eps", "memory_tau")  # fmt: skip
 
 
+_AFRESH = "selective-attention train --resume=false starts over in its folder"  # what every command may suggest
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, corrupt, of an unknown format version, or made for another
     model or training config."""
@@ -238,7 +241,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a selective-attention checkpoint ({type(e).__name__}: {e}); "
-            f"delete it, or start over with --resume=false."
+            f"restore it from a copy, or retrain ({_AFRESH})."
         ) from e
     if version is None:
         raise CheckpointError(
@@ -269,7 +272,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
-            f"checkpoint of format {version}; delete it, or start over with --resume=false."
+            f"checkpoint of format {version}; restore it from a copy, or retrain ({_AFRESH})."
         ) from None
     meta["tokenizer"] = _stored_tokenizer(meta["tokenizer"], path)
     checksum = raw.get("checksum")
@@ -289,7 +292,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         what = "tensor bytes" if version in _TENSOR_ONLY_CHECKSUM else "tensor bytes or metadata (configs, tokenizer)"
         raise CheckpointError(
             f"checkpoint {path} fails its checksum: its {what} changed after it was written (disk or copy "
-            f"corruption, or an edit); restore it from a copy, or delete it and start over with --resume=false."
+            f"corruption, or an edit); restore it from a copy, or retrain ({_AFRESH})."
         )
     return tensors, meta
 

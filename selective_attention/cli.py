@@ -44,7 +44,7 @@ __all__ = ["main", "demo", "seed_example"]
 _threshold = finite_number(positive=False, hint="; omit --threshold to evict by --budget only")  # as check_policy
 _temperature = finite_number(positive=False, hint="; 0 = greedy")
 _top_k = int_at_least(1, hint="; omit --top_k to sample from every token")
-BUDGET_HELP = "KV budget: one int, or one per layer: 32,16,16,8 (omit: the whole context)"
+BUDGET_HELP = "KV budget: one int, or one per layer: 32,16,16,8 (none in the list, or omitted: the whole context)"
 POLICY_CHOICES = ("selective", "window", "h2o")  # kv_cache.POLICIES (not imported here: the CLI loads lazily)
 
 
@@ -184,16 +184,22 @@ def seed_example(seed: int = 0) -> None:
     demo(seed=seed)
 
 
-def _budget_arg(text: str | None) -> int | list[int] | None:
-    """``--budget``: ``"32"`` -> 32, ``"32,16,16,8"`` -> one budget per layer, ``None``/``""`` -> no budget."""
+def _budget_arg(text: str | None) -> int | list[int | None] | None:
+    """``--budget``: ``"32"`` -> 32, ``"32,16,16,8"`` -> one budget per layer (``none`` in the list: that layer keeps
+    the whole context), ``None``/``""`` -> no budget."""
     if text is None or text.strip() == "":
         return None
-    usage = "--budget expects one int or a comma-separated list of ints, one per layer, e.g. 32 or 32,16,16,8"
+    usage = (
+        "--budget expects one int or a comma-separated list, one per layer, of ints or none (that layer unpruned), "
+        "e.g. 32 or 32,16,16,8 or none,16,16,8"
+    )
     try:
-        parts = [int(p) for p in text.split(",")]
+        parts = [None if p.strip().lower() == "none" else int(p) for p in text.split(",")]
     except ValueError:
         raise ValueError(f"{usage}; got {text!r}.") from None
-    small = [b for b in parts if b < 2]
+    if len(parts) == 1 and parts[0] is None:
+        return None
+    small = [b for b in parts if b is not None and b < 2]
     if small:
         # a budget b stores at most b tokens per layer, the newest included, and the first is never evicted
         raise ValueError(

@@ -126,8 +126,8 @@ def test_demo_steps_zero_is_refused_not_replaced_by_the_default(monkeypatch, cap
 @pytest.mark.parametrize(
     "budget, match",
     [
-        ("abc", "--budget expects one int or a comma-separated list of ints, one per layer, e.g. 32 or 32,16,16,8; "
-                "got 'abc'"),
+        ("abc", "--budget expects one int or a comma-separated list, one per layer, of ints or none (that layer "
+                "unpruned), e.g. 32 or 32,16,16,8 or none,16,16,8; got 'abc'"),
         ("4,", "got '4,'"),
         ("1", "--budget must be >= 2 in every layer"),
         ("8,0", "--budget must be >= 2 in every layer"),
@@ -150,6 +150,11 @@ def test_eval_context_len_and_budget_checked_against_the_model(ckpts, capsys):
     assert "--budget has 3 values but the model has 2 layers" in capsys.readouterr().err
     assert main(["eval", "--ckpt", run, "--context_len", "64", "--budget", "8", "--batches", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_tokens_per_layer"] == [8, 8]
+    # none in the list: that layer keeps the whole context (as budget=[8, None] in Python)
+    assert main(["eval", "--ckpt", run, "--budget", "8,none", "--batches", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget"] == [8, None] and out["kv_tokens_per_layer"][0] == 8 and out["kv_tokens_per_layer"][1] > 8
+    assert main(["generate", "--ckpt", run, "--budget", "none,4", "--max_new_tokens", "3", "--prompt", "ab"]) == 0
 
 
 def test_eval_varassign_checkpoint(ckpts, capsys):
