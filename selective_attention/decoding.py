@@ -48,8 +48,8 @@ class Decoder:
         model: the model (its weights are used as they are; call ``model.eval()`` first). It holds
             no decoding state: the caches are this decoder's, so several decoders may share a model.
         budget: per layer, the most tokens stored and attended at any step, the newest included (an
-            int for all layers, or a list, one per layer; each >= 2: the first token and the newest);
-            ``None`` keeps everything.
+            int for all layers, or a list, one per layer, of ints >= 2, the first token and the newest, or
+            ``None``, that layer keeps everything); ``None`` keeps everything in every layer.
         threshold: evict any token whose Fcum exceeds this (before the next step attends); policy
             ``"selective"`` only.
         policy: which token a full layer evicts (never the first; :mod:`~selective_attention.kv_cache`):
@@ -77,7 +77,7 @@ class Decoder:
         self,
         model: nn.Module,
         *,
-        budget: int | Sequence[int] | None = None,
+        budget: int | Sequence[int | None] | None = None,
         threshold: float | None = None,
         policy: str = "selective",
         recent: int | None = None,

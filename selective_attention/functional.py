@@ -205,8 +205,9 @@ def selective_attention(
             exact and memory-lean, no dropout), ``"sdpa"`` (standard attention, any mask, dropout) and
             ``"naive"`` (the spec: everything, paper mode with dropout included). A named backend runs
             the call or raises ``ValueError`` saying why it cannot, and what to use instead.
-        chunk_size: query rows per chunk for ``"chunked"``, an int >= 1 (``None``: 64, fewer for very
-            long L). Any other value raises ``ValueError``.
+        chunk_size: for ``"chunked"``, an int >= 1: the unit of the query blocks it walks (a block spans
+            several; ``None``: ``default_chunk_size``, 64, or 32 once ``[B, H, 64, L]`` temporaries would pass
+            4 MiB). Any other value raises ``ValueError``.
         memory_tau: with ``selection``, also return the paper's soft count of masked keys per query,
             ``sum_j min(F[i, j], tau) / tau`` as ``[B, G, L]`` (G = 1, or H with per-head F; float32 for
             float16 / bfloat16 inputs: the loss subtracts them from a count of ~L tokens), differentiable:

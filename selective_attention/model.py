@@ -283,7 +283,7 @@ class Attention(nn.Module):
           selective layer) also the masked counts for the memory loss;
         * a ``cache`` and no ``input_pos``: prefill. ``x`` is a prompt from position 0, attended
           exactly; the cache (from :meth:`new_cache`) then keeps what its budget and threshold allow;
-        * a ``cache`` and ``input_pos`` ``[1]``: one decoding step. ``x`` ``[B, 1]`` is the token at
+        * a ``cache`` and ``input_pos`` ``[1]``: one decoding step. ``x`` ``[B, 1, C]`` is the token at
           that position; it attends to the cache (:meth:`step`). Static shapes: compiles once.
         """
         q, k, v, sel = self.project(x, rope)
@@ -434,7 +434,7 @@ class GPT(nn.Module):
             )
 
     def tokens(self, idx) -> Tensor:
-        """``idx`` as the embedding reads it: any integer dtype (uint8 bytes, say) as long, checked by
+        """``idx`` ``[B, T]`` as the embedding reads it: any integer dtype (uint8 bytes, say) as long, checked by
         :meth:`check_idx`."""
         idx = _as_ids(idx)
         self.check_idx(idx)
@@ -511,9 +511,10 @@ class GPT(nn.Module):
         return self.lm_head(h[:, -1])
 
     def loss(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy plus, when ``memory_eps > 0``, the paper's memory loss.
+        """Cross-entropy of ``idx`` ``[B, T]`` against ``targets`` ``[B, T]`` (token ids; -100 = ignored) plus, when
+        ``memory_eps > 0``, the paper's memory loss.
 
-        Returns ``(loss, {"ce": ..., "memory": ...})`` (floats for logging)."""
+        Returns ``(loss, {"ce": ..., "memory": ...})``: a 0-d tensor and floats for logging."""
         if not isinstance(targets, Tensor) or not _is_integer(targets.dtype):
             raise ValueError(
                 f"targets must be an integer tensor of token ids [B, T] (-100 = ignored), got "
@@ -546,7 +547,7 @@ class GPT(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
-        budget: int | Sequence[int] | None = None,
+        budget: int | Sequence[int | None] | None = None,
         threshold: float | None = None,
         policy: str = "selective",
         recent: int | None = None,
@@ -555,10 +556,10 @@ class GPT(nn.Module):
     ) -> Tensor:
         """Continue ``idx`` ``[B, T]`` by ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
 
-        Decodes with a KV cache (exact: equal to re-running the full forward each step). ``budget``
-        (an int for all layers or one per layer) keeps at most that many tokens per layer, evicting
-        by ``policy`` (never the first token): ``"selective"`` the token with the largest accumulated
-        penalty, ``"window"`` the oldest, ``"h2o"`` the one outside a recent window of ``recent`` tokens
+        Decodes with a KV cache (exact: equal to re-running the full forward each step). ``budget`` (an int for
+        all layers, or one per layer: an int, or ``None`` for a layer that keeps everything) keeps at most that many
+        tokens per layer, evicting by ``policy`` (never the first token): ``"selective"`` the token with the largest
+        accumulated penalty, ``"window"`` the oldest, ``"h2o"`` the one outside a recent window of ``recent`` tokens
         that received the least attention; ``threshold`` (``"selective"`` only) evicts any token whose
         penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the decoding step
         (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`).

@@ -390,7 +390,8 @@ def selection_penalty(
             neither votes nor is voted on, and the protected token is each sequence's first real one.
 
     Returns:
-        F ``[B, L, L]``: ``F[b, i, j] = sum_{k < i} relu(q0[k] . k0[j] * scale)`` over ``1 <= j < k``
+        F ``[..., L, L]`` (``[B, L, L]`` for ``[B, L, D]`` inputs, ``[B, G, L, L]`` for grouped heads):
+        ``F[b, i, j] = sum_{k < i} relu(q0[k] . k0[j] * scale)`` over ``1 <= j < k``
         (with padding: over real ``k``, real ``j < k`` other than the first real token).
         For inspection and plots; the attention backends never build it whole.
 

@@ -333,8 +333,8 @@ class Task:
         return curriculum_assign(step, c.va_assign, c.va_assign_start, c.va_ramp_steps, c.va_hold_steps)
 
     def batch(self, gen: torch.Generator, step: int | None = None) -> tuple[Tensor, Tensor]:
-        """A training batch; on varassign with a curriculum its examples have ``n_assign_at(step)`` assignments
-        (``4 n + 3`` tokens per row)."""
+        """A training batch ``(x, y)``, ``[B, T]`` each (y: the targets, -100 = ignored); on varassign with a
+        curriculum its examples have ``n_assign_at(step)`` assignments (``4 n + 3`` tokens per row)."""
         if self.varassign:
             # learn the task, not the random stream: only the answer is a target (-100 is ignored)
             x, y, answer = self.train_task.batch(self.cfg.batch_size, gen, self.n_assign_at(step))
@@ -342,6 +342,8 @@ class Task:
         return self.text.batch("train", self.cfg.batch_size, self.context_len, gen)
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """The validation batches ``(x, y, answer)``: ``[B, T]`` each; ``answer`` (bool, the answer tokens of
+        varassign) is None on text."""
         if self.varassign:
             gen = torch.Generator().manual_seed(VA_VAL_SEED)
             for _ in range(self.cfg.eval_batches):
