@@ -18,8 +18,8 @@ of ~2.5 min and a selective one of ~5.5 min at context 512 on an Intel Xeon. Mea
 quiet CPU ~4 min of training and ~1 min of evaluation for a standard run, ~6 + 3 min for a selective one
 (the curves decode every budget token by token); with the CPU shared, 6-9 + 4-5 min. 1024 and 2048 cost
 more per token (attention grows with the context): about a working day on a quiet 2-core CPU, nearer two
-when it is shared. 1,000 steps of 2,048 tokens (2 M tokens: about 2.2 passes over the
-~0.9 M-token BPE training split) is where the byte-level reproduction's losses had mostly settled; the
+when it is shared. 1,000 steps of 2,048 tokens (2 M tokens: about 2 passes over the
+~1.05 M-token BPE training split) is where the byte-level reproduction's losses had mostly settled; the
 BPE models' validation loss is still falling there, so these are short runs: a model this small shows
 the method's memory behaviour, not its quality at scale.
 

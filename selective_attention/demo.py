@@ -211,7 +211,8 @@ def table(report: dict) -> str:
     else:
         kv = (
             f"{sum(b['budgets']) / len(b['budgets']):.1f} (budgets {b['budgets']}): "
-            f"{b['memory_ratio']:.1f}x less at standard's loss{tol}"
+            f"{b['memory_ratio']:.1f}x less at standard's loss{tol} on the search windows; held out: "
+            f"{'holds' if h['holds'] else 'does NOT hold'}"
         )
     reference = h.get("reference", b["equal_to"])
     verdict = (
@@ -220,7 +221,7 @@ def table(report: dict) -> str:
         else "nothing to check"
     )
     rows = [
-        f"| model | val loss ({_unit(report)}) | tokens/s | KV slots per layer at equal loss |",
+        f"| model | val loss ({_unit(report)}) | tokens/s | KV slots per layer at equal loss (budget search) |",
         "|---|---|---|---|",
         f"| standard | {t['val_loss']:.4f} | {t['tokens_per_s']:,.0f} | {ctx} (full context) |",
         f"| selective | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | {kv} |",

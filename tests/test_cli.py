@@ -330,7 +330,9 @@ def test_demo_table_says_what_each_outcome_is():
     from selective_attention.demo import table
 
     text = table(_report())
-    assert "4.0x less at standard's loss |" in text and "the 4.0x (standard's loss) holds there" in text
+    assert "4.0x less at standard's loss on the search windows; held out: holds |" in text
+    assert "the 4.0x (standard's loss) holds there" in text
+    assert "held out: does NOT hold |" in table(_report(holds=False))
     # the selective model's full cache above the standard's: no saving at equal loss, whatever its own search found
     text = table(_report(reached=False))
     assert "none: even its full cache is above the standard's loss" in text and "less at" not in text
