@@ -121,10 +121,14 @@ class HFSettings:
                 "Selection(per_head=True)."
             )
         if self.layers is not None:
-            if isinstance(self.layers, str | bytes) or not isinstance(self.layers, Iterable):
+            if (
+                isinstance(self.layers, str | bytes)
+                or not isinstance(self.layers, Iterable)
+                or (isinstance(self.layers, Tensor) and self.layers.dim() == 0)
+            ):
                 raise ValueError(
                     f"layers must be a list of layer indices (ints >= 0) or None (all), got {self.layers!r}"
-                    + (f"; for one layer pass layers=[{self.layers}]." if is_int(self.layers) else ".")
+                    + (f"; for one layer pass layers=[{operator.index(self.layers)}]." if is_int(self.layers) else ".")
                 )
             object.__setattr__(self, "layers", tuple(self.layers))
             if not all(is_int(i) and operator.index(i) >= 0 for i in self.layers):

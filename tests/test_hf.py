@@ -163,7 +163,7 @@ def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
     for bad in ([True], [0.0], [-1], np.array([[0]])):
         with pytest.raises(ValueError, match="layers must be layer indices"):
             tiny_config("llama", layers=bad)
-    for bad, hint in ((1, r"layers=\[1\]"), ("01", "list of layer indices")):
+    for bad, hint in ((1, r"layers=\[1\]"), (torch.tensor(1), r"layers=\[1\]"), ("01", "list of layer indices")):
         with pytest.raises(ValueError, match=hint):
             tiny_config("llama", layers=bad)
 
