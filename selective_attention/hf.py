@@ -84,9 +84,9 @@ _SELECTION_FIELDS = tuple(f.name for f in fields(Selection))  # (read here, not 
 
 def _real(x) -> float | None:
     """``x`` as a plain float if it is a real number (Python, numpy, or a 0-d real tensor; not a bool), else None."""
-    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+    if getattr(x, "ndim", None) == 0 and hasattr(x, "item"):  # a 0-d tensor or numpy array
         x = x.item()
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or (hasattr(x, "dtype") and x.dtype == bool):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         return None
     return float(x)
 
@@ -124,7 +124,7 @@ class HFSettings:
             if (
                 isinstance(self.layers, str | bytes)
                 or not isinstance(self.layers, Iterable)
-                or (isinstance(self.layers, Tensor) and self.layers.dim() == 0)
+                or getattr(self.layers, "ndim", None) == 0  # a 0-d tensor or numpy array
             ):
                 raise ValueError(
                     f"layers must be a list of layer indices (ints >= 0) or None (all), got {self.layers!r}"
@@ -495,7 +495,11 @@ def _forward(
         out = _attend(query, key, value, selection=sel, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)
         rows = None
     # the memory loss reads the last training forward's masked counts [B, G, L] (and which tokens are real)
-    module._selective_masked = None if rows is None else _Masked(rows, None if real is None else real[:, -Lk:])
+    module._selective_masked = (
+        None
+        if rows is None
+        else _Masked(rows, None if real is None else real[:, -Lk:], getattr(config, "_attn_implementation", None))
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -532,13 +536,15 @@ def _check_not_packed(position_ids: Tensor | None) -> None:
 
 class _Masked:
     """One layer's masked counts from the last training forward (``rows`` ``[B, G, L]``, part of the autograd graph,
-    and ``real``, bool ``[B, L]`` or None), read by :func:`memory_loss`. A copy of the model (``copy.deepcopy``, as
-    for an EMA or teacher model, or pickling) starts without them: graph tensors cannot be deep-copied."""
+    and ``real``, bool ``[B, L]`` or None), read by :func:`memory_loss`, and the attention implementation's name the
+    layer had then (``impl``: a layer switched to another one since keeps stale counts). A copy of the model
+    (``copy.deepcopy``, as for an EMA or teacher model, or pickling) starts without them: graph tensors cannot be
+    deep-copied."""
 
-    __slots__ = ("rows", "real")
+    __slots__ = ("rows", "real", "impl")
 
-    def __init__(self, rows: Tensor, real: Tensor | None) -> None:
-        self.rows, self.real = rows, real
+    def __init__(self, rows: Tensor, real: Tensor | None, impl: str | None = None) -> None:
+        self.rows, self.real, self.impl = rows, real, impl
 
     def __deepcopy__(self, memo) -> None:
         return None
@@ -572,16 +578,15 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
     if isinstance(model, torch.nn.DataParallel):
         raise ValueError(f"memory_loss got a torch.nn.DataParallel model: {_DATA_PARALLEL}")
     found, now = [], set()
-    functions = AttentionInterface()  # the registered attention functions by name
     for m in model.modules():
         if hasattr(m, "_selective_masked"):
             # counts left by an earlier forward of a layer whose attention has since been switched away
             # (set_attn_implementation("sdpa")) are stale: its last forward did not run this function
-            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
-            if impl is not None and functions.get(impl) is not attention_forward:
+            masked, impl = m._selective_masked, getattr(getattr(m, "config", None), "_attn_implementation", None)
+            if masked is not None and masked.impl is not None and impl is not None and impl != masked.impl:
                 now.add(impl)
                 continue
-            found.append(m._selective_masked)
+            found.append(masked)
     if not found:
         raise ValueError(
             "memory_loss found no selective attention layer output: run a forward of a model built with "

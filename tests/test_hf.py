@@ -163,7 +163,12 @@ def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
     for bad in ([True], [0.0], [-1], np.array([[0]])):
         with pytest.raises(ValueError, match="layers must be layer indices"):
             tiny_config("llama", layers=bad)
-    for bad, hint in ((1, r"layers=\[1\]"), (torch.tensor(1), r"layers=\[1\]"), ("01", "list of layer indices")):
+    for bad, hint in (
+        (1, r"layers=\[1\]"),
+        (torch.tensor(1), r"layers=\[1\]"),
+        (np.array(1), r"layers=\[1\]"),
+        ("01", "list of layer indices"),
+    ):
         with pytest.raises(ValueError, match=hint):
             tiny_config("llama", layers=bad)
 
@@ -173,7 +178,7 @@ def test_configure_takes_numpy_and_tensor_numbers_and_refuses_bools_and_bad_stor
     them); a bool (True would be eps = 1) is refused; a hand-edited selection with an unknown key is named."""
     import numpy as np
 
-    for eps in (np.float32(0.25), torch.tensor(0.25), np.int64(1)):
+    for eps in (np.float32(0.25), torch.tensor(0.25), np.array(0.25), np.int64(1)):
         cfg = tiny_config("llama", memory_eps=eps, memory_tau=np.float64(0.5))
         stored = cfg.selective_attention
         assert stored["memory_eps"] == float(eps) and type(stored["memory_eps"]) is float
@@ -694,6 +699,12 @@ def test_memory_loss_refuses_counts_of_an_implementation_switched_away():
     model.set_attn_implementation("selective")
     model(ids[:, :6])
     sa_hf.memory_loss(model).backward()  # fresh counts: a graph not yet freed
+    # a wrapper of the attention function under a name of its own (logging, profiling) still gives the loss
+    transformers.AttentionInterface.register("selective_wrapped", lambda *a, **kw: sa_hf.attention_forward(*a, **kw))
+    transformers.masking_utils.AttentionMaskInterface.register("selective_wrapped", sa_hf.padding_mask)
+    model.set_attn_implementation("selective_wrapped")
+    model(ids)
+    sa_hf.memory_loss(model).backward()
 
 
 def test_memory_loss_refuses_data_parallel(tmp_path):
