@@ -197,7 +197,7 @@ def _budget_arg(text: str | None) -> int | list[int | None] | None:
         parts = [None if p.strip().lower() == "none" else int(p) for p in text.split(",")]
     except ValueError:
         raise ValueError(f"{usage}; got {text!r}.") from None
-    if len(parts) == 1 and parts[0] is None:
+    if all(b is None for b in parts):  # nothing pruned anywhere: no budget
         return None
     small = [b for b in parts if b is not None and b < 2]
     if small:

@@ -234,7 +234,7 @@ def selective_attention(
     check_chunk_size(chunk_size)
     if isinstance(q, Tensor):  # (anything else: _check_qkv names it)
         q, k, v = autocast_inputs(q, k, v)
-        if isinstance(selection_qk, tuple) and len(selection_qk) == 2:
+        if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
             selection_qk = autocast_inputs(*selection_qk)
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
@@ -261,7 +261,12 @@ def attention_weights(
 ) -> Tensor:
     """The attention weights ``[B, H, Lq, Lk]`` (before dropout) that :func:`selective_attention`
     uses, for inspection and plots: ``q`` ``[B, H, Lq, D]``, ``k`` ``[B, H, Lk, D]`` (``[B, Hkv, Lk, D]``
-    with ``enable_gqa``). Same mask and selection arguments; rows with every key removed are 0."""
+    with ``enable_gqa``). Same mask and selection arguments (and autocast) as :func:`selective_attention`; rows with
+    every key removed are 0."""
+    if isinstance(q, Tensor):
+        q, k = autocast_inputs(q, k)
+        if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
+            selection_qk = autocast_inputs(*selection_qk)
     req = _request(
         q, k, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=0.0, scale=scale, selection_head=selection_head,

@@ -190,7 +190,8 @@ def _check_values(values: Mapping[str, object]) -> None:
         need(is_int(v[name]) and v[name] >= 1, name, "an int >= 1")
     for name in ("warmup_steps", "stop_after", "selection_head"):
         need(is_int(v[name]) and v[name] >= 0, name, "an int >= 0")
-    need(v["va_vars"] <= 26, "va_vars", "an int in [1, 26] (the variables are the letters a-z)")
+    if v["data"] == "varassign":  # elsewhere the option is inert (a stored config may hold any value)
+        need(v["va_vars"] <= 26, "va_vars", "an int in [1, 26] (the variables are the letters a-z)")
     need(is_int(v["va_assign_start"]) and 0 <= v["va_assign_start"] <= v["va_assign"], "va_assign_start",
          f"an int in [0, --va_assign={v['va_assign']}] (0 = no curriculum)")  # fmt: skip
     for name in ("va_ramp_steps", "va_hold_steps"):

@@ -155,6 +155,9 @@ def test_eval_context_len_and_budget_checked_against_the_model(ckpts, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["budget"] == [8, None] and out["kv_tokens_per_layer"][0] == 8 and out["kv_tokens_per_layer"][1] > 8
     assert main(["generate", "--ckpt", run, "--budget", "none,4", "--max_new_tokens", "3", "--prompt", "ab"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", run, "--budget", "none,none", "--batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget"] is None  # nothing pruned anywhere: no budget
 
 
 def test_eval_varassign_checkpoint(ckpts, capsys):
@@ -276,6 +279,8 @@ def test_train_options_that_would_be_ignored_are_refused(tmp_path, capsys):
         (["--bpe_vocab_size=1000"], "--bpe_vocab_size=1000 would be ignored: it applies to --tokenizer=bpe"),
         (["--va_assign=64"], "--va_assign=64 would be ignored: it applies to --data=varassign"),
         (["--va_vars=3"], "--va_vars=3 would be ignored"),
+        (["--va_vars=30"], "--va_vars=30 would be ignored"),  # on text, not out of range: a stored one loads
+        (["--data=varassign", "--va_vars=30"], "--va_vars=30 is invalid: it must be an int in [1, 26]"),
         (["--selection=true", "--memory_tau=5"], "--memory_tau=5.0 would be ignored: it is the memory loss's"),
         (["--data=varassign", "--val_fraction=0.5"], "--val_fraction=0.5 would be ignored"),
     ]:

@@ -214,3 +214,23 @@ def test_autocast_casts_the_inputs_as_for_sdpa(backend):
         assert selective_attention(q64, k64, v64, backend=backend, **sel).dtype == torch.float64
     with pytest.raises(TypeError, match="must share a dtype"):
         selective_attention(q, k, v.bfloat16(), backend=backend, **sel)
+
+
+def test_autocast_reaches_a_dedicated_voting_pair_and_attention_weights():
+    """Under autocast a projection's (qs, ks), given as a tuple or a list, and attention_weights' q, k are cast too."""
+    from selective_attention.functional import attention_weights
+    from selective_attention.selection import Selection
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v, qs, ks = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(5))
+    sel = Selection(projection=True, per_head=True)
+    want = selective_attention(
+        *(t.bfloat16() for t in (q, k, v)), selection=sel, selection_qk=(qs.bfloat16(), ks.bfloat16())
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for pair in ((qs, ks), [qs, ks]):
+            got = selective_attention(q, k, v.bfloat16(), selection=sel, selection_qk=pair)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        w = attention_weights(q, k.bfloat16(), selection=True)
+    assert w.dtype == torch.bfloat16
+    torch.testing.assert_close(w, attention_weights(q.bfloat16(), k.bfloat16(), selection=True), rtol=0, atol=0)
