@@ -378,7 +378,7 @@ class LayerCache:
     """One layer's cache and its policy. Shapes: ``k, v [B, Hkv, cap, D]`` (the layer's key/value heads:
     H, or fewer under grouped-query attention), ``fcum [B, G, cap]`` (+inf at free slots), ``pos [B, cap]``
     (-1 at free slots); ``ks [B, G, cap, D]`` for a dedicated selector; ``acc [B, cap]`` (policy ``"h2o"``
-    only: the attention each slot's token received so far, summed over heads; 0 at free slots). ``fcum``
+    with a budget only: the attention each slot's token received so far, summed over heads; 0 at free slots). ``fcum``
     and ``acc`` are running sums, kept in at least fp32 whatever the model's dtype. With a budget,
     ``cap == budget``."""
 
@@ -434,13 +434,15 @@ class LayerCache:
             threshold=threshold,
             policy=policy,
             recent=recent,
-            acc=torch.zeros(B, capacity, dtype=acc_dtype, device=device) if policy == "h2o" else None,
+            # (an unbudgeted layer never evicts: no attention to track, and no prompt attention to compute)
+            acc=torch.zeros(B, capacity, dtype=acc_dtype, device=device) if policy == "h2o" and budget else None,
         )  # fmt: skip
 
     @property
     def tracks_attention(self) -> bool:
-        """Whether the policy needs the attention each token received (``"h2o"``): then :meth:`fill` needs
-        the prompt's (:func:`attention_received`) and :meth:`step` adds each step's."""
+        """Whether the policy needs the attention each token received (``"h2o"`` with a budget; an unbudgeted layer
+        never evicts): then :meth:`fill` needs the prompt's (:func:`attention_received`) and :meth:`step` adds each
+        step's."""
         return self.acc is not None
 
     @property
@@ -501,8 +503,10 @@ class LayerCache:
         """Which prompt tokens this layer's policy keeps, bool ``[B, T]`` (one of the ``*keep_after_prefill``)."""
         if self.policy == "window":
             return window_keep_after_prefill(fcum[:, 0].shape, self.budget, key_padding_mask, device=fcum.device)
-        if self.policy == "h2o":
+        if self.policy == "h2o" and self.acc is not None:
             return h2o_keep_after_prefill(acc, self.budget, self.recent, key_padding_mask)
+        if self.policy == "h2o":  # unbudgeted: every real token, as any policy keeps without a budget
+            return window_keep_after_prefill(fcum[:, 0].shape, None, key_padding_mask, device=fcum.device)
         return keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)
 
     def grown(self, capacity: int) -> LayerCache:

@@ -175,6 +175,21 @@ def test_a_budget_at_least_the_sequence_is_the_full_forward(policy, variant):
     torch.testing.assert_close(torch.stack(rows, 1), full[:, 8:], rtol=1e-10, atol=1e-10)
 
 
+def test_h2o_without_a_budget_tracks_no_attention_and_is_exact():
+    """An unbudgeted H2O layer never evicts: it keeps no accumulator and computes no prompt attention, and decodes
+    exactly (a budgeted layer beside it keeps its own)."""
+    m = model(**MODELS["selective"])
+    x = torch.randint(0, 40, (2, 24))
+    with torch.no_grad():
+        full = m(x)
+    logits, occ = pruned_logits(m, x, policy="h2o")
+    torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+    dec = Decoder(m, budget=[None, 6], policy="h2o")
+    dec.prefill(x[:, :9], 4)
+    assert dec.caches[0].acc is None and not dec.caches[0].tracks_attention
+    assert dec.caches[1].acc is not None and dec.occupancy() == [9, 6]
+
+
 @pytest.mark.parametrize("variant", ["standard", "selective"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_no_step_attends_to_more_than_the_budget(policy, variant, monkeypatch):
@@ -237,7 +252,7 @@ def test_h2o_accumulated_attention_is_the_column_sums_of_the_naive_weights(varia
         q, k, _, sel = attn.project(x[:, :11], torch.arange(11))
         voters = None if attn.selection is None else attn.selection.voters(q, k, sel)
         torch.testing.assert_close(attention_received(q, k, voters, chunk=4), W[:, :, :11, :11].sum(dim=(1, 2)))
-        c = attn.new_cache(2, 20, policy="h2o", dtype=torch.float64)
+        c = attn.new_cache(2, 20, budget=20, policy="h2o", dtype=torch.float64)  # room for all 20: no eviction
         attn(x[:, :11], torch.arange(11), c)
         torch.testing.assert_close(c.acc[:, :11], W[:, :, :11, :11].sum(dim=(1, 2)), rtol=1e-10, atol=1e-10)
         for t in range(11, 20):
