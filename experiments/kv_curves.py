@@ -172,8 +172,9 @@ def table(r: dict) -> str:
         rows.append(f"| {', '.join(map(str, sb))} (searched) | " + " | ".join(cells) + " |")
     smallest, tried = [], min(budgets)
     for m in methods:
+        full = next((p["loss"] for p in r["curves"][m] if p.get("full")), None)
         b = smallest_budget_at(
-            [(p["kv_tokens_per_layer"], p["loss"]) for p in r["curves"][m] if not p.get("full")], ref
+            [(p["kv_tokens_per_layer"], p["loss"]) for p in r["curves"][m] if not p.get("full")], ref, full
         )
         if b is None:
             smallest.append("none below the full cache")

@@ -118,15 +118,16 @@ def kv_methods(result: dict, model, sets, standard: dict | None) -> dict:
             curve.append({"budget": b, "search": losses[0], "heldout": losses[1]})
         entry = {"curve": curve}
         if standard is not None:
-            entry["at_standard_loss"] = at_standard_loss(curve, result["context"], standard)
+            entry["at_standard_loss"] = at_standard_loss(curve, result["context"], standard, result["full"]["search"])
         out[method] = entry
     return out
 
 
-def at_standard_loss(curve: list[dict], context: int, standard: dict) -> dict:
-    """The budget chosen on set 0 (the smallest from which on every larger one is at or under the same-seed
-    standard model's full-cache loss there: :func:`smallest_budget_at`) and whether it holds on set 1."""
-    b = smallest_budget_at([(c["budget"], c["search"]) for c in curve], standard["full"]["search"])
+def at_standard_loss(curve: list[dict], context: int, standard: dict, full: float | None = None) -> dict:
+    """The budget chosen on set 0 (the smallest from which on every larger one, the model's full cache ``full``
+    included, is at or under the same-seed standard model's full-cache loss there: :func:`smallest_budget_at`) and
+    whether it holds on set 1."""
+    b = smallest_budget_at([(c["budget"], c["search"]) for c in curve], standard["full"]["search"], full)
     chosen = next((c for c in curve if c["budget"] == b), None)
     return {
         "budget": b,
@@ -285,7 +286,9 @@ def report() -> str:
                         cells.append("")
                         continue
                     curve = r["kv"][method]["curve"]
-                    b = smallest_budget_at([(c["budget"], c["heldout"]) for c in curve], std["full"]["heldout"])
+                    b = smallest_budget_at(
+                        [(c["budget"], c["heldout"]) for c in curve], std["full"]["heldout"], r["full"]["heldout"]
+                    )
                     tried = min(c["budget"] for c in curve)  # passing there, the curve may go lower still
                     cells.append("none" if b is None else f"{'≥ ' if b == tried else ''}{context / b:.0f}x")
                 if any(cells):

@@ -59,13 +59,17 @@ def uniform_budgets(context: int, smallest: int = 4) -> list[int]:
     return out
 
 
-def smallest_budget_at(points: Sequence[tuple[int, float]], target: float) -> int | None:
+def smallest_budget_at(points: Sequence[tuple[int, float]], target: float, full: float | None = None) -> int | None:
     """Read a loss-vs-budget curve: the smallest budget from which on the loss is at or under ``target`` at
     every larger budget of ``points`` (``(budget, loss)`` pairs, any order), or None if the largest is above it.
-    A lucky dip below the target under a budget that misses it does not count."""
+    A lucky dip below the target under a budget that misses it does not count, and neither does any budget when
+    ``full``, the same model's full-cache loss (the largest budget of all), is above the target. A NaN loss (a
+    diverged run) or target is never at or under anything."""
+    if full is not None and not full <= target:
+        return None
     best = None
     for budget, loss in sorted(points, reverse=True):
-        if loss > target:
+        if not loss <= target:
             break
         best = budget
     return best

@@ -247,7 +247,8 @@ def _curve_lines(h: dict, ctx: int) -> str:
         return ""
     parts = []
     for method, curve in h["curves"].items():
-        b = smallest_budget_at([(c["budget"], c["loss"]) for c in curve], h["standard_full_loss"])
+        full = h["standard_full_loss"] if KV_METHODS[method][0] == "standard" else h["selective_full_loss"]
+        b = smallest_budget_at([(c["budget"], c["loss"]) for c in curve], h["standard_full_loss"], full)
         if b is None:
             parts.append(f"{method} none below {ctx}")
         elif b == min(c["budget"] for c in curve):  # the curve may reach it lower still

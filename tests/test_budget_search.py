@@ -120,3 +120,9 @@ def test_a_curve_is_read_from_the_largest_budget_down():
     assert smallest_budget_at(dip, 0.25) == 16
     assert smallest_budget_at(dip, 0.05) is None
     assert smallest_budget_at([(4, 0.25)], 0.25) == 4  # at the target is at it
+    # the model's own full cache above the target: a dip of the pruned budgets under it does not count
+    assert smallest_budget_at(points, 0.25, full=0.3) is None and smallest_budget_at(points, 0.25, full=0.2) == 8
+    nan = float("nan")  # a diverged run passes nothing
+    assert smallest_budget_at([(4, nan), (8, nan)], 1.0) is None and smallest_budget_at(points, nan) is None
+    assert smallest_budget_at([(4, 0.1), (8, nan), (16, 0.1)], 0.25) == 16
+    assert smallest_budget_at(points, 0.25, full=nan) is None
