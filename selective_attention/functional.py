@@ -100,7 +100,11 @@ def _request(
     enable_gqa: bool = False,
     backend: str = "auto",
 ) -> Request:
-    """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads."""
+    """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads (under
+    ``torch.autocast``, q, k, v and a ``selection_qk`` pair in its dtype first: :func:`autocast_inputs`)."""
+    q, k, v = autocast_inputs(q, k, v)
+    if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
+        selection_qk = autocast_inputs(*selection_qk)
     _check_qkv(q, k, v, enable_gqa)
     if not isinstance(is_causal, bool):  # a truthy "false" or tensor would silently mask the future
         raise TypeError(f"is_causal must be True or False, got {is_causal!r}.")
@@ -232,10 +236,6 @@ def selective_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     check_chunk_size(chunk_size)
-    if isinstance(q, Tensor):  # (anything else: _check_qkv names it)
-        q, k, v = autocast_inputs(q, k, v)
-        if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
-            selection_qk = autocast_inputs(*selection_qk)
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,
@@ -263,10 +263,6 @@ def attention_weights(
     uses, for inspection and plots: ``q`` ``[B, H, Lq, D]``, ``k`` ``[B, H, Lk, D]`` (``[B, Hkv, Lk, D]``
     with ``enable_gqa``). Same mask and selection arguments (and autocast) as :func:`selective_attention`; rows with
     every key removed are 0."""
-    if isinstance(q, Tensor):
-        q, k = autocast_inputs(q, k)
-        if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
-            selection_qk = autocast_inputs(*selection_qk)
     req = _request(
         q, k, k, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=0.0, scale=scale, selection_head=selection_head,

@@ -454,10 +454,10 @@ def _forward(
             f"attn_implementation='{NAME}' attends to every earlier token, which would change the model. Set "
             "config.sliding_window=None (or larger than your sequences), or use attn_implementation='sdpa'."
         )
-    # under torch.autocast, q and k may come out of the rotary embedding in float32 beside a bfloat16 v: one dtype,
-    # autocast's, as it gives SDPA (the cache then stores that dtype)
-    query, key, value = autocast_inputs(query, key, value)
     if cached is not None:
+        # under torch.autocast, q and k may come out of the rotary embedding in float32 beside a bfloat16 v: one
+        # dtype, autocast's, as selective_attention takes them on the other paths (the cache then stores that dtype)
+        query, key, value = autocast_inputs(query, key, value)
         if cached.owner is not None:
             cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
         if dropout:

@@ -421,6 +421,7 @@ class LayerCache:
         check_policy(policy, threshold, recent)
         recent = h2o_recent(budget, recent) if policy == "h2o" else None
         B, H, G, D = batch_size, n_heads, n_groups, head_dim
+        tracks = policy == "h2o" and budget is not None  # H2O's attention received, summed
         kw = dict(dtype=dtype, device=device)
         # running sums in at least fp32: one step's vote added to a bf16 Fcum of ~128 rounds away
         acc_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
@@ -435,7 +436,7 @@ class LayerCache:
             policy=policy,
             recent=recent,
             # (an unbudgeted layer never evicts: no attention to track, and no prompt attention to compute)
-            acc=torch.zeros(B, capacity, dtype=acc_dtype, device=device) if policy == "h2o" and budget else None,
+            acc=torch.zeros(B, capacity, dtype=acc_dtype, device=device) if tracks else None,
         )  # fmt: skip
 
     @property
@@ -501,12 +502,11 @@ class LayerCache:
 
     def keep_after_prefill(self, fcum: Tensor, acc: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
         """Which prompt tokens this layer's policy keeps, bool ``[B, T]`` (one of the ``*keep_after_prefill``)."""
-        if self.policy == "window":
+        # (an unbudgeted H2O layer, with no attention tracked, keeps every real token: as a window without a budget)
+        if self.policy == "window" or (self.policy == "h2o" and self.acc is None):
             return window_keep_after_prefill(fcum[:, 0].shape, self.budget, key_padding_mask, device=fcum.device)
-        if self.policy == "h2o" and self.acc is not None:
+        if self.policy == "h2o":
             return h2o_keep_after_prefill(acc, self.budget, self.recent, key_padding_mask)
-        if self.policy == "h2o":  # unbudgeted: every real token, as any policy keeps without a budget
-            return window_keep_after_prefill(fcum[:, 0].shape, None, key_padding_mask, device=fcum.device)
         return keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)
 
     def grown(self, capacity: int) -> LayerCache:
