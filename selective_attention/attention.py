@@ -234,7 +234,7 @@ class SelectiveAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         kw = dict(is_causal=is_causal, key_padding_mask=key_padding_mask, enable_gqa=self.n_kv_heads != self.n_heads)
         if self.selection is not None:
-            kw.update(selection=self.selection, selection_qk=self._projected(Q, K))
+            kw["selection"], kw["selection_qk"] = self.selection, self._projected(Q, K)  # (not update: torch 2.5)
         out = selective_attention(q, k, v, selective_mask, dropout_p=p, backend=self.backend, **kw)  # [B, H, Lq, d_k]
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))  # [B, Lq, d_model]
         if not need_weights:

@@ -26,9 +26,10 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     for their device, floating tensors other than float64 in its dtype (``torch.get_autocast_dtype``); unchanged
     outside one. Under autocast a model's q, k and v may arrive in different dtypes (Hugging Face's rotary embedding
     returns float32 q, k beside a bfloat16 v), which SDPA accepts there."""
-    first = next((t for t in tensors if isinstance(t, Tensor)), None)
-    if first is None:
+    tensors_given = [t for t in tensors if isinstance(t, Tensor)]  # (not next(..., None): torch 2.5 cannot trace it)
+    if not tensors_given:
         return tensors
+    first = tensors_given[0]
     try:
         enabled = torch.is_autocast_enabled(first.device.type)
     except RuntimeError:  # a device type autocast does not know (meta): no autocast there
@@ -103,7 +104,7 @@ def _request(
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads (under
     ``torch.autocast``, q, k, v and a ``selection_qk`` pair in its dtype first: :func:`autocast_inputs`)."""
     q, k, v = autocast_inputs(q, k, v)
-    if isinstance(selection_qk, tuple | list) and len(selection_qk) == 2:
+    if isinstance(selection_qk, (tuple, list)) and len(selection_qk) == 2:
         selection_qk = autocast_inputs(*selection_qk)
     _check_qkv(q, k, v, enable_gqa)
     if not isinstance(is_causal, bool):  # a truthy "false" or tensor would silently mask the future
@@ -112,7 +113,7 @@ def _request(
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}.")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (default 1 / sqrt(D)), got {scale!r}.")
     chosen = as_selection(
         selection, head=selection_head, per_head=selection_per_head, projected=selection_qk, stacklevel=4

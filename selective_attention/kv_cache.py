@@ -138,8 +138,8 @@ def budget_value(budget: object) -> int | list[int | None] | None:
     (:func:`check_budget`). A ValueError names anything else."""
     if budget is None:
         return None
-    if isinstance(budget, Sequence | Tensor) or type(budget).__name__ == "ndarray":  # a list, or a 1-D array
-        if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, str | bytes):
+    if isinstance(budget, (Sequence, Tensor)) or type(budget).__name__ == "ndarray":  # a list, or a 1-D array
+        if getattr(budget, "ndim", 1) == 1 and not isinstance(budget, (str, bytes)):
             return [None if b is None else check_budget(b) for b in budget]
     return check_budget(budget)
 

@@ -133,7 +133,7 @@ class Selection:
             return Voters(scale=scale, heads=self.heads)
         if projected is None:
             raise ValueError(f"{self!r} votes with a dedicated pair: pass selection_qk=(qs, ks), each [B, G, L, Ds].")
-        if not (isinstance(projected, tuple | list) and len(projected) == 2):
+        if not (isinstance(projected, (tuple, list)) and len(projected) == 2):
             raise TypeError("selection_qk must be a pair (qs, ks) of [B, G, L, Ds] tensors.")
         qs, ks = projected
         G = self.n_groups(H)
@@ -192,11 +192,25 @@ class Voters:
         return kv_heads(self.heads, n_heads, n_kv_heads)
 
 
+def head_range(heads: slice, n_heads: int) -> range:
+    """The heads of ``n_heads`` that the slice ``heads`` selects: ``range(*heads.indices(n_heads))``, written out for
+    unit steps (torch.compile before PyTorch 2.7 cannot trace ``slice.indices``: a graph break in every layer)."""
+    if heads.step not in (None, 1):
+        return range(*heads.indices(n_heads))
+
+    def bound(i: int | None, default: int) -> int:
+        if i is None:
+            return default
+        return min(max(i + n_heads if i < 0 else i, 0), n_heads)
+
+    return range(bound(heads.start, 0), bound(heads.stop, n_heads))
+
+
 def kv_heads(heads: slice, n_heads: int, n_kv_heads: int) -> slice:
     """The key/value heads read by the query heads ``heads`` (``slice(h, h + 1)`` or every head,
     ``slice(None)``) of a layer with ``n_heads`` query and ``n_kv_heads`` key/value heads: query head h
     reads key head ``h // (n_heads // n_kv_heads)``, so ``slice(h // g, h // g + 1)``, or every key head."""
-    chosen = range(*heads.indices(n_heads))
+    chosen = head_range(heads, n_heads)
     if n_kv_heads == n_heads or len(chosen) == n_heads:
         return heads if n_kv_heads == n_heads else slice(None)
     if len(chosen) != 1:
@@ -226,7 +240,7 @@ def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def _groups_of(pair: object) -> int | None:
     """G of a would-be ``(qs, ks)`` pair, or None when it is malformed (:meth:`Selection.bind` says how)."""
-    if isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], Tensor) and pair[0].dim() == 4:
+    if isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Tensor) and pair[0].dim() == 4:
         return pair[0].shape[1]
     return None
 

@@ -226,7 +226,7 @@ def test_compiled_triton_call_keeps_dropping_an_all_false_padding_mask():
     """Keeping masks while compiling is for the chunked kernel only: the Triton kernel takes no mask, so an all-False
     key_padding_mask (a tokenizer's all-ones attention_mask) is still read and dropped for it (here through Triton's
     interpreter)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.2")
     q, k, v = (t.detach().float() for t in _fwd_args("paper")[:3])
     pad = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
 
@@ -241,7 +241,7 @@ def test_compiled_paper_mode_reads_masks_only_where_triton_could_serve(monkeypat
     """Where "auto" may pick Triton (CUDA; here the CPU, through the interpreter, stands in for it), an all-False
     padding mask is read and dropped so that Triton serves (a graph break); a call Triton could not serve anyway
     (backend="chunked", memory rows) keeps its masks and compiles as one graph."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.2")
     from selective_attention.ops import registry
 
     monkeypatch.setitem(registry.PREFERENCE, "triton", ("triton", ("cuda", "cpu")))

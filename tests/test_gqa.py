@@ -157,6 +157,38 @@ def test_paper_mode_chunked_matches_repeated_spec(B, H, Hkv, L, D, sel, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_chunked_on_a_cpu_kernel_that_ignores_the_groups(monkeypatch, dtype):
+    """Older PyTorch's fused CPU kernel read kv head h for query head h, past the end of k and v (outputs of 1e36
+    and NaN on torch 2.5.1 and 2.6.0): there the chunked path repeats the block's keys for it. That path, run here."""
+    from selective_attention.ops import chunked
+
+    monkeypatch.setattr(chunked, "_cpu_flash_reads_groups", lambda: False)
+    H, Hkv = 8, 2
+    tensors = _tensors(2, H, Hkv, 65, 8, dtype)
+    fast = _grads(_call("chunked", H // Hkv, chunk_size=16, selection=Selection()), tensors)
+    ref = _grads(_call("naive", H // Hkv, repeat=True, selection=Selection()), tensors)
+    _assert_all_close(fast, ref, dtype)
+
+
+def test_the_cpu_kernel_probe_matches_the_kernel():
+    """The probe's answer holds for a real grouped call: where it says the fused CPU kernel reads grouped kv heads,
+    the kernel given k, v of Hkv heads equals it given them repeated; where it says not, the two differ."""
+    from selective_attention.ops import chunked
+
+    if not chunked._has_cpu_flash():
+        pytest.skip("this PyTorch has no fused CPU flash kernel: the chunked path never calls it")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 16, 8, generator=gen)
+    # 2 kv heads, the front of 8-head buffers: a kernel that ignores the groups reads the others, within bounds
+    k, v = (torch.randn(1, 8, 16, 8, generator=gen)[:, :2] for _ in range(2))
+    bias = torch.zeros(1, 1, 16, 16)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    grouped = flash(q, k, v, 0.0, False, attn_mask=bias, scale=0.3)[0]
+    repeated = flash(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), 0.0, False, attn_mask=bias, scale=0.3)
+    assert torch.allclose(grouped, repeated[0], atol=1e-6) == chunked._cpu_flash_reads_groups()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("sel", list(SELECTIONS))
 @pytest.mark.parametrize("backend", ["chunked", "naive"])
 def test_paper_mode_with_padding_masks_and_memory_rows(backend, sel, dtype):
@@ -198,7 +230,7 @@ TRITON_CASES = [  # B, H, Hkv, L, D, selection: every kv-head mapping, tails, an
     "B,H,Hkv,L,D,sel", TRITON_CASES, ids=[f"B{b}-H{h}-Hkv{k}-L{l}-D{d}-{s}" for b, h, k, l, d, s in TRITON_CASES]
 )
 def test_triton_matches_repeated_spec(monkeypatch, B, H, Hkv, L, D, sel):
-    pytest.importorskip("triton", reason="the Triton backend needs `pip install triton`")
+    pytest.importorskip("triton", minversion="3.2", reason="the Triton backend needs `pip install triton` (>= 3.2)")
     from selective_attention.ops.triton import op
 
     monkeypatch.setattr(op, "debug_fill_nan", True)  # an element a kernel does not write fails the test
@@ -212,7 +244,7 @@ def test_triton_matches_repeated_spec(monkeypatch, B, H, Hkv, L, D, sel):
 
 def test_triton_fake_kernels_give_grouped_shapes():
     """The custom ops' fake implementations (what torch.compile traces) give dk, dv the kv heads' shape."""
-    pytest.importorskip("triton", reason="the Triton backend needs `pip install triton`")
+    pytest.importorskip("triton", minversion="3.2", reason="the Triton backend needs `pip install triton` (>= 3.2)")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from selective_attention.ops.triton import op

@@ -368,3 +368,13 @@ def test_selection_value_equals_deprecated_aliases(backend):
     F = selection_penalty(qs, ks)
     ref = selective_attention(q, k, v, F, is_causal=True)
     torch.testing.assert_close(run(selection=Selection(head=2)), ref, **TOL[torch.float64])
+
+
+def test_head_range_is_slice_indices_written_out():
+    """``head_range`` (traceable by torch.compile before PyTorch 2.7) selects what ``slice.indices`` does."""
+    from selective_attention.selection import head_range
+
+    for n in (1, 4, 7):
+        for s in (slice(None), slice(0, 1), slice(n - 1, n), slice(-1, None), slice(-2, -1), slice(2, None),
+                  slice(None, -1), slice(10, 20), slice(-10, 2), slice(None, None, 2)):  # fmt: skip
+            assert head_range(s, n) == range(*s.indices(n)), (s, n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton backend needs `pip install triton` (CPU runs use its interpreter)")
+pytest.importorskip("triton", minversion="3.2", reason="the Triton backend needs Triton >= 3.2 (CPU: its interpreter)")
 
 from helpers import assert_error_bounded  # noqa: E402
 

@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
                 allow_module_level=True)  # fmt: skip
 if os.environ.get("TRITON_INTERPRET", "") == "1":
     pytest.skip("TRITON_INTERPRET=1: this file checks the compiled kernels", allow_module_level=True)
-pytest.importorskip("triton", reason="the Triton backend needs `pip install triton`")
+pytest.importorskip("triton", minversion="3.2", reason="the Triton backend needs `pip install triton` (>= 3.2)")
 
 from helpers import assert_error_bounded  # noqa: E402
 

@@ -10,6 +10,7 @@ them compiled.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -74,7 +75,11 @@ def shared_memory(D: int, dtype: torch.dtype) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gpu_configs_fit_sm90_shared_memory(D, dtype):
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:  # the compiler API this check is written for
+        pytest.skip(f"written for ASTSource(constexprs=...), which Triton {triton.__version__} lacks; CI runs 3.8")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, __file__, str(D), dtype], capture_output=True, text=True, timeout=300, env=env

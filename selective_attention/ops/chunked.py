@@ -36,13 +36,14 @@ The per-block votes and bias and the per-tile products live in buffers reused by
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..selection import Voters, grouped_matmul, kv_heads, votable_keys
+from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
 
 if TYPE_CHECKING:
@@ -59,12 +60,33 @@ def _has_cpu_flash() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+@functools.cache
+def _cpu_flash_reads_groups() -> bool:
+    """Whether PyTorch's CPU flash kernel reads grouped kv heads (query head h from kv head ``h // g``). Older
+    releases (seen in 2.5.1 and 2.6.0; the grouping came in mid-2025) read kv head h whatever k's head count, past
+    the end of k and v: outputs of 1e36 and NaN. Probed once, within bounds: k and v are the first head of a
+    two-head buffer whose second head is ones, so a kernel that ignores the grouping returns ones for query
+    head 1, where the grouped read (kv head 0: zeros) returns zeros."""
+    kv = torch.zeros(1, 2, 1, 8, device="cpu", dtype=torch.float32)
+    kv[:, 1] = 1.0
+    try:
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            torch.zeros_like(kv), kv[:, :1], kv[:, :1], 0.0, False, scale=1.0
+        )
+    except RuntimeError:  # a kernel that refuses different head counts
+        return False
+    return bool((out == 0).all())
+
+
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``softmax(q k^T * scale + bias) v`` and its row log-sum-exp. q ``[B,H,C,D]``, k ``[B,Hkv,n,D]``,
     v ``[B,Hkv,n,Dv]`` (query head h reads kv head ``h // (H // Hkv)``), bias ``[B, 1|H, C, n]`` -> out
-    ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key. PyTorch's fused CPU kernel (which
-    reads grouped kv heads itself) needs ``Dv == D``; other shapes take the plain kernel."""
+    ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key. PyTorch's fused CPU kernel needs
+    ``Dv == D`` (other shapes take the plain kernel), and reads grouped kv heads itself in recent PyTorch: in
+    older releases they are repeated for it (a copy of the block's keys, ``H / Hkv`` times: 1/C of its work)."""
     if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _has_cpu_flash():
+        if k.shape[1] != q.shape[1] and not _cpu_flash_reads_groups():
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
@@ -596,7 +618,10 @@ chunked_fwd.register_autograd(_chunked_fwd_backward, setup_context=_setup_contex
 
 def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau) -> tuple[Tensor, Tensor]:
     """``(out, mem)`` through the custom ops (``heads``: a slice of q's heads, or None with ``qs, ks``)."""
-    h0, h1 = (0, 0) if heads is None else heads.indices(q.shape[1])[:2]
+    h0 = h1 = 0
+    if heads is not None:
+        chosen = head_range(heads, q.shape[1])
+        h0, h1 = chosen.start, chosen.stop
     out, mem, _, _ = chunked_fwd(
         q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, float(scale), float(sel_scale), chunk,
         None if tau is None else float(tau),

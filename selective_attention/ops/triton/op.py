@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ...selection import head_range
+
 if TYPE_CHECKING:
     from ..registry import Request
 
@@ -35,11 +37,38 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+MIN_TRITON = (3, 2)  # Triton 3.1 (what PyTorch 2.5 installs) runs these kernels to NaN in its interpreter
+
+
+_VERSION: list = []  # Triton's version, once read (at first use: importing Triton takes seconds)
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    """Triton's ``(major, minor)``, or None when it is not installed."""
+    if not _VERSION:
+        try:
+            import triton
+
+            _VERSION.append(tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit()))
+        except ImportError:
+            _VERSION.append(None)
+    return _VERSION[0]
+
+
+def _too_old() -> str | None:
+    """Why the installed Triton cannot run these kernels (older than ``MIN_TRITON``), or None."""
+    version = _triton_version()
+    if version is None or version >= MIN_TRITON:
+        return None
+    return (
+        f"backend='triton' needs Triton >= {'.'.join(map(str, MIN_TRITON))}, found {'.'.join(map(str, version))} "
+        "(PyTorch 2.5 installs 3.1): upgrade torch (2.6 brings Triton 3.2), or use backend='chunked'."
+    )
+
+
 def is_available() -> bool:
-    """Triton is installed and can run here: a CUDA device, or the interpreter (``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    """Triton >= 3.2 is installed and can run here: a CUDA device, or the interpreter (``TRITON_INTERPRET=1``)."""
+    if _triton_version() is None or _too_old() is not None:
         return False
     return torch.cuda.is_available() or _interpreting()
 
@@ -116,7 +145,7 @@ def _vote_head(heads: slice, H: int) -> int:
     """``slice(h, h + 1)`` -> h (one shared F); every head (``slice(None)``) -> -1 (one F per head)."""
     if not isinstance(heads, slice):
         raise TypeError(f"heads must be a slice (slice(h, h + 1) or slice(None)), got {type(heads).__name__}.")
-    chosen = range(*heads.indices(H))
+    chosen = head_range(heads, H)
     if len(chosen) == H:  # includes H = 1: one head voting for itself is the per-head case
         return -1
     if len(chosen) == 1:
@@ -185,6 +214,8 @@ def triton_selective_attention(
             f"the Triton backend needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
             "TRITON_INTERPRET=1 set before Triton is first imported.)"
         )
+    if _too_old() is not None:
+        raise RuntimeError(_too_old())
     vote_head = _vote_head(heads, q.shape[1])
     return paper_fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]
 
@@ -217,6 +248,8 @@ def supports(req: Request) -> str | None:
         return f"backend='triton' runs {', '.join(str(d) for d in _DTYPES)}; got {q.dtype}: use backend='chunked'."
     if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
         return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
+    if _too_old() is not None:
+        return _too_old()
     if not is_available():
         return "backend='triton' needs Triton (pip install triton) and a CUDA device; use backend='chunked'."
     if q.device.type != "cuda" and not _interpreting():
