@@ -31,6 +31,9 @@ spec (it materialises ``[B, H, L, L]``). Layers that do not select run PyTorch's
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import math
 import numbers
 import operator
@@ -48,14 +51,21 @@ from .model import memory_loss as _memory_loss
 from .selection import Selection
 
 try:
+    import transformers
     from transformers import AttentionInterface, Trainer
     from transformers.cache_utils import Cache, DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
     from transformers.utils import logging as _hf_logging
-except ImportError as e:  # pragma: no cover - exercised only without transformers
+except ImportError as e:  # pragma: no cover - exercised only without transformers, or with a torch it refuses
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            "selective_attention.hf needs Hugging Face transformers: pip install 'selective-attention[hf]' "
+            "(or pip install transformers)."
+        ) from e
+    # installed, but its PyTorch parts did not import: transformers 5 needs a newer torch than this package does
     raise ImportError(
-        "selective_attention.hf needs Hugging Face transformers: pip install 'selective-attention[hf]' "
-        "(or pip install transformers)."
+        f"selective_attention.hf: transformers is installed but its PyTorch parts did not import ({e}); with torch "
+        f"{torch.__version__}, check which torch your transformers needs (5.24 needs torch >= 2.6)."
     ) from e
 
 __all__ = [
@@ -70,6 +80,7 @@ __all__ = [
     "SelectiveTrainer",
     "SelectiveCache",
     "SelectiveLayer",
+    "cache_keyword",
 ]
 
 NAME = "selective"
@@ -122,7 +133,7 @@ class HFSettings:
             )
         if self.layers is not None:
             if (
-                isinstance(self.layers, str | bytes)
+                isinstance(self.layers, (str, bytes))
                 or not isinstance(self.layers, Iterable)
                 or getattr(self.layers, "ndim", None) == 0  # a 0-d tensor or numpy array
             ):
@@ -261,6 +272,16 @@ def _copy(x):
     if isinstance(x, (list, tuple, set, frozenset)):
         return type(x)(_copy(value) for value in x)
     return x
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword by which this ``transformers`` takes a cache, in ``model(...)`` and ``model.generate(...)``:
+    ``"cache"`` in recent releases (5.24), ``"past_key_values"`` in older ones (5.20 and before; 5.24 still takes it,
+    with a warning). Code for both passes ``**{selective_attention.hf.cache_keyword(): cache}``."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 # --- registration --------------------------------------------------------------------------------------
@@ -425,6 +446,12 @@ def _forward(
             f"attn_implementation='{NAME}' is causal self-attention; {type(module).__name__} is not causal. In a "
             "composite model (a vision-language model) give the text decoder alone selective attention: "
             f"attn_implementation={{'text_config': '{NAME}', '': 'sdpa'}} (one entry per sub-config; '' the rest)."
+        )
+    if cached is None and isinstance(kwargs.get("cache"), SelectiveCache):  # passed on by an older model's **kwargs
+        raise TypeError(
+            f"this transformers ({transformers.__version__}) takes the cache as past_key_values=, not cache=: pass "
+            "past_key_values=SelectiveCache(...) (or **{selective_attention.hf.cache_keyword(): cache}); with cache= "
+            "the model ran without it."
         )
     config = getattr(module, "config", None)
     layer_idx = getattr(module, "layer_idx", None)

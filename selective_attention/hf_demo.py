@@ -138,12 +138,13 @@ def pruned_loss(model, x: torch.Tensor, y: torch.Tensor, budget: int | None) -> 
     ``generate`` would (teacher-forced). Returns ``(loss, KV bytes of one window's cache at the end)``
     (every allocated key/value slot: with a budget b, b slots per layer; the per-slot bookkeeping, accumulated F
     and position, is not counted)."""
-    from selective_attention.hf import SelectiveCache
+    from selective_attention.hf import SelectiveCache, cache_keyword
 
     model.eval()
     cache = SelectiveCache(budget=budget)
-    first = model(x[:, :1], cache=cache, use_cache=True).logits
-    rest = model(x[:, 1:], cache=cache, use_cache=True).logits  # SelectiveCache decodes these one by one
+    kw = {cache_keyword(): cache, "use_cache": True}  # cache=, or past_key_values= in older transformers
+    first = model(x[:, :1], **kw).logits
+    rest = model(x[:, 1:], **kw).logits  # SelectiveCache decodes these one by one
     logits = torch.cat([first, rest], 1)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     return loss, cache.kv_bytes() // x.shape[0]
@@ -194,7 +195,7 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     ids = ByteTokenizer().encode(PROMPT)[None]
     budget = min(cfg.budgets)
     cache = sa_hf.SelectiveCache(budget=budget)
-    gen = sel.generate(ids, cache=cache, max_new_tokens=120, do_sample=False)
+    gen = sel.generate(ids, **{sa_hf.cache_keyword(): cache}, max_new_tokens=120, do_sample=False)
     report["generated"] = {
         "budget": budget,
         "text": ByteTokenizer().decode(gen[0]),

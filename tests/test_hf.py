@@ -24,6 +24,8 @@ import selective_attention.hf as sa_hf  # noqa: E402
 from selective_attention.functional import selective_attention  # noqa: E402
 from selective_attention.selection import Selection, selection_penalty  # noqa: E402
 
+CACHE = sa_hf.cache_keyword()  # the keyword this transformers takes a cache by (cache=, or past_key_values=)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sa_hf.register()
 
@@ -230,7 +232,7 @@ def test_generate_without_budget_equals_recomputation(family):
     model = build(family)
     ids, mask, _ = padded_batch(seed=5)
     cache = sa_hf.SelectiveCache()
-    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recomputation(model, ids, mask, 12))
     n_tokens = ids.shape[1] + 12 - 1  # the last token is sampled, not cached
     assert max(cache.occupancy()) == n_tokens - 0  # left padding: the longest prompt has no padding
@@ -243,7 +245,7 @@ def test_generate_without_budget_grows_when_any_row_is_full():
     model = build("llama")
     ids, mask, _ = padded_batch(seed=6, lengths=(11, 5))
     n = 70  # past 11 + 64 slots in the first row
-    out = model.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(), max_new_tokens=n, do_sample=False,
+    out = model.generate(ids, attention_mask=mask, **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=n, do_sample=False,
                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
     seq, m = out.sequences[:, : ids.shape[1]], mask
     for t, logits in enumerate(out.logits):
@@ -260,10 +262,10 @@ def test_generate_a_second_time_continues_exactly():
     model = build("llama")
     ids = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(2))
     cache = sa_hf.SelectiveCache()
-    first = model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    first = model.generate(ids, **{CACHE: cache}, max_new_tokens=4, do_sample=False, pad_token_id=0)
     more = torch.randint(1, V, (1, 3), generator=torch.Generator().manual_seed(4))
     prompt = torch.cat([first, more], 1)
-    out = model.generate(prompt, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, **{CACHE: cache}, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recomputation(model, prompt, torch.ones_like(prompt), 5))
 
 
@@ -272,7 +274,7 @@ def test_budget_bounds_every_layer(budget):
     model = build("qwen2")
     ids, mask, _ = padded_batch(seed=6)
     cache = sa_hf.SelectiveCache(budget=budget)
-    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert out.shape == (3, ids.shape[1] + 10)
     budgets = [budget] * 2 if isinstance(budget, int) else budget
     assert cache.occupancy() == budgets
@@ -289,7 +291,7 @@ def test_budget_keeps_the_first_real_token_and_drops_the_most_masked():
     ref = build("llama", impl="selective_ref")
     ref(ids)
     cache = sa_hf.SelectiveCache(budget=3)
-    model(ids, cache=cache, use_cache=True)
+    model(ids, **{CACHE: cache}, use_cache=True)
     for layer_idx, q, k, _ in CAPTURED:
         F = selection_penalty(q[:, 0], k[:, 0])  # [1, T, T]: F[i, j]
         Fnext = F[0, -1] + torch.relu(q[0, 0, -1] @ k[0, 0].T / math.sqrt(q.shape[-1])) * (
@@ -307,7 +309,7 @@ def test_errors_name_the_case_and_the_fix():
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     with pytest.raises(NotImplementedError, match="beam search"):
         cache = sa_hf.SelectiveCache()
-        model.generate(ids, cache=cache, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+        model.generate(ids, **{CACHE: cache}, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="budget"):
         sa_hf.SelectiveCache(budget=1)
     with pytest.raises(ValueError, match="projection"):
@@ -336,19 +338,19 @@ def test_padding_after_the_prompt_is_refused_in_every_call(inference):
     ctx = torch.inference_mode() if inference else torch.no_grad()
     with ctx:
         cache = sa_hf.SelectiveCache(budget=4)
-        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+        model(ids, attention_mask=mask, **{CACHE: cache}, use_cache=True)
         step = torch.randint(1, V, (2, 1))
         ok = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-        model(step, attention_mask=ok, cache=cache, use_cache=True)  # all real after the prompt
+        model(step, attention_mask=ok, **{CACHE: cache}, use_cache=True)  # all real after the prompt
         nxt = torch.cat([ok, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         nxt[1, -1] = 0  # the second row pads its new token
         with pytest.raises(NotImplementedError, match="padded continuation.*pad prompts on the left"):
-            model(step, attention_mask=nxt, cache=cache, use_cache=True)
+            model(step, attention_mask=nxt, **{CACHE: cache}, use_cache=True)
     # the memo (a weak reference) does not stop a used cache from being saved: pickled and loaded, it decodes on
     ok2 = torch.cat([ok, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
     with torch.no_grad():
-        want = model(step, attention_mask=ok2, cache=copy.deepcopy(cache), use_cache=True).logits
-        got = model(step, attention_mask=ok2, cache=pickle.loads(pickle.dumps(cache)), use_cache=True).logits
+        want = model(step, attention_mask=ok2, **{CACHE: copy.deepcopy(cache)}, use_cache=True).logits
+        got = model(step, attention_mask=ok2, **{CACHE: pickle.loads(pickle.dumps(cache))}, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -378,10 +380,10 @@ def test_packed_sequences_are_refused_with_the_default_cache():
             model(ids[:1], position_ids=pos)
     cache = sa_hf.SelectiveCache()  # and through a SelectiveCache (its prefill)
     with pytest.raises(NotImplementedError, match="packed sequences"):
-        model(ids, position_ids=packed, cache=cache, use_cache=True)
+        model(ids, position_ids=packed, **{CACHE: cache}, use_cache=True)
     pids, pmask, ppos = padded_batch(seed=5)  # left padding: positions repeat 0 under the mask
     model(pids, attention_mask=pmask, position_ids=ppos)
-    out = model.generate(pids, attention_mask=pmask, cache=sa_hf.SelectiveCache(), max_new_tokens=3,
+    out = model.generate(pids, attention_mask=pmask, **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=3,
                          do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(out, greedy_by_recomputation(model, pids, pmask, 3))
 
@@ -430,7 +432,7 @@ def test_sliding_window_longer_than_the_sequence_is_plain_causal(family):
                                plain(ids, attention_mask=mask, position_ids=pos).logits, rtol=0, atol=0)  # fmt: skip
     gen = {}
     for name, m in (("windowed", windowed), ("plain", plain)):
-        gen[name] = m.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(), max_new_tokens=8,
+        gen[name] = m.generate(ids, attention_mask=mask, **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=8,
                                do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(gen["windowed"], gen["plain"])
     with pytest.raises(
@@ -455,28 +457,32 @@ def test_cache_arguments_and_misuse_are_clear_errors():
         sa_hf.SelectiveCache(threshold=True)
     for budget in ([4], [4, 4, 4]):  # too few or too many for 2 layers (the extra one was silently ignored)
         with pytest.raises(ValueError, match=r"lists \d budgets and the model has 2 layers"):
-            model.generate(ids, cache=sa_hf.SelectiveCache(budget=budget), max_new_tokens=2, do_sample=False)
+            model.generate(ids, **{CACHE: sa_hf.SelectiveCache(budget=budget)}, max_new_tokens=2, do_sample=False)
     pids, pmask, _ = padded_batch(seed=8)  # (checked where a padding mask is given)
     with pytest.raises(ValueError, match="use_cache=False"):  # the cache and the whole sequence again, each step
-        model.generate(pids, attention_mask=pmask, cache=sa_hf.SelectiveCache(), use_cache=False, max_new_tokens=3,
+        model.generate(pids, attention_mask=pmask, **{CACHE: sa_hf.SelectiveCache()}, use_cache=False, max_new_tokens=3,
                        do_sample=False, pad_token_id=0)  # fmt: skip
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
     # a filled cache reused for a new padded prompt, or for another batch size: named, with the fix, and the cache
     # is left as it was (it still continues its own batch)
     cache = sa_hf.SelectiveCache(budget=4)
-    first = model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    first = model.generate(
+        pids, attention_mask=pmask, **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0
+    )
     with pytest.raises(ValueError, match=r"new SelectiveCache\(\) or cache.reset\(\)"):
-        model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        model.generate(pids, attention_mask=pmask, **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0)
     cache = sa_hf.SelectiveCache(budget=4)
-    model.generate(pids, attention_mask=pmask, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    model.generate(pids, attention_mask=pmask, **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0)
     seen = [layer.seen for layer in cache.layers]
     with pytest.raises(ValueError, match=r"holds 3 sequences and the call has 1.*new SelectiveCache\(\)"):
-        model.generate(torch.randint(1, V, (1, 20)), cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        model.generate(
+            torch.randint(1, V, (1, 20)), **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
     assert [layer.seen for layer in cache.layers] == seen and cache.broken is None
     prompt = torch.cat([first, torch.randint(1, V, (3, 2))], 1)
     more = model.generate(prompt, attention_mask=torch.cat([pmask, torch.ones(3, 4, dtype=pmask.dtype)], 1),
-                          cache=cache, max_new_tokens=1, do_sample=False, pad_token_id=0)  # fmt: skip
+                          **{CACHE: cache}, max_new_tokens=1, do_sample=False, pad_token_id=0)  # fmt: skip
     assert more.shape == (3, prompt.shape[1] + 1)
 
 
@@ -490,10 +496,11 @@ def test_budget_list_may_leave_a_layer_unbudgeted():
     n_tokens = ids.shape[1] + 6 - 1  # the last token is sampled, not cached
     cache = sa_hf.SelectiveCache(budget=[None, np.int64(4)])
     assert cache.budget == [None, 4]
-    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert cache.occupancy() == [n_tokens, 4]
-    out = model.generate(ids, attention_mask=mask, cache=sa_hf.SelectiveCache(budget=[None, None]), max_new_tokens=6,
-                         do_sample=False, pad_token_id=0)  # fmt: skip
+    unbudgeted = sa_hf.SelectiveCache(budget=[None, None])
+    out = model.generate(ids, attention_mask=mask, **{CACHE: unbudgeted}, max_new_tokens=6, do_sample=False,
+                         pad_token_id=0)  # fmt: skip
     assert torch.equal(out, greedy_by_recomputation(model, ids, mask, 6))
 
 
@@ -504,7 +511,7 @@ def test_budget_in_a_layer_that_does_not_select_is_a_sliding_window():
     ids, mask, _ = padded_batch(seed=7, lengths=(9, 6))
     for budget in (4, [4, 4], [None, 4]):
         cache = sa_hf.SelectiveCache(budget=budget)
-        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=5, do_sample=False, pad_token_id=0)
         layer0 = cache.layers[0].cache
         for b, n in enumerate((9, 6)):
             pos = layer0.pos[b]
@@ -540,19 +547,19 @@ def test_a_refused_call_leaves_the_cache_usable_or_says_why():
         SOFTCAP_AT["layer"] = 0
         cache = sa_hf.SelectiveCache()
         with pytest.raises(NotImplementedError, match="softcap"):
-            model.generate(ids, cache=cache, **kw)
+            model.generate(ids, **{CACHE: cache}, **kw)
         SOFTCAP_AT["layer"] = None
-        assert torch.equal(model.generate(ids, cache=cache, **kw), want)
+        assert torch.equal(model.generate(ids, **{CACHE: cache}, **kw), want)
 
         SOFTCAP_AT["layer"] = 1
         cache = sa_hf.SelectiveCache()
         with pytest.raises(NotImplementedError, match="softcap"):
-            model.generate(ids, cache=cache, **kw)
+            model.generate(ids, **{CACHE: cache}, **kw)
         SOFTCAP_AT["layer"] = None
         with pytest.raises(RuntimeError, match=r"left part-way.*softcap=30\.0.*new SelectiveCache.*reset"):
-            model.generate(ids, cache=cache, **kw)
+            model.generate(ids, **{CACHE: cache}, **kw)
         cache.reset()
-        assert torch.equal(model.generate(ids, cache=cache, **kw), want)
+        assert torch.equal(model.generate(ids, **{CACHE: cache}, **kw), want)
     finally:
         SOFTCAP_AT["layer"] = None
 
@@ -567,10 +574,10 @@ def test_a_dropout_refusal_in_training_mode_leaves_the_cache_usable():
     ids = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(1))
     cache = sa_hf.SelectiveCache(budget=4)
     with pytest.raises(ValueError, match="eval mode"):
-        model.train()(ids, cache=cache, use_cache=True)
+        model.train()(ids, **{CACHE: cache}, use_cache=True)
     model.eval()
-    got = model(ids, cache=cache, use_cache=True).logits
-    torch.testing.assert_close(got, model(ids, cache=sa_hf.SelectiveCache(budget=4), use_cache=True).logits,
+    got = model(ids, **{CACHE: cache}, use_cache=True).logits
+    torch.testing.assert_close(got, model(ids, **{CACHE: sa_hf.SelectiveCache(budget=4)}, use_cache=True).logits,
                                rtol=0, atol=0)  # fmt: skip
     assert cache.occupancy() == [4, 4]
 
@@ -835,7 +842,7 @@ def test_autocast_runs_forward_training_and_pruned_generate():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     cache = sa_hf.SelectiveCache(budget=4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.eval().generate(ids, max_new_tokens=6, do_sample=False, cache=cache, pad_token_id=0)
+        out = model.eval().generate(ids, max_new_tokens=6, do_sample=False, **{CACHE: cache}, pad_token_id=0)
     assert out.shape == (2, 26) and max(cache.occupancy()) <= 4
 
 
@@ -948,11 +955,13 @@ def test_attention_dropout_applies_in_training_only():
 def test_selective_cache_refuses_a_model_whose_attention_bypasses_it():
     model = build("llama", impl="sdpa")
     with pytest.raises(RuntimeError, match="attn_implementation='selective'"):
-        model.generate(torch.randint(1, V, (1, 5)), cache=sa_hf.SelectiveCache(), max_new_tokens=2, do_sample=False)
+        model.generate(
+            torch.randint(1, V, (1, 5)), **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=2, do_sample=False
+        )
     # what that failed run left behind does not disturb the next cache
     ids = torch.randint(1, V, (1, 5), generator=torch.Generator().manual_seed(3))
     sel = build("llama")
-    out = sel.generate(ids, cache=sa_hf.SelectiveCache(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = sel.generate(ids, **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recomputation(sel, ids, torch.ones_like(ids), 3))
 
 
@@ -966,7 +975,7 @@ def test_cuda_forward_and_generate_match_the_spec(dtype):
     want = ref(ids.cuda()).logits
     assert (out - want).abs().max() < (0.1 if dtype == torch.bfloat16 else 1e-3)
     cache = sa_hf.SelectiveCache(budget=8)
-    gen = model.generate(ids.cuda(), cache=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    gen = model.generate(ids.cuda(), **{CACHE: cache}, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 48) and max(cache.occupancy()) <= 8
 
 
@@ -974,7 +983,7 @@ def test_window_policy_keeps_the_first_real_token_and_the_newest():
     model = build("llama")
     ids, mask, _ = padded_batch(seed=7, lengths=(9, 6))
     cache = sa_hf.SelectiveCache(budget=4, policy="window")
-    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=5, do_sample=False, pad_token_id=0)
     for layer in cache.layers:
         for b, n in enumerate((9, 6)):
             pos = layer.cache.pos[b]
@@ -1003,10 +1012,20 @@ def test_a_call_stopped_between_layers_leaves_the_cache_refusing_every_use():
 
     handle = model.model.layers[0].mlp.register_forward_pre_hook(hook)
     with pytest.raises(MemoryError):
-        model(ids, cache=cache, use_cache=True)
+        model(ids, **{CACHE: cache}, use_cache=True)
     with pytest.raises(RuntimeError, match=r"different numbers of tokens \(\[\d+\]\).*stopped part-way.*reset"):
-        model(ids[:, :1], cache=cache, use_cache=True)
+        model(ids[:, :1], **{CACHE: cache}, use_cache=True)
     handle.remove()
     cache.reset()
-    out = model.generate(ids, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, **{CACHE: cache}, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recomputation(model, ids, torch.ones_like(ids), 3))
+
+
+def test_a_cache_under_the_wrong_keyword_is_named():
+    """Before transformers renamed it, a model's forward took the cache as past_key_values= and passed an unknown
+    cache= on to the attention function in its **kwargs: the model would run without the cache. Refused by name."""
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match=r"past_key_values=, not cache=.*cache_keyword"):
+        sa_hf.attention_forward(attn, q, k, v, None, cache=sa_hf.SelectiveCache())
