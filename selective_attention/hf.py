@@ -68,6 +68,12 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         f"{torch.__version__}, check which torch your transformers needs (5.24 needs torch >= 2.6)."
     ) from e
 
+if not transformers.utils.is_torch_available():  # transformers disables its PyTorch parts under a torch it refuses
+    raise ImportError(
+        f"selective_attention.hf: transformers {transformers.__version__} disabled its PyTorch support with torch "
+        f"{torch.__version__} (transformers 5.24 needs torch >= 2.6): upgrade torch, or use an older transformers."
+    )
+
 __all__ = [
     "NAME",
     "HFSettings",

@@ -63,7 +63,7 @@ def _has_cpu_flash() -> bool:
 @functools.cache
 def _cpu_flash_reads_groups() -> bool:
     """Whether PyTorch's CPU flash kernel reads grouped kv heads (query head h from kv head ``h // g``). Older
-    releases (seen in 2.5.1 and 2.6.0; the grouping came in mid-2025) read kv head h whatever k's head count, past
+    releases (seen in 2.5.1 and 2.6.0; 2.13 groups) read kv head h whatever k's head count, past
     the end of k and v: outputs of 1e36 and NaN. Probed once, within bounds: k and v are the first head of a
     two-head buffer whose second head is ones, so a kernel that ignores the grouping returns ones for query
     head 1, where the grouped read (kv head 0: zeros) returns zeros."""

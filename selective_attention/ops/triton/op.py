@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,7 +50,8 @@ def _triton_version() -> tuple[int, ...] | None:
         try:
             import triton
 
-            _VERSION.append(tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit()))
+            major_minor = re.match(r"(\d+)\.(\d+)", triton.__version__)
+            _VERSION.append(tuple(int(g) for g in major_minor.groups()) if major_minor else (0, 0))
         except ImportError:
             _VERSION.append(None)
     return _VERSION[0]
