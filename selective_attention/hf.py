@@ -50,6 +50,12 @@ from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt,
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
+# transformers 5 needs a newer torch than this package does: under an older one its PyTorch parts fail to import, or
+# it disables them
+_TORCH_REFUSED = (
+    f"with torch {torch.__version__} (transformers 5.24, the version tested, needs torch >= 2.6): upgrade torch, or "
+    "check which torch your transformers needs."
+)
 try:
     import transformers
     from transformers import AttentionInterface, Trainer
@@ -62,16 +68,12 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
             "selective_attention.hf needs Hugging Face transformers: pip install 'selective-attention[hf]' "
             "(or pip install transformers)."
         ) from e
-    # installed, but its PyTorch parts did not import: transformers 5 needs a newer torch than this package does
     raise ImportError(
-        f"selective_attention.hf: transformers is installed but its PyTorch parts did not import ({e}); with torch "
-        f"{torch.__version__}, check which torch your transformers needs (5.24 needs torch >= 2.6)."
+        f"selective_attention.hf: transformers' PyTorch parts failed to import ({e}) {_TORCH_REFUSED}"
     ) from e
-
-if not transformers.utils.is_torch_available():  # transformers disables its PyTorch parts under a torch it refuses
+if not transformers.utils.is_torch_available():
     raise ImportError(
-        f"selective_attention.hf: transformers {transformers.__version__} disabled its PyTorch support with torch "
-        f"{torch.__version__} (transformers 5.24 needs torch >= 2.6): upgrade torch, or use an older transformers."
+        f"selective_attention.hf: transformers {transformers.__version__} disabled its PyTorch support {_TORCH_REFUSED}"
     )
 
 __all__ = [

@@ -194,7 +194,7 @@ class Voters:
 
 def head_range(heads: slice, n_heads: int) -> range:
     """The heads of ``n_heads`` that the slice ``heads`` selects: ``range(*heads.indices(n_heads))``, written out for
-    unit steps (torch.compile before PyTorch 2.7 cannot trace ``slice.indices``: a graph break in every layer)."""
+    unit steps (torch.compile in PyTorch 2.5 and 2.6 cannot trace ``slice.indices``: a graph break in every layer)."""
     if heads.step not in (None, 1):
         return range(*heads.indices(n_heads))
 

@@ -371,7 +371,7 @@ def test_selection_value_equals_deprecated_aliases(backend):
 
 
 def test_head_range_is_slice_indices_written_out():
-    """``head_range`` (traceable by torch.compile before PyTorch 2.7) selects what ``slice.indices`` does."""
+    """``head_range`` (traceable by torch.compile in PyTorch 2.5 and 2.6) selects what ``slice.indices`` does."""
     from selective_attention.selection import head_range
 
     for n in (1, 4, 7):

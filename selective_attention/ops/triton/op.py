@@ -70,7 +70,7 @@ def _too_old() -> str | None:
 
 def is_available() -> bool:
     """Triton >= 3.2 is installed and can run here: a CUDA device, or the interpreter (``TRITON_INTERPRET=1``)."""
-    if _triton_version() is None or _too_old() is not None:
+    if _triton_version() is None or _too_old():
         return False
     return torch.cuda.is_available() or _interpreting()
 
@@ -216,8 +216,8 @@ def triton_selective_attention(
             f"the Triton backend needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
             "TRITON_INTERPRET=1 set before Triton is first imported.)"
         )
-    if _too_old() is not None:
-        raise RuntimeError(_too_old())
+    if old := _too_old():
+        raise RuntimeError(old)
     vote_head = _vote_head(heads, q.shape[1])
     return paper_fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]
 
@@ -250,8 +250,8 @@ def supports(req: Request) -> str | None:
         return f"backend='triton' runs {', '.join(str(d) for d in _DTYPES)}; got {q.dtype}: use backend='chunked'."
     if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
         return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
-    if _too_old() is not None:
-        return _too_old()
+    if old := _too_old():
+        return old
     if not is_available():
         return "backend='triton' needs Triton (pip install triton) and a CUDA device; use backend='chunked'."
     if q.device.type != "cuda" and not _interpreting():
