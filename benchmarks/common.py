@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -15,16 +16,31 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what ``platform`` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def cpu_results() -> Path:
+    """``results/<cpu>/``, this CPU's folder: tables from different CPUs never overwrite each other.
+
+    The folder is the model name in lower case without trademarks, "Processor", "CPU" or the clock:
+    ``Intel(R) Xeon(R) Processor`` -> ``intel-xeon``, ``AMD EPYC 7763 64-Core Processor`` -> ``amd-epyc-7763-64-core``.
+    """
+    name = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*$", " ", cpu_model().lower())
+    folder = RESULTS / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-cpu")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, list[float]]:
@@ -47,14 +63,14 @@ def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
 
 
 def write(name: str, rows: list[dict], columns: list[str], title: str) -> str:
-    """Write ``results/NAME.json`` and ``results/NAME.md``; return the markdown table."""
-    RESULTS.mkdir(exist_ok=True)
+    """Write ``results/<cpu>/NAME.json`` and ``.md`` (see ``cpu_results``); return the markdown table."""
+    out = cpu_results()
     payload = {"machine": machine(), "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     lines = [f"**{title}** — {payload['machine']}", "", "| " + " | ".join(columns) + " |"]
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in columns) + " |")
     md = "\n".join(lines) + "\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    (out / f"{name}.md").write_text(md)
     return md

@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from common import RESULTS, write
+from common import cpu_results, write
 
 from selective_attention.decoding import Decoder
 from selective_attention.model import GPT, GPTConfig
@@ -149,11 +149,11 @@ def plot(raw: list[dict], budget: int) -> None:
         a.grid(True, alpha=0.3)
         a.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "decode.png", dpi=120)
+    fig.savefig(cpu_results() / "decode.png", dpi=120)
 
 
 if __name__ == "__main__":
-    if "--replot" in sys.argv:  # redraw from the last results/decode.json
-        plot(json.loads((RESULTS / "decode.json").read_text())["rows"], 64)
+    if "--replot" in sys.argv:  # redraw from this CPU's last results/<cpu>/decode.json
+        plot(json.loads((cpu_results() / "decode.json").read_text())["rows"], 64)
     else:
         main()

@@ -18,7 +18,7 @@ MLP 688, byte vocabulary; untrained: speed and memory do not depend on the weigh
     python benchmarks/hf_llama.py [--contexts 256 1024] [--batch 4] [--decode-context 2048] [--steps 48]
                                   [--decode-batches 1 8]
 
-Writes results/hf_llama.{json,md}.
+Writes results/<cpu>/hf_llama.{json,md} (see common.cpu_results).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, interleaved, machine, median_ratio, write
+from common import cpu_results, interleaved, machine, median_ratio, write
 
 from selective_attention.functional import selective_attention
 
@@ -134,7 +134,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-length", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["sdpa", "chunked", "naive", "x-transformers"])
-    ap.add_argument("--plot", action="store_true", help="write results/paper_mode.png (another --shape: its own name)")
+    ap.add_argument(
+        "--plot", action="store_true", help="write results/<cpu>/paper_mode.png (another --shape: own name)"
+    )
     ap.add_argument("--no-save", action="store_true", help="print only: leave results/ as it is")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument(
@@ -189,9 +191,9 @@ def main() -> None:
         f"Paper-mode fwd+bwd vs standard causal attention (SDPA), B{B} H{H} D{D} fp32; ratio to SDPA in ()",
     )
     print(md)
-    (RESULTS / f"{name}_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
+    (cpu_results() / f"{name}_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
     if args.plot:
-        plot(rows, RESULTS / f"{name}.png")
+        plot(rows, cpu_results() / f"{name}.png")
 
 
 if __name__ == "__main__":

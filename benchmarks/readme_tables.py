@@ -2,7 +2,8 @@
 
 Each ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block in README.md, benchmarks/README.md and
 experiments/README.md is replaced by ``benchmarks/results/NAME.md`` (or ``results/NAME.md``) when that
-file exists.
+file exists. NAME may name a folder: the CPU benchmarks write to ``benchmarks/results/<cpu>/``
+(``common.cpu_results``), so ``<!-- table:amd-epyc/paper_mode -->`` is that CPU's paper-mode table.
 
     python benchmarks/readme_tables.py
 """
@@ -37,7 +38,7 @@ def refresh(readme: Path) -> None:
         print(f"no results for table {name!r}; left as is")
         return m.group(0)
 
-    new = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", fill, text, flags=re.S)
+    new = re.sub(r"<!-- table:([\w/-]+) -->.*?<!-- /table -->", fill, text, flags=re.S)
     readme.write_text(new)
     print(f"{readme.relative_to(ROOT)}: " + ("tables refreshed" if new != text else "unchanged"))
 

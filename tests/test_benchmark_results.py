@@ -1,0 +1,86 @@
+"""Where the benchmarks keep their tables: one folder per CPU model, and the README blocks that name them.
+Checks the bookkeeping (no run on one CPU may overwrite another's table), not any timing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # as the benchmark scripts import it (`from common import ...`)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def common(tmp_path, monkeypatch):
+    mod = _load("common", monkeypatch)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    return mod
+
+
+@pytest.mark.parametrize(
+    "model, folder",
+    [
+        ("Intel(R) Xeon(R) Processor", "intel-xeon"),
+        ("AMD EPYC", "amd-epyc"),
+        ("AMD EPYC 7763 64-Core Processor", "amd-epyc-7763-64-core"),
+        ("Intel(R) Core(TM) i7-10700K CPU @ 3.80GHz", "intel-core-i7-10700k"),
+        ("Apple M2", "apple-m2"),
+        ("", "unknown-cpu"),
+    ],
+)
+def test_each_cpu_model_gets_its_own_folder(common, monkeypatch, model, folder):
+    monkeypatch.setattr(common, "cpu_model", lambda: model)
+    assert common.cpu_results() == common.RESULTS / folder
+    assert common.cpu_results().is_dir()
+
+
+def test_runs_on_two_cpus_keep_both_tables(common, monkeypatch):
+    for model in ("Intel(R) Xeon(R) Processor", "AMD EPYC"):
+        monkeypatch.setattr(common, "cpu_model", lambda m=model: m)
+        common.write("bench", [{"x": model}], ["x"], "title")
+    for folder, model in (("intel-xeon", "Intel(R) Xeon(R) Processor"), ("amd-epyc", "AMD EPYC")):
+        md = (common.RESULTS / folder / "bench.md").read_text()
+        assert f"| {model} |" in md and model in md.splitlines()[0]
+        assert json.loads((common.RESULTS / folder / "bench.json").read_text())["rows"] == [{"x": model}]
+    assert not (common.RESULTS / "bench.md").exists()
+
+
+def test_readme_blocks_name_a_cpu_folder(tmp_path, monkeypatch):
+    tables = _load("readme_tables", monkeypatch)
+    results = tmp_path / "results"
+    (results / "amd-epyc").mkdir(parents=True)
+    (results / "amd-epyc" / "bench.md").write_text("| new |\n")
+    monkeypatch.setattr(tables, "SOURCES", [results])
+    doc = tmp_path / "README.md"
+    blocks = [
+        "<!-- table:amd-epyc/bench -->\nold\n<!-- /table -->",
+        "<!-- table:intel-xeon/bench -->\nkept\n<!-- /table -->",
+    ]
+    doc.write_text("a\n" + "\n".join(blocks) + "\n")
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    tables.refresh(doc)
+    text = doc.read_text()
+    assert "<!-- table:amd-epyc/bench -->\n| new |\n<!-- /table -->" in text
+    assert "<!-- table:intel-xeon/bench -->\nkept\n<!-- /table -->" in text  # no file: left as it was
+
+
+def test_committed_readme_blocks_have_their_tables():
+    """Every table block in the READMEs names a results file that is in the repository (GPU aside)."""
+    for doc in ("README.md", "benchmarks/README.md", "experiments/README.md"):
+        for name in re.findall(r"<!-- table:([\w/-]+) -->", (ROOT / doc).read_text()):
+            if name == "gpu_check":  # written by the first GPU run
+                continue
+            found = [d / f"{name}.md" for d in (ROOT / "benchmarks" / "results", ROOT / "results")]
+            assert any(f.exists() for f in found), f"{doc}: table {name!r} has no results file"
