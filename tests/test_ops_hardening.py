@@ -243,8 +243,8 @@ def test_votable_keys_and_vote_mask_with_padding():
 
 # --- edges found in review: ties, bad arguments, the module's F under padding --------------------------
 def test_memory_rows_gradient_at_a_tie_f_equals_tau_is_the_specs():
-    """sum_j min(F, tau) has a kink at F = tau: the chunked backward takes the naive spec's (clamp's)
-    subgradient there. All ones: every vote is 1, so F hits tau = 1 exactly."""
+    """sum_j min(F, tau) has a kink at F = tau: the chunked backward takes the naive spec's subgradient there
+    (1, written out: clamp's changed in torch 2.14). All ones: every vote is 1, so F hits tau = 1 exactly."""
     q, k = (torch.ones(1, 1, 6, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
     v = torch.zeros(1, 1, 6, 1, dtype=torch.float64)
     got = {}

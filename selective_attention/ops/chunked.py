@@ -475,8 +475,8 @@ def _backward(
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
-            if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1[F <= tau] (the spec's, at F = tau too)
-                dF.add_(dmem_c * (F_b[..., j0:j1] <= tau))
+            if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
+                dF.add_(dmem_c * (F_b[..., j0:j1] > tau).logical_not_())
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
             dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
             dcol[:, :, j0:j1] += dF.sum(dim=2)

@@ -135,8 +135,8 @@ def attend(req: Request) -> tuple[Tensor, Tensor | None]:
     # summed in at least float32: the memory loss subtracts these rows from the count of tokens (~ L), where
     # bfloat16's spacing is 8 at L = 1024: max_i of such differences would be mostly rounding
     acc = torch.promote_types(F.dtype, torch.float32)
-    # min(F, tau) whose derivative is 1[F <= tau], written out: clamp's own subgradient at F = tau is 1 before
-    # PyTorch 2.14 and 0 from it; NaN stays NaN (not tau)
+    # min(F, tau) with derivative 1 unless F > tau (1 at F = tau), written out: clamp's own subgradient at F = tau
+    # is 1 before PyTorch 2.14 and 0 from it. NaN stays NaN (not tau), as in the chunked forward's clamp
     capped = torch.where(F > req.tau, req.tau, F)
     return out, capped.sum(-1, dtype=acc) / req.tau
 
