@@ -84,3 +84,22 @@ def test_committed_readme_blocks_have_their_tables():
                 continue
             found = [d / f"{name}.md" for d in (ROOT / "benchmarks" / "results", ROOT / "results")]
             assert any(f.exists() for f in found), f"{doc}: table {name!r} has no results file"
+
+
+def test_ab_commits_loads_another_commit_apart_and_compares(tmp_path, monkeypatch):
+    """The A/B script imports a commit's package under another name (nothing shared with this checkout's) and
+    times it against this checkout's on the same inputs."""
+    if not (ROOT / ".git").exists():
+        pytest.fail("benchmarks/ab_commits.py needs a git checkout (CI runs on a clone)")
+    _load("common", monkeypatch)
+    ab = _load("ab_commits", monkeypatch)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_commit puts its folder first
+    other = ab.load_commit("HEAD", tmp_path)
+    assert other.__module__ == "sa_HEAD.functional" and (tmp_path / "sa_HEAD").is_dir()
+    for f in (tmp_path / "sa_HEAD").rglob("*.py"):  # hf_demo.py imports the package by its name
+        assert not re.search(r"^\s*(from|import) selective_attention\b", f.read_text(), re.M), f
+    assert sys.modules["sa_HEAD.functional"] is not sys.modules["selective_attention.functional"]
+    row = ab.compare(other, 1, 2, 8, 16, rounds=1)
+    assert row["shape"] == "B1 H2 D8 L16" and all(row[k] > 0 for k in ("this / sdpa", "other / sdpa", "this / other"))
+    for name in [m for m in sys.modules if m == "sa_HEAD" or m.startswith("sa_HEAD.")]:
+        del sys.modules[name]  # the copy's modules (its files go with tmp_path)

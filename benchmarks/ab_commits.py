@@ -1,0 +1,105 @@
+"""Paper mode of another commit against this checkout's, in one process, taking turns (an A/B of the code).
+
+Separate runs on a shared machine differ by 5-20% (benchmarks/README.md), more than most changes to the
+chunked path. Here both versions run in the same process on the same inputs: each round times SDPA causal,
+then the two versions in alternating order; the ratios are medians of per-round ratios. The other commit's
+package is extracted with ``git archive`` into a temporary folder and imported under another name, so the
+two share nothing but torch. Outputs are checked equal first (fp32, 1e-4).
+
+    python benchmarks/ab_commits.py 23e20f5                     # that commit against this checkout
+    python benchmarks/ab_commits.py 23e20f5 --shapes 1,8,64,2048 2,4,32,1024 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import machine
+
+from selective_attention.functional import selective_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ["1,8,64,1024", "1,8,64,2048", "1,8,64,4096", "2,4,32,1024", "4,4,32,512"]
+
+
+def load_commit(rev: str, into: Path):
+    """``selective_attention.functional.selective_attention`` as of ``rev``, imported as package ``sa_<rev>``."""
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "selective_attention"], capture_output=True)
+    if blob.returncode != 0:
+        raise SystemExit(f"git archive {rev!r} failed: {blob.stderr.decode().strip()}")
+    tarfile.open(fileobj=BytesIO(blob.stdout)).extractall(into, filter="data")
+    name = "sa_" + re.sub(r"\W", "_", rev)
+    pkg = (into / "selective_attention").rename(into / name)
+    for f in pkg.rglob("*.py"):  # absolute imports of the package point at the renamed copy
+        text = f.read_text()
+        f.write_text(re.sub(r"\bselective_attention(?=\.|\s+import\b)", name, text))
+    sys.path.insert(0, str(into))
+    return importlib.import_module(f"{name}.functional").selective_attention
+
+
+def compare(other, B: int, H: int, D: int, L: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for _ in range(3))
+    go = torch.randn(B, H, L, D, generator=g)
+    with torch.no_grad():
+        diff = (selective_attention(q, k, v, selection=True) - other(q, k, v, selection=True)).abs().max().item()
+    if not diff < 1e-4:
+        raise SystemExit(f"B{B} H{H} D{D} L{L}: the two versions' outputs differ by {diff:.3g}; not the same function")
+    fns = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(go),
+        "this": lambda: selective_attention(q, k, v, selection=True).backward(go),
+        "other": lambda: other(q, k, v, selection=True).backward(go),
+    }
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    t: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(rounds):
+        for n in ("sdpa", "this", "other") if r % 2 == 0 else ("sdpa", "other", "this"):
+            t0 = time.perf_counter()
+            fns[n]()
+            t[n].append(time.perf_counter() - t0)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
+    return {
+        "shape": f"B{B} H{H} D{D} L{L}",
+        "sdpa ms": round(1e3 * statistics.median(t["sdpa"]), 1),
+        "this / sdpa": round(ratio("this", "sdpa"), 3),
+        "other / sdpa": round(ratio("other", "sdpa"), 3),
+        "this / other": round(ratio("this", "other"), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rev", help="the other commit (anything git names: a hash, a tag, HEAD~3)")
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, metavar="B,H,D,L")
+    ap.add_argument("--rounds", type=int, default=11)
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        other = load_commit(args.rev, Path(tmp))
+        print(f"this checkout against {args.rev}, paper-mode fwd+bwd fp32 — {machine()}", flush=True)
+        for s in args.shapes:
+            row = compare(other, *(int(x) for x in s.split(",")), rounds=args.rounds)
+            print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+            rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
