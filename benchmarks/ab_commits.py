@@ -42,9 +42,12 @@ def load_commit(rev: str, into: Path):
     tarfile.open(fileobj=BytesIO(blob.stdout)).extractall(into, filter="data")
     name = "sa_" + re.sub(r"\W", "_", rev)
     pkg = (into / "selective_attention").rename(into / name)
-    for f in pkg.rglob("*.py"):  # absolute imports of the package point at the renamed copy
+    for f in pkg.rglob("*.py"):
         text = f.read_text()
-        f.write_text(re.sub(r"\bselective_attention(?=\.|\s+import\b)", name, text))
+        # absolute imports of the package point at the renamed copy, and its torch.library custom ops get their
+        # own namespace: registered under the checkout's names, they would replace the checkout's kernels
+        text = re.sub(r"\bselective_attention(?=\.|\s+import\b)", name, text)
+        f.write_text(text.replace('"selective_attention::', f'"{name}::'))
     sys.path.insert(0, str(into))
     return importlib.import_module(f"{name}.functional").selective_attention
 

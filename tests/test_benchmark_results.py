@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,9 +98,21 @@ def test_ab_commits_loads_another_commit_apart_and_compares(tmp_path, monkeypatc
     other = ab.load_commit("HEAD", tmp_path)
     assert other.__module__ == "sa_HEAD.functional" and (tmp_path / "sa_HEAD").is_dir()
     for f in (tmp_path / "sa_HEAD").rglob("*.py"):  # hf_demo.py imports the package by its name
-        assert not re.search(r"^\s*(from|import) selective_attention\b", f.read_text(), re.M), f
+        text = f.read_text()
+        assert not re.search(r"^\s*(from|import) selective_attention\b", text, re.M), f
+        assert '"selective_attention::' not in text, f  # custom ops' names: the copy's own namespace
     assert sys.modules["sa_HEAD.functional"] is not sys.modules["selective_attention.functional"]
     row = ab.compare(other, 1, 2, 8, 16, rounds=1)
     assert row["shape"] == "B1 H2 D8 L16" and all(row[k] > 0 for k in ("this / sdpa", "other / sdpa", "this / other"))
-    for name in [m for m in sys.modules if m == "sa_HEAD" or m.startswith("sa_HEAD.")]:
-        del sys.modules[name]  # the copy's modules (its files go with tmp_path)
+    # the checkout's custom ops still run the checkout's code (a copy registered under the same names replaced them)
+    import selective_attention.ops.chunked as chunked
+    from selective_attention.functional import selective_attention
+
+    def marked(*args):
+        raise LookupError("the checkout's chunked forward ran")
+
+    monkeypatch.setattr(chunked, "_forward", marked)
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(LookupError, match="checkout's"):
+        selective_attention(q, q, q, selection=True, backend="chunked")
+    other(q, q, q, selection=True, backend="chunked")  # the copy's op runs its own code
