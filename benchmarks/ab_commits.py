@@ -20,13 +20,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import interleaved, machine, median_ratio
 
 from selective_attention.functional import selective_attention
 
@@ -65,25 +64,13 @@ def compare(other, B: int, H: int, D: int, L: int, rounds: int) -> dict:
         "this": lambda: selective_attention(q, k, v, selection=True).backward(go),
         "other": lambda: other(q, k, v, selection=True).backward(go),
     }
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
-    t: dict[str, list[float]] = {n: [] for n in fns}
-    for r in range(rounds):
-        for n in ("sdpa", "this", "other") if r % 2 == 0 else ("sdpa", "other", "this"):
-            t0 = time.perf_counter()
-            fns[n]()
-            t[n].append(time.perf_counter() - t0)
-
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(t[a], t[b]))
-
+    t = interleaved(fns, repeats=rounds, warmup=2, alternate=True)
     return {
         "shape": f"B{B} H{H} D{D} L{L}",
         "sdpa ms": round(1e3 * statistics.median(t["sdpa"]), 1),
-        "this / sdpa": round(ratio("this", "sdpa"), 3),
-        "other / sdpa": round(ratio("other", "sdpa"), 3),
-        "this / other": round(ratio("this", "other"), 3),
+        "this / sdpa": round(median_ratio(t, "this", "sdpa"), 3),
+        "other / sdpa": round(median_ratio(t, "other", "sdpa"), 3),
+        "this / other": round(median_ratio(t, "this", "other"), 3),
     }
 
 

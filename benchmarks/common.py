@@ -43,14 +43,20 @@ def cpu_results() -> Path:
     return folder
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2) -> dict[str, list[float]]:
-    """Time each fn ``repeats`` times, round-robin so drift in machine load hits all of them alike."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int = 7, warmup: int = 2, alternate: bool = False
+) -> dict[str, list[float]]:
+    """Time each fn ``repeats`` times, round-robin so drift in machine load hits all of them alike. With
+    ``alternate``, every other round runs the fns after the first in reverse order, so that none of them always
+    follows the same one (the first, a baseline, always leads)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[:1] + names[1:][::-1] if alternate and r % 2 else names:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

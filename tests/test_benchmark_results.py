@@ -58,6 +58,17 @@ def test_runs_on_two_cpus_keep_both_tables(common, monkeypatch):
     assert not (common.RESULTS / "bench.md").exists()
 
 
+def test_interleaved_alternates_all_but_the_baseline(common):
+    order = []
+    fns = {n: (lambda n=n: order.append(n)) for n in ("base", "a", "b")}
+    times = common.interleaved(fns, repeats=3, warmup=0, alternate=True)
+    assert order == ["base", "a", "b", "base", "b", "a", "base", "a", "b"]
+    assert all(len(ts) == 3 for ts in times.values())
+    order.clear()
+    common.interleaved(fns, repeats=2, warmup=0)
+    assert order == ["base", "a", "b"] * 2
+
+
 def test_readme_blocks_name_a_cpu_folder(tmp_path, monkeypatch):
     tables = _load("readme_tables", monkeypatch)
     results = tmp_path / "results"
