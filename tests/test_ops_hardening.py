@@ -256,6 +256,23 @@ def test_memory_rows_gradient_at_a_tie_f_equals_tau_is_the_specs():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_memory_rows_take_a_tau_beyond_float16s_range():
+    """A tau larger than float16's largest value (65504) clamps nothing a finite F holds: the chunked rows and their
+    gradients are the naive spec's (error against fp64 bounded by naive float16's), where chunked's in-place clamp
+    used to refuse the tau with an overflow error."""
+    tau = 70000.0
+    q64, k64, v64 = _qkv(1, 2, 12, 4)
+    got = {}
+    for backend, dtype in (("chunked", torch.float16), ("naive", torch.float16), ("naive", torch.float64)):
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+        o, rows = selective_attention(q, k, v, selection=True, memory_tau=tau, backend=backend)
+        # rows * tau: the masked counts' sum of F, which the gradient checks at a scale float16 holds
+        got[backend, dtype] = (o, rows, *torch.autograd.grad(o.double().sum() + rows.double().sum() * 1e-2, (q, k, v)))
+    assert got["naive", torch.float64][1].abs().sum() > 0  # tokens are masked: the rows could differ
+    for name, a, b, c in zip(("out", "rows", "dq", "dk", "dv"), *got.values()):
+        assert_error_bounded(a, b, c, name=name)
+
+
 def test_bad_arguments_are_clear_errors():
     from selective_attention import SelectiveAttention
 

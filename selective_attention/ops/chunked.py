@@ -354,12 +354,15 @@ def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_sca
     # summed in at least float32, like the naive spec's (they are subtracted from a count of ~L tokens)
     mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
     carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
+    # min(F, tau) in F's dtype: a tau beyond its range (70000 in float16) clamps nothing a finite F holds, and
+    # clamp_ would refuse it, so it becomes inf there, as the naive spec's where() rounds it
+    tau_F = None if tau is None else (tau if tau <= torch.finfo(qs.dtype).max else math.inf)
     for i0 in range(0, L, fchunk):
         i1 = min(i0 + fchunk, L)
         carries[i0 // fchunk] = ncol
         Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
         if Fc is not None:
-            mem[:, :, i0:i1] = Fc.clamp_(max=tau).sum(dim=-1, dtype=mem.dtype)
+            mem[:, :, i0:i1] = Fc.clamp_(max=tau_F).sum(dim=-1, dtype=mem.dtype)
         ncol[:, :, :i1] += Sn.sum(dim=2)
         o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
         out[:, :, i0:i1] = o_c
