@@ -220,7 +220,7 @@ def configure(
     place; for a composite model such as a vision-language one, into its text decoder's config, which its
     attention layers read); ``save_pretrained`` saves them in ``config.json``. ``selection=True`` is the paper
     (``Selection()``); see :class:`HFSettings`. Layer indices are checked against
-    ``config.num_hidden_layers``."""
+    ``config.num_hidden_layers``. Also calls :func:`register`."""
     if selection is True:
         selection = Selection()
     if selection is False:
@@ -238,6 +238,7 @@ def configure(
     if n_heads is not None:
         s.selection.validate(n_heads)
     setattr(target, CONFIG_KEY, s.to_dict())
+    register()  # so that attn_implementation="selective" is there for the model built next
     return config
 
 
@@ -317,8 +318,23 @@ def padding_mask(
     sequences, bidirectional or custom masks, a sliding window shorter than the sequence): selective
     attention would otherwise silently ignore it. A mask function other than transformers' causal one
     (a sliding window layer's, say) is evaluated on this call's positions and passes where it is causal
-    there (a window at least as long as the sequence)."""
-    if mask_function is not causal_mask_function:
+    there (a window at least as long as the sequence), or is not used by any layer (``config.layer_types`` all
+    ``"full_attention"``). Also refuses a cache whose key slots run past the last query (a ``StaticCache``), and a
+    model whose attention modules do not call ``transformers``' attention interface (they would run their own
+    attention with this function's mask)."""
+    config = kwargs.get("config")
+    if config is not None and not torch.compiler.is_compiling():
+        _check_uses_interface(type(config))
+    if isinstance(q_offset, int) and kv_offset + kv_length > q_offset + q_length:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' got {kv_offset + kv_length} key slots for queries ending at position "
+            f"{q_offset + q_length}: a cache that allocates its slots ahead (StaticCache, "
+            "cache_implementation='static') is not supported. Use the default cache, or "
+            "selective_attention.hf.SelectiveCache for pruned generation."
+        )
+    layer_types = getattr(config, "layer_types", None)
+    unused = layer_types is not None and all(t == "full_attention" for t in layer_types)  # e.g. Qwen2-MoE's window 0
+    if mask_function is not causal_mask_function and not unused:
         local = kwargs.get("local_size")
         span = q_offset + q_length - kv_offset  # the most keys a query of this call may see
         if local is not None and span > local:
@@ -342,6 +358,26 @@ def padding_mask(
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [B, kv_length], got shape {tuple(attention_mask.shape)}.")
     return attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+
+
+@functools.cache
+def _check_uses_interface(config_type: type) -> None:
+    """Refuse a model family whose attention modules do not call ``transformers``' attention interface
+    (``transformers`` 5.24 accepts a registered name for any model): judged as ``transformers`` judges it for
+    ``set_attn_implementation`` (``PreTrainedModel._can_set_attn_implementation``), on the base model class of
+    ``config_type``. Families it does not know (remote code) pass."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    name = MODEL_MAPPING_NAMES.get(getattr(config_type, "model_type", None))
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    check = getattr(cls, "_can_set_attn_implementation", None)
+    if check is not None and not check():
+        raise NotImplementedError(
+            f"{cls.__name__} runs its own attention code instead of transformers' attention interface, so "
+            f"attn_implementation='{NAME}' would not reach its layers (they would run standard attention with a "
+            "mask they do not expect). Use a model family that goes through the interface (Llama, Qwen2/3, Mistral, "
+            "Gemma, Phi-3, GPT-2, OPT, ...), or attn_implementation='sdpa' for this one."
+        )
 
 
 def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
@@ -652,6 +688,8 @@ def memory_loss(model: torch.nn.Module) -> Tensor:
         idx = real[b].nonzero().squeeze(-1)
         if idx.numel():
             per_seq.append(_memory_loss([r[b : b + 1, :, idx] for r in rows]))
+    if not per_seq:  # a batch of padding only: no token to keep or mask
+        return rows[0].new_zeros(())
     return torch.stack(per_seq).mean()
 
 
@@ -992,6 +1030,16 @@ class SelectiveCache(Cache):
             self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
             self.layers[-1].owner = self
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def _no_recurrent_state(self, *args, **kwargs):
+        raise NotImplementedError(
+            "SelectiveCache holds attention layers only, and this model has layers that keep a recurrent state "
+            "(linear-attention or state-space layer: a hybrid model such as Qwen3-Next or Jamba). Generate such a "
+            "model with generate(..., use_cache=False) (each step recomputed: exact, slower), or with "
+            "attn_implementation='sdpa' and its default cache."
+        )
+
+    get_conv_state = update_conv_state = get_recurrent_state = update_recurrent_state = _no_recurrent_state
 
     def occupancy(self) -> list[int]:
         """Kept tokens per layer (the most over the batch)."""

@@ -626,6 +626,80 @@ def test_attention_sinks_are_refused_not_ignored():
         model(torch.randint(1, V, (1, 10)))
 
 
+def test_models_that_bypass_the_attention_interface_are_refused():
+    """transformers 5.24 accepts a registered name for any model; Bloom runs its own attention code with the mask this
+    package's hook returns (no causal mask: the last token moved the logits of earlier positions, silently). Refused,
+    naming the model; a family that goes through the interface (BioGPT, whose class flag says otherwise) still runs."""
+    cfg = sa_hf.configure(transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
+    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'sdpa'"):
+        model(torch.randint(1, V, (1, 6)))
+    cfg = sa_hf.configure(transformers.BioGptConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=32))  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective", dtype=torch.float64)
+    ids = torch.randint(1, V, (1, 7))
+    changed = torch.cat([ids[:, :-1], (ids[:, -1:] + 1) % V], 1)
+    with torch.no_grad():  # causal: the last token moves no earlier position's logits
+        torch.testing.assert_close(model.eval()(ids).logits[:, :-1], model(changed).logits[:, :-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sel", [{}, {"layers": []}])
+def test_a_cache_with_slots_allocated_ahead_is_refused(sel):
+    """A StaticCache holds more key slots than tokens; in layers that do not select, causal attention aligned to the
+    last slot then read the empty ones (prefill logits 0.41 off, silently). Refused in every layer, naming it."""
+    model = build("llama", **sel)
+    ids = torch.randint(1, V, (1, 12))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(NotImplementedError, match=r"32 key slots for queries ending at position 12.*StaticCache"):
+        model(ids, **{CACHE: cache}, use_cache=True)
+    with pytest.raises(NotImplementedError, match="StaticCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0)
+
+
+def test_a_window_no_layer_uses_is_not_refused():
+    """transformers 5.24 gives Qwen2-MoE sliding_window = 0 when use_sliding_window is off (its default) and builds a
+    window mask no layer reads (every layer_types entry full_attention): the model runs, as the spec on its q/k/v."""
+    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+              shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              num_experts=2, num_experts_per_tok=1)  # fmt: skip
+    cfg = sa_hf.configure(transformers.Qwen2MoeConfig(**kw))
+    assert cfg.sliding_window == 0 and set(cfg.layer_types) == {"full_attention"}
+    outs = {}
+    for impl in ("selective", "selective_ref"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+        with torch.no_grad():
+            outs[impl] = model(torch.arange(1, 10)[None]).logits
+    torch.testing.assert_close(outs["selective"], outs["selective_ref"], rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_models_name_what_selective_cache_cannot_hold():
+    """Qwen3-Next's linear-attention layers keep a recurrent state that SelectiveCache does not hold: generate with it
+    raises naming the case and the alternatives (it failed with an IndexError inside transformers)."""
+    cfg = transformers.Qwen3NextConfig(vocab_size=V, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                                       shared_expert_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, num_experts=2, num_experts_per_tok=1,
+                                       linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                                       linear_value_head_dim=8)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(sa_hf.configure(cfg), attn_implementation="selective").eval()
+    with pytest.raises(NotImplementedError, match="recurrent state.*use_cache=False"):
+        model.generate(torch.randint(1, V, (1, 6)), **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+
+
+def test_configure_registers_the_name():
+    """configure() makes attn_implementation="selective" available (a user who configures first, then builds, gets
+    the model, not transformers' "not supported")."""
+    mapping = transformers.AttentionInterface._global_mapping
+    saved = mapping.pop(sa_hf.NAME)
+    try:
+        cfg = tiny_config("llama")  # calls configure
+        transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=sa_hf.NAME)
+    finally:
+        mapping[sa_hf.NAME] = saved
+
+
 def test_a_model_copies_after_a_training_forward():
     """deepcopy (an EMA or teacher model) right after a training forward with the memory loss: the copy has no
     counts (they are graph tensors), the original's memory loss still works."""
@@ -666,6 +740,13 @@ def test_memory_loss_matches_the_formula_with_left_padding():
     got.backward()  # differentiable, finite gradients
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.testing.assert_close(sa_hf.memory_loss_term(model), 0.1 * got.detach(), rtol=1e-12, atol=0)
+
+
+def test_memory_loss_of_a_batch_of_padding_only_is_zero():
+    """No real token, nothing to keep or mask: 0 (it raised torch.stack's "expects a non-empty TensorList")."""
+    model = build("llama", memory_eps=0.3).train()
+    model(torch.randint(1, V, (2, 6)), attention_mask=torch.zeros(2, 6, dtype=torch.long))
+    assert sa_hf.memory_loss_term(model).item() == 0.0
 
 
 def test_memory_loss_refuses_when_nothing_was_computed():
