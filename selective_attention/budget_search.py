@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .decoding import Decoder
-from .kv_cache import check_policy
+from .kv_cache import any_budget, check_policy
 from .model import GPT, token_loss
 from .progress import progress as progress_bar
 
@@ -90,6 +90,9 @@ def pruned_logits(
     occupancy at the end. With no budget and no threshold (or a budget >= T) they equal the full
     forward's logits (the cache is exact), whatever the policy."""
     T = x.shape[1]
+    if not any_budget(budget):  # nothing is evicted by any policy (a curve's full-cache point): the exact cache
+        check_policy(policy, threshold, recent)
+        policy, recent = "selective", None
     dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
     logits = [dec.prefill(x[:, :1], T - 1)]
     for t in range(1, T):

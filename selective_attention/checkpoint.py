@@ -231,7 +231,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if path.is_dir():
         path = path / CKPT_NAME
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; train one with `selective-attention train --out_dir=...`.")
+        hf = (  # a save_pretrained folder (hf-demo's output, say)
+            " (its folder holds a Hugging Face model, config.json: load that with transformers' from_pretrained)"
+            if (path.parent / "config.json").exists()
+            else ""
+        )
+        raise CheckpointError(f"no checkpoint at {path}{hf}; train one with `selective-attention train --out_dir=...`.")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -246,8 +251,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if version is None:
         raise CheckpointError(
             f"{path} is a safetensors file without selective-attention's metadata (no format version): not a "
-            f"checkpoint of this library (another library's weights?). Pass a checkpoint written by "
-            f"selective-attention train, or, to train afresh in its folder, --resume=false or another --out_dir."
+            f"checkpoint of this library (another library's weights, e.g. a Hugging Face model's: load those with "
+            f"transformers' from_pretrained). Pass a checkpoint written by selective-attention train (when training, "
+            f"start afresh in its folder with --resume=false, or pass another --out_dir)."
         )
     if version not in READABLE_VERSIONS:
         raise CheckpointError(

@@ -250,9 +250,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     from .train import Task, TrainConfig, evaluate
 
     budget = _budget_arg(args.budget)
-    check_policy(args.policy, args.threshold, args.recent)  # before loading anything
-    if args.policy != "selective" and budget is None:
-        raise ValueError(f"--policy={args.policy} chooses what a full layer evicts: pass --budget as well.")
+    check_policy(args.policy, args.threshold, args.recent, budget=budget)  # before loading anything
     model, meta = model_from_checkpoint(args.ckpt)
     _check_budget(budget, model)
     _check_threshold_applies(model, args.threshold)
@@ -447,7 +445,8 @@ def _commands() -> dict:
         ),
         "hf-demo": (
             "Hugging Face: train a Llama-style GQA model with attn_implementation='selective' and 'sdpa', "
-            "save, reload, compare, generate with SelectiveCache (needs the [hf] extra, ~5 min)",
+            "save, reload, compare, generate with SelectiveCache (needs the [hf] extra; ~2.5 min on 2 cores, "
+            "--quick under one)",
             [(DemoMode, None, {}), (HFDemoConfig, HFDemoConfig(), {})],
             cmd_hf_demo,
         ),

@@ -88,7 +88,7 @@ class Decoder:
         budgets: list[int | None] = value if isinstance(value, list) else [value] * n
         if len(budgets) != n:
             raise ValueError(f"budget has {len(budgets)} entries but the model has n_layer={n} layers.")
-        check_policy(policy, threshold, recent)
+        check_policy(policy, threshold, recent, budget=budgets)
         if policy == "h2o":
             for b in budgets:
                 h2o_recent(b, recent)  # the recent window fits every budget

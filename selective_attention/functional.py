@@ -126,7 +126,12 @@ def _request(
         or not isinstance(memory_tau, numbers.Real)
         or not 0 < memory_tau < math.inf
     ):  # tau = inf would count nothing: a memory loss of 0 with no gradient
-        raise ValueError(f"memory_tau needs selection=True and a finite value > 0; got {memory_tau!r}.")
+        if voters is None:
+            raise ValueError(
+                f"memory_tau={memory_tau!r} counts the keys masked by the paper's F, and selection is off: pass "
+                "selection=True (or a Selection), or drop memory_tau."
+            )
+        raise ValueError(f"memory_tau must be a finite number > 0; got {memory_tau!r}.")
     # Compiled calls read no mask value (a graph break) unless the Triton kernel, which takes no mask, could serve
     # the call once an all-False mask were dropped: every other kernel (SDPA's included) takes masks as they are.
     read_values = not torch.compiler.is_compiling()

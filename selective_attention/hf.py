@@ -964,7 +964,7 @@ class SelectiveCache(Cache):
                 "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "
                 "baseline of selective_attention.model.GPT (generate(..., policy='h2o'))."
             )
-        check_policy(policy, threshold)
+        check_policy(policy, threshold, budget=budget)
         self.budget, self.threshold, self.policy = budget, threshold, policy
         self.broken: str | None = None  # the error that left the layers disagreeing on the tokens seen
         self._checked: tuple | None = None  # the padding mask a layer last found all real after the prompt

@@ -88,10 +88,16 @@ _WEIGHT_FLOOR = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 POLICIES = ("selective", "window", "h2o")  # the eviction policies (module docstring)
 
 
-def check_policy(policy: str, threshold: float | None = None, recent: int | None = None) -> None:
-    """Refuse an unknown policy, a threshold with a policy other than ``"selective"`` and ``recent`` with a
-    policy other than ``"h2o"`` (each would be silently ignored), a threshold that is not a number >= 0 and a
-    ``recent`` that is not an int >= 1."""
+def any_budget(budget: object) -> bool:
+    """Whether ``budget`` (None, an int, or one per layer) bounds at least one layer."""
+    return any(b is not None for b in (budget if isinstance(budget, (list, tuple)) else [budget]))
+
+
+def check_policy(policy: str, threshold: float | None = None, recent: int | None = None, budget: object = ...) -> None:
+    """Refuse an unknown policy, a threshold with a policy other than ``"selective"``, ``recent`` with a
+    policy other than ``"h2o"`` and (when ``budget`` is given: None, an int or one per layer) a policy other than
+    ``"selective"`` with no budget in any layer (each would be silently ignored), a threshold that is not a number
+    >= 0 and a ``recent`` that is not an int >= 1."""
     if threshold is not None and (
         isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
     ):
@@ -105,6 +111,11 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
         )
     if recent is not None and policy != "h2o":
         raise ValueError(f"recent (the H2O recent window) applies to policy='h2o' only; got policy={policy!r}.")
+    if policy != "selective" and budget is not ... and not any_budget(budget):
+        raise ValueError(
+            f"policy={policy!r} chooses what a full layer evicts, and no layer has a budget, so none is ever full: "
+            "pass a budget as well (budget=..., --budget on the command line)."
+        )
     if recent is not None and (isinstance(recent, bool) or not isinstance(recent, numbers.Integral) or recent < 1):
         raise ValueError(f"recent must be an int >= 1 (the newest token included), got {recent!r}.")
 

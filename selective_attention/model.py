@@ -514,7 +514,8 @@ class GPT(nn.Module):
         """Cross-entropy of ``idx`` ``[B, T]`` against ``targets`` ``[B, T]`` (token ids; -100 = ignored) plus, when
         ``memory_eps > 0``, the paper's memory loss.
 
-        Returns ``(loss, {"ce": ..., "memory": ...})``: a 0-d tensor and floats for logging."""
+        Returns ``(loss, {"ce": ..., "memory": ...})``: the loss, and its parts for logging as detached 0-d tensors
+        (read them with ``float()``: no host sync here, so a compiled step has no graph break)."""
         if not isinstance(targets, Tensor) or not _is_integer(targets.dtype):
             raise ValueError(
                 f"targets must be an integer tensor of token ids [B, T] (-100 = ignored), got "
@@ -532,11 +533,11 @@ class GPT(nn.Module):
         h, masked = self.hidden(idx, cfg.memory_tau if use_mem else None)
         logits = self.lm_head(h)
         ce = token_loss(logits, targets)
-        stats = {"ce": ce.item()}
+        stats = {"ce": ce.detach()}
         if not use_mem:
             return ce, stats
         mem = memory_loss(masked)
-        stats["memory"] = mem.item()
+        stats["memory"] = mem.detach()
         return ce + cfg.memory_eps * mem, stats
 
     @torch.no_grad()

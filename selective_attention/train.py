@@ -637,8 +637,10 @@ def main(cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = _grad_norm(model, cfg.grad_clip)
-            # one sync for both; checked before opt.step so the weights (and any later checkpoint) stay finite
-            loss_val, norm_val = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+            # one host sync for all; checked before opt.step so the weights (and any later checkpoint) stay finite
+            parts = [loss.detach(), grad_norm.detach(), *stats.values()]
+            loss_val, norm_val, *part_vals = torch.stack([p.float() for p in parts]).tolist()
+            stats = dict(zip(stats, part_vals))
             bad = not (math.isfinite(loss_val) and math.isfinite(norm_val))
             if world > 1:  # the gradients are averaged but the loss is per rank: every rank must stop together
                 flag = torch.tensor([float(bad)], device=device)

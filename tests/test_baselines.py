@@ -291,6 +291,12 @@ def test_policy_errors_are_clear():
         Decoder(m, budget=[8, 4], policy="h2o", recent=4)
     with pytest.raises(ValueError, match="recent must be an int >= 1"):
         Decoder(m, budget=4, policy="h2o", recent=0)
+    # a policy chooses what a full layer evicts: with no budget in any layer it would be ignored (it was, silently)
+    for call in (lambda: m.generate(idx, 2, policy="window"), lambda: Decoder(m, policy="h2o"),
+                 lambda: Decoder(m, budget=[None, None], policy="window")):  # fmt: skip
+        with pytest.raises(ValueError, match="no layer has a budget, so none is ever full: pass a budget"):
+            call()
+    Decoder(m, budget=[None, 4], policy="window")  # one budgeted layer is enough
     with pytest.raises(ValueError, match="pass the prompt's acc"):
         LayerCache.empty(1, 4, n_heads=1, n_groups=1, head_dim=2, budget=4, policy="h2o").fill(
             torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3)
@@ -341,7 +347,9 @@ def test_cli_policy_errors(tiny_run, extra, match, capsys):
     assert main(["eval", "--ckpt", tiny_run, "--budget", "8", "--batches", "1", *extra]) == 2
     assert match in capsys.readouterr().err
     assert main(["eval", "--ckpt", tiny_run, "--policy", "window"]) == 2
-    assert "pass --budget as well" in capsys.readouterr().err
+    assert "no layer has a budget, so none is ever full: pass a budget as well (budget=..., --budget" in (
+        capsys.readouterr().err
+    )
 
 
 def test_kv_curves_experiment_on_tiny_checkpoints(tiny_run, tmp_path, capsys):

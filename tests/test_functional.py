@@ -165,7 +165,7 @@ def test_bad_dtypes_and_args():
         with pytest.raises(TypeError, match="is_causal must be True or False"):
             selective_attention(q, k, v, is_causal=bad)
     for tau in (float("inf"), float("nan"), 0.0, True, "1"):  # inf counted nothing: a memory loss of 0, no gradient
-        with pytest.raises(ValueError, match="memory_tau needs selection=True and a finite value > 0"):
+        with pytest.raises(ValueError, match="memory_tau must be a finite number > 0"):
             selective_attention(q, k, v, selection=True, memory_tau=tau)
 
 

@@ -312,6 +312,8 @@ def test_errors_name_the_case_and_the_fix():
         model.generate(ids, **{CACHE: cache}, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="budget"):
         sa_hf.SelectiveCache(budget=1)
+    with pytest.raises(ValueError, match="policy='window' chooses what a full layer evicts, and no layer has a budget"):
+        sa_hf.SelectiveCache(policy="window")
     with pytest.raises(ValueError, match="projection"):
         sa_hf.configure(transformers.LlamaConfig(), selection=Selection(projection=True))
     with pytest.raises(ValueError, match="num_hidden_layers"):

@@ -315,7 +315,7 @@ def test_memory_rows_chunked_equals_naive_with_gradients(G, tau):
 
 def test_memory_tau_needs_selection():
     q, k, v = qkv(1, 1, 4, 4, 4)
-    with pytest.raises(ValueError, match="memory_tau needs selection=True"):
+    with pytest.raises(ValueError, match=r"memory_tau=1.0 counts the keys masked.*selection is off: pass selection"):
         selective_attention(q, k, v, memory_tau=1.0)
     with pytest.raises(ValueError, match="> 0"):
         selective_attention(q, k, v, selection=True, memory_tau=0.0)

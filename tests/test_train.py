@@ -391,6 +391,11 @@ def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_p
     save_file(tensors, str(path), metadata={"format": "pt"})  # another library's weights
     with pytest.raises(CheckpointError, match="without selective-attention's metadata.*not a checkpoint of this"):
         load_checkpoint(path)
+    hf_dir = tmp_path / "hf"  # a save_pretrained folder: the error says what it is
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no checkpoint at .*holds a Hugging Face model.*from_pretrained"):
+        load_checkpoint(hf_dir)
 
 
 def test_resume_refuses_a_changed_training_config(tmp_path):

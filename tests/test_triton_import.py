@@ -38,3 +38,24 @@ def test_a_triton_older_than_3_2_is_refused_by_name(monkeypatch):
         op.triton_selective_attention(q, k, v, heads=slice(0, 1), scale=0.3, sel_scale=0.3)
     auto = selective_attention(q, k, v, selection=True)
     torch.testing.assert_close(auto, selective_attention(q, k, v, selection=True, backend="chunked"))
+
+
+def test_the_refusal_names_what_is_missing(monkeypatch):
+    """Triton installed and no CUDA device: the refusal says the device is missing (it said "pip install triton");
+    Triton missing: it says to install it."""
+    import pytest
+    import torch
+
+    from selective_attention.functional import selective_attention
+    from selective_attention.ops.registry import BackendRefused
+    from selective_attention.ops.triton import op
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    monkeypatch.setattr(op, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(op, "_triton_version", lambda: (3, 8))
+    with pytest.raises(BackendRefused, match=r"needs a CUDA device \(Triton is installed"):
+        selective_attention(q, k, v, selection=True, backend="triton")
+    monkeypatch.setattr(op, "_triton_version", lambda: None)
+    with pytest.raises(BackendRefused, match=r"needs Triton \(pip install triton\)"):
+        selective_attention(q, k, v, selection=True, backend="triton")

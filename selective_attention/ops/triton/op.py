@@ -252,8 +252,10 @@ def supports(req: Request) -> str | None:
         return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
     if old := _too_old():
         return old
-    if not is_available():
+    if _triton_version() is None:
         return "backend='triton' needs Triton (pip install triton) and a CUDA device; use backend='chunked'."
+    if not is_available():
+        return "backend='triton' needs a CUDA device (Triton is installed; none is visible); use backend='chunked'."
     if q.device.type != "cuda" and not _interpreting():
         return (
             f"backend='triton' needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
