@@ -220,7 +220,8 @@ def configure(
     place; for a composite model such as a vision-language one, into its text decoder's config, which its
     attention layers read); ``save_pretrained`` saves them in ``config.json``. ``selection=True`` is the paper
     (``Selection()``); see :class:`HFSettings`. Layer indices are checked against
-    ``config.num_hidden_layers``. Also calls :func:`register`."""
+    ``config.num_hidden_layers``, and a model family whose attention does not go through ``transformers``' attention
+    interface is refused. Also calls :func:`register`."""
     if selection is True:
         selection = Selection()
     if selection is False:
@@ -231,6 +232,7 @@ def configure(
     s = HFSettings(selection, layers, memory_eps, memory_tau)
     s.check_memory_loss()
     target = _text_config(config)  # a composite model's (e.g. a VLM's) decoder: what its attention layers read
+    _check_uses_interface(type(target))  # as early as possible (the mask hook checks again at the first forward)
     n_layers = getattr(target, "num_hidden_layers", None)
     if s.layers is not None and n_layers is not None and any(i >= n_layers for i in s.layers):
         raise ValueError(f"layers={list(s.layers)} names layers the model lacks (num_hidden_layers={n_layers}).")

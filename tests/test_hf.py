@@ -632,10 +632,14 @@ def test_models_that_bypass_the_attention_interface_are_refused():
     """transformers 5.24 accepts a registered name for any model; Bloom runs its own attention code with the mask this
     package's hook returns (no causal mask: the last token moved the logits of earlier positions, silently). Refused,
     naming the model; a family that goes through the interface (BioGPT, whose class flag says otherwise) still runs."""
-    cfg = sa_hf.configure(transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4))
+    cfg = transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)
+    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'sdpa'"):
+        sa_hf.configure(cfg)  # at once when configured
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
     with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'sdpa'"):
-        model(torch.randint(1, V, (1, 6)))
+        model(torch.randint(1, V, (1, 6)))  # at the first forward when not
+    with pytest.raises(NotImplementedError, match="OpenAIGPTModel runs its own attention code"):
+        sa_hf.configure(transformers.OpenAIGPTConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4))
     cfg = sa_hf.configure(transformers.BioGptConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=32))  # fmt: skip
     torch.manual_seed(0)
