@@ -129,6 +129,8 @@ class Decoder:
         ctx = cfg.context_len
         if T == 0:
             raise ValueError("the prompt must hold at least one token (e.g. a BOS token).")
+        if B == 0:
+            raise ValueError(f"the prompt batch is empty (shape {tuple(idx.shape)}): pass at least one sequence.")
         if not is_int(max_new_tokens) or int(max_new_tokens) < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         max_new_tokens = int(max_new_tokens)  # numpy and 0-d tensor integers too
@@ -260,7 +262,10 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
     """``[B, vocab]`` -> ``[B]`` token ids; ``temperature == 0`` is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # shifted first, so that a tiny temperature sends the others to -inf rather than the largest to inf (NaN); and at
+    # least the dtype's smallest normal number (1e-300 is 0 in float32), which changes nothing a token's odds can show
+    t = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -427,10 +427,14 @@ class GPT(nn.Module):
                 f"idx is {idx.dtype}; token ids must be an integer tensor, torch.int64 (long) or torch.int32: "
                 f"convert with idx.long()."
             )
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        V = self.config.vocab_size
+        if torch.compiler.is_compiling() and idx.device.type == "cpu":
+            # compiled on CPU: no value read (a graph break at every forward); torch._assert_async raises a RuntimeError
+            # (on CUDA that would be a device-side assert, which ends the process's CUDA context: read there)
+            torch._assert_async(((idx >= 0) & (idx < V)).all(), f"token ids must be in [0, vocab_size={V}).")
+        elif idx.numel() and (idx.min() < 0 or idx.max() >= V):
             raise ValueError(
-                f"token ids must be in [0, vocab_size={self.config.vocab_size}); got range "
-                f"[{idx.min().item()}, {idx.max().item()}]."
+                f"token ids must be in [0, vocab_size={V}); got range [{idx.min().item()}, {idx.max().item()}]."
             )
 
     def tokens(self, idx) -> Tensor:

@@ -125,6 +125,11 @@ class Selection:
                 f"selection=True is causal self-attention and needs Lq == Lk; got Lq={Lq}, Lk={k.shape[-2]}."
             )
         if not self.projection:
+            if D == 0:  # every backend alike (the spec's selection_penalty refuses empty voters)
+                raise ValueError(
+                    f"selection votes with heads of q and k, which have D = 0 features ({tuple(q.shape)}); the votes "
+                    "need D >= 1."
+                )
             if projected is not None:
                 raise ValueError(
                     f"selection_qk gives a dedicated voting pair, which only {self!r} with projection=True uses; "

@@ -265,3 +265,32 @@ def test_compiled_paper_mode_reads_masks_only_where_triton_could_serve(monkeypat
     torch.compile(lambda q, k, v: selective_attention(q, k, v, selection=True, key_padding_mask=torch.zeros_like(pad)),
                   backend="eager")(q, k, v)  # fmt: skip
     assert served[-1] == "triton"
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_the_language_model_compiles_as_one_graph(selection):
+    """GPT's forward and loss, fullgraph=True: the token-id range check read values (three graph breaks per forward,
+    the training --compile path's too); compiled on CPU it asserts asynchronously instead, and still refuses ids out
+    of range."""
+    from selective_attention.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_len=32, n_layer=2, n_head=4, d_model=32, selection=selection))
+    idx, tgt = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    torch._dynamo.reset()
+    loss_ref = model(idx, tgt)[0]
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(idx, tgt)[0], loss_ref, **TOL[torch.float32])
+    # torch 2.5 runs no torch._assert_async in compiled code (README, "Versions"): its embedding's bound check raises
+    with pytest.raises(RuntimeError, match=r"token ids must be in \[0, vocab_size=50\)|index out of bounds"):
+        compiled(idx.masked_fill(idx == idx[0, 3], 50), tgt)
+
+
+def test_standard_attention_compiles_with_dynamic_shapes():
+    """The functional standard path with every dim dynamic passed SDPA a SymBool enable_gqa: a graph break, and an
+    error under fullgraph=True."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: selective_attention(q, k, v, is_causal=True), dynamic=True, fullgraph=True)
+    for shape in ((2, 2, 7, 8), (1, 3, 5, 8)):
+        q = k = v = torch.randn(*shape)
+        torch.testing.assert_close(fn(q, k, v), selective_attention(q, k, v, is_causal=True), **TOL[torch.float32])

@@ -97,3 +97,22 @@ def test_generate_takes_numpy_token_counts_and_warns_in_training_mode():
     for bad in (-1, 2.0, True):
         with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
             decoding.Decoder(model).prefill(idx, bad)
+
+
+def test_sampling_edges_an_empty_batch_and_a_vanishing_temperature():
+    """temperature=1e-300 passed validation and crashed in torch.multinomial (1e-300 is 0 in float32: inf and NaN
+    odds); it now samples the largest logit, the limit as the temperature goes to 0. An empty batch is refused by
+    name (it crashed in a reduction inside the cache). Sampling itself: the odds are softmax(logits / temperature)."""
+    from selective_attention.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, context_len=32, n_layer=1, n_head=2, d_model=16, selection=True)).eval()
+    idx = torch.randint(0, 40, (3, 5))
+    greedy = model.generate(idx, 4, temperature=0)
+    for t in (1e-30, 1e-300):
+        assert torch.equal(model.generate(idx, 4, temperature=t, generator=torch.Generator().manual_seed(1)), greedy)
+    with pytest.raises(ValueError, match=r"prompt batch is empty \(shape \(0, 5\)\)"):
+        model.generate(idx[:0], 2)
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    counts = torch.bincount(decoding.sample(logits, 0.5, None, torch.Generator().manual_seed(0)), minlength=3)
+    torch.testing.assert_close(counts / 20000.0, torch.softmax(logits[0] / 0.5, -1), atol=0.01, rtol=0)

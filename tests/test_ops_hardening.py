@@ -285,6 +285,16 @@ def test_bad_arguments_are_clear_errors():
         SelectiveAttention(True, 1)
     with pytest.raises(ValueError, match="backend='sdpa' is standard attention only.*backend='auto'"):
         SelectiveAttention(8, 2, selection=True, backend="sdpa")
+    for backend in ("chunked", "triton"):  # settings whose every (training) forward would be refused, refused at once
+        with pytest.raises(ValueError, match=rf"backend='{backend}' is the paper-mode path and needs selection=True"):
+            SelectiveAttention(8, 2, dropout=0.0, backend=backend)
+        with pytest.raises(ValueError, match=rf"backend='{backend}' has no attention dropout, and dropout=0.1"):
+            SelectiveAttention(8, 2, selection=True, backend=backend)  # the seed's default dropout
+    SelectiveAttention(8, 2, dropout=0.0, selection=True, backend="chunked")
+    e0 = torch.zeros(1, 2, 5, 0, dtype=q.dtype)  # D = 0: chunked returned an output where the spec raised
+    for backend in ("naive", "chunked", "auto"):
+        with pytest.raises(ValueError, match="D = 0 features"):
+            selective_attention(e0, e0, torch.zeros(1, 2, 5, 3, dtype=q.dtype), selection=True, backend=backend)
     empty = torch.zeros(1, 5, 0)
     with pytest.raises(ValueError, match="Ds >= 1"):
         selection_penalty(empty, empty)
@@ -310,3 +320,40 @@ def test_module_selection_penalty_takes_the_forwards_padding():
     F = m.selection_penalty(xp, key_padding_mask=pad)
     torch.testing.assert_close(F[..., 2:, 2:], m.selection_penalty(x), **TOL[torch.float64])
     assert (F[..., :2] == 0).all() and (F[..., :2, :] == 0).all()
+
+
+# --- torch.func and forward-mode AD: served by the spec, refused by name by the kernels --------------------------
+@pytest.mark.parametrize("selection", [True, False])
+def test_forward_mode_ad_and_func_transforms_are_exact_through_auto(selection):
+    """The chunked kernel's tangent came out zero under forward-mode AD (jvp, jacfwd, forward_ad), silently, and
+    torch.func.grad failed inside PyTorch: "auto" now runs these calls on the naive spec; a named kernel refuses them
+    by name. Standard attention (sdpa: no jvp formula on CPU) likewise. vmap alone is still served."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.func as tf
+
+    from selective_attention.ops.registry import BackendRefused
+
+    q, k, v = (t.detach() for t in _qkv(1, 2, 9, 4))
+    kw = dict(selection=True) if selection else dict(is_causal=True, selective_mask=torch.rand(9, 9, dtype=q.dtype))
+    fast, kernel = (lambda *a: selective_attention(*a, **kw)), "chunked" if selection else "sdpa"
+    spec = lambda *a: selective_attention(*a, backend="naive", **kw)  # noqa: E731
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    out, jvp = tf.jvp(fast, (q, k, v), tangents)
+    out_ref, jvp_ref = tf.jvp(spec, (q, k, v), tangents)
+    assert jvp_ref.abs().max() > 0.1  # a zero tangent would fail
+    torch.testing.assert_close((out, jvp), (out_ref, jvp_ref), **TOL[torch.float64])
+    torch.testing.assert_close(tf.jacfwd(fast)(q, k, v), tf.jacrev(spec)(q, k, v), **TOL[torch.float64])
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(fast(fwAD.make_dual(q, tangents[0]), k, v)).tangent
+    torch.testing.assert_close(dual, tf.jvp(lambda q: spec(q, k, v), (q,), tangents[:1])[1], **TOL[torch.float64])
+    loss = lambda f: lambda q, k, v: f(q, k, v).pow(2).sum()  # noqa: E731
+    got, want = tf.grad(loss(fast), argnums=(0, 1, 2))(q, k, v), tf.grad(loss(spec), argnums=(0, 1, 2))(q, k, v)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    named = lambda *a: selective_attention(*a, backend=kernel, **kw)  # noqa: E731
+    with pytest.raises(BackendRefused, match=rf"backend='{kernel}'.*cannot serve forward-mode AD.*backend='naive'"):
+        tf.jvp(named, (q, k, v), tangents)
+    if selection:  # sdpa's backward is PyTorch's own: torch.func.grad serves it
+        with pytest.raises(BackendRefused, match="cannot serve torch.func's gradient transforms"):
+            tf.grad(loss(named))(q, k, v)
+    qb, kb, vb = (torch.stack([t, 2 * t, -t]) for t in (q, k, v))  # an extra leading dim, mapped over
+    torch.testing.assert_close(tf.vmap(named)(qb, kb, vb), tf.vmap(spec)(qb, kb, vb), **TOL[torch.float64])

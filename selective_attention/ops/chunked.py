@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
+from .transforms import unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -354,9 +355,7 @@ def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_sca
     # summed in at least float32, like the naive spec's (they are subtracted from a count of ~L tokens)
     mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
     carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
-    # min(F, tau) in F's dtype: a tau beyond its range (70000 in float16) clamps nothing a finite F holds, and
-    # clamp_ would refuse it, so it becomes inf there, as the naive spec's where() rounds it
-    tau_F = None if tau is None else (tau if tau <= torch.finfo(qs.dtype).max else math.inf)
+    tau_F = None if tau is None else naive.tau_in(qs.dtype, tau)  # min(F, tau) in F's dtype
     for i0 in range(0, L, fchunk):
         i1 = min(i0 + fchunk, L)
         carries[i0 // fchunk] = ncol
@@ -398,6 +397,7 @@ def _backward(
         dmem = None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, L, D = q.shape
+    tau_F = None if tau is None else naive.tau_in(q.dtype if qs is None else qs.dtype, tau)
     Hkv = k.shape[1]
     g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
     dout = dout.contiguous()
@@ -479,7 +479,7 @@ def _backward(
                 _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
             if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
-                dF.add_(dmem_c * (F_b[..., j0:j1] > tau).logical_not_())
+                dF.add_(dmem_c * (F_b[..., j0:j1] > tau_F).logical_not_())
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
             dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
             dcol[:, :, j0:j1] += dF.sum(dim=2)
@@ -750,11 +750,14 @@ def chunked_selective_attention(
 
 
 def supports(req: Request) -> str | None:
-    """Paper mode (any voters, user masks, key padding, memory rows), without dropout."""
+    """Paper mode (any voters, user masks, key padding, memory rows), without dropout, outside forward-mode AD and
+    ``torch.func``'s gradient transforms (:mod:`.transforms`)."""
     if req.voters is None:
         return "backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'."
     if req.dropout_p > 0.0:
         return "backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'."
+    if transform := unserved_transform(req.q, req.k, req.v, req.voters.qs, req.voters.ks):
+        return f"backend='chunked' (a hand-written backward) cannot serve {transform}; use backend='naive' or 'auto'."
     return None
 
 

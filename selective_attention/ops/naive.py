@@ -7,6 +7,7 @@ keys and values (``Hkv < H`` heads) are simply repeated to H heads (:func:`repea
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -137,8 +138,16 @@ def attend(req: Request) -> tuple[Tensor, Tensor | None]:
     acc = torch.promote_types(F.dtype, torch.float32)
     # min(F, tau) with derivative 1 unless F > tau (1 at F = tau), written out: clamp's own subgradient at F = tau
     # is 1 before PyTorch 2.14 and 0 from it. NaN stays NaN (not tau), as in the chunked forward's clamp
-    capped = torch.where(F > req.tau, req.tau, F)
+    tau = tau_in(F.dtype, req.tau)
+    capped = torch.where(F > tau, tau, F)
     return out, capped.sum(-1, dtype=acc) / req.tau
+
+
+def tau_in(dtype: torch.dtype, tau: float) -> float:
+    """``tau`` as ``min(F, tau)`` in ``dtype`` may use it: beyond the dtype's range (70000 in float16) it caps no
+    finite F, so it is ``inf`` there (PyTorch refuses to convert it: torch 2.5 in where() and comparisons, every
+    version in clamp_)."""
+    return tau if tau <= torch.finfo(dtype).max else math.inf
 
 
 def weights(req: Request) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..masks import NormalizedMask
 from .naive import naive_attention, repeat_kv
+from .transforms import unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -26,6 +27,8 @@ def supports(req: Request) -> str | None:
     """Standard attention with any user mask and dropout; not the paper's F."""
     if req.voters is not None:
         return "backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True."
+    if transform := unserved_transform(req.q, req.k, req.v, reverse=False):  # CPU flash attention: no jvp formula
+        return f"backend='sdpa' (PyTorch's fused kernels) cannot serve {transform}; use backend='naive' or 'auto'."
     return None
 
 
@@ -52,7 +55,8 @@ def sdpa_attention(
     """
     Lq, Lk = q.shape[-2], k.shape[-2]
     removed, penalty = mask.removed_with_causal(Lq, Lk, q.device), mask.penalty
-    gqa = k.shape[1] != q.shape[1]
+    # a Python bool under torch.compile(dynamic=True) too (SDPA refuses a SymBool): the branch guards on it
+    gqa = True if k.shape[1] != q.shape[1] else False  # noqa: SIM210
     if Lq == 0 or Lk == 0:
         # SDPA kernels reject empty sequences; the answer (zeros) is the spec's.
         g = q.shape[1] // max(k.shape[1], 1)

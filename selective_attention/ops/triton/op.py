@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ...selection import head_range
+from ..transforms import unserved_transform
 
 if TYPE_CHECKING:
     from ..registry import Request
@@ -235,6 +236,8 @@ def supports(req: Request) -> str | None:
         )
     if req.dropout_p > 0.0:
         return "backend='triton' has no dropout; use dropout_p=0.0 or backend='naive'."
+    if transform := unserved_transform(req.q, req.k, req.v):
+        return f"backend='triton' (a hand-written backward) cannot serve {transform}; use backend='naive' or 'auto'."
     if req.tau is not None:
         return "backend='triton' does not return memory-loss rows (memory_tau); use backend='chunked'."
     if not mask.is_plain:
