@@ -95,11 +95,6 @@ class SelectiveAttention(nn.Module):
                     "backend='sdpa' is standard attention only and cannot run selection; use backend='auto' "
                     "(or 'chunked', 'triton', 'naive') with selection, or selection=False with 'sdpa'."
                 )
-            if backend in ("chunked", "triton") and dropout > 0:  # every training forward would be refused
-                raise ValueError(
-                    f"backend={backend!r} has no attention dropout, and dropout={dropout} applies in training mode: "
-                    "pass dropout=0.0, or backend='auto' (the naive path serves dropout, building [B, H, L, L])."
-                )
         elif backend in ("chunked", "triton"):  # every forward would be refused
             raise ValueError(
                 f"backend={backend!r} is the paper-mode path and needs selection=True; use backend='auto' or 'sdpa' "

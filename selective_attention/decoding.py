@@ -262,8 +262,9 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
     """``[B, vocab]`` -> ``[B]`` token ids; ``temperature == 0`` is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    # shifted first, so that a tiny temperature sends the others to -inf rather than the largest to inf (NaN); and at
-    # least the dtype's smallest normal number (1e-300 is 0 in float32), which changes nothing a token's odds can show
+    # in at least float32, shifted first (a tiny temperature then sends the others to -inf rather than the largest to
+    # inf: NaN), and by at least float32's smallest normal number (1e-300 is 0 there): the limit, the largest logit
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     t = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(-1, keepdim=True)) / t
     if top_k is not None:

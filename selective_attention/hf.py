@@ -37,6 +37,7 @@ import inspect
 import math
 import numbers
 import operator
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -327,17 +328,22 @@ def padding_mask(
     config = kwargs.get("config")
     if config is not None and not torch.compiler.is_compiling():
         _check_uses_interface(type(config))
-    if isinstance(q_offset, int) and kv_offset + kv_length > q_offset + q_length:
+    # keys past the last query: a cache that allocates its slots ahead (transformers 5.24's static layers, the only
+    # ones that give q_offset as a tensor), or a padding mask longer than the input
+    if isinstance(q_offset, Tensor) or kv_offset + kv_length > q_offset + q_length:
+        ends = "a position given as a tensor" if isinstance(q_offset, Tensor) else f"position {q_offset + q_length}"
         raise NotImplementedError(
-            f"attn_implementation='{NAME}' got {kv_offset + kv_length} key slots for queries ending at position "
-            f"{q_offset + q_length}: a cache that allocates its slots ahead (StaticCache, "
-            "cache_implementation='static') is not supported. Use the default cache, or "
-            "selective_attention.hf.SelectiveCache for pruned generation."
+            f"attn_implementation='{NAME}' got {kv_offset + kv_length} key slots for queries ending at {ends}: a "
+            "cache that allocates its slots ahead (StaticCache, cache_implementation='static') is not supported, nor "
+            "an attention_mask longer than the tokens given. Use the default cache (or "
+            "selective_attention.hf.SelectiveCache for pruned generation), and a mask of the input's length."
         )
+    local = kwargs.get("local_size")
     layer_types = getattr(config, "layer_types", None)
-    unused = layer_types is not None and all(t == "full_attention" for t in layer_types)  # e.g. Qwen2-MoE's window 0
+    # a window mask no layer reads (transformers 5.24 builds Qwen2-MoE's, sliding_window = 0, beside layer types all
+    # full_attention): not checked. Every other mask is, the full-attention one with its overlays included.
+    unused = local is not None and layer_types is not None and all(t == "full_attention" for t in layer_types)
     if mask_function is not causal_mask_function and not unused:
-        local = kwargs.get("local_size")
         span = q_offset + q_length - kv_offset  # the most keys a query of this call may see
         if local is not None and span > local:
             raise NotImplementedError(
@@ -373,12 +379,18 @@ def _check_uses_interface(config_type: type) -> None:
     name = MODEL_MAPPING_NAMES.get(getattr(config_type, "model_type", None))
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     check = getattr(cls, "_can_set_attn_implementation", None)
-    if check is not None and not check():
+    if check is None:
+        return
+    try:  # transformers' heuristic reads the model's source: without one (a .pyc-only install) it cannot judge
+        inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return
+    if not check():
         raise NotImplementedError(
             f"{cls.__name__} runs its own attention code instead of transformers' attention interface, so "
             f"attn_implementation='{NAME}' would not reach its layers (they would run standard attention with a "
             "mask they do not expect). Use a model family that goes through the interface (Llama, Qwen2/3, Mistral, "
-            "Gemma, Phi-3, GPT-2, OPT, ...), or attn_implementation='sdpa' for this one."
+            "Gemma, Phi-3, GPT-2, OPT, ...), or this one with its own attention (attn_implementation='eager')."
         )
 
 
@@ -1037,7 +1049,7 @@ class SelectiveCache(Cache):
         raise NotImplementedError(
             "SelectiveCache holds attention layers only, and this model has layers that keep a recurrent state "
             "(linear-attention or state-space layer: a hybrid model such as Qwen3-Next or Jamba). Generate such a "
-            "model with generate(..., use_cache=False) (each step recomputed: exact, slower), or with "
+            "model without a SelectiveCache and with use_cache=False (each step recomputed: exact, slower), or with "
             "attn_implementation='sdpa' and its default cache."
         )
 

@@ -633,12 +633,12 @@ def test_models_that_bypass_the_attention_interface_are_refused():
     package's hook returns (no causal mask: the last token moved the logits of earlier positions, silently). Refused,
     naming the model; a family that goes through the interface (BioGPT, whose class flag says otherwise) still runs."""
     cfg = transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)
-    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'sdpa'"):
+    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'eager'"):
         sa_hf.configure(cfg)  # at once when configured
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
-    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'sdpa'"):
+    with pytest.raises(NotImplementedError, match="BloomModel runs its own attention code.*'eager'"):
         model(torch.randint(1, V, (1, 6)))  # at the first forward when not
-    with pytest.raises(NotImplementedError, match="OpenAIGPTModel runs its own attention code"):
+    with pytest.raises(NotImplementedError, match="OpenAIGPTModel runs its own attention code.*'eager'"):
         sa_hf.configure(transformers.OpenAIGPTConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4))
     cfg = sa_hf.configure(transformers.BioGptConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=32))  # fmt: skip
@@ -661,6 +661,19 @@ def test_a_cache_with_slots_allocated_ahead_is_refused(sel):
         model(ids, **{CACHE: cache}, use_cache=True)
     with pytest.raises(NotImplementedError, match="StaticCache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0)
+    # initialized ahead (as generate's prefill_chunk_size does), a static cache gives its offset as a tensor
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    cache.early_initialization(batch_size=1, num_heads=2, head_dim=8, dtype=torch.float64, device="cpu")
+    with pytest.raises(NotImplementedError, match="position given as a tensor.*StaticCache"):
+        model(ids, **{CACHE: cache}, use_cache=True)
+    with pytest.raises(NotImplementedError, match="StaticCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", prefill_chunk_size=4,
+                       pad_token_id=0)  # fmt: skip
+    # a padding mask longer than the tokens given, no cache: the same rule, the message names it
+    with pytest.raises(
+        NotImplementedError, match="8 key slots for queries ending at position 5.*attention_mask longer"
+    ):
+        model(ids[:, :5], attention_mask=torch.ones(1, 8, dtype=torch.long), use_cache=False)
 
 
 def test_a_window_no_layer_uses_is_not_refused():
@@ -671,6 +684,13 @@ def test_a_window_no_layer_uses_is_not_refused():
               num_experts=2, num_experts_per_tok=1)  # fmt: skip
     cfg = sa_hf.configure(transformers.Qwen2MoeConfig(**kw))
     assert cfg.sliding_window == 0 and set(cfg.layer_types) == {"full_attention"}
+    # only the window mask is let through: the full-attention mask with a bidirectional prefix is still refused
+    cfg._attn_implementation = sa_hf.NAME
+    with pytest.raises(NotImplementedError, match="supports plain causal self-attention"):
+        transformers.masking_utils.create_causal_mask(config=cfg, inputs_embeds=torch.zeros(1, 6, 32),
+                                                      attention_mask=None, cache=None,
+                                                      or_mask_function=lambda b, h, q, kv: kv < 3)  # fmt: skip
+    cfg._attn_implementation = None
     outs = {}
     for impl in ("selective", "selective_ref"):
         torch.manual_seed(0)
@@ -689,7 +709,7 @@ def test_hybrid_models_name_what_selective_cache_cannot_hold():
                                        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
                                        linear_value_head_dim=8)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(sa_hf.configure(cfg), attn_implementation="selective").eval()
-    with pytest.raises(NotImplementedError, match="recurrent state.*use_cache=False"):
+    with pytest.raises(NotImplementedError, match="recurrent state.*without a SelectiveCache and with use_cache=False"):
         model.generate(torch.randint(1, V, (1, 6)), **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=2,
                        do_sample=False, pad_token_id=0)  # fmt: skip
 

@@ -288,9 +288,14 @@ def test_bad_arguments_are_clear_errors():
     for backend in ("chunked", "triton"):  # settings whose every (training) forward would be refused, refused at once
         with pytest.raises(ValueError, match=rf"backend='{backend}' is the paper-mode path and needs selection=True"):
             SelectiveAttention(8, 2, dropout=0.0, backend=backend)
-        with pytest.raises(ValueError, match=rf"backend='{backend}' has no attention dropout, and dropout=0.1"):
-            SelectiveAttention(8, 2, selection=True, backend=backend)  # the seed's default dropout
-    SelectiveAttention(8, 2, dropout=0.0, selection=True, backend="chunked")
+    # the seed's default dropout = 0.1 with the chunked kernel: eval mode serves it, training mode names the fix
+    m = SelectiveAttention(8, 2, selection=True, backend="chunked")
+    x = torch.randn(1, 5, 8)
+    m.eval()(x, x, x)
+    with pytest.raises(
+        ValueError, match=r"no attention dropout; use dropout_p=0.0 \(SelectiveAttention\(\.\.\., dropout=0.0\)"
+    ):
+        m.train()(x, x, x)
     e0 = torch.zeros(1, 2, 5, 0, dtype=q.dtype)  # D = 0: chunked returned an output where the spec raised
     for backend in ("naive", "chunked", "auto"):
         with pytest.raises(ValueError, match="D = 0 features"):

@@ -255,7 +255,7 @@ def test_zero_length_paper_mode():
     [
         (dict(selection=True, backend="sdpa"), ValueError, "cannot compute the paper's F"),
         (dict(backend="chunked"), ValueError, "paper-mode path"),
-        (dict(selection=True, backend="chunked", dropout_p=0.1), ValueError, "no dropout"),
+        (dict(selection=True, backend="chunked", dropout_p=0.1), ValueError, "no attention dropout"),
         (dict(selection_qk="x"), ValueError, "pass selection=True"),
         (dict(selection=True, selection_head=2), ValueError, r"Selection.head=2 is not a head .* n_heads=2"),
         (dict(selection=Selection(head=2)), ValueError, r"Selection.head=2 is not a head .* n_heads=2"),

@@ -201,7 +201,7 @@ def test_unsupported_inputs_raise():
         selective_attention(q, k, v, mask.float(), **paper)  # finite penalties
     with pytest.raises(NotImplementedError, match="memory-loss"):
         selective_attention(q, k, v, memory_tau=1.0, **paper)
-    with pytest.raises(ValueError, match="no dropout"):
+    with pytest.raises(ValueError, match="no attention dropout"):
         selective_attention(q, k, v, dropout_p=0.1, **paper)
     with pytest.raises(ValueError, match="paper-mode path"):
         selective_attention(q, k, v, backend="triton")

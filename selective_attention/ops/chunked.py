@@ -755,7 +755,10 @@ def supports(req: Request) -> str | None:
     if req.voters is None:
         return "backend='chunked' is the paper-mode path; pass selection=True or use 'sdpa'."
     if req.dropout_p > 0.0:
-        return "backend='chunked' has no dropout; use dropout_p=0.0 or backend='naive'."
+        return (
+            "backend='chunked' has no attention dropout; use dropout_p=0.0 (SelectiveAttention(..., dropout=0.0), or "
+            "the module in eval mode) or backend='naive'."
+        )
     if transform := unserved_transform(req.q, req.k, req.v, req.voters.qs, req.voters.ks):
         return f"backend='chunked' (a hand-written backward) cannot serve {transform}; use backend='naive' or 'auto'."
     return None

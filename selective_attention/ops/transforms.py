@@ -32,6 +32,8 @@ def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | N
     ``torch.compile``, which traces plain autograd."""
     if torch.compiler.is_compiling():
         return None
+    if torch.autograd.forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return None  # no dual level, no transform: the common case, in well under a microsecond
     kinds = _transforms()
     T = torch._C._functorch.TransformType
     if T.Jvp in kinds or any(t is not None and unpack_dual(t).tangent is not None for t in tensors):

@@ -235,7 +235,10 @@ def supports(req: Request) -> str | None:
             "selection_qk) needs 'chunked'."
         )
     if req.dropout_p > 0.0:
-        return "backend='triton' has no dropout; use dropout_p=0.0 or backend='naive'."
+        return (
+            "backend='triton' has no attention dropout; use dropout_p=0.0 (SelectiveAttention(..., dropout=0.0), or "
+            "the module in eval mode) or backend='naive'."
+        )
     if transform := unserved_transform(req.q, req.k, req.v):
         return f"backend='triton' (a hand-written backward) cannot serve {transform}; use backend='naive' or 'auto'."
     if req.tau is not None:
