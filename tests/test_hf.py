@@ -640,6 +640,23 @@ def test_models_that_bypass_the_attention_interface_are_refused():
         model(torch.randint(1, V, (1, 6)))  # at the first forward when not
     with pytest.raises(NotImplementedError, match="OpenAIGPTModel runs its own attention code.*'eager'"):
         sa_hf.configure(transformers.OpenAIGPTConfig(vocab_size=V, n_embd=32, n_layer=2, n_head=4))
+
+
+def test_the_interface_check_passes_what_it_cannot_read(monkeypatch):
+    """transformers' heuristic reads the model's source; without one (a .pyc-only install) it says False for every
+    family, Llama's included: then nothing is refused."""
+    import inspect
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    sa_hf._check_uses_interface.cache_clear()
+    try:
+        sa_hf.configure(transformers.LlamaConfig(num_hidden_layers=2))
+        sa_hf.configure(transformers.BloomConfig(n_layer=2))  # cannot be judged either
+    finally:
+        sa_hf._check_uses_interface.cache_clear()
     cfg = sa_hf.configure(transformers.BioGptConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=32))  # fmt: skip
     torch.manual_seed(0)
