@@ -78,7 +78,7 @@ def int_at_least(low: int, hint: str = ""):
     return parse
 
 
-SEED_MAX = 2**62  # torch.manual_seed takes 64 bits; the data streams add 1000 per rank to a seed
+SEED_MAX = 2**62  # torch.manual_seed takes 64 bits (its CPU generator keeps the low 32); data streams add 1000 per rank
 
 
 def seed_int(text: str) -> int:

@@ -418,11 +418,12 @@ def data_seed(cfg: TrainConfig, rank: int) -> int:
     """The seed of a rank's training-data stream: ``seed + 1000 * rank``. On varassign it must not be
     ``VA_VAL_SEED``, whose stream is the validation set (the model would be evaluated on its training data)."""
     s = cfg.seed + 1000 * rank
-    if cfg.data == "varassign" and s == VA_VAL_SEED:
+    # torch's CPU generator keeps a seed's low 32 bits only: 12345 + 2**32 is the validation stream too
+    if cfg.data == "varassign" and (s - VA_VAL_SEED) % 2**32 == 0:
         raise ValueError(
             f"--seed={cfg.seed} makes rank {rank}'s varassign training stream (seed + 1000 * rank = {s}) the "
-            f"validation stream (seed {VA_VAL_SEED}): the model would be evaluated on its training examples. "
-            f"Choose another --seed."
+            f"validation stream (seed {VA_VAL_SEED}; torch keeps a seed's low 32 bits): the model would be evaluated "
+            f"on its training examples. Choose another --seed."
         )
     return s
 

@@ -613,6 +613,12 @@ def test_varassign_training_stream_never_is_the_validation_stream(tmp_path):
         main(bad)
     with pytest.raises(ValueError, match=r"rank 1's"):
         train_mod.data_seed(tiny(tmp_path, data="varassign", seed=train_mod.VA_VAL_SEED - 1000), 1)
+    # torch seeds its CPU generator with the low 32 bits: these were the validation stream too, and passed
+    for alias in (train_mod.VA_VAL_SEED + 2**32, train_mod.VA_VAL_SEED - 2**32):
+        draws = [torch.randint(0, 10**6, (8,), generator=torch.Generator().manual_seed(s)) for s in (alias, 12345)]
+        assert torch.equal(*draws)  # the same stream
+        with pytest.raises(ValueError, match=r"low 32 bits"):
+            train_mod.data_seed(tiny(tmp_path, data="varassign", seed=alias), 0)
     # what the refusal prevents: that seed's training batches are the validation batches
     task = train_mod.Task(bad)
     x, _ = task.batch(torch.Generator().manual_seed(train_mod.VA_VAL_SEED))  # rank 0 of --seed=12345
