@@ -16,6 +16,7 @@ from the data at run time). On the command line its fields are options beside th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -535,16 +536,70 @@ def _diverged(step: int, loss: float, grad_norm: float, cfg: TrainConfig, last_c
     )
 
 
+LOCK_NAME = ".train.lock"  # in out_dir while a run writes there: its process id
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock for one run: a second run into the same folder at once (its log rows and checkpoints
+    would mix with this one's) is refused, naming the process. A lock whose process is gone (a killed run) is taken
+    over. The lock file is made whole (process id written) before it is linked in, so no run reads a half-made one.
+    POSIX only (elsewhere a process cannot be probed safely): there, no lock."""
+    if os.name != "posix":
+        yield
+        return
+    path, mine = out_dir / LOCK_NAME, out_dir / f"{LOCK_NAME}.{os.getpid()}"
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text())
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ValueError(
+                        f"another training run (process {pid}) is writing to --out_dir={str(out_dir)!r}: wait for it "
+                        f"to finish, or choose another --out_dir (if no such run exists, delete {path})."
+                    ) from None
+                path.unlink(missing_ok=True)  # its run is gone: take the folder over
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes
+        return _main(cfg)
+    _check_out_dir(Path(cfg.out_dir))
+    with _run_lock(Path(cfg.out_dir)):
+        return _main(cfg)
+
+
+def _main(cfg: TrainConfig) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = _device(cfg, rank)
     out_dir = Path(cfg.out_dir)
     main_proc = rank == 0
-    if main_proc:  # only rank 0 writes
-        _check_out_dir(out_dir)
     if world > 1:
         import torch.distributed as dist
 

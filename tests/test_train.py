@@ -738,3 +738,27 @@ def test_resuming_a_finished_run_reports_its_logged_throughput(tmp_path):
     first = main(tiny(tmp_path, max_steps=4))
     again = main(tiny(tmp_path, max_steps=4, resume=True))  # nothing left to train
     assert first["tokens_per_s"] > 0 and again["tokens_per_s"] == first["history"][-1]["tokens_per_s"]
+
+
+def test_a_second_run_into_the_same_folder_at_once_is_refused(tmp_path):
+    """Two runs writing one out_dir at once mixed their log.jsonl rows and checkpoints (or one died on the other's
+    temporary file): a live run's lock refuses the second, naming its process; a killed run's lock is taken over,
+    and a finished run leaves none."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from selective_attention.train import LOCK_NAME
+
+    cfg = tiny(tmp_path, max_steps=2)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    (out / LOCK_NAME).write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(ValueError, match=rf"another training run \(process {os.getppid()}\) is writing to --out_dir"):
+        main(cfg)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / LOCK_NAME).write_text(str(gone.pid))  # a killed run's lock
+    main(cfg)
+    assert not (out / LOCK_NAME).exists() and not list(out.glob(f"{LOCK_NAME}.*"))
