@@ -159,6 +159,8 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     import selective_attention.hf as sa_hf
 
     sa_hf.register()
+    if not cfg.progress:  # transformers' own bars too (saving and loading the models)
+        transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = TextData.from_name(cfg.data)
