@@ -163,9 +163,16 @@ def save_checkpoint(
     meta = signed(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except Exception as e:  # a full disk, a quota (safetensors raises its own error type for those)
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write the checkpoint {path} ({type(e).__name__}: {e}); the one already there, if any, is "
+            "intact. Free some space (or choose another --out_dir) and resume."
+        ) from e
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -762,3 +762,23 @@ def test_a_second_run_into_the_same_folder_at_once_is_refused(tmp_path):
     (out / LOCK_NAME).write_text(str(gone.pid))  # a killed run's lock
     main(cfg)
     assert not (out / LOCK_NAME).exists() and not list(out.glob(f"{LOCK_NAME}.*"))
+
+
+def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """A full disk during a save ended in safetensors' raw error: now a CheckpointError naming the file and the fix,
+    the checkpoint already there intact, no temporary file left."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    main(tiny(tmp_path, max_steps=2))
+    path = Path(tiny(tmp_path).out_dir) / checkpoint.CKPT_NAME
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint .*No space left.*intact"):
+        main(tiny(tmp_path, max_steps=4, ckpt_interval=1))
+    assert path.read_bytes() == before and not list(path.parent.glob("*.tmp"))
