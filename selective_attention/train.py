@@ -474,14 +474,17 @@ def _check_out_dir(out_dir: Path) -> None:
         ) from None
 
 
-def _check_train_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
+def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: bool = False) -> None:
     """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
-    config lacks (added since) counts as its default."""
+    config lacks (added since) counts as its default. ``same_file``: ``--data`` names the file the checkpoint was
+    trained on (its resolved path and sha256), however spelled (a relative path from another folder)."""
     defaults = _flat_values(TrainConfig())
     now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}
     old = {k: stored.get(k, defaults[k]) for k in now}
     stored_cfg = TrainConfig.from_dict({**stored, "model": dataclasses.asdict(cfg.model)})
     inert = set(inert_fields(cfg)) & set(inert_fields(stored_cfg))  # no effect in either run: not a change
+    if same_file:
+        inert.add("data")
     changed = [k for k in now if k not in RESUMABLE_FIELDS | inert and old[k] != now[k]]
     if not changed:
         return
@@ -638,8 +641,13 @@ def _main(cfg: TrainConfig) -> dict:
                 f"checkpoint {ckpt_path} was made for another model (field: (checkpoint, now)) {diff}; "
                 f"use another --out_dir or --resume=false."
             )
-        _check_train_config(cfg, meta["train_config"], ckpt_path)
-        _check_same_text(meta["extra"].get("data"), task.data, ckpt_path, cfg.allow_config_change)
+        text = meta["extra"].get("data")
+        same_file = (
+            text is not None and task.data is not None and text.get("path") is not None
+            and (text["path"], text["sha256"]) == (task.data["path"], task.data["sha256"])
+        )  # fmt: skip
+        _check_train_config(cfg, meta["train_config"], ckpt_path, same_file)
+        _check_same_text(text, task.data, ckpt_path, cfg.allow_config_change)
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
         _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
         torch.set_rng_state(tensors["rng.torch"])

@@ -782,3 +782,24 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_last_one(tmp_p
     with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint .*No space left.*intact"):
         main(tiny(tmp_path, max_steps=4, ckpt_interval=1))
     assert path.read_bytes() == before and not list(path.parent.glob("*.tmp"))
+
+
+def test_a_text_file_named_another_way_resumes(tmp_path, monkeypatch):
+    """Trained on --data=t.txt in one folder, resumed from another folder with the same file's absolute path: the same
+    text (path and sha256), so no config change (it was refused, and the advice, --data=t.txt, then failed there).
+    Another file still is a change."""
+    from pathlib import Path
+
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 300)
+    out = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    main(tiny(tmp_path, data="t.txt", out_dir=out, max_steps=4, tokenizer="byte"))
+    monkeypatch.chdir(tmp_path.parent)
+    summary = main(tiny(tmp_path, data=str(text), out_dir=out, max_steps=6, tokenizer="byte"))
+    assert summary["history"][-1]["step"] == 6
+    other = Path(tmp_path / "u.txt")
+    other.write_text(text.read_text())  # the same content, another file
+    changed = r"another config: data: '.*t\.txt' \(checkpoint\) vs '.*u\.txt' \(now\)"
+    with pytest.raises(checkpoint.CheckpointError, match=changed):
+        main(tiny(tmp_path, data=str(other), out_dir=out, max_steps=8, tokenizer="byte"))
