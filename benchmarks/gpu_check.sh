@@ -118,7 +118,7 @@ fi
 rm -f "$OUT_DIR/tests.xml"
 stage tests "$(allowed 210 170)" "$OUT_DIR/tests.log" \
   "$PY" -m pytest "${pytest_args[@]}" tests/test_triton_gpu.py tests/test_triton.py \
-  tests/test_hf.py::test_cuda_forward_and_generate_match_the_spec \
+  tests/test_hf.py::test_fast_path_forward_and_generate_match_the_spec \
   tests/test_train.py::test_resume_on_a_gpu_with_dropout_equals_uninterrupted
 grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed|error).* =+$" "$OUT_DIR/tests.log" | tail -n 25
 

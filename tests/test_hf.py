@@ -1094,17 +1094,23 @@ def test_selective_cache_refuses_a_model_whose_attention_bypasses_it():
     assert torch.equal(out, greedy_by_recomputation(sel, ids, torch.ones_like(ids), 3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_forward_and_generate_match_the_spec(dtype):
+def test_fast_path_forward_and_generate_match_the_spec(dtype, device):
+    """In fp32 and bf16 on the fast path of the device (CPU: chunked; CUDA: the Triton kernel) against the fp64
+    spec; the CPU run checks this test itself where no GPU is at hand."""
     ids, mask, pos = padded_batch(lengths=(40, 40))  # no padding: the Triton kernel serves it
-    model = build("llama", dtype=dtype).cuda()
-    ref = build("llama", impl="selective_ref", dtype=torch.float64).cuda()
-    out = model(ids.cuda()).logits.double()
-    want = ref(ids.cuda()).logits
+    # the fp64 weights cast: a model built in another dtype draws other weights (0.11 apart in fp32)
+    model = build("llama").to(device=device, dtype=dtype)
+    ref = build("llama", impl="selective_ref").to(device)
+    out = model(ids.to(device)).logits.double()
+    want = ref(ids.to(device)).logits
     assert (out - want).abs().max() < (0.1 if dtype == torch.bfloat16 else 1e-3)
     cache = sa_hf.SelectiveCache(budget=8)
-    gen = model.generate(ids.cuda(), **{CACHE: cache}, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    gen = model.generate(ids.to(device), **{CACHE: cache}, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 48) and max(cache.occupancy()) <= 8
 
 
