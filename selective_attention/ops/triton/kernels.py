@@ -61,32 +61,60 @@ def _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def _penalty(s, carry):
-    """``F[i, j] = carry[j] + sum_{k in tile, k < i} S[k, j]``: earlier blocks' votes plus the tile's own."""
-    # [BLOCK_M, BLOCK_N]; cumsum - s rounds like the sum it came from (|F| ulp), unlike a matmul in tf32
-    return carry[None, :] + (tl.cumsum(s, axis=0) - s)
+def _row_scan(x, AFTER: tl.constexpr, DOT_SCANS: tl.constexpr):
+    """Exclusive sums down the rows of ``x`` [R, C] fp32: ``sum_{k < i} x[k, j]`` (``sum_{k > i}`` with AFTER).
+
+    ``DOT_SCANS`` (a dtype): as a product with the 0/1 triangle on the tensor cores. ``tl.bfloat16``: x split in
+    two bf16 parts (hi + lo: 16 of fp32's 24 mantissa bits, error <= 2^-17 |x| per term, summed in fp32), which an
+    H200 runs faster than ``tl.cumsum``'s scan (benchmarks/README.md); 16-bit attention's own rounding is 2^-8 or
+    2^-11. ``tl.float32``: one fp32 product (the interpreter's: it cannot multiply bf16). None: the scan, which
+    rounds like the sum it came from (|F| ulp): fp32 inputs keep it."""
+    if DOT_SCANS is None:
+        if AFTER:
+            return tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0)
+        else:
+            return tl.cumsum(x, axis=0) - x
+    else:
+        r = tl.arange(0, x.shape[0])
+        if AFTER:
+            tri = (r[:, None] < r[None, :]).to(DOT_SCANS)
+        else:
+            tri = (r[:, None] > r[None, :]).to(DOT_SCANS)
+        if DOT_SCANS == tl.float32:
+            return tl.dot(tri, x, input_precision="ieee")
+        else:
+            hi = x.to(DOT_SCANS)
+            lo = (x - hi.to(tl.float32)).to(DOT_SCANS)
+            return tl.dot(tri, hi) + tl.dot(tri, lo)
 
 
 @triton.jit
-def _logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC: tl.constexpr):
+def _penalty(s, carry, DOT_SCANS: tl.constexpr):
+    """``F[i, j] = carry[j] + sum_{k in tile, k < i} S[k, j]``: earlier blocks' votes plus the tile's own."""
+    # [BLOCK_M, BLOCK_N]
+    return carry[None, :] + _row_scan(s, False, DOT_SCANS)
+
+
+@triton.jit
+def _logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC: tl.constexpr, DOT_SCANS: tl.constexpr):
     """``Z = q k^T * s - F``, ``-inf`` at future keys.
 
     Padding rows (``>= L``, q = 0, never stored) keep finite logits at their causal keys, so no
     row is all ``-inf`` and no NaN is made even in lanes that are thrown away."""
     # [BLOCK_M, BLOCK_N]
-    f = _penalty(s_tile, carry)
+    f = _penalty(s_tile, carry, DOT_SCANS)
     z = tl.dot(q, tl.trans(k), input_precision=PREC) * scale - f
     return tl.where(offs_n[None, :] <= offs_m[:, None], z, float("-inf"))
 
 
 @triton.jit
-def _vote_grad(dz, later, s_tile):
+def _vote_grad(dz, later, s_tile, DOT_SCANS: tl.constexpr):
     """``dS_h * 1[S > 0]``: ``dS_h[k, j] = -(later[j] + sum_{i in tile, i > k} dZ_h[i, j])``.
 
     Returns the new column sums of dZ_h (``later`` for the next tile up) too."""
     # [BLOCK_M, BLOCK_N]
     tot = tl.sum(dz, axis=0)
-    ds = -(later[None, :] + (tot[None, :] - tl.cumsum(dz, axis=0)))
+    ds = -(later[None, :] + _row_scan(dz, True, DOT_SCANS))
     # where, not a product: S is 0 off the vote mask, and ds there may hold anything
     return tl.where(s_tile > 0.0, ds, 0.0), later + tot
 
@@ -157,14 +185,17 @@ def _query_rows(Q, DO, LSE, DELTA, bh, bv, offs_m, offs_d, offs_dv, L, D, DV, PE
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC: tl.constexpr):
+def _bwd_tile(
+    q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale,
+    PREC: tl.constexpr, DOT_SCANS: tl.constexpr,
+):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N]`` tile of the backward, shared by both passes: ``P`` rebuilt from lse,
     ``dZ = P (dP - delta)``, and the vote gradient with the updated suffix sum (see ``_vote_grad``)."""
     s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
-    p = tl.exp(_logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC) - lse[:, None])
+    p = tl.exp(_logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC, DOT_SCANS) - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     dz = p * (dp - delta[:, None])
-    dl, later = _vote_grad(dz, later, s_tile)
+    dl, later = _vote_grad(dz, later, s_tile, DOT_SCANS)
     return p, dz, dl, later
 
 
@@ -213,7 +244,7 @@ def _fwd_kernel(
     Q, K, V, CARRY, OUT, LSE, scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr,
-    PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    PER_HEAD: tl.constexpr, PREC: tl.constexpr, DOT_SCANS: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, b, h): flash attention over key blocks ``<=`` the diagonal."""
     pid_m = tl.cdiv(L, BLOCK_M) - 1 - tl.program_id(0)  # longest rows first: better tail balance
@@ -238,7 +269,7 @@ def _fwd_kernel(
         carry = tl.load(carry_base + offs_n, mask=offs_n < L, other=0.0)  # [BLOCK_N]
         # [BLOCK_M, BLOCK_N]
         s_tile = _votes(qs, ks, offs_m, offs_n, L, sel_scale, PREC)
-        z = _logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC)
+        z = _logits(q, k, s_tile, carry, offs_m, offs_n, scale, PREC, DOT_SCANS)
         # column 0 is causal for every row, so m_new is finite from the first tile on
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         p = tl.exp(z - m_new[:, None])
@@ -269,7 +300,7 @@ def _bwd_kv_kernel(
     scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY, N_DCARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr, DCARRY_ROWS: tl.constexpr,
-    PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    PER_HEAD: tl.constexpr, PREC: tl.constexpr, DOT_SCANS: tl.constexpr,
 ):  # fmt: skip
     """One program per (key block, b, kv head): dK, dV and the vote share ``dks`` of this key block.
 
@@ -312,7 +343,7 @@ def _bwd_kv_kernel(
             )
             # [BLOCK_M, BLOCK_N]
             p, dz, dl, later = _bwd_tile(
-                q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
+                q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC, DOT_SCANS
             )
             # [BLOCK_N, DV_PAD]
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
@@ -334,7 +365,7 @@ def _bwd_q_kernel(
     scale, sel_scale, L, H, HKV, VOTE_HEAD, N_CARRY, N_DCARRY,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_ROWS: tl.constexpr,
-    PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    PER_HEAD: tl.constexpr, PREC: tl.constexpr, DOT_SCANS: tl.constexpr,
 ):  # fmt: skip
     """One program per (query block, b, h): dQ and the vote share ``dqs`` of this query block.
 
@@ -361,7 +392,7 @@ def _bwd_q_kernel(
         later = tl.load(DCARRY + (bh * N_DCARRY + pid_m) * L + offs_n, mask=(offs_n < hi) & has_later, other=0.0)
         # [BLOCK_M, BLOCK_N]
         _, dz, dl, _ = _bwd_tile(
-            q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC
+            q, k, v, do, qs, ks, lse, delta, carry, later, offs_m, offs_n, L, scale, sel_scale, PREC, DOT_SCANS
         )
         # [BLOCK_M, D_PAD]
         if PER_HEAD:
@@ -389,26 +420,37 @@ class Config:
     carry_n: int  # key columns per pass-1 program
     fwd_warps: int = 4
     bwd_warps: int = 4
-    stages: int = 2
+    fwd_stages: int = 2
+    bwd_stages: int = 2
+    # the tiles' row scans as products with a triangle (see _row_scan); None: for 16-bit inputs, not fp32
+    dot_scans: bool | None = None
+
+    def scan_dtype(self, q: Tensor):
+        """``_row_scan``'s DOT_SCANS for inputs like ``q``: None (tl.cumsum), or the products' operand dtype."""
+        if not (q.dtype != torch.float32 if self.dot_scans is None else self.dot_scans):
+            return None
+        return tl.bfloat16 if q.device.type == "cuda" else tl.float32
 
     def __post_init__(self):
         if self.bwd_q_m % self.bwd_kv_m:
             raise ValueError(f"bwd_q_m ({self.bwd_q_m}) must be a multiple of bwd_kv_m ({self.bwd_kv_m}).")
 
 
-# Untuned starting points (no GPU was at hand when these were written), near the flash-attention
-# Triton tutorial's shapes but with 64 key columns in the kv pass: it holds three fp32 accumulators
-# (dK, dV and the vote share dks), one more than flash attention.
+# 16-bit inputs: the fastest correct blocks of benchmarks/triton_tune.py on an NVIDIA H200 (Triton 3.6, bf16,
+# L = 8192, 16k tokens; results/nvidia-h200/history/run2_tune_L8192.*), forward and backward timed apart: 64 query
+# rows forward (128 with 8 warps was 15-30% slower), 32 in the kv pass. D = 128's backward is the sweep's third
+# (4% slower than its first, whose q pass of 128 rows needs 304 KB of shared memory with dot scans). Other GPUs
+# may prefer others: rerun the script there.
 _GPU = {
-    64: Config(128, 64, 32, 64, 128, 32, 64, fwd_warps=8, bwd_warps=8, stages=3),
-    128: Config(128, 32, 32, 64, 64, 32, 64, fwd_warps=8, bwd_warps=8, stages=2),
+    64: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=3),
+    128: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=2),
 }
-# fp32 tiles are twice the bytes: with tf32 dots (tensor cores keep them in shared memory) _GPU's forward asks
-# an H100/H200 for ~246 KB of the 227 KB a block may have (compiled ahead of time for sm_90: Triton 3.6 and
-# 3.8). Half the query rows, 4 warps and 2 stages stay under ~197 KB in both precisions, D = 64 and 128.
+# fp32 tiles are twice the bytes: with tf32 dots (tensor cores keep them in shared memory) the first _GPU's
+# forward asked an H100/H200 for ~246 KB of the 227 KB a block may have (compiled ahead of time for sm_90: Triton
+# 3.6 and 3.8). Half the query rows, 4 warps and 2 stages stay under ~197 KB in both precisions, D = 64 and 128.
 _GPU_FP32 = {
-    64: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, stages=2),
-    128: Config(64, 32, 32, 32, 64, 32, 64, fwd_warps=4, bwd_warps=4, stages=2),
+    64: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4),
+    128: Config(64, 32, 32, 32, 64, 32, 64, fwd_warps=4, bwd_warps=4),
 }
 # The interpreter runs tiles as numpy arrays: small, unequal blocks exercise every carry and tail
 # (L = 100 spans 4-7 blocks in each pass, kv and q passes disagree on the query block).
@@ -458,14 +500,21 @@ def _vote_carry(q: Tensor, k: Tensor, vote_head: int, sel_scale: float, rows: in
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float, debug: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    vote_head: int,
+    scale: float,
+    sel_scale: float,
+    debug: bool = False,
+    cfg: Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, H, L, DV], lse [B, H, L] fp32)``; q ``[B, H, L, D]``, k, v ``[B, HKV, L, D|DV]`` contiguous,
-    ``vote_head = -1``: per-head F."""
+    ``vote_head = -1``: per-head F. ``cfg``: block sizes (default :func:`config_for`; the tuning benchmark's)."""
     B, H, L, D = q.shape
     HKV = k.shape[1]
     DV = v.shape[-1]
-    cfg = config_for(D, q.device, q.dtype)
+    cfg = cfg or config_for(D, q.device, q.dtype)
     carry = _vote_carry(q, k, vote_head, sel_scale, cfg.fwd_m, cfg, debug)
     out = _empty(debug, B, H, L, DV, dtype=v.dtype, device=q.device)
     lse = _empty(debug, B, H, L, dtype=torch.float32, device=q.device)
@@ -473,7 +522,8 @@ def forward(
     _fwd_kernel[grid](
         q, k, v, carry, out, lse, scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2],
         D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, CARRY_ROWS=cfg.fwd_m,
-        PER_HEAD=vote_head < 0, PREC=_precision(q.dtype), num_warps=cfg.fwd_warps, num_stages=cfg.stages,
+        PER_HEAD=vote_head < 0, PREC=_precision(q.dtype), DOT_SCANS=cfg.scan_dtype(q),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
 
@@ -489,13 +539,14 @@ def backward(
     scale: float,
     sel_scale: float,
     debug: bool = False,
+    cfg: Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` including the vote gradients of the voting head(s); all inputs contiguous (k, v
-    with ``HKV`` heads: dk, dv too)."""
+    with ``HKV`` heads: dk, dv too). ``cfg`` as in :func:`forward`: the forward's own need not be the same."""
     B, H, L, D = q.shape
     HKV = k.shape[1]
     DV = v.shape[-1]
-    cfg = config_for(D, q.device, q.dtype)
+    cfg = cfg or config_for(D, q.device, q.dtype)
     per_head = vote_head < 0
     prec = _precision(q.dtype)
     dev = q.device
@@ -513,18 +564,19 @@ def backward(
     # kv head's group's share), summed below; per-head F: unused placeholders
     dqs = _empty(debug, *((1,) if per_head else (B, H, L, D)), dtype=torch.float32, device=dev)
     dks = _empty(debug, *((1,) if per_head else (B, HKV, L, D)), dtype=torch.float32, device=dev)
-    common = dict(D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PER_HEAD=per_head, PREC=prec)
+    common = dict(D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PER_HEAD=per_head, PREC=prec,
+                  DOT_SCANS=cfg.scan_dtype(q))  # fmt: skip
     _bwd_kv_kernel[(triton.cdiv(L, cfg.bwd_kv_n), B * HKV)](
         q, k, v, dout, lse, delta, carry, dcarry, dk, dv, dks,
         scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2], n_dcarry,
         BLOCK_M=cfg.bwd_kv_m, BLOCK_N=cfg.bwd_kv_n, CARRY_ROWS=cfg.bwd_kv_m, DCARRY_ROWS=cfg.bwd_q_m,
-        num_warps=cfg.bwd_warps, num_stages=cfg.stages, **common,
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **common,
     )  # fmt: skip
     _bwd_q_kernel[(n_dcarry, B * H)](
         q, k, v, dout, lse, delta, carry, dcarry, dq, dqs,
         scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2], n_dcarry,
         BLOCK_M=cfg.bwd_q_m, BLOCK_N=cfg.bwd_q_n, CARRY_ROWS=cfg.bwd_kv_m,
-        num_warps=cfg.bwd_warps, num_stages=cfg.stages, **common,
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **common,
     )  # fmt: skip
     if not per_head:
         hv, hkv = vote_head, vote_head // (H // HKV)
