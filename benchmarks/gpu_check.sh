@@ -8,7 +8,7 @@
 #             tests/test_triton.py; fp32, fp16, bf16, fwd and bwd), pytest-xdist if there   <= 210 s
 #   3. bench  Triton paper mode vs SDPA flash, causal, bf16, fwd+bwd time and peak memory,
 #             L = 2048, 8192, 16384, D = 64 then 128 (benchmarks/triton_gpu.py)          <= 240 s
-#   4. report the markdown table (GPU named) to benchmarks/results/gpu_check.md and OUT_DIR  <= 25 s
+#   4. report the markdown table (GPU named) to benchmarks/results/<gpu>/gpu_check.md and OUT_DIR  <= 25 s
 #
 # All of it lands in OUT_DIR, flat, in 7 files (env.txt, tests.log, tests.xml, bench.log, bench.json,
 # bench.md, gpu_check.md). A stage that fails or times out is recorded and the next one still runs; the
@@ -133,7 +133,7 @@ tail -n 3 "$OUT_DIR/bench.log"
 # --- 4. report -----------------------------------------------------------------------------------------
 stage_args=()
 for s in "${STAGES[@]}"; do stage_args+=(--stage "$s"); done
-if ! timeout -k 5 20 "$PY" benchmarks/gpu_check_report.py report "$OUT_DIR" --md benchmarks/results/gpu_check.md \
+if ! timeout -k 5 20 "$PY" benchmarks/gpu_check_report.py report "$OUT_DIR" --md "benchmarks/results/{gpu}/gpu_check.md" \
   "${stage_args[@]}" --seconds "$((SECONDS - START))"; then
   echo "the report failed; stages: ${STAGES[*]}"
   FAILED=1

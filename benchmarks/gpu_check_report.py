@@ -129,6 +129,11 @@ def _bench_table(out: Path) -> tuple[list[str], dict, str]:
     return lines, data.get("environment", {}), data.get("args", {}).get("dtype", "bf16")
 
 
+def gpu_folder(name: str) -> str:
+    """The results folder of a GPU, as ``common.cpu_results`` names a CPU's: ``NVIDIA H200`` -> ``nvidia-h200``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
+
+
 def report(args) -> int:
     out = Path(args.out)
     env_text = (out / "env.txt").read_text(errors="replace") if (out / "env.txt").exists() else ""
@@ -158,7 +163,7 @@ def report(args) -> int:
     stage_text = ", ".join(f"{k} {v}" for k, v in stages.items())
     lines.append(f"Stages: {stage_text}" + (f"; {args.seconds:.0f} s in all." if args.seconds is not None else "."))
     md = "\n".join(lines) + "\n"
-    for path in (out / "gpu_check.md", Path(args.md)):
+    for path in (out / "gpu_check.md", Path(args.md.replace("{gpu}", gpu_folder(name)))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(md)
     print(md)
@@ -171,7 +176,7 @@ def main() -> int:
     sub.add_parser("env")
     rep = sub.add_parser("report")
     rep.add_argument("out")
-    rep.add_argument("--md", required=True)
+    rep.add_argument("--md", required=True, help="a second copy of the report; {gpu}: the GPU's folder name")
     rep.add_argument("--stage", action="append", default=[], help="NAME=STATUS, in order")
     rep.add_argument("--seconds", type=float, default=None)
     args = ap.parse_args()

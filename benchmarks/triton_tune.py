@@ -29,6 +29,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -209,7 +210,7 @@ def main() -> int:
         args.workers = min(12, max(1, (os.cpu_count() or 2) - 2))
     dtype = DTYPES[args.dtype]
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    out_dir = args.out or RESULTS / gpu.lower().replace(" ", "-")
+    out_dir = args.out or RESULTS / re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")  # as gpu_check's folder
     out_dir.mkdir(parents=True, exist_ok=True)
     import triton
 

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import cpu_model  # noqa: E402
 
 from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
 from selective_attention.budget_search import pruned_logits, smallest_budget_at  # noqa: E402
@@ -142,6 +145,7 @@ def run(args) -> dict:
         "cpu_seconds": cpu,
         "wall_seconds": wall,
         "threads": args.threads,
+        "cpu": cpu_model(),
         "torch": torch.__version__,
     }
     print(f"CPU time: {cpu:.0f} s ({wall:.0f} s wall, {args.threads} thread(s))")
@@ -183,13 +187,14 @@ def table(r: dict) -> str:
         else:
             smallest.append(f"{b} ({T / b:.0f}x less)")
     rows.append("| smallest uniform budget at or under the standard's full-cache loss | " + " | ".join(smallest) + " |")
+    cpu = f" of an {r['cpu']}, torch {r['torch']}" if "cpu" in r else ""  # files before 2026-11-30: no CPU
     note = (
         f"\nHeld-out validation loss ({unit}; in brackets: minus the full-cache standard model's, {ref:.4f}) on "
         f"{r['windows']['n']} windows of {T} tokens ({r['targets']:,} targets), the same for every method, none "
         f"seen by the budget search. A budget b = at most b tokens stored and attended per layer at any step, the "
         f"newest and the first included; H2O keeps a recent window of b // 2. One seed, one checkpoint pair "
         f"(`{r['standard_ckpt']}`, `{r['selective_ckpt']}`); {r['cpu_seconds']:.0f} s of CPU time "
-        f"({r['threads']} thread; `python experiments/kv_curves.py --windows {r['windows']['n']}`)."
+        f"({r['threads']} thread{cpu}; `python experiments/kv_curves.py --windows {r['windows']['n']}`)."
     )
     return "\n".join(rows) + "\n" + note + "\n"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from common import cpu_model  # noqa: E402
 
 from selective_attention.data import VariableAssignment  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
@@ -211,7 +212,7 @@ def run_one(config: str, attention: str, seed: int, do_commit: bool = False) -> 
     model, _ = model_from_checkpoint(cfg.out_dir)
     result = {"config": config, "attention": attention, "seed": seed, "note": CONFIGS[config].get("note", ""),
               "options": options(config, attention, seed), "train_config": dataclasses.asdict(cfg),
-              "train_seconds": seconds, "cpu": _cpu(), "torch": torch.__version__,
+              "train_seconds": seconds, "cpu": cpu_model(), "torch": torch.__version__,
               **{k: summary[k] for k in ("val_loss", "val_accuracy", "params", "history")},
               "test": test(model, cfg)}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -225,16 +226,6 @@ def run_one(config: str, attention: str, seed: int, do_commit: bool = False) -> 
     if do_commit:
         commit(out, f"results/varassign: {out.stem} (test accuracy {t['accuracy']:.4f})")
     return result
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 # --- report ------------------------------------------------------------------------------------------

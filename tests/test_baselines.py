@@ -378,6 +378,7 @@ def test_kv_curves_experiment_on_tiny_checkpoints(tiny_run, tmp_path, capsys):
     assert r["curves"]["standard + window"][-1]["loss"] == r["full_loss"]["standard"]
     text = (tmp_path / "res" / "kv.md").read_text()
     assert "| 4, 6 (searched) |" in text and "3 windows of 32 tokens" in text
+    assert r["cpu"] and f"thread of an {r['cpu']}, torch {torch.__version__};" in text  # the timing names its CPU
     assert json.loads((tmp_path / "res" / "kv.json").read_text())["targets"] == 3 * 32
     assert (tmp_path / "res" / "kv.png").stat().st_size > 1000
     assert "CPU time" in capsys.readouterr().out

@@ -89,11 +89,9 @@ def test_readme_blocks_name_a_cpu_folder(tmp_path, monkeypatch):
 
 
 def test_committed_readme_blocks_have_their_tables():
-    """Every table block in the READMEs names a results file that is in the repository (GPU aside)."""
+    """Every table block in the READMEs names a results file that is in the repository."""
     for doc in ("README.md", "benchmarks/README.md", "experiments/README.md"):
         for name in re.findall(r"<!-- table:([\w/-]+) -->", (ROOT / doc).read_text()):
-            if name == "gpu_check":  # written by the first GPU run
-                continue
             found = [d / f"{name}.md" for d in (ROOT / "benchmarks" / "results", ROOT / "results")]
             assert any(f.exists() for f in found), f"{doc}: table {name!r} has no results file"
 
