@@ -120,7 +120,8 @@ class GPTConfig:
                 raise ValueError(
                     "selection_layers=() selects in no layer; pass None for every layer, or selection=False."
                 )
-            self.selection_layers = layers
+            # every layer, listed: the same model as None, so stored the same way (a resume compares them)
+            self.selection_layers = None if self.selection and set(layers) == set(range(self.n_layer)) else layers
         if not _is_int(self.selection_head) or not 0 <= self.selection_head < self.n_head:
             raise ValueError(
                 f"selection_head must be an int in [0, n_head={self.n_head}), got {self.selection_head!r}."
@@ -137,7 +138,11 @@ class GPTConfig:
             given = {k: v for k, v in given.items() if v is not None}
             if given:
                 opts = ", ".join(f"{k}={v!r}" for k, v in given.items())
-                raise ValueError(f"{opts} only apply with selection=True; pass selection=True or drop them.")
+                it = "it" if len(given) == 1 else "them"
+                raise ValueError(
+                    f"{opts}: {'an option' if len(given) == 1 else 'options'} of selective attention, which this "
+                    f"model (selection=False) does not use; pass selection=True, or drop {it}."
+                )
         if self.selection_per_head and self.selection_head != 0:
             raise ValueError(
                 f"selection_per_head=True gives every head its own F, so selection_head={self.selection_head} "

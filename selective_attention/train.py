@@ -667,8 +667,9 @@ def _main(cfg: TrainConfig) -> dict:
         # starting over (every check passed): the old run's checkpoint must not outlive its emptied log (a run
         # killed before its first save would leave it for the next resume); it is set aside, not deleted
         aside = out_dir / PREVIOUS_CKPT_NAME
+        replaced = " (replacing the one an earlier --resume=false set aside there)" if aside.exists() else ""
         ckpt_path.replace(aside)
-        print(f"--resume=false: the previous run's checkpoint is moved to {aside}", file=sys.stderr)
+        print(f"--resume=false: the previous run's checkpoint is moved to {aside}{replaced}", file=sys.stderr)
     if main_proc:
         # the log is the history so far: a resume drops the rows a killed run logged after its checkpoint
         # (they are trained and logged again), a fresh run starts an empty one

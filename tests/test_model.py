@@ -36,8 +36,15 @@ def test_selection_layers_option():
     assert [b.attn.selects for b in m.blocks] == [False, True, False]
     m = GPT(tiny(n_layer=3, selection=True))
     assert all(b.attn.selects for b in m.blocks)
-    with pytest.raises(ValueError, match=r"selection_layers=\(1,\) only apply with selection=True"):
+    msg = r"selection_layers=\(1,\): an option of selective attention, which this model \(selection=False\) does not"
+    with pytest.raises(ValueError, match=msg):
         tiny(n_layer=3, selection=False, selection_layers=[1])  # silently ignored before
+    # every layer listed is every layer: stored as None, so a resume without the option sees the same model
+    assert tiny(n_layer=2, selection=True, selection_layers=[1, 0]).selection_layers is None
+    assert tiny(n_layer=1, selection=True, selection_layers=[0]).selection_layers is None
+    assert tiny(n_layer=2, selection=True, selection_layers=[1]).selection_layers == (1,)
+    with pytest.raises(ValueError, match=r"selection_layers=\(0,\): an option"):  # not hidden by the rewrite
+        tiny(n_layer=1, selection=False, selection_layers=[0])
 
 
 def test_selection_for_reads_the_flat_fields_once():
@@ -94,10 +101,10 @@ def test_causality():
         (dict(selection="false"), "selection must be True or False"),
         # combinations the modules would refuse later, or ignore silently
         (dict(selection=True, selection_per_head=True, selection_head=2), "selection_head=2 does not apply"),
-        (dict(selection_per_head=True), r"selection_per_head=True only apply with selection=True"),
-        (dict(selection_projection=True), "only apply with selection=True"),
-        (dict(selection_head=1), "selection_head=1 only apply with selection=True"),
-        (dict(memory_eps=0.1), r"memory_eps=0.1 only apply with selection=True"),
+        (dict(selection_per_head=True), r"selection_per_head=True: an option of selective attention"),
+        (dict(selection_projection=True), "does not use; pass selection=True, or drop it"),
+        (dict(selection_head=1), "selection_head=1: an option of selective attention"),
+        (dict(memory_eps=0.1), r"memory_eps=0.1: an option of selective attention"),
         (dict(selection=True, selection_layers=[]), r"selection_layers=\(\) selects in no layer"),
         (dict(selection=True, selection_layers=[True]), r"\[True\] are not layer indices"),
     ],

@@ -150,6 +150,15 @@ def test_resume_false_sets_the_old_checkpoint_aside_before_training(tmp_path):
     assert [h["step"] for h in s["history"]] == [4]
 
 
+def test_a_second_resume_false_says_it_replaces_the_checkpoint_set_aside(tmp_path, capsys):
+    main(tiny(tmp_path, max_steps=2))
+    main(tiny(tmp_path, max_steps=3, resume=False))
+    assert "replacing" not in capsys.readouterr().err  # the first: nothing was set aside before
+    main(tiny(tmp_path, max_steps=4, resume=False))
+    assert "replacing the one an earlier --resume=false set aside there" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / checkpoint.PREVIOUS_CKPT_NAME)[1]["step"] == 3
+
+
 def test_a_split_too_small_for_one_window_fails_before_training(tmp_path):
     corpus = tmp_path / "small.txt"
     corpus.write_text("In the beginning was the word. " * 40)
@@ -803,3 +812,10 @@ def test_a_text_file_named_another_way_resumes(tmp_path, monkeypatch):
     changed = r"another config: data: '.*t\.txt' \(checkpoint\) vs '.*u\.txt' \(now\)"
     with pytest.raises(checkpoint.CheckpointError, match=changed):
         main(tiny(tmp_path, data=str(other), out_dir=out, max_steps=8, tokenizer="byte"))
+
+
+def test_resume_sees_every_layer_listed_as_every_layer(tmp_path):
+    """``selection_layers`` naming every layer is the model without it: a resume without the option continues."""
+    main(tiny(tmp_path, max_steps=2, n_layer=1, selection=True, selection_layers=[0]))
+    s = main(tiny(tmp_path, max_steps=3, n_layer=1, selection=True))  # was refused as "another model"
+    assert [h["step"] for h in s["history"]][-1] == 3
