@@ -73,7 +73,7 @@ stage() {
   else
     echo "(nvidia-smi not found)"
   fi
-  echo "# host: $(uname -srm), $(nproc 2>/dev/null || echo '?') CPUs; repository $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# host: $(uname -srm), $(nproc 2>/dev/null || echo '?') CPUs; repository $(git describe --always --dirty 2>/dev/null || echo '?')"
   echo "# $PY benchmarks/gpu_check_report.py env"
 } >"$OUT_DIR/env.txt"
 timeout -k 5 90 "$PY" benchmarks/gpu_check_report.py env >>"$OUT_DIR/env.txt" 2>&1

@@ -37,6 +37,12 @@ def env() -> int:
         print(f"triton: {triton.__version__}")
     except Exception as e:
         print(f"triton: does not import: {type(e).__name__}: {e}")
+    try:  # the HF test's
+        import transformers
+
+        print(f"transformers: {transformers.__version__}")
+    except Exception as e:  # noqa: BLE001 - recorded: the HF test then fails to import
+        print(f"transformers: does not import: {type(e).__name__}: {e}")
     if not torch.cuda.is_available():
         print("gpu: none (torch.cuda.is_available() is False)")
         return 3

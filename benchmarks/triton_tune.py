@@ -179,7 +179,8 @@ def profile(fns: dict, repeats: int = 3) -> dict[str, dict[str, float]]:
             if t is None:
                 t = getattr(e, "self_cuda_time_total", 0.0)
             if t > 0:
-                per[e.key[:80]] = round(t / 1e3 / repeats, 3)
+                key = e.key[:80]
+                per[key] = round(per.get(key, 0.0) + t / 1e3 / repeats, 3)
         res[name] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
     return res
 
@@ -215,7 +216,7 @@ def main() -> int:
     import triton
 
     report = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "L": args.L,
-              "dtype": args.dtype, "dims": {}}  # fmt: skip
+              "dtype": args.dtype, "argv": sys.argv[1:], "smoke": args.smoke, "dims": {}}  # fmt: skip
 
     def save():
         (out_dir / "triton_tune.json").write_text(json.dumps(report, indent=1))
@@ -234,17 +235,24 @@ def main() -> int:
         tc = time.monotonic()
         import multiprocessing as mp
 
+        for var in VARIANTS:  # the ablations' source files, written once before the workers import them
+            variant_module(var)
         ex = ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"))
         futures = [ex.submit(_compile_job, j) for j in jobs]
         done, failed = 0, []
         try:  # at most 40% of the budget: what is not compiled by then compiles while it is timed
             for f in as_completed(futures, timeout=max(10.0, 0.4 * left())):
                 done += 1
-                if f.result()[1]:
-                    failed.append(f.result()[1])
+                try:
+                    err = f.result()[1]
+                except Exception as e:  # noqa: BLE001 - a worker that died (a compiler crash): noted, go on
+                    err = f"worker died: {type(e).__name__}: {str(e)[:160]}"
+                if err:
+                    failed.append(err)
         except FuturesTimeout:
             pass
-        ex.shutdown(wait=False, cancel_futures=True)
+        # the jobs still running finish first (seconds): none may share the GPU with the timings below
+        ex.shutdown(wait=True, cancel_futures=True)
         report["compile"] = {"jobs": len(jobs), "done": done, "failed": len(failed), "first failures": failed[:3],
                              "seconds": round(time.monotonic() - tc, 1)}  # fmt: skip
         print(f"compiled {done} of {len(jobs)} configs in {report['compile']['seconds']} s "
@@ -339,15 +347,22 @@ def tune_dim(rec: dict, D: int, args, dtype, device: str, fwd_c, bwd_c, left, sa
     for kind in ("fwd", "bwd"):
         if rec.get(f"best {kind}"):
             best.update({key: val for key, val in rec[f"best {kind}"][0].items() if key in best})
-    rec["best config"] = best
-    print(f"D={D} best: Config(**{best})", flush=True)
+    if rec.get("best fwd") or rec.get("best bwd"):
+        rec["best config"] = best
+        print(f"D={D} best: Config(**{best})", flush=True)
+    else:
+        print(f"D={D}: no sweep config ran correctly (budget spent or every one failed): no best config", flush=True)
     save()
 
 
 def markdown(rep: dict) -> str:
+    shape = "B = 1, H = 2 (--smoke)" if rep.get("smoke") else f"B·L = {TOKENS}, H·D = {MODEL_DIM}"
+    argv = " ".join(rep.get("argv", []))
     lines = [f"### Triton kernel tuning on {rep['gpu']}", "",
-             f"L = {rep['L']}, {rep['dtype']}, B·L = {TOKENS}, H·D = {MODEL_DIM}; torch {rep['torch']}, "
-             f"triton {rep['triton']}. `python benchmarks/triton_tune.py`.", ""]  # fmt: skip
+             f"L = {rep['L']}, {rep['dtype']}, {shape}; torch {rep['torch']}, triton {rep['triton']}. "
+             f"`python benchmarks/triton_tune.py {argv}`.", ""]  # fmt: skip
+    if "compile" in rep:
+        lines += [f"Compiled ahead: {rep['compile']}.", ""]
     for D, rec in rep["dims"].items():
         lines += [f"#### D = {D}", ""]
         if "flash fwd ms" in rec:
@@ -360,6 +375,13 @@ def markdown(rep: dict) -> str:
         for kind in ("fwd", "bwd"):
             for r in rec.get(f"best {kind}", [])[:3]:
                 lines.append(f"- best {kind}: {r}")
+            rows = rec.get(kind, [])
+            unrun = sum("not run" in r.get("note", "") for r in rows)
+            failed = sum("note" in r and "not run" not in r["note"] for r in rows)
+            wrong = sum(r.get("ok") is False for r in rows)
+            if rows:
+                lines.append(f"- {kind} sweep: {len(rows)} configs, {unrun} not run (budget), {failed} failed, "
+                             f"{wrong} outside the error bound")  # fmt: skip
         if "best config" in rec:
             lines.append(f"- best config: `Config(**{rec['best config']})`")
         lines.append("")

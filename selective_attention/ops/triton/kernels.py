@@ -40,6 +40,7 @@ atomics anywhere: results are bitwise reproducible.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,8 @@ def _row_scan(x, AFTER: tl.constexpr, DOT_SCANS: tl.constexpr):
     two bf16 parts (hi + lo: 16 of fp32's 24 mantissa bits, error <= 2^-17 |x| per term, summed in fp32), which an
     H200 runs faster than ``tl.cumsum``'s scan (benchmarks/README.md); 16-bit attention's own rounding is 2^-8 or
     2^-11. ``tl.float32``: one fp32 product (the interpreter's: it cannot multiply bf16). None: the scan, which
-    rounds like the sum it came from (|F| ulp): fp32 inputs keep it."""
+    rounds like the sum it came from (|F| ulp): fp32 inputs keep it. Unlike the scan, a product spreads an inf
+    (a vote or dZ beyond fp32's range, |x| >= ~3.4e38) to its whole tile column as NaN."""
     if DOT_SCANS is None:
         if AFTER:
             return tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0)
@@ -425,22 +427,24 @@ class Config:
     # the tiles' row scans as products with a triangle (see _row_scan); None: for 16-bit inputs, not fp32
     dot_scans: bool | None = None
 
-    def scan_dtype(self, q: Tensor):
-        """``_row_scan``'s DOT_SCANS for inputs like ``q``: None (tl.cumsum), or the products' operand dtype."""
-        if not (q.dtype != torch.float32 if self.dot_scans is None else self.dot_scans):
+    def scan_dtype(self, dtype: torch.dtype):
+        """``_row_scan``'s DOT_SCANS for inputs of ``dtype``: None (tl.cumsum), or the products' operand dtype:
+        bf16 when compiled, fp32 under the interpreter (``TRITON_INTERPRET=1``: it cannot multiply bf16)."""
+        if not (dtype != torch.float32 if self.dot_scans is None else self.dot_scans):
             return None
-        return tl.bfloat16 if q.device.type == "cuda" else tl.float32
+        return tl.float32 if os.environ.get("TRITON_INTERPRET", "") == "1" else tl.bfloat16
 
     def __post_init__(self):
         if self.bwd_q_m % self.bwd_kv_m:
             raise ValueError(f"bwd_q_m ({self.bwd_q_m}) must be a multiple of bwd_kv_m ({self.bwd_kv_m}).")
 
 
-# 16-bit inputs: the fastest correct blocks of benchmarks/triton_tune.py on an NVIDIA H200 (Triton 3.6, bf16,
-# L = 8192, 16k tokens; results/nvidia-h200/history/run2_tune_L8192.*), forward and backward timed apart: 64 query
-# rows forward (128 with 8 warps was 15-30% slower), 32 in the kv pass. D = 128's backward is the sweep's third
-# (4% slower than its first, whose q pass of 128 rows needs 304 KB of shared memory with dot scans). Other GPUs
-# may prefer others: rerun the script there.
+# 16-bit inputs: blocks from benchmarks/triton_tune.py on an NVIDIA H200 (Triton 3.6, bf16, L = 8192, 16k tokens;
+# results/nvidia-h200/history/run{2,3}_*), forward and backward timed apart. Forward: 64 query rows, 4 warps (128
+# rows with 8 warps: 17-18% slower at D = 64, 2-3% at D = 128); 3 stages, the fastest with dot scans (run 3). Kv
+# pass: 32 rows. D = 128's backward is not run 3's fastest (a q pass of 128 rows, 8 warps: 22.5 against 27.1 ms),
+# which measured correct there but has not run the GPU tests yet: the next GPU session's first check. Other GPUs
+# may prefer other blocks: rerun the script there.
 _GPU = {
     64: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=3),
     128: Config(64, 32, 32, 64, 64, 32, 64, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=2),
@@ -522,7 +526,7 @@ def forward(
     _fwd_kernel[grid](
         q, k, v, carry, out, lse, scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2],
         D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, CARRY_ROWS=cfg.fwd_m,
-        PER_HEAD=vote_head < 0, PREC=_precision(q.dtype), DOT_SCANS=cfg.scan_dtype(q),
+        PER_HEAD=vote_head < 0, PREC=_precision(q.dtype), DOT_SCANS=cfg.scan_dtype(q.dtype),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )  # fmt: skip
     return out, lse
@@ -565,7 +569,7 @@ def backward(
     dqs = _empty(debug, *((1,) if per_head else (B, H, L, D)), dtype=torch.float32, device=dev)
     dks = _empty(debug, *((1,) if per_head else (B, HKV, L, D)), dtype=torch.float32, device=dev)
     common = dict(D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PER_HEAD=per_head, PREC=prec,
-                  DOT_SCANS=cfg.scan_dtype(q))  # fmt: skip
+                  DOT_SCANS=cfg.scan_dtype(q.dtype))  # fmt: skip
     _bwd_kv_kernel[(triton.cdiv(L, cfg.bwd_kv_n), B * HKV)](
         q, k, v, dout, lse, delta, carry, dcarry, dk, dv, dks,
         scale, sel_scale, L, H, HKV, max(vote_head, 0), carry.shape[2], n_dcarry,
