@@ -251,14 +251,16 @@ def test_fp32_takes_its_own_gpu_block_sizes():
 def test_row_scans_by_dot_for_16_bit_inputs_only(monkeypatch):
     """The tiles' row scans run as products with a triangle for 16-bit inputs (bf16 operands when compiled; one fp32
     product under the interpreter, which cannot multiply bf16) and as ``tl.cumsum`` for fp32, unless the config
-    says. The form follows the interpreter, not the tensors' device (the sm_90 test compiles on meta tensors)."""
+    says. The form follows how the kernels were built, not the tensors' device (the sm_90 test compiles on meta
+    tensors) nor the environment at call time."""
     import triton.language as tl
 
     from selective_attention.ops.triton import kernels
 
     cfg = kernels.INTERPRET_CONFIG
-    for interpreting, product in (("1", tl.float32), ("", tl.bfloat16)):
-        monkeypatch.setenv("TRITON_INTERPRET", interpreting)
+    assert kernels.INTERPRETED == (DEVICE == "cpu")  # the tests interpret exactly where no GPU is
+    for interpreting, product in ((True, tl.float32), (False, tl.bfloat16)):
+        monkeypatch.setattr(kernels, "INTERPRETED", interpreting)
         assert cfg.scan_dtype(torch.float32) is None
         for dt in (torch.bfloat16, torch.float16):
             assert cfg.scan_dtype(dt) == product

@@ -40,7 +40,6 @@ atomics anywhere: results are bitwise reproducible.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -407,6 +406,11 @@ def _bwd_q_kernel(
         _store_rows(DQS + bh * L * D, dqs, offs_m, offs_d, L, D)
 
 
+# Whether Triton interprets these kernels: fixed when they were decorated (TRITON_INTERPRET=1 then), whatever the
+# environment says later.
+INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 # --- launchers ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
@@ -429,10 +433,10 @@ class Config:
 
     def scan_dtype(self, dtype: torch.dtype):
         """``_row_scan``'s DOT_SCANS for inputs of ``dtype``: None (tl.cumsum), or the products' operand dtype:
-        bf16 when compiled, fp32 under the interpreter (``TRITON_INTERPRET=1``: it cannot multiply bf16)."""
+        bf16 when compiled, fp32 when these kernels are interpreted (it cannot multiply bf16)."""
         if not (dtype != torch.float32 if self.dot_scans is None else self.dot_scans):
             return None
-        return tl.float32 if os.environ.get("TRITON_INTERPRET", "") == "1" else tl.bfloat16
+        return tl.float32 if INTERPRETED else tl.bfloat16
 
     def __post_init__(self):
         if self.bwd_q_m % self.bwd_kv_m:
