@@ -15,6 +15,7 @@ definition, on any model: :mod:`selective_attention.kv_cache`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -86,18 +87,36 @@ def pruned_logits(
     recent: int | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Next-token logits ``[B, T, vocab]`` when ``x`` ``[B, T]`` is read one token at a time through a
-    KV cache pruned by ``policy`` (:class:`~selective_attention.decoding.Decoder`), and the per-layer
-    occupancy at the end. With no budget and no threshold (or a budget >= T) they equal the full
-    forward's logits (the cache is exact), whatever the policy."""
+    KV cache pruned by ``policy`` (:class:`~selective_attention.decoding.Decoder`), and the most tokens each
+    layer held at any step (any sequence of the batch). With no budget and no threshold (or a budget >= T)
+    they equal the full forward's logits (the cache is exact), whatever the policy."""
     T = x.shape[1]
     if not any_budget(budget):  # nothing is evicted by any policy (a curve's full-cache point): the exact cache
         check_policy(policy, threshold, recent)
         policy, recent = "selective", None
     dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
     logits = [dec.prefill(x[:, :1], T - 1)]
+    peak = dec.occupancy()
     for t in range(1, T):
         logits.append(dec.step(x[:, t]))
-    return torch.stack(logits, dim=1), dec.occupancy()
+        if threshold is not None:  # a threshold evicts and admits: the occupancy goes down and up again
+            peak = [max(a, b) for a, b in zip(peak, dec.occupancy())]
+    if threshold is None:  # a budget alone only ever evicts to make room: the last step holds the most
+        peak = dec.occupancy()
+    return torch.stack(logits, dim=1), peak
+
+
+def _check_windows(x: Tensor, y: Tensor) -> None:
+    """Inputs ``x`` and targets ``y``: integer tensors of one shape ``[B, T]``."""
+    for name, t in (("x", x), ("y", y)):
+        ids = isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        if not ids or t.dim() != 2:
+            raise ValueError(
+                f"{name} must be an integer tensor of token ids [B, T]; got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}."
+            )
+    if x.shape != y.shape:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must have one shape [B, T] (the targets of x).")
 
 
 def pruned_loss(
@@ -111,8 +130,9 @@ def pruned_loss(
     recent: int | None = None,
 ) -> tuple[float, list[int]]:
     """Mean next-token cross-entropy (nats) of ``y`` ``[B, T]`` (-100 = not scored) when ``x`` ``[B, T]``
-    is read through a KV cache pruned by ``policy`` (:func:`pruned_logits`), and the per-layer occupancy
-    at the end."""
+    is read through a KV cache pruned by ``policy`` (:func:`pruned_logits`), and the most tokens each layer
+    held at any step."""
+    _check_windows(x, y)
     if not (y != -100).any():
         raise ValueError("pruned_loss: every target is -100 (ignored), so there is no loss to compute.")
     logits, occupancy = pruned_logits(model, x, budget=budget, threshold=threshold, policy=policy, recent=recent)
@@ -178,10 +198,13 @@ def search_budgets(
         policy, recent: the eviction policy (and H2O's recent window; default half of each budget) the
             budgets are searched with (:func:`pruned_logits`).
     """
-    if not tolerance >= 0 or not math.isfinite(tolerance):
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < math.inf:
         raise ValueError(f"tolerance must be a finite number of nats >= 0, got {tolerance!r}.")
-    if target is not None and not math.isfinite(target):
-        raise ValueError(f"target must be a finite loss, got {target!r}.")
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, numbers.Real) or not math.isfinite(target)
+    ):
+        raise ValueError(f"target must be a finite loss (a number), got {target!r}.")
+    _check_windows(x, y)
     check_policy(policy, None, recent)
     T = x.shape[1]
     if T < 2:

@@ -60,6 +60,16 @@ def _one_of(choices: Sequence[str]):
     return parse
 
 
+# the eviction options of `eval` and `generate`
+POLICY_OPTION = {
+    "type": _one_of(POLICY_CHOICES),
+    "help": "which token a full layer evicts (never the first): selective = the largest penalty F (the paper), "
+    "window = the oldest (StreamingLLM-style), h2o = the least attention received, outside a recent window "
+    "(H2O-style)",
+}
+RECENT_OPTION = {"type": positive_int, "help": "--policy=h2o: the recent window, newest included (omit: budget/2)"}
+
+
 @dataclass
 class EvalOptions:
     ckpt: str  # a run folder or a .safetensors checkpoint
@@ -69,19 +79,8 @@ class EvalOptions:
         default=None,
         metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this (--policy=selective only)"},
     )
-    policy: str = field(
-        default="selective",
-        metadata={
-            "type": _one_of(POLICY_CHOICES),
-            "help": "which token a full layer evicts (never the first): selective = the largest penalty F (the "
-            "paper), window = the oldest (StreamingLLM-style), h2o = the least attention received, outside a "
-            "recent window (H2O-style)",
-        },
-    )
-    recent: int | None = field(
-        default=None,
-        metadata={"type": positive_int, "help": "--policy=h2o: the recent window, newest included (omit: budget/2)"},
-    )
+    policy: str = field(default="selective", metadata=POLICY_OPTION)
+    recent: int | None = field(default=None, metadata=RECENT_OPTION)
     context_len: int | None = field(
         default=None, metadata={"type": positive_int, "help": "tokens per window (omit: the model's)"}
     )
@@ -104,8 +103,11 @@ class GenerateOptions:
     )
     budget: str | None = field(default=None, metadata={"help": BUDGET_HELP})
     threshold: float | None = field(
-        default=None, metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this"}
+        default=None,
+        metadata={"type": _threshold, "help": "evict tokens whose penalty exceeds this (--policy=selective only)"},
     )
+    policy: str = field(default="selective", metadata=POLICY_OPTION)
+    recent: int | None = field(default=None, metadata=RECENT_OPTION)
     seed: int = field(default=0, metadata={"type": seed_int, "help": "sampling seed"})
     compile: bool = False  # compile the decoding step (a few seconds; pays off with --budget)
 
@@ -296,10 +298,10 @@ def cmd_eval(args: EvalOptions) -> dict:
         )
     occupancy = []
 
-    def pruned(x: torch.Tensor) -> torch.Tensor:  # the last batch's kept tokens per layer are reported
+    def pruned(x: torch.Tensor) -> torch.Tensor:  # the most tokens a layer held at any step of any batch
         logits, occ = pruned_logits(model, x, budget=budget, threshold=args.threshold, policy=args.policy,
                                     recent=args.recent)  # fmt: skip
-        occupancy[:] = occ
+        occupancy[:] = [max(a, b) for a, b in zip(occupancy, occ)] if occupancy else occ
         return logits
 
     scores = evaluate(model, task, torch.device("cpu"), logits_fn=pruned if prunes else None)
@@ -320,7 +322,7 @@ def cmd_eval(args: EvalOptions) -> dict:
             out["note"] = "no selective layer: F = 0, so the oldest token goes (as with policy window)"
         if args.policy == "h2o":
             out["recent"] = args.recent if args.recent is not None else "budget // 2"
-    if occupancy is not None:
+    if occupancy is not None:  # the peak: every slot a step stored and attended
         out["kv_tokens_per_layer"] = occupancy
     if args.json:
         print(json.dumps(out))
@@ -344,8 +346,10 @@ def _target_bytes(task) -> tuple[int, int]:
 def cmd_generate(args: GenerateOptions) -> str:
     from .checkpoint import model_from_checkpoint
     from .decoding import Decoder, budgets_fit
+    from .kv_cache import check_policy
 
     budget = _budget_arg(args.budget)
+    check_policy(args.policy, args.threshold, args.recent, budget=budget)  # before loading anything
     if args.prompt == "":
         raise ValueError("--prompt must not be empty: give at least one character to continue.")
     model, meta = model_from_checkpoint(args.ckpt)
@@ -355,21 +359,24 @@ def cmd_generate(args: GenerateOptions) -> str:
     _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len
     if args.max_new_tokens is None:  # 200, or what fits: past the context only a budget within it can go
-        fits = 200 if budgets_fit(budget, ctx) else ctx - idx.shape[1]
+        # the last token is sampled from the logits of a full context, not attended
+        fits = 200 if budgets_fit(budget, ctx) else ctx - idx.shape[1] + 1
         if fits <= 0:
             raise ValueError(
-                f"the prompt ({idx.shape[1]} tokens) fills the model's context_len={ctx}: shorten it, or pass "
-                f"--budget <= {ctx} (every layer) to generate past the context through a pruned cache."
+                f"the prompt ({idx.shape[1]} tokens) is longer than the model's context_len={ctx}: shorten it, or "
+                f"pass --budget <= {ctx} (every layer) to read and generate past the context through a pruned cache."
             )
         args = dataclasses.replace(args, max_new_tokens=min(200, fits))
-    if args.threshold is not None and not budgets_fit(budget, ctx) and idx.shape[1] + args.max_new_tokens > ctx:
+    last = idx.shape[1] + args.max_new_tokens - 1  # the most tokens a step attends to without eviction
+    if args.threshold is not None and not budgets_fit(budget, ctx) and last > ctx:
         # the library checks each step and would stop partway, the text generated so far lost: refuse up front
         raise ValueError(
             f"the prompt ({idx.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} exceed context_len={ctx}, "
             f"and a --threshold alone does not bound what a layer attends to; add --budget <= {ctx}, or generate "
             f"fewer tokens."
         )
-    dec = Decoder(model, budget=budget, threshold=args.threshold, compile=args.compile)
+    dec = Decoder(model, budget=budget, threshold=args.threshold, policy=args.policy, recent=args.recent,
+                  compile=args.compile)  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed)
     out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
     text = tok.decode(out[0])  # the prompt and what follows, without <bos>

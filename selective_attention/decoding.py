@@ -21,6 +21,7 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 import warnings
@@ -148,6 +149,7 @@ class Decoder:
             )
         cap = min(T, ctx) + max_new_tokens
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
+        self.t = None  # until this prefill finishes: one that fails partway leaves caches step() must not use
         self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
         logits = model.decode(idx[:, :ctx], self.caches)
         self.t = torch.tensor(min(T, ctx), device=idx.device)
@@ -161,16 +163,29 @@ class Decoder:
     def step(self, token: Tensor) -> Tensor:
         """Feed ``token`` ``[B]`` at the current position; return the next logits ``[B, vocab]``."""
         if self.t is None:
-            raise RuntimeError("call prefill(prompt) before step().")
+            raise RuntimeError(
+                "call prefill(prompt) before step() (again after a prefill or step that did not finish: the caches "
+                "may hold part of it)."
+            )
         self._check_step(token)
-        logits = self._step(self.model, self.caches, token.long(), self.t)
+        try:
+            logits = self._step(self.model, self.caches, token.long(), self.t)
+        except BaseException:  # an error or an interrupt between layers: some caches hold this token, some not
+            self.t = None
+            raise
         self._pos += 1
         return logits
 
     def _check_step(self, token: Tensor) -> None:
         """Refuse what the static-shape step would do silently wrong (checked before it runs)."""
         B = self.caches[0].k.shape[0]
-        if not isinstance(token, Tensor) or token.shape != (B,) or token.is_floating_point() or token.is_complex():
+        if (
+            not isinstance(token, Tensor)
+            or token.shape != (B,)
+            or token.is_floating_point()
+            or token.is_complex()
+            or token.dtype == torch.bool
+        ):
             raise ValueError(
                 f"token must be an integer tensor of shape [B] = [{B}], one id per sequence; got "
                 f"{getattr(token, 'dtype', type(token).__name__)} {tuple(getattr(token, 'shape', ()))}."
@@ -216,12 +231,32 @@ class Decoder:
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Prefill ``idx`` ``[B, T]`` and sample ``max_new_tokens``; returns ``[B, T + max_new_tokens]``."""
-        if isinstance(temperature, bool) or not temperature >= 0 or temperature == float("inf"):
+        """Prefill ``idx`` ``[B, T]`` and sample ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
+
+        The last token is sampled, not fed back: the caches hold ``T + max_new_tokens - 1`` tokens at most, and
+        without a budget ``T + max_new_tokens - 1`` must fit in ``context_len``."""
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not temperature >= 0
+            or (temperature == float("inf"))
+        ):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
         if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}.")
-        logits = self.prefill(idx, max_new_tokens)
+        if not is_int(max_new_tokens) or int(max_new_tokens) < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)
+        ids = self.model.tokens(idx)
+        T, ctx = ids.shape[-1], self.model.config.context_len
+        if not self._bounded and self.threshold is None and T <= ctx and T + max_new_tokens - 1 > ctx:
+            raise ValueError(
+                f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds context_len={ctx} + 1 (the last token "
+                f"is sampled, not attended); pass a budget of at most {ctx} for every layer (budget=...; --budget on "
+                f"the command line) to decode past it through a pruned cache, or max_new_tokens <= {ctx - T + 1} "
+                f"(--max_new_tokens)."
+            )
+        logits = self.prefill(idx, max(max_new_tokens - 1, 0))
         out = [idx]
         for n in range(max_new_tokens):
             tok = sample(logits, temperature, top_k, generator)

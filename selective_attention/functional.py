@@ -13,6 +13,7 @@ from .masks import NormalizedMask, normalize_mask
 from .ops import naive
 from .ops.chunked import check_chunk_size
 from .ops.registry import NAMES, PREFERENCE, Request, backend_module, dispatch
+from .ops.transforms import vmapped
 from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["selective_attention", "attention_weights", "selection_penalty", "Selection"]
@@ -113,8 +114,20 @@ def _request(
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}.")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number (default 1 / sqrt(D)), got {scale!r}.")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(
+            f"scale must be a finite Python number (default 1 / sqrt(D)), got {scale!r}"
+            + (": pass float(scale)." if isinstance(scale, Tensor) else ".")
+        )
+    scale = float(scale)  # a numpy scalar too
+    for name, m in (("selective_mask", selective_mask), ("key_padding_mask", key_padding_mask)):
+        if isinstance(m, Tensor) and vmapped(m):
+            raise ValueError(
+                f"torch.vmap over {name} is not supported: its values are checked and folded in Python, which vmap "
+                f"cannot batch. Give the per-example masks a batch dimension instead ({name} takes "
+                f"{'[B, H, Lq, Lk]' if name == 'selective_mask' else '[B, Lk]'}), or vmap over q, k, v with one "
+                f"mask shared by every example."
+            )
     chosen = as_selection(
         selection, head=selection_head, per_head=selection_per_head, projected=selection_qk, stacklevel=4
     )

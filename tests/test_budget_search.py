@@ -14,6 +14,7 @@ from selective_attention.budget_search import (
     smallest_budget_at,
     uniform_budgets,
 )
+from selective_attention.decoding import Decoder
 from selective_attention.model import GPT, GPTConfig
 
 
@@ -126,3 +127,33 @@ def test_a_curve_is_read_from_the_largest_budget_down():
     assert smallest_budget_at([(4, nan), (8, nan)], 1.0) is None and smallest_budget_at(points, nan) is None
     assert smallest_budget_at([(4, 0.1), (8, nan), (16, 0.1)], 0.25) == 16
     assert smallest_budget_at(points, 0.25, full=nan) is None
+
+
+def test_pruned_logits_reports_the_peak_occupancy_under_a_threshold():
+    """A threshold evicts and admits, so a layer's cache shrinks and grows: the reported tokens per layer are the
+    most it held at any step (what the memory must hold), not what the last step kept."""
+    m = model()
+    x = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1))
+    _, peak = pruned_logits(m, x, threshold=0.5)
+    dec, steps = Decoder(m, threshold=0.5), []
+    dec.prefill(x[:, :1], 31)
+    steps.append(dec.occupancy())
+    for t in range(1, 32):
+        dec.step(x[:, t])
+        steps.append(dec.occupancy())
+    assert peak == [max(s[i] for s in steps) for i in range(len(peak))]
+    assert peak != steps[-1]  # this text's caches shrink by the end: the last step understates the memory
+
+
+def test_windows_and_search_options_are_checked_by_name():
+    m = model()
+    x = torch.randint(0, 40, (2, 16))
+    with pytest.raises(ValueError, match=r"x \(2, 16\) and y \(3, 16\) must have one shape"):
+        pruned_loss(m, x, torch.randint(0, 40, (3, 16)))
+    with pytest.raises(ValueError, match="y must be an integer tensor of token ids"):
+        pruned_loss(m, x, x.float())  # 3.7 was read as 3
+    with pytest.raises(ValueError, match="x must be an integer tensor of token ids"):
+        search_budgets(m, x[0], x[0])
+    for bad in (dict(tolerance=True), dict(target=True), dict(target="1.5")):
+        with pytest.raises(ValueError, match="tolerance|target"):
+            search_budgets(m, x, x, **bad)

@@ -328,6 +328,8 @@ def test_step_checks_the_token():
         dec.step(torch.tensor([1]))
     with pytest.raises(ValueError, match="integer tensor"):
         dec.step(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        dec.step(torch.tensor([True, False]))  # was read as ids 1 and 0
     with pytest.raises(RuntimeError, match="prefill"):
         Decoder(m).step(torch.tensor([1]))
     # any integer dtype is a token id (uint8 bytes, say), read exactly as long
@@ -341,8 +343,14 @@ def test_prompt_too_long_without_pruning():
     m = model(context_len=16)
     with pytest.raises(ValueError, match="prompt length 17 exceeds context_len=16"):
         m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
-    with pytest.raises(ValueError, match=r"10 \+ max_new_tokens 7 exceeds context_len=16.*max_new_tokens <= 6"):
-        m.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match=r"10 \+ max_new_tokens 8 exceeds context_len=16 \+ 1.*max_new_tokens <= 7"):
+        m.generate(torch.zeros(1, 10, dtype=torch.long), 8)
+    # the last token is sampled from a full context's logits, not attended: 10 + 7 tokens fit a context of 16
+    dec = Decoder(m)
+    out = dec.generate(torch.zeros(1, 10, dtype=torch.long), 7, temperature=0)
+    assert out.shape == (1, 17) and out[0, 16] == m(out[:, :16])[0, -1].argmax()
+    assert dec.caches[0].k.shape[2] == 16  # no slot for the token that is never fed back
+    assert m.generate(torch.zeros(1, 16, dtype=torch.long), 1, temperature=0).shape == (1, 17)
     with pytest.raises(ValueError, match="token ids"):
         m.generate(torch.full((1, 3), 99), 2)
 
@@ -372,3 +380,31 @@ def test_compiled_decoder_matches_eager(policy):
     again = Decoder(m, budget=6, policy=policy, compile=True).generate(idx, 8, temperature=0)  # reuses the step
     assert torch.equal(again, m.generate(idx, 8, temperature=0, budget=6, policy=policy))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_call_that_fails_partway_leaves_the_decoder_refusing_steps(monkeypatch):
+    """A prefill or step that stops between layers (out of memory, an interrupt) leaves some caches with the call's
+    tokens and some without: the next step must refuse until a new prefill, not decode from mixed caches."""
+    m = model()
+    dec = Decoder(m)
+    dec.prefill(torch.randint(0, 40, (1, 20)), 5)
+
+    def boom(*a, **k):
+        raise MemoryError("simulated: out of memory in layer 1")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(m.blocks[1].attn, "prefill", boom)
+        with pytest.raises(MemoryError):
+            dec.prefill(torch.randint(0, 40, (1, 3)), 5)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        dec.step(torch.tensor([7]))
+    dec.prefill(torch.randint(0, 40, (1, 6)), 5)
+    dec.step(torch.tensor([3]))
+    with monkeypatch.context() as mp:
+        mp.setattr(m.blocks[1].attn, "step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            dec.step(torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="did not finish"):
+        dec.step(torch.tensor([4]))  # a retry would have written the token twice in layer 0
+    logits = dec.prefill(torch.randint(0, 40, (1, 6)), 5)  # a new prefill serves again
+    assert logits.shape == (1, 40)

@@ -377,8 +377,11 @@ def test_generate_defaults_fit_the_context_and_budgets_are_bounded(ckpts, capsys
     run, missing = str(ckpts["text"][0]), "/nonexistent"  # context_len 32, byte level
     # default --max_new_tokens: what fits the context (it was 200, refused on any model of context < 216)
     assert main(["generate", "--ckpt", run, "--prompt", "ab"]) == 0
-    assert main(["generate", "--ckpt", run, "--prompt", "x" * 32]) == 2
-    assert "the prompt (32 tokens) fills the model's context_len=32" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", run, "--prompt", "x" * 32]) == 0  # one token: sampled from a full context
+    assert capsys.readouterr().out.startswith("x" * 32)
+    assert main(["generate", "--ckpt", run, "--prompt", "x" * 33]) == 2
+    assert "the prompt (33 tokens) is longer than the model's context_len=32" in capsys.readouterr().err
     # a budget above the context is refused before a slot is allocated (10^20 overflowed, 10^8 took gigabytes)
     for cmd in (["generate", "--prompt", "ab"], ["eval", "--batches", "1"]):
         for b in ("33", "1" + "0" * 20, "8,40"):
@@ -396,3 +399,23 @@ def test_generate_defaults_fit_the_context_and_budgets_are_bounded(ckpts, capsys
     # varassign on a text model whose context is shorter than an example: the fix is the training's
     assert main(["eval", "--ckpt", run, "--data", "varassign"]) == 2
     assert "longer than the model's context_len=32: a model trained with --context_len >= " in (capsys.readouterr().err)
+
+
+def test_generate_takes_the_eviction_policy_as_eval_does(ckpts, capsys):
+    """--policy and --recent reach the decoder (the text equals the library's with the same policy, greedy), and
+    a non-default policy without a budget is refused before anything is loaded."""
+    from selective_attention.checkpoint import model_from_checkpoint
+    from selective_attention.decoding import Decoder
+
+    run, _ = ckpts["text"]
+    argv = ["generate", "--ckpt", str(run), "--prompt", "def f", "--max_new_tokens", "30", "--temperature", "0"]
+    model, meta = model_from_checkpoint(str(run))
+    idx = meta["tokenizer"].encode_prompt("def f")[None]
+    for policy, extra in (("window", []), ("h2o", ["--recent", "3"])):
+        assert main([*argv, "--budget", "6", "--policy", policy, *extra]) == 0
+        text = capsys.readouterr().out
+        dec = Decoder(model, budget=6, policy=policy, recent=3 if extra else None)
+        want = meta["tokenizer"].decode(dec.generate(idx, 30, temperature=0)[0])
+        assert text.startswith(want), policy
+    assert main([*argv, "--policy", "window"]) == 2
+    assert "budget" in capsys.readouterr().err

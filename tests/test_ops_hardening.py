@@ -362,3 +362,36 @@ def test_forward_mode_ad_and_func_transforms_are_exact_through_auto(selection):
             tf.grad(loss(named))(q, k, v)
     qb, kb, vb = (torch.stack([t, 2 * t, -t]) for t in (q, k, v))  # an extra leading dim, mapped over
     torch.testing.assert_close(tf.vmap(named)(qb, kb, vb), tf.vmap(spec)(qb, kb, vb), **TOL[torch.float64])
+
+
+def test_vmap_over_a_mask_is_refused_by_name_and_a_shared_mask_is_served():
+    """A mask batched by torch.vmap cannot be read in Python (its values are checked and folded there): refused with
+    the two ways that work, instead of PyTorch's data-dependent control-flow error. A mask shared by every mapped
+    example is served, equal to a loop."""
+    import torch.func as tf
+
+    N, B, H, L, D = 3, 1, 2, 8, 4
+    q, k, v = (torch.randn(N, B, H, L, D, dtype=torch.float64) for _ in range(3))
+    masks = torch.rand(N, L, L) < 0.3
+    pads = torch.zeros(N, B, L, dtype=torch.bool)
+    for backend in ("naive", "sdpa", "auto"):
+        with pytest.raises(ValueError, match="torch.vmap over selective_mask is not supported.*batch dimension"):
+            tf.vmap(lambda a, b, c, m, be=backend: selective_attention(a, b, c, m, backend=be))(q, k, v, masks)
+        with pytest.raises(ValueError, match=r"torch.vmap over key_padding_mask.*\[B, Lk\]"):
+            tf.vmap(lambda a, b, c, p, be=backend: selective_attention(a, b, c, key_padding_mask=p, backend=be))(
+                q, k, v, pads
+            )
+    shared = masks[0]
+    got = tf.vmap(lambda a, b, c: selective_attention(a, b, c, shared))(q, k, v)
+    want = torch.stack([selective_attention(q[i], k[i], v[i], shared) for i in range(N)])
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_scale_takes_any_real_number_and_names_a_tensor():
+    import numpy as np
+
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    out = selective_attention(q, q, q, scale=np.float32(0.5))
+    torch.testing.assert_close(out, selective_attention(q, q, q, scale=0.5))
+    with pytest.raises(ValueError, match=r"scale must be a finite Python number.*pass float\(scale\)"):
+        selective_attention(q, q, q, scale=torch.tensor(0.5))

@@ -284,3 +284,19 @@ def test_forced_dot_scans_match_the_spec_in_fp32(monkeypatch):
         ref = _run(_naive(heads, scale), inputs, dout, torch.float32)
         for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
             torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_interpreter_refuses_bf16_instead_of_returning_garbage():
+    """Triton's interpreter multiplies bf16 as raw 16-bit patterns (outputs ~1e8 off): refused by name there."""
+    if DEVICE != "cpu":
+        pytest.skip("compiled on a GPU, bf16 runs (test_gpu_low_precision)")
+    q = torch.randn(1, 2, 16, 16).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter.*cannot run bf16"):
+        triton_selective_attention(q, q, q, heads=slice(0, 1), scale=0.25, sel_scale=0.25)
+    from selective_attention.functional import selective_attention
+    from selective_attention.ops.registry import BackendRefused
+
+    with pytest.raises(BackendRefused, match="cannot run bf16"):
+        selective_attention(q, q, q, selection=True, backend="triton")
+    auto = selective_attention(q, q, q, selection=True)  # auto: the chunked path serves it
+    assert auto.dtype == torch.bfloat16 and torch.isfinite(auto).all()

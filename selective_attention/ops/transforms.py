@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
-__all__ = ["unserved_transform"]
+__all__ = ["unserved_transform", "vmapped"]
 
 
 def _transforms() -> set:
@@ -41,3 +41,13 @@ def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | N
     if reverse and T.Grad in kinds:
         return "torch.func's gradient transforms (grad, vjp, jacrev)"
     return None
+
+
+def vmapped(t: Tensor | None) -> bool:
+    """Whether ``t`` is batched by an enclosing ``torch.vmap`` (at any level of ``torch.func`` wrappers)."""
+    fn = torch._C._functorch
+    while t is not None and fn.is_functorch_wrapped_tensor(t):
+        if fn.is_batchedtensor(t):
+            return True
+        t = fn.get_unwrapped(t)
+    return False

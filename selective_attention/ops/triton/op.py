@@ -32,6 +32,11 @@ __all__ = ["triton_selective_attention", "is_available", "paper_fwd", "paper_bwd
 debug_fill_nan: bool = os.environ.get("SELECTIVE_ATTENTION_TRITON_DEBUG", "") == "1"
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton's interpreter multiplies bf16 operands as their raw 16-bit patterns (its tl.dot converts fp8 only)
+_INTERPRETER_BF16 = (
+    "backend='triton' under Triton's interpreter (TRITON_INTERPRET=1) cannot run bf16: its products read bf16 as "
+    "integers. Use float32 or float16 there, or backend='chunked'; compiled on a GPU, bf16 runs."
+)
 _MAX_D = 128  # larger dims would need their own (untested) GPU block config
 
 
@@ -217,6 +222,8 @@ def triton_selective_attention(
             f"the Triton backend needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
             "TRITON_INTERPRET=1 set before Triton is first imported.)"
         )
+    if q.dtype == torch.bfloat16 and _interpreting():
+        raise TypeError(_INTERPRETER_BF16)
     if old := _too_old():
         raise RuntimeError(old)
     vote_head = _vote_head(heads, q.shape[1])
@@ -254,6 +261,8 @@ def supports(req: Request) -> str | None:
     q, v = req.q, req.v
     if q.dtype not in _DTYPES:
         return f"backend='triton' runs {', '.join(str(d) for d in _DTYPES)}; got {q.dtype}: use backend='chunked'."
+    if q.dtype == torch.bfloat16 and _interpreting():
+        return _INTERPRETER_BF16
     if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
         return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
     if old := _too_old():
