@@ -31,6 +31,25 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def device_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn()``: CUDA events around it where a GPU is visible (each
+    call synchronised), a host clock otherwise. No warm-up: the caller's."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def cpu_results() -> Path:
     """``results/<cpu>/``, this CPU's folder: tables from different CPUs never overwrite each other.
 

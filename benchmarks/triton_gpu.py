@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, machine
+from common import RESULTS, device_ms, machine
 
 TOKENS = 16384  # B * L
 MODEL_DIM = 2048  # H * D
@@ -67,18 +67,6 @@ def make_methods(names: list[str], L: int, naive_max_L: int) -> dict:
     return {n: every[n] for n in names if n != "naive" or L <= naive_max_L}
 
 
-def cuda_ms(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def time_method(fn, q, k, v, dout, repeats: int) -> dict[str, float]:
     """Median ms of fwd (no grad), bwd (on a retained graph) and fwd+bwd."""
 
@@ -103,7 +91,7 @@ def time_method(fn, q, k, v, dout, repeats: int) -> dict[str, float]:
         for _ in range(3):  # warm-up: compile, autotune caches, allocator
             f()
         torch.cuda.synchronize()
-        res[name] = statistics.median(cuda_ms(f, repeats))
+        res[name] = statistics.median(device_ms(f, repeats))
     for t in (q, k, v):
         t.grad = None
     return res

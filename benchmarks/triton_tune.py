@@ -39,7 +39,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 
 import torch
-from common import RESULTS
+from common import RESULTS, device_ms
 
 TOKENS, MODEL_DIM = 16384, 2048
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -136,23 +136,9 @@ def _compile_job(job) -> tuple[str, str]:
 
 def timer(fn, repeats: int, warmup: int = 2) -> float:
     """Median ms of ``fn()`` (CUDA events on a GPU, a synchronised host clock otherwise)."""
-    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return statistics.median(device_ms(fn, repeats))
 
 
 def rel_err(x, ref) -> float:

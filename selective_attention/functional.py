@@ -116,7 +116,7 @@ def _request(
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(
-            f"scale must be a finite Python number (default 1 / sqrt(D)), got {scale!r}"
+            f"scale must be a finite number (a Python or NumPy real; default 1 / sqrt(D)), got {scale!r}"
             + (": pass float(scale)." if isinstance(scale, Tensor) else ".")
         )
     scale = float(scale)  # a numpy scalar too

@@ -393,5 +393,5 @@ def test_scale_takes_any_real_number_and_names_a_tensor():
     q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
     out = selective_attention(q, q, q, scale=np.float32(0.5))
     torch.testing.assert_close(out, selective_attention(q, q, q, scale=0.5))
-    with pytest.raises(ValueError, match=r"scale must be a finite Python number.*pass float\(scale\)"):
+    with pytest.raises(ValueError, match=r"scale must be a finite number \(a Python or NumPy.*pass float\(scale\)"):
         selective_attention(q, q, q, scale=torch.tensor(0.5))

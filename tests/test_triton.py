@@ -135,13 +135,18 @@ def test_gpu_block_sizes(monkeypatch, D, table):
     from selective_attention.ops.triton import kernels
 
     monkeypatch.setattr(kernels, "config_for", lambda d, device, dtype=None: getattr(kernels, table)[D])
-    B, H, L = 1, 2, 300
+    _fp32_matches_the_spec(1, 2, 300, D, FP32_TOL)
+
+
+def _fp32_matches_the_spec(B, H, L, D, tol):
+    """Out, dq, dk, dv of the Triton kernels (with whatever config ``config_for`` gives) against the naive spec, fp32
+    inputs, voting head 0 and per-head F."""
     inputs, dout, scale = _inputs(B, H, L, D, torch.float32), _cotangent(B, H, L, D, torch.float32), D**-0.5
     for heads in (slice(0, 1), slice(None)):
         fast = _run(_triton(heads, scale), inputs, dout, torch.float32)
         ref = _run(_naive(heads, scale), inputs, dout, torch.float32)
         for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
-            torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_strided_inputs_and_determinism():
@@ -274,16 +279,9 @@ def test_forced_dot_scans_match_the_spec_in_fp32(monkeypatch):
     product splits each term in two bf16 parts (error <= 2^-17 of it), to 1e-3: dropping the low part errs ~1e-2."""
     from selective_attention.ops.triton import kernels
 
-    tol = FP32_TOL if DEVICE == "cpu" else dict(atol=1e-3, rtol=1e-3)
-    B, H, L, D = 1, 3, 100, 16
-    inputs, dout, scale = _inputs(B, H, L, D, torch.float32), _cotangent(B, H, L, D, torch.float32), D**-0.5
     forced = dataclasses.replace(kernels.INTERPRET_CONFIG, dot_scans=True)
     monkeypatch.setattr(kernels, "config_for", lambda d, device, dtype=None: forced)
-    for heads in (slice(0, 1), slice(None)):
-        fast = _run(_triton(heads, scale), inputs, dout, torch.float32)
-        ref = _run(_naive(heads, scale), inputs, dout, torch.float32)
-        for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    _fp32_matches_the_spec(1, 3, 100, 16, FP32_TOL if DEVICE == "cpu" else dict(atol=1e-3, rtol=1e-3))
 
 
 def test_the_interpreter_refuses_bf16_instead_of_returning_garbage():

@@ -44,7 +44,10 @@ def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | N
 
 
 def vmapped(t: Tensor | None) -> bool:
-    """Whether ``t`` is batched by an enclosing ``torch.vmap`` (at any level of ``torch.func`` wrappers)."""
+    """Whether ``t`` is batched by an enclosing ``torch.vmap`` (at any level of ``torch.func`` wrappers). False under
+    ``torch.compile``, which reads no mask value (and cannot trace this check)."""
+    if torch.compiler.is_compiling():
+        return False
     fn = torch._C._functorch
     while t is not None and fn.is_functorch_wrapped_tensor(t):
         if fn.is_batchedtensor(t):
