@@ -467,6 +467,14 @@ def attention_forward(
         raise
 
 
+_KV_SHARED = (
+    f"attn_implementation='{NAME}' cannot serve a model whose later layers reuse an earlier layer's keys and values "
+    "(config.num_kv_shared_layers={n}: Gemma 3n, Gemma 4) while decoding with a cache: the shared keys bypass the "
+    "cache's selection (SelectiveCache decoded such a model wrongly, silently). Generate with use_cache=False "
+    "(selecting only in the layers that own their keys), or use the model's own attention."
+)
+
+
 def _forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -491,7 +499,8 @@ def _forward(
     if softcap:
         raise NotImplementedError(
             f"attn_implementation='{NAME}' does not apply logit soft-capping (softcap={softcap}); this model (e.g. "
-            "Gemma 2) would silently change. Use attn_implementation='eager' or 'sdpa'."
+            "Gemma 2) would silently change. Use the model's own attention (attn_implementation='eager': Gemma 2 "
+            "refuses 'sdpa' with soft-capping), or set config.attn_logit_softcapping=None (another model)."
         )
     changes = {k: kwargs[k] for k in _CHANGES_ATTENTION if kwargs.get(k) is not None}
     if changes:
@@ -545,6 +554,8 @@ def _forward(
         query, key, value = autocast_inputs(query, key, value)
         if cached.owner is not None:
             cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
+        if getattr(config, "num_kv_shared_layers", 0):
+            raise NotImplementedError(_KV_SHARED.format(n=config.num_kv_shared_layers))
         if dropout:
             raise ValueError(
                 f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
@@ -555,6 +566,14 @@ def _forward(
     Lk = key.shape[2]
     if Lq != Lk:
         if sel is not None:
+            if n_shared := getattr(config, "num_kv_shared_layers", 0):  # Gemma 4 under logits_to_keep: only the
+                raise NotImplementedError(  # last token's query from its first sharing layer on
+                    f"layer {layer_idx} selects, and got {Lq} queries for {Lk} keys: it reuses an earlier layer's "
+                    f"keys (config.num_kv_shared_layers={n_shared}), and this model passes the later layers only the "
+                    "tokens whose logits are kept (generate keeps the last). Select only in the layers that own their "
+                    f"keys: configure(..., layers=range({getattr(config, 'num_hidden_layers', '?')} - {n_shared})), "
+                    "or call the model with logits_to_keep=0 (every token)."
+                )
             raise ValueError(
                 f"layer {layer_idx} selects, and got {Lq} queries for {Lk} cached keys: the votes of the earlier "
                 "tokens are not in a plain cache. Decode with generate(..., cache=selective_attention.hf."
@@ -794,7 +813,9 @@ class SelectiveLayer(DynamicLayer):
             msg = (
                 "SelectiveCache: a layer's keys were cached but never attended through "
                 f"attn_implementation='{NAME}'. Build the model with attn_implementation='{NAME}' (every layer), "
-                "or use a plain cache (DynamicCache)."
+                "or use a plain cache (DynamicCache). A model that transforms its keys after caching them "
+                "(multi-head latent attention: DeepSeek-V2/V3) cannot prune through SelectiveCache: generate with "
+                "use_cache=False there."
             )
             if self.owner is not None:
                 self.owner.broken = msg  # that layer counted tokens it never stored

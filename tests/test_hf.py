@@ -1164,3 +1164,38 @@ def test_a_cache_under_the_wrong_keyword_is_named():
     q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     with pytest.raises(TypeError, match=r"past_key_values=, not cache=.*cache_keyword"):
         sa_hf.attention_forward(attn, q, k, v, None, cache=sa_hf.SelectiveCache())
+
+
+def _kv_sharing(kind: str, impl: str = "selective", **sel):
+    """A tiny Gemma 3n or Gemma 4 whose last layer reuses an earlier layer's keys and values."""
+    kw = dict(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
+              intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              layer_types=["full_attention"] * 3, num_kv_shared_layers=1, max_position_embeddings=256,
+              pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+    cls = transformers.Gemma3nTextConfig if kind == "gemma3n" else transformers.Gemma4TextConfig
+    cfg = cls(laurel_rank=4, altup_num_inputs=2, **kw) if kind == "gemma3n" else cls(**kw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(sa_hf.configure(cfg, **sel), attn_implementation=impl,
+                                                          dtype=torch.float64)  # fmt: skip
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,layers", [("gemma3n", None), ("gemma4", [0, 1])])
+def test_kv_sharing_models_are_refused_under_a_selective_cache(kind, layers):
+    """Shared keys bypass SelectiveCache: it decoded these models 0.08-0.2 off the spec from the first step, silently.
+    Refused by name; generating without a cache (selecting in the layers that own their keys) equals the spec."""
+    sel = {} if layers is None else dict(layers=layers)
+    model = _kv_sharing(kind, **sel)
+    ids = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(1))
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="num_kv_shared_layers=1.*use_cache=False"):
+        model.generate(ids, **{CACHE: sa_hf.SelectiveCache()}, **greedy)
+    if kind == "gemma4":
+        ref = _kv_sharing(kind, impl="selective_ref", **sel)
+        assert torch.equal(model.generate(ids, use_cache=False, **greedy), ref.generate(ids, use_cache=False, **greedy))
+        # every layer selecting: generate passes the shared layer the last token only (logits_to_keep)
+        every = _kv_sharing(kind)
+        with pytest.raises(NotImplementedError, match=r"Select only in the layers that own their keys"):
+            every.generate(ids, use_cache=False, **greedy)
+        torch.testing.assert_close(every(ids).logits, _kv_sharing(kind, impl="selective_ref")(ids).logits)
