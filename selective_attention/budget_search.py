@@ -185,9 +185,10 @@ def search_budgets(
     (>= 2: the first token and the newest; with an H2O ``recent``, >= recent + 1) that keeps the loss on
     ``x, y`` (all layers at their current budgets) at most ``target + tolerance``. That is the smallest
     passing budget when the loss does not improve as a budget shrinks; where it does (a pruned cache can
-    score better than a fuller one), it is a passing budget b whose b - 1 fails, and smaller ones may pass
-    too. ``loss`` is recomputed for the returned budgets, and ``reached`` says whether it meets the goal (not
-    when even the full cache misses it: the budgets then stay at the full context).
+    score better than a fuller one), it is a passing budget b whose b - 1 fails (or the smallest allowed),
+    and smaller ones may pass too. ``loss`` is recomputed for the returned budgets, and ``reached`` says
+    whether it meets the goal (not when even the full cache misses it: the budgets then stay at the full
+    context).
 
     Args:
         model: a trained GPT (eval mode).

@@ -221,11 +221,20 @@ def gpt_config_from_dict(d: Mapping[str, object]) -> GPTConfig:
 
 
 def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
-    """``{field: (stored, now)}`` over the fields that shape the model or its training (not the notes)."""
+    """``{field: (stored, now)}`` over the fields that shape the model or its training (not the notes). Selection
+    layers compare by the layers that select: listing every layer is the same model as None."""
+
+    def differs(name: str) -> bool:
+        if name == "selection_layers" and stored.n_layer == now.n_layer:
+            return [stored.layer_selects(i) for i in range(stored.n_layer)] != [
+                now.layer_selects(i) for i in range(now.n_layer)
+            ]
+        return getattr(stored, name) != getattr(now, name)
+
     return {
         f.name: (getattr(stored, f.name), getattr(now, f.name))
         for f in dataclasses.fields(GPTConfig)
-        if f.name not in _MODEL_NOTES and getattr(stored, f.name) != getattr(now, f.name)
+        if f.name not in _MODEL_NOTES and differs(f.name)
     }
 
 

@@ -371,9 +371,9 @@ def cmd_generate(args: GenerateOptions) -> str:
     if args.threshold is not None and not budgets_fit(budget, ctx) and last > ctx:
         # the library checks each step and would stop partway, the text generated so far lost: refuse up front
         raise ValueError(
-            f"the prompt ({idx.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} exceed context_len={ctx}, "
-            f"and a --threshold alone does not bound what a layer attends to; add --budget <= {ctx}, or generate "
-            f"fewer tokens."
+            f"the prompt ({idx.shape[1]} tokens) + --max_new_tokens {args.max_new_tokens} - 1 (the last is sampled, "
+            f"not attended) exceed context_len={ctx}, and a --threshold alone does not bound what a layer attends to; "
+            f"add --budget <= {ctx}, or generate at most {ctx - idx.shape[1] + 1} tokens."
         )
     dec = Decoder(model, budget=budget, threshold=args.threshold, policy=args.policy, recent=args.recent,
                   compile=args.compile)  # fmt: skip

@@ -21,6 +21,7 @@ model's ``context_len``) eagerly, outside the compiled function.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 import sys
@@ -235,13 +236,13 @@ class Decoder:
 
         The last token is sampled, not fed back: the caches hold ``T + max_new_tokens - 1`` tokens at most, and
         without a budget ``T + max_new_tokens - 1`` must fit in ``context_len``."""
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, numbers.Real)
-            or not temperature >= 0
-            or (temperature == float("inf"))
-        ):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+        given = temperature
+        if isinstance(temperature, Tensor) and temperature.dim() == 0 and not temperature.is_complex():
+            temperature = temperature.item()  # a 0-d tensor, as max_new_tokens and top_k take them
+        real = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+        if not real or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {given!r}.")
+        temperature = float(temperature)  # a NumPy scalar or a Fraction too
         if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}.")
         if not is_int(max_new_tokens) or int(max_new_tokens) < 0:

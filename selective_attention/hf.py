@@ -566,18 +566,23 @@ def _forward(
     Lk = key.shape[2]
     if Lq != Lk:
         if sel is not None:
-            if n_shared := getattr(config, "num_kv_shared_layers", 0):  # Gemma 4 under logits_to_keep: only the
-                raise NotImplementedError(  # last token's query from its first sharing layer on
+            n_shared = getattr(config, "num_kv_shared_layers", 0)
+            if n_shared and getattr(module, "is_kv_shared_layer", False):  # Gemma 4 under logits_to_keep: only
+                raise NotImplementedError(  # the kept tokens' queries from its first sharing layer on
                     f"layer {layer_idx} selects, and got {Lq} queries for {Lk} keys: it reuses an earlier layer's "
                     f"keys (config.num_kv_shared_layers={n_shared}), and this model passes the later layers only the "
                     "tokens whose logits are kept (generate keeps the last). Select only in the layers that own their "
                     f"keys: configure(..., layers=range({getattr(config, 'num_hidden_layers', '?')} - {n_shared})), "
-                    "or call the model with logits_to_keep=0 (every token)."
+                    "and generate with use_cache=False; or call the model with logits_to_keep=0 (every token)."
                 )
+            fix = (
+                "Pass use_cache=False (this model's shared keys keep SelectiveCache out)."
+                if n_shared
+                else "Decode with generate(..., cache=selective_attention.hf.SelectiveCache()), or use_cache=False."
+            )
             raise ValueError(
                 f"layer {layer_idx} selects, and got {Lq} queries for {Lk} cached keys: the votes of the earlier "
-                "tokens are not in a plain cache. Decode with generate(..., cache=selective_attention.hf."
-                "SelectiveCache()), or pass use_cache=False."
+                f"tokens are not in a plain cache. {fix}"
             )
         kpm = None if real is None else ~real[:, -Lk:]
         out = _attend(query, key, value, is_causal=True, key_padding_mask=kpm, dropout_p=dropout, scale=scaling)

@@ -120,8 +120,7 @@ class GPTConfig:
                 raise ValueError(
                     "selection_layers=() selects in no layer; pass None for every layer, or selection=False."
                 )
-            # every layer, listed: the same model as None, so stored the same way (a resume compares them)
-            self.selection_layers = None if self.selection and set(layers) == set(range(self.n_layer)) else layers
+            self.selection_layers = layers
         if not _is_int(self.selection_head) or not 0 <= self.selection_head < self.n_head:
             raise ValueError(
                 f"selection_head must be an int in [0, n_head={self.n_head}), got {self.selection_head!r}."

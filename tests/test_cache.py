@@ -351,6 +351,11 @@ def test_prompt_too_long_without_pruning():
     assert out.shape == (1, 17) and out[0, 16] == m(out[:, :16])[0, -1].argmax()
     assert dec.caches[0].k.shape[2] == 16  # no slot for the token that is never fed back
     assert m.generate(torch.zeros(1, 16, dtype=torch.long), 1, temperature=0).shape == (1, 17)
+    # a temperature as a 0-d tensor or a NumPy scalar, as max_new_tokens and top_k take integers
+    import numpy as np
+
+    for t in (torch.tensor(0.0), np.float32(0.0)):
+        assert torch.equal(m.generate(torch.zeros(1, 10, dtype=torch.long), 3, temperature=t), out[:, :13])
     with pytest.raises(ValueError, match="token ids"):
         m.generate(torch.full((1, 3), 99), 2)
 

@@ -1,5 +1,7 @@
 """GPTConfig, GPT and the memory loss."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,11 +41,16 @@ def test_selection_layers_option():
     msg = r"selection_layers=\(1,\): an option of selective attention, which this model \(selection=False\) does not"
     with pytest.raises(ValueError, match=msg):
         tiny(n_layer=3, selection=False, selection_layers=[1])  # silently ignored before
-    # every layer listed is every layer: stored as None, so a resume without the option sees the same model
-    assert tiny(n_layer=2, selection=True, selection_layers=[1, 0]).selection_layers is None
-    assert tiny(n_layer=1, selection=True, selection_layers=[0]).selection_layers is None
-    assert tiny(n_layer=2, selection=True, selection_layers=[1]).selection_layers == (1,)
-    with pytest.raises(ValueError, match=r"selection_layers=\(0,\): an option"):  # not hidden by the rewrite
+    # every layer listed is the same model as None (a resume compares the layers that select), but stays as given:
+    # a config copied to more layers keeps selecting in the listed ones only
+    from selective_attention.checkpoint import _model_diff
+
+    listed = tiny(n_layer=2, selection=True, selection_layers=[1, 0])
+    assert listed.selection_layers == (1, 0) and not _model_diff(listed, tiny(n_layer=2, selection=True))
+    assert _model_diff(tiny(n_layer=2, selection=True, selection_layers=[1]), tiny(n_layer=2, selection=True))
+    grown = dataclasses.replace(listed, n_layer=4)
+    assert [grown.layer_selects(i) for i in range(4)] == [True, True, False, False]
+    with pytest.raises(ValueError, match=r"selection_layers=\(0,\): an option"):
         tiny(n_layer=1, selection=False, selection_layers=[0])
 
 

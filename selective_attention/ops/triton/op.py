@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,11 @@ _MAX_D = 128  # larger dims would need their own (untested) GPU block config
 
 
 def _interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter: as they were built once imported (Triton decides when it
+    decorates them), else as the environment says they will be."""
+    kernels = sys.modules.get(f"{__package__}.kernels")
+    if kernels is not None:
+        return kernels.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
