@@ -277,12 +277,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"{', '.join(READABLE_VERSIONS)} (it writes {FORMAT_VERSION}). A newer version was written by a newer "
             f"selective-attention: upgrade it (pip install -U selective-attention) to read this file."
         )
+    legacy = version in ("1", "2")
     try:
-        legacy = version in ("1", "2")
         meta = {
             "format_version": version,
             "step": int(raw["step"]),
-            "train_config": _nested_train_config(json.loads(raw["train_config"])),
+            "train_config": json.loads(raw["train_config"]),
             "model_config": json.loads(raw["model_config"]),
             "extra": json.loads(raw.get("extra", "{}")),
             # formats 1-2: one parameter group's state as optim.{i}.{name}; lm_head.weight tied, not stored
@@ -296,6 +296,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
             f"checkpoint of format {version}; restore it from a copy, or retrain ({_AFRESH})."
         ) from None
+    kinds = {"train_config": dict, "model_config": dict, "extra": dict, "optimizer": (dict, type(None)),
+             "aliases": dict, "tokenizer": (dict, type(None))}  # fmt: skip
+    wrong = {k: type(meta[k]).__name__ for k, kind in kinds.items() if not isinstance(meta[k], kind)}
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {path} has metadata of the wrong kind ({wrong}; each is a JSON object): it is not a "
+            f"selective-attention checkpoint of format {version}, or was edited; restore it from a copy, or retrain."
+        )
+    if version == "1":  # no checksum: a later file relabelled as format 1 (to skip its checksum) is told apart
+        later = [k for k in ("tokenizer", "aliases", "optimizer", "checksum") if k in raw]
+        later += ["train_config.model"] if "model" in meta["train_config"] else []
+        if later:
+            raise CheckpointError(
+                f"checkpoint {path} says format 1 but holds {later}, which format 1 never stored: a later checkpoint "
+                f"whose format was edited (to pass without its checksum); restore it from a copy, or retrain."
+            )
+    meta["train_config"] = _nested_train_config(meta["train_config"])  # formats 1-2 stored the model's fields flat
     meta["tokenizer"] = _stored_tokenizer(meta["tokenizer"], path)
     checksum = raw.get("checksum")
     if checksum is None and version != "1":  # every format since 2 writes one: it was removed
@@ -369,10 +386,23 @@ def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Opt
 
 
 def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
-    have = model.state_dict().keys()
+    have = model.state_dict()
     missing, unexpected = [k for k in have if k not in state], [k for k in state if k not in have]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}.")
+    # load_state_dict would cast another dtype silently (an int or bool tensor too): training writes the model's own
+    other = {k: str(t.dtype) for k, t in state.items() if t.dtype != have[k].dtype}
+    if other:
+        raise CheckpointError(
+            f"checkpoint {path} holds tensors of another dtype than this model's ({have[next(iter(other))].dtype}): "
+            f"{other}. Training writes the model's own dtype: the file was edited; restore it from a copy, or retrain."
+        )
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite weights (NaN or inf) in {bad}, which training never saves: it is "
+            f"corrupt or edited; restore it from a copy, or retrain."
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

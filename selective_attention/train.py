@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -590,6 +591,13 @@ def _alive(pid: int) -> bool:
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
+    if cfg.warmup_steps >= cfg.max_steps and int(os.environ.get("RANK", "0")) == 0:
+        warnings.warn(
+            f"--warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the learning rate only warms up "
+            f"(to {lr_at(cfg.max_steps - 1, cfg):.3g} at the last step, never --lr={cfg.lr:g}) and never decays; "
+            f"pass a shorter warmup, e.g. --warmup_steps={max(1, cfg.max_steps // 10)}.",
+            stacklevel=2,
+        )
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes
         return _main(cfg)
     _check_out_dir(Path(cfg.out_dir))

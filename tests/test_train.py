@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume, atomic checkpoints (and older formats), config overrides."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -385,6 +386,7 @@ def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_p
 
     main(tiny(tmp_path, max_steps=4))
     path = tmp_path / "run" / "ckpt.safetensors"
+    v2_path = _as_format_2(path.parent, tmp_path / "old") / "ckpt.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -393,7 +395,15 @@ def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_p
     save_file(tensors, str(path), metadata=old)
     with pytest.raises(CheckpointError, match=rf"\(format {checkpoint.FORMAT_VERSION}\) has no checksum.*edited"):
         load_checkpoint(path)
-    save_file(tensors, str(path), metadata={**old, "format_version": "1"})  # as format 1 wrote it
+    # this file relabelled as format 1 (which is never checked) holds what format 1 never stored: refused
+    save_file(tensors, str(path), metadata={**old, "format_version": "1"})
+    with pytest.raises(CheckpointError, match=r"says format 1 but holds \['tokenizer', 'aliases', 'optimizer', "
+                       r"'train_config.model'\].*edited"):  # fmt: skip
+        load_checkpoint(path)
+    with safe_open(str(v2_path), framework="pt") as f:
+        v2, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    v1 = {k: v for k, v in v2.items() if k != "checksum"}
+    save_file(tensors, str(path), metadata={**v1, "format_version": "1"})  # as format 1 wrote it
     with pytest.warns(UserWarning, match="no checksum"):
         loaded, m = load_checkpoint(path)
     assert m["step"] == 4 and loaded.keys() == tensors.keys()
@@ -405,6 +415,64 @@ def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_p
     (hf_dir / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no checkpoint at .*holds a Hugging Face model.*from_pretrained"):
         load_checkpoint(hf_dir)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
+    """--warmup_steps >= --max_steps (the default 50 warmup steps in a 20-step run): the learning rate never
+    reaches --lr and never decays. Training goes on, with a warning naming a shorter warmup."""
+    with pytest.warns(UserWarning, match=r"--warmup_steps=6 >= --max_steps=4.*to 0.002 at the last step, never "
+                      r"--lr=0.003.*--warmup_steps=1"):  # fmt: skip
+        main(tiny(tmp_path, max_steps=4, warmup_steps=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        main(tiny(tmp_path / "b", max_steps=4, warmup_steps=3))  # reaches --lr at step 3
+
+
+def test_checkpoint_metadata_of_the_wrong_kind_is_refused(tmp_path):
+    """A config stored as a JSON list or string (an edit the checksum was recomputed over, or another program's
+    file) is a CheckpointError naming the entry, not a TypeError deep in the loader or a model built from it."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    good = path.read_bytes()
+    for key, value, kind in [("model_config", "[1, 2]", "list"), ("train_config", '"lr"', "str"),
+                             ("extra", "3", "int"), ("aliases", "null", "NoneType")]:  # fmt: skip
+        _rewrite_metadata(path, **{key: value})
+        with pytest.raises(CheckpointError, match=rf"metadata of the wrong kind \({{'{key}': '{kind}'}}"):
+            model_from_checkpoint(path)
+        path.write_bytes(good)
+
+
+def _rewrite_tensor(path, name, change):
+    """Replace the tensor ``name`` of a checkpoint by ``change(tensor)``, the checksum recomputed (an edit)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path), metadata=checkpoint.signed(tensors, meta))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(lambda t: t.double(), r"another dtype than this model's \(torch.float32\).*'tok_emb.weight': 'torch.float64'"),
+     (lambda t: t.to(torch.bfloat16), r"another dtype.*torch.bfloat16"),
+     (lambda t: t.to(torch.int64), r"another dtype.*torch.int64"),
+     (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")),
+      r"NaN or inf.*\[.tok_emb.weight., .lm_head.weight.\]"),
+     (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), r"non-finite weights")],
+)  # fmt: skip
+def test_checkpoint_weights_that_training_never_writes_are_refused(tmp_path, change, message):
+    """load_state_dict would cast a tensor of another dtype silently (float64 rounded, int weights made float) and
+    load NaN or inf as they are (every logit NaN): training writes neither, so the file was edited or damaged.
+    Evaluating and resuming both refuse it."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _rewrite_tensor(path, "model.tok_emb.weight", change)
+    with pytest.raises(CheckpointError, match=message):
+        model_from_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        main(tiny(tmp_path, max_steps=8))
 
 
 def test_resume_refuses_a_changed_training_config(tmp_path):
