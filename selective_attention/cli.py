@@ -10,11 +10,14 @@ option classes below.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,6 +494,26 @@ def cmd_train(cfg) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """This package's own warnings as one line each, ``warning: <message>``, like its errors (not Python's
+    ``file:line: UserWarning: ...`` and the source line, which tell a command-line user nothing); others' warnings
+    keep their place in the code."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = normalise_argv(sys.argv[1:] if argv is None else argv)
     parser = OptionParser(
@@ -513,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     try:
-        commands[ns.command][2](*values)
+        with _warnings_as_lines():
+            commands[ns.command][2](*values)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -334,7 +334,9 @@ def _cli_train(tmp_path, *args):
 
 
 def test_cli_divergence_is_one_error_line_and_exit_2(tmp_path):
-    r = _cli_train(tmp_path, f"--out_dir={tmp_path / 'run'}", "--lr=1e9", "--max_steps=6", "--eval_interval=3")
+    r = _cli_train(
+        tmp_path, f"--out_dir={tmp_path / 'run'}", "--lr=1e9", "--max_steps=6", "--warmup_steps=2", "--eval_interval=3"
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -426,6 +428,15 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         main(tiny(tmp_path / "b", max_steps=4, warmup_steps=3))  # reaches --lr at step 3
+
+
+def test_cli_prints_the_package_warnings_as_one_line_each(tmp_path):
+    r = _cli_train(tmp_path, f"--out_dir={tmp_path / 'run'}", "--max_steps=2", "--warmup_steps=5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "warning: --warmup_steps=5 >= --max_steps=2: the learning rate only warms up (to 0.0012 at the last step, "
+        "never --lr=0.003) and never decays; pass a shorter warmup, e.g. --warmup_steps=1."
+    ]
 
 
 def test_checkpoint_metadata_of_the_wrong_kind_is_refused(tmp_path):
