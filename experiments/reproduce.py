@@ -255,7 +255,7 @@ def report() -> str:
                     if method == "per-layer search":
                         e = r.get("per_layer_search")
                     elif std is not None and method in r.get("kv", {}):  # from the stored curve: the current rule
-                        e = at_standard_loss(r["kv"][method]["curve"], context, std)
+                        e = at_standard_loss(r["kv"][method]["curve"], context, std, r["full"]["search"])
                     else:
                         e = None
                     if e is None:

@@ -183,11 +183,11 @@ class BPETokenizer:
         return self._tok.to_str()
 
     def encode(self, text: str) -> Tensor:
-        """``text`` -> 1-D ``long`` ids (no ``<bos>``; see :meth:`encode_prompt`)."""
-        if len(text) < 65536:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
-        else:  # a corpus: line by line, in parallel
-            ids = [i for e in self._tok.encode_batch_fast(_lines(text), add_special_tokens=False) for i in e.ids]
+        """``text`` -> 1-D ``long`` ids (no ``<bos>``; see :meth:`encode_prompt`). Always line by line (in
+        parallel), as the tokenizer was trained: a text in one piece would encode a line's end differently (a
+        space or ``\\r`` before ``\\n`` is one token line by line, two in one piece), so a validation split or a
+        prompt shorter than a training split would be scored on token sequences training never saw."""
+        ids = [i for e in self._tok.encode_batch_fast(_lines(text), add_special_tokens=False) for i in e.ids]
         return torch.tensor(ids, dtype=torch.long)
 
     def encode_prompt(self, text: str) -> Tensor:
