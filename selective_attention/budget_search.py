@@ -29,6 +29,7 @@ from .progress import progress as progress_bar
 
 __all__ = [
     "pruned_logits",
+    "pruned_slots",
     "pruned_loss",
     "search_budgets",
     "BudgetSearch",
@@ -104,6 +105,27 @@ def pruned_logits(
     if threshold is None:  # a budget alone only ever evicts to make room: the last step holds the most
         peak = dec.occupancy()
     return torch.stack(logits, dim=1), peak
+
+
+def pruned_slots(
+    model: GPT,
+    T: int,
+    *,
+    budget: int | Sequence[int | None] | None = None,
+    threshold: float | None = None,
+    policy: str = "selective",
+    recent: int | None = None,
+) -> list[int]:
+    """The key/value slots per layer (per sequence) that :func:`pruned_logits`' caches allocate for windows of
+    ``T`` tokens: a layer's budget, or T without one. What a run with static buffers stores, against the peak
+    that ``pruned_logits`` reports as held: with a threshold alone that peak may be far below it (the memory a
+    cache that grew and shrank would need), and a budget above T allocates the budget."""
+    if not any_budget(budget):
+        check_policy(policy, threshold, recent)
+        policy, recent = "selective", None
+    dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+    dec.prefill(torch.zeros(1, 1, dtype=torch.long), T - 1)
+    return [c.capacity for c in dec.caches]
 
 
 def _check_windows(x: Tensor, y: Tensor) -> None:

@@ -248,7 +248,7 @@ def _check_threshold_applies(model, threshold: float | None) -> None:
 
 
 def cmd_eval(args: EvalOptions) -> dict:
-    from .budget_search import pruned_logits
+    from .budget_search import pruned_logits, pruned_slots
     from .checkpoint import model_from_checkpoint
     from .decoding import budgets_fit
     from .kv_cache import check_policy
@@ -318,6 +318,13 @@ def cmd_eval(args: EvalOptions) -> dict:
         n_tokens, n_bytes = _target_bytes(task)
         out["bits_per_byte"] = loss * n_tokens / n_bytes / math.log(2)
     out["tokenizer"] = task.tokenizer.kind
+    windows = targets = 0  # what the loss is over: a short split holds fewer windows than asked for
+    for _, y, _ in task.eval_batches():
+        windows, targets = windows + y.shape[0], targets + int((y != -100).sum())
+    out.update({"windows": windows, "targets": targets})
+    if windows < args.batch_size * args.batches:
+        asked = args.batch_size * args.batches
+        out["note_windows"] = f"the split holds {windows} windows, fewer than --batch_size x --batches = {asked}"
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
     if prunes:
         out["policy"] = args.policy
@@ -327,6 +334,9 @@ def cmd_eval(args: EvalOptions) -> dict:
             out["recent"] = args.recent if args.recent is not None else "budget // 2"
     if occupancy is not None:  # the peak: every slot a step stored and attended
         out["kv_tokens_per_layer"] = occupancy
+        # what the decoder's static buffers allocated: a threshold alone saves no memory with them
+        out["kv_slots_per_layer"] = pruned_slots(model, T, budget=budget, threshold=args.threshold,
+                                                 policy=args.policy, recent=args.recent)  # fmt: skip
     if args.json:
         print(json.dumps(out))
     else:

@@ -45,6 +45,7 @@ def test_train_eval_generate_commands(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["val_loss"] > 0 and full["perplexity"] > 1
+    assert full["windows"] == 8 and full["targets"] == 8 * 32 and "note_windows" not in full  # what the loss is over
     assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1", "--budget", "8"]) == 0
     pruned = json.loads(capsys.readouterr().out)
     assert pruned["kv_tokens_per_layer"] == [8, 8]
@@ -154,6 +155,11 @@ def test_eval_context_len_and_budget_checked_against_the_model(ckpts, capsys):
     assert main(["eval", "--ckpt", run, "--budget", "8,none", "--batches", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["budget"] == [8, None] and out["kv_tokens_per_layer"][0] == 8 and out["kv_tokens_per_layer"][1] > 8
+    assert out["kv_slots_per_layer"] == [8, 32]  # what the buffers allocate: the budget, or the window
+    # a threshold alone evicts, but static buffers keep a slot per token: the slots say so beside the peak held
+    assert main(["eval", "--ckpt", run, "--threshold", "0", "--batches", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_slots_per_layer"] == [32, 32] and max(out["kv_tokens_per_layer"]) < 32
     assert main(["generate", "--ckpt", run, "--budget", "none,4", "--max_new_tokens", "3", "--prompt", "ab"]) == 0
     capsys.readouterr()
     assert main(["eval", "--ckpt", run, "--budget", "none,none", "--batches", "1", "--json"]) == 0
@@ -166,6 +172,7 @@ def test_eval_varassign_checkpoint(ckpts, capsys):
     assert main(["eval", "--ckpt", str(run), "--json", "--batch_size", "4", "--batches", "1"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["data"] == "varassign" and full["context_len"] == 4 * 4 + 3
+    assert full["windows"] == 4 and full["targets"] == 4  # one answer per example
     assert full["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
     assert full["val_accuracy"] == pytest.approx(summary["val_accuracy"])
     assert "bits_per_byte" not in full  # the loss of one answer digit is not a rate per byte of text
