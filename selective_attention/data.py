@@ -539,6 +539,14 @@ class VariableAssignment:
         """``T`` of an example with ``n_assign`` assignments: ``4 * n_assign + 3``."""
         return 4 * n_assign + 3
 
+    def n_examples(self, n_assign: int | None = None) -> int:
+        """How many distinct examples of ``n_assign`` assignments there are: every sequence of names and values,
+        times the distinct names it assigns (the query). Small for few variables and assignments (4 variables, 2
+        assignments: 2,800), where a training stream soon holds every example a validation stream can draw."""
+        n, v = self._n(n_assign), self.n_vars
+        # summed over the name sequences, the distinct names = for each name, the sequences that assign it
+        return self.n_values**n * v * (v**n - (v - 1) ** n)
+
     def _n(self, n_assign: int | None) -> int:
         if n_assign is None:
             return self.n_assign

@@ -53,7 +53,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
     save_checkpoint,
     tensors_checksum,
 )
-from .data import curriculum_assign
+from .data import VariableAssignment, curriculum_assign
 from .model import GPT, GPTConfig, token_loss
 from .options import SEED_MAX, parse_options
 from .progress import progress as progress_bar
@@ -598,11 +598,30 @@ def main(cfg: TrainConfig) -> dict:
             f"pass a shorter warmup, e.g. --warmup_steps={max(1, cfg.max_steps // 10)}.",
             stacklevel=2,
         )
+    if cfg.data == "varassign" and int(os.environ.get("RANK", "0")) == 0:
+        _warn_if_validation_is_trained_on(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes
         return _main(cfg)
     _check_out_dir(Path(cfg.out_dir))
     with _run_lock(Path(cfg.out_dir)):
         return _main(cfg)
+
+
+def _warn_if_validation_is_trained_on(cfg: TrainConfig) -> None:
+    """varassign's validation examples are another seed's stream of the same examples as training's, not other
+    examples: where there are few (few variables and assignments), training draws most of them, and the validation
+    accuracy is then not held out. Warn when about 5% or more of them would be training examples (an upper
+    bound under a curriculum, whose earlier steps draw shorter examples)."""
+    space = VariableAssignment(n_vars=cfg.va_vars, n_assign=cfg.va_assign).n_examples()
+    draws = cfg.max_steps * cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    seen = -math.expm1(-draws / space)  # the chance that a uniform draw of the space was drawn in training
+    if seen >= 0.05:
+        warnings.warn(
+            f"--data=varassign with --va_vars={cfg.va_vars} --va_assign={cfg.va_assign} has {space:,} distinct "
+            f"examples, and this run trains on up to {draws:,}: about {seen:.0%} of the validation examples are "
+            "training examples too, so its validation accuracy is not held out. Use more --va_assign or --va_vars.",
+            stacklevel=3,
+        )
 
 
 def _main(cfg: TrainConfig) -> dict:

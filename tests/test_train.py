@@ -430,6 +430,25 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
         main(tiny(tmp_path / "b", max_steps=4, warmup_steps=3))  # reaches --lr at step 3
 
 
+def test_varassign_warns_when_training_draws_the_validation_examples(tmp_path):
+    """2 variables and 1 assignment make 20 distinct examples: 4 x 4 training draws hold 55% of them, so the
+    validation accuracy would not be held out (the count is exact: checked against enumeration)."""
+    import itertools
+
+    from selective_attention.data import VariableAssignment
+
+    for n_vars, n_assign, n_values in [(3, 3, 2), (4, 2, 10), (2, 4, 3)]:
+        names = itertools.product(range(n_vars), repeat=n_assign)
+        assert VariableAssignment(n_vars, n_values, n_assign).n_examples() == sum(
+            len(set(s)) * n_values**n_assign for s in names
+        )
+    with pytest.warns(UserWarning, match=r"--va_vars=2 --va_assign=1 has 20 distinct examples.*up to 16: about 55%"):
+        main(tiny(tmp_path, data="varassign", va_vars=2, va_assign=1, max_steps=4, eval_interval=4, ckpt_interval=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        main(tiny(tmp_path / "b", data="varassign", va_vars=4, va_assign=5, max_steps=4, context_len=64))
+
+
 def test_cli_prints_the_package_warnings_as_one_line_each(tmp_path):
     r = _cli_train(tmp_path, f"--out_dir={tmp_path / 'run'}", "--max_steps=2", "--warmup_steps=5")
     assert r.returncode == 0, r.stderr[-2000:]
