@@ -34,6 +34,7 @@ from .options import (
     int_at_least,
     non_negative_int,
     normalise_argv,
+    option_strings,
     positive_int,
     refuse_unknown,
     seed_int,
@@ -525,7 +526,6 @@ def _warnings_as_lines() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
     parser = OptionParser(
         prog="selective-attention", description="Selective attention for PyTorch.", allow_abbrev=False
     )
@@ -534,9 +534,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (text, option_classes, _) in commands.items():
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False, formatter_class=help_formatter)
         subparsers[name] = (p, [add_options(p, cls, base, **kw) for cls, base, kw in option_classes])
+    known = option_strings(parser, *(p for p, _ in subparsers.values()))
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv, known)
     try:
         ns, unknown = parser.parse_known_args(argv)
         p, option_classes = subparsers[ns.command]
+        early = [a for a in argv[: argv.index(ns.command)] if a in unknown]
+        if early:
+            raise UsageError(
+                f"{early[0]} comes before the command; options go after it: selective-attention {ns.command} "
+                f"{' '.join(early)} ...",
+                parser,
+            )
         refuse_unknown(p, unknown)
         values = [values_of(ns, names) for names in option_classes]
     except UsageError as e:  # the usage of the (sub)command and argparse's message, as argparse prints them

@@ -35,11 +35,11 @@ import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 __all__ = ["add_options", "parse_options", "build", "values_of", "UsageError", "OptionParser", "help_formatter",
-           "normalise_argv", "refuse_unknown", "int_at_least", "seed_int", "SEED_MAX", "finite_number", "positive_int",
-           "non_negative_int", "field_comments"]  # fmt: skip
+           "normalise_argv", "option_strings", "refuse_unknown", "int_at_least", "seed_int", "SEED_MAX",
+           "finite_number", "positive_int", "non_negative_int", "field_comments"]  # fmt: skip
 
 
 # --- options from dataclasses ------------------------------------------------------------------------
@@ -55,6 +55,9 @@ class OptionParser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of exiting, so library callers get a ValueError."""
 
     def error(self, message: str) -> typing.NoReturn:
+        if message.endswith("expected one argument"):  # the value began with '-': argparse took it for an option
+            option = message.split()[1].rstrip(":")
+            message += f" (give it as {option}=VALUE; a value that begins with '-' must be given so)"
         raise UsageError(message, self)
 
 
@@ -283,17 +286,21 @@ def build(cls: type, values: dict, base=None, *, flatten: Sequence[str] = ()):
 _OPTION_NAME = re.compile(r"--[A-Za-z][\w-]*")
 
 
-def normalise_argv(argv: Sequence[str]) -> list[str]:
+def normalise_argv(argv: Sequence[str], known: Collection[str] | None = None) -> list[str]:
     """Option names with underscores (``--no-progress`` -> ``--no_progress``); a bare ``--`` dropped (no
     command takes positional arguments). Only a token whose part before any ``=`` is an option name is
-    rewritten, and only that part: a value such as ``--prompt "-- a well-known text"`` is kept as given."""
+    rewritten, and only that part: a value such as ``--prompt "-- a well-known text"`` is kept as given. With
+    ``known`` (the option strings, underscored), only a name that becomes one of them: a value shaped like an
+    option (``--prompt --well-known``) is kept as given too."""
     out = []
     for a in argv:
         if a == "--":
             continue
         key, eq, value = a.partition("=")
         if _OPTION_NAME.fullmatch(key):
-            a = "--" + key[2:].replace("-", "_") + eq + value
+            name = "--" + key[2:].replace("-", "_")
+            if known is None or name in known:
+                a = name + eq + value
         out.append(a)
     return out
 
@@ -316,6 +323,11 @@ def parse_options(args: Sequence[str], cls: type, base=None, **kw) -> dict:
     a bad command line is a :class:`UsageError` (a ValueError) with argparse's message."""
     parser = OptionParser(prog=cls.__name__, allow_abbrev=False, formatter_class=help_formatter)
     names = add_options(parser, cls, base, **kw)
-    ns, unknown = parser.parse_known_args(normalise_argv(args))
+    ns, unknown = parser.parse_known_args(normalise_argv(args, option_strings(parser)))
     refuse_unknown(parser, unknown)
     return values_of(ns, names)
+
+
+def option_strings(*parsers: argparse.ArgumentParser) -> set[str]:
+    """Every ``--name`` the parsers take (what :func:`normalise_argv` may rewrite a dashed name to)."""
+    return {s for parser in parsers for a in parser._actions for s in a.option_strings if s.startswith("--")}

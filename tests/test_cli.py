@@ -51,11 +51,20 @@ def test_train_eval_generate_commands(tmp_path, capsys):
     assert pruned["kv_tokens_per_layer"] == [8, 8]
     assert main(["generate", "--ckpt", str(run), "--prompt", "def ", "--max_new_tokens", "20", "--budget", "4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    # a prompt shaped like an option is the prompt as given (its dashes were rewritten to underscores)
+    assert main(["generate", "--ckpt", str(run), "--prompt", "--well-known=a b", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().out.startswith("--well-known=a b")
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert main(["--lr=1", "train"]) == 2  # it said "unknown option --lr (did you mean --lr ...?)"
+    assert "--lr=1 comes before the command; options go after it: selective-attention train --lr=1" in (
+        capsys.readouterr().err
+    )
+    assert main(["generate", "--prompt", "-hello"]) == 2
+    assert "expected one argument (give it as --prompt=VALUE; a value that begins with '-'" in capsys.readouterr().err
     assert main(["train", "--bogus=1"]) == 2
     assert "unknown option --bogus" in capsys.readouterr().err
 

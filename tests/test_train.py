@@ -226,6 +226,10 @@ def test_option_values_that_look_like_options_are_kept():
 
     argv = ["--prompt", "-- a well-known text", "--out-dir=a-b", "--x=--y-z", "--", "--no-progress"]
     assert normalise_argv(argv) == ["--prompt", "-- a well-known text", "--out_dir=a-b", "--x=--y-z", "--no_progress"]
+    # a value shaped like an option: with the known names, only those are rewritten (it was "--well_known=yes")
+    argv = ["--prompt", "--well-known=yes", "--max-new-tokens", "2"]
+    known = {"--prompt", "--max_new_tokens"}
+    assert normalise_argv(argv, known) == ["--prompt", "--well-known=yes", "--max_new_tokens", "2"]
 
 
 def test_checkpoint_holds_optimizer_and_rng(tmp_path):
