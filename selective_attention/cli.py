@@ -392,7 +392,9 @@ def cmd_generate(args: GenerateOptions) -> str:
     dec = Decoder(model, budget=budget, threshold=args.threshold, policy=args.policy, recent=args.recent,
                   compile=args.compile)  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed)
-    out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
+    never = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # <bos> starts a text, never follows
+    out = dec.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen,
+                       suppress_tokens=never)  # fmt: skip
     text = tok.decode(out[0])  # the prompt and what follows, without <bos>
     print(text)
     if budget is not None or args.threshold is not None:  # --threshold 0 prunes too
@@ -484,7 +486,11 @@ def cmd_demo(mode: dict, given: dict) -> None:
     from .demo import DemoConfig, run_demo
 
     base = DemoConfig.quick() if build(DemoMode, mode).quick else DemoConfig()
-    run_demo(build(DemoConfig, given, base))
+    cfg = build(DemoConfig, given, base)
+    if "bpe_vocab_size" in given and cfg.tokenizer != "bpe":  # as train refuses it (inert_fields)
+        raise ValueError(f"--bpe_vocab_size={given['bpe_vocab_size']!r} would be ignored: it applies to "
+                         "--tokenizer=bpe; drop it, or pass --tokenizer=bpe.")  # fmt: skip
+    run_demo(cfg)
 
 
 def cmd_hf_demo(mode: dict, given: dict) -> None:

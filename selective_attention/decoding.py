@@ -231,8 +231,11 @@ class Decoder:
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        suppress_tokens: Sequence[int] = (),
     ) -> Tensor:
         """Prefill ``idx`` ``[B, T]`` and sample ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
+        ``suppress_tokens``: ids never sampled (a BPE tokenizer's ``<bos>``, which starts a text and never follows
+        one: the CLI passes it).
 
         The last token is sampled, not fed back: the caches hold ``T + max_new_tokens - 1`` tokens at most, and
         without a budget ``T + max_new_tokens - 1`` must fit in ``context_len``."""
@@ -248,6 +251,11 @@ class Decoder:
         if not is_int(max_new_tokens) or int(max_new_tokens) < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         max_new_tokens = int(max_new_tokens)
+        vocab = self.model.config.vocab_size
+        suppress = list(suppress_tokens)
+        if not all(is_int(i) and 0 <= int(i) < vocab for i in suppress) or len(set(map(int, suppress))) >= vocab:
+            raise ValueError(f"suppress_tokens must be ids in [0, {vocab}), leaving one to sample; got {suppress!r}.")
+        suppress = [int(i) for i in suppress]
         ids = self.model.tokens(idx)
         T, ctx = ids.shape[-1], self.model.config.context_len
         if not self._bounded and self.threshold is None and T <= ctx and T + max_new_tokens - 1 > ctx:
@@ -260,6 +268,8 @@ class Decoder:
         logits = self.prefill(idx, max(max_new_tokens - 1, 0))
         out = [idx]
         for n in range(max_new_tokens):
+            if suppress:
+                logits = logits.index_fill(-1, torch.tensor(suppress, device=logits.device), float("-inf"))
             tok = sample(logits, temperature, top_k, generator)
             out.append(tok[:, None])
             if n + 1 < max_new_tokens:

@@ -562,6 +562,7 @@ class GPT(nn.Module):
         recent: int | None = None,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        suppress_tokens: Sequence[int] = (),
     ) -> Tensor:
         """Continue ``idx`` ``[B, T]`` by ``max_new_tokens``; returns ``[B, T + max_new_tokens]``.
 
@@ -571,12 +572,14 @@ class GPT(nn.Module):
         accumulated penalty, ``"window"`` the oldest, ``"h2o"`` the one outside a recent window of ``recent`` tokens
         that received the least attention; ``threshold`` (``"selective"`` only) evicts any token whose
         penalty exceeds it. ``temperature=0`` is greedy. ``compile=True`` compiles the decoding step
-        (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`).
+        (worth it with a budget; see :class:`~selective_attention.decoding.Decoder`). ``suppress_tokens``: ids never
+        sampled (a BPE tokenizer's ``bos_id``).
         """
         from .decoding import Decoder
 
         dec = Decoder(self, budget=budget, threshold=threshold, policy=policy, recent=recent, compile=compile)
-        return dec.generate(_as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        return dec.generate(_as_ids(idx), max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                            suppress_tokens=suppress_tokens)  # fmt: skip
 
 
 def token_loss(logits: Tensor, targets: Tensor) -> Tensor:

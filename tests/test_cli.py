@@ -131,6 +131,11 @@ def test_demo_steps_zero_is_refused_not_replaced_by_the_default(monkeypatch, cap
     assert seen[0].tolerance == 0.0  # equal loss means the standard model's loss itself, by default
     assert main(["demo", "--quick", "--tolerance", "0.02"]) == 0 and seen[-1].tolerance == 0.02
     assert main(["demo", "--tolerance", "nan"]) == 2
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--bpe_vocab_size=300"]) == 2  # byte level: it ran, and the report recorded 300
+    assert "--bpe_vocab_size=300 would be ignored: it applies to --tokenizer=bpe" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--tokenizer=bpe", "--bpe_vocab_size=300"]) == 0
+    assert seen[-1].bpe_vocab_size == 300
 
 
 @pytest.mark.parametrize(

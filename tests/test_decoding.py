@@ -116,3 +116,22 @@ def test_sampling_edges_an_empty_batch_and_a_vanishing_temperature():
     logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
     counts = torch.bincount(decoding.sample(logits, 0.5, None, torch.Generator().manual_seed(0)), minlength=3)
     torch.testing.assert_close(counts / 20000.0, torch.softmax(logits[0] / 0.5, -1), atol=0.01, rtol=0)
+
+
+def test_suppressed_tokens_are_never_sampled():
+    """A BPE tokenizer's <bos> starts a text and never follows one: sampled mid-text, it was fed back as input
+    and dropped from the printed text. suppress_tokens (the CLI passes <bos>) takes ids out of every draw."""
+    from selective_attention.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=6, context_len=64, n_layer=1, n_head=2, d_model=16, selection=True)).eval()
+    idx = torch.randint(0, 6, (4, 3))
+    greedy = model.generate(idx, 8, temperature=0)
+    first = int(greedy[0, 3])  # the first greedy token of row 0: suppressed, greedy picks another
+    assert int(model.generate(idx, 1, temperature=0, suppress_tokens=[first])[0, 3]) != first
+    out = model.generate(idx, 60, temperature=3.0, suppress_tokens=[0, 1], generator=torch.Generator().manual_seed(0))
+    new = out[:, 3:]
+    assert not ((new == 0) | (new == 1)).any() and set(new.unique().tolist()) == {2, 3, 4, 5}
+    for bad in ([6], [-1], [0.5], list(range(6))):
+        with pytest.raises(ValueError, match=r"suppress_tokens must be ids in \[0, 6\), leaving one to sample"):
+            model.generate(idx, 1, suppress_tokens=bad)
