@@ -311,7 +311,8 @@ def load_text(name: str | os.PathLike[str]) -> str:
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{str(name)!r} is neither a built-in corpus ({', '.join(corpus_names())}) nor a text file."
+            f"{str(name)!r} is neither a built-in corpus ({', '.join(corpus_names())}), the synthetic task "
+            f"varassign, nor a text file."
         )
     raw = path.read_bytes()
     if not raw:

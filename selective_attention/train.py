@@ -314,6 +314,13 @@ class Task:
             if tokenizer is None and cfg.tokenizer == "bpe":
                 train_text, _ = data.split_text(text, cfg.val_fraction)  # the training split only
                 tokenizer = data.BPETokenizer.train(train_text, cfg.bpe_vocab_size)
+                if tokenizer.vocab_size < cfg.bpe_vocab_size:  # the text ran out of pairs worth merging
+                    warnings.warn(
+                        f"--bpe_vocab_size={cfg.bpe_vocab_size}: the training split of {cfg.data!r} gives only "
+                        f"{tokenizer.vocab_size} tokens (it has too few distinct pairs to merge); the model is built "
+                        f"for {tokenizer.vocab_size}. Pass --bpe_vocab_size={tokenizer.vocab_size} to say so.",
+                        stacklevel=2,
+                    )
             self.tokenizer = tokenizer if tokenizer is not None else data.ByteTokenizer()
             self.text = data.TextData.from_text(text, cfg.val_fraction, self.tokenizer)
             self.text.source = cfg.data
@@ -591,9 +598,9 @@ def _alive(pid: int) -> bool:
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
-    if cfg.warmup_steps >= cfg.max_steps and int(os.environ.get("RANK", "0")) == 0:
+    if cfg.warmup_steps > cfg.max_steps and int(os.environ.get("RANK", "0")) == 0:
         warnings.warn(
-            f"--warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the learning rate only warms up "
+            f"--warmup_steps={cfg.warmup_steps} > --max_steps={cfg.max_steps}: the learning rate only warms up "
             f"(to {lr_at(cfg.max_steps - 1, cfg):.3g} at the last step, never --lr={cfg.lr:g}) and never decays; "
             f"pass a shorter warmup, e.g. --warmup_steps={max(1, cfg.max_steps // 10)}.",
             stacklevel=2,
@@ -711,7 +718,8 @@ def _main(cfg: TrainConfig) -> dict:
     failed = False
     bar = progress_bar(cfg.max_steps, out_dir.name, enabled=cfg.progress and main_proc, initial=start)
     try:
-        tokens_per_step = cfg.batch_size * cfg.model.context_len * world
+        # a varassign row is one example (4 n_assign + 3 inputs; the final length under a curriculum), not a window
+        tokens_per_step = cfg.batch_size * (task.val_task.seq_len if task.varassign else cfg.model.context_len) * world
         # tokens/s of the training steps alone: evaluations, checkpoints (and with --compile the first step, which
         # compiles) are off the clock
         train_seconds, tok_seen, last = 0.0, 0, {}

@@ -61,6 +61,16 @@ def test_a_text_encodes_alike_whatever_its_length():
     assert tok.encode("").numel() == 0
 
 
+def test_a_vocabulary_smaller_than_asked_for_is_warned_about(tmp_path):
+    """A small text runs out of pairs to merge: --bpe_vocab_size 4096 gave a 300-token model, silently."""
+    path = tmp_path / "small.txt"
+    path.write_text("abc abd abe\n" * 400, encoding="utf-8")
+    cfg = TrainConfig.from_options(dict(data=str(path), tokenizer="bpe", bpe_vocab_size=4096, context_len=16))
+    with pytest.warns(UserWarning, match=r"--bpe_vocab_size=4096: the training split of .* gives only (\d+) tokens"):
+        task = Task(cfg)
+    assert task.vocab_size < 4096
+
+
 def test_training_is_deterministic(pydoc_bpe):
     train, _ = split_text(load_text("pydoc"), 0.1)
     again = BPETokenizer.train(train, vocab_size=1024)

@@ -426,12 +426,12 @@ def test_checkpoint_without_checksum_loads_with_a_warning_only_in_format_1(tmp_p
 def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
     """--warmup_steps >= --max_steps (the default 50 warmup steps in a 20-step run): the learning rate never
     reaches --lr and never decays. Training goes on, with a warning naming a shorter warmup."""
-    with pytest.warns(UserWarning, match=r"--warmup_steps=6 >= --max_steps=4.*to 0.002 at the last step, never "
+    with pytest.warns(UserWarning, match=r"--warmup_steps=6 > --max_steps=4.*to 0.002 at the last step, never "
                       r"--lr=0.003.*--warmup_steps=1"):  # fmt: skip
         main(tiny(tmp_path, max_steps=4, warmup_steps=6))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        main(tiny(tmp_path / "b", max_steps=4, warmup_steps=3))  # reaches --lr at step 3
+        main(tiny(tmp_path / "b", max_steps=4, warmup_steps=4))  # reaches --lr at the last step
 
 
 def test_varassign_warns_when_training_draws_the_validation_examples(tmp_path):
@@ -450,14 +450,15 @@ def test_varassign_warns_when_training_draws_the_validation_examples(tmp_path):
         main(tiny(tmp_path, data="varassign", va_vars=2, va_assign=1, max_steps=4, eval_interval=4, ckpt_interval=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        main(tiny(tmp_path / "b", data="varassign", va_vars=4, va_assign=5, max_steps=4, context_len=64))
+        s = main(tiny(tmp_path / "b", data="varassign", va_vars=4, va_assign=5, max_steps=4, context_len=64))
+    assert s["tokens_per_step"] == 4 * (4 * 5 + 3)  # batch x the example's length (it said batch x context_len)
 
 
 def test_cli_prints_the_package_warnings_as_one_line_each(tmp_path):
     r = _cli_train(tmp_path, f"--out_dir={tmp_path / 'run'}", "--max_steps=2", "--warmup_steps=5")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [
-        "warning: --warmup_steps=5 >= --max_steps=2: the learning rate only warms up (to 0.0012 at the last step, "
+        "warning: --warmup_steps=5 > --max_steps=2: the learning rate only warms up (to 0.0012 at the last step, "
         "never --lr=0.003) and never decays; pass a shorter warmup, e.g. --warmup_steps=1."
     ]
 
