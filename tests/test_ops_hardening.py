@@ -364,6 +364,49 @@ def test_forward_mode_ad_and_func_transforms_are_exact_through_auto(selection):
     torch.testing.assert_close(tf.vmap(named)(qb, kb, vb), tf.vmap(spec)(qb, kb, vb), **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("selection", [True, False])
+def test_forward_mode_ad_with_the_tangent_on_the_mask_only(selection):
+    """Only q, k, v (and the voting pair) were looked at for tangents: a float mask carrying the only tangent got
+    None through the chunked kernel (silently) and crashed inside sdpa. "auto" now runs it on the spec."""
+    import torch.autograd.forward_ad as fwAD
+
+    from selective_attention.ops.registry import BackendRefused
+
+    q, k, v = (t.detach() for t in _qkv(1, 2, 6, 4))
+    mask, tangent = torch.randn(6, 6, dtype=q.dtype), torch.randn(6, 6, dtype=q.dtype)
+    kw = dict(selection=True) if selection else dict(is_causal=True)
+    spec = lambda m: selective_attention(q, k, v, m, backend="naive", **kw)  # noqa: E731
+    eps = 1e-6
+    fd = (spec(mask + eps * tangent) - spec(mask - eps * tangent)) / (2 * eps)  # finite differences
+    assert fd.abs().max() > 0.01
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(selective_attention(q, k, v, fwAD.make_dual(mask, tangent), **kw)).tangent
+        kernel = "chunked" if selection else "sdpa"
+        with pytest.raises(BackendRefused, match="cannot serve forward-mode AD"):
+            selective_attention(q, k, v, fwAD.make_dual(mask, tangent), backend=kernel, **kw)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_a_non_finite_voter_spoils_only_its_own_row_as_in_the_spec(pad):
+    """A NaN or inf in the voting query of the first row that votes: the zeroed key rows (the protected token,
+    padding) gave 0 * NaN = NaN votes, which the chunked path summed into F of every later row; the spec masks
+    those votes, so only that row is non-finite."""
+    q, k, v = (t.detach() for t in _qkv(1, 2, 6, 4))
+    kpm = torch.arange(6)[None] < pad if pad else None
+    for bad in (float("nan"), float("inf")):
+        qb = q.clone()
+        qb[0, 0, pad + 1, 0] = bad
+        rows = {
+            be: (~torch.isfinite(selective_attention(qb, k, v, selection=True, key_padding_mask=kpm, backend=be)))
+            .any(-1)[0, :, pad:]  # the real rows
+            .any(0)
+            .tolist()
+            for be in ("naive", "chunked")
+        }
+        assert rows["naive"] == rows["chunked"] == [i == 1 for i in range(6 - pad)], rows
+
+
 def test_vmap_over_a_mask_is_refused_by_name_and_a_shared_mask_is_served():
     """A mask batched by torch.vmap cannot be read in Python (its values are checked and folded there): refused with
     the two ways that work, instead of PyTorch's data-dependent control-flow error. A mask shared by every mapped

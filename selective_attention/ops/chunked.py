@@ -159,10 +159,18 @@ class _VoteOperands:
         # GEMM with a strictly lower triangle of ones over blocks of rows is several times faster. Only
         # on CPU, in eager, with finite voters: a NaN or inf vote times 0 would reach the rows above it.
         self.above = None
-        if qs.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Non-finite voters: the zeroed rows above (key 0, padding) give 0 * NaN = NaN votes, which the spec masks
+        # to 0; then they are masked explicitly (keys [B|1, 1, 1, L], voting rows [B, 1, L, 1]), one pass a block.
+        self.voted_keys = self.voting_rows = None
+        if not torch.compiler.is_compiling():
             # one reduction instead of isfinite's four passes: a NaN or inf makes the sum non-finite (an
-            # overflowing sum of finite voters only sends them down the exact running-sum path too)
-            if math.isfinite(float(self.qn.sum() + self.ks.sum())):
+            # overflowing sum of finite voters only takes the exact, slower paths too)
+            finite = math.isfinite(float(qs.sum() + ks.sum()))
+            if not finite:
+                keys = votable_keys(pad) if pad is not None else torch.arange(qs.shape[2], device=qs.device)[None] > 0
+                self.voted_keys = keys[:, None, None, :]
+                self.voting_rows = None if pad is None else ~pad[:, None, :, None]
+            if qs.device.type == "cpu" and finite:
                 b = min(n, _ROW_BLOCK)
                 self.above = torch.ones(b, b, dtype=qs.dtype, device=qs.device).tril_(-1)
 
@@ -199,6 +207,10 @@ def _chunk_bias(
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
     Sn[..., i0:i1].masked_fill_(vt.no_vote[:C, :C], 0.0)
+    if vt.voted_keys is not None:  # non-finite voters (see _VoteOperands)
+        Sn.masked_fill_(~vt.voted_keys[..., :i1], 0.0)
+        if vt.voting_rows is not None:
+            Sn.masked_fill_(~vt.voting_rows[:, :, i0:i1], 0.0)
     # -F of row k = the earlier chunks' sums + this chunk's rows above k: one running sum down the rows
     bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, :i1], None if ws is None else ws("bias", B, G, C, i1))
     F_kept = bias.neg() if keep_F else None
@@ -759,7 +771,7 @@ def supports(req: Request) -> str | None:
             "backend='chunked' has no attention dropout; use dropout_p=0.0 (SelectiveAttention(..., dropout=0.0), or "
             "the module in eval mode) or backend='naive'."
         )
-    if transform := unserved_transform(req.q, req.k, req.v, req.voters.qs, req.voters.ks):
+    if transform := unserved_transform(req.q, req.k, req.v, req.voters.qs, req.voters.ks, req.mask.penalty):
         return f"backend='chunked' (a hand-written backward) cannot serve {transform}; use backend='naive' or 'auto'."
     return None
 

@@ -27,7 +27,8 @@ def supports(req: Request) -> str | None:
     """Standard attention with any user mask and dropout; not the paper's F."""
     if req.voters is not None:
         return "backend='sdpa' cannot compute the paper's F; use 'auto' or 'chunked' with selection=True."
-    if transform := unserved_transform(req.q, req.k, req.v, reverse=False):  # CPU flash attention: no jvp formula
+    # CPU flash attention has no jvp formula (a float mask's tangent included)
+    if transform := unserved_transform(req.q, req.k, req.v, req.mask.penalty, reverse=False):
         return f"backend='sdpa' (PyTorch's fused kernels) cannot serve {transform}; use backend='naive' or 'auto'."
     return None
 
