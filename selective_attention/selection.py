@@ -286,7 +286,7 @@ def as_selection(
     if not isinstance(selection, bool):
         raise TypeError(f"selection must be True, False or a Selection, got {type(selection).__name__}.")
     if not selection:
-        if head or per_head or projection or projected is not None:
+        if legacy or projected is not None:  # selection_head=0 too (the paper's head, but nothing selects here)
             raise ValueError(
                 "selection_head, selection_per_head, selection_projection and selection_qk refine the paper's "
                 "selection; pass selection=True (or selection=Selection(...)) to use them."

@@ -263,6 +263,8 @@ def test_zero_length_paper_mode():
         (dict(selection=Selection(), selection_qk=(torch.zeros(2, 1, 5, 4),) * 2), ValueError, "projection=True"),
         (dict(selection=Selection(), selection_head=1), ValueError, "already says who votes"),
         (dict(selection=1), TypeError, "True, False or a Selection"),
+        (dict(selection=False, selection_head=0), ValueError, "refine the paper's selection"),  # 0 passed as falsy
+        (dict(selection=False, selection_per_head=False), ValueError, "refine the paper's selection"),
         (dict(selection=True, selection_per_head=True, selection_head=1), ValueError, "does not apply"),
         (dict(selection=True, selection_qk=(1, 2, 3)), TypeError, "pair"),
         (dict(selection=True, selection_qk=(torch.zeros(2, 3, 5, 4), torch.zeros(2, 3, 5, 4))), ValueError, "G in"),
