@@ -254,7 +254,7 @@ def selective_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     req = _request(
         q, k, v, selective_mask, is_causal=is_causal, key_padding_mask=key_padding_mask, selection=selection,
         selection_qk=selection_qk, dropout_p=dropout_p, scale=scale, chunk_size=chunk_size, memory_tau=memory_tau,

@@ -109,6 +109,17 @@ def test_bad_chunk_size_raises(bad):
         chunked.chunked_selective_attention(q, k, v, Voters(scale=0.5, heads=slice(0, 1)), scale=0.5, chunk_size=bad)
 
 
+def test_chunk_size_takes_a_numpy_integer():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv(1, 2, 9, 4)
+    torch.testing.assert_close(
+        selective_attention(q, k, v, selection=True, chunk_size=np.int64(4)),
+        selective_attention(q, k, v, selection=True, chunk_size=4),
+        rtol=0,
+        atol=0,
+    )
+
+
 # --- 4. key padding: O(B L) masks in the chunked path; the first real token is protected ----------------
 def _spy_removed(monkeypatch):
     """Record the ``removed`` mask (and its shape) that each call hands the chunked custom op."""

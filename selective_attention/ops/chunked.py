@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -331,10 +332,13 @@ def _block_rows(BH: int, itemsize: int) -> int:
     return math.isqrt(_TILE_BYTES // max(1, 2 * BH * itemsize))
 
 
-def check_chunk_size(chunk_size: object) -> None:
-    """Raise ``ValueError`` unless ``chunk_size`` is None (the default) or an int >= 1."""
-    if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
-        return
+def check_chunk_size(chunk_size: object) -> int | None:
+    """``chunk_size`` as an int (a NumPy integer too), or None (the default); a ``ValueError`` unless it is an
+    integer >= 1."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1:
+        return int(chunk_size)
     raise ValueError(
         f"chunk_size={chunk_size!r} is invalid: pass an int >= 1 (query rows per chunk), "
         f"or None for the default (default_chunk_size)."
@@ -735,7 +739,7 @@ def chunked_selective_attention(
     B, H, L, _ = q.shape
     if L == 0:
         raise ValueError("chunked_selective_attention needs L >= 1; the dispatcher sends L = 0 to the naive path.")
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     chunk = default_chunk_size(B, H, L, q.element_size()) if chunk_size is None else chunk_size
     dead = None
     if removed is not None:
