@@ -78,6 +78,14 @@ def smallest_budget_at(points: Sequence[tuple[int, float]], target: float, full:
 
 
 @torch.no_grad()
+def _decoder(model: GPT, budget, threshold: float | None, policy: str, recent: int | None) -> Decoder:
+    """The Decoder :func:`pruned_logits` reads through (and :func:`pruned_slots` sizes)."""
+    if not any_budget(budget):  # nothing is evicted by any policy (a curve's full-cache point): the exact cache
+        check_policy(policy, threshold, recent)
+        policy, recent = "selective", None
+    return Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+
+
 def pruned_logits(
     model: GPT,
     x: Tensor,
@@ -92,10 +100,7 @@ def pruned_logits(
     layer held at any step (any sequence of the batch). With no budget and no threshold (or a budget >= T)
     they equal the full forward's logits (the cache is exact), whatever the policy."""
     T = x.shape[1]
-    if not any_budget(budget):  # nothing is evicted by any policy (a curve's full-cache point): the exact cache
-        check_policy(policy, threshold, recent)
-        policy, recent = "selective", None
-    dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+    dec = _decoder(model, budget, threshold, policy, recent)
     logits = [dec.prefill(x[:, :1], T - 1)]
     peak = dec.occupancy()
     for t in range(1, T):
@@ -120,10 +125,7 @@ def pruned_slots(
     ``T`` tokens: a layer's budget, or T without one. What a run with static buffers stores, against the peak
     that ``pruned_logits`` reports as held: with a threshold alone that peak may be far below it (the memory a
     cache that grew and shrank would need), and a budget above T allocates the budget."""
-    if not any_budget(budget):
-        check_policy(policy, threshold, recent)
-        policy, recent = "selective", None
-    dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+    dec = _decoder(model, budget, threshold, policy, recent)
     dec.prefill(torch.zeros(1, 1, dtype=torch.long), T - 1)
     return [c.capacity for c in dec.caches]
 
