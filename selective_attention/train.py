@@ -152,14 +152,16 @@ class TrainConfig:
         return cls(model=model, **{k: v for k, v in d.items() if k in own})
 
 
+VA_VAL_DRAW = 64  # varassign's validation examples are drawn this many at a time (then cut into batches)
+# varassign's validation examples come from this seed's stream, a training rank's from seed + 1000 * rank
+# (:func:`data_seed`): a run whose training stream would be the validation stream is refused
+VA_VAL_SEED = 12345
+
 # Options that may differ between a run and its resume: how long to train (the cosine schedule is recomputed
 # for the new max_steps: a longer run's learning rate at the resumed step is higher than where it stopped),
 # where and how to run, how often to evaluate and save. The others (data, optimisation, eval_batches, which
 # sets what val_loss measures, ...) would silently mix two experiments in one history, so main() refuses them
 # without --allow_config_change=true. The model is compared on its own (it must be the same, see _model_diff).
-# varassign's validation examples come from this seed's stream, a training rank's from seed + 1000 * rank
-# (:func:`data_seed`): a run whose training stream would be the validation stream is refused
-VA_VAL_SEED = 12345
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
      "ckpt_interval", "compile"}
@@ -355,9 +357,14 @@ class Task:
         """The validation batches ``(x, y, answer)``: ``[B, T]`` each; ``answer`` (bool, the answer tokens of
         varassign) is None on text."""
         if self.varassign:
+            # drawn VA_VAL_DRAW at a time and cut into batches: the first n examples are the same whatever the batch
+            # size and count (drawn a batch at a time, 16 x 1 and 8 x 2 shared none: other batch sizes, other examples)
             gen = torch.Generator().manual_seed(VA_VAL_SEED)
-            for _ in range(self.cfg.eval_batches):
-                x, y, answer = self.val_task.batch(self.cfg.batch_size, gen)
+            B, n = self.cfg.batch_size, self.cfg.eval_batches * self.cfg.batch_size
+            draws = [self.val_task.batch(VA_VAL_DRAW, gen) for _ in range(-(-n // VA_VAL_DRAW))]
+            xs, ys, answers = (torch.cat(parts)[:n] for parts in zip(*draws))
+            for i in range(0, n, B):
+                x, y, answer = xs[i : i + B], ys[i : i + B], answers[i : i + B]
                 yield x, y.masked_fill(~answer, -100), answer
         else:
             for x, y in self.text.eval_batches("val", self.cfg.batch_size, self.context_len, self.cfg.eval_batches):

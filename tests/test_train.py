@@ -1,5 +1,6 @@
 """The training loop: learning, exact resume, atomic checkpoints (and older formats), config overrides."""
 
+import dataclasses
 import json
 import warnings
 
@@ -434,6 +435,17 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
         main(tiny(tmp_path / "b", max_steps=4, warmup_steps=4))  # reaches --lr at the last step
 
 
+def test_varassign_validation_examples_do_not_depend_on_the_batch_size(tmp_path):
+    """Drawn a batch at a time, 16 x 1 and 8 x 2 validation examples shared none: runs (and evals) of other batch
+    sizes scored other examples. Now the first n are the same whatever the batches."""
+    rows = {}
+    for batch_size, eval_batches in ((16, 1), (8, 2), (3, 6)):
+        task = train_mod.Task(tiny(tmp_path, data="varassign", va_vars=4, va_assign=5, context_len=64,
+                                   batch_size=batch_size, eval_batches=eval_batches))  # fmt: skip
+        rows[batch_size] = torch.cat([x for x, _, _ in task.eval_batches()])
+    assert torch.equal(rows[16], rows[8]) and torch.equal(rows[16][:16], rows[3][:16]) and rows[3].shape[0] == 18
+
+
 def test_varassign_warns_when_training_draws_the_validation_examples(tmp_path):
     """2 variables and 1 assignment make 20 distinct examples: 4 x 4 training draws hold 55% of them, so the
     validation accuracy would not be held out (the count is exact: checked against enumeration)."""
@@ -732,7 +744,7 @@ def test_varassign_training_stream_never_is_the_validation_stream(tmp_path):
         with pytest.raises(ValueError, match=r"low 32 bits"):
             train_mod.data_seed(tiny(tmp_path, data="varassign", seed=alias), 0)
     # what the refusal prevents: that seed's training batches are the validation batches
-    task = train_mod.Task(bad)
+    task = train_mod.Task(dataclasses.replace(bad, batch_size=train_mod.VA_VAL_DRAW, eval_batches=1))
     x, _ = task.batch(torch.Generator().manual_seed(train_mod.VA_VAL_SEED))  # rank 0 of --seed=12345
     xv, _, _ = next(task.eval_batches())
     assert torch.equal(x, xv)
