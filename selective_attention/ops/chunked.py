@@ -447,6 +447,7 @@ def _backward(
     k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
     dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
     kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
+    kTf = k3.float().transpose(-2, -1) if q.dtype in (torch.float16, torch.bfloat16) else None
     a = scale * _LOG2E
     width = _key_tile(B * H, fchunk, L, q.element_size())
     rows_max = min(fchunk, L)
@@ -454,6 +455,11 @@ def _backward(
         q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
         P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
     )  # fmt: skip
+    # float16 / bfloat16: P's logits (q k^T s, as the forward's kernel formed them: its lse is of those), exponent
+    # (logits - lse + bias, each term ~|logit|) and dZ in float32, rounded once for the GEMMs. Rounded to the dtype at
+    # each step, bf16's dk and dv errors were 1.7x and 7x the spec's (now 0.7x and 5x; fp16's dv 10x, now 7x)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    wsf = _Workspace(q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width)
     # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
     # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
     # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
@@ -469,7 +475,7 @@ def _backward(
             vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
         )
         qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-        qa, lse_c, delta_c = qc * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
+        qa, lse_c, delta_c = (qc.float() if half else qc) * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
         qn_c = vt.qn[:, :, i0:i1]
         dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
         dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
@@ -479,21 +485,32 @@ def _backward(
             n = j1 - j0
             Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
             # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-            P3 = torch.bmm(qa, kT[:, :, j0:j1], out=ws("P", B * Hkv, g * C, n)).sub_(lse_c)  # [B*Hkv, g*C, n]
+            P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
+            if half:  # the logits in float32, as the forward's kernel formed them (its lse is of those)
+                Pw3 = torch.bmm(qa, kTf[:, :, j0:j1], out=wsf("P", B * Hkv, g * C, n)).sub_(lse_c)
+            else:
+                Pw3 = torch.bmm(qa, kT[:, :, j0:j1], out=P3).sub_(lse_c)
             bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-            P = P3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
+            P = Pw3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
             # no subnormal P, nor (mostly) dZ: see _P_FLOOR
             torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
+            if half:
+                P3.copy_(Pw3)
             # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
             # one call per head.
             dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n)).sub_(delta_c).mul_(P3)
-            del P, P3
-            dZ = dZ3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
+            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
+            if half:
+                dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * C, n)).mul_(Pw3)
+            else:
+                dZw3 = dZ3.sub_(delta_c).mul_(P3)
+            del P, P3, Pw3
+            dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
+            dF = dF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
             if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
                 dF.add_(dmem_c * (F_b[..., j0:j1] > tau_F).logical_not_())
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
@@ -512,6 +529,9 @@ def _backward(
                     qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
                     dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
             del dZ, dF, dS, dl
+            if half:
+                dZ3.copy_(dZw3)
+            del dZw3
             dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
             dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
             dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
