@@ -260,6 +260,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             if version in READABLE_VERSIONS:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        if path.suffix != ".safetensors":  # another kind of file (a text, a .pt): not a damaged checkpoint
+            raise CheckpointError(
+                f"{path} is not a safetensors file ({type(e).__name__}: {e}): pass a checkpoint, the folder of a "
+                f"run (its {CKPT_NAME}) written by selective-attention train."
+            ) from e
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a selective-attention checkpoint ({type(e).__name__}: {e}); "
             f"restore it from a copy, or retrain ({_AFRESH})."

@@ -368,7 +368,13 @@ def cmd_generate(args: GenerateOptions) -> str:
         raise ValueError("--prompt must not be empty: give at least one character to continue.")
     model, meta = model_from_checkpoint(args.ckpt)
     tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
-    idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
+    try:
+        idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise ValueError(
+            f"--prompt holds characters that are not valid UTF-8 text ({e.reason} at position {e.start}); "
+            "give the prompt as UTF-8 text."
+        ) from None
     _check_budget(budget, model)
     _check_threshold_applies(model, args.threshold)
     ctx = model.config.context_len

@@ -616,9 +616,16 @@ def main(cfg: TrainConfig) -> dict:
         _warn_if_validation_is_trained_on(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes
         return _main(cfg)
-    _check_out_dir(Path(cfg.out_dir))
-    with _run_lock(Path(cfg.out_dir)):
-        return _main(cfg)
+    out_dir = Path(cfg.out_dir)
+    made = not out_dir.exists()
+    _check_out_dir(out_dir)
+    try:
+        with _run_lock(out_dir):
+            return _main(cfg)
+    except BaseException:
+        if made and not any(out_dir.iterdir()):  # refused before writing anything (a bad --data): leave no folder
+            out_dir.rmdir()
+        raise
 
 
 def _warn_if_validation_is_trained_on(cfg: TrainConfig) -> None:

@@ -51,6 +51,8 @@ def test_train_eval_generate_commands(tmp_path, capsys):
     assert pruned["kv_tokens_per_layer"] == [8, 8]
     assert main(["generate", "--ckpt", str(run), "--prompt", "def ", "--max_new_tokens", "20", "--budget", "4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", "--ckpt", str(run), "--prompt", "\udcff"]) == 2  # a non-UTF-8 byte, as argv gives it
+    assert "--prompt holds characters that are not valid UTF-8 text" in capsys.readouterr().err
     # a prompt shaped like an option is the prompt as given (its dashes were rewritten to underscores)
     assert main(["generate", "--ckpt", str(run), "--prompt", "--well-known=a b", "--max-new-tokens", "1"]) == 0
     assert capsys.readouterr().out.startswith("--well-known=a b")
@@ -65,6 +67,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     )
     assert main(["generate", "--prompt", "-hello"]) == 2
     assert "expected one argument (give it as --prompt=VALUE; a value that begins with '-'" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    assert main(["eval", "--ckpt", str(text)]) == 2  # it said "corrupt ... restore it from a copy"
+    assert "notes.txt is not a safetensors file" in capsys.readouterr().err
+    run = tmp_path / "never"
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), f"--out_dir={run}", "--progress=false"]) == 2
+    assert "neither a built-in corpus" in capsys.readouterr().err and not run.exists()  # no empty folder left
     assert main(["train", "--bogus=1"]) == 2
     assert "unknown option --bogus" in capsys.readouterr().err
 
