@@ -219,6 +219,8 @@ def test_parse_overrides():
         parse_overrides(["--selection=maybe"])
     with pytest.raises(ValueError, match="--key=value"):
         parse_overrides(["lr"])
+    with pytest.raises(ValueError, match=r"lists '0,0' with a value twice"):  # a typo for 0,1 passed as (0,)
+        parse_overrides(["--selection_layers=0,0"])
 
 
 def test_option_values_that_look_like_options_are_kept():
