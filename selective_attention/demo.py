@@ -141,6 +141,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     target = std_search if reached else sel_search
     search = search_budgets(sel_model, xs, ys, target=target, tolerance=cfg.tolerance, progress=cfg.progress)
     pruned_held, _ = pruned_loss(sel_model, xh, yh, budget=search.budgets)
+    # the same budgets evicting the oldest token instead of the largest F: how much is the rule's, not the model's
+    window = {
+        "search": pruned_loss(sel_model, xs, ys, budget=search.budgets, policy="window")[0],
+        "heldout": pruned_loss(sel_model, xh, yh, budget=search.budgets, policy="window")[0],
+    }
     held_reference = std_held if reached else sel_held
     # the picture a reader wants: held-out loss vs KV tokens per layer, one curve per method
     models = {"standard": std_model, "selective": sel_model}
@@ -177,6 +182,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "selective_full_loss": sel_held,
             "pruned_loss": pruned_held,
             "holds": pruned_held <= held_reference + cfg.tolerance,
+            "window_same_budgets": window,  # selective + window at the searched budgets (search and held out)
             "reference": "standard" if reached else "selective (own full cache)",
             "curves": curves,
         },
@@ -234,9 +240,22 @@ def table(report: dict) -> str:
             f"{b['equal_to']}{tol} = {b['target_loss'] + b['tolerance']:.4f})"
             f"\nheld-out windows (not seen by the search): standard {h['standard_full_loss']:.4f}, selective full "
             f"cache {h['selective_full_loss']:.4f}, pruned {h['pruned_loss']:.4f}: {verdict}"
-            f"\nselective/standard training throughput {report['throughput_ratio']:.2f}"
+            + _window_line(h, b, found)
+            + f"\nselective/standard training throughput {report['throughput_ratio']:.2f}"
         )
         + _curve_lines(h, ctx)
+    )
+
+
+def _window_line(h: dict, b: dict, found: bool) -> str:
+    """The searched budgets with the oldest token evicted instead of the largest F (the selective model's own
+    sliding window): what the paper's rule adds at those budgets. Reports without it (older ones) print nothing."""
+    w = h.get("window_same_budgets")
+    if w is None or not found:
+        return ""
+    return (
+        f"\nthe same budgets evicting the oldest token instead of the largest F (selective + window): search "
+        f"{w['search']:.4f} (F: {b['pruned_loss']:.4f}), held out {w['heldout']:.4f} (F: {h['pruned_loss']:.4f})"
     )
 
 

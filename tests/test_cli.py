@@ -31,6 +31,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "| standard |" in text and "| selective |" in text and "less" in text
     report = json.loads((out / "report.json").read_text())
     assert report["budget_search"]["memory_ratio"] >= 1.0
+    if report["budget_search"]["found"]:  # the searched budgets, also as a plain window on the same model
+        assert set(report["heldout"]["window_same_budgets"]) == {"search", "heldout"}
+        assert "instead of the largest F (selective + window)" in text
     for png in ("loss_curves.png", "memory_vs_loss.png", "penalty_F.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -380,6 +383,14 @@ def test_demo_table_says_what_each_outcome_is():
     # the first budget tried already at the target: the curve may go lower, said so
     assert "selective + selective <= 4 (>= 8x, the smallest tried)" in table(_report())
     assert "selective + selective 16 (2x)" in table(_report(curve=((4, 1.5), (8, 1.7), (16, 1.5))))
+    # the searched budgets with the selective model's own sliding window: what F-pruning adds at those budgets
+    assert "evicting the oldest" not in text  # a report from before it was measured
+    report = _report()
+    report["heldout"]["window_same_budgets"] = {"search": 1.62, "heldout": 1.64}
+    assert (
+        "the same budgets evicting the oldest token instead of the largest F (selective + window): search 1.6200 "
+        "(F: 1.5800), held out 1.6400 (F: 1.5900)"
+    ) in table(report)
 
 
 def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path):
