@@ -188,15 +188,17 @@ def test_backward_gemms_never_read_subnormal_numbers(monkeypatch, spread):
         assert_error_bounded(a, b, c, name=f"d{n}")
 
 
+@pytest.mark.parametrize("fused", [True, False])  # PyTorch's CPU flash kernel, or the plain one (other devices)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_gradients_each_within_the_specs_error(dtype):
-    """Each gradient on its own (a bound on the largest of them hid dv), at logits of ~20: the rebuilt P's logits
-    were rounded to the dtype while the forward kernel's lse is of float32 logits, and bfloat16's dv error was 7x
-    the spec's; formed in float32 it is 5x (inside the bound). float16's dv is still 7x (10x before): its bound here
-    is looser, the cause not found (the GEMMs accumulate in float32; float32 accumulators for dk, dv changed
-    nothing)."""
+def test_half_precision_gradients_each_within_the_specs_error(dtype, fused, monkeypatch):
+    """Each gradient on its own (a bound on the largest of them hid dv), at logits of ~20. The forward kept the
+    kernel's float32 lse in the inputs' dtype (ulp 1/32 in float16 and 1/4 in bfloat16 at 50: rebuilt rows of P
+    summed to 1.03) and the backward rounded P's logits to it: dv's error was 10x the spec's (float16), 7x (bf16).
+    Now every gradient's is below the spec's in the same dtype (within 1.5x of it, plus a few ulp, here)."""
     from helpers import assert_error_bounded
 
+    if not fused:
+        monkeypatch.setattr(chunked, "_has_cpu_flash", lambda: False)
     gen = torch.Generator().manual_seed(0)
     q, k = (4 * torch.randn(2, 4, 256, 32, generator=gen) for _ in range(2))
     v, cotangent = (torch.randn(2, 4, 256, 32, generator=gen).to(dtype) for _ in range(2))
@@ -208,4 +210,4 @@ def test_half_precision_gradients_each_within_the_specs_error(dtype):
         out.backward(cotangent.to(dt))
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for n, fast, naive, ref in zip(("out", "dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
-        assert_error_bounded(fast, naive, ref, factor=8.0 if (n, dtype) == ("dv", torch.float16) else 3.0, name=n)
+        assert_error_bounded(fast, naive, ref, factor=1.5, name=n)
