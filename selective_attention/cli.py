@@ -315,15 +315,12 @@ def cmd_eval(args: EvalOptions) -> dict:
     if "val_accuracy" in scores:
         out["val_accuracy"] = scores["val_accuracy"]
     out["perplexity"] = math.exp(loss)
+    windows, targets, n_bytes = _scored(task)
     if tc.data != "varassign":  # bits per byte of text: the loss per token over the bytes per target token
-        n_tokens, n_bytes = _target_bytes(task)
-        out["bits_per_byte"] = loss * n_tokens / n_bytes / math.log(2)
+        out["bits_per_byte"] = loss * targets / n_bytes / math.log(2)
     out["tokenizer"] = task.tokenizer.kind
-    windows = targets = 0  # what the loss is over: a short split holds fewer windows than asked for
-    for _, y, _ in task.eval_batches():
-        windows, targets = windows + y.shape[0], targets + int((y != -100).sum())
-    out.update({"windows": windows, "targets": targets})
-    if windows < args.batch_size * args.batches:
+    out.update({"windows": windows, "targets": targets})  # what the loss is over
+    if windows < args.batch_size * args.batches:  # a short split holds fewer windows than asked for
         asked = args.batch_size * args.batches
         out["note_windows"] = f"the split holds {windows} windows, fewer than --batch_size x --batches = {asked}"
     out.update({"context_len": T, "budget": budget, "threshold": args.threshold})
@@ -346,15 +343,15 @@ def cmd_eval(args: EvalOptions) -> dict:
     return out
 
 
-def _target_bytes(task) -> tuple[int, int]:
-    """``(tokens, bytes)`` over the targets of ``task``'s evaluation windows: the bytes of text they stand for
-    (byte level: one each; ``<bos>`` is never a target)."""
+def _scored(task) -> tuple[int, int, int]:
+    """``(windows, targets, bytes)`` of ``task``'s evaluation batches: the rows, the target tokens, and the bytes
+    of text those targets stand for (byte level: one each; ``<bos>`` is never a target)."""
     per_token = task.tokenizer.token_bytes()
-    n_tokens = n_bytes = 0
+    windows = n_tokens = n_bytes = 0
     for _, y, _ in task.eval_batches():
         t = y[y != -100]
-        n_tokens, n_bytes = n_tokens + t.numel(), n_bytes + int(per_token[t].sum())
-    return n_tokens, n_bytes
+        windows, n_tokens, n_bytes = windows + y.shape[0], n_tokens + t.numel(), n_bytes + int(per_token[t].sum())
+    return windows, n_tokens, n_bytes
 
 
 def cmd_generate(args: GenerateOptions) -> str:

@@ -255,7 +255,7 @@ class Decoder:
         suppress = list(suppress_tokens)
         if not all(is_int(i) and 0 <= int(i) < vocab for i in suppress) or len(set(map(int, suppress))) >= vocab:
             raise ValueError(f"suppress_tokens must be ids in [0, {vocab}), leaving one to sample; got {suppress!r}.")
-        suppress = [int(i) for i in suppress]
+        suppress = torch.tensor([int(i) for i in suppress], dtype=torch.long) if suppress else None
         ids = self.model.tokens(idx)
         T, ctx = ids.shape[-1], self.model.config.context_len
         if not self._bounded and self.threshold is None and T <= ctx and T + max_new_tokens - 1 > ctx:
@@ -266,10 +266,11 @@ class Decoder:
                 f"(--max_new_tokens)."
             )
         logits = self.prefill(idx, max(max_new_tokens - 1, 0))
+        suppress = None if suppress is None else suppress.to(logits.device)
         out = [idx]
         for n in range(max_new_tokens):
-            if suppress:
-                logits = logits.index_fill(-1, torch.tensor(suppress, device=logits.device), float("-inf"))
+            if suppress is not None:
+                logits = logits.index_fill(-1, suppress, float("-inf"))
             tok = sample(logits, temperature, top_k, generator)
             out.append(tok[:, None])
             if n + 1 < max_new_tokens:

@@ -142,10 +142,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     search = search_budgets(sel_model, xs, ys, target=target, tolerance=cfg.tolerance, progress=cfg.progress)
     pruned_held, _ = pruned_loss(sel_model, xh, yh, budget=search.budgets)
     # the same budgets evicting the oldest token instead of the largest F: how much is the rule's, not the model's
-    window = {
-        "search": pruned_loss(sel_model, xs, ys, budget=search.budgets, policy="window")[0],
-        "heldout": pruned_loss(sel_model, xh, yh, budget=search.budgets, policy="window")[0],
-    }
+    # (nothing to compare when no budget below the context was found)
+    window = None
+    if search.saves_memory:
+        window = {
+            "search": pruned_loss(sel_model, xs, ys, budget=search.budgets, policy="window")[0],
+            "heldout": pruned_loss(sel_model, xh, yh, budget=search.budgets, policy="window")[0],
+        }
     held_reference = std_held if reached else sel_held
     # the picture a reader wants: held-out loss vs KV tokens per layer, one curve per method
     models = {"standard": std_model, "selective": sel_model}

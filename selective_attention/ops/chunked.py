@@ -456,7 +456,12 @@ def _backward(
     k3, v3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (k, v))
     dk3, dv3 = (t.view(B * Hkv, L, t.shape[-1]) for t in (dk, dv))
     kT, vT = k3.transpose(-2, -1), v3.transpose(-2, -1)
-    kTf = k3.float().transpose(-2, -1) if q.dtype in (torch.float16, torch.bfloat16) else None
+    # float16 / bfloat16: P's logits (q k^T s, as the forward's kernel formed them: its float32 lse is of those),
+    # exponent (logits - lse + bias, each term ~|logit|) and dZ in float32, rounded once for the GEMMs. Rounded to the
+    # dtype at each step (and lse kept in it), the gradients' errors were up to 10x the spec's in the same dtype; now
+    # each is below the spec's (measured at logits of ~20, B2 H4 L256 D32)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    kTf = k3.float().transpose(-2, -1) if half else None
     a = scale * _LOG2E
     width = _key_tile(B * H, fchunk, L, q.element_size())
     rows_max = min(fchunk, L)
@@ -464,11 +469,6 @@ def _backward(
         q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
         P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
     )  # fmt: skip
-    # float16 / bfloat16: P's logits (q k^T s, as the forward's kernel formed them: its float32 lse is of those),
-    # exponent (logits - lse + bias, each term ~|logit|) and dZ in float32, rounded once for the GEMMs. Rounded to the
-    # dtype at each step (and lse kept in it), the gradients' errors were up to 10x the spec's in the same dtype; now
-    # each is below the spec's (measured at logits of ~20, B2 H4 L256 D32)
-    half = q.dtype in (torch.float16, torch.bfloat16)
     wsf = _Workspace(q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width)
     # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
     # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
