@@ -605,16 +605,17 @@ def _alive(pid: int) -> bool:
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
-    if cfg.warmup_steps > cfg.max_steps and int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.warmup_steps > cfg.max_steps and rank == 0:
         warnings.warn(
             f"--warmup_steps={cfg.warmup_steps} > --max_steps={cfg.max_steps}: the learning rate only warms up "
             f"(to {lr_at(cfg.max_steps - 1, cfg):.3g} at the last step, never --lr={cfg.lr:g}) and never decays; "
             f"pass a shorter warmup, e.g. --warmup_steps={max(1, cfg.max_steps // 10)}.",
             stacklevel=2,
         )
-    if cfg.data == "varassign" and int(os.environ.get("RANK", "0")) == 0:
+    if cfg.data == "varassign" and rank == 0:
         _warn_if_validation_is_trained_on(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes
+    if rank != 0:  # only rank 0 writes
         return _main(cfg)
     out_dir = Path(cfg.out_dir)
     made = not out_dir.exists()
