@@ -305,6 +305,17 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, padding_mask)
 
 
+def _record_implementation(config) -> None:
+    """Record in ``config`` that its model runs selective attention: ``config.attn_implementation = "selective"``,
+    which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back as the model's implementation.
+    Without it a saved selective model came back from ``from_pretrained(path)`` running sdpa, silently (0.003 off in
+    the logits of a tiny untrained Llama). Set on every forward (the mask hook runs once per forward; under
+    ``torch.compile`` too, as a side effect replayed after the graph: no break, no recompile); an explicit
+    ``from_pretrained(..., attn_implementation=...)`` still wins. A model switched to another implementation after
+    running this one keeps the record: set ``config.attn_implementation`` before saving it."""
+    config.attn_implementation = NAME  # unconditionally: a test of the old value would make a compiled model recompile
+
+
 def padding_mask(
     batch_size: int,
     q_length: int,
@@ -326,8 +337,10 @@ def padding_mask(
     model whose attention modules do not call ``transformers``' attention interface (they would run their own
     attention with this function's mask)."""
     config = kwargs.get("config")
-    if config is not None and not torch.compiler.is_compiling():
-        _check_uses_interface(type(config))
+    if config is not None:
+        _record_implementation(config)
+        if not torch.compiler.is_compiling():
+            _check_uses_interface(type(config))
     # keys past the last query: a cache that allocates its slots ahead (transformers 5.24's static layers, the only
     # ones that give q_offset as a tensor), or a padding mask longer than the input
     if isinstance(q_offset, Tensor) or kv_offset + kv_length > q_offset + q_length:

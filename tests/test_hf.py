@@ -148,6 +148,33 @@ def test_settings_survive_save_and_reload(tmp_path):
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_saved_selective_model_reloads_selective_without_being_told(tmp_path):
+    """from_pretrained(path) with no attn_implementation gives back selective attention for a model that ran it (it
+    came back as sdpa, silently); an sdpa model built from the same configured config stays sdpa; an explicit
+    attn_implementation still wins, and its model saves without the record."""
+    auto = transformers.AutoModelForCausalLM
+    ids = torch.randint(0, V, (2, 12))
+    model = build("llama")
+    want = model(ids).logits
+    model.save_pretrained(tmp_path / "sel")
+    again = auto.from_pretrained(tmp_path / "sel", dtype=torch.float64)
+    assert again.config._attn_implementation == "selective"
+    torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=0)
+    std = build("llama", impl="sdpa")
+    std(ids)
+    std.save_pretrained(tmp_path / "std")
+    assert auto.from_pretrained(tmp_path / "std").config._attn_implementation == "sdpa"
+    assert json.loads((tmp_path / "std" / "config.json").read_text()).get("attn_implementation") is None
+    other = auto.from_pretrained(tmp_path / "sel", attn_implementation="sdpa", dtype=torch.float64)
+    assert other.config._attn_implementation == "sdpa"
+    assert (other(ids).logits - want).abs().max() > 1e-8
+    other.save_pretrained(tmp_path / "other")
+    assert auto.from_pretrained(tmp_path / "other").config._attn_implementation == "sdpa"
+    fresh = build("llama")  # a model that only ever ran compiled records it too
+    torch.compile(fresh)(ids)
+    assert fresh.config.attn_implementation == "selective"
+
+
 def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
     """Layer indices as numpy or tensor integers (as budgets take them) are stored as plain ints, so config.json
     serialises them; bools, floats and negatives are still refused."""
