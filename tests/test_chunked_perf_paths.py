@@ -119,7 +119,9 @@ def test_key_tiled_backward_matches_naive(monkeypatch, tile_bytes, extra):
 
 
 @pytest.mark.parametrize("strips", [1, 2, 3, 4, 7])
-@pytest.mark.parametrize(("i0", "i1", "width"), [(0, 4, 4), (0, 7, 7), (8, 12, 4), (12, 16, 12), (40, 45, 12), (6, 9, 3)])
+@pytest.mark.parametrize(
+    ("i0", "i1", "width"), [(0, 4, 4), (0, 7, 7), (8, 12, 4), (12, 16, 12), (40, 45, 12), (6, 9, 3)]
+)
 def test_backward_tiles_cover_the_causal_part_of_a_block_once(strips, i0, i1, width):
     """Every (row, key) of the block with key <= row is in exactly one tile; each strip of the block's square
     leaves out only rows that are all before its keys, and its computed future (key > row) is at most one

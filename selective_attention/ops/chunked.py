@@ -188,7 +188,9 @@ class _VoteOperands:
                 # the two diagonal masks as arithmetic, exact on finite votes: masked_fill_ with a broadcast [n, n]
                 # mask ran 8x slower than a multiply or an add (CPU, fp32, a [2, 1, 256, 256] block)
                 self.vote_keep = (~self.no_vote).to(qs.dtype)  # 1 where j < k
-                self.causal_add = torch.zeros(n, n, dtype=qs.dtype, device=qs.device).masked_fill_(self.future, _NEG_INF)
+                self.causal_add = torch.zeros(n, n, dtype=qs.dtype, device=qs.device).masked_fill_(
+                    self.future, _NEG_INF
+                )
 
 
 def _chunk_bias(
@@ -531,7 +533,11 @@ def _backward(
             if r0 != r_prev:  # the rows' operands: [B*Hkv, g*R, .] (views when g = 1, else copies)
                 r_prev = r0
                 qc, doc = rows(q5, i0 + r0, i1), rows(do5, i0 + r0, i1)
-                qa, lse_c, delta_c = (qc.float() if half else qc) * a, rows(lse5, i0 + r0, i1), rows(delta5, i0 + r0, i1)
+                qa, lse_c, delta_c = (
+                    (qc.float() if half else qc) * a,
+                    rows(lse5, i0 + r0, i1),
+                    rows(delta5, i0 + r0, i1),
+                )
                 qn_c = qn_b[:, :, r0:]
                 dqs_c = None if fold else dqs_b[:, :, r0:]
                 dmem_c = None if dmem is None else dmem[:, :, i0 + r0 : i1, None]
