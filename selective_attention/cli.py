@@ -35,6 +35,7 @@ from .options import (
     non_negative_int,
     normalise_argv,
     option_strings,
+    path_text,
     positive_int,
     refuse_unknown,
     seed_int,
@@ -76,7 +77,7 @@ RECENT_OPTION = {"type": positive_int, "help": "--policy=h2o: the recent window,
 
 @dataclass
 class EvalOptions:
-    ckpt: str  # a run folder or a .safetensors checkpoint
+    ckpt: str = field(metadata={"type": path_text, "help": "a run folder or a .safetensors checkpoint"})
     data: str | None = None  # the corpus to evaluate on (omit: the one the model was trained on)
     budget: str | None = field(default=None, metadata={"help": BUDGET_HELP})
     threshold: float | None = field(
@@ -95,7 +96,7 @@ class EvalOptions:
 
 @dataclass
 class GenerateOptions:
-    ckpt: str  # a run folder or a .safetensors checkpoint
+    ckpt: str = field(metadata={"type": path_text, "help": "a run folder or a .safetensors checkpoint"})
     prompt: str = "In the beginning"  # the text to continue
     max_new_tokens: int | None = field(
         default=None,

@@ -28,7 +28,7 @@ import torch
 from .budget_search import KV_METHODS, pruned_loss, search_budgets, smallest_budget_at, uniform_budgets
 from .checkpoint import model_from_checkpoint
 from .model import GPT, GPTConfig
-from .options import finite_number, positive_int
+from .options import finite_number, path_text, positive_int
 from .progress import progress as progress_bar
 from .train import Task, TrainConfig, mean_loss
 from .train import main as train_main
@@ -44,7 +44,7 @@ def _demo_model() -> GPTConfig:
 class DemoConfig:
     """The demo: two training runs made from ``train`` (:meth:`train_config`), then the budget search."""
 
-    out: str = "demo_out"  # folder for the report and plots
+    out: str = field(default="demo_out", metadata={"type": path_text, "help": "folder for the report and plots"})
     data: str = "kjv"  # kjv | pydoc | a text file
     tokenizer: str = "byte"  # byte | bpe (as train's --tokenizer: trained on the training split, <bos> first)
     bpe_vocab_size: int = field(

@@ -119,6 +119,17 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def path_text(text: str) -> str:
+    """An argparse ``type``: a path, not empty (an empty one was the current folder: a run's files landed beside the
+    user's)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, not empty")
+    return text
+
+
+path_text.metavar = "PATH"
+
+
 def _parse_bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):

@@ -224,6 +224,10 @@ def _check_values(values: Mapping[str, object]) -> None:
     for name in ("resume", "progress", "allow_config_change", "compile"):
         need(isinstance(v[name], bool), name, "true or false")
     need(v["tokenizer"] in ("byte", "bpe"), "tokenizer", "byte or bpe")
+    # an empty --out_dir= was the current folder: a run's checkpoint and log landed beside the user's files
+    need(isinstance(v["out_dir"], str) and v["out_dir"].strip() != "", "out_dir", "a folder, e.g. --out_dir=runs/sel")
+    need(isinstance(v["data"], str) and v["data"].strip() != "", "data",
+         "a built-in corpus (kjv, pydoc), varassign or a text file's path")  # fmt: skip
     need(is_int(v["bpe_vocab_size"]) and v["bpe_vocab_size"] >= 257, "bpe_vocab_size",
          "an int >= 257 (<bos> and the 256 bytes)")  # fmt: skip
     if v["tokenizer"] == "bpe" and v["data"] == "varassign":

@@ -460,3 +460,20 @@ def test_generate_takes_the_eviction_policy_as_eval_does(ckpts, capsys):
         assert text.startswith(want), policy
     assert main([*argv, "--policy", "window"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_an_empty_folder_or_checkpoint_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, capsys):
+    """``--out_dir=`` trained into the current folder (its checkpoint and log beside the user's files), ``demo --out=``
+    wrote its report and both runs there, and ``eval --ckpt=`` looked for ./ckpt.safetensors."""
+    monkeypatch.chdir(tmp_path)
+    for argv, option in (
+        (["train", "--out_dir=", "--max_steps=1"], "--out_dir=''"),
+        (["train", "--data=", "--max_steps=1"], "--data=''"),
+        (["demo", "--quick", "--out="], "argument --out: must be a path, not empty"),
+        (["eval", "--ckpt="], "argument --ckpt: must be a path, not empty"),
+        (["generate", "--ckpt= "], "argument --ckpt: must be a path, not empty"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert option in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
