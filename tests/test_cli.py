@@ -224,7 +224,7 @@ def test_every_command_help_comes_from_its_dataclass(capsys):
     for cmd, lines in (
         ("train", ["--lr FLOAT", "peak learning rate", "(default: 0.003)", "--n_layer INT", "--context_len INT",
                    "(default: 128)", "--selection [BOOL]", "--no_progress"]),
-        ("eval", ["--ckpt STR", "(required)", "--batches INT", "(default: 4)", "--json [BOOL]"]),
+        ("eval", ["--ckpt PATH", "(required)", "--batches INT", "(default: 4)", "--json [BOOL]"]),
         ("generate", ["--temperature FLOAT", "(default: 0.8)"]),
         ("demo", ["--quick [BOOL]", "--steps INT", "(default: 1000)"]),
     ):  # fmt: skip
