@@ -181,9 +181,12 @@ class GPTConfig:
 def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(cos, sin)`` ``[T, dim/2]`` of the rotary angles ``pos * base^(-2i/dim)`` for positions ``pos``
     ``[T]`` (a tensor, so a compiled decode step does not specialise on it). Compute once per forward
-    or decode step; every layer reuses them."""
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)  # [dim/2]
-    ang = pos.to(torch.float32)[:, None] * inv_freq  # [T, dim/2]
+    or decode step; every layer reuses them. Computed in at least float32, in float64 for a float64 model: float32
+    angles gave a float64 model float32-level noise, enough that a compiled decode step (whose cos and sin differ from
+    eager's by an ulp) evicted another token than eager where two tokens' F nearly tied (3e-8 apart)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=wide) / dim)  # [dim/2]
+    ang = pos.to(wide)[:, None] * inv_freq  # [T, dim/2]
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 

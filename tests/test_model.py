@@ -256,3 +256,19 @@ def test_an_fp32_model_runs_under_bf16_autocast(selection):
     torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx.flatten()).backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
     assert out.shape == (2, 14) and torch.equal(out[:, :6], idx[:, :6])
+
+
+def test_rope_angles_of_a_float64_model_are_float64_accurate():
+    """A float64 model's rotary angles were computed in float32 (errors ~1e-4 rad at position 4000): float32 noise in
+    every float64 result, enough that a compiled decode step (cos, sin an ulp off eager's) evicted another token
+    than eager where two F values nearly tied. Float32 and lower keep float32 angles."""
+    from selective_attention.model import rope_angles
+
+    pos = torch.arange(4096)
+    cos, sin = rope_angles(pos, 16, 10000.0, torch.float64)
+    inv = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    ang = pos.double()[:, None] * inv
+    torch.testing.assert_close(cos, ang.cos(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sin, ang.sin(), rtol=0, atol=1e-12)
+    c32, _ = rope_angles(pos, 16, 10000.0, torch.float32)
+    assert c32.dtype == torch.float32 and (c32.double() - ang.cos()).abs().max() > 1e-6  # float32 angles there
