@@ -91,6 +91,11 @@ class Decoder:
         if len(budgets) != n:
             raise ValueError(f"budget has {len(budgets)} entries but the model has n_layer={n} layers.")
         check_policy(policy, threshold, recent, budget=budgets)
+        if threshold is not None and not any(block.attn.selects for block in model.blocks):
+            raise ValueError(  # F = 0 everywhere: the decoder said it pruned and held every token
+                f"threshold={threshold} evicts tokens by the penalty F, and this model has no selective layer (F = 0 "
+                "everywhere): it would evict nothing. Drop threshold, or use budget= (on this model a sliding window)."
+            )
         if policy == "h2o":
             for b in budgets:
                 h2o_recent(b, recent)  # the recent window fits every budget

@@ -304,8 +304,8 @@ def test_step_past_capacity_raises():
 
 
 def test_threshold_that_keeps_everything_cannot_pass_context_len():
-    m = model(context_len=8)  # a standard model: F = 0, a threshold never evicts
-    dec = Decoder(m, threshold=1.0)
+    m = model(selection=True, context_len=8)  # F never reaches this threshold: it never evicts
+    dec = Decoder(m, threshold=1e9)
     logits = dec.prefill(torch.randint(0, 40, (1, 6)), max_new_tokens=10)
     logits = dec.step(logits.argmax(-1))
     logits = dec.step(logits.argmax(-1))  # 8 tokens attended: the context

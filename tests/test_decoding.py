@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from selective_attention import cache, decoding
-from selective_attention.model import Attention, GPTConfig
+from selective_attention.decoding import Decoder
+from selective_attention.model import GPT, Attention, GPTConfig
 
 VARIANTS = {
     "standard": dict(),
@@ -135,3 +136,17 @@ def test_suppressed_tokens_are_never_sampled():
     for bad in ([6], [-1], [0.5], list(range(6))):
         with pytest.raises(ValueError, match=r"suppress_tokens must be ids in \[0, 6\), leaving one to sample"):
             model.generate(idx, 1, suppress_tokens=bad)
+
+
+def test_a_threshold_on_a_model_without_selective_layers_is_refused():
+    """F = 0 everywhere on a standard model: a threshold would never evict, and the decoder (generate, pruned_loss)
+    reported pruning while it held every token. The CLI refused it already; the library does too now."""
+    std = GPT(GPTConfig(vocab_size=11, context_len=16, n_layer=2, n_head=2, d_model=8)).eval()
+    with pytest.raises(ValueError, match="no selective layer.*would evict nothing"):
+        Decoder(std, threshold=0.5)
+    with pytest.raises(ValueError, match="no selective layer"):
+        std.generate(torch.zeros(1, 3, dtype=torch.long), 2, threshold=0.5)
+    Decoder(std, budget=4)  # a budget still applies (the oldest token goes)
+    Decoder(
+        GPT(GPTConfig(vocab_size=11, context_len=16, n_layer=2, n_head=2, d_model=8, selection=True)), threshold=0.5
+    )
