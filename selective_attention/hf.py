@@ -40,7 +40,7 @@ import operator
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -573,6 +573,12 @@ def _forward(
             raise ValueError(
                 f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
             )
+        if kwargs.get("use_cache") is False:  # generate(use_cache=False) re-feeds the whole sequence every step: the
+            raise ValueError(  # cache took it for new tokens (silently wrong on an unpadded batch)
+                "a SelectiveCache was passed with use_cache=False: the model then reads the whole sequence again at "
+                "every step, which the cache would store as new tokens. Drop use_cache=False (the cache decodes "
+                "exactly), or pass no cache."
+            )
         out = cached.attend(query, key, value, real, sel, scaling)
         module._selective_masked = None
         return out.transpose(1, 2).contiguous(), None
@@ -761,6 +767,13 @@ class SelectiveTrainer(Trainer):
     ``torch.nn.DataParallel`` (what ``Trainer`` uses on several GPUs of one process): launch with ``torchrun`` for
     DistributedDataParallel."""
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step; also notes how many sequences each holds (for the
+        memory loss's weights under gradient accumulation, :meth:`compute_loss`)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_sequences = [_sequences(b) for b in batches]
+        return batches, num_items
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(model, torch.nn.DataParallel) and model.training and settings(model.module.config).memory_eps:
             raise ValueError(f"SelectiveTrainer with memory_eps > 0 and torch.nn.DataParallel: {_DATA_PARALLEL}")
@@ -768,18 +781,28 @@ class SelectiveTrainer(Trainer):
         inner = getattr(model, "module", model)  # unwrap DDP/accelerate wrappers
         if model.training and settings(inner.config).memory_eps > 0:
             term = memory_loss_term(inner).to(loss.device)
-            # With gradient accumulation the Trainer divides the loss by the number of micro-batches unless the
-            # model already normalised it over the whole accumulated batch (its own rule, repeated here); then the
-            # term, added whole to each micro-batch, would count that many times: divide it here instead.
+            # The term is a mean over this micro-batch's sequences; over an optimizer step it should be the mean
+            # over the step's sequences: weight n_micro / n_step (1 / micro-batches when the sizes are not known;
+            # with uneven micro-batches, 2 + 2 + 1, that gave the last sequence 1/3 of the term instead of 1/5).
+            # The Trainer then divides the loss by the number of micro-batches, unless the model already normalised
+            # it over the whole accumulated batch (its own rule, repeated here): that division is undone first.
+            ga = getattr(self, "current_gradient_accumulation_steps", 1)
+            sizes = getattr(self, "_step_sequences", None) or []
+            n = _sequences(inputs)
+            weight = n / sum(sizes) if n and all(sizes) and len(sizes) == ga and n in sizes else 1 / ga
             scaled = getattr(self, "loss_is_scaled_for_ga", None)
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                     self.compute_loss_func is not None
                 )
-            if scaled:
-                term = term / getattr(self, "current_gradient_accumulation_steps", 1)
-            loss = loss + term
+            loss = loss + term * (weight if scaled else weight * ga)
         return (loss, outputs) if return_outputs else loss
+
+
+def _sequences(batch) -> int | None:
+    """The number of sequences in a Trainer batch (a mapping with ``input_ids`` or ``inputs_embeds``), or None."""
+    x = batch.get("input_ids", batch.get("inputs_embeds")) if isinstance(batch, Mapping) else None
+    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() >= 2 else None
 
 
 # --- pruned generation ---------------------------------------------------------------------------------
@@ -1099,5 +1122,7 @@ class SelectiveCache(Cache):
         return [layer.occupancy() for layer in self.layers]
 
     def kv_bytes(self) -> int:
-        """Bytes of every key/value slot allocated, over all layers and the batch."""
+        """Bytes of every key/value slot allocated, over all layers and the batch. With a budget that is the budget's
+        slots; without one, the stored tokens plus spare room (the prompt and 64 more slots, doubled when full): to
+        compare a budget with the full cache, count the full cache's stored tokens, not this."""
         return sum(layer.kv_bytes() for layer in self.layers)

@@ -491,6 +491,12 @@ def test_cache_arguments_and_misuse_are_clear_errors():
     with pytest.raises(ValueError, match="use_cache=False"):  # the cache and the whole sequence again, each step
         model.generate(pids, attention_mask=pmask, **{CACHE: sa_hf.SelectiveCache()}, use_cache=False, max_new_tokens=3,
                        do_sample=False, pad_token_id=0)  # fmt: skip
+    for mask in (None, torch.ones_like(pids)):  # unpadded too (generate drops an all-ones mask): it decoded wrongly
+        cache = sa_hf.SelectiveCache()
+        with pytest.raises(ValueError, match="SelectiveCache was passed with use_cache=False"):
+            model.generate(pids[:, -5:], attention_mask=mask, **{CACHE: cache}, use_cache=False, max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+        assert all(layer.seen == 0 for layer in cache.layers)  # refused, and the first layer's count undone
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
     # a filled cache reused for a new padded prompt, or for another batch size: named, with the fix, and the cache
@@ -908,15 +914,17 @@ def test_trainer_adds_the_memory_loss(tmp_path):
     assert trainer.state.global_step == 2
 
 
-def test_trainer_memory_loss_counts_once_with_gradient_accumulation(tmp_path):
-    """Two micro-batches of 2 accumulated give the update of one batch of 4: the Trainer normalises the model's loss
-    over the accumulated batch and does not divide again, so the memory term (the mean over sequences) is divided
-    by the number of micro-batches (it once counted twice)."""
-    ids = torch.randint(1, V, (4, 12), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize(("n", "split"), [(4, 2), (5, 2)])
+def test_trainer_memory_loss_counts_once_with_gradient_accumulation(tmp_path, n, split):
+    """Micro-batches of ``split`` accumulated give the update of one batch of all ``n``: the Trainer normalises the
+    model's loss over the accumulated batch and does not divide again, so the memory term (the mean over a
+    micro-batch's sequences) is weighted by the micro-batch's share of the step's sequences (it once counted twice;
+    then with 2 + 2 + 1 the last sequence weighed 1/3 instead of 1/5)."""
+    ids = torch.randint(1, V, (n, 12), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": r, "labels": r} for r in ids]
     weights = []
-    for batch, accumulate in ((4, 1), (2, 2)):
-        model = build("llama", dtype=torch.float32, memory_eps=1.0)
+    for batch, accumulate in ((n, 1), (split, -(-n // split))):
+        model = build("llama", dtype=torch.float64, memory_eps=1.0)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / str(batch)), max_steps=1, per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulate, report_to=[], use_cpu=True, save_strategy="no", optim="sgd",
@@ -925,11 +933,11 @@ def test_trainer_memory_loss_counts_once_with_gradient_accumulation(tmp_path):
         trainer = sa_hf.SelectiveTrainer(model=model, args=args, train_dataset=data)
         trainer.train()
         weights.append([p.detach().clone() for p in model.parameters()])
-    start = build("llama", dtype=torch.float32, memory_eps=1.0).parameters()
+    start = build("llama", dtype=torch.float64, memory_eps=1.0).parameters()
     moved = max((a - b).abs().max() for a, b in zip(weights[0], start))
     assert moved > 1e-3  # the step changed the weights, so their equality below says something
     for a, b in zip(*weights):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
 def test_activation_checkpointing_keeps_loss_memory_loss_and_gradients():
