@@ -118,31 +118,10 @@ def test_key_tiled_backward_matches_naive(monkeypatch, tile_bytes, extra):
     _assert_chunked_matches_naive(q, k, v, chunk_size=2, **kw)
 
 
-@pytest.mark.parametrize("strips", [1, 2, 3, 4, 7])
-@pytest.mark.parametrize(
-    ("i0", "i1", "width"), [(0, 4, 4), (0, 7, 7), (8, 12, 4), (12, 16, 12), (40, 45, 12), (6, 9, 3)]
-)
-def test_backward_tiles_cover_the_causal_part_of_a_block_once(strips, i0, i1, width):
-    """Every (row, key) of the block with key <= row is in exactly one tile; each strip of the block's square
-    leaves out only rows that are all before its keys, and its computed future (key > row) is at most one
-    strip's triangle."""
-    hits = torch.zeros(i1 - i0, i1, dtype=torch.long)
-    for r0, j0, j1 in chunked._tiles(i0, i1, width, strips):
-        assert 0 <= r0 < i1 - i0 and 0 <= j0 < j1 <= i1 and j1 - j0 <= max(width, -(-(i1 - i0) // strips))
-        assert j0 >= i0 + r0 or r0 == 0  # a strip starts at its first row's key
-        hits[r0:, j0:j1] += 1
-    causal = torch.arange(i1)[None, :] <= torch.arange(i0, i1)[:, None]
-    assert (hits[causal] == 1).all() and (hits <= 1).all()
-    w = -(-(i1 - i0) // min(strips, i1 - i0))
-    assert int(hits[~causal].sum()) <= (i1 - i0) * w // 2 + w  # future work: about C w / 2, not C^2 / 2
-
-
-@pytest.mark.parametrize("strips", [1, 2, 3, 5])
 @pytest.mark.parametrize("extra", ["none", "padding", "float_F", "memory", "every_head", "gqa", "pair"])
-def test_diagonal_strips_backward_matches_naive(monkeypatch, strips, extra):
-    """The backward's strips of each block's square (rows above a strip skipped), for strip counts that do and do
-    not divide the block, beside several key tiles, with grouped-query heads and a dedicated voting pair."""
-    monkeypatch.setattr(chunked, "_DIAG_STRIPS", strips)
+def test_tiled_backward_matches_naive_with_grouped_heads_and_a_voting_pair(monkeypatch, extra):
+    """Blocks and key tiles that do not divide L, with grouped-query heads (the group's rows stacked in one GEMM
+    operand) and a dedicated voting pair (its vote GEMMs, not folded into dq, dk)."""
     monkeypatch.setattr(chunked, "_TILE_BYTES", 8 * 4 * 10 * 8)  # blocks of 10 rows, tiles of 10 keys
     B, H, L, D = 2, 4, 37, 4
     q, k, v = _qkv(B, H, L, D, seed=5)

@@ -12,8 +12,7 @@ Forward, chunk by chunk, first to last::
     out_c, lse_c = attention(q_c, k, v, bias = -F_c - penalty, causal/removed = -inf)
 
 Backward, the same chunks last to first, each one's keys in tiles of columns (``_key_tile``: the
-temporaries ``[B, H, C, width]`` stay within a few MiB, in cache, however long the sequence; the chunk's own
-square in strips that skip the rows before their keys, ``_tiles``), with
+temporaries ``[B, H, C, width]`` stay within a few MiB, in cache, however long the sequence), with
 ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O_h))``; everything but dq is column-wise, so a tile needs
 only its own columns::
 
@@ -128,12 +127,6 @@ class _Workspace:
         if name not in self.bufs:
             self.bufs[name] = self.like.new_empty(self.sizes[name])
         return self.bufs[name][: math.prod(shape)].view(shape)
-
-
-def _transposed_zeros(t: Tensor) -> Tensor:
-    """Zeros of ``t``'s shape ``[..., L, D]`` laid out as ``[..., D, L]`` (a transposed view): the layout backward
-    builds dk and dv in (its fake implementation must give the same strides)."""
-    return t.new_zeros(*t.shape[:-2], t.shape[-1], t.shape[-2]).transpose(-2, -1)
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
@@ -321,24 +314,6 @@ def _key_tile(BH: int, C: int, L: int, itemsize: int) -> int:
     return min(L, max(C, width - width % C))
 
 
-_DIAG_STRIPS = 2  # the diagonal part of a backward block is walked in this many strips of columns
-
-
-def _tiles(i0: int, i1: int, width: int, strips: int | None = None) -> list[tuple[int, int, int]]:
-    """The backward's tiles of the query block ``i0 .. i1-1``: ``(r0, j0, j1)``, its rows ``r0 ..`` (relative to
-    i0) by keys ``j0 .. j1-1``. Keys before the block (every row sees them) go in tiles of ``width`` columns; the
-    block's own square is cut into ``strips`` strips of columns, and strip t (columns ``i0 + t w ..``, w = C /
-    strips) takes only the rows from ``t w`` on: the rows above are all before its keys (future: P, dZ, dF and
-    the votes are 0 there), so about ``C^2 / (2 strips)`` entries of the square are computed for nothing
-    instead of ``C^2 / 2``. The first strip joins the keys before it."""
-    C = i1 - i0
-    s = max(1, min(_DIAG_STRIPS if strips is None else strips, C))
-    w = -(-C // s)
-    tiles = [(0, j0, min(j0 + width, i0 + w)) for j0 in range(0, i0 + w, width)]
-    tiles += [(t, t + i0, min(t + w, C) + i0) for t in range(w, C, w)]
-    return tiles
-
-
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
     """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB. The unit of
     the query blocks that forward and backward walk (:func:`_forward_blocks` of them per block).
@@ -523,33 +498,24 @@ def _backward(
         Sn_b, bias_b, F_b = _chunk_bias(
             vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
         )
-        qn_b = vt.qn[:, :, i0:i1]
-        dq_b = q.new_zeros(B * Hkv, g, C, D)  # sum over the tiles of dZ k
-        dqs_b = None if fold else torch.zeros_like(qn_b)  # sum over the tiles of dl ks
-        r_prev = -1
-        for r0, j0, j1 in _tiles(i0, i1, width):
-            # the tile: rows r0 .. C-1 of the block (the rows above see none of its keys), keys j0 .. j1-1
-            n, R = j1 - j0, C - r0
-            if r0 != r_prev:  # the rows' operands: [B*Hkv, g*R, .] (views when g = 1, else copies)
-                r_prev = r0
-                qc, doc = rows(q5, i0 + r0, i1), rows(do5, i0 + r0, i1)
-                qa, lse_c, delta_c = (
-                    (qc.float() if half else qc) * a,
-                    rows(lse5, i0 + r0, i1),
-                    rows(delta5, i0 + r0, i1),
-                )
-                qn_c = qn_b[:, :, r0:]
-                dqs_c = None if fold else dqs_b[:, :, r0:]
-                dmem_c = None if dmem is None else dmem[:, :, i0 + r0 : i1, None]
-            Sn, bias = Sn_b[..., r0:, j0:j1], bias_b[..., r0:, j0:j1]  # [B, G, R, n], [B, G|H, R, n]
+        qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
+        qa, lse_c, delta_c = (qc.float() if half else qc) * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
+        qn_c = vt.qn[:, :, i0:i1]
+        dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
+        dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
+        dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
+        for j0 in range(0, i1, width):
+            j1 = min(j0 + width, i1)
+            n = j1 - j0
+            Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
             # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-            P3 = ws("P", B * Hkv, g * R, n)  # [B*Hkv, g*R, n]
+            P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
             if half:  # the logits in float32, as the forward's kernel formed them (its lse is of those)
-                Pw3 = torch.bmm(qa, kTf[:, :, j0:j1], out=wsf("P", B * Hkv, g * R, n)).sub_(lse_c)
+                Pw3 = torch.bmm(qa, kTf[:, :, j0:j1], out=wsf("P", B * Hkv, g * C, n)).sub_(lse_c)
             else:
                 Pw3 = torch.bmm(qa, kT[:, :, j0:j1], out=P3).sub_(lse_c)
             bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-            P = Pw3.view(B, Hkv, g, R, n).add_(bias5, alpha=_LOG2E)
+            P = Pw3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
             # no subnormal P, nor (mostly) dZ: see _P_FLOOR
             torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
             if half:
@@ -558,19 +524,19 @@ def _backward(
             # one call per head.
             dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * R, n))
+            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
             if half:
-                dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * R, n)).mul_(Pw3)
+                dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * C, n)).mul_(Pw3)
             else:
                 dZw3 = dZ3.sub_(delta_c).mul_(P3)
             del P, P3, Pw3
-            dZ = dZw3.view(B, H, R, n)  # head h = (kv head, member) in order: a view
+            dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
             if want_dpen:
-                _accumulate_broadcast(dpen, -dZ, i0 + r0, i1, j0, j1)
+                _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
             dF = dF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
             if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
-                dF.add_(dmem_c * (F_b[..., r0:, j0:j1] > tau_F).logical_not_())
+                dF.add_(dmem_c * (F_b[..., j0:j1] > tau_F).logical_not_())
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
             dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
             dcol[:, :, j0:j1] += dF.sum(dim=2)
@@ -583,23 +549,20 @@ def _backward(
                 if Gk == G:
                     dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c), alpha=vt.post)
                 else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                    dlg = dl.reshape(B, Gk, (G // Gk) * R, n)
-                    qng = qn_c.reshape(B, Gk, (G // Gk) * R, qn_c.shape[-1])
+                    dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
+                    qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
                     dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
             del dZ, dF, dS, dl
             if half:
                 dZ3.copy_(dZw3)
             del dZw3
-            if g == 1:  # dq = s dZ k (s applied once per block)
-                dq_b[:, 0, r0:].baddbmm_(dZ3, k3[:, j0:j1])
-            else:
-                dq_b[:, :, r0:] += torch.bmm(dZ3, k3[:, j0:j1]).view(B * Hkv, g, R, D)
+            dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
             dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
             dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
             del dZ3
-        dq[:, :, i0:i1] = dq_b.mul_(scale).view(B, H, C, D)
+        dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
         if not fold:
-            dqs[:, :, i0:i1].add_(dqs_b, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
+            dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
     if heads is not None:
         dqs = dks = None
     return dq, dk, dv, dqs, dks, dpen
