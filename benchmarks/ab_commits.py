@@ -8,6 +8,10 @@ two share nothing but torch. Outputs are checked equal first (fp32, 1e-4).
 
     python benchmarks/ab_commits.py 23e20f5                     # that commit against this checkout
     python benchmarks/ab_commits.py 23e20f5 --shapes 1,8,64,2048 2,4,32,1024 --rounds 15
+    python benchmarks/ab_commits.py 23e20f5 --lm 256 1024       # the LM's training step instead (train_throughput's)
+
+Time attention inside the model too before keeping a change: tiles that skipped the diagonal's upper half timed
+0.96-0.99 of the old attention alone and 1.01-1.065 of the old training step (contexts 256-1024; reverted).
 """
 
 from __future__ import annotations
@@ -33,13 +37,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["1,8,64,1024", "1,8,64,2048", "1,8,64,4096", "2,4,32,1024", "4,4,32,512"]
 
 
+def package_name(rev: str) -> str:
+    """The name :func:`load_commit` imports ``rev``'s package under."""
+    return "sa_" + re.sub(r"\W", "_", rev)
+
+
 def load_commit(rev: str, into: Path):
     """``selective_attention.functional.selective_attention`` as of ``rev``, imported as package ``sa_<rev>``."""
     blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "selective_attention"], capture_output=True)
     if blob.returncode != 0:
         raise SystemExit(f"git archive {rev!r} failed: {blob.stderr.decode().strip()}")
     tarfile.open(fileobj=BytesIO(blob.stdout)).extractall(into, filter="data")
-    name = "sa_" + re.sub(r"\W", "_", rev)
+    name = package_name(rev)
     pkg = (into / "selective_attention").rename(into / name)
     for f in pkg.rglob("*.py"):
         text = f.read_text()
@@ -49,6 +58,40 @@ def load_commit(rev: str, into: Path):
         f.write_text(text.replace('"selective_attention::', f'"{name}::'))
     sys.path.insert(0, str(into))
     return importlib.import_module(f"{name}.functional").selective_attention
+
+
+def compare_lm(rev: str, T: int, rounds: int, steps: int = 3) -> dict:
+    """One AdamW training step of train_throughput's selective LM (4 layers, d128, 4 heads, 2048 tokens a step at
+    context ``T``) built from this checkout and from ``rev`` (loaded by :func:`load_commit`), beside the standard LM,
+    ``steps`` steps a turn. Throughput ratios to the standard LM and this / other time, medians of per-round ratios."""
+    other = importlib.import_module(package_name(rev) + ".model")
+    this = importlib.import_module("selective_attention.model")
+    B = max(1, 2048 // T)
+
+    def step_fn(mod, selection: bool):
+        torch.manual_seed(0)
+        model = mod.GPT(mod.GPTConfig(context_len=T, n_layer=4, n_head=4, d_model=128, selection=selection))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = torch.randint(0, 256, (B, T)), torch.randint(0, 256, (B, T))
+
+        def run():
+            for _ in range(steps):
+                loss, _ = model(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        return run
+
+    fns = {"standard": step_fn(this, False), "this": step_fn(this, True), "other": step_fn(other, True)}
+    t = interleaved(fns, repeats=rounds, warmup=2, alternate=True)
+    return {
+        "LM context": T,
+        "standard ms/step": round(1e3 * statistics.median(t["standard"]) / steps, 1),
+        "this throughput / standard": round(1 / median_ratio(t, "this", "standard"), 3),
+        "other throughput / standard": round(1 / median_ratio(t, "other", "standard"), 3),
+        "this / other time": round(median_ratio(t, "this", "other"), 3),
+    }
 
 
 def compare(other, B: int, H: int, D: int, L: int, rounds: int) -> dict:
@@ -79,13 +122,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("rev", help="the other commit (anything git names: a hash, a tag, HEAD~3)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, metavar="B,H,D,L")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--lm", type=int, nargs="+", metavar="CONTEXT", help="time the LM's training step at these")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         other = load_commit(args.rev, Path(tmp))
-        print(f"this checkout against {args.rev}, paper-mode fwd+bwd fp32 — {machine()}", flush=True)
-        for s in args.shapes:
-            row = compare(other, *(int(x) for x in s.split(",")), rounds=args.rounds)
+        what = "the LM's training step" if args.lm else "paper-mode fwd+bwd"
+        print(f"this checkout against {args.rev}, {what} fp32 — {machine()}", flush=True)
+        runs = [(compare_lm, (args.rev, T)) for T in args.lm or []] or [
+            (compare, (other, *(int(x) for x in s.split(",")))) for s in args.shapes
+        ]
+        for fn, fn_args in runs:
+            row = fn(*fn_args, rounds=args.rounds)
             print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
             rows.append(row)
     return rows

@@ -113,6 +113,9 @@ def test_ab_commits_loads_another_commit_apart_and_compares(tmp_path, monkeypatc
     assert sys.modules["sa_HEAD.functional"] is not sys.modules["selective_attention.functional"]
     row = ab.compare(other, 1, 2, 8, 16, rounds=1)
     assert row["shape"] == "B1 H2 D8 L16" and all(row[k] > 0 for k in ("this / sdpa", "other / sdpa", "this / other"))
+    lm = ab.compare_lm("HEAD", 16, rounds=1, steps=1)  # the LM's training step, both versions beside the standard LM
+    keys = ("this throughput / standard", "other throughput / standard", "this / other time")
+    assert lm["LM context"] == 16 and all(lm[k] > 0 for k in keys)
     # the checkout's custom ops still run the checkout's code (a copy registered under the same names replaced them)
     import selective_attention.ops.chunked as chunked
     from selective_attention.functional import selective_attention
