@@ -429,6 +429,13 @@ def lr_schedule(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_s
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _logged(key: str, value):
+    """A log row's value: floats to 5 decimals, the learning rate to 4 significant digits."""
+    if not isinstance(value, float):
+        return value
+    return float(f"{value:.4g}") if key == "lr" else round(value, 5)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The training run's learning rate at ``step`` (:func:`lr_schedule` with ``cfg``'s settings)."""
     return lr_schedule(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
@@ -493,6 +500,15 @@ def _check_out_dir(out_dir: Path) -> None:
         ) from None
 
 
+# Fields a resume cannot change, not even with --allow_config_change: what they set is already fixed in the run
+_FIXED_ON_RESUME = {
+    "seed": "a resumed run's random states (weights, data order, dropout) come from the checkpoint: a new seed "
+    "would be recorded in it but never used",
+    "val_fraction": "another split would move text the model trained on into validation (or validation text into "
+    "training): its later val_loss would not be held out",
+}
+
+
 def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: bool = False) -> None:
     """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
     config lacks (added since) counts as its default. ``same_file``: ``--data`` names the file the checkpoint was
@@ -507,6 +523,15 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: b
     changed = [k for k in now if k not in RESUMABLE_FIELDS | inert and old[k] != now[k]]
     if not changed:
         return
+    fixed = {k: why for k, why in _FIXED_ON_RESUME.items() if k in changed}
+    if fixed:  # not even with --allow_config_change
+        raise CheckpointError(
+            f"checkpoint {path}: "
+            + "; ".join(
+                f"--{k}={now[k]!r} differs from the checkpoint's {old[k]!r}, and {why}" for k, why in fixed.items()
+            )
+            + ". Resume with the checkpoint's value, or start a new run (--resume=false or another --out_dir)."
+        )
     diff = ", ".join(f"{k}: {old[k]!r} (checkpoint) vs {now[k]!r} (now)" for k in changed)
     if not cfg.allow_config_change:
         raise CheckpointError(
@@ -610,6 +635,12 @@ def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:  # RANK=1 alone trained on another stream and wrote nothing (only rank 0 writes), rc 0
+        raise ValueError(
+            f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', '(unset)')}: a rank must be in "
+            "[0, WORLD_SIZE). A distributed launcher (torchrun) sets both; for one process unset RANK."
+        )
     if cfg.warmup_steps > cfg.max_steps and rank == 0:
         warnings.warn(
             f"--warmup_steps={cfg.warmup_steps} > --max_steps={cfg.max_steps}: the learning rate only warms up "
@@ -670,7 +701,8 @@ def _main(cfg: TrainConfig) -> dict:
     if not task.varassign:  # both splits hold a window: found now, not at the first evaluation after training
         for split in ("train", "val"):
             task.text._split(split, cfg.model.context_len)
-    if resumed is None and cfg.min_lr > cfg.lr:  # a new run only: a stored config always loads and resumes
+    stored_lrs = None if resumed is None else tuple(resumed[1]["train_config"].get(k) for k in ("lr", "min_lr"))
+    if cfg.min_lr > cfg.lr and stored_lrs != (cfg.lr, cfg.min_lr):  # a stored config as it was always resumes
         raise ValueError(
             f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the cosine schedule goes from lr down to min_lr, so "
             f"it would rise instead; pass --min_lr <= lr (e.g. --min_lr={cfg.lr / 10:g})."
@@ -716,6 +748,15 @@ def _main(cfg: TrainConfig) -> dict:
                 f"--out_dir, or --resume=false."
             )
         history = [row for row in meta["extra"].get("history", []) if row.get("step", 0) <= start]
+        planned = meta["train_config"].get("max_steps")
+        if main_proc and planned is not None and planned != cfg.max_steps and start < cfg.max_steps:
+            was = lr_at(start, dataclasses.replace(cfg, max_steps=planned))
+            print(
+                f"note: --max_steps={cfg.max_steps}, the checkpoint's run was planned for {planned}: the "
+                f"learning-rate schedule is recomputed for {cfg.max_steps} steps (step {start + 1} trains at "
+                f"{lr_at(start, cfg):.3g}, {was:.3g} in the old schedule; log.jsonl's rows give each step's lr)",
+                file=sys.stderr,
+            )
     if main_proc and not cfg.resume and ckpt_path.exists():
         # starting over (every check passed): the old run's checkpoint must not outlive its emptied log (a run
         # killed before its first save would leave it for the next resume); it is set aside, not deleted
@@ -775,14 +816,15 @@ def _main(cfg: TrainConfig) -> dict:
                 tok_seen += x.numel() * world
                 train_seconds += seconds
                 tps = tok_seen / train_seconds
-            last = {"step": step + 1, "loss": loss_val, "tokens_per_s": tps, **stats}
+            last = {"step": step + 1, "loss": loss_val, "lr": lr_at(step, cfg), "tokens_per_s": tps, **stats}
             if task.varassign and cfg.va_assign_start:  # the curriculum's stage (evaluation is on va_assign)
                 last["va_assign"] = task.n_assign_at(step)
             done = step + 1 == cfg.max_steps
             if main_proc and ((step + 1) % cfg.eval_interval == 0 or done):
                 ev = evaluate(model, task, device)
                 last.update(ev)
-                history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
+                # 5 decimals; the learning rate 4 significant digits (5 decimals would log 1e-6 as 0)
+                history.append({k: _logged(k, v) for k, v in last.items()})
                 _log(out_dir, history[-1])
             save = (step + 1) % cfg.ckpt_interval == 0 or done  # the same on every rank
             if save:

@@ -936,3 +936,30 @@ def test_resume_sees_every_layer_listed_as_every_layer(tmp_path):
     main(tiny(tmp_path, max_steps=2, n_layer=1, selection=True, selection_layers=[0]))
     s = main(tiny(tmp_path, max_steps=3, n_layer=1, selection=True))  # was refused as "another model"
     assert [h["step"] for h in s["history"]][-1] == 3
+
+
+def test_resume_refuses_a_seed_or_split_it_could_not_apply_and_names_a_longer_schedule(tmp_path, capsys):
+    """A new --seed was recorded in the checkpoint but never used (the random states come from it), and a new
+    --val_fraction moved trained-on text into validation: both refused, even with --allow_config_change. A longer
+    --max_steps recomputes the schedule: a note says so, and each log row carries its step's lr."""
+    main(tiny(tmp_path, max_steps=4))
+    for change in (dict(seed=5), dict(val_fraction=0.3)):
+        with pytest.raises(CheckpointError, match=f"--{next(iter(change))}=.*differs from the checkpoint's"):
+            main(tiny(tmp_path, max_steps=6, allow_config_change=True, **change))
+    with pytest.raises(ValueError, match="--min_lr=0.01 is above --lr"):  # changed on resume: refused as for a new run
+        main(tiny(tmp_path, max_steps=6, min_lr=0.01, allow_config_change=True))
+    capsys.readouterr()
+    s = main(tiny(tmp_path, max_steps=8))
+    assert "the checkpoint's run was planned for 4: the learning-rate schedule is recomputed" in capsys.readouterr().err
+    cfg = tiny(tmp_path, max_steps=8)
+    rows = [row for row in s["history"] if row["step"] > 4]
+    assert rows and all(row["lr"] == pytest.approx(lr_at(row["step"] - 1, cfg), rel=1e-3) for row in rows)
+
+
+def test_a_rank_without_its_world_is_refused(tmp_path, monkeypatch):
+    """RANK=1 alone (no WORLD_SIZE) trained on rank 1's stream and wrote nothing, since only rank 0 writes; rc 0."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"RANK=1 with WORLD_SIZE=\(unset\).*unset RANK"):
+        main(tiny(tmp_path))
+    assert not (tmp_path / "run").exists()
