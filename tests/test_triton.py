@@ -298,3 +298,27 @@ def test_the_interpreter_refuses_bf16_instead_of_returning_garbage():
         selective_attention(q, q, q, selection=True, backend="triton")
     auto = selective_attention(q, q, q, selection=True)  # auto: the chunked path serves it
     assert auto.dtype == torch.bfloat16 and torch.isfinite(auto).all()
+
+
+def test_the_raw_op_checks_its_arguments_and_its_lse_is_not_differentiable():
+    """``paper_fwd`` (exported) read out of bounds for a voting head past H (NaN, or another tensor's memory) or
+    kv heads that do not divide H; its lse carried a grad_fn whose gradient was dropped (a loss on it got 0)."""
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _inputs(1, 2, 20, 16, torch.float32))
+    for head in (2, 5, -2):
+        with pytest.raises(ValueError, match=f"vote_head={head} must be a head of q"):
+            op.paper_fwd(q, k, v, head, 0.25, 0.25)
+    k3 = torch.randn(1, 3, 20, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="H % Hkv == 0"):
+        op.paper_fwd(q, k3, k3, 0, 0.25, 0.25)
+    with pytest.raises(ValueError, match="H % Hkv == 0"):
+        op.paper_fwd(q, k[:, :, :12], v[:, :, :12], 0, 0.25, 0.25)  # fewer keys than queries
+    out, lse = op.paper_fwd(q, k, v, 0, 0.25, 0.25)
+    assert out.requires_grad and not lse.requires_grad
+
+
+def test_double_backward_names_the_fix():
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _inputs(1, 2, 20, 16, torch.float32))
+    out = triton_selective_attention(q, k, v, heads=slice(0, 1), scale=0.25, sel_scale=0.25)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward is not implemented by backend='triton'.*backend='naive'"):
+        g.sum().backward()

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
-from .transforms import unserved_transform
+from .transforms import refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -673,7 +673,7 @@ def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
     grads = (dq, dk, dv, None if qs is None else dqs, None if qs is None else dks, *[None] * 5)
     grads += (dpen if want_dpen else None, None, None, None, None)
     if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
-        grads = _refuse_double_backward(grads, (*saved[:6], dout, dmem))
+        grads = refuse_double_backward(grads, (*saved[:6], dout, dmem), "chunked")
     return grads
 
 
@@ -691,37 +691,6 @@ def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale
         None if tau is None else float(tau),
     )  # fmt: skip
     return out, mem
-
-
-_DOUBLE_BACKWARD = (
-    "double backward is not implemented by backend='chunked' (its backward is a hand-written "
-    "first-order gradient); use backend='naive' for higher-order gradients (e.g. gradient penalties)."
-)
-
-
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes first-order gradients through unchanged; differentiating them raises. Its inputs include
-    the chunked op's own inputs, so any path from the gradients back to q, k, v, ... meets it
-    (``once_differentiable`` links only to the incoming gradient, and a second derivative that
-    reaches q only through saved inputs would silently miss this term)."""
-
-    @staticmethod
-    def forward(ctx, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        return tuple(t.view_as(t) for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(_DOUBLE_BACKWARD)
-
-
-def _refuse_double_backward(grads: tuple, graph: tuple) -> tuple:
-    """``grads`` (Nones kept) rerouted through :class:`_NoDoubleBackward`, linked to ``graph``."""
-    linked = [t for t in graph if isinstance(t, Tensor) and t.requires_grad]
-    present = [g for g in grads if g is not None]
-    if not linked or not present:
-        return grads
-    it = iter(_NoDoubleBackward.apply(len(present), *present, *linked))
-    return tuple(None if g is None else next(it) for g in grads)
 
 
 def _rows(mask: Tensor, i0: int, i1: int, j0: int = 0, j1: int | None = None) -> Tensor:

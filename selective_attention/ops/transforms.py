@@ -5,7 +5,8 @@ forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) 
 zero, with no error; under ``torch.func``'s reverse transforms (``grad``, ``vjp``, ``jacrev``) PyTorch refuses it
 with a message about ``autograd.Function``. PyTorch's CPU flash attention has no forward-mode formula either. The
 backends refuse these calls by name, so ``backend="auto"`` runs them on the naive spec, which supports all.
-``vmap`` alone is served.
+``vmap`` alone is served. Their first-order gradients refuse to be differentiated again, by name
+(:func:`refuse_double_backward`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
-__all__ = ["unserved_transform", "vmapped"]
+__all__ = ["refuse_double_backward", "unserved_transform", "vmapped"]
 
 
 def _transforms() -> set:
@@ -54,3 +55,37 @@ def vmapped(t: Tensor | None) -> bool:
             return True
         t = fn.get_unwrapped(t)
     return False
+
+
+_DOUBLE_BACKWARD = (
+    "double backward is not implemented by backend='{backend}' (its backward is a hand-written first-order "
+    "gradient); use backend='naive' for higher-order gradients (e.g. gradient penalties)."
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes first-order gradients through unchanged; differentiating them raises. Its inputs include
+    the kernel's own inputs, so any path from the gradients back to q, k, v, ... meets it
+    (``once_differentiable`` links only to the incoming gradient, and a second derivative that
+    reaches q only through saved inputs would silently miss this term)."""
+
+    @staticmethod
+    def forward(ctx, backend: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.backend = backend
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_DOUBLE_BACKWARD.format(backend=ctx.backend))
+
+
+def refuse_double_backward(grads: tuple, graph: tuple, backend: str) -> tuple:
+    """``grads`` (Nones kept) rerouted through a function whose backward raises, naming ``backend``, linked to the
+    tensors of ``graph`` that require grad. Call it in a custom op's backward when ``torch.is_grad_enabled()``
+    (``create_graph=True``): without it PyTorch's message for the missing formula names no fix."""
+    linked = [t for t in graph if isinstance(t, Tensor) and t.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not linked or not present:
+        return grads
+    it = iter(_NoDoubleBackward.apply(backend, len(present), *present, *linked))
+    return tuple(None if g is None else next(it) for g in grads)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...selection import head_range
-from ..transforms import unserved_transform
+from ..transforms import refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from ..registry import Request
@@ -93,8 +93,26 @@ def _on(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _check_op_args(q: Tensor, k: Tensor, v: Tensor, vote_head: int) -> None:
+    """The raw op's own checks (:func:`triton_selective_attention` checks more, with the user's names): the kernels
+    index heads and rows by these, and read out of bounds otherwise (NaN, or another tensor's memory)."""
+    dims_ok = q.dim() == k.dim() == v.dim() == 4
+    B, H, L = q.shape[:3] if dims_ok else (0, 0, 0)
+    Hkv = k.shape[1] if dims_ok else 0
+    if not dims_ok or Hkv == 0 or H % Hkv or k.shape[:3] != (B, Hkv, L):
+        raise ValueError(
+            f"paper_fwd needs q [B, H, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] with H % Hkv == 0; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    if v.shape[:3] != k.shape[:3] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"paper_fwd: k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}.")
+    if not -1 <= vote_head < H:
+        raise ValueError(f"paper_fwd: vote_head={vote_head} must be a head of q (0 .. {H - 1}) or -1 (every head).")
+
+
 @torch.library.custom_op("selective_attention::paper_fwd", mutates_args=())
 def paper_fwd(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float) -> tuple[Tensor, Tensor]:
+    _check_op_args(q, k, v, vote_head)
     B, H, L, _ = q.shape
     if L == 0:
         return v.new_empty(B, H, 0, v.shape[-1]), q.new_empty(B, H, 0, dtype=torch.float32)
@@ -143,13 +161,18 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.vote_head, ctx.scale, ctx.sel_scale = vote_head, scale, sel_scale
+    # lse is what backward rebuilds P from, not a result: its gradient is not computed, so it must not look
+    # differentiable (a loss on it got a gradient of 0, silently)
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    # lse is an internal output (the public function drops it): its gradient is ignored.
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = paper_bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
-    return dq, dk, dv, None, None, None
+    with torch.no_grad():
+        grads = paper_bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
+    if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
+        grads = refuse_double_backward(grads, (q, k, v, dout), "triton")
+    return (*grads, None, None, None)
 
 
 paper_fwd.register_autograd(_backward, setup_context=_setup_context)
