@@ -161,7 +161,8 @@ def report(args) -> int:
         "",
         *table,
         "",
-        f"GPU tests (tests/test_triton_gpu.py, tests/test_triton.py compiled): {tests}.",
+        "GPU tests (tests/test_triton_gpu.py, tests/test_triton.py compiled; the HF and resume tests on CUDA): "
+        f"{tests}.",
     ]
     if failed:
         shown = ", ".join(f"`{t}`" for t in failed[:15])

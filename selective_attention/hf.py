@@ -894,7 +894,8 @@ class SelectiveLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError(
             "SelectiveCache does not support beam search (num_beams > 1): beams would share evicted tokens. "
-            "Use greedy or sampling with SelectiveCache, or beam search with the default cache."
+            "Use greedy or sampling with SelectiveCache, or beam search with use_cache=False (a selecting layer cannot "
+            "read its votes back from a plain cache)."
         )
 
     def crop(self, tokens_to_remove: int) -> None:
