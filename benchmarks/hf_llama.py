@@ -62,8 +62,18 @@ def train_step_fn(model, ids):
 
 
 def kv_bytes(cache) -> int:
+    """Bytes of the key/value slots a cache holds: a budgeted SelectiveCache's allocated slots (the budget's); an
+    unbudgeted one's stored tokens (its kv_bytes() also counts spare room, the prompt plus 64 slots, which would
+    overstate the saving of a budget against it: 0.0303x instead of 0.0312x at context 2048); a DynamicCache's keys
+    and values."""
     if isinstance(cache, sa_hf.SelectiveCache):
-        return cache.kv_bytes()
+        if cache.budget is not None:
+            return cache.kv_bytes()
+        return sum(
+            int(layer.cache.valid.sum(-1).max()) * layer.cache.kv_bytes() // layer.cache.capacity
+            for layer in cache.layers
+            if layer.cache is not None
+        )
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 

@@ -186,13 +186,19 @@ def table(r: dict) -> str:
             smallest.append(f"<= {tried} (>= {T / tried:.0f}x less; the smallest tried)")
         else:
             smallest.append(f"{b} ({T / b:.0f}x less)")
-    rows.append("| smallest uniform budget at or under the standard's full-cache loss | " + " | ".join(smallest) + " |")
+    rows.append(
+        "| smallest uniform budget at or under the standard's full-cache loss (read off these windows: descriptive) | "
+        + " | ".join(smallest)
+        + " |"
+    )
     cpu = f" of an {r['cpu']}, torch {r['torch']}" if "cpu" in r else ""  # files before 2026-11-30: no CPU
     note = (
         f"\nHeld-out validation loss ({unit}; in brackets: minus the full-cache standard model's, {ref:.4f}) on "
         f"{r['windows']['n']} windows of {T} tokens ({r['targets']:,} targets), the same for every method, none "
-        f"seen by the budget search. A budget b = at most b tokens stored and attended per layer at any step, the "
-        f"newest and the first included; H2O keeps a recent window of b // 2. One seed, one checkpoint pair "
+        f"seen by the budget search (the searched row's check); the smallest-budget row is read off these same "
+        f"windows, so it describes them and is not a held-out test of a budget chosen elsewhere. A budget b = at "
+        f"most b tokens stored and attended per layer at any step, the newest and the first included; H2O keeps a "
+        f"recent window of b // 2. One seed, one checkpoint pair "
         f"(`{r['standard_ckpt']}`, `{r['selective_ckpt']}`); {r['cpu_seconds']:.0f} s of CPU time "
         f"({r['threads']} thread{cpu}; `python experiments/kv_curves.py --windows {r['windows']['n']}`)."
     )

@@ -416,7 +416,10 @@ def cmd_bench(args: BenchOptions) -> None:
 
     from .functional import selective_attention
 
-    print(f"B1 H8 D64 fp32, forward+backward, median of {args.repeats} (torch {torch.__version__})")
+    print(
+        f"B1 H8 D64 fp32, forward+backward, median of {args.repeats} rounds (the ratio: median of the per-round "
+        f"ratios, order alternating) - {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| L | standard (SDPA causal) | selective, paper mode | ratio |\n|---|---|---|---|")
     for L in args.lengths:
         q, k, v = (torch.randn(1, 8, L, 64, requires_grad=True) for _ in range(3))
@@ -428,13 +431,28 @@ def cmd_bench(args: BenchOptions) -> None:
         times = {n: [] for n in fns}
         for f in fns.values():
             f()
-        for _ in range(args.repeats):
-            for n, f in fns.items():
+        for r in range(args.repeats):
+            for n in ("std", "sel") if r % 2 == 0 else ("sel", "std"):
                 t0 = time.perf_counter()
-                f()
+                fns[n]()
                 times[n].append(time.perf_counter() - t0)
         a, b = statistics.median(times["std"]), statistics.median(times["sel"])
-        print(f"| {L} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {b / a:.2f}x |", flush=True)
+        ratio = statistics.median(s / t for s, t in zip(times["sel"], times["std"]))
+        print(f"| {L} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio:.2f}x |", flush=True)
+
+
+def _cpu_name() -> str:
+    """This CPU's model name (Linux: /proc/cpuinfo), for a benchmark's header: CPUs differ."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _commands() -> dict:

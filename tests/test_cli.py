@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from selective_attention import cli
 from selective_attention.cli import main
 from selective_attention.train import CheckpointError, parse_overrides
 from selective_attention.train import main as train_main
@@ -83,7 +84,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 def test_bench_command(capsys):
     assert main(["bench", "--lengths", "64", "--repeats", "1"]) == 0
-    assert "| 64 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 64 |" in out and cli._cpu_name() in out.splitlines()[0]  # a benchmark names its CPU
 
 
 # --- bad options: a usage error naming the option (exit 2, no traceback), before any work is done ---------
