@@ -4,7 +4,8 @@ Separate runs on a shared machine differ by 5-20% (benchmarks/README.md), more t
 chunked path. Here both versions run in the same process on the same inputs: each round times SDPA causal,
 then the two versions in alternating order; the ratios are medians of per-round ratios. The other commit's
 package is extracted with ``git archive`` into a temporary folder and imported under another name, so the
-two share nothing but torch. Outputs are checked equal first (fp32, 1e-4).
+two share nothing but torch. Outputs are checked equal first (fp32, 1e-4; attention mode only: ``--lm`` times the
+two models' training steps without comparing their losses).
 
     python benchmarks/ab_commits.py 23e20f5                     # that commit against this checkout
     python benchmarks/ab_commits.py 23e20f5 --shapes 1,8,64,2048 2,4,32,1024 --rounds 15

@@ -85,8 +85,10 @@ WARM_L = 256  # the warm-up call's length (--warm): one-time costs of a first ca
 
 def _peak_child(method: str, L: int, warm: bool = False) -> None:
     """Run in a subprocess: print the extra peak RSS (bytes) of one fwd+bwd of ``method``; with ``warm``, after one
-    fwd+bwd at ``WARM_L`` (a first call's one-time costs, 5 MiB for sdpa and 11 for chunked at L = 64 on an AMD
-    EPYC, then fall outside the figure)."""
+    fwd+bwd at ``WARM_L`` (a first call's one-time costs then fall outside the figure: on an AMD EPYC a first call at
+    L = 64 already added 5 MiB for sdpa and 11 for chunked). The warm figure is a lower bound: memory the warm-up
+    freed stays in RSS and is reused uncounted (chunked at L = 2048 after warm-ups at 16 / 256 / 1024 rows: 36 /
+    33 / 31 MiB); the cold one, the goal's, an upper bound."""
     if warm:
         wq, wk, wv, wg = inputs(WARM_L)
         make_methods(WARM_L)[method](wq, wk, wv).backward(wg)

@@ -300,20 +300,25 @@ def cache_keyword() -> str:
 def register(name: str = NAME) -> None:
     """Make ``attn_implementation=name`` (default ``"selective"``) available to every ``transformers``
     model built afterwards: ``from_config``, ``from_pretrained`` and ``set_attn_implementation``.
-    Idempotent. (The name is not saved in ``config.json``: pass it again when reloading.)"""
+    Idempotent. A model that ran a forward with it records the name in its config (config.json), so
+    ``from_pretrained`` picks it again; a process that loads such a model must call this first (``transformers``
+    refuses an unregistered name, loudly)."""
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, padding_mask)
 
 
 def _record_implementation(config) -> None:
-    """Record in ``config`` that its model runs selective attention: ``config.attn_implementation = "selective"``,
+    """Record in ``config`` that its model runs selective attention: ``config.attn_implementation = name`` (the name
+    the mask hook was registered under, ``"selective"`` by default),
     which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back as the model's implementation.
     Without it a saved selective model came back from ``from_pretrained(path)`` running sdpa, silently (0.003 off in
     the logits of a tiny untrained Llama). Set on every forward (the mask hook runs once per forward; under
     ``torch.compile`` too, as a side effect replayed after the graph: no break, no recompile); an explicit
     ``from_pretrained(..., attn_implementation=...)`` still wins. A model switched to another implementation after
     running this one keeps the record: set ``config.attn_implementation`` before saving it."""
-    config.attn_implementation = NAME  # unconditionally: a test of the old value would make a compiled model recompile
+    name = getattr(config, "_attn_implementation", None)  # the name this mask hook was registered under
+    # unconditionally: a test of the old value would make a compiled model recompile
+    config.attn_implementation = name if isinstance(name, str) else NAME
 
 
 def padding_mask(
@@ -573,8 +578,18 @@ def _forward(
             raise ValueError(
                 f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
             )
-        if kwargs.get("use_cache") is False:  # generate(use_cache=False) re-feeds the whole sequence every step: the
-            raise ValueError(  # cache took it for new tokens (silently wrong on an unpadded batch)
+        # generate(use_cache=False) re-feeds the whole sequence every step, which the cache took for new tokens
+        # (silently wrong on an unpadded batch): refused where use_cache reaches here, and where it does not (Gemma 2,
+        # 3) by the positions, which start again instead of following the tokens the cache has seen
+        pos = kwargs.get("position_ids")
+        refed = (
+            Lq > 1 and cached.cache is not None and cached.first is not None and isinstance(pos, Tensor)
+            and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
+            and not torch.compiler.is_compiling()
+            and not bool((pos[..., -1].to(cached.first.device) == cached.seen - 1 - cached.first).all())
+        )  # fmt: skip
+        if kwargs.get("use_cache") is False or refed:
+            raise ValueError(
                 "a SelectiveCache was passed with use_cache=False: the model then reads the whole sequence again at "
                 "every step, which the cache would store as new tokens. Drop use_cache=False (the cache decodes "
                 "exactly), or pass no cache."

@@ -224,10 +224,6 @@ def _check_values(values: Mapping[str, object]) -> None:
     for name in ("resume", "progress", "allow_config_change", "compile"):
         need(isinstance(v[name], bool), name, "true or false")
     need(v["tokenizer"] in ("byte", "bpe"), "tokenizer", "byte or bpe")
-    # an empty --out_dir= was the current folder: a run's checkpoint and log landed beside the user's files
-    need(isinstance(v["out_dir"], str) and v["out_dir"].strip() != "", "out_dir", "a folder, e.g. --out_dir=runs/sel")
-    need(isinstance(v["data"], str) and v["data"].strip() != "", "data",
-         "a built-in corpus (kjv, pydoc), varassign or a text file's path")  # fmt: skip
     need(is_int(v["bpe_vocab_size"]) and v["bpe_vocab_size"] >= 257, "bpe_vocab_size",
          "an int >= 257 (<bos> and the 256 bytes)")  # fmt: skip
     if v["tokenizer"] == "bpe" and v["data"] == "varassign":
@@ -634,6 +630,13 @@ def _alive(pid: int) -> bool:
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
     _validate(cfg)  # again: the fields may have been assigned after construction
+    # an empty --out_dir= was the current folder: a run's checkpoint and log landed beside the user's files. Checked
+    # here, for a run, not in _validate: a stored config (an older checkpoint's) must still load for eval
+    for name, what in (("out_dir", "a folder, e.g. --out_dir=runs/sel"),
+                       ("data", "a built-in corpus (kjv, pydoc), varassign or a text file's path")):  # fmt: skip
+        value = getattr(cfg, name)
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            raise ValueError(f"--{name}={value!r} is invalid: it must be {what}.")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not 0 <= rank < world:  # RANK=1 alone trained on another stream and wrote nothing (only rank 0 writes), rc 0

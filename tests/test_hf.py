@@ -497,6 +497,22 @@ def test_cache_arguments_and_misuse_are_clear_errors():
             model.generate(pids[:, -5:], attention_mask=mask, **{CACHE: cache}, use_cache=False, max_new_tokens=3,
                            do_sample=False, pad_token_id=0)  # fmt: skip
         assert all(layer.seen == 0 for layer in cache.layers)  # refused, and the first layer's count undone
+    # a model that does not pass use_cache down to its attention (Gemma 2): refused by the positions, which start again
+    g2 = transformers.Gemma2Config(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4096,
+        attn_logit_softcapping=None,
+    )  # fmt: skip
+    gemma = transformers.AutoModelForCausalLM.from_config(sa_hf.configure(g2), attn_implementation="selective").eval()
+    with pytest.raises(ValueError, match="SelectiveCache was passed with use_cache=False"):
+        gemma.generate(pids[:, -5:], **{CACHE: sa_hf.SelectiveCache()}, use_cache=False, max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    want = gemma.generate(pids[:, -5:], use_cache=False, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for chunk in (None, 2):  # a continuation whose positions follow the cache's (chunked prefill) still runs
+        kw = {} if chunk is None else {"prefill_chunk_size": chunk}
+        got = gemma.generate(pids[:, -5:], **{CACHE: sa_hf.SelectiveCache()}, max_new_tokens=3, do_sample=False,
+                             pad_token_id=0, **kw)  # fmt: skip
+        assert torch.equal(got, want), chunk
     with pytest.raises(NotImplementedError, match="2-D padding mask"):
         model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
     # a filled cache reused for a new padded prompt, or for another batch size: named, with the fix, and the cache

@@ -963,3 +963,9 @@ def test_a_rank_without_its_world_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"RANK=1 with WORLD_SIZE=\(unset\).*unset RANK"):
         main(tiny(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stored_config_with_an_empty_out_dir_still_loads():
+    """The refusal of an empty --out_dir is a run's: an older checkpoint whose config stored one must still load (for
+    eval, or to resume into another folder)."""
+    assert TrainConfig.from_dict({"out_dir": "", "data": "pydoc"}).out_dir == ""
