@@ -418,7 +418,7 @@ def cmd_bench(args: BenchOptions) -> None:
 
     print(
         f"B1 H8 D64 fp32, forward+backward, median of {args.repeats} rounds (the ratio: median of the per-round "
-        f"ratios, order alternating) - {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"ratios, order alternating) - {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("| L | standard (SDPA causal) | selective, paper mode | ratio |\n|---|---|---|---|")
     for L in args.lengths:
@@ -441,8 +441,9 @@ def cmd_bench(args: BenchOptions) -> None:
         print(f"| {L} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio:.2f}x |", flush=True)
 
 
-def _cpu_name() -> str:
-    """This CPU's model name (Linux: /proc/cpuinfo), for a benchmark's header: CPUs differ."""
+def cpu_model() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (else what ``platform`` knows), for a benchmark's header:
+    CPUs differ. The benchmarks' tables use it too (``benchmarks/common.py``)."""
     import platform
 
     try:
@@ -452,7 +453,7 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return platform.processor() or platform.machine()
 
 
 def _commands() -> dict:

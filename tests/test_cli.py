@@ -85,7 +85,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_bench_command(capsys):
     assert main(["bench", "--lengths", "64", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| 64 |" in out and cli._cpu_name() in out.splitlines()[0]  # a benchmark names its CPU
+    assert "| 64 |" in out and cli.cpu_model() in out.splitlines()[0]  # a benchmark names its CPU
 
 
 # --- bad options: a usage error naming the option (exit 2, no traceback), before any work is done ---------
