@@ -193,6 +193,26 @@ def test_opcheck(vote_head):
     torch.library.opcheck(op.paper_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, vote_head, 0.25, 0.25))
 
 
+@pytest.mark.parametrize("vote_head", [0, -1], ids=["head0", "perhead"])
+def test_eager_function_equals_the_custom_op_bit_for_bit(vote_head, monkeypatch):
+    """Eager calls run the kernels as a plain autograd.Function (the op's first call imports torch._dynamo): the same
+    output and gradients as through the op, to the bit, and triton_selective_attention in eager skips the op."""
+    inputs, dout = _inputs(1, 2, 40, 16, torch.float32), _cotangent(1, 2, 40, 16, torch.float32)
+    via = {
+        name: _run(lambda q, k, v, f=f: f(q, k, v, vote_head, 0.25, 0.25)[0], inputs, dout, torch.float32)
+        for name, f in (("op", op.paper_fwd), ("eager", op._EagerPaper.apply))
+    }
+    for a, b in zip(via["eager"], via["op"]):
+        assert torch.equal(a, b)
+    calls = []
+    monkeypatch.setattr(op, "paper_fwd", lambda *a: calls.append(a))
+    monkeypatch.setattr(op, "paper_bwd", lambda *a: calls.append(a))
+    heads = slice(0, 1) if vote_head == 0 else slice(None)
+    for a, b in zip(_run(_triton(heads, 0.25), inputs, dout, torch.float32), via["op"]):
+        assert torch.equal(a, b)
+    assert calls == []
+
+
 def test_unsupported_inputs_raise():
     q, k, v = (torch.randn(1, 3, 8, 16, device=DEVICE) for _ in range(3))
     kw = dict(heads=slice(0, 1), scale=0.25, sel_scale=0.25)

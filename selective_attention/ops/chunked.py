@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
-from .transforms import refuse_double_backward, unserved_transform
+from .transforms import eager_call, refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -572,7 +572,8 @@ def _backward(
 # Traced by inductor, the blocks and tiles above compiled to code 1.6-1.9x slower than these eager kernels
 # (measured: fwd+bwd at L = 256-2048, fp32 CPU), and the dispatch broke the graph. As custom ops with fake
 # (shape-only) implementations, a compiled model keeps one graph and calls them as they run in eager.
-# ``heads`` crosses as ``(h0, h1)`` (the voters are ``q[:, h0:h1]``) when ``qs`` is None.
+# ``heads`` crosses as ``(h0, h1)`` (the voters are ``q[:, h0:h1]``) when ``qs`` is None. Eager calls skip the op
+# (:class:`_EagerChunked`).
 @torch.library.custom_op("selective_attention::chunked_fwd", mutates_args=())
 def chunked_fwd(
     q: Tensor,
@@ -591,6 +592,11 @@ def chunked_fwd(
     chunk: int,
     tau: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fwd_impl(q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, scale, sel_scale, chunk, tau)
+
+
+def _fwd_impl(q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, scale, sel_scale, chunk, tau):
+    """:func:`chunked_fwd`'s body, for the op and for :class:`_EagerChunked` alike."""
     heads = slice(h0, h1) if qs is None else None
     return _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau)
 
@@ -631,6 +637,17 @@ def chunked_bwd(
     want_dpen: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dqs, dks, dpen)``; the ones that do not exist are empty ``[0]`` tensors."""
+    return _bwd_impl(
+        dout, dmem, q, k, v, qs, ks, h0, h1, penalty, removed, dead, pad, out, lse, carries, scale, sel_scale, chunk,
+        tau, want_dpen,
+    )  # fmt: skip
+
+
+def _bwd_impl(
+    dout, dmem, q, k, v, qs, ks, h0, h1, penalty, removed, dead, pad, out, lse, carries, scale, sel_scale, chunk, tau,
+    want_dpen,
+):  # fmt: skip
+    """:func:`chunked_bwd`'s body, for the op and for :class:`_EagerChunked` alike."""
     heads = slice(h0, h1) if qs is None else None
     grads = _backward(
         q, k, v, qs, ks, heads, penalty, removed, dead, pad, out, lse, carries, dout, dmem, scale, sel_scale,
@@ -665,8 +682,9 @@ def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
     q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries = saved = ctx.saved_tensors
     h0, h1, scale, sel_scale, chunk, tau = ctx.args
     want_dpen = penalty is not None and ctx.needs_input_grad[_PENALTY]
+    bwd = _bwd_impl if eager_call(*saved, dout, dmem) else chunked_bwd  # see _EagerChunked
     with torch.no_grad():
-        dq, dk, dv, dqs, dks, dpen = chunked_bwd(
+        dq, dk, dv, dqs, dks, dpen = bwd(
             dout, None if tau is None else dmem, q, k, v, qs, ks, h0, h1, penalty, removed, dead, pad, out, lse,
             carries, scale, sel_scale, chunk, tau, want_dpen,
         )  # fmt: skip
@@ -680,13 +698,24 @@ def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
 chunked_fwd.register_autograd(_chunked_fwd_backward, setup_context=_setup_context)
 
 
+class _EagerChunked(torch.autograd.Function):
+    """The same forward and backward as :func:`chunked_fwd` with its registered autograd, without the custom op
+    around them, for eager calls (:func:`~.transforms.eager_call`): the op's dispatch costs Python time on every
+    call, and its first call imports ``torch._dynamo``."""
+
+    forward = staticmethod(_fwd_impl)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_chunked_fwd_backward)
+
+
 def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau) -> tuple[Tensor, Tensor]:
     """``(out, mem)`` through the custom ops (``heads``: a slice of q's heads, or None with ``qs, ks``)."""
     h0 = h1 = 0
     if heads is not None:
         chosen = head_range(heads, q.shape[1])
         h0, h1 = chosen.start, chosen.stop
-    out, mem, _, _ = chunked_fwd(
+    fwd = _EagerChunked.apply if eager_call(q, k, v, qs, ks, removed, dead, pad, penalty) else chunked_fwd
+    out, mem, _, _ = fwd(
         q, k, v, qs, ks, h0, h1, removed, dead, pad, penalty, float(scale), float(sel_scale), chunk,
         None if tau is None else float(tau),
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Which autograd transforms a kernel with a hand-written backward can serve.
 
-The ``chunked`` and ``triton`` kernels are ``torch.library`` custom ops with a registered backward only. Under
+The ``chunked`` and ``triton`` kernels are ``torch.library`` custom ops with a registered backward only (eager calls
+run the same functions as a plain ``autograd.Function``: :func:`eager_call`). Under
 forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) such an op's tangent comes out
 zero, with no error; under ``torch.func``'s reverse transforms (``grad``, ``vjp``, ``jacrev``) PyTorch refuses it
 with a message about ``autograd.Function``. PyTorch's CPU flash attention has no forward-mode formula either. The
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
-__all__ = ["refuse_double_backward", "unserved_transform", "vmapped"]
+__all__ = ["eager_call", "refuse_double_backward", "unserved_transform", "vmapped"]
 
 
 def _transforms() -> set:
@@ -42,6 +43,23 @@ def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | N
     if reverse and T.Grad in kinds:
         return "torch.func's gradient transforms (grad, vjp, jacrev)"
     return None
+
+
+def eager_call(*tensors: Tensor | None) -> bool:
+    """Whether a kernel may run as a plain :class:`torch.autograd.Function` here instead of through its
+    ``torch.library`` custom op: in eager mode, outside every ``torch.func`` transform and dual level, on plain tensors
+    of a real device. A custom op's first call imports ``torch._dynamo``, even in eager code: 1.1 s and ~150-200 MiB
+    of resident memory (AMD EPYC, torch 2.13), more than a paper-mode fwd+bwd at L = 4096 uses. The op stays for
+    the rest: ``torch.compile`` and ``torch.export`` trace it as one node, ``vmap`` falls back to a loop over it,
+    fake and meta tensors take its shape-only implementation."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return all(t is None or (type(t) in _PLAIN and t.device.type != "meta") for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def vmapped(t: Tensor | None) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...selection import head_range
-from ..transforms import refuse_double_backward, unserved_transform
+from ..transforms import eager_call, refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from ..registry import Request
@@ -112,6 +112,11 @@ def _check_op_args(q: Tensor, k: Tensor, v: Tensor, vote_head: int) -> None:
 
 @torch.library.custom_op("selective_attention::paper_fwd", mutates_args=())
 def paper_fwd(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(q, k, v, vote_head, scale, sel_scale)
+
+
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, vote_head: int, scale: float, sel_scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`paper_fwd`'s body, for the op and for :class:`_EagerPaper` alike."""
     _check_op_args(q, k, v, vote_head)
     B, H, L, _ = q.shape
     if L == 0:
@@ -142,6 +147,11 @@ def paper_bwd(
     scale: float,
     sel_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dout, q, k, v, out, lse, vote_head, scale, sel_scale)
+
+
+def _bwd_impl(dout, q, k, v, out, lse, vote_head, scale, sel_scale) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`paper_bwd`'s body, for the op and for :class:`_EagerPaper` alike."""
     if q.shape[2] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     from . import kernels
@@ -168,14 +178,24 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
+    bwd = _bwd_impl if eager_call(q, k, v, out, lse, dout) else paper_bwd  # see _EagerPaper
     with torch.no_grad():
-        grads = paper_bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
+        grads = bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
     if torch.is_grad_enabled():  # create_graph=True: these gradients must not be differentiated
         grads = refuse_double_backward(grads, (q, k, v, dout), "triton")
     return (*grads, None, None, None)
 
 
 paper_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPaper(torch.autograd.Function):
+    """:func:`paper_fwd` with its registered autograd, without the custom op around them, for eager calls
+    (:func:`~..transforms.eager_call`: the op's first call imports ``torch._dynamo``)."""
+
+    forward = staticmethod(_fwd_impl)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def _vote_head(heads: slice, H: int) -> int:
@@ -256,7 +276,8 @@ def triton_selective_attention(
     if old := _too_old():
         raise RuntimeError(old)
     vote_head = _vote_head(heads, q.shape[1])
-    return paper_fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]
+    fwd = _EagerPaper.apply if eager_call(q, k, v) else paper_fwd
+    return fwd(q, k, v, vote_head, float(scale), float(sel_scale))[0]
 
 
 def supports(req: Request) -> str | None:
