@@ -143,6 +143,37 @@ def test_tiled_backward_matches_naive_with_grouped_heads_and_a_voting_pair(monke
     _assert_chunked_matches_naive(q, k, v, chunk_size=5, **kw)
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_a_tiles_votes_bias_and_F_are_those_columns_of_the_whole_rows(finite):
+    """Backward rebuilds the votes, F and bias of one key tile at a time (a block's whole rows were 8 MiB of the peak
+    at B1 H8 L4096): each tile's equal the same columns of the rows' (fp64, with removed keys, a dead row, key
+    padding, a penalty; finite voters, and a NaN voter's masked path), up to the GEMMs' rounding (MKL's dgemm gave
+    products 1 ulp apart for 8 and 32 columns here; a wrong carry or mask misses by O(1)). A tile that would cut the
+    diagonal block is refused."""
+    gen = torch.Generator().manual_seed(11)
+    B, L, D, C, i0 = 2, 40, 4, 8, 24
+    qs, ks = (torch.randn(B, 1, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    if not finite:
+        qs[1, 0, 3, 0] = float("nan")
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, :5] = True
+    removed = pad[:, None, None, :].clone()
+    removed[0, ..., 7] = True
+    dead = ((~removed).cumsum(dim=-1) == 0).transpose(-2, -1)
+    penalty = torch.rand(1, 1, L, L, generator=gen, dtype=torch.float64)
+    vt = chunked._VoteOperands(qs, ks, 0.5, C, pad)
+    ncol = -torch.rand(B, 1, L, generator=gen, dtype=torch.float64)
+    i1 = i0 + C
+    for pen in (None, penalty):
+        whole = chunked._chunk_bias(vt, ncol, removed, dead, pen, i0, i1, keep_F=True)
+        for j0, j1 in ((0, 8), (8, 24), (16, i1), (0, i1)):
+            tile = chunked._chunk_bias(vt, ncol, removed, dead, pen, i0, i1, keep_F=True, j0=j0, j1=j1)
+            for a, b in zip(tile, whole):
+                torch.testing.assert_close(a, b[..., j0:j1], atol=1e-13, rtol=1e-13, equal_nan=True)
+    with pytest.raises(ValueError, match="cuts the diagonal block"):
+        chunked._chunk_bias(vt, ncol, removed, dead, None, i0, i1, j0=16, j1=28)
+
+
 @pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
 def test_exclusive_rows_below_gemm_matches_suffix_sum(C):
     gen = torch.Generator().manual_seed(C)

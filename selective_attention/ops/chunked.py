@@ -14,8 +14,9 @@ Forward, chunk by chunk, first to last::
 Backward, the same chunks last to first, each one's keys in tiles of columns (``_key_tile``: the
 temporaries ``[B, H, C, width]`` stay within a few MiB, in cache, however long the sequence), with
 ``dZ_h = P_h * (dO_h V_h^T - rowsum(dO_h * O_h))``; everything but dq is column-wise, so a tile needs
-only its own columns::
+only its own columns (its votes, F and bias too, rebuilt from the chunk's carried column sum)::
 
+    S_t, F_t = as in forward, for the tile's columns   # [B, G, C, width]
     dF_t = -sum_h dZ_h                                 # [B, G, C, width]
     dS_t[k, j] = dcol[j] + sum_{i in c, i > k} dF_t[i, j]   (exclusive suffix sum down columns)
     dcol[tile] += dF_t.sum(rows)                       # carried to earlier chunks
@@ -196,20 +197,30 @@ def _chunk_bias(
     i1: int,
     keep_F: bool = False,
     ws: _Workspace | None = None,
+    j0: int = 0,
+    j1: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Rows ``i0 .. i1-1``: the negated votes ``-S`` ``[B, G, C, i1]``, the attention bias
-    ``[B, G|H, C, i1]`` (``-(F + penalty)``, ``-inf`` at future and removed keys) and (``keep_F``) F.
-    ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows. ``dead``
-    ``[b, h, L, 1]``: rows whose keys are all removed; ``removed`` is not applied to them (the caller
-    zeroes their output), so no row is all ``-inf``. With ``ws``, the votes and the bias are views of its
-    buffers ``votes`` and ``bias`` (``[B, G, C, i1]`` each), valid until the next call."""
+    """Rows ``i0 .. i1-1`` and key columns ``j0 .. j1-1`` (default: all of the rows' keys, ``0 .. i1-1``; a tile
+    either ends before ``i0`` or holds the diagonal block ``i0 .. i1-1`` whole): the negated votes ``-S``
+    ``[B, G, C, n]``, the attention bias ``[B, G|H, C, n]`` (``-(F + penalty)``, ``-inf`` at future and removed
+    keys) and (``keep_F``) F. Every step is column-wise, so a tile's values are those columns of the whole rows'
+    (up to the GEMMs' rounding).
+    ``ncol`` ``[B, G, L]``: minus the column sums of the votes of all earlier rows. ``dead`` ``[b, h, L, 1]``: rows
+    whose keys are all removed; ``removed`` is not applied to them (the caller zeroes their output), so no row is
+    all ``-inf``. With ``ws``, the votes and the bias are views of its buffers ``votes`` and ``bias``
+    (``[B, G, C, n]`` each), valid until the next call."""
     C = i1 - i0
+    j1 = i1 if j1 is None else j1
+    n = j1 - j0
+    if j1 > i0 and (j0 > i0 or j1 != i1):
+        raise ValueError(f"key tile {j0}:{j1} cuts the diagonal block of rows {i0}:{i1}")
+    d = i0 - j0  # the diagonal block's first column in the tile (when j1 > i0)
     # -S; finite voters can still overflow to -inf: clamped to -max, so that 0 * vote stays 0 in the
     # row sums below (a sum of two such votes is -inf either way)
-    qn, ksT = vt.qn[:, :, i0:i1], vt.ks[:, :, :i1].transpose(-2, -1)
+    qn, ksT = vt.qn[:, :, i0:i1], vt.ks[:, :, j0:j1].transpose(-2, -1)
     B, G = qn.shape[:2]
     if ws is not None and ksT.shape[1] == G:
-        Sn = torch.matmul(qn, ksT, out=ws("votes", B, G, C, i1))
+        Sn = torch.matmul(qn, ksT, out=ws("votes", B, G, C, n))
     else:
         Sn = grouped_matmul(qn, ksT)  # ks may have G / g heads
     if vt.post != 1.0:
@@ -217,25 +228,27 @@ def _chunk_bias(
     Sn.clamp_(min=-torch.finfo(Sn.dtype).max, max=0.0)
     # Votes need j < k. Keys before the chunk (j < i0 <= k) all satisfy it, so only the diagonal
     # block needs masking: O(C^2), not O(C * i1).
-    if vt.vote_keep is not None:
-        Sn[..., i0:i1].mul_(vt.vote_keep[:C, :C])
-    else:
-        Sn[..., i0:i1].masked_fill_(vt.no_vote[:C, :C], 0.0)
+    if j1 > i0:
+        if vt.vote_keep is not None:
+            Sn[..., d:].mul_(vt.vote_keep[:C, :C])
+        else:
+            Sn[..., d:].masked_fill_(vt.no_vote[:C, :C], 0.0)
     if vt.voted_keys is not None:  # non-finite voters (see _VoteOperands)
-        Sn.masked_fill_(~vt.voted_keys[..., :i1], 0.0)
+        Sn.masked_fill_(~vt.voted_keys[..., j0:j1], 0.0)
         if vt.voting_rows is not None:
             Sn.masked_fill_(~vt.voting_rows[:, :, i0:i1], 0.0)
     # -F of row k = the earlier chunks' sums + this chunk's rows above k: one running sum down the rows
-    bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, :i1], None if ws is None else ws("bias", B, G, C, i1))
+    bias = _exclusive_rows(vt.above, Sn, ncol[:, :, None, j0:j1], None if ws is None else ws("bias", B, G, C, n))
     F_kept = bias.neg() if keep_F else None
     if penalty is not None:
-        bias = bias - _rows(penalty, i0, i1)
-    if vt.causal_add is not None and penalty is None:  # causal; -max <= -S, so the bias is finite or -inf
-        bias[..., i0:i1].add_(vt.causal_add[:C, :C])
-    else:
-        bias[..., i0:i1].masked_fill_(vt.future[:C, :C], _NEG_INF)
+        bias = bias - _rows(penalty, i0, i1, j0, j1)
+    if j1 > i0:
+        if vt.causal_add is not None and penalty is None:  # causal; -max <= -S, so the bias is finite or -inf
+            bias[..., d:].add_(vt.causal_add[:C, :C])
+        else:
+            bias[..., d:].masked_fill_(vt.future[:C, :C], _NEG_INF)
     if removed is not None:
-        rm = _rows(removed, i0, i1)
+        rm = _rows(removed, i0, i1, j0, j1)
         if dead is not None:  # per chunk: on a [B, 1, 1, L] mask a global `removed & ~dead` is [B, 1, L, L]
             rm = rm & ~dead[:, :, i0:i1]
         bias = bias.masked_fill(rm, _NEG_INF)
@@ -480,24 +493,22 @@ def _backward(
     width = _key_tile(B * H, fchunk, L, q.element_size())
     rows_max = min(fchunk, L)
     ws = _Workspace(
-        q, votes=B * G * rows_max * L, bias=B * G * rows_max * L,
+        q, votes=B * G * rows_max * width, bias=B * G * rows_max * width,
         P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
     )  # fmt: skip
     wsf = _Workspace(q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width)
-    # Query blocks = the forward's chunks, last to first: their votes, F and bias are rebuilt bit for bit
-    # from the forward's carries. Each block's keys 0 .. i1-1 are then walked in tiles of `width`
-    # columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
-    # columns (and dcol, the later blocks' sums of dF in those columns):
+    # Query blocks = the forward's chunks, last to first. Each block's keys 0 .. i1-1 are walked in tiles of
+    # `width` columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
+    # columns (and dcol, the later blocks' sums of dF in those columns), and its votes, F and bias are rebuilt
+    # from the forward's carry for its columns alone (the forward's products and running sums, per column; equal
+    # to them up to the GEMMs' rounding, which may depend on the column count, as P's logits always did):
     #
     #            keys 0 ............................ i1
-    #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (its F, bias: [B, G|H, C, i1])
+    #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (a tile's votes, F, bias: [B, G|H, C, width])
     #        i1
     for i0 in reversed(range(0, L, fchunk)):
         i1 = min(i0 + fchunk, L)
         C = i1 - i0
-        Sn_b, bias_b, F_b = _chunk_bias(
-            vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws
-        )
         qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
         qa, lse_c, delta_c = (qc.float() if half else qc) * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
         qn_c = vt.qn[:, :, i0:i1]
@@ -507,7 +518,11 @@ def _backward(
         for j0 in range(0, i1, width):
             j1 = min(j0 + width, i1)
             n = j1 - j0
-            Sn, bias = Sn_b[..., j0:j1], bias_b[..., j0:j1]  # [B, G, C, n], [B, G|H, C, n]
+            # the tile's votes, bias and F [B, G|H, C, n], rebuilt from the forward's carry: a block's whole rows
+            # would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
+            Sn, bias, F_t = _chunk_bias(
+                vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
+            )
             # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
             P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
             if half:  # the logits in float32, as the forward's kernel formed them (its lse is of those)
@@ -536,7 +551,7 @@ def _backward(
             dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
             dF = dF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
             if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
-                dF.add_(dmem_c * (F_b[..., j0:j1] > tau_F).logical_not_())
+                dF.add_(dmem_c * (F_t > tau_F).logical_not_())
             # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
             dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
             dcol[:, :, j0:j1] += dF.sum(dim=2)
