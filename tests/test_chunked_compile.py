@@ -351,6 +351,22 @@ def test_eager_function_equals_the_custom_op_bit_for_bit(case, monkeypatch):
     assert calls == []
 
 
+def test_eager_function_equals_the_op_under_autocast(monkeypatch):
+    """Under CPU autocast (bf16) the Function's inner ops see the same autocast state as the op's: equal outputs and
+    gradients, to the bit."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 70, 16, generator=gen, requires_grad=True) for _ in range(3))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(chunked, "eager_call", lambda *a, eager=eager: eager)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = selective_attention(q, k, v, selection=True)
+        results.append((out, *torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))))
+    assert results[0][0].dtype == torch.bfloat16
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_eager_call_takes_the_op_where_it_must():
     """The custom op stays for what a plain Function cannot serve as it: meta and fake tensors (its shape-only
     implementation), torch.func transforms (vmap's fallback), dual levels; plain CPU tensors skip it."""
