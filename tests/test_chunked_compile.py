@@ -385,7 +385,59 @@ def test_eager_call_takes_the_op_where_it_must():
         assert not eager_call(x)
     seen = []
     torch.func.vmap(lambda t: seen.append(eager_call(t)) or t)(x)
-    assert seen == [False]
+    torch.jit.trace(lambda t: seen.append(eager_call(t)) or t * 2, (x,), check_trace=False)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        seen.append(eager_call(x))
+    assert seen == [False, False, False]
     # and a meta call still has its shape through the op's fake implementation
     q = torch.empty(1, 2, 9, 4, device="meta")
     assert selective_attention(q, q, q, selection=True, backend="chunked").shape == (1, 2, 9, 4)
+
+
+def test_traced_and_checkpointed_calls_see_the_op():
+    """torch.jit.trace and selective activation checkpointing (a dispatch mode) record the op as one call, as before
+    eager calls skipped it: the Function's inner ops broke the trace (a shape branch, a value read) and the
+    checkpoint (its buffers written in place), and a policy that saves the op's output never saw it."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    q, k, v = (t.detach().float() for t in _fwd_args("paper")[:3])
+    traced = torch.jit.trace(_paper, (q, k, v))
+    assert "chunked_fwd" in str(traced.graph)
+    q2 = torch.randn_like(q)
+    torch.testing.assert_close(traced(q2, k, v), _paper(q2, k, v), **TOL[torch.float32])
+
+    seen, calls = [], []
+    forward = chunked._forward
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return forward(*a, **kw)
+
+    def policy(ctx, func, *args, **kwargs):
+        seen.append(func)
+        saved = func == torch.ops.selective_attention.chunked_fwd.default
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(chunked, "_forward", counting)
+    try:
+        context = functools.partial(create_selective_checkpoint_contexts, policy)
+        out = checkpoint(_paper, qg, kg, vg, use_reentrant=False, context_fn=context)
+        got = torch.autograd.grad(out.pow(2).sum(), (qg, kg, vg))
+    finally:
+        mp.undo()
+    assert torch.ops.selective_attention.chunked_fwd.default in seen
+    assert len(calls) == 1  # saved, not run again in backward
+    plain = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(_paper(*plain).pow(2).sum(), plain)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])

@@ -174,6 +174,46 @@ def test_a_tiles_votes_bias_and_F_are_those_columns_of_the_whole_rows(finite):
         chunked._chunk_bias(vt, ncol, removed, dead, None, i0, i1, j0=16, j1=28)
 
 
+@pytest.mark.parametrize(
+    "mask", ["penalty [1,1,1,1]", "penalty [1,1,L,1]", "removed [1,1,1,L]", "removed [1,1,L,1]", "penalty [B,1,1,L]"]
+)
+def test_masks_that_broadcast_over_keys_or_rows_across_several_tiles(monkeypatch, mask):
+    """chunked_selective_attention takes masks that broadcast to [B, H, L, L]: one with a single key column sliced to
+    nothing in every key tile after the first (a crash), once the backward rebuilt its bias per tile. Against the
+    naive spec with the mask expanded; the penalty's gradient too, summed over where it broadcasts."""
+    from selective_attention.ops.naive import naive_selective_attention
+
+    monkeypatch.setattr(chunked, "_TILE_BYTES", 2048)  # several key tiles per block
+    B, H, L, D = 2, 2, 32, 4
+    q, k, v = _qkv(B, H, L, D, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    kind, shape = mask.split(" ")
+    dims = [{"B": B, "L": L}.get(x, 1) if not x.isdigit() else int(x) for x in shape.strip("[]").split(",")]
+    m = torch.rand(*dims, generator=gen, dtype=torch.float64) if kind == "penalty" else torch.zeros(*dims) > 0
+    if kind == "removed":  # key 5 removed (or, one column: nothing removed) and row 9 losing every key but key 0
+        if dims[-1] == L:
+            m[..., 5] = True
+        else:
+            m[..., 9, :] = True
+    if kind == "penalty":
+        m.requires_grad_()
+    scale = D**-0.5
+    voters = Selection().bind(q, k, scale=scale)
+    out, _ = chunked.chunked_selective_attention(q, k, v, voters, scale=scale, chunk_size=4, **{kind: m})
+    full = m.expand(B, H, L, L)
+    rm = full if kind == "removed" else None
+    want, _, _ = naive_selective_attention(
+        q, k, v, q[:, :1], k[:, :1], scale=scale, sel_scale=scale, removed=rm, penalty=None if rm is not None else full
+    )
+    if rm is not None:  # rows with every key removed: zeros in both
+        want = want.masked_fill((rm | torch.ones(L, L, dtype=torch.bool).triu(1)).all(-1, keepdim=True), 0.0)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    inputs = (q, k, v) + ((m,) if kind == "penalty" else ())
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, w), torch.autograd.grad(want, inputs, w)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("C", [1, 5, 64, 100, 128, 200])
 def test_exclusive_rows_below_gemm_matches_suffix_sum(C):
     gen = torch.Generator().manual_seed(C)

@@ -738,15 +738,17 @@ def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale
 
 
 def _rows(mask: Tensor, i0: int, i1: int, j0: int = 0, j1: int | None = None) -> Tensor:
-    """Rows ``i0 .. i1-1`` and keys ``j0 .. j1-1`` (default ``0 .. i1-1``) of a ``[b, h, L|1, L]`` mask; a
-    mask with one row (the same keys for every query, like key padding) broadcasts over the rows."""
+    """Rows ``i0 .. i1-1`` and keys ``j0 .. j1-1`` (default ``0 .. i1-1``) of a ``[b, h, L|1, L|1]`` mask; a
+    mask with one row (the same keys for every query, like key padding) broadcasts over the rows, one with one
+    column over the keys."""
     j1 = i1 if j1 is None else j1
-    return mask[:, :, i0:i1, j0:j1] if mask.shape[2] != 1 else mask[..., j0:j1]
+    rows = mask[:, :, i0:i1] if mask.shape[2] != 1 else mask
+    return rows[..., j0:j1] if mask.shape[3] != 1 else rows
 
 
 def _accumulate_broadcast(dst: Tensor, grad: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
     """``_rows(dst, i0, i1, j0, j1) += grad``, summed over the dims where ``dst`` broadcasts (size 1)."""
-    dims = [d for d in (0, 1, 2) if dst.shape[d] == 1 and grad.shape[d] != 1]
+    dims = [d for d in (0, 1, 2, 3) if dst.shape[d] == 1 and grad.shape[d] != 1]
     if dims:
         grad = grad.sum(dim=dims, keepdim=True)
     _rows(dst, i0, i1, j0, j1).add_(grad)

@@ -48,11 +48,18 @@ def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | N
 def eager_call(*tensors: Tensor | None) -> bool:
     """Whether a kernel may run as a plain :class:`torch.autograd.Function` here instead of through its
     ``torch.library`` custom op: in eager mode, outside every ``torch.func`` transform and dual level, on plain tensors
-    of a real device. A custom op's first call imports ``torch._dynamo``, even in eager code: 1.1 s and ~150-200 MiB
-    of resident memory (AMD EPYC, torch 2.13), more than a paper-mode fwd+bwd at L = 4096 uses. The op stays for
-    the rest: ``torch.compile`` and ``torch.export`` trace it as one node, ``vmap`` falls back to a loop over it,
-    fake and meta tensors take its shape-only implementation."""
+    of a real device, with no ``torch.jit`` trace and no dispatch mode active. A custom op's first call imports
+    ``torch._dynamo``, even in eager code: 1.1 s and ~150-200 MiB of resident memory (AMD EPYC, torch 2.13), more
+    than a paper-mode fwd+bwd at L = 4096 uses. The op stays for the rest: ``torch.compile``, ``torch.export``,
+    ``torch.jit.trace`` and ``make_fx`` record it as one node, ``vmap`` falls back to a loop over it, fake and meta
+    tensors take its shape-only implementation, and a dispatch mode (selective activation checkpointing's policy, a
+    FLOP counter) sees one call."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    # torch.jit.trace records the op (the Function's inner ops would trace Python branches on shapes and values), and
+    # a dispatch mode (make_fx, FakeTensorMode with real inputs, selective activation checkpointing's policies) sees
+    # the op as the one call it is
+    if torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     if torch.autograd.forward_ad._current_level >= 0:
         return False
