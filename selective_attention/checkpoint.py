@@ -246,6 +246,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     path = Path(path)
     if path.is_dir():
         path = path / CKPT_NAME
+    if path.is_symlink() and not path.exists():  # a link whose target is gone (moved or unmounted storage)
+        raise CheckpointError(
+            f"{path} is a link to {os.readlink(path)}, which does not exist: restore the target (or the link), or "
+            "remove the link to start a new run."
+        )
     if not path.exists():
         hf = (  # a save_pretrained folder (hf-demo's output, say)
             " (its folder holds a Hugging Face model, config.json: load that with transformers' from_pretrained)"
@@ -337,6 +342,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(
             f"checkpoint {path} fails its checksum: its {what} changed after it was written (disk or copy "
             f"corruption, or an edit); restore it from a copy, or retrain ({_AFRESH})."
+        )
+    elif version in _TENSOR_ONLY_CHECKSUM:
+        warnings.warn(
+            f"checkpoint {path} (format {version}) has a checksum over its tensors only: a changed byte in its "
+            f"configs (rope_base, selection, ...) cannot be detected (resuming the run saves it again as format "
+            f"{FORMAT_VERSION}, whose checksum covers them).",
+            stacklevel=2,
         )
     return tensors, meta
 

@@ -696,7 +696,8 @@ def _main(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     ckpt_path = out_dir / CKPT_NAME
     torch.manual_seed(cfg.seed)
-    resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    # (a link whose target is gone is loaded too, to be refused: training would start over and replace it)
+    resumed = load_checkpoint(ckpt_path) if cfg.resume and (ckpt_path.exists() or ckpt_path.is_symlink()) else None
     if resumed is not None:  # the model's token ids are its checkpoint's tokenizer's: resume with that one
         _check_tokenizer_config(cfg, resumed[1]["train_config"], ckpt_path)
     stored_tokenizer = resumed[1]["tokenizer"] if resumed is not None else None

@@ -134,6 +134,23 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def test_resume_refuses_a_checkpoint_link_whose_target_is_gone(tmp_path):
+    """A checkpoint symlinked to storage that was moved or unmounted: resume took "no file" for "no run", started over
+    from step 0, rewrote the log and replaced the link. It is refused, naming the target; eval likewise."""
+    main(tiny(tmp_path, max_steps=4))
+    run = tmp_path / "run"
+    stored = tmp_path / "store.safetensors"
+    (run / checkpoint.CKPT_NAME).rename(stored)
+    (run / checkpoint.CKPT_NAME).symlink_to(stored)
+    assert load_checkpoint(run)[1]["step"] == 4  # a live link loads
+    stored.rename(tmp_path / "moved")
+    log = (run / "log.jsonl").read_text()
+    for load in (lambda: main(tiny(tmp_path, max_steps=6)), lambda: load_checkpoint(run)):
+        with pytest.raises(CheckpointError, match=rf"is a link to {stored}, which does not exist"):
+            load()
+    assert (run / checkpoint.CKPT_NAME).is_symlink() and (run / "log.jsonl").read_text() == log
+
+
 def test_resume_false_starts_over(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     s = main(tiny(tmp_path, max_steps=4, resume=False, d_model=64))
