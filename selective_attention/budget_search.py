@@ -242,7 +242,9 @@ def search_budgets(
     budgets = [T] * n
     evals: list[dict] = []
     bar = progress_bar(n, "budget search", enabled=progress)
-    for layer in range(n):
+    # even the full cache misses the goal: no budget is "at equal loss", whatever a pruned cache scores (one can score
+    # better than the full one), so the budgets stay at the full context (smallest_budget_at's rule, too)
+    for layer in range(n if full <= goal else 0):
         lo, hi = 2 if recent is None else recent + 1, budgets[layer]  # room for the first token (and the window)
         while lo < hi:
             mid = (lo + hi) // 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ def t_two_sided_p(t: float, df: int) -> float:
     (below 1e-3), ``1 - A`` would cancel to nothing (p = 1e-12 printed as 0), so ``p`` is summed
     directly as the rest of the infinite series whose full sum makes ``A = 1`` (``arcsin(c) / (s c)``
     for odd df, ``1 / s`` for even), each term a factor ``<= c^2`` smaller than the last."""
-    if not isinstance(df, int) or df < 1:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
         raise ValueError(f"df must be an int >= 1, got {df!r}.")
     if math.isnan(t):
         return math.nan
@@ -91,7 +92,8 @@ def t_two_sided_p(t: float, df: int) -> float:
         return min(1.0, 1.0 - a)
     term *= ratio(first_left_out) * c2 if first_left_out > 0 else 1.0  # the first term left out
     tail, k = 0.0, first_left_out
-    while term > 1e-17 * tail:
+    # (stop below the smallest normal float too: there a term times a factor above 1/2 rounds to itself, forever)
+    while term > 1e-17 * tail and term >= sys.float_info.min:
         tail += term
         k += 1
         term *= ratio(k) * c2

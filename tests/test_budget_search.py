@@ -113,6 +113,30 @@ def test_a_search_that_cannot_reach_its_target_says_so():
         search_budgets(model, x, y, policy="h2o", recent=16)
 
 
+def test_no_budget_is_searched_when_even_the_full_cache_misses(monkeypatch):
+    """A pruned cache can score better than the full one (committed curves dip so): with the full cache above the
+    target, the search still found a passing budget and reported memory saved "at equal loss"; now the budgets stay
+    at the full context, as smallest_budget_at's rule has it."""
+    import selective_attention.budget_search as bs
+
+    model = GPT(GPTConfig(vocab_size=10, context_len=64, n_layer=1, n_head=1, d_model=8)).eval()
+    x = torch.zeros(1, 64, dtype=torch.long)
+    dip = lambda b: 1.00 if 20 <= b <= 40 else 1.10  # noqa: E731  (the full cache, 64: 1.10)
+    calls = []
+
+    def fake(model, x, y, *, budget=None, **kw):
+        b = 64 if budget is None else budget[0]
+        calls.append(b)
+        return dip(b), [b]
+
+    monkeypatch.setattr(bs, "pruned_loss", fake)
+    r = bs.search_budgets(model, x, x, target=1.05)
+    assert r.budgets == [64] and not r.reached and not r.saves_memory and r.memory_ratio == 1.0
+    assert set(calls) == {64}
+    assert bs.smallest_budget_at([(b, dip(b)) for b in (4, 8, 16, 32)], 1.05, full=1.10) is None
+    assert bs.search_budgets(model, x, x, target=1.15).budgets == [2]  # reachable: searched as before
+
+
 def test_a_curve_is_read_from_the_largest_budget_down():
     points = [(4, 0.5), (8, 0.2), (16, 0.1)]
     assert smallest_budget_at(points, 0.25) == 8

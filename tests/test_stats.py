@@ -25,6 +25,17 @@ def test_p_edges():
     assert t_two_sided_p(math.inf, 3) == t_two_sided_p(-math.inf, 1) == 0.0
     with pytest.raises(ValueError, match="df"):
         t_two_sided_p(1.0, 0)
+    with pytest.raises(ValueError, match="df"):
+        t_two_sided_p(2.0, True)  # a bool is not a count
+
+
+def test_a_tail_below_the_float_range_ends():
+    """Many degrees of freedom and |t| well below sqrt(df): the tail's terms fell below the smallest normal float,
+    where one times a factor above 1/2 rounds to itself, and the sum never ended (5,001 pairs at t = 50 hung)."""
+    assert 0.0 <= t_two_sided_p(50.0, 5000) < 1e-300
+    assert 0.0 <= t_two_sided_p(45.0, 20001) < 1e-300
+    d = [1.0 + 0.01 * (i % 7) for i in range(5001)]  # mean 1.03, sd 0.02: t ~ 3600
+    assert paired_t(d, [0.0] * 5001).p < 1e-300
 
 
 # far tails, from scipy.stats.t.sf (2 * sf): p must keep its relative precision, not cancel to 0
