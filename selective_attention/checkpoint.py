@@ -284,8 +284,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}; this selective-attention reads versions "
-            f"{', '.join(READABLE_VERSIONS)} (it writes {FORMAT_VERSION}). A newer version was written by a newer "
-            f"selective-attention: upgrade it (pip install -U selective-attention) to read this file."
+            f"{', '.join(READABLE_VERSIONS)} (it writes {FORMAT_VERSION}). "
+            + (
+                "A newer version was written by a newer selective-attention: upgrade it (pip install -U "
+                "selective-attention) to read this file."
+                if isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
+                else "That is no version selective-attention has written: the file was edited or written by other "
+                "code; restore it from a copy, or retrain."
+            )
         )
     legacy = version in ("1", "2")
     try:
@@ -378,6 +384,11 @@ def model_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
     """The model's state dict from a loaded checkpoint, tied weights restored."""
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     for name, same in meta["aliases"].items():
+        if name in state:  # a tied weight is stored once: an alias naming a stored tensor would replace it
+            raise CheckpointError(
+                f"checkpoint alias {name!r} -> {same!r} names a tensor the file also stores: the checkpoint was "
+                f"edited or written by other code; restore it from a copy, or retrain."
+            )
         if same in state:
             state[name] = state[same]
     return state

@@ -320,7 +320,8 @@ class Task:
                     warnings.warn(
                         f"--bpe_vocab_size={cfg.bpe_vocab_size}: the training split of {cfg.data!r} gives only "
                         f"{tokenizer.vocab_size} tokens (it has too few distinct pairs to merge); the model is built "
-                        f"for {tokenizer.vocab_size}. Pass --bpe_vocab_size={tokenizer.vocab_size} to say so.",
+                        f"for {tokenizer.vocab_size}. Pass --bpe_vocab_size={tokenizer.vocab_size} in a new run to "
+                        f"say so (resuming this one keeps --bpe_vocab_size={cfg.bpe_vocab_size}).",
                         stacklevel=2,
                     )
             self.tokenizer = tokenizer if tokenizer is not None else data.ByteTokenizer()

@@ -804,6 +804,21 @@ def test_unknown_format_version_is_a_clear_error(tmp_path):
         model_from_checkpoint(path)
     with pytest.raises(CheckpointError, match="format version '99'"):
         main(tiny(tmp_path, max_steps=8))
+    _rewrite_metadata(path, format_version="banana")  # not a version at all: not "upgrade"
+    with pytest.raises(CheckpointError, match="'banana'.*no version selective-attention has written"):
+        model_from_checkpoint(path)
+
+
+def test_an_alias_naming_a_stored_tensor_is_refused(tmp_path):
+    """Tied weights are stored once, the others named by aliases: an alias that names a stored tensor (an edited
+    file, signed again, or another writer) replaced it, silently (norm2 loaded as norm1)."""
+    import json
+
+    main(tiny(tmp_path, max_steps=2))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _rewrite_metadata(path, aliases=json.dumps({"lm_head.weight": "tok_emb.weight", "blocks.0.norm2.weight": "x"}))
+    with pytest.raises(CheckpointError, match="alias 'blocks.0.norm2.weight' -> 'x' names a tensor the file"):
+        model_from_checkpoint(path)
 
 
 def test_checkpoint_missing_a_model_field_loads_and_resumes(tmp_path):
