@@ -473,7 +473,7 @@ def _backward(
     # head, [B*Hkv, g*C, .] (a copy of the block's rows when g > 1, a view when g = 1), so keys and
     # values are never repeated and dk, dv sum over the group inside the GEMM.
     q5, do5 = (t.view(B, Hkv, g, L, t.shape[-1]) for t in (q, dout))
-    lse5 = lse.view(B, Hkv, g, L, 1) * _LOG2E
+    nlse5 = lse.view(B, Hkv, g, L, 1) * -_LOG2E  # -lse in base 2
     delta5 = delta.view(B, Hkv, g, L, 1)
 
     def rows(t5: Tensor, i0: int, i1: int) -> Tensor:  # [B, Hkv, g, L, X] -> [B*Hkv, g*C, X]
@@ -510,7 +510,7 @@ def _backward(
         i1 = min(i0 + fchunk, L)
         C = i1 - i0
         qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-        qa, lse_c, delta_c = (qc.float() if half else qc) * a, rows(lse5, i0, i1), rows(delta5, i0, i1)
+        qa, nlse_c, delta_c = (qc.float() if half else qc) * a, nlse5[:, :, :, i0:i1], rows(delta5, i0, i1)
         qn_c = vt.qn[:, :, i0:i1]
         dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
         dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
@@ -524,13 +524,14 @@ def _backward(
                 vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
             )
             # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
+            # (bias log2e - lse first, one pass, then the GEMM adds the logits into it: a pass fewer than a GEMM, a
+            # subtraction and an addition)
             P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
-            if half:  # the logits in float32, as the forward's kernel formed them (its lse is of those)
-                Pw3 = torch.bmm(qa, kTf[:, :, j0:j1], out=wsf("P", B * Hkv, g * C, n)).sub_(lse_c)
-            else:
-                Pw3 = torch.bmm(qa, kT[:, :, j0:j1], out=P3).sub_(lse_c)
+            # float16 / bfloat16: the logits in float32, as the forward's kernel formed them (its lse is of those)
+            Pw3 = wsf("P", B * Hkv, g * C, n) if half else P3
             bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-            P = Pw3.view(B, Hkv, g, C, n).add_(bias5, alpha=_LOG2E)
+            P = torch.add(nlse_c, bias5, alpha=_LOG2E, out=Pw3.view(B, Hkv, g, C, n))
+            Pw3.baddbmm_(qa, kTf[:, :, j0:j1] if half else kT[:, :, j0:j1])
             # no subnormal P, nor (mostly) dZ: see _P_FLOOR
             torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
             if half:
