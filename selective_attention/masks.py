@@ -181,9 +181,19 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
             f"nn.MultiheadAttention or transformers), pass its negation, or a bool mask (True = removed).",
             stacklevel=5,  # _split <- normalize_mask <- _request <- selective_attention <- the caller
         )
-    if not penalty.any() and not mask.requires_grad:  # all zero: no penalty (unless it is learned, from zero)
+    if not penalty.any() and not _differentiated(mask):  # all zero: no penalty (unless it is learned, from zero)
         penalty = None
     return removed, penalty
+
+
+def _differentiated(t: Tensor) -> bool:
+    """Whether a derivative may be taken with respect to ``t``: it requires grad, carries a forward-mode tangent
+    (a dual tensor reports ``requires_grad=False``), or is an input of a ``torch.func`` transform. An all-zero F
+    that is one of these must stay: dropped, its tangent came out None (forward_ad) or zero (jvp), silently."""
+    if t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return True
+    fwd = torch.autograd.forward_ad
+    return fwd._current_level >= 0 and fwd.unpack_dual(t).tangent is not None
 
 
 def normalize_mask(

@@ -398,6 +398,27 @@ def test_forward_mode_ad_with_the_tangent_on_the_mask_only(selection):
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ["auto", "naive"])
+def test_forward_mode_ad_through_an_all_zero_float_mask(backend):
+    """An all-zero float mask is dropped as no penalty unless it requires grad; a dual tensor (forward_ad) or a
+    torch.func.jvp input reports requires_grad=False, so its tangent came out None or zero, silently, at F = 0, the
+    usual start of a learned penalty. Against finite differences, like F = 1e-30, which was always served."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.func as tf
+
+    q, k, v = (t.detach() for t in _qkv(1, 1, 4, 3))
+    zero, tangent = torch.zeros(4, 4, dtype=q.dtype), torch.randn(4, 4, dtype=q.dtype)
+    run = lambda m: selective_attention(q, k, v, m, backend=backend)  # noqa: E731
+    eps = 1e-6
+    fd = (run(eps * tangent) - run(-eps * tangent)) / (2 * eps)
+    assert fd.abs().max() > 0.01
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(run(fwAD.make_dual(zero, tangent))).tangent
+    assert dual is not None
+    torch.testing.assert_close(dual, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(tf.jvp(run, (zero,), (tangent,))[1], fd, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("pad", [0, 2])
 def test_a_non_finite_voter_spoils_only_its_own_row_as_in_the_spec(pad):
     """A NaN or inf in the voting query of the first row that votes: the zeroed key rows (the protected token,
