@@ -245,6 +245,27 @@ def test_dropout_in_paper_mode_uses_naive_and_keeps_expectation():
     torch.testing.assert_close(draws.mean(0), exact, atol=0.06, rtol=0)
 
 
+def test_a_large_paper_mode_call_sent_to_the_spec_says_why(monkeypatch):
+    """The seed module's default dropout=0.1 in training mode sends paper mode to the naive spec, which builds
+    [B, H, L, L]: 1 GiB per tensor at B2 H8 L4096 fp32, silently. Past NAIVE_WARN_BYTES "auto" warns, with the
+    memory-lean backend's reason and fix; below it, and with dropout 0, nothing."""
+    import warnings
+
+    from selective_attention import SelectiveAttention
+    from selective_attention.ops import registry
+
+    monkeypatch.setattr(registry, "NAIVE_WARN_BYTES", 2 * 4 * 32 * 32 * 4)  # B2 H4 L32 fp32 weights: 32 KiB
+    x = torch.randn(2, 32, 16)
+    layer = SelectiveAttention(16, 4, selection=True)  # dropout=0.1, training mode
+    with pytest.warns(UserWarning, match=r"naive spec.*\[B, H, Lq, Lk\].*chunked: .*has no attention dropout.*=0\.0"):
+        layer(x, x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x[:, :31], x[:, :31], x[:, :31])  # below the size
+        layer.eval()(x, x, x)  # no dropout: chunked
+        selective_attention(*(t.unsqueeze(0) for t in (x, x, x)), backend="naive")  # named, not chosen
+
+
 def test_zero_length_paper_mode():
     q, k, v = qkv(2, 2, 0, 0, 4)
     assert selective_attention(q, k, v, selection=True).shape == (2, 2, 0, 4)

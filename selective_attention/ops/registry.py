@@ -16,9 +16,11 @@ one line in :data:`PREFERENCE`.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 from ..masks import NormalizedMask
@@ -99,9 +101,15 @@ def choose(backend: str, req: Request) -> str:
     reason), the first of :data:`PREFERENCE` that supports it on its device for ``"auto"``."""
     if backend == "auto":
         device = req.q.device.type
+        refusals = {}
         for name, (_, devices) in PREFERENCE.items():
-            if (devices is None or device in devices) and backend_module(name).supports(req) is None:
-                return name
+            if devices is None or device in devices:
+                reason = backend_module(name).supports(req)
+                if reason is None:
+                    if name == "naive" and req.voters is not None:
+                        _warn_materialising(req, refusals)
+                    return name
+                refusals[name] = reason
         raise AssertionError("unreachable: the naive backend serves every request")
     if backend not in PREFERENCE:
         raise ValueError(f"backend must be one of {NAMES}; got {backend!r}.")
@@ -109,6 +117,26 @@ def choose(backend: str, req: Request) -> str:
     if reason is not None:
         raise BackendRefused(reason)
     return backend
+
+
+# a paper-mode call that "auto" sends to the naive spec warns when the weights it builds are at least this large
+NAIVE_WARN_BYTES = 256 * 2**20
+
+
+def _warn_materialising(req: Request, refusals: dict[str, str]) -> None:
+    """Warn that ``backend="auto"`` runs a large paper-mode call on the naive spec, which builds ``[B, H, Lq, Lk]``
+    (the weights and F), with the memory-lean backends' reasons for refusing it (each names its fix: most often
+    attention dropout, the seed module's default ``dropout=0.1`` in training mode)."""
+    B, H, Lq, _ = req.q.shape
+    size = B * H * Lq * req.k.shape[-2] * req.q.element_size()
+    if size < NAIVE_WARN_BYTES or torch.compiler.is_compiling():
+        return
+    why = " ".join(f"{name}: {reason}" for name, reason in refusals.items() if name != "sdpa")
+    warnings.warn(
+        f"backend='auto' runs this paper-mode call on the naive spec, which builds [B, H, Lq, Lk] tensors "
+        f"({size / 2**20:.0f} MiB each here), because the memory-lean backends cannot serve it. {why}",
+        stacklevel=5,  # _warn_materialising <- choose <- dispatch <- selective_attention <- its caller
+    )
 
 
 def dispatch(backend: str, req: Request) -> tuple[Tensor, Tensor | None]:
