@@ -127,7 +127,7 @@ class BenchOptions:
 
 @dataclass
 class SeedExampleOptions:
-    seed: int = 0  # seed of the random Q, K, V
+    seed: int = field(default=0, metadata={"type": seed_int, "help": "seed of the random Q, K, V"})
 
 
 @dataclass
@@ -367,6 +367,7 @@ def cmd_generate(args: GenerateOptions) -> str:
     model, meta = model_from_checkpoint(args.ckpt)
     tok = meta["tokenizer"]  # the checkpoint's: bytes, or BPE with <bos> first (as every training window)
     try:
+        args.prompt.encode("utf-8")  # (a BPE tokenizer raises a TypeError of its own on them)
         idx = tok.encode_prompt(args.prompt)[None]  # [1, T]
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
         raise ValueError(
@@ -586,6 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings_as_lines():
             commands[ns.command][2](*values)
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so that the exit's flush cannot fail again)
+        return 141  # 128 + SIGPIPE
+    except UnicodeEncodeError as e:  # (prompts are checked where they are read): printing in a narrow encoding
+        print(
+            f"error: the output holds characters that stdout's encoding ({sys.stdout.encoding}) cannot write "
+            f"({e.reason}); set PYTHONIOENCODING=utf-8 (or a UTF-8 locale) and run again.",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -440,7 +440,7 @@ class TextData:
             raise ValueError(
                 f"the {split} split{of} has {len(data)} tokens (of {total}, val_fraction={self.val_fraction}), "
                 f"but a window needs {need} = {span}; use a shorter context_len or a larger "
-                f"corpus{' (or val_fraction)' if split == 'val' else ''}."
+                f"corpus{' (or, when training, a larger val_fraction)' if split == 'val' else ''}."
             )
         return data
 

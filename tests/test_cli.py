@@ -18,6 +18,8 @@ def test_demo_runs_and_shows_masking(capsys):
     # the causal grid: the first query sees only itself
     first_row = [line for line in out.splitlines() if line.startswith("the |")][0]
     assert first_row.split("|")[1].split() == ["1.00", "x", "x", "x", "x", "x"]
+    assert main(["seed-example", "--seed", "99999999999999999999"]) == 2  # was "Overflow when unpacking long long"
+    assert "--seed: must be an int in [-2**62, 2**62]" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
@@ -254,6 +256,26 @@ def test_eval_on_other_data_than_the_checkpoints(tmp_path, capsys):
                                 f"--out_dir={bpe}", "--max_steps=1"]))  # fmt: skip
     assert main(["eval", "--ckpt", str(bpe), "--batches", "1", "--data", "varassign"]) == 2
     assert "this checkpoint reads 300-token BPE" in capsys.readouterr().err
+    # a non-UTF-8 byte in the prompt (argv gives it as a lone surrogate): the BPE tokenizer raised a TypeError
+    assert main(["generate", "--ckpt", str(bpe), "--prompt", "\udcff abc", "--max_new_tokens", "2"]) == 2
+    assert "--prompt holds characters that are not valid UTF-8 text" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_or_a_narrow_encoding(ckpts):
+    """`... | head` closing the pipe gave a BrokenPipeError traceback: now a quiet exit (141, as SIGPIPE); an
+    output stdout's encoding cannot write names the encoding and the fix."""
+    run = ckpts["text"][0]
+    cmd = [sys.executable, "-m", "selective_attention", "generate", "--ckpt", str(run), "--prompt", "a",
+           "--max_new_tokens", "8"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the text is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([*cmd[:-4], "--prompt", "\u00e9t\u00e9", "--max_new_tokens", "1"], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "stdout's encoding (ascii) cannot write" in done.stderr and "PYTHONIOENCODING=utf-8" in done.stderr
 
 
 def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch):
