@@ -131,7 +131,7 @@ def test_empty_or_short_file_says_which_file(tmp_path):
     ):
         td.batch("train", 2, 90)
     with pytest.raises(
-        ValueError, match=r"the val split of '.*short.txt' has 10 tokens .*larger corpus \(or val_fraction\)"
+        ValueError, match=r"the val split of .*short.txt. has 10 tokens .*\(or, when training, a larger val_fraction\)"
     ):
         next(td.eval_batches("val", 2, 32))
 
