@@ -450,6 +450,20 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None
         ) from None
     for g, h in zip(opt.param_groups, hyper):
         g.update(h)
+    # load_state_dict checks the groups, not the tensors: a moment of another shape crashed inside the first step, and
+    # a NaN in one stopped the run as "training diverged ... lower --lr"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for key, t in opt.state.get(p, {}).items():
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                continue
+            if t.shape != p.shape or (t.is_floating_point() and not torch.isfinite(t).all()):
+                what = f"shape {tuple(t.shape)}" if t.shape != p.shape else "non-finite values (NaN or inf)"
+                raise CheckpointError(
+                    f"checkpoint {path}'s optimizer state {key!r} of parameter {i} (shape {tuple(p.shape)}) has "
+                    f"{what}, which training never saves: it is corrupt or edited; restore it from a copy, or "
+                    f"retrain ({_AFRESH})."
+                )
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

@@ -541,6 +541,21 @@ def test_checkpoint_weights_that_training_never_writes_are_refused(tmp_path, cha
         main(tiny(tmp_path, max_steps=8))
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [(lambda t: t[:-1], r"'exp_avg' of parameter 0 \(shape .*\) has shape"),
+     (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), r"'exp_avg' of parameter 0 .*non-finite")],
+)  # fmt: skip
+def test_optimizer_state_that_training_never_writes_is_refused(tmp_path, change, message):
+    """The optimizer's moments were not checked: one of another shape crashed inside AdamW's first step, and a NaN
+    stopped the run as "training diverged ... lower --lr", blaming the learning rate for a damaged file."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _rewrite_tensor(path, "optim.state.0.exp_avg", change)
+    with pytest.raises(CheckpointError, match=message):
+        main(tiny(tmp_path, max_steps=8))
+
+
 def test_resume_refuses_a_changed_training_config(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     with pytest.raises(CheckpointError, match=r"batch_size: 4 \(checkpoint\) vs 2 \(now\).*lr: 0.003.*0.001") as e:
