@@ -731,6 +731,7 @@ def _main(cfg: TrainConfig) -> dict:
                 f"checkpoint {ckpt_path} was made for another model (field: (checkpoint, now)) {diff}; "
                 f"use another --out_dir or --resume=false."
             )
+        _check_training_state(tensors, meta, ckpt_path)
         text = meta["extra"].get("data")
         same_file = (
             text is not None and task.data is not None and text.get("path") is not None
@@ -898,6 +899,36 @@ def _gather(state: Tensor, world: int, device: torch.device) -> list[Tensor]:
     states = [torch.empty_like(mine) for _ in range(world)]
     torch.distributed.all_gather(states, mine)
     return [t.cpu() for t in states]
+
+
+def _check_training_state(tensors: dict, meta: dict, path: Path) -> None:
+    """Refuse what a resume reads besides the model and the optimizer when it is not as training writes it (an edit
+    signed again, another writer): each was a raw KeyError, TypeError or AttributeError, or a wrong message."""
+    extra, problems = meta["extra"], []
+    rng = tensors.get("rng.torch")
+    if not isinstance(rng, Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+        problems.append("the random state 'rng.torch' (a 1-D uint8 tensor) is missing or of another kind")
+    history = extra.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("step", 0), int) for r in history
+    ):
+        problems.append("'history' is not a list of log rows (JSON objects with an int step)")
+    text = extra.get("data")
+    if text is not None and not (
+        isinstance(text, dict)
+        and all(isinstance(text.get(k), (str, type(None))) for k in ("path", "sha256"))
+        and ("path" not in text or "sha256" in text)
+    ):
+        problems.append("'data' (the training text's path and sha256) is malformed")
+    world = extra.get("world_size")
+    if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
+        problems.append(f"'world_size' is {world!r}, not an int >= 1")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be resumed: {'; '.join(problems)}, which training never writes: it is corrupt "
+            f"or edited. Evaluate it (selective-attention eval) if its model loads, or use another --out_dir or "
+            f"--resume=false."
+        )
 
 
 def _restore_data_rng(gen: torch.Generator, tensors: dict, meta: dict, rank: int, world: int, path: Path) -> None:

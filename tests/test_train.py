@@ -556,6 +556,37 @@ def test_optimizer_state_that_training_never_writes_is_refused(tmp_path, change,
         main(tiny(tmp_path, max_steps=8))
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [({"history": "x"}, "'history' is not a list of log rows"),
+     ({"history": [7]}, "'history' is not a list of log rows"),
+     ({"data": {"source": "pydoc", "path": "/x"}}, "'data' .* is malformed"),
+     ({"world_size": "1"}, "'world_size' is '1', not an int >= 1"),
+     ("rng.torch", "the random state 'rng.torch' .* is missing")],
+)  # fmt: skip
+def test_a_training_state_that_training_never_writes_is_refused_on_resume(tmp_path, edit, message):
+    """What a resume reads besides the weights (an edit signed again, another writer): a missing random state, a
+    history that is no list of rows, a text record without its sha256 were raw KeyError / AttributeError tracebacks,
+    and world_size "1" said "a run of 1 ... this one has 1". Each is now a CheckpointError naming it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if isinstance(edit, str):
+        del tensors[edit]
+    else:
+        meta["extra"] = json.dumps({**json.loads(meta["extra"]), **edit})
+    save_file(tensors, str(path), metadata=checkpoint.signed(tensors, meta))
+    with pytest.raises(CheckpointError, match=rf"cannot be resumed: {message}"):
+        main(tiny(tmp_path, max_steps=8))
+    model_from_checkpoint(path)  # the model itself still loads, for eval
+
+
 def test_resume_refuses_a_changed_training_config(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     with pytest.raises(CheckpointError, match=r"batch_size: 4 \(checkpoint\) vs 2 \(now\).*lr: 0.003.*0.001") as e:
