@@ -23,14 +23,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
-import sys
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .callers import caller_level
 from .kv_cache import LayerCache, budget_value, check_policy, h2o_recent, is_int
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
@@ -144,7 +143,7 @@ class Decoder:
         if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
             warnings.warn(
                 "the model is in training mode, so its dropout is applied while decoding: call model.eval() first.",
-                stacklevel=_caller_level(),
+                stacklevel=caller_level(),
             )
         if not self._bounded and (T > ctx or (self.threshold is None and T + max_new_tokens > ctx)):
             what = f"prompt length {T}" if T > ctx else f"prompt length {T} + max_new_tokens {max_new_tokens}"
@@ -281,17 +280,6 @@ class Decoder:
             if n + 1 < max_new_tokens:
                 logits = self.step(tok)
         return torch.cat(out, dim=1)
-
-
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel, from the function calling this one, of the first frame outside this package
-    and torch (whose ``no_grad`` decorator adds frames): the user's call, however deep in the package it came."""
-    package, level = os.path.dirname(os.path.abspath(__file__)), 2
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def decode_one_token(model: nn.Module, caches: list[LayerCache], token: Tensor, input_pos: Tensor) -> Tensor:

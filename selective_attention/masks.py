@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .callers import caller_level
+
 # finite F at or below this is a penalty of the opposite sign to an additive mask's -1e9: warned about
 _ADDITIVE_MASK_LIKE = -1e4
 
@@ -179,7 +181,7 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
             f"{name} holds finite values <= {_ADDITIVE_MASK_LIKE:g}: F is *subtracted* from the logits, so those keys "
             f"get more weight, not less. If this is an additive mask (-1e9 or finfo.min = masked, as in "
             f"nn.MultiheadAttention or transformers), pass its negation, or a bool mask (True = removed).",
-            stacklevel=5,  # _split <- normalize_mask <- _request <- selective_attention <- the caller
+            stacklevel=caller_level(),
         )
     if not penalty.any() and not _differentiated(mask):  # all zero: no penalty (unless it is learned, from zero)
         penalty = None

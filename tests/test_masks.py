@@ -194,8 +194,15 @@ def test_an_additive_style_mask_is_warned_about_and_a_bad_scale_refused():
     weight. That is warned about (the fix named); a non-finite scale is refused."""
     q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
     additive = torch.zeros(4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), -1e9)
-    with pytest.warns(UserWarning, match=r"subtracted.*pass its negation, or a bool mask"):
+    with pytest.warns(UserWarning, match=r"subtracted.*pass its negation, or a bool mask") as seen:
         selective_attention(q, k, v, additive)
+    from selective_attention import SelectiveAttention
+
+    with pytest.warns(UserWarning, match=r"subtracted") as through_module:
+        x = torch.randn(1, 4, 8)
+        SelectiveAttention(8, 1, dropout=0.0)(x, x, x, additive, need_weights=True)
+    # the user's line, not the package's (through the module it pointed into attention.py, once per call inside)
+    assert {w.filename for w in [*seen, *through_module]} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         selective_attention(q, k, v, -additive)  # the same mask negated: a penalty, no warning

@@ -257,8 +257,11 @@ def test_a_large_paper_mode_call_sent_to_the_spec_says_why(monkeypatch):
     monkeypatch.setattr(registry, "NAIVE_WARN_BYTES", 2 * 4 * 32 * 32 * 4)  # B2 H4 L32 fp32 weights: 32 KiB
     x = torch.randn(2, 32, 16)
     layer = SelectiveAttention(16, 4, selection=True)  # dropout=0.1, training mode
-    with pytest.warns(UserWarning, match=r"naive spec.*\[B, H, Lq, Lk\].*chunked: .*has no attention dropout.*=0\.0"):
+    with pytest.warns(
+        UserWarning, match=r"naive spec.*\[B, H, Lq, Lk\].*chunked: .*has no attention dropout.*=0\.0"
+    ) as w:
         layer(x, x, x)
+    assert w[0].filename == __file__  # the user's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(x[:, :31], x[:, :31], x[:, :31])  # below the size

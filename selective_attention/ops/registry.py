@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..callers import caller_level
 from ..masks import NormalizedMask
 from ..selection import Voters
 
@@ -135,7 +136,7 @@ def _warn_materialising(req: Request, refusals: dict[str, str]) -> None:
     warnings.warn(
         f"backend='auto' runs this paper-mode call on the naive spec, which builds [B, H, Lq, Lk] tensors "
         f"({size / 2**20:.0f} MiB each here), because the memory-lean backends cannot serve it. {why}",
-        stacklevel=5,  # _warn_materialising <- choose <- dispatch <- selective_attention <- its caller
+        stacklevel=caller_level(),
     )
 
 
