@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
-from .transforms import eager_call, refuse_double_backward, unserved_transform
+from .transforms import eager_call, eager_function, refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -714,18 +714,13 @@ def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
 chunked_fwd.register_autograd(_chunked_fwd_backward, setup_context=_setup_context)
 
 
-class _EagerChunked(torch.autograd.Function):
-    """The same forward and backward as :func:`chunked_fwd` with its registered autograd, without the custom op
-    around them, for eager calls (:func:`~.transforms.eager_call`): the op's dispatch costs Python time on every
-    call, and its first call imports ``torch._dynamo``."""
-
-    forward = staticmethod(_fwd_impl)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_chunked_fwd_backward)
+# eager calls (transforms.eager_call) run this: the op's first call imports torch._dynamo, even in eager code
+_EagerChunked = eager_function("_EagerChunked", _fwd_impl, _setup_context, _chunked_fwd_backward)
 
 
 def _apply(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_scale, chunk, tau) -> tuple[Tensor, Tensor]:
-    """``(out, mem)`` through the custom ops (``heads``: a slice of q's heads, or None with ``qs, ks``)."""
+    """``(out, mem)`` through the custom ops, or in eager calls through the same functions as a plain
+    ``autograd.Function`` (``heads``: a slice of q's heads, or None with ``qs, ks``)."""
     h0 = h1 = 0
     if heads is not None:
         chosen = head_range(heads, q.shape[1])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
-__all__ = ["eager_call", "refuse_double_backward", "unserved_transform", "vmapped"]
+__all__ = ["eager_call", "eager_function", "refuse_double_backward", "unserved_transform", "vmapped"]
 
 
 def _transforms() -> set:
@@ -67,6 +67,15 @@ def eager_call(*tensors: Tensor | None) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """A plain :class:`torch.autograd.Function` made of a custom op's body (``forward``, without ``ctx``) and the
+    ``setup_context`` and ``backward`` registered with it: what a kernel runs when :func:`eager_call` allows, with
+    the op's results to the bit."""
+    doc = f"The custom op's forward and registered autograd without the op around them, for eager calls ({name})."
+    members = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context))
+    return type(name, (torch.autograd.Function,), {**members, "backward": staticmethod(backward), "__doc__": doc})
 
 
 def vmapped(t: Tensor | None) -> bool:

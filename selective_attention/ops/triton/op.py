@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...selection import head_range
-from ..transforms import eager_call, refuse_double_backward, unserved_transform
+from ..transforms import eager_call, eager_function, refuse_double_backward, unserved_transform
 
 if TYPE_CHECKING:
     from ..registry import Request
@@ -189,13 +189,8 @@ def _backward(ctx, dout, dlse):
 paper_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerPaper(torch.autograd.Function):
-    """:func:`paper_fwd` with its registered autograd, without the custom op around them, for eager calls
-    (:func:`~..transforms.eager_call`: the op's first call imports ``torch._dynamo``)."""
-
-    forward = staticmethod(_fwd_impl)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+# eager calls (transforms.eager_call) run this: the op's first call imports torch._dynamo, even in eager code
+_EagerPaper = eager_function("_EagerPaper", _fwd_impl, _setup_context, _backward)
 
 
 def _vote_head(heads: slice, H: int) -> int:
