@@ -29,7 +29,7 @@ budgets, set 1 ("held out") checks them. For each method -- (a) standard + slidi
 token (StreamingLLM-style), (b) standard + heavy hitters (H2O-style), (c) selective + the paper's rule,
 (d) selective + sliding window -- the smallest uniform budget (of 2^k below the context) from which on every
 larger budget's loss on set 0 is at most the same-seed full-cache *standard* model's loss there (a lucky dip
-under a budget that misses does not count), then checked on set 1; for (c) also
+under a budget that misses does not count), then checked on set 1 by the same rule; for (c) also
 the per-layer budget search. A reduction counts only if it holds on set 1. The loss-vs-budget curves
 on set 1 are the plot a reader wants.
 
@@ -118,21 +118,26 @@ def kv_methods(result: dict, model, sets, standard: dict | None) -> dict:
             curve.append({"budget": b, "search": losses[0], "heldout": losses[1]})
         entry = {"curve": curve}
         if standard is not None:
-            entry["at_standard_loss"] = at_standard_loss(curve, result["context"], standard, result["full"]["search"])
+            entry["at_standard_loss"] = at_standard_loss(curve, result["context"], standard, result["full"])
         out[method] = entry
     return out
 
 
-def at_standard_loss(curve: list[dict], context: int, standard: dict, full: float | None = None) -> dict:
-    """The budget chosen on set 0 (the smallest from which on every larger one, the model's full cache ``full``
-    included, is at or under the same-seed standard model's full-cache loss there: :func:`smallest_budget_at`) and
-    whether it holds on set 1."""
-    b = smallest_budget_at([(c["budget"], c["search"]) for c in curve], standard["full"]["search"], full)
+def at_standard_loss(curve: list[dict], context: int, standard: dict, full: dict | None = None) -> dict:
+    """The budget chosen on set 0 (the smallest from which on every larger one, the model's full cache included, is
+    at or under the same-seed standard model's full-cache loss there: :func:`smallest_budget_at`) and whether it
+    holds on set 1 by the same rule: the chosen budget, every larger one and the full cache at or under the standard's
+    loss there (a chosen budget that dips under on set 1 while a larger one misses does not hold). ``full``: the
+    model's full-cache losses ``{"search": ..., "heldout": ...}``."""
+    full = full or {}
+    b = smallest_budget_at([(c["budget"], c["search"]) for c in curve], standard["full"]["search"], full.get("search"))
     chosen = next((c for c in curve if c["budget"] == b), None)
+    held = smallest_budget_at([(c["budget"], c["heldout"]) for c in curve], standard["full"]["heldout"],
+                              full.get("heldout"))  # fmt: skip
     return {
         "budget": b,
         "ratio": None if chosen is None else context / b,
-        "holds": chosen is not None and chosen["heldout"] <= standard["full"]["heldout"],
+        "holds": chosen is not None and held is not None and held <= b,
         "heldout_loss": None if chosen is None else chosen["heldout"],
     }
 
@@ -255,7 +260,7 @@ def report() -> str:
                     if method == "per-layer search":
                         e = r.get("per_layer_search")
                     elif std is not None and method in r.get("kv", {}):  # from the stored curve: the current rule
-                        e = at_standard_loss(r["kv"][method]["curve"], context, std, r["full"]["search"])
+                        e = at_standard_loss(r["kv"][method]["curve"], context, std, r["full"])
                     else:
                         e = None
                     if e is None:
