@@ -160,7 +160,8 @@ def run_one(context: int, variant: str, seed: int) -> dict:
     seconds = time.perf_counter() - t0
     result = {"name": name, "context": context, "variant": variant, "seed": seed, "config": dataclasses.asdict(cfg),
               "train_seconds": seconds}  # fmt: skip
-    result.update({k: summary[k] for k in ("val_loss", "tokens_per_s", "params", "history")})
+    # start_step > 0: resumed there, so train_seconds and tokens_per_s cover only the steps after it
+    result.update({k: summary[k] for k in ("val_loss", "tokens_per_s", "params", "history", "start_step")})
     model, meta = model_from_checkpoint(cfg.out_dir)
     sets = window_sets(cfg, meta["tokenizer"])
     result["full"] = {"search": mean_loss(model, *sets[0]), "heldout": mean_loss(model, *sets[1])}

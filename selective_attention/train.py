@@ -867,6 +867,7 @@ def _main(cfg: TrainConfig) -> dict:
         "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
         "out_dir": str(out_dir),
         "steps": cfg.max_steps,
+        "start_step": start,  # > 0: resumed there, and tokens_per_s covers the steps after it only
         "params": model.num_params(),
         "tokens_per_step": tokens_per_step,
         # a resume of a finished run trains no step: the tokens/s its history logged, not 0

@@ -44,6 +44,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     stopped = main(tiny(tmp_path / "b", stop_after=6))  # "killed" after 6 steps (last checkpoint: step 4)
     assert stopped["stopped_at"] == 6
     resumed = main(tiny(tmp_path / "b"))
+    assert (ref["start_step"], resumed["start_step"]) == (0, 4)  # tokens_per_s of a resumed run: its steps only
 
     def strip(h):  # everything but the wall-clock throughput
         return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in h]
