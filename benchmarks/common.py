@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.cli import cpu_model  # one definition, shared with the CLI's bench
+from selective_attention.machine import cpu_model  # one definition, shared with the CLI's bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import cpu_model  # noqa: E402
 
+from selective_attention import machine  # noqa: E402
 from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
 from selective_attention.budget_search import pruned_logits, smallest_budget_at  # noqa: E402
 from selective_attention.train import Task, TrainConfig, model_from_checkpoint  # noqa: E402
@@ -147,6 +148,7 @@ def run(args) -> dict:
         "threads": args.threads,
         "cpu": cpu_model(),
         "torch": torch.__version__,
+        "commit": machine.commit(),
     }
     print(f"CPU time: {cpu:.0f} s ({wall:.0f} s wall, {args.threads} thread(s))")
     return result

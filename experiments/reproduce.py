@@ -58,6 +58,7 @@ from selective_attention.budget_search import (  # noqa: E402
     smallest_budget_at,
     uniform_budgets,
 )
+from selective_attention.machine import provenance  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
 from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
@@ -159,7 +160,7 @@ def run_one(context: int, variant: str, seed: int) -> dict:
     summary = train(cfg)
     seconds = time.perf_counter() - t0
     result = {"name": name, "context": context, "variant": variant, "seed": seed, "config": dataclasses.asdict(cfg),
-              "train_seconds": seconds}  # fmt: skip
+              "train_seconds": seconds, "machine": provenance()}  # fmt: skip
     # start_step > 0: resumed there, so train_seconds and tokens_per_s cover only the steps after it
     result.update({k: summary[k] for k in ("val_loss", "tokens_per_s", "params", "history", "start_step")})
     model, meta = model_from_checkpoint(cfg.out_dir)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from common import cpu_model  # noqa: E402
 
+from selective_attention import machine  # noqa: E402
 from selective_attention.data import VariableAssignment  # noqa: E402
 from selective_attention.stats import paired_t  # noqa: E402
 from selective_attention.train import TrainConfig, model_from_checkpoint  # noqa: E402
@@ -212,7 +213,7 @@ def run_one(config: str, attention: str, seed: int, do_commit: bool = False) -> 
     model, _ = model_from_checkpoint(cfg.out_dir)
     result = {"config": config, "attention": attention, "seed": seed, "note": CONFIGS[config].get("note", ""),
               "options": options(config, attention, seed), "train_config": dataclasses.asdict(cfg),
-              "train_seconds": seconds, "cpu": cpu_model(), "torch": torch.__version__,
+              "train_seconds": seconds, "cpu": cpu_model(), "torch": torch.__version__, "commit": machine.commit(),
               **{k: summary[k] for k in ("val_loss", "val_accuracy", "params", "history")},
               "test": test(model, cfg)}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)

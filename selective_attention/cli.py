@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .attention import SelectiveAttention
+from .machine import cpu_model
 from .options import (
     OptionParser,
     UsageError,
@@ -440,21 +441,6 @@ def cmd_bench(args: BenchOptions) -> None:
         a, b = statistics.median(times["std"]), statistics.median(times["sel"])
         ratio = statistics.median(s / t for s, t in zip(times["sel"], times["std"]))
         print(f"| {L} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio:.2f}x |", flush=True)
-
-
-def cpu_model() -> str:
-    """This CPU's model name as /proc/cpuinfo gives it (else what ``platform`` knows), for a benchmark's header:
-    CPUs differ. The benchmarks' tables use it too (``benchmarks/common.py``)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _commands() -> dict:

@@ -27,6 +27,7 @@ import torch
 
 from .budget_search import KV_METHODS, pruned_loss, search_budgets, smallest_budget_at, uniform_budgets
 from .checkpoint import model_from_checkpoint
+from .machine import provenance
 from .model import GPT, GPTConfig
 from .options import finite_number, path_text, positive_int
 from .progress import progress as progress_bar
@@ -191,6 +192,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         },
         "throughput_ratio": runs["selective"]["tokens_per_s"] / runs["standard"]["tokens_per_s"],
         "models": {"standard": dataclasses.asdict(std_model.config), "selective": dataclasses.asdict(sel_model.config)},
+        "machine": provenance(),  # the tokens/s and their ratio are this machine's
     }
     tmp = out / "report.json.tmp"  # whole or not at all
     tmp.write_text(json.dumps(report, indent=2))

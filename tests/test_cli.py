@@ -3,9 +3,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from selective_attention import cli
 from selective_attention.cli import main
+from selective_attention.machine import cpu_model
 from selective_attention.train import CheckpointError, parse_overrides
 from selective_attention.train import main as train_main
 
@@ -34,6 +36,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "| standard |" in text and "| selective |" in text and "less" in text
     report = json.loads((out / "report.json").read_text())
     assert report["budget_search"]["memory_ratio"] >= 1.0
+    assert report["machine"]["cpu"] == cpu_model() and report["machine"]["torch"] == torch.__version__
     if report["budget_search"]["found"]:  # the searched budgets, also as a plain window on the same model
         assert set(report["heldout"]["window_same_budgets"]) == {"search", "heldout"}
         assert "instead of the largest F (selective + window)" in text

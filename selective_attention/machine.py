@@ -1,0 +1,46 @@
+"""What machine and code a number was measured with: the CPU's model, the torch build, the commit. Benchmark tables
+and result files carry it, because CPUs differ (the same script has given 1.26x on one and 2.2x on another)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+__all__ = ["cpu_model", "commit", "provenance"]
+
+
+def cpu_model() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (else what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit(path: str | Path | None = None) -> str | None:
+    """The git commit of the checkout holding ``path`` (default: this package), with ``+changes`` when its tracked
+    files differ from it; None outside a git checkout (an installed wheel) or without git."""
+    where = str(Path(__file__).resolve().parent if path is None else path)
+    try:
+        head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def provenance() -> dict:
+    """``{"cpu", "cores", "torch", "threads", "commit"}``, for a result file."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "commit": commit()}  # fmt: skip
