@@ -6,6 +6,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,15 +78,34 @@ def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
-def write(name: str, rows: list[dict], columns: list[str], title: str) -> str:
-    """Write ``results/<cpu>/NAME.json`` and ``.md`` (see ``cpu_results``); return the markdown table."""
+def write(name: str, rows: list[dict], columns: list[str], title: str, key: tuple[str, ...] | None = None) -> str:
+    """Write ``results/<cpu>/NAME.json`` and ``.md`` (see ``cpu_results``); return the markdown table.
+
+    A run that measured fewer rows than the table already there (a subset of the contexts or modes: the rows are
+    told apart by their ``key`` columns, default the first) does not replace it: it writes ``NAME.partial.json`` and
+    ``.md`` beside it and says so, so the committed table is never silently cut down to the rows of a quick check.
+    """
     out = cpu_results()
+    key = key or (columns[0],)
+    target = name
+    old = out / f"{name}.json"
+    if old.exists():
+        try:
+            old_keys = {tuple(str(r.get(c)) for c in key) for r in json.loads(old.read_text())["rows"]}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            old_keys = set()  # unreadable: replaced, as before
+        missing = old_keys - {tuple(str(r[c]) for c in key) for r in rows}
+        if missing:
+            target = f"{name}.partial"
+            shown = ", ".join(" / ".join(k) for k in sorted(missing)[:4]) + (" ..." if len(missing) > 4 else "")
+            print(f"note: {old} has rows this run did not measure ({shown}): written to {target}.json / .md "
+                  "instead; a run with the default options replaces the table", file=sys.stderr)  # fmt: skip
     payload = {"machine": machine(), "rows": rows}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{target}.json").write_text(json.dumps(payload, indent=2))
     lines = [f"**{title}** — {payload['machine']}", "", "| " + " | ".join(columns) + " |"]
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in columns) + " |")
     md = "\n".join(lines) + "\n"
-    (out / f"{name}.md").write_text(md)
+    (out / f"{target}.md").write_text(md)
     return md

@@ -64,7 +64,8 @@ def main() -> None:
                 "selective / standard": f"{ratio:.2f}",
             })  # fmt: skip
             print(rows[-1], flush=True)
-    print(write("train_throughput", rows, list(rows[0]), "LM training throughput, 4 layers d128 4 heads, fp32"))
+    title = "LM training throughput, 4 layers d128 4 heads, fp32"
+    print(write("train_throughput", rows, list(rows[0]), title, key=("context", "mode")))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,26 @@ def test_runs_on_two_cpus_keep_both_tables(common, monkeypatch):
     assert not (common.RESULTS / "bench.md").exists()
 
 
+def test_a_run_of_fewer_rows_does_not_cut_the_table_down(common, monkeypatch, capsys):
+    monkeypatch.setattr(common, "cpu_model", lambda: "AMD EPYC")
+    folder = common.RESULTS / "amd-epyc"
+    full = [{"context": c, "mode": m, "ratio": 1.0} for c in (256, 1024) for m in ("eager", "compiled")]
+    common.write("tt", full, ["context", "mode", "ratio"], "t", key=("context", "mode"))
+    # a quick check of one context and one mode: beside the table, which keeps its four rows
+    common.write("tt", [{"context": 1024, "mode": "eager", "ratio": 0.5}], ["context", "mode", "ratio"], "t",
+                 key=("context", "mode"))  # fmt: skip
+    assert json.loads((folder / "tt.json").read_text())["rows"] == full
+    assert json.loads((folder / "tt.partial.json").read_text())["rows"][0]["ratio"] == 0.5
+    assert "| 1024 | eager | 0.5 |" in (folder / "tt.partial.md").read_text()
+    assert "256 / compiled" in capsys.readouterr().err
+    # every row again (new values): the table is replaced
+    common.write("tt", [dict(r, ratio=2.0) for r in full], ["context", "mode", "ratio"], "t", key=("context", "mode"))
+    assert [r["ratio"] for r in json.loads((folder / "tt.json").read_text())["rows"]] == [2.0] * 4
+    # the default key is the first column: rows told apart by context alone collide, (context, mode) does not
+    common.write("tt", [dict(full[0], ratio=3.0), dict(full[2], ratio=3.0)], ["context", "mode", "ratio"], "t")
+    assert [r["ratio"] for r in json.loads((folder / "tt.json").read_text())["rows"]] == [3.0, 3.0]
+
+
 def test_interleaved_alternates_all_but_the_baseline(common):
     order = []
     fns = {n: (lambda n=n: order.append(n)) for n in ("base", "a", "b")}
