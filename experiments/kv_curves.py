@@ -253,6 +253,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "results" / "kv_curves"), help="output path without extension")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot from <out>.json")
     args = p.parse_args(argv)
+    if args.windows < 1 or args.threads < 1 or min(args.budgets) < 2:
+        p.error(f"--windows {args.windows}, --threads {args.threads} and every --budgets ({args.budgets}) must be "
+                ">= 1, >= 1 and >= 2 (a budget holds the first token and the newest)")  # fmt: skip
     out = Path(args.out)
     r = json.loads(out.with_suffix(".json").read_text()) if args.report else run(args)
     out.parent.mkdir(parents=True, exist_ok=True)

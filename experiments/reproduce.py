@@ -375,6 +375,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS))
     args = ap.parse_args()
     todo = list(planned(args.contexts, args.seeds, args.only))
+    if args.command != "report" and not todo:  # a context or seed outside the plan: say so, not a silent no-op
+        plan = "; ".join(f"context {c}: seeds {min(s)}-{max(s)} of {', '.join(v)}" for c, (s, v) in PLAN.items())
+        ap.error(
+            f"nothing planned matches --contexts {args.contexts} --seeds {args.seeds} --only {args.only}. The plan: "
+            f"{plan}."
+        )
     if args.command == "plan":
         for context, variant, seed in todo:
             done = (RESULTS / f"{run_name(context, variant, seed)}.json").exists()

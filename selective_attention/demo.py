@@ -31,7 +31,7 @@ from .machine import provenance
 from .model import GPT, GPTConfig
 from .options import finite_number, path_text, positive_int
 from .progress import progress as progress_bar
-from .train import Task, TrainConfig, mean_loss
+from .train import Task, TrainConfig, check_out_dir, mean_loss
 from .train import main as train_main
 
 __all__ = ["DemoConfig", "run_demo", "plot_penalty"]
@@ -116,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             f"--search_batch {cfg.search_batch} needs {2 * cfg.search_batch} validation windows of "
             f"{cfg.model.context_len} tokens (as many held out as searched), but {cfg.data!r} holds {n_val}: {fix}."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, "--out")
     (out / "report.json").unlink(missing_ok=True)  # a run stopped partway leaves no report of an earlier one
     runs = {}
     for name, selection in (("standard", False), ("selective", True)):
@@ -226,8 +226,14 @@ def table(report: dict) -> str:
             f"{'holds' if h['holds'] else 'does NOT hold'}"
         )
     reference = h.get("reference", b["equal_to"])
+    # (the standard's loss out of reach, the search targeted the selective model's own full-cache loss: say so)
+    at = (
+        f"{reference}'s loss{tol}"
+        if reached
+        else f"the selective model's own full-cache loss{tol}, the standard's being out of reach"
+    )
     verdict = (
-        f"the {b['memory_ratio']:.1f}x ({reference}'s loss{tol}) {'holds' if h['holds'] else 'does NOT hold'} there"
+        f"the {b['memory_ratio']:.1f}x ({at}) {'holds' if h['holds'] else 'does NOT hold'} there"
         if found
         else "nothing to check"
     )

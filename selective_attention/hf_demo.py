@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .data import ByteTokenizer, TextData
 from .options import positive_int
 from .progress import progress
-from .train import lr_schedule
+from .train import check_out_dir, lr_schedule
 
 __all__ = ["HFDemoConfig", "run_hf_demo", "pruned_loss"]
 
@@ -162,7 +162,7 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     if not cfg.progress:  # transformers' own bars too (saving and loading the models)
         transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, "--out")
     data = TextData.from_name(cfg.data)
     report: dict = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, "runs": {}}
     base = sa_hf.configure(cfg.llama_config(), memory_eps=cfg.memory_eps)

@@ -483,8 +483,9 @@ def _device(cfg: TrainConfig, rank: int) -> torch.device:
     raise ValueError(f"--device={cfg.device!r} cannot be used: {why}; available here: {', '.join(available)}.")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and write a probe file in it: an unusable folder fails now, not at the first save."""
+def check_out_dir(out_dir: Path, option: str = "--out_dir") -> None:
+    """Create ``out_dir`` and write a probe file in it: an unusable folder (a file's path, no permission) fails now,
+    with a ``ValueError`` naming ``option``, not at the first save."""
     probe = out_dir / f".write-probe-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,8 +493,8 @@ def _check_out_dir(out_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(
-            f"--out_dir={str(out_dir)!r} is not a writable folder ({type(e).__name__}: {e.strerror or e}); "
-            f"choose another --out_dir."
+            f"{option}={str(out_dir)!r} is not a writable folder ({type(e).__name__}: {e.strerror or e}); "
+            f"choose another {option}."
         ) from None
 
 
@@ -658,7 +659,7 @@ def main(cfg: TrainConfig) -> dict:
         return _main(cfg)
     out_dir = Path(cfg.out_dir)
     made = not out_dir.exists()
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     try:
         with _run_lock(out_dir):
             return _main(cfg)

@@ -382,3 +382,8 @@ def test_kv_curves_experiment_on_tiny_checkpoints(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "res" / "kv.json").read_text())["targets"] == 3 * 32
     assert (tmp_path / "res" / "kv.png").stat().st_size > 1000
     assert "CPU time" in capsys.readouterr().out
+    assert "commit" in r and r["cpu"]  # the code and machine measured with (commit None outside a git checkout)
+    for bad in (["--windows", "0"], ["--budgets", "1", "8"], ["--threads", "0"]):  # --windows 0 was a ZeroDivisionError
+        with pytest.raises(SystemExit):
+            kv.main(["--standard", tiny_run, "--selective", str(sel), "--out", str(out), *bad])
+    assert "must be >= 1, >= 1 and >= 2" in capsys.readouterr().err

@@ -401,7 +401,7 @@ def test_demo_table_says_what_each_outcome_is():
     # the selective model's full cache above the standard's: no saving at equal loss, whatever its own search found
     text = table(_report(reached=False))
     assert "none: even its full cache is above the standard's loss" in text and "less at" not in text
-    assert "the 4.0x (selective (own full cache)'s loss) holds there" in text
+    assert "the 4.0x (the selective model's own full-cache loss, the standard's being out of reach) holds there" in text
     # nothing below the context met the target: not "1.0x less"
     text = table(_report(found=False))
     assert "32 (no budget below the context stays at the standard's loss)" in text and "nothing to check" in text
@@ -420,7 +420,7 @@ def test_demo_table_says_what_each_outcome_is():
     ) in table(report)
 
 
-def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path):
+def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path, capsys):
     from selective_attention.demo import DemoConfig, run_demo
 
     with pytest.raises(ValueError, match="varassign has no text windows"):
@@ -428,6 +428,11 @@ def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path):
     with pytest.raises(ValueError, match=r"--search_batch 5000 needs 10000 validation windows.*--search_batch <="):
         run_demo(DemoConfig.quick(out=str(tmp_path / "d"), data="pydoc", search_batch=5000))
     assert not (tmp_path / "d").exists()  # refused before anything was written
+    (tmp_path / "f").write_text("a file")  # --out naming a file: the CLI's one-line error, not a traceback
+    for cmd in (["demo", "--data", "pydoc"], ["hf-demo"]):
+        assert main([*cmd, "--quick", "--out", str(tmp_path / "f")]) == 2
+        assert "--out=" in capsys.readouterr().err.splitlines()[-1]  # "... is not a writable folder ..."
+    assert (tmp_path / "f").read_text() == "a file"
 
 
 def test_a_threshold_on_a_model_without_selective_layers_is_refused(ckpts, capsys):

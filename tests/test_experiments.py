@@ -102,3 +102,13 @@ def test_a_diverged_run_is_left_out_of_the_paired_statistics_by_name(reproduce):
     md = reproduce.report()
     row = next(line for line in md.splitlines() if line.startswith("| 16 | selective − standard |"))
     assert "(n=2)" in row and "s1 not finite (left out)" in row and "s0 -0.1000" in row and "s2 -0.1500" in row
+
+
+def test_a_context_or_seed_outside_the_plan_is_refused_not_a_silent_no_op(reproduce, monkeypatch, capsys):
+    for argv in (["run", "--contexts", "4096"], ["run", "--seeds", "7"], ["plan", "--contexts", "4096"]):
+        monkeypatch.setattr("sys.argv", ["reproduce.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            reproduce.main()
+        assert e.value.code == 2
+        assert "nothing planned matches" in capsys.readouterr().err
+    assert not reproduce.RESULTS.exists()  # and the report was not rewritten
