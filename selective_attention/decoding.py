@@ -153,6 +153,10 @@ class Decoder:
                 f"--budget on the command line) to read and decode past it through a pruned cache, or {fewer}."
             )
         cap = min(T, ctx) + max_new_tokens
+        if self.threshold is not None and not self._bounded:
+            # each step past context_len checks that no layer attends to more than it (_check_step): so an unbudgeted
+            # layer never holds more, and buffers of the prompt plus max_new_tokens would be slots it cannot use
+            cap = min(cap, ctx)
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
         self.t = None  # until this prefill finishes: one that fails partway leaves caches step() must not use
         self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
@@ -199,13 +203,6 @@ class Decoder:
         lo, hi = int(token.min()), int(token.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must be in [0, vocab_size={vocab}); got range [{lo}, {hi}].")
-        unbudgeted = any(b is None for b in self.budgets)
-        if unbudgeted and self._pos >= self._end:
-            # a layer without a budget has one slot per token; a further write would overwrite the oldest
-            raise ValueError(
-                f"the caches were sized by prefill(..., max_new_tokens={self._max_new}) and are full after "
-                f"{self._pos} tokens; pass a larger max_new_tokens to prefill (or a budget for every layer)."
-            )
         ctx = self.model.config.context_len
         if self._pos + 1 > ctx and not self._bounded:
             attended = max(c.attended_next() for c in self.caches)
@@ -214,6 +211,21 @@ class Decoder:
                     f"decoding position {self._pos} would attend to {attended} tokens in a layer, more than "
                     f"context_len={ctx}; pass a budget of at most {ctx} for every layer to decode past it."
                 )
+        unbudgeted = any(b is None for b in self.budgets)
+        # a layer without a budget has one slot per token, up to _end; past it a further write would overwrite the
+        # first token, unless a threshold evicted enough to leave a slot free (read on the device only then)
+        if (
+            unbudgeted
+            and self._pos >= self._end
+            and (
+                self.threshold is None
+                or any(b is None and c.attended_next() > c.capacity for c, b in zip(self.caches, self.budgets))
+            )
+        ):
+            raise ValueError(
+                f"the caches were sized by prefill(..., max_new_tokens={self._max_new}) and are full after "
+                f"{self._pos} tokens; pass a larger max_new_tokens to prefill (or a budget for every layer)."
+            )
 
     # --- reporting -----------------------------------------------------------------------------------
     def occupancy(self) -> list[int]:

@@ -403,6 +403,9 @@ class LayerCache:
     policy: str = "selective"  # which token goes when the layer is full: "selective", "window" or "h2o"
     recent: int | None = None  # "h2o": the recent window, the newest token included (default: budget // 2)
     acc: Tensor | None = None  # "h2o": accumulated attention received per slot [B, cap]
+    # an unbudgeted layer: at least the most tokens any row holds (the prompt's kept + the steps since), counted on
+    # the host, so that only a layer that may be full pays a device read to find out (see slot_for_next)
+    upper: int = 0
 
     @classmethod
     def empty(
@@ -494,10 +497,16 @@ class LayerCache:
         if self.tracks_attention and acc is None:
             raise ValueError("policy 'h2o' keeps the tokens that received the most attention: pass the prompt's acc.")
         keep = self.keep_after_prefill(fcum, acc, key_padding_mask)  # [B, T]
-        if int(keep.sum(-1).max()) > self.capacity:
-            raise ValueError(
-                f"{int(keep.sum(-1).max())} prompt tokens to keep, but the cache has {self.capacity} slots."
-            )
+        kept = int(keep.sum(-1).max())
+        if kept > self.capacity:
+            raise ValueError(f"{kept} prompt tokens to keep, but the cache has {self.capacity} slots.")
+        # a cache filled before (another prompt's tokens): every slot free first, or the old ones past the new
+        # prompt's would stay kept
+        self.pos.fill_(-1)
+        self.fcum.fill_(float("inf"))
+        if self.acc is not None:
+            self.acc.zero_()
+        self.upper = kept
         first = 0 if key_padding_mask is None else (~key_padding_mask).long().argmax(dim=-1)  # [B]
         for b in range(k.shape[0]):
             kept = keep[b].nonzero().squeeze(-1)
@@ -532,6 +541,7 @@ class LayerCache:
         )  # fmt: skip
         if self.v.shape[-1] != D:
             new.v = self.v.new_zeros(B, Hkv, capacity, self.v.shape[-1])
+        new.upper = self.upper
         for name in ("k", "v", "fcum", "pos", "ks", "acc"):
             old = getattr(self, name)
             if old is not None:
@@ -569,6 +579,8 @@ class LayerCache:
         # branches on the configuration only (a cache built directly, not by empty(), may have spare slots)
         if self.budget is None or self.threshold is not None or self.capacity != self.budget:
             self.make_room()
+            if self.budget is None and not torch.compiler.is_compiling():
+                self._check_not_full()
             return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
         if self.policy == "window":
             rule = window_rule(self.pos, free=True)
@@ -578,12 +590,25 @@ class LayerCache:
             rule = selective_rule(self.fcum, self.pos, free=True)
         return _largest(*rule, self.pos)
 
+    def _check_not_full(self) -> None:
+        """Refuse a step into an unbudgeted layer with no free slot in some row (eager calls): the new token would
+        take the slot with the smallest position, the protected first token's. Read on the device only once the
+        host count :attr:`upper` says the layer may be full (a threshold may have freed slots since)."""
+        if self.upper >= self.capacity and bool((self.pos >= 0).all(dim=-1).any()):
+            raise ValueError(
+                f"this layer has no budget and its {self.capacity} slots are full: a new token would overwrite the "
+                "first one. Size the caches for the prompt plus every token to generate (GPT.new_caches(max_len=...)"
+                ", or Decoder.prefill(..., max_new_tokens=...)), or give the layer a budget."
+            )
+        self.upper += 1
+
     def write(
         self, k: Tensor, v: Tensor, input_pos: Tensor, ks: Tensor | None = None, slot: Tensor | None = None
     ) -> Tensor:
         """Write one token (``k, v`` ``[B, Hkv, 1, D]``, selector key ``[B, G, 1, D]``) at position
         ``input_pos`` (``[1]``, or ``[B]``: one per sequence, counted from its first real token) into ``slot``
-        ``[B]`` (default: each sequence's first free slot), with ``Fcum = 0`` (and no attention received yet);
+        ``[B]`` (default: each sequence's first free slot; with none free, the slot of the smallest position, the
+        first token's: :meth:`slot_for_next` refuses that), with ``Fcum = 0`` (and no attention received yet);
         returns the slots ``[B]``."""
         B, H, _, D = k.shape
         slot = self.pos.argmin(dim=-1) if slot is None else slot  # a free slot has position -1: the smallest

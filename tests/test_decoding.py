@@ -150,3 +150,76 @@ def test_a_threshold_on_a_model_without_selective_layers_is_refused():
     Decoder(
         GPT(GPTConfig(vocab_size=11, context_len=16, n_layer=2, n_head=2, d_model=8, selection=True)), threshold=0.5
     )
+
+
+def _strong(seed=0, **kw):
+    """A tiny selective float64 model whose votes are large (evictions happen)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=40, context_len=64, n_layer=2, n_head=4, d_model=32, selection=True)
+    m = GPT(GPTConfig(**{**cfg, **kw})).double().eval()
+    for b in m.blocks:
+        b.attn.qkv.weight.data *= 6.0
+    return m
+
+
+@torch.no_grad()
+def test_caches_filled_again_hold_only_the_new_prompt():
+    """GPT.decode with caches that held a longer prompt: its tokens past the new prompt's stayed kept and were
+    attended (the first step's logits moved by 0.14)."""
+    m = _strong()
+    gen = torch.Generator().manual_seed(1)
+    long, short = torch.randint(0, 40, (2, 12), generator=gen), torch.randint(0, 40, (2, 4), generator=gen)
+    reused, fresh = m.new_caches(2, 20), m.new_caches(2, 20)
+    m.decode(long, reused)
+    torch.testing.assert_close(m.decode(short, reused), m.decode(short, fresh), rtol=0, atol=0)
+    tok, pos = torch.tensor([[3], [7]]), torch.tensor([4])
+    torch.testing.assert_close(m.decode(tok, reused, pos), m.decode(tok, fresh, pos), rtol=0, atol=0)
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.fcum, b.fcum)
+
+
+@torch.no_grad()
+def test_a_step_into_a_full_unbudgeted_layer_is_refused_not_written_over_the_first_token():
+    m = _strong()
+    caches = m.new_caches(1, 5)  # the prompt and one token
+    m.decode(torch.randint(0, 40, (1, 4)), caches)
+    m.decode(torch.tensor([[5]]), caches, torch.tensor([4]))  # the fifth slot
+    before = [c.pos.clone() for c in caches]
+    with pytest.raises(ValueError, match=r"no budget and its 5 slots are full.*new_caches\(max_len"):
+        m.decode(torch.tensor([[6]]), caches, torch.tensor([5]))
+    assert torch.equal(caches[0].pos, before[0]) and int(caches[0].pos.min()) == 0  # the first token kept
+    # slots freed since (as a threshold frees them): written, although the host count says full; then refused
+    for c in caches:
+        c.pos[:, 1:3], c.fcum[:, :, 1:3] = -1, float("inf")
+    m.decode(torch.tensor([[6]]), caches, torch.tensor([5]))
+    m.decode(torch.tensor([[7]]), caches, torch.tensor([6]))
+    with pytest.raises(ValueError, match="slots are full"):
+        m.decode(torch.tensor([[8]]), caches, torch.tensor([7]))
+    assert sorted(caches[0].pos[0].tolist()) == [0, 3, 4, 5, 6]
+
+
+@torch.no_grad()
+def test_a_threshold_alone_sizes_the_buffers_within_the_context():
+    """Each step past context_len checks that no layer attends to more than it, so an unbudgeted layer never holds
+    more: its buffers stop there (they were the prompt plus max_new_tokens: 309 slots for a context of 16)."""
+    m = _strong(context_len=16)
+    dec = Decoder(m, threshold=0.0)
+    prompt = torch.randint(0, 40, (1, 10), generator=torch.Generator().manual_seed(0))
+    out = dec.generate(prompt, 60, temperature=0)
+    assert out.shape == (1, 70) and [c.capacity for c in dec.caches] == [16, 16]
+    # the same tokens as with buffers of every token's size (what a threshold keeps does not depend on them)
+    ref = Decoder(m, threshold=0.0)
+    ref.prefill(prompt, 60)
+    assert [c.capacity for c in ref.caches] == [16, 16]
+    big = m.new_caches(1, 70, threshold=0.0)
+    logits = m.decode(prompt, big)
+    for i, t in enumerate(out[0, 10:].tolist()):
+        assert int(logits.argmax()) == t
+        logits = m.decode(torch.tensor([[t]]), big, torch.tensor([10 + i]))
+    # without a threshold a step past max_new_tokens is still refused before any layer writes
+    dec = Decoder(m)
+    dec.prefill(prompt, 2)
+    dec.step(torch.tensor([1]))
+    dec.step(torch.tensor([2]))
+    with pytest.raises(ValueError, match="full after 12 tokens"):
+        dec.step(torch.tensor([3]))
