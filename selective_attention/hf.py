@@ -353,8 +353,9 @@ def padding_mask(
         raise NotImplementedError(
             f"attn_implementation='{NAME}' got {kv_offset + kv_length} key slots for queries ending at {ends}: a "
             "cache that allocates its slots ahead (StaticCache, cache_implementation='static') is not supported, nor "
-            "an attention_mask longer than the tokens given. Use the default cache (or "
-            "selective_attention.hf.SelectiveCache for pruned generation), and a mask of the input's length."
+            "an attention_mask longer than the tokens given. Use selective_attention.hf.SelectiveCache (budget=None "
+            "decodes exactly; a layer that selects cannot decode from a plain cache, which holds no votes), and a "
+            "mask of the input's length."
         )
     local = kwargs.get("local_size")
     layer_types = getattr(config, "layer_types", None)
@@ -582,17 +583,29 @@ def _forward(
         # (silently wrong on an unpadded batch): refused where use_cache reaches here, and where it does not (Gemma 2,
         # 3) by the positions, which start again instead of following the tokens the cache has seen
         pos = kwargs.get("position_ids")
-        refed = (
-            Lq > 1 and cached.cache is not None and cached.first is not None and isinstance(pos, Tensor)
-            and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
-            and not torch.compiler.is_compiling()
-            and not bool((pos[..., -1].to(cached.first.device) == cached.seen - 1 - cached.first).all())
-        )  # fmt: skip
-        if kwargs.get("use_cache") is False or refed:
+        if kwargs.get("use_cache") is False:
             raise ValueError(
                 "a SelectiveCache was passed with use_cache=False: the model then reads the whole sequence again at "
                 "every step, which the cache would store as new tokens. Drop use_cache=False (the cache decodes "
                 "exactly), or pass no cache."
+            )
+        refed = (
+            Lq > 1 and cached.cache is not None and cached.first is not None and isinstance(pos, Tensor)
+            and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
+            and not torch.compiler.is_compiling()
+            # the last token's position, counted over real tokens (transformers' positions; gaps of padding inside
+            # the sequence are not counted)
+            and not bool((pos[..., -1].to(cached.first.device) == (
+                cached.seen - 1 - cached.first if real is None else real.sum(-1).to(cached.first.device) - 1
+            )).all())
+        )  # fmt: skip
+        if refed:
+            raise ValueError(
+                f"these {Lq} tokens' positions end at {pos[..., -1].flatten().tolist()}, but the SelectiveCache has "
+                f"already seen {cached.seen - Lq} tokens before them: they start again instead of following those. "
+                "Either generate(use_cache=False) is feeding the whole sequence again at every step (drop "
+                "use_cache=False: the cache decodes exactly), or this is a new prompt (pass a new SelectiveCache() "
+                "or call cache.reset())."
             )
         out = cached.attend(query, key, value, real, sel, scaling)
         module._selective_masked = None
@@ -915,8 +928,10 @@ class SelectiveLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
-            "SelectiveCache cannot crop (assisted or speculative decoding): evicted tokens cannot be restored. "
-            "Use the default cache for assisted generation."
+            "SelectiveCache cannot crop (assisted or speculative decoding): evicted tokens and added votes cannot be "
+            "undone, and a plain cache holds no votes for a layer that selects, so assisted and speculative decoding "
+            "cannot serve a model with selecting layers. Generate without assistant_model / prompt_lookup_num_tokens "
+            "(greedy or sampling with SelectiveCache)."
         )
 
     def batch_repeat_interleave(self, repeats: int) -> None:

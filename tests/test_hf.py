@@ -296,6 +296,29 @@ def test_generate_a_second_time_continues_exactly():
     assert torch.equal(out, greedy_by_recomputation(model, prompt, torch.ones_like(prompt), 5))
 
 
+def test_a_prompt_with_padding_inside_continues_exactly_and_a_new_prompt_is_named():
+    """Padding inside a prompt (not only on the left) decodes exactly, and so does its continuation: that was refused
+    as "passed with use_cache=False", the positions (counted over real tokens) taken for a sequence fed again. A new
+    prompt on a filled cache is named as such (it was blamed on use_cache=False too)."""
+    model = build("llama")
+    ids = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 3:5] = 0
+    cache = sa_hf.SelectiveCache()
+    kw = dict(do_sample=False, pad_token_id=0)
+    first = model.generate(ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=4, **kw)
+    assert torch.equal(first, greedy_by_recomputation(model, ids, mask, 4))
+    more = torch.randint(1, V, (2, 2), generator=torch.Generator().manual_seed(1))
+    prompt, pmask = torch.cat([first, more], 1), torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
+    out = model.generate(prompt, attention_mask=pmask, **{CACHE: cache}, max_new_tokens=3, do_sample=False,
+                         pad_token_id=0)  # fmt: skip
+    assert torch.equal(out, greedy_by_recomputation(model, prompt, pmask, 3))
+    cache = sa_hf.SelectiveCache(budget=4)
+    model.generate(ids[:1], **{CACHE: cache}, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"start again.*a new prompt \(pass a new SelectiveCache\(\)"):
+        model.generate(ids[1:], **{CACHE: cache}, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("budget", [4, [3, 6]])
 def test_budget_bounds_every_layer(budget):
     model = build("qwen2")
@@ -504,7 +527,7 @@ def test_cache_arguments_and_misuse_are_clear_errors():
         attn_logit_softcapping=None,
     )  # fmt: skip
     gemma = transformers.AutoModelForCausalLM.from_config(sa_hf.configure(g2), attn_implementation="selective").eval()
-    with pytest.raises(ValueError, match="SelectiveCache was passed with use_cache=False"):
+    with pytest.raises(ValueError, match=r"start again.*generate\(use_cache=False\) is feeding the whole sequence"):
         gemma.generate(pids[:, -5:], **{CACHE: sa_hf.SelectiveCache()}, use_cache=False, max_new_tokens=3,
                        do_sample=False, pad_token_id=0)  # fmt: skip
     want = gemma.generate(pids[:, -5:], use_cache=False, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -1253,3 +1276,10 @@ def test_kv_sharing_models_are_refused_under_a_selective_cache(kind, layers):
         with pytest.raises(NotImplementedError, match=r"Select only in the layers that own their keys"):
             every.generate(ids, use_cache=False, **greedy)
         torch.testing.assert_close(every(ids).logits, _kv_sharing(kind, impl="selective_ref")(ids).logits)
+
+
+def test_crop_names_what_cannot_serve_a_selecting_model():
+    """Assisted decoding crops its cache; the advice was "use the default cache", which a selecting layer refuses
+    too (a plain cache holds no votes)."""
+    with pytest.raises(NotImplementedError, match="cannot serve a model with selecting layers.*without assistant_model"):
+        sa_hf.SelectiveLayer().crop(1)
