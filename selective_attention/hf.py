@@ -1026,8 +1026,9 @@ class SelectiveLayer(DynamicLayer):
     def _step(self, q: Tensor, k: Tensor, v: Tensor, position: int, sel: Selection | None, scale: float) -> Tensor:
         """One token (``q`` ``[B, H, 1, D]``, ``k, v`` ``[B, Hkv, 1, D]``) at absolute ``position``."""
         c = self.cache
-        # unbudgeted and a row is full (rows with more padding still have free slots): double the slots
-        if c.budget is None and bool((c.pos >= 0).all(dim=-1).any()):
+        # unbudgeted and a row is full (rows with more padding still have free slots): double the slots (read on the
+        # device only once the host count says a row may be full)
+        if c.budget is None and c.upper >= c.capacity and bool((c.pos >= 0).all(dim=-1).any()):
             self.cache = c = c.grown(2 * c.capacity)
         return c.step(q, k, v, position - self.first, sel, scale=scale)
 
