@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor, nn
 
 from .functional import BACKENDS, Backend, attention_weights, selective_attention
@@ -167,8 +168,12 @@ class SelectiveAttention(nn.Module):
             raise ValueError(
                 f"K and V must have the same length (one value per key); got K {tuple(K.shape)}, V {tuple(V.shape)}."
             )
+        try:  # inside torch.autocast the projections take any floating dtype, as nn.Linear does
+            autocast = torch.is_autocast_enabled(w.device.type)
+        except RuntimeError:  # a device type autocast does not know
+            autocast = False
         for name, t in (("Q", Q), ("K", K), ("V", V)):
-            if t.dtype != w.dtype:
+            if t.dtype != w.dtype and not autocast:
                 raise TypeError(
                     f"{name} is {t.dtype} but the module's weights are {w.dtype}; "
                     f"use module.to({t.dtype}) or {name}.to({w.dtype})."

@@ -43,7 +43,8 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False, given: tuple | None = None) -> None:
+    """Shapes and dtypes of one call's q, k, v; ``given``: their dtypes as passed, when autocast cast them."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -55,7 +56,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = False) -> Non
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}.")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+        passed = "" if given is None else (
+            f" (passed as {', '.join(str(d) for d in given)}; torch.autocast casts all but float64 to its dtype: pass "
+            "float64 to none or all of them)"
+        )  # fmt: skip
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}{passed}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     if not isinstance(enable_gqa, bool):
@@ -104,10 +109,12 @@ def _request(
 ) -> Request:
     """Validate one call, once, into the :class:`~selective_attention.ops.registry.Request` every backend reads (under
     ``torch.autocast``, q, k, v and a ``selection_qk`` pair in its dtype first: :func:`autocast_inputs`)."""
+    given = tuple(getattr(t, "dtype", None) for t in (q, k, v))
     q, k, v = autocast_inputs(q, k, v)
     if isinstance(selection_qk, (tuple, list)) and len(selection_qk) == 2:
         selection_qk = autocast_inputs(*selection_qk)
-    _check_qkv(q, k, v, enable_gqa)
+    cast = given != tuple(getattr(t, "dtype", None) for t in (q, k, v))
+    _check_qkv(q, k, v, enable_gqa, given if cast else None)
     if not isinstance(is_causal, bool):  # a truthy "false" or tensor would silently mask the future
         raise TypeError(f"is_causal must be True or False, got {is_causal!r}.")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:

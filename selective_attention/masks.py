@@ -142,7 +142,8 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
         raise TypeError(
             f"{name} has dtype {mask.dtype}; accepted are torch.bool (True removes a key) or "
             f"a floating dtype (values subtracted from the logits, +-inf removes). "
-            f"For a 0/1 integer mask use mask.bool()."
+            f"For a 0/1 integer mask: with 1 = removed use mask.bool(); with 1 = may attend (a tril(ones) mask) "
+            f"use mask == 0."
         )
     nan_msg = (
         f"{name} contains NaN; use +inf (or True in a bool mask) to remove a key and a finite value to penalise it."
@@ -248,8 +249,9 @@ def normalize_mask(
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}.")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(
-                f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}; "
-                f"use key_padding_mask.bool() for a 0/1 mask."
+                f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}; for a 0/1 "
+                f"mask with 1 = padding use key_padding_mask.bool(), with 1 = a real token (transformers' "
+                f"attention_mask) use key_padding_mask == 0."
             )
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(

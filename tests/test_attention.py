@@ -279,6 +279,24 @@ def test_non_float_inputs_are_told_to_convert_not_to_cast_the_module(dtype):
         attn.selection_penalty(x.to(dtype))
 
 
+def test_stacked_modules_run_under_autocast():
+    """Under torch.autocast a first layer outputs bfloat16; the next module took it for a dtype mismatch with its
+    float32 weights (and advised module.to(bfloat16), which defeats mixed precision). nn.Linear and
+    nn.MultiheadAttention accept it there."""
+    torch.manual_seed(0)
+    a1, a2 = SelectiveAttention(32, 4, dropout=0.0).eval(), SelectiveAttention(32, 4, dropout=0.0).eval()
+    x = torch.randn(2, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = a1(x, x, x, is_causal=True)
+        assert h.dtype == torch.bfloat16
+        y = a2(h, h, x, is_causal=True)  # bfloat16 and float32 inputs together, as nn.Linear takes them
+        assert y.dtype == torch.bfloat16
+    want = a2(h.float(), h.float(), x, is_causal=True)
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)  # bf16 of values ~1: a few ulps of 2^-8
+    with pytest.raises(TypeError, match="module's weights are torch.float32"):  # outside autocast: still refused
+        a2(h, h, h, is_causal=True)
+
+
 def test_bad_ranks_say_what_to_do():
     attn = SelectiveAttention(16, 4)
     x = torch.randn(2, 5, 16)

@@ -214,6 +214,14 @@ def test_autocast_casts_the_inputs_as_for_sdpa(backend):
         assert selective_attention(q64, k64, v64, backend=backend, **sel).dtype == torch.float64
     with pytest.raises(TypeError, match="must share a dtype"):
         selective_attention(q, k, v.bfloat16(), backend=backend, **sel)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(
+            TypeError,
+            match=r"got torch.float64, torch.bfloat16, torch.bfloat16 \(passed as torch.float64, torch.float32, ",
+        ),
+    ):  # the dtypes the caller passed, not only the cast ones
+        selective_attention(q.double(), k, v, backend=backend, **sel)
 
 
 def test_autocast_reaches_a_dedicated_voting_pair_and_attention_weights():

@@ -1281,5 +1281,7 @@ def test_kv_sharing_models_are_refused_under_a_selective_cache(kind, layers):
 def test_crop_names_what_cannot_serve_a_selecting_model():
     """Assisted decoding crops its cache; the advice was "use the default cache", which a selecting layer refuses
     too (a plain cache holds no votes)."""
-    with pytest.raises(NotImplementedError, match="cannot serve a model with selecting layers.*without assistant_model"):
+    with pytest.raises(
+        NotImplementedError, match="cannot serve a model with selecting layers.*without assistant_model"
+    ):
         sa_hf.SelectiveLayer().crop(1)

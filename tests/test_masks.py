@@ -68,8 +68,13 @@ def test_nan_mask_raises():
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
 def test_integer_mask_raises(dtype):
     q, k, v = qkv(1, 1, 3, 3, 4)
-    with pytest.raises(TypeError, match=r"torch.bool.*mask.bool\(\)"):
+    # both 0/1 conventions named: .bool() alone turns a tril(ones) "may attend" mask anti-causal
+    with pytest.raises(
+        TypeError, match=r"torch.bool.*with 1 = removed use mask.bool\(\); with 1 = may attend.*mask == 0"
+    ):
         selective_attention(q, k, v, torch.zeros(3, 3, dtype=dtype))
+    with pytest.raises(TypeError, match=r"1 = padding use key_padding_mask.bool\(\), with 1 = a real token.*== 0"):
+        selective_attention(q, k, v, key_padding_mask=torch.ones(1, 3, dtype=dtype))
 
 
 def test_a_float_mask_of_another_dtype_is_read_then_cast():
