@@ -92,7 +92,7 @@ class TrainConfig:
     max_steps: int = 500  # optimizer steps in all (a larger value on resume extends the run)
     batch_size: int = 16  # sequences per step (per process under DDP)
     lr: float = 3e-3  # peak learning rate, after warmup
-    min_lr: float = 3e-4  # learning rate at max_steps (cosine decay)
+    min_lr: float = 3e-4  # where the cosine decay ends: the rate the last step (max_steps - 1, 0-based) nears
     warmup_steps: int = 50  # linear warmup from lr / warmup_steps
     weight_decay: float = 0.1  # AdamW's decoupled weight decay
     beta1: float = 0.9  # AdamW's beta1
@@ -120,6 +120,7 @@ class TrainConfig:
     allow_config_change: bool = False  # resume even with another data, lr, batch_size, ... (else refused)
 
     def __post_init__(self) -> None:
+        _as_text(self)
         _validate(self)
 
     @classmethod
@@ -135,6 +136,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(
                 f"unknown option(s) {', '.join('--' + k for k in unknown)}; `train --help` lists the valid ones."
+            )
+        if "vocab_size" in values:  # (not an option of the command line)
+            raise ValueError(
+                f"vocab_size={values['vocab_size']!r} would be ignored: a run sets it from its tokenizer (256 for "
+                "bytes; the BPE vocabulary with tokenizer='bpe', sized by bpe_vocab_size); drop it."
             )
         _check_values({**_flat_values(base), **values})
         model = dataclasses.replace(base.model, **{k: v for k, v in values.items() if k in model_names})
@@ -629,9 +635,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _as_text(cfg: TrainConfig) -> None:
+    """``data`` and ``out_dir`` given as paths (``pathlib.Path``), and ``device`` as a ``torch.device``, as the text the
+    command line gives: the checkpoint stores the config as JSON, and a path object failed there, at the first save,
+    after the run had trained."""
+    for name in ("data", "out_dir"):
+        if isinstance(getattr(cfg, name), os.PathLike):
+            setattr(cfg, name, os.fspath(getattr(cfg, name)))
+    if isinstance(cfg.device, torch.device):
+        cfg.device = str(cfg.device)
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: final validation loss, throughput, the eval curve."""
-    _validate(cfg)  # again: the fields may have been assigned after construction
+    _as_text(cfg)  # again, as the validation: the fields may have been assigned after construction
+    _validate(cfg)
     # an empty --out_dir= was the current folder: a run's checkpoint and log landed beside the user's files. Checked
     # here, for a run, not in _validate: a stored config (an older checkpoint's) must still load for eval
     for name, what in (("out_dir", "a folder, e.g. --out_dir=runs/sel"),

@@ -633,6 +633,9 @@ def test_flags_must_be_booleans():
 def test_bad_selection_layers_and_devices_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--selection_layers: expects comma-separated ints like 0,2.*'a,b'"):
         parse_overrides(["--selection_layers=a,b"])
+    with pytest.raises(ValueError, match=r"--selection_layers: expects comma-separated ints like 0,2.*','"):
+        parse_overrides(["--selection_layers=,"])  # a list of no ints was None (every layer), silently
+    assert parse_overrides(["--selection_layers="]).model.selection_layers is None  # an empty value: None, by design
     with pytest.raises(ValueError, match=r"--device='tpu'.*available here: auto, cpu"):
         main(tiny(tmp_path, device="tpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1048,3 +1051,21 @@ def test_a_stored_config_with_an_empty_out_dir_still_loads():
     """The refusal of an empty --out_dir is a run's: an older checkpoint whose config stored one must still load (for
     eval, or to resume into another folder)."""
     assert TrainConfig.from_dict({"out_dir": "", "data": "pydoc"}).out_dir == ""
+
+
+def test_path_objects_and_a_torch_device_train_and_save_like_their_text(tmp_path):
+    """Path objects for data and out_dir, and a torch.device, passed every check and trained, then failed at the first
+    checkpoint save (the config is stored as JSON): the run's steps were lost."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    cfg = tiny(tmp_path, data=text, out_dir=tmp_path / "run", device=torch.device("cpu"), max_steps=4)
+    assert (cfg.data, cfg.out_dir, cfg.device) == (str(text), str(tmp_path / "run"), "cpu")
+    cfg.out_dir = tmp_path / "run2"  # assigned after construction: main converts it too
+    main(cfg)
+    _, meta = load_checkpoint(tmp_path / "run2")
+    assert meta["train_config"]["data"] == str(text) and meta["step"] == 4
+
+
+def test_an_option_the_run_would_ignore_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=1000 would be ignored: a run sets it from its tokenizer"):
+        tiny(tmp_path, vocab_size=1000)
