@@ -159,9 +159,13 @@ class Decoder:
             cap = min(cap, ctx)
         kw = dict(threshold=self.threshold, policy=self.policy, recent=self.recent)
         self.t = None  # until this prefill finishes: one that fails partway leaves caches step() must not use
-        self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
+        # normal tensors even under torch.inference_mode: a step outside it then writes them in place (inference
+        # tensors refused that with torch's raw "Inplace update to inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            self.caches = model.new_caches(B, cap, budgets=self.budgets, **kw)
         logits = model.decode(idx[:, :ctx], self.caches)
-        self.t = torch.tensor(min(T, ctx), device=idx.device)
+        with torch.inference_mode(False):
+            self.t = torch.tensor(min(T, ctx), device=idx.device)
         self._pos, self._end, self._max_new = min(T, ctx), cap, max_new_tokens
         for i in range(ctx, T):  # the rest of a long prompt, through the pruned caches (bounded budgets only)
             logits = self.step(idx[:, i])

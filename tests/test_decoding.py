@@ -223,3 +223,18 @@ def test_a_threshold_alone_sizes_the_buffers_within_the_context():
     dec.step(torch.tensor([2]))
     with pytest.raises(ValueError, match="full after 12 tokens"):
         dec.step(torch.tensor([3]))
+
+
+def test_a_prefill_under_inference_mode_steps_outside_it():
+    """The caches and position a prefill made under torch.inference_mode were inference tensors: a step outside it
+    failed with torch's raw "Inplace update to inference tensor outside InferenceMode"."""
+    m = _strong()
+    idx = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    dec, ref = Decoder(m, budget=5), Decoder(m, budget=5)
+    with torch.inference_mode():
+        logits = dec.prefill(idx, 4)
+    torch.testing.assert_close(logits, ref.prefill(idx, 4), rtol=0, atol=0)
+    for _ in range(3):
+        tok = logits.argmax(-1)
+        logits = dec.step(tok)
+        torch.testing.assert_close(logits, ref.step(tok), rtol=0, atol=0)
