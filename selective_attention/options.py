@@ -155,7 +155,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         values = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects comma-separated ints like 0,2 (or none), got {text!r}") from None
-    if not values:  # "," or "" was every layer (None), silently
+    if not values and text.strip():  # "," read as no ints: as an empty value (None where it is optional), silently
         raise argparse.ArgumentTypeError(f"expects comma-separated ints like 0,2 (or none), got {text!r}")
     if len(set(values)) < len(values):  # a typo (0,0 for 0,1) would pass as a shorter list
         raise argparse.ArgumentTypeError(f"lists {text!r} with a value twice; give each once, like 0,2")
