@@ -78,6 +78,15 @@ def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
+_WRITTEN: dict[str, str] = {}  # name -> the stem write() last used for it ("NAME" or "NAME.partial")
+
+
+def side_path(name: str, suffix: str) -> Path:
+    """Where a table's side file (``_raw.json``, ``.png``) goes: beside the table :func:`write` last wrote for ``name``,
+    so a partial run's side files are partial too and never replace the committed ones."""
+    return cpu_results() / f"{_WRITTEN.get(name, name)}{suffix}"
+
+
 def write(name: str, rows: list[dict], columns: list[str], title: str, key: tuple[str, ...] | None = None) -> str:
     """Write ``results/<cpu>/NAME.json`` and ``.md`` (see ``cpu_results``); return the markdown table.
 
@@ -100,6 +109,7 @@ def write(name: str, rows: list[dict], columns: list[str], title: str, key: tupl
             shown = ", ".join(" / ".join(k) for k in sorted(missing)[:4]) + (" ..." if len(missing) > 4 else "")
             print(f"note: {old} has rows this run did not measure ({shown}): written to {target}.json / .md "
                   "instead; a run with the default options replaces the table", file=sys.stderr)  # fmt: skip
+    _WRITTEN[name] = target
     payload = {"machine": machine(), "rows": rows}
     (out / f"{target}.json").write_text(json.dumps(payload, indent=2))
     lines = [f"**{title}** — {payload['machine']}", "", "| " + " | ".join(columns) + " |"]

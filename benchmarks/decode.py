@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from common import cpu_results, write
+from common import cpu_results, side_path, write
 
 from selective_attention.decoding import Decoder
 from selective_attention.model import GPT, GPTConfig
@@ -149,7 +149,7 @@ def plot(raw: list[dict], budget: int) -> None:
         a.grid(True, alpha=0.3)
         a.legend()
     fig.tight_layout()
-    fig.savefig(cpu_results() / "decode.png", dpi=120)
+    fig.savefig(side_path("decode", ".png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import cpu_results, interleaved, machine, median_ratio, write
+from common import interleaved, machine, median_ratio, side_path, write
 
 from selective_attention.functional import selective_attention
 
@@ -218,9 +218,9 @@ def main() -> None:
         f"Paper-mode fwd+bwd vs standard causal attention (SDPA), B{B} H{H} D{D} fp32; ratio to SDPA in ()",
     )
     print(md)
-    (cpu_results() / f"{name}_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
+    side_path(name, "_raw.json").write_text(json.dumps({"timing": rows, "peak_mib": mem}, indent=2))
     if args.plot:
-        plot(rows, cpu_results() / f"{name}.png")
+        plot(rows, side_path(name, ".png"))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ class SelectiveAttention(nn.Module):
         except RuntimeError:  # a device type autocast does not know
             autocast = False
         for name, t in (("Q", Q), ("K", K), ("V", V)):
-            if t.dtype != w.dtype and not autocast:
+            if t.dtype != w.dtype and not (autocast and t.dtype != torch.float64):  # autocast leaves float64 alone
                 raise TypeError(
                     f"{name} is {t.dtype} but the module's weights are {w.dtype}; "
                     f"use module.to({t.dtype}) or {name}.to({w.dtype})."

@@ -593,6 +593,7 @@ def _forward(
             Lq > 1 and cached.cache is not None and cached.first is not None and isinstance(pos, Tensor)
             and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
             and not torch.compiler.is_compiling()
+            and (real is None or bool(real[:, -Lq:].all()))  # new padding: attend() names that instead
             # the last token's position, counted over real tokens (transformers' positions; gaps of padding inside
             # the sequence are not counted)
             and not bool((pos[..., -1].to(cached.first.device) == (
@@ -1028,7 +1029,12 @@ class SelectiveLayer(DynamicLayer):
         c = self.cache
         # unbudgeted and a row is full (rows with more padding still have free slots): double the slots (read on the
         # device only once the host count says a row may be full)
-        if c.budget is None and c.upper >= c.capacity and bool((c.pos >= 0).all(dim=-1).any()):
+        # (compiled, the count is not kept: read it there every step, as before the count)
+        if (
+            c.budget is None
+            and (torch.compiler.is_compiling() or c.upper >= c.capacity)
+            and bool((c.pos >= 0).all(dim=-1).any())
+        ):
             self.cache = c = c.grown(2 * c.capacity)
         return c.step(q, k, v, position - self.first, sel, scale=scale)
 

@@ -579,8 +579,11 @@ class LayerCache:
         # branches on the configuration only (a cache built directly, not by empty(), may have spare slots)
         if self.budget is None or self.threshold is not None or self.capacity != self.budget:
             self.make_room()
-            if self.budget is None and not torch.compiler.is_compiling():
-                self._check_not_full()
+            if self.budget is None:
+                if torch.compiler.is_compiling():  # not counted in a compiled step: later eager calls read the device
+                    self.upper = self.capacity
+                else:
+                    self._check_not_full()
             return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
         if self.policy == "window":
             rule = window_rule(self.pos, free=True)
@@ -597,8 +600,9 @@ class LayerCache:
         if self.upper >= self.capacity and bool((self.pos >= 0).all(dim=-1).any()):
             raise ValueError(
                 f"this layer has no budget and its {self.capacity} slots are full: a new token would overwrite the "
-                "first one. Size the caches for the prompt plus every token to generate (GPT.new_caches(max_len=...)"
-                ", or Decoder.prefill(..., max_new_tokens=...)), or give the layer a budget."
+                "first one (layers before it may already hold this token: start again from new caches). Size the "
+                "caches for the prompt plus every token to generate (GPT.new_caches(max_len=...), or "
+                "Decoder.prefill(..., max_new_tokens=...)), or give the layer a budget."
             )
         self.upper += 1
 

@@ -33,6 +33,11 @@ def commit(path: str | Path | None = None) -> str | None:
         head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
+        if path is None:  # a checkout that does not hold this package (an install inside another repository): none
+            mine = subprocess.run(["git", "-C", where, "ls-files", "--error-unmatch", Path(__file__).name],
+                                  capture_output=True, text=True, timeout=10)  # fmt: skip
+            if mine.returncode != 0:
+                return None
         dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):

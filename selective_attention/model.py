@@ -516,7 +516,8 @@ class GPT(nn.Module):
         Without ``input_pos``, ``idx`` ``[B, T]`` is a prompt at positions ``0 .. T-1`` (prefill: read
         exactly, then each layer keeps what its budget and threshold allow). With ``input_pos``
         ``[1]`` (a long tensor), ``idx`` ``[B, 1]`` is one token at that position (a step): static
-        shapes and no host reads, so ``torch.compile`` compiles it once; its input checks are the
+        shapes and no host reads (in eager calls, an unbudgeted layer that may be full reads whether it is: a full
+        one is refused), so ``torch.compile`` compiles it once; its input checks are the
         caller's (:meth:`~selective_attention.decoding.Decoder.step` runs them eagerly)."""
         h, _ = self.hidden(idx, caches=caches, input_pos=input_pos)
         return self.lm_head(h[:, -1])

@@ -295,6 +295,8 @@ def test_stacked_modules_run_under_autocast():
     torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)  # bf16 of values ~1: a few ulps of 2^-8
     with pytest.raises(TypeError, match="module's weights are torch.float32"):  # outside autocast: still refused
         a2(h, h, h, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="module's weights are"):
+        a2(x.double(), x, x, is_causal=True)  # autocast leaves float64 alone: torch's own error otherwise
 
 
 def test_bad_ranks_say_what_to_do():

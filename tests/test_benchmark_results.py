@@ -70,8 +70,10 @@ def test_a_run_of_fewer_rows_does_not_cut_the_table_down(common, monkeypatch, ca
     assert json.loads((folder / "tt.partial.json").read_text())["rows"][0]["ratio"] == 0.5
     assert "| 1024 | eager | 0.5 |" in (folder / "tt.partial.md").read_text()
     assert "256 / compiled" in capsys.readouterr().err
+    assert common.side_path("tt", "_raw.json") == folder / "tt.partial_raw.json"  # its side files beside it
     # every row again (new values): the table is replaced
     common.write("tt", [dict(r, ratio=2.0) for r in full], ["context", "mode", "ratio"], "t", key=("context", "mode"))
+    assert common.side_path("tt", ".png") == folder / "tt.png"
     assert [r["ratio"] for r in json.loads((folder / "tt.json").read_text())["rows"]] == [2.0] * 4
     # the default key is the first column: rows told apart by context alone collide, (context, mode) does not
     common.write("tt", [dict(full[0], ratio=3.0), dict(full[2], ratio=3.0)], ["context", "mode", "ratio"], "t")

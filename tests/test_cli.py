@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -429,7 +430,8 @@ def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path, capsys):
         run_demo(DemoConfig.quick(out=str(tmp_path / "d"), data="pydoc", search_batch=5000))
     assert not (tmp_path / "d").exists()  # refused before anything was written
     (tmp_path / "f").write_text("a file")  # --out naming a file: the CLI's one-line error, not a traceback
-    for cmd in (["demo", "--data", "pydoc"], ["hf-demo"]):
+    hf = importlib.util.find_spec("transformers") is not None  # (the floor CI job has none: hf-demo says so first)
+    for cmd in (["demo", "--data", "pydoc"], *([["hf-demo"]] if hf else [])):
         assert main([*cmd, "--quick", "--out", str(tmp_path / "f")]) == 2
         assert "--out=" in capsys.readouterr().err.splitlines()[-1]  # "... is not a writable folder ..."
     assert (tmp_path / "f").read_text() == "a file"

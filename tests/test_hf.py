@@ -313,6 +313,11 @@ def test_a_prompt_with_padding_inside_continues_exactly_and_a_new_prompt_is_name
     out = model.generate(prompt, attention_mask=pmask, **{CACHE: cache}, max_new_tokens=3, do_sample=False,
                          pad_token_id=0)  # fmt: skip
     assert torch.equal(out, greedy_by_recomputation(model, prompt, pmask, 3))
+    # a continuation ending in padding is named as padding, not as a sequence fed again
+    tail = torch.cat([out, torch.randint(1, V, (2, 2))], 1)
+    tmask = torch.cat([pmask, torch.ones(2, 3, dtype=mask.dtype), torch.tensor([[1, 1], [1, 0]])], 1)
+    with pytest.raises(NotImplementedError, match="padding after the prompt"):
+        model.generate(tail, attention_mask=tmask, **{CACHE: cache}, max_new_tokens=2, **kw)
     cache = sa_hf.SelectiveCache(budget=4)
     model.generate(ids[:1], **{CACHE: cache}, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match=r"start again.*a new prompt \(pass a new SelectiveCache\(\)"):
@@ -1285,3 +1290,19 @@ def test_crop_names_what_cannot_serve_a_selecting_model():
         NotImplementedError, match="cannot serve a model with selecting layers.*without assistant_model"
     ):
         sa_hf.SelectiveLayer().crop(1)
+
+
+def test_an_unbudgeted_cache_grows_in_compiled_steps_too(monkeypatch):
+    """The grow check reads the device only once a host count says a row may be full; compiled steps do not keep
+    that count, so there it reads every step (with a compiled forward, the count stayed at the prompt and the 65th
+    token took the first token's slot). Compiled code is stood in for by is_compiling() = True."""
+    model = build("llama")
+    ids = torch.randint(1, V, (1, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=70)  # past the prompt + 64 slots
+    want = model.generate(ids, **{CACHE: sa_hf.SelectiveCache()}, **kw)
+    cache = sa_hf.SelectiveCache()
+    model.generate(ids, **{CACHE: cache}, max_new_tokens=1, do_sample=False, pad_token_id=0)  # the prompt, eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = model.generate(want[:, :5], **{CACHE: cache}, **{**kw, "max_new_tokens": 69})
+    assert torch.equal(got, want)
+    assert all(int((layer.cache.pos == 0).sum()) == 1 for layer in cache.layers)  # the first token kept
