@@ -157,8 +157,8 @@ class _VoteOperands:
                 ~votable_keys(pad)[:, None, :, None], 0.0
             )  # nor is it, or the first real token, voted on
         n = min(chunk, qs.shape[2])  # a chunk never has more rows than the sequence
-        self.no_vote = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_()
-        self.future = torch.ones(n, n, dtype=torch.bool, device=qs.device).triu_(1)
+        masks = _diagonal_masks(n, qs.dtype, qs.device)
+        self.no_vote, self.future = masks["no_vote"], masks["future"]
         # Running sums down a chunk's rows: torch.cumsum along rows is slow on CPU (a strided scan), a
         # GEMM with a strictly lower triangle of ones over blocks of rows is several times faster. Only
         # on CPU, in eager, with finite voters: a NaN or inf vote times 0 would reach the rows above it.
@@ -169,22 +169,56 @@ class _VoteOperands:
         self.vote_keep = self.causal_add = None
         if not torch.compiler.is_compiling():
             # one reduction instead of isfinite's four passes: a NaN or inf makes the sum non-finite (an
-            # overflowing sum of finite voters only takes the exact, slower paths too)
-            finite = math.isfinite(float(qs.sum() + ks.sum()))
+            # overflowing sum of finite voters only takes the exact, slower paths too). Of the operands as the votes
+            # read them (contiguous, faster to sum): a NaN in a zeroed row (key 0, padding) never reaches a vote, and
+            # a scaled voter that overflows to inf is caught here
+            finite = math.isfinite(float(self.qn.sum() + self.ks.sum()))
             if not finite:
                 keys = votable_keys(pad) if pad is not None else torch.arange(qs.shape[2], device=qs.device)[None] > 0
                 self.voted_keys = keys[:, None, None, :]
                 self.voting_rows = None if pad is None else ~pad[:, None, :, None]
             if qs.device.type == "cpu" and finite:
-                b = min(n, _ROW_BLOCK)
-                self.above = torch.ones(b, b, dtype=qs.dtype, device=qs.device).tril_(-1)
+                self.above = masks["above"]
             if finite:
-                # the two diagonal masks as arithmetic, exact on finite votes: masked_fill_ with a broadcast [n, n]
-                # mask ran 8x slower than a multiply or an add (CPU, fp32, a [2, 1, 256, 256] block)
-                self.vote_keep = (~self.no_vote).to(qs.dtype)  # 1 where j < k
-                self.causal_add = torch.zeros(n, n, dtype=qs.dtype, device=qs.device).masked_fill_(
-                    self.future, _NEG_INF
-                )
+                self.vote_keep, self.causal_add = masks["vote_keep"], masks["causal_add"]
+
+
+def _diagonal_masks(n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """The constant masks of a chunk's diagonal block of ``n`` rows (see :class:`_VoteOperands`), read-only:
+    ``no_vote`` (bool ``[n, n]``, j >= k), ``future`` (j > k), ``vote_keep`` (1 where j < k, in ``dtype``),
+    ``causal_add`` (``-inf`` where j > k, else 0) and ``above`` (ones strictly below the diagonal, ``[b, b]`` with
+    b = min(n, 64): the running sums' GEMM operand). Built once per size, dtype and device (each call built them
+    again: ~8 small ops, 0.3 ms, twice per forward and backward, ~2% of a short sequence's attention), except in
+    a tracing or dispatch mode, whose tensors must not outlive it."""
+    key = (n, dtype, device)
+    hit = _MASKS.get(key)
+    if hit is not None:
+        return hit
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call ran in
+        no_vote = torch.ones(n, n, dtype=torch.bool, device=device).triu_()
+        future = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+        b = min(n, _ROW_BLOCK)
+        masks = {
+            "no_vote": no_vote,
+            "future": future,
+            # the two diagonal masks as arithmetic, exact on finite votes: masked_fill_ with a broadcast [n, n]
+            # mask ran 8x slower than a multiply or an add (CPU, fp32, a [2, 1, 256, 256] block)
+            "vote_keep": (~no_vote).to(dtype),
+            "causal_add": torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(future, _NEG_INF),
+            "above": torch.ones(b, b, dtype=dtype, device=device).tril_(-1),
+        }
+    if _plain_mode(no_vote):
+        _MASKS[key] = masks
+    return masks
+
+
+_MASKS: dict[tuple, dict[str, Tensor]] = {}
+
+
+def _plain_mode(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor made outside any tracing or dispatch mode (a fake, functional or meta tensor
+    is not), so that a cache may keep it."""
+    return type(t) is Tensor and t.device.type != "meta" and torch._C._len_torch_dispatch_stack() == 0
 
 
 def _chunk_bias(
@@ -296,8 +330,8 @@ def _exclusive_rows_below(above: Tensor | None, x: Tensor, start: Tensor) -> Ten
     below = above.T  # row k of below @ x sums the rows r > k
     b = below.shape[0]
     nb, t = divmod(C, b)
-    if nb == 0:
-        return torch.matmul(below[:t, :t], x).add_(start)
+    if nb == 0 or (nb == 1 and t == 0):  # one block: no block below it (its carry is start, exactly)
+        return torch.matmul(below[:C, :C], x).add_(start)
     main = x[:, :, : nb * b].view(B, G, nb, b, n)
     totals = [main.sum(dim=3)] + ([x[:, :, nb * b :].sum(dim=2, keepdim=True)] if t else [])
     # carry[m] = start + the totals of the blocks after block m
