@@ -439,6 +439,22 @@ def test_a_non_finite_voter_spoils_only_its_own_row_as_in_the_spec(pad):
         assert rows["naive"] == rows["chunked"] == [i == 1 for i in range(6 - pad)], rows
 
 
+def test_a_finite_voter_that_overflows_once_scaled_spoils_only_what_the_spec_spoils():
+    """A finite query (3e38) that the logit scale (1e3) takes past float32's range: the chunked path checked the
+    voters before scaling, found them finite and took the fast running sums, where the scaled query's inf times the
+    zeroed first key gave a NaN vote that spread to every later row (1120 NaN outputs where the spec has 8). The
+    check now reads the scaled operands."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 8) for _ in range(3))
+    q[0, 0, 5, 0] = 3e38
+    kw = dict(is_causal=True, selection=True, scale=1e3)
+    out = {be: selective_attention(q, k, v, backend=be, **kw) for be in ("naive", "chunked")}
+    spoiled = {be: (~torch.isfinite(o)).sum().item() for be, o in out.items()}
+    assert spoiled["chunked"] == spoiled["naive"] < 70, spoiled
+    finite = torch.isfinite(out["naive"])
+    torch.testing.assert_close(out["chunked"][finite], out["naive"][finite], **TOL[torch.float32])
+
+
 def test_vmap_over_a_mask_is_refused_by_name_and_a_shared_mask_is_served():
     """A mask batched by torch.vmap cannot be read in Python (its values are checked and folded there): refused with
     the two ways that work, instead of PyTorch's data-dependent control-flow error. A mask shared by every mapped
