@@ -441,3 +441,24 @@ def test_traced_and_checkpointed_calls_see_the_op():
     want = torch.autograd.grad(_paper(*plain).pow(2).sum(), plain)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_the_diagonal_mask_cache_serves_plain_calls_only():
+    """The chunked path keeps its diagonal block's constant masks per (size, dtype, device); a fake-tensor (or
+    other dispatch) mode gets tensors of its own, never the cached real ones, and leaves none behind."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from selective_attention.ops import chunked
+
+    chunked._MASKS.clear()
+    real = chunked._diagonal_masks(7, torch.float32, torch.device("cpu"))
+    assert all(type(t) is torch.Tensor for t in real.values())
+    assert chunked._diagonal_masks(7, torch.float32, torch.device("cpu")) is real  # a plain call hits the cache
+    with FakeTensorMode():
+        fake = chunked._diagonal_masks(7, torch.float32, torch.device("cpu"))
+        fresh = chunked._diagonal_masks(5, torch.float32, torch.device("cpu"))
+    assert all(isinstance(t, FakeTensor) for t in (*fake.values(), *fresh.values()))
+    assert list(chunked._MASKS) == [(7, torch.float32, torch.device("cpu"))]
+    assert chunked._MASKS[(7, torch.float32, torch.device("cpu"))] is real
+    assert chunked._diagonal_masks(3, torch.float32, torch.device("meta"))["future"].is_meta  # a meta call: not kept
+    assert len(chunked._MASKS) == 1

@@ -191,7 +191,8 @@ def _diagonal_masks(n: int, dtype: torch.dtype, device: torch.device) -> dict[st
     again: ~8 small ops, 0.3 ms, twice per forward and backward, ~2% of a short sequence's attention), except in
     a tracing or dispatch mode, whose tensors must not outlive it."""
     key = (n, dtype, device)
-    hit = _MASKS.get(key)
+    plain = torch._C._len_torch_dispatch_stack() == 0 and torch.device(device).type != "meta"
+    hit = _MASKS.get(key) if plain else None  # a mode (fake tensors, make_fx) gets its own tensors
     if hit is not None:
         return hit
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call ran in
@@ -207,18 +208,12 @@ def _diagonal_masks(n: int, dtype: torch.dtype, device: torch.device) -> dict[st
             "causal_add": torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(future, _NEG_INF),
             "above": torch.ones(b, b, dtype=dtype, device=device).tril_(-1),
         }
-    if _plain_mode(no_vote):
+    if plain and type(no_vote) is Tensor:
         _MASKS[key] = masks
     return masks
 
 
 _MASKS: dict[tuple, dict[str, Tensor]] = {}
-
-
-def _plain_mode(t: Tensor) -> bool:
-    """Whether ``t`` is a plain tensor made outside any tracing or dispatch mode (a fake, functional or meta tensor
-    is not), so that a cache may keep it."""
-    return type(t) is Tensor and t.device.type != "meta" and torch._C._len_torch_dispatch_stack() == 0
 
 
 def _chunk_bias(
