@@ -45,6 +45,7 @@ from common import cpu_model  # noqa: E402
 from selective_attention import machine  # noqa: E402
 from selective_attention.budget_search import KV_METHODS as METHODS  # noqa: E402
 from selective_attention.budget_search import pruned_logits, smallest_budget_at  # noqa: E402
+from selective_attention.stats import rounded_down  # noqa: E402
 from selective_attention.train import Task, TrainConfig, model_from_checkpoint  # noqa: E402
 
 BUDGETS = [8, 16, 32, 64, 128, 256]
@@ -185,9 +186,9 @@ def table(r: dict) -> str:
         if b is None:
             smallest.append("none below the full cache")
         elif b == tried:  # the curve may reach it lower still
-            smallest.append(f"<= {tried} (>= {T / tried:.0f}x less; the smallest tried)")
+            smallest.append(f"<= {tried} (>= {rounded_down(T / tried)}x less; the smallest tried)")
         else:
-            smallest.append(f"{b} ({T / b:.0f}x less)")
+            smallest.append(f"{b} ({rounded_down(T / b)}x less)")
     rows.append(
         "| smallest uniform budget at or under the standard's full-cache loss (read off these windows: descriptive) | "
         + " | ".join(smallest)

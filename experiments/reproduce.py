@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ from selective_attention.budget_search import (  # noqa: E402
     uniform_budgets,
 )
 from selective_attention.machine import provenance  # noqa: E402
-from selective_attention.stats import paired_t  # noqa: E402
+from selective_attention.stats import mean_std, paired_t, rounded_down  # noqa: E402
 from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
@@ -217,25 +216,13 @@ def heldout_by_seed(runs: dict, context: int, variant: str) -> dict[int, float]:
     return {r["seed"]: r["full"]["heldout"] for r in chosen}
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    bad = sum(not math.isfinite(x) for x in xs)  # a diverged run: left out, and said
-    xs = [x for x in xs if math.isfinite(x)]
-    note = f", {bad} not finite, left out" if bad else ""
-    if not xs:
-        return "-" if not bad else f"- ({bad} not finite)"
-    if len(xs) == 1:
-        return f"{xs[0]:.4f} (n=1{note})"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f} (n={len(xs)}{note})"
-
-
 def report() -> str:
     runs = load()
     lines = ["Held-out loss (nats/token, 4,096-token BPE; window set 1, 16 windows), mean ± std over seeds:", "",
              "| context | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]  # fmt: skip
     for context in PLAN:
-        cells = [_ms([r["full"]["heldout"] for r in runs.values() if r["context"] == context and r["variant"] == v])
-                 for v in VARIANTS]  # fmt: skip
+        chosen = [r for r in runs.values() if r["context"] == context]
+        cells = [mean_std([r["full"]["heldout"] for r in chosen if r["variant"] == v]) for v in VARIANTS]
         lines.append(f"| {context} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed (the same data order; the same initialisation too, except in the head-count rows, "
               "whose other attention shapes draw other weights), held-out loss difference:", "",
@@ -281,7 +268,9 @@ def report() -> str:
                         margin = e.get("heldout_margin")  # the deciding one (per-layer rows: their budgets' own)
                         margin = held - std["full"]["heldout"] if margin is None and std is not None else margin
                         close = margin is not None and abs(margin) < CLOSE
-                        cells.append(f"{e['ratio']:.1f}x ({'yes' if e['holds'] else 'no'}{'*' if close else ''})")
+                        cells.append(
+                            f"{rounded_down(e['ratio'], 1)}x ({'yes' if e['holds'] else 'no'}{'*' if close else ''})"
+                        )
                 if any(cells):
                     label = method.split(" + ")[-1] if " + " in method else method
                     lines.append(f"| {context} | {variant} + {label} | " + " | ".join(cells) + " |")
@@ -306,7 +295,7 @@ def report() -> str:
                         [(c["budget"], c["heldout"]) for c in curve], std["full"]["heldout"], r["full"]["heldout"]
                     )
                     tried = min(c["budget"] for c in curve)  # passing there, the curve may go lower still
-                    cells.append("none" if b is None else f"{'≥ ' if b == tried else ''}{context / b:.0f}x")
+                    cells.append("none" if b is None else f"{'≥ ' if b == tried else ''}{rounded_down(context / b)}x")
                 if any(cells):
                     label = method.split(" + ")[-1]
                     lines.append(f"| {context} | {variant} + {label} | " + " | ".join(cells) + " |")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from common import cpu_model  # noqa: E402
 
 from selective_attention import machine  # noqa: E402
 from selective_attention.data import VariableAssignment  # noqa: E402
-from selective_attention.stats import paired_t  # noqa: E402
+from selective_attention.stats import mean_std, paired_t  # noqa: E402
 from selective_attention.train import TrainConfig, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
@@ -239,13 +240,6 @@ def load() -> dict[str, dict[str, dict[int, dict]]]:
     return rows
 
 
-def mean_std(xs: list[float], digits: int = 3) -> str:
-    if not xs:
-        return "-"
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.fmean(xs):.{digits}f} ± {s:.{digits}f} (n={len(xs)})"
-
-
 def describe(opts: dict) -> str:
     """The options that set the experiment, briefly."""
     hold = f" after {opts['va_hold_steps']}" if opts.get("va_hold_steps") else ""
@@ -254,6 +248,16 @@ def describe(opts: dict) -> str:
     return (f"{opts['va_vars']} vars, {opts['va_assign']} assign{cur}; {opts['n_layer']}L d{opts['d_model']} "
             f"h{opts['n_head']}; batch {opts['batch_size']}, lr {opts['lr']:g}, "
             f"wd {opts.get('weight_decay', 0.1):g}")  # fmt: skip
+
+
+def paired_by_seed(seeds: list[int], a: dict[int, dict], b: dict[int, dict], value) -> str:
+    """``value(a[s]) - value(b[s])`` paired by seed: the t-test over the seeds where both are finite, then each
+    seed's difference (a diverged run's seed named and left out, not averaged in)."""
+    d = {s: (value(a[s]), value(b[s])) for s in seeds}
+    ok = [s for s in seeds if all(math.isfinite(x) for x in d[s])]
+    per = ", ".join(f"{d[s][0] - d[s][1]:+.4f}" if s in ok else f"seed {s} not finite (left out)" for s in seeds)
+    test = str(paired_t([d[s][0] for s in ok], [d[s][1] for s in ok])) if ok else "no finite pair"
+    return f"{test} (per seed: {per})"
 
 
 def report() -> str:
@@ -301,13 +305,12 @@ def report() -> str:
                 bc = r["test"]["by_count"]
                 per = " | ".join(f"{bc[k]['accuracy']:.3f}" if k in bc else "-" for k in ("1", "2", "3", "4+"))
                 lines.append(f"| {s} | {a} | {acc(r):.4f} | {per} | {r['val_loss']:.4f} | {r['train_seconds']:.0f} |")
-        a_sel, a_std = [acc(sel[s]) for s in seeds], [acc(std[s]) for s in seeds]
-        l_sel, l_std = [sel[s]["val_loss"] for s in seeds], [std[s]["val_loss"] for s in seeds]
-        lines += ["", "| | standard | selective | selective − standard, paired by seed |", "|---|---|---|---|",
-                  f"| answer accuracy | {mean_std(a_std, 4)} | {mean_std(a_sel, 4)} | {paired_t(a_sel, a_std)} "
-                  f"(per seed: {', '.join(f'{x - y:+.4f}' for x, y in zip(a_sel, a_std))}) |",
-                  f"| answer loss (nats) | {mean_std(l_std, 4)} | {mean_std(l_sel, 4)} | {paired_t(l_sel, l_std)} "
-                  f"(per seed: {', '.join(f'{x - y:+.4f}' for x, y in zip(l_sel, l_std))}) |"]  # fmt: skip
+        lines += ["", "| | standard | selective | selective − standard, paired by seed |", "|---|---|---|---|"]
+        for name, value in (("answer accuracy", acc), ("answer loss (nats)", lambda r: r["val_loss"])):
+            lines.append(
+                f"| {name} | {mean_std([value(std[s]) for s in seeds])} | "
+                f"{mean_std([value(sel[s]) for s in seeds])} | {paired_by_seed(seeds, sel, std, value)} |"
+            )
         ba = sorted(std[seeds[0]]["test"]["by_assign"], key=int)
         lines += ["", "Mean accuracy (over the seeds) by assignments per example (1,024 held-out examples each):", "",
                   "| attention | " + " | ".join(ba) + " |", "|---|" + "---|" * len(ba)]  # fmt: skip

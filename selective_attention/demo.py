@@ -31,6 +31,7 @@ from .machine import provenance
 from .model import GPT, GPTConfig
 from .options import finite_number, path_text, positive_int
 from .progress import progress as progress_bar
+from .stats import rounded_down
 from .train import Task, TrainConfig, check_out_dir, mean_loss
 from .train import main as train_main
 
@@ -222,7 +223,7 @@ def table(report: dict) -> str:
     else:
         kv = (
             f"{sum(b['budgets']) / len(b['budgets']):.1f} (budgets {b['budgets']}): "
-            f"{b['memory_ratio']:.1f}x less at standard's loss{tol} on the search windows; held out: "
+            f"{rounded_down(b['memory_ratio'], 1)}x less at standard's loss{tol} on the search windows; held out: "
             f"{'holds' if h['holds'] else 'does NOT hold'}"
         )
     reference = h.get("reference", b["equal_to"])
@@ -233,7 +234,7 @@ def table(report: dict) -> str:
         else f"the selective model's own full-cache loss{tol}, the standard's being out of reach"
     )
     verdict = (
-        f"the {b['memory_ratio']:.1f}x ({at}) {'holds' if h['holds'] else 'does NOT hold'} there"
+        f"the {rounded_down(b['memory_ratio'], 1)}x ({at}) {'holds' if h['holds'] else 'does NOT hold'} there"
         if found
         else "nothing to check"
     )
@@ -282,10 +283,11 @@ def _curve_lines(h: dict, ctx: int) -> str:
         if b is None:
             parts.append(f"{method} none below {ctx}")
         elif b == min(c["budget"] for c in curve):  # the curve may reach it lower still
-            parts.append(f"{method} <= {b} (>= {ctx / b:.0f}x, the smallest tried)")
+            parts.append(f"{method} <= {b} (>= {rounded_down(ctx / b)}x, the smallest tried)")
         else:
-            parts.append(f"{method} {b} ({ctx / b:.0f}x)")
-    return "\nheld-out curves, smallest uniform budget at the standard's full-cache loss: " + "; ".join(parts)
+            parts.append(f"{method} {b} ({rounded_down(ctx / b)}x)")
+    what = "smallest uniform budget at the standard's full-cache loss (read off these windows: descriptive)"
+    return f"\nheld-out curves, {what}: " + "; ".join(parts)
 
 
 def _unit(report: dict) -> str:

@@ -11,19 +11,21 @@ unpaired "mean ± 2 std" one is both weaker and easy to misread).
 
 from __future__ import annotations
 
+import decimal
 import math
 import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PairedT", "paired_t", "t_two_sided_p"]
+__all__ = ["PairedT", "mean_std", "paired_t", "rounded_down", "t_two_sided_p"]
 
 
 @dataclass(frozen=True)
 class PairedT:
     """``a - b`` paired by seed: their mean, sample std, count, t statistic and two-sided p-value
-    (``t`` and ``p`` are NaN with fewer than 2 pairs, or when every difference is the same)."""
+    (``t`` and ``p`` are NaN with fewer than 2 pairs, or when every difference is the same up to the rounding of
+    the subtraction: a spread of a few ulps is no evidence, and its t would be astronomic)."""
 
     mean: float
     std: float
@@ -53,8 +55,9 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> PairedT:
     if n < 2:
         return PairedT(mean, math.nan, n, math.nan, math.nan)
     std = statistics.stdev(d)
-    if std == 0.0:
-        return PairedT(mean, 0.0, n, math.nan, math.nan)
+    rounding = 4 * sys.float_info.epsilon * max(abs(x) for x in (*a, *b))  # a few ulps of the largest operand
+    if std <= rounding:
+        return PairedT(mean, std, n, math.nan, math.nan)
     t = mean / (std / math.sqrt(n))
     return PairedT(mean, std, n, t, t_two_sided_p(t, n - 1))
 
@@ -98,3 +101,27 @@ def t_two_sided_p(t: float, df: int) -> float:
         k += 1
         term *= ratio(k) * c2
     return min(1.0, (2 / math.pi) * s * c * tail if odd else s * tail)
+
+
+def mean_std(xs: Sequence[float | None], digits: int = 4) -> str:
+    """``"mean ± std (n=...)"`` of the finite values of ``xs``; ``None`` (not run) is skipped, and a value that is
+    not finite (a diverged run) is left out and counted in the text, never averaged in or silently dropped."""
+    xs = [x for x in xs if x is not None]
+    bad = sum(not math.isfinite(x) for x in xs)
+    xs = [x for x in xs if math.isfinite(x)]
+    note = f", {bad} not finite, left out" if bad else ""
+    if not xs:
+        return "-" if not bad else f"- ({bad} not finite)"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f} (n=1{note})"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f} (n={len(xs)}{note})"
+
+
+def rounded_down(x: float, digits: int = 0) -> str:
+    """``x`` printed with ``digits`` decimals, rounded down (floor), so that a printed ratio never overstates the
+    measured one: 15.6 is ``"15"``, not ``"16"``; 24.98 is ``"24.9"``, not ``"25.0"``. Exact on
+    the decimal the float prints as (``2.3`` stays ``"2.3"``)."""
+    if not math.isfinite(x):
+        return str(x)
+    q = decimal.Decimal(repr(x)).quantize(decimal.Decimal(1).scaleb(-digits), rounding=decimal.ROUND_FLOOR)
+    return f"{q:.{digits}f}"

@@ -421,6 +421,21 @@ def test_demo_table_says_what_each_outcome_is():
     ) in table(report)
 
 
+def test_demo_table_never_rounds_a_ratio_up():
+    """A printed reduction is a floor of the measured one: 24.98x must not read as 25.0x, nor 32/3 = 10.67x as 11x
+    (nor a lower bound '>= 11x'), where a target of 25x or 11x would then look met."""
+    from selective_attention.demo import table
+
+    report = _report(curve=((3, 1.5), (4, 1.5), (8, 1.5)))
+    report["budget_search"]["memory_ratio"] = 24.98
+    text = table(report)
+    assert "24.9x less at standard's loss" in text and "the 24.9x (standard's loss)" in text and "25.0x" not in text
+    assert "selective + selective <= 3 (>= 10x, the smallest tried)" in text
+    report["heldout"]["curves"]["selective + selective"] = [{"budget": b, "loss": v} for b, v in ((3, 1.7), (6, 1.5))]
+    assert "selective + selective 6 (5x)" in table(report)  # 32 / 6 = 5.33
+    assert "(read off these windows: descriptive)" in text
+
+
 def test_demo_refuses_before_training_what_it_cannot_evaluate(tmp_path, capsys):
     from selective_attention.demo import DemoConfig, run_demo
 

@@ -114,3 +114,17 @@ def test_a_context_or_seed_outside_the_plan_is_refused_not_a_silent_no_op(reprod
         err = capsys.readouterr().err
         assert "nothing planned matches" in err or "are not in the plan (contexts [16])" in err
     assert not reproduce.RESULTS.exists()  # and the report was not rewritten
+
+
+def test_the_variable_assignment_report_leaves_a_diverged_seed_out_by_name():
+    """varassign's final comparison crashed on a diverged run (paired_t refuses a NaN); the pair is left out, its
+    seed named, and the means count it as not finite."""
+    spec = importlib.util.spec_from_file_location("varassign", ROOT / "experiments" / "varassign.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    std = {s: {"val_loss": v} for s, v in enumerate((2.0, 2.1, 2.2))}
+    sel = {s: {"val_loss": v} for s, v in enumerate((1.9, float("nan"), 2.05))}
+    text = mod.paired_by_seed([0, 1, 2], sel, std, lambda r: r["val_loss"])
+    assert "(n=2)" in text and "per seed: -0.1000, seed 1 not finite (left out), -0.1500" in text
+    assert mod.paired_by_seed([1], sel, std, lambda r: r["val_loss"]).startswith("no finite pair")
+    assert "1 not finite, left out" in mod.mean_std([r["val_loss"] for r in sel.values()])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from selective_attention.stats import paired_t, t_two_sided_p
+from selective_attention.stats import mean_std, paired_t, rounded_down, t_two_sided_p
 
 # two-sided critical values of Student's t (standard tables): P(|T| >= t) = p
 CRITICAL = [(12.7062, 1, 0.05), (4.302653, 2, 0.05), (3.182446, 3, 0.05), (2.776445, 4, 0.05),
@@ -79,3 +79,26 @@ def test_a_non_finite_pair_is_named():
         paired_t([1, 2, math.nan], [0, 1, 2])
     with pytest.raises(ValueError, match="pair 0"):
         paired_t([math.inf, 2], [0, 1])
+
+
+def test_paired_t_calls_differences_equal_up_to_rounding_no_spread():
+    """1.1 - 0.1, 2.2 - 1.2 and 3.3 - 2.3 differ from 1 only by the subtraction's rounding (a few ulps): that is no
+    evidence, yet an exact ``std == 0`` test let it through as t ~ 1e15 and p ~ 1e-31."""
+    r = paired_t([1.1, 2.2, 3.3], [0.1, 1.2, 2.3])
+    assert r.mean == pytest.approx(1.0) and math.isnan(r.t) and math.isnan(r.p)
+    # a real spread, however small against the values, still gets its test
+    r = paired_t([1.0, 1.0 + 1e-9, 1.0 + 3e-9], [0.0, 0.0, 0.0])
+    assert math.isfinite(r.t) and r.p < 0.05
+
+
+def test_rounded_down_never_overstates():
+    assert rounded_down(15.625) == "15" and rounded_down(24.976, 1) == "24.9" and rounded_down(32.0) == "32"
+    assert rounded_down(2.3, 1) == "2.3" and rounded_down(0.1 + 0.2, 1) == "0.3"  # the decimal it prints as
+    assert rounded_down(256 / 7) == "36" and rounded_down(58.125, 1) == "58.1"
+    assert rounded_down(math.inf) == "inf"
+
+
+def test_mean_std_leaves_out_and_counts_what_is_not_finite():
+    assert mean_std([1.0, math.nan, 2.0, None]) == "1.5000 ± 0.7071 (n=2, 1 not finite, left out)"
+    assert mean_std([math.inf], 2) == "- (1 not finite)" and mean_std([None]) == "-"
+    assert mean_std([0.25], 3) == "0.250 (n=1)"
