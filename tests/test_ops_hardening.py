@@ -455,6 +455,32 @@ def test_a_finite_voter_that_overflows_once_scaled_spoils_only_what_the_spec_spo
     torch.testing.assert_close(out["chunked"][finite], out["naive"][finite], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("hkv", [2, 1])
+def test_a_non_finite_key_stays_out_of_the_rows_that_never_read_it(bad, hkv):
+    """A NaN or inf key at a real token t (and, in batch 1, in padding) spoiled the chunked path's earlier rows of
+    t's block, which never read it: the fused kernel's -inf bias gives NaN + (-inf) = NaN. The spec removes a key
+    by assignment; the chunked path now redoes such a block that way. Rows the spec keeps finite are equal to it."""
+    torch.manual_seed(0)
+    B, H, L = 2, 2, 150
+    q, k, v = (torch.randn(B, h, L, 8) for h in (H, hkv, hkv))
+    k[0, :, 70, 3] = bad  # a real token inside the second 64-row block
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, 140:] = True
+    k[1, :, 140:] = bad  # garbage in padding
+    kw = dict(is_causal=True, selection=True, key_padding_mask=pad, enable_gqa=hkv != H)
+    out = {be: selective_attention(q, k, v, backend=be, **kw) for be in ("naive", "chunked")}
+    spoiled = {be: ~torch.isfinite(o).all(-1) for be, o in out.items()}
+    assert not spoiled["naive"][0, :, :70].any() and not spoiled["naive"][1].any()
+    if bad != bad:  # NaN: the same rows
+        assert torch.equal(spoiled["chunked"], spoiled["naive"])
+    else:  # an inf logit's row is NaN in the spec; once F (inf) removes the key for later rows, the spec's
+        # inf - inf spoils them too, where the chunked path keeps them: it spoils no row that the spec keeps
+        assert not (spoiled["chunked"] & ~spoiled["naive"]).any() and spoiled["chunked"][0, :, 70:80].any()
+    keep = ~spoiled["naive"]
+    torch.testing.assert_close(out["chunked"][keep], out["naive"][keep], **TOL[torch.float32])
+
+
 def test_vmap_over_a_mask_is_refused_by_name_and_a_shared_mask_is_served():
     """A mask batched by torch.vmap cannot be read in Python (its values are checked and folded there): refused with
     the two ways that work, instead of PyTorch's data-dependent control-flow error. A mask shared by every mapped

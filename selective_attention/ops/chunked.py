@@ -86,17 +86,27 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
     v ``[B,Hkv,n,Dv]`` (query head h reads kv head ``h // (H // Hkv)``), bias ``[B, 1|H, C, n]`` -> out
     ``[B,H,C,Dv]``, lse ``[B,H,C]``. Rows must keep at least one key. PyTorch's fused CPU kernel needs
     ``Dv == D`` (other shapes take the plain kernel), and reads grouped kv heads itself in recent PyTorch: in
-    older releases they are repeated for it (a copy of the block's keys, ``H / Hkv`` times: 1/C of its work)."""
+    older releases they are repeated for it (a copy of the block's keys, ``H / Hkv`` times: 1/C of its work).
+
+    A key that is not finite where a row's bias removes it (a NaN key in the block, ahead of the earlier rows
+    that never read it) gives the fused kernel NaN + (-inf) = NaN in those rows; the spec's rows never read it.
+    So a block whose rows' log-sum-exp comes back NaN or +inf is redone on the plain kernel, which removes a key
+    by assignment (-inf, whatever its logit), as the spec does: one cheap reduction per block, and the redo only
+    for non-finite inputs."""
     if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and _has_cpu_flash():
+        kk, vv = k, v
         if k.shape[1] != q.shape[1] and not _cpu_flash_reads_groups():
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+            kk, vv = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+            q, kk, vv, 0.0, False, attn_mask=bias, scale=scale
         )
-        return out, lse
+        spilled = float(lse.sum())  # NaN or +inf when a row met a non-finite logit (rows of no key are -inf)
+        if not (math.isnan(spilled) or spilled == math.inf):
+            return out, lse
     # in at least float32, as the fused kernel does (backward rebuilds P from float32 logits and this lse)
     wide = _lse_dtype(q.dtype)
     logits = grouped_matmul(q.to(wide), k.to(wide).transpose(-2, -1)).mul_(scale).add_(bias)  # [B, H, C, n]
+    logits.masked_fill_(torch.isneginf(bias), -math.inf)  # a removed key stays removed, even a NaN one
     lse = torch.logsumexp(logits, dim=-1)
     return grouped_matmul(torch.exp(logits - lse[..., None]), v.to(wide)).to(v.dtype), lse
 
