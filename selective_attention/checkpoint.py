@@ -161,6 +161,9 @@ def save_checkpoint(
         "extra": _to_json(extra, "the run's extra state"),
     }
     meta = signed(tensors, meta)
+    # a linked checkpoint (on other storage, say) is replaced where it lives: replacing the link itself left the linked
+    # file at its old step and wrote the new one on the run folder's disk
+    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -225,6 +228,8 @@ def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
     layers compare by the layers that select: listing every layer is the same model as None."""
 
     def differs(name: str) -> bool:
+        if name == "selection_layers" and stored.selection_layers == now.selection_layers:
+            return False  # the same list; whether its layers select is the selection field's difference
         if name == "selection_layers" and stored.n_layer == now.n_layer:
             return [stored.layer_selects(i) for i in range(stored.n_layer)] != [
                 now.layer_selects(i) for i in range(now.n_layer)
@@ -312,6 +317,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
             f"checkpoint of format {version}; restore it from a copy, or retrain ({_AFRESH})."
         ) from None
+    if meta["step"] < 0:  # a resume would train from it with a negative learning rate
+        raise CheckpointError(
+            f"checkpoint {path} is at step {meta['step']}, which training never writes (steps count from 0): it was "
+            f"edited or written by other code; restore it from a copy, or retrain ({_AFRESH})."
+        )
     kinds = {"train_config": dict, "model_config": dict, "extra": dict, "optimizer": (dict, type(None)),
              "aliases": dict, "tokenizer": (dict, type(None))}  # fmt: skip
     wrong = {k: type(meta[k]).__name__ for k, kind in kinds.items() if not isinstance(meta[k], kind)}
@@ -359,6 +369,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
+def malformed_text_record(meta: dict) -> bool:
+    """Whether a loaded checkpoint's record of its training text (``extra["data"]``: source, path, sha256, which eval
+    and resume read) is there but not as training writes it (an edit signed again, another writer)."""
+    text = meta["extra"].get("data")
+    return text is not None and not (
+        isinstance(text, dict)
+        and all(k in text and isinstance(text[k], (str, type(None))) for k in ("source", "path"))
+        and isinstance(text.get("sha256"), str)
+    )
+
+
 def _stored_tokenizer(stored, path: Path):
     """The tokenizer object of a checkpoint's "tokenizer" entry (None: byte level), or a CheckpointError."""
     from .data import tokenizer_from_dict
@@ -394,9 +415,21 @@ def model_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
     return state
 
 
-def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Optimizer) -> dict:
+def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Optimizer, path="checkpoint") -> dict:
     """The optimizer's state dict from a loaded checkpoint, for ``opt.load_state_dict``. Formats 1-2 stored one
-    parameter group's state as ``optim.{i}.{name}``: it takes ``opt``'s param_groups."""
+    parameter group's state as ``optim.{i}.{name}``: it takes ``opt``'s param_groups. A record not as training writes
+    it (no param_groups, a state that is no mapping, a parameter id that is no int) is a CheckpointError."""
+    try:
+        return _optimizer_state(tensors, meta, opt)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path}'s optimizer record is not as training writes it ({type(e).__name__}: {e}): it is "
+            f"corrupt or edited. Evaluate it (selective-attention eval) if its model loads, or use another --out_dir "
+            f"or --resume=false."
+        ) from None
+
+
+def _optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Optimizer) -> dict:
     state: dict[int, dict] = {}
     if meta["optimizer"] is None:
         for key, t in tensors.items():
@@ -410,7 +443,10 @@ def optimizer_state(tensors: dict[str, Tensor], meta: dict, opt: torch.optim.Opt
             state.setdefault(int(pid), {})[name] = t
     for pid, values in meta["optimizer"]["state"].items():
         state.setdefault(int(pid), {}).update(values)
-    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+    groups = meta["optimizer"]["param_groups"]
+    if not isinstance(groups, list):
+        raise TypeError(f"param_groups is a {type(groups).__name__}, not a list")
+    return {"state": state, "param_groups": groups}
 
 
 def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
@@ -418,6 +454,19 @@ def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
     missing, unexpected = [k for k in have if k not in state], [k for k in state if k not in have]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing}, unexpected {unexpected}.")
+    # a tied weight (lm_head and the embedding) is one tensor: two stored values for it would load the last, silently
+    tied: dict[int, list[str]] = {}
+    for name, t in have.items():
+        tied.setdefault(t.data_ptr(), []).append(name)
+    for names in (n for n in tied.values() if len(n) > 1):
+        first = state[names[0]]
+        other = [n for n in names[1:] if state[n] is not first and not torch.equal(state[n], first)]
+        if other:
+            raise CheckpointError(
+                f"checkpoint {path} holds different values for the tied weights {[names[0], *other]} (one tensor in "
+                f"this model; training stores it once, with an alias): it was edited or written by other code; "
+                f"restore it from a copy, or retrain."
+            )
     # load_state_dict would cast another dtype silently (an int or bool tensor too): training writes the model's own
     other = {k: str(t.dtype) for k, t in state.items() if t.dtype != have[k].dtype}
     if other:
@@ -437,9 +486,16 @@ def _load_model_state(model: GPT, state: dict[str, Tensor], path) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
 
 
-def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None:
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path, step: int = 0) -> None:
     """Restore the optimizer's state; its hyperparameters stay those of the config it was built from (a resume
-    with --allow_config_change=true trains with the new ones)."""
+    with --allow_config_change=true trains with the new ones). A checkpoint past step 0 must hold some state: one
+    without any would resume with every moment at zero, silently."""
+    if step > 0 and not state.get("state"):
+        raise CheckpointError(
+            f"checkpoint {path} is at step {step} but holds no optimizer state (its moments), which training always "
+            f"saves: it was edited or written by other code, and a resume would restart AdamW's moments from zero. "
+            f"Evaluate it (selective-attention eval), or use another --out_dir or --resume=false."
+        )
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(state)
@@ -455,15 +511,34 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict, path) -> None
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         for key, t in opt.state.get(p, {}).items():
-            if not isinstance(t, Tensor) or t.dim() == 0:
+            if not isinstance(t, Tensor):
                 continue
-            if t.shape != p.shape or (t.is_floating_point() and not torch.isfinite(t).all()):
-                what = f"shape {tuple(t.shape)}" if t.shape != p.shape else "non-finite values (NaN or inf)"
-                raise CheckpointError(
-                    f"checkpoint {path}'s optimizer state {key!r} of parameter {i} (shape {tuple(p.shape)}) has "
-                    f"{what}, which training never saves: it is corrupt or edited; restore it from a copy, or "
-                    f"retrain ({_AFRESH})."
-                )
+            scalar = t.dim() == 0  # AdamW's step count
+            shaped = scalar or t.shape == p.shape
+            if not shaped or (t.is_floating_point() and not torch.isfinite(t).all()):
+                what = f"shape {tuple(t.shape)}" if not shaped else "non-finite values (NaN or inf)"
+            elif (key == "step" or "exp_avg_sq" in key) and bool((t < 0).any()):
+                what = "negative values (a step count, or a mean of squares)"
+            else:
+                continue
+            raise CheckpointError(
+                f"checkpoint {path}'s optimizer state {key!r} of parameter {i} (shape {tuple(p.shape)}) has "
+                f"{what}, which training never saves: it is corrupt or edited; restore it from a copy, or "
+                f"retrain ({_AFRESH})."
+            )
+
+
+def _check_shapes(config: GPTConfig, state: dict[str, Tensor], path) -> None:
+    """The model config's parameter shapes against the stored tensors', read from a model built on the meta device
+    (no memory): an edited size (mlp_ratio=1e9) is refused by name before the real model is allocated for it."""
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in GPT(config).state_dict().items()}
+    other = {k: (tuple(state[k].shape), tuple(s)) for k, s in shapes.items() if k in state and state[k].shape != s}
+    if other:
+        raise CheckpointError(
+            f"checkpoint {path}'s model config does not fit its tensors (name: (stored, config's)) {other}: it was "
+            f"edited or written by other code; restore it from a copy, or retrain."
+        )
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
@@ -475,6 +550,8 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} holds a model config this code refuses: {e}") from None
     _check_tokenizer_fits(meta["tokenizer"], config, path)
+    state = model_state(tensors, meta)
+    _check_shapes(config, state, path)
     model = GPT(config)
-    _load_model_state(model, model_state(tensors, meta), path)
+    _load_model_state(model, state, path)
     return model.to(device).eval(), meta

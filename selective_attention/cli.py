@@ -252,7 +252,7 @@ def _check_threshold_applies(model, threshold: float | None) -> None:
 
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits, pruned_slots
-    from .checkpoint import model_from_checkpoint
+    from .checkpoint import malformed_text_record, model_from_checkpoint
     from .decoding import budgets_fit
     from .kv_cache import check_policy
     from .train import Task, TrainConfig, evaluate
@@ -271,7 +271,13 @@ def cmd_eval(args: EvalOptions) -> dict:
             f"to) to read longer windows through a pruned cache."
         )
     # The data exactly as training built it (same corpus, split, varassign streams), read through train.py.
-    tc = TrainConfig.from_dict(meta["train_config"])
+    try:
+        tc = TrainConfig.from_dict(meta["train_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint {args.ckpt} holds a training config this code refuses ({e}): it was edited or written by "
+            f"other code; restore it from a copy, or retrain."
+        ) from None
     tc = dataclasses.replace(tc, batch_size=args.batch_size, eval_batches=args.batches)
     if args.data is not None and args.data != tc.data:
         if args.data == "varassign" and tc.tokenizer == "bpe":
@@ -282,6 +288,12 @@ def cmd_eval(args: EvalOptions) -> dict:
         # training options of the checkpoint's data that do not apply to the other data: dropped, not refused
         curriculum = dict(va_assign_start=0, va_ramp_steps=0, va_hold_steps=0) if args.data != "varassign" else {}
         tc = dataclasses.replace(tc, data=args.data, **curriculum)
+    if args.data is None and malformed_text_record(meta):
+        raise ValueError(
+            f"checkpoint {args.ckpt}'s record of its training text ({meta['extra']['data']!r}) is not as training "
+            f"writes it (its source, path and sha256): it was edited or written by other code. Pass the text to "
+            f"evaluate on with --data, or restore the checkpoint from a copy."
+        )
     stored = meta["extra"].get("data")  # the training text's record (checkpoints before it: none)
     if args.data is None and stored is not None and stored["path"] is not None and Path(stored["path"]).is_file():
         tc = dataclasses.replace(tc, data=stored["path"])  # the file trained on, wherever eval runs from

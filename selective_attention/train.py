@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import (  # re-exported: the loop's public names since before checkpoint.py
+    _AFRESH,
     CKPT_NAME,
     FORMAT_VERSION,
     PREVIOUS_CKPT_NAME,
@@ -47,6 +48,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
     _nested_train_config,
     gpt_config_from_dict,
     load_checkpoint,
+    malformed_text_record,
     model_from_checkpoint,
     model_state,
     optimizer_state,
@@ -155,7 +157,15 @@ class TrainConfig:
         d = _nested_train_config(d)
         own = {f.name for f in dataclasses.fields(cls)} - {"model"}
         model = gpt_config_from_dict(d["model"]) if isinstance(d.get("model"), Mapping) else _default_model()
-        return cls(model=model, **{k: v for k, v in d.items() if k in own})
+        kw = {k: v for k, v in d.items() if k in own}
+        for f in dataclasses.fields(cls):  # a stored value of another kind (data=5) failed far away, as a traceback
+            want = type(f.default)
+            if f.name in kw and want in (str, int, float, bool):
+                v = kw[f.name]
+                ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+                if not (ok or (want is float and isinstance(v, int) and not isinstance(v, bool))):
+                    raise TypeError(f"its field {f.name}={v!r} is not a {want.__name__}")
+        return cls(model=model, **kw)
 
 
 VA_VAL_DRAW = 64  # varassign's validation examples are drawn this many at a time (then cut into batches)
@@ -520,7 +530,13 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: b
     defaults = _flat_values(TrainConfig())
     now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}
     old = {k: stored.get(k, defaults[k]) for k in now}
-    stored_cfg = TrainConfig.from_dict({**stored, "model": dataclasses.asdict(cfg.model)})
+    try:
+        stored_cfg = TrainConfig.from_dict({**stored, "model": dataclasses.asdict(cfg.model)})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds a training config this code refuses ({e}): it was edited or written by other "
+            f"code; restore it from a copy, or retrain ({_AFRESH})."
+        ) from None
     inert = set(inert_fields(cfg)) & set(inert_fields(stored_cfg))  # no effect in either run: not a change
     if same_file:
         inert.add("data")
@@ -759,7 +775,7 @@ def _main(cfg: TrainConfig) -> dict:
         _check_train_config(cfg, meta["train_config"], ckpt_path, same_file)
         _check_same_text(text, task.data, ckpt_path, cfg.allow_config_change)
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
-        _load_optimizer_state(opt, optimizer_state(tensors, meta, opt), ckpt_path)
+        _load_optimizer_state(opt, optimizer_state(tensors, meta, opt, ckpt_path), ckpt_path, meta["step"])
         torch.set_rng_state(tensors["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
@@ -926,20 +942,19 @@ def _check_training_state(tensors: dict, meta: dict, path: Path) -> None:
     signed again, another writer): each was a raw KeyError, TypeError or AttributeError, or a wrong message."""
     extra, problems = meta["extra"], []
     rng = tensors.get("rng.torch")
-    if not isinstance(rng, Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
-        problems.append("the random state 'rng.torch' (a 1-D uint8 tensor) is missing or of another kind")
+    size = torch.get_rng_state().numel()  # a CPU generator's state, torch's and each data stream's alike
+    if not isinstance(rng, Tensor) or rng.dtype != torch.uint8 or rng.shape != (size,):
+        problems.append(f"the random state 'rng.torch' (1-D uint8, {size} bytes) is missing or of another kind")
+    data = [k for k in tensors if k == "rng.data" or k.startswith("rng.data.")]
+    if any(tensors[k].dtype != torch.uint8 or tensors[k].shape != (size,) for k in data):
+        problems.append(f"a data-stream random state ({', '.join(data)}; 1-D uint8, {size} bytes) is of another kind")
+    if malformed_text_record(meta):
+        problems.append("'data' (the training text's source, path and sha256) is malformed")
     history = extra.get("history", [])
     if not isinstance(history, list) or not all(
         isinstance(r, dict) and isinstance(r.get("step", 0), int) for r in history
     ):
         problems.append("'history' is not a list of log rows (JSON objects with an int step)")
-    text = extra.get("data")
-    if text is not None and not (
-        isinstance(text, dict)
-        and all(isinstance(text.get(k), (str, type(None))) for k in ("path", "sha256"))
-        and ("path" not in text or "sha256" in text)
-    ):
-        problems.append("'data' (the training text's path and sha256) is malformed")
     world = extra.get("world_size")
     if world is not None and (isinstance(world, bool) or not isinstance(world, int) or world < 1):
         problems.append(f"'world_size' is {world!r}, not an int >= 1")

@@ -1069,3 +1069,89 @@ def test_path_objects_and_a_torch_device_train_and_save_like_their_text(tmp_path
 def test_an_option_the_run_would_ignore_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"vocab_size=1000 would be ignored: a run sets it from its tokenizer"):
         tiny(tmp_path, vocab_size=1000)
+
+
+def _edit_checkpoint(path, edit) -> None:
+    """Rewrite a checkpoint through ``edit(tensors, meta)`` (metadata as decoded JSON) and sign it again: an edit or
+    another writer, which the checksum cannot tell from training's own file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        raw, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = {k: (v if k in ("format_version", "step", "checksum") else json.loads(v)) for k, v in raw.items()}
+    edit(tensors, meta)
+    raw = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    save_file(tensors, str(path), metadata=checkpoint.signed(tensors, raw))
+
+
+def _drop_moments(tensors, meta):
+    for k in [k for k in tensors if k.startswith("optim.state.")]:
+        del tensors[k]
+    meta["optimizer"]["state"] = {}
+
+
+@pytest.mark.parametrize(
+    "edit, message, on",
+    [(lambda t, m: m.update(step="-3"), r"at step -3, which training never writes", "load"),
+     (lambda t, m: t.update({"model.lm_head.weight": t["model.tok_emb.weight"] + 1}) or m["aliases"].clear(),
+      r"different values for the tied weights \['tok_emb.weight', 'lm_head.weight'\]", "load"),
+     (lambda t, m: m["model_config"].update(mlp_ratio=1e9), r"model config does not fit its tensors", "load"),
+     (lambda t, m: t["optim.state.0.step"].fill_(float("nan")), r"'step' of parameter 0 .* non-finite", "resume"),
+     (lambda t, m: t["optim.state.0.exp_avg_sq"].neg_().sub_(1), r"'exp_avg_sq' of parameter 0 .* negative", "resume"),
+     (_drop_moments, r"at step 4 but holds no optimizer state", "resume"),
+     (lambda t, m: m["optimizer"].update(state=[]), r"optimizer record is not as training writes it", "resume"),
+     (lambda t, m: t.update({"optim.state.abc.exp_avg": t.pop("optim.state.0.exp_avg")}),
+      r"optimizer record is not as training writes it \(ValueError", "resume"),
+     (lambda t, m: t.update({"rng.torch": t["rng.torch"][:100]}), r"'rng.torch' \(1-D uint8, 5056 bytes\)", "resume"),
+     (lambda t, m: t.update({"rng.data": t["rng.data"][:100]}), r"data-stream random state \(rng.data;", "resume"),
+     (lambda t, m: m["train_config"].update(lr="fast"), r"its field lr='fast' is not a float", "resume")],
+)  # fmt: skip
+def test_a_consistent_but_malformed_checkpoint_is_refused_by_name(tmp_path, edit, message, on):
+    """Each of these loaded a silently wrong run or model (a negative step trained at a negative learning rate; the
+    stored lm_head replaced the embedding it is tied to; a NaN step count or negative second moments were reported
+    as 'training diverged, lower --lr'; a run with every moment dropped resumed from fresh ones), or stopped on a
+    raw traceback (a random state of another length, an optimizer record of another shape, an absurd size that
+    allocated the model before the shapes were compared, a config value of another kind)."""
+    main(tiny(tmp_path, max_steps=4))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _edit_checkpoint(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        if on == "load":
+            model_from_checkpoint(path)
+        main(tiny(tmp_path, max_steps=8))
+
+
+def test_eval_refuses_a_malformed_text_record_or_config_by_name(tmp_path, capsys):
+    from selective_attention.cli import main as cli
+
+    main(tiny(tmp_path, max_steps=2))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    _edit_checkpoint(path, lambda t, m: m["extra"].update(data="x"))
+    assert cli(["eval", "--ckpt", str(path), "--batches", "1"]) == 2
+    assert "record of its training text ('x') is not as training writes it" in capsys.readouterr().err
+    assert cli(["eval", "--ckpt", str(path), "--batches", "1", "--data", "pydoc"]) == 0  # a text named: not needed
+    _edit_checkpoint(path, lambda t, m: m["train_config"].update(data=5))
+    assert cli(["eval", "--ckpt", str(path), "--batches", "1", "--data", "pydoc"]) == 2
+    assert "holds a training config this code refuses (its field data=5 is not a str)" in capsys.readouterr().err
+
+
+def test_a_resume_through_a_linked_checkpoint_writes_the_linked_file(tmp_path):
+    """A checkpoint linked from other storage: the next save replaced the link with a plain file on the run folder's
+    disk, and the linked file stayed at the old step."""
+    main(tiny(tmp_path, max_steps=4))
+    run = tmp_path / "run"
+    elsewhere = tmp_path / "storage" / "ckpt.safetensors"
+    elsewhere.parent.mkdir()
+    (run / "ckpt.safetensors").rename(elsewhere)
+    (run / "ckpt.safetensors").symlink_to(elsewhere)
+    main(tiny(tmp_path, max_steps=8))
+    assert (run / "ckpt.safetensors").is_symlink()
+    assert checkpoint.load_checkpoint(elsewhere)[1]["step"] == 8
+
+
+def test_a_changed_selection_is_one_difference_not_two():
+    from selective_attention.model import GPTConfig
+
+    stored, now = GPTConfig(selection=True), GPTConfig(selection=False)
+    assert checkpoint._model_diff(stored, now) == {"selection": (True, False)}
