@@ -163,7 +163,7 @@ def save_checkpoint(
     meta = signed(tensors, meta)
     # a linked checkpoint (on other storage, say) is replaced where it lives: replacing the link itself left the linked
     # file at its old step and wrote the new one on the run folder's disk
-    path = path.resolve() if path.is_symlink() else path
+    path = path.resolve() if path.is_symlink() and path.exists() else path  # (a dangling link is replaced)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -317,11 +317,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"checkpoint {path} has unreadable metadata ({type(e).__name__}: {e}): it is not a selective-attention "
             f"checkpoint of format {version}; restore it from a copy, or retrain ({_AFRESH})."
         ) from None
-    if meta["step"] < 0:  # a resume would train from it with a negative learning rate
-        raise CheckpointError(
-            f"checkpoint {path} is at step {meta['step']}, which training never writes (steps count from 0): it was "
-            f"edited or written by other code; restore it from a copy, or retrain ({_AFRESH})."
-        )
     kinds = {"train_config": dict, "model_config": dict, "extra": dict, "optimizer": (dict, type(None)),
              "aliases": dict, "tokenizer": (dict, type(None))}  # fmt: skip
     wrong = {k: type(meta[k]).__name__ for k, kind in kinds.items() if not isinstance(meta[k], kind)}
@@ -365,6 +360,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             f"configs (rope_base, selection, ...) cannot be detected (resuming the run saves it again as format "
             f"{FORMAT_VERSION}, whose checksum covers them).",
             stacklevel=2,
+        )
+    if meta["step"] < 0:  # (after the checksum: a damaged byte is named as damage) a resume would train at lr < 0
+        raise CheckpointError(
+            f"checkpoint {path} is at step {meta['step']}, which training never writes (steps count from 0): it was "
+            f"edited or written by other code; restore it from a copy, or retrain ({_AFRESH})."
         )
     return tensors, meta
 

@@ -123,5 +123,6 @@ def rounded_down(x: float, digits: int = 0) -> str:
     the decimal the float prints as (``2.3`` stays ``"2.3"``)."""
     if not math.isfinite(x):
         return str(x)
-    q = decimal.Decimal(repr(x)).quantize(decimal.Decimal(1).scaleb(-digits), rounding=decimal.ROUND_FLOOR)
+    exact = decimal.Context(prec=400)  # every digit of any float's shortest repr, 1e308 included
+    q = decimal.Decimal(repr(float(x))).quantize(decimal.Decimal(1).scaleb(-digits), decimal.ROUND_FLOOR, exact)
     return f"{q:.{digits}f}"

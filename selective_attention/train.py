@@ -162,6 +162,8 @@ class TrainConfig:
             want = type(f.default)
             if f.name in kw and want in (str, int, float, bool):
                 v = kw[f.name]
+                if isinstance(v, (os.PathLike, torch.device)):  # as the constructor takes them (see _as_text)
+                    v = kw[f.name] = os.fspath(v) if isinstance(v, os.PathLike) else str(v)
                 ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
                 if not (ok or (want is float and isinstance(v, int) and not isinstance(v, bool))):
                     raise TypeError(f"its field {f.name}={v!r} is not a {want.__name__}")

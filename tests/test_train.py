@@ -1155,3 +1155,12 @@ def test_a_changed_selection_is_one_difference_not_two():
 
     stored, now = GPTConfig(selection=True), GPTConfig(selection=False)
     assert checkpoint._model_diff(stored, now) == {"selection": (True, False)}
+
+
+def test_train_config_from_dict_takes_paths_and_devices_as_the_constructor_does(tmp_path):
+    from pathlib import Path
+
+    cfg = TrainConfig.from_dict({"data": Path("kjv"), "out_dir": tmp_path, "device": torch.device("cpu")})
+    assert (cfg.data, cfg.out_dir, cfg.device) == ("kjv", str(tmp_path), "cpu")
+    with pytest.raises(TypeError, match="its field data=5 is not a str"):
+        TrainConfig.from_dict({"data": 5})

@@ -342,3 +342,15 @@ def test_double_backward_names_the_fix():
     (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"double backward is not implemented by backend='triton'.*backend='naive'"):
         g.sum().backward()
+
+
+def test_a_nan_key_stays_out_of_the_rows_before_it():
+    """A NaN key at t (a real token) spoils rows t.. in the spec, never the rows before it, which do not read it: the
+    kernel must skip future keys, not add a -inf bias to them (NaN + (-inf) = NaN)."""
+    q, k, v = _inputs(1, 2, 40, 16, torch.float32)
+    k[0, :, 25, 3] = float("nan")
+    out = triton_selective_attention(*(t.to(DEVICE) for t in (q, k, v)), heads=slice(0, 1), scale=0.25, sel_scale=0.25)
+    ref = naive_selective_attention(q, k, v, q[:, :1], k[:, :1], scale=0.25, sel_scale=0.25)[0]
+    spoiled = ~torch.isfinite(ref).all(-1)
+    assert not spoiled[..., :25].any() and torch.equal(~torch.isfinite(out.cpu()).all(-1), spoiled)
+    torch.testing.assert_close(out.cpu()[..., :25, :], ref[..., :25, :], **FP32_TOL)

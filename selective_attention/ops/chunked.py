@@ -100,15 +100,23 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tu
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, kk, vv, 0.0, False, attn_mask=bias, scale=scale
         )
-        spilled = float(lse.sum())  # NaN or +inf when a row met a non-finite logit (rows of no key are -inf)
-        if not (math.isnan(spilled) or spilled == math.inf):
+        if not _spilled(lse):
             return out, lse
     # in at least float32, as the fused kernel does (backward rebuilds P from float32 logits and this lse)
     wide = _lse_dtype(q.dtype)
     logits = grouped_matmul(q.to(wide), k.to(wide).transpose(-2, -1)).mul_(scale).add_(bias)  # [B, H, C, n]
-    logits.masked_fill_(torch.isneginf(bias), -math.inf)  # a removed key stays removed, even a NaN one
     lse = torch.logsumexp(logits, dim=-1)
+    if _spilled(lse):
+        logits.masked_fill_(torch.isneginf(bias), -math.inf)  # a removed key stays removed, even a NaN one
+        lse = torch.logsumexp(logits, dim=-1)
     return grouped_matmul(torch.exp(logits - lse[..., None]), v.to(wide)).to(v.dtype), lse
+
+
+def _spilled(lse: Tensor) -> bool:
+    """Whether some row's log-sum-exp is NaN or +inf: it met a non-finite logit (a row of no key is -inf). Summed in
+    float64, where finite float32 values cannot overflow."""
+    s = float(lse.sum(dtype=torch.float64))
+    return math.isnan(s) or s == math.inf
 
 
 # Backward flushes to an exact 0 every P below 2^_P_FLOOR[dtype]: a subnormal number (below the dtype's smallest
