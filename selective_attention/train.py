@@ -157,7 +157,17 @@ class TrainConfig:
         d = _nested_train_config(d)
         own = {f.name for f in dataclasses.fields(cls)} - {"model"}
         model = gpt_config_from_dict(d["model"]) if isinstance(d.get("model"), Mapping) else _default_model()
-        return cls(model=model, **{k: v for k, v in d.items() if k in own})
+        kw = {k: v for k, v in d.items() if k in own}
+        for f in dataclasses.fields(cls):  # a stored value of another kind (data=5) failed far away, as a traceback
+            want = type(f.default)
+            if f.name in kw and want in (str, int, float, bool):
+                v = kw[f.name]
+                if isinstance(v, (os.PathLike, torch.device)):  # as the constructor takes them (see _as_text)
+                    v = kw[f.name] = os.fspath(v) if isinstance(v, os.PathLike) else str(v)
+                ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+                if not (ok or (want is float and isinstance(v, int) and not isinstance(v, bool))):
+                    raise TypeError(f"its field {f.name}={v!r} is not a {want.__name__}")
+        return cls(model=model, **kw)
 
 
 VA_VAL_DRAW = 64  # varassign's validation examples are drawn this many at a time (then cut into batches)
@@ -231,8 +241,6 @@ def _check_values(values: Mapping[str, object]) -> None:
     need(is_real(v["val_fraction"]) and 0 < v["val_fraction"] < 1, "val_fraction", "in (0, 1): training evaluates")
     for name in ("resume", "progress", "allow_config_change", "compile"):
         need(isinstance(v[name], bool), name, "true or false")
-    for name in ("data", "out_dir", "device"):  # (a stored data=5 failed far away, as a traceback)
-        need(isinstance(v[name], str), name, "a text (a name or a path)")
     need(v["tokenizer"] in ("byte", "bpe"), "tokenizer", "byte or bpe")
     need(is_int(v["bpe_vocab_size"]) and v["bpe_vocab_size"] >= 257, "bpe_vocab_size",
          "an int >= 257 (<bos> and the 256 bytes)")  # fmt: skip
