@@ -1105,7 +1105,7 @@ def _drop_moments(tensors, meta):
       r"optimizer record is not as training writes it \(ValueError", "resume"),
      (lambda t, m: t.update({"rng.torch": t["rng.torch"][:100]}), r"'rng.torch' \(1-D uint8, 5056 bytes\)", "resume"),
      (lambda t, m: t.update({"rng.data": t["rng.data"][:100]}), r"data-stream random state \(rng.data;", "resume"),
-     (lambda t, m: m["train_config"].update(lr="fast"), r"its field lr='fast' is not a float", "resume")],
+     (lambda t, m: m["train_config"].update(data=5), r"--data=5 is invalid: it must be a text", "resume")],
 )  # fmt: skip
 def test_a_consistent_but_malformed_checkpoint_is_refused_by_name(tmp_path, edit, message, on):
     """Each of these loaded a silently wrong run or model (a negative step trained at a negative learning rate; the
@@ -1133,7 +1133,8 @@ def test_eval_refuses_a_malformed_text_record_or_config_by_name(tmp_path, capsys
     assert cli(["eval", "--ckpt", str(path), "--batches", "1", "--data", "pydoc"]) == 0  # a text named: not needed
     _edit_checkpoint(path, lambda t, m: m["train_config"].update(data=5))
     assert cli(["eval", "--ckpt", str(path), "--batches", "1", "--data", "pydoc"]) == 2
-    assert "holds a training config this code refuses (its field data=5 is not a str)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a training config this code refuses (--data=5 is invalid: it must be a text" in err
 
 
 def test_a_resume_through_a_linked_checkpoint_writes_the_linked_file(tmp_path):
@@ -1162,5 +1163,5 @@ def test_train_config_from_dict_takes_paths_and_devices_as_the_constructor_does(
 
     cfg = TrainConfig.from_dict({"data": Path("kjv"), "out_dir": tmp_path, "device": torch.device("cpu")})
     assert (cfg.data, cfg.out_dir, cfg.device) == ("kjv", str(tmp_path), "cpu")
-    with pytest.raises(TypeError, match="its field data=5 is not a str"):
+    with pytest.raises(ValueError, match="--data=5 is invalid: it must be a text"):
         TrainConfig.from_dict({"data": 5})
