@@ -179,23 +179,28 @@ class GPTConfig:
 
 
 def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)`` ``[T, dim/2]`` of the rotary angles ``pos * base^(-2i/dim)`` for positions ``pos``
-    ``[T]`` (a tensor, so a compiled decode step does not specialise on it). Compute once per forward
-    or decode step; every layer reuses them. Computed in at least float32, in float64 for a float64 model: float32
-    angles gave a float64 model float32-level noise, enough that a compiled decode step (whose cos and sin differ from
-    eager's by an ulp) evicted another token than eager where two tokens' F nearly tied (3e-8 apart)."""
+    """``(cos, sin)`` ``[T, dim]`` of the rotary angles ``pos * base^(-2i/dim)`` for positions ``pos`` ``[T]`` (a
+    tensor, so a compiled decode step does not specialise on it), as :func:`rotary` reads them: channel ``i`` and
+    ``i + dim/2`` share angle i, and ``sin`` carries its sign (``-sin`` in the first half, ``+sin`` in the second).
+    Compute once per forward or decode step; every layer reuses them. Computed in at least float32, in float64 for a
+    float64 model: float32 angles gave a float64 model float32-level noise, enough that a compiled decode step (whose
+    cos and sin differ from eager's by an ulp) evicted another token than eager where two tokens' F nearly tied
+    (3e-8 apart)."""
     wide = torch.promote_types(dtype, torch.float32)
     inv_freq = base ** (-torch.arange(0, dim, 2, device=pos.device, dtype=wide) / dim)  # [dim/2]
     ang = pos.to(wide)[:, None] * inv_freq  # [T, dim/2]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate pairs of channels ``(i, i + D/2)`` of ``x`` ``[B, H, T, D]`` by the angles of ``rope``."""
+    """Rotate pairs of channels ``(i, i + D/2)`` of ``x`` ``[B, H, T, D]`` by the angles of ``rope``
+    (:func:`rope_angles`): ``(x1 cos - x2 sin, x2 cos + x1 sin)``, as ``x cos + swap(x) sin`` (the halves swapped; the
+    sign is in ``sin``): 6 ops, not 9 (a decoding step pays per op), and the same numbers to the bit (``a + (-b)`` is
+    ``a - b``, and a sum of two terms does not depend on their order)."""
     cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)  # under autocast x (a Linear's output) is bf16, rope not
     D = x.shape[-1]
-    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return x * cos + torch.cat([x[..., D // 2 :], x[..., : D // 2]], dim=-1) * sin
 
 
 class Attention(nn.Module):

@@ -148,16 +148,21 @@ def test_step_multiplies_no_subnormal_weights(monkeypatch):
     fcum[..., 1::2] = 92.0  # exp(-92) = 1.1e-40: subnormal in float32
     cache = LayerCache.empty(B, T + 1, n_heads=H, n_groups=1, head_dim=D)
     cache.fill(k, v, fcum)
-    found, matmul = [], torch.matmul
+    found, products = [], {name: getattr(torch, name) for name in ("matmul", "bmm")}
 
-    def spy(a, b, *args, **kw):
-        found.extend(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in (a, b))
-        return matmul(a, b, *args, **kw)
+    def spy(name):
+        def call(a, b, *args, **kw):
+            found.extend(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in (a, b))
+            return products[name](a, b, *args, **kw)
+
+        return call
 
     k_new, v_new = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
-    monkeypatch.setattr(torch, "matmul", spy)
+    for name in products:
+        monkeypatch.setattr(torch, name, spy(name))
     y = cache.step(q, k_new, v_new, torch.tensor([T]))
-    monkeypatch.setattr(torch, "matmul", matmul)
+    for name, f in products.items():
+        monkeypatch.setattr(torch, name, f)
     assert found and sum(found) == 0, f"{sum(found)} subnormal matmul operands"
     kept = torch.cat([v[:, :, 0::2], v_new], dim=2)  # Fcum 0: keys 0, 2, ..., 14 and the new one, equal weights
     torch.testing.assert_close(y, kept.mean(dim=2, keepdim=True))

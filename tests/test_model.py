@@ -268,7 +268,26 @@ def test_rope_angles_of_a_float64_model_are_float64_accurate():
     cos, sin = rope_angles(pos, 16, 10000.0, torch.float64)
     inv = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     ang = pos.double()[:, None] * inv
-    torch.testing.assert_close(cos, ang.cos(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(sin, ang.sin(), rtol=0, atol=1e-12)
+    # full width: channels i and i + 8 share angle i; sin carries the rotation's sign
+    torch.testing.assert_close(cos, torch.cat([ang.cos(), ang.cos()], -1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sin, torch.cat([-ang.sin(), ang.sin()], -1), rtol=0, atol=1e-12)
     c32, _ = rope_angles(pos, 16, 10000.0, torch.float32)
-    assert c32.dtype == torch.float32 and (c32.double() - ang.cos()).abs().max() > 1e-6  # float32 angles there
+    assert c32.dtype == torch.float32 and (c32[:, :8].double() - ang.cos()).abs().max() > 1e-6  # float32 angles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rotary_is_the_pairwise_rotation_to_the_bit(dtype):
+    """``rotary`` computes ``(x1 cos - x2 sin, x1 sin + x2 cos)`` for the channel pairs (i, i + D/2) as
+    ``x cos + swap(x) sin`` (fewer ops): the same numbers bit for bit, so trained models and committed results are
+    unchanged, whatever the dtype."""
+    from selective_attention.model import rope_angles, rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 37, 16, generator=g, dtype=torch.float64) * 10).to(dtype)
+    pos = torch.arange(1000, 1037)
+    rope = rope_angles(pos, 16, 10000.0, dtype)
+    cos, sin = (t[:, :8].to(dtype) for t in rope)
+    sin = -sin  # the first half carries -sin
+    x1, x2 = x[..., :8], x[..., 8:]
+    want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    assert torch.equal(rotary(x, rope), want)
