@@ -148,12 +148,13 @@ def test_step_multiplies_no_subnormal_weights(monkeypatch):
     fcum[..., 1::2] = 92.0  # exp(-92) = 1.1e-40: subnormal in float32
     cache = LayerCache.empty(B, T + 1, n_heads=H, n_groups=1, head_dim=D)
     cache.fill(k, v, fcum)
-    found, products = [], {name: getattr(torch, name) for name in ("matmul", "bmm")}
+    found, products = [], {name: getattr(torch, name) for name in ("matmul", "bmm", "baddbmm")}
 
     def spy(name):
-        def call(a, b, *args, **kw):
-            found.extend(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in (a, b))
-            return products[name](a, b, *args, **kw)
+        def call(*args, **kw):
+            operands = args[1:3] if name == "baddbmm" else args[:2]
+            found.extend(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in operands)
+            return products[name](*args, **kw)
 
         return call
 
