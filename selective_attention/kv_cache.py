@@ -639,8 +639,8 @@ class LayerCache:
         self.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, self.fcum.shape[1], 1), 0.0)
         self.pos.scatter_(1, slots, input_pos.view(-1, 1).expand(B, 1))
         if ks is not None:
-            G = ks.shape[1]
-            self.ks.index_put_((rows, heads if G == H else torch.arange(G, device=slot.device), slots), ks[:, :, 0].to(self.ks.dtype))
+            voters = heads if ks.shape[1] == H else torch.arange(ks.shape[1], device=slot.device)
+            self.ks.index_put_((rows, voters, slots), ks[:, :, 0].to(self.ks.dtype))
         if self.acc is not None:
             self.acc.scatter_(1, slot[:, None], 0.0)
         return slot
