@@ -384,13 +384,18 @@ def attention_received(
 
 
 def _scaled_product(a: Tensor, bT: Tensor, scale: float) -> Tensor:
-    """``a @ bT * scale`` for ``a`` ``[N, m, d]``, ``bT`` ``[N, d, n]``, as one ``baddbmm`` (beta 0: its first operand,
-    a ``[N, 1, 1]`` view, is not read): in float32 and float64 the numbers of ``bmm`` then the product, in one op
-    instead of two. Under torch.compile (inductor, CPU) a bmm of one query row is lowered to a multiply and a sum,
-    into which the query's producer (the rotary embedding) is fused and recomputed for every cached key: a compiled
-    full-cache decoding step at 2,048 slots ran 4x slower than eager. baddbmm stays a library call, so the query is
-    computed once."""
-    return torch.baddbmm(bT[:, :1, :1], a, bT, beta=0.0, alpha=scale)
+    """``a @ bT * scale`` for ``a`` ``[N, m, d]``, ``bT`` ``[N, d, n]``.
+
+    Under torch.compile (inductor, CPU) a bmm of one row (m = 1: one query per kv head) is lowered to a multiply and
+    a sum, into which the query's producer (the rotary embedding) is fused and recomputed for every cached key: a
+    compiled full-cache decoding step at 2,048 slots ran 4x slower than eager. So one row goes through ``baddbmm``
+    (beta 0: its first operand, a ``[N, 1, 1]`` view, is not read), which stays a library call; in eager it gives
+    bmm-then-scale's numbers to the bit (fp32 and fp64, measured on an AMD EPYC). Several rows (grouped-query heads)
+    keep ``bmm`` (a library call there too): with them baddbmm rounds differently (~1 ulp), and a Hugging Face
+    model's decoding would change in its last bits."""
+    if a.shape[1] == 1:
+        return torch.baddbmm(bT[:, :1, :1], a, bT, beta=0.0, alpha=scale)
+    return torch.bmm(a, bT) * scale
 
 
 # --- the buffers ------------------------------------------------------------------------------------

@@ -1105,6 +1105,7 @@ def _drop_moments(tensors, meta):
       r"optimizer record is not as training writes it \(ValueError", "resume"),
      (lambda t, m: t.update({"rng.torch": t["rng.torch"][:100]}), r"'rng.torch' \(1-D uint8, 5056 bytes\)", "resume"),
      (lambda t, m: t.update({"rng.data": t["rng.data"][:100]}), r"data-stream random state \(rng.data;", "resume"),
+     (lambda t, m: m["train_config"].update(lr="fast"), r"--lr='fast' is invalid: it must be a finite", "resume"),
      (lambda t, m: m["train_config"].update(data=5), r"--data=5 is invalid: it must be a text", "resume")],
 )  # fmt: skip
 def test_a_consistent_but_malformed_checkpoint_is_refused_by_name(tmp_path, edit, message, on):
