@@ -195,9 +195,10 @@ def rope_angles(pos: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple
 
 def rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate pairs of channels ``(i, i + D/2)`` of ``x`` ``[B, H, T, D]`` by the angles of ``rope``
-    (:func:`rope_angles`): ``(x1 cos - x2 sin, x2 cos + x1 sin)``, as ``x cos + swap(x) sin`` (the halves swapped; the
-    sign is in ``sin``): 6 ops, not 9 (a decoding step pays per op), and the same numbers to the bit (``a + (-b)`` is
-    ``a - b``, and a sum of two terms does not depend on their order)."""
+    (:func:`rope_angles`; ``[B, T, H, D]`` with the angles viewed ``[T, 1, D]``): ``(x1 cos - x2 sin, x2 cos +
+    x1 sin)``, as ``x cos + swap(x) sin`` (the halves swapped; the sign is in ``sin``): 6 ops, not 9 (a decoding step
+    pays per op), and the same numbers to the bit (``a + (-b)`` is ``a - b``, and a sum of two terms does not depend on
+    their order)."""
     cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)  # under autocast x (a Linear's output) is bf16, rope not
     D = x.shape[-1]
     return x * cos + torch.cat([x[..., D // 2 :], x[..., : D // 2]], dim=-1) * sin
@@ -251,10 +252,15 @@ class Attention(nn.Module):
         -> q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]`` (q, k rotated) and, with a dedicated selector, its
         rotated ``(qs, ks)`` ``[B, G, T, D]``."""
         rope = rope_angles(pos, self.d_head, self.rope_base, x.dtype) if isinstance(pos, Tensor) else pos
-        kv = self.n_kv_head * self.d_head
-        q, k, v = self.qkv(x).split([self.n_head * self.d_head, kv, kv], dim=-1)
-        q, k, v = self._split(q), self._split(k), self._split(v)
-        q, k = rotary(q, rope), rotary(k, rope)
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.d_head
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)  # the query heads, then the key heads, then the value heads
+        # q and k rotated together, one rotary over their H + Hkv heads ([B, T, heads, D]: the angles [T, 1, D]):
+        # the same numbers as two calls (each element's product and sum are unchanged), half the ops, which a
+        # decoding step pays for
+        qk = rotary(qkv[:, :, : H + Hkv], (rope[0][:, None], rope[1][:, None])).transpose(1, 2)  # [B, H+Hkv, T, D]
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)
         sel = None
         if self.sel_qk is not None:
             qs, ks = self.sel_qk(x).chunk(2, dim=-1)
