@@ -647,7 +647,7 @@ class LayerCache:
                 self.ks.index_put_((rows, voters, slots), ks[:, :, 0].to(self.ks.dtype))
         else:
             # eager: scatter_ along the slots, a third of index_put_'s cost per call (9 against 25 us for a
-            # [8, 2, 64, 32] buffer on an AMD EPYC; its advanced indexing builds and broadcasts three index
+            # [8, 2, 64, 32] buffer on an Intel Xeon; its advanced indexing builds and broadcasts three index
             # tensors): the same assignment, so the same values
             at = slot.view(B, 1, 1, 1)
             self.k.scatter_(2, at.expand(k.shape), k)
