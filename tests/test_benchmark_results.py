@@ -150,3 +150,28 @@ def test_ab_commits_loads_another_commit_apart_and_compares(tmp_path, monkeypatc
     with pytest.raises(LookupError, match="checkout's"):
         selective_attention(q, q, q, selection=True, backend="chunked")
     other(q, q, q, selection=True, backend="chunked")  # the copy's op runs its own code
+
+
+def test_demo_fingerprint_says_when_the_code_moved_the_demo(tmp_path, monkeypatch, capsys):
+    """benchmarks/demo_fingerprint.py: the hashes are deterministic, tell the selective model from the standard one,
+    and a record that differs for this machine fails (exit 1) naming what to rerun; an equal one passes; another
+    machine's record is not compared. (The training is cut to 1 step here: the bookkeeping, not the demo.)"""
+    mod = _load("demo_fingerprint", monkeypatch)
+    monkeypatch.setattr(mod, "STEPS", 1)
+    monkeypatch.setattr(mod, "RECORDS", tmp_path / "fp.json")
+    monkeypatch.setattr(sys, "argv", ["demo_fingerprint.py", "--record", "--demo-run", "abc, today"])
+    assert mod.main() == 0
+    rec = json.loads((tmp_path / "fp.json").read_text())
+    ((key, entry),) = rec.items()
+    assert key == mod.cpu_key() and entry["demo_run"] == "abc, today"
+    assert entry["selective"] != entry["standard"]
+    monkeypatch.setattr(sys, "argv", ["demo_fingerprint.py"])
+    assert mod.main() == 0 and "hold here" in capsys.readouterr().out  # deterministic: equal to the record
+    entry["selective"] = "0" * 16
+    (tmp_path / "fp.json").write_text(json.dumps({key: entry, "another CPU | torch 0 | 1 threads": entry}))
+    assert mod.main() == 1
+    out = capsys.readouterr().out
+    assert "selective differs" in out and "standard" not in out.split("selective differs")[1][:5]
+    assert "Rerun `selective-attention demo` from a fresh clone" in out
+    (tmp_path / "fp.json").write_text(json.dumps({"another CPU | torch 0 | 1 threads": entry}))
+    assert mod.main() == 0 and "no record for this machine" in capsys.readouterr().out
