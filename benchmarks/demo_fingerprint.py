@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.machine import commit, cpu_model
+from selective_attention.machine import commit, cpu_model, cpu_signature
 from selective_attention.model import GPT, GPTConfig
 
 RECORDS = Path(__file__).resolve().parents[1] / "results" / "demo_fingerprints.json"
@@ -33,20 +33,8 @@ STEPS = 3
 
 
 def cpu_key() -> str:
-    """The CPU as its model name and, where /proc/cpuinfo gives them, family, model and stepping (VMs of one name can
-    be different chips, whose matrix-product kernels round differently), with the torch build and thread count."""
-    ids = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name in ("cpu family", "model", "stepping") and name not in ids:
-                    ids[name] = value.strip()
-    except OSError:
-        pass
-    fms = "/".join(ids.get(k, "?") for k in ("cpu family", "model", "stepping"))
-    return f"{cpu_model()} ({fms}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """The CPU (model name and family/model/stepping), the torch build and the thread count."""
+    return f"{cpu_model()} ({cpu_signature()}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def fingerprint(selection: bool) -> str:

@@ -10,19 +10,34 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_model", "commit", "provenance"]
+__all__ = ["cpu_model", "cpu_signature", "commit", "provenance"]
+
+
+def _cpuinfo(*names: str) -> dict[str, str]:
+    """The first value of each of ``names`` in /proc/cpuinfo (those it has; none off Linux)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name in names and name not in found:
+                    found[name] = value.strip()
+    except OSError:
+        pass
+    return found
 
 
 def cpu_model() -> str:
     """This CPU's model name as /proc/cpuinfo gives it (else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name").get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_signature() -> str:
+    """``family/model/stepping`` of this CPU (``?`` where /proc/cpuinfo has none): virtual machines that give one model
+    name can be different chips, whose matrix-product kernels round differently."""
+    ids = _cpuinfo("cpu family", "model", "stepping")
+    return "/".join(ids.get(k, "?") for k in ("cpu family", "model", "stepping"))
 
 
 def commit(path: str | Path | None = None) -> str | None:

@@ -25,3 +25,21 @@ def test_provenance_names_the_machine():
     p = machine.provenance()
     assert p["cpu"] == machine.cpu_model() and p["cpu"]
     assert set(p) == {"cpu", "cores", "torch", "threads", "commit"}
+
+
+def test_cpu_model_and_signature_read_cpuinfo(tmp_path, monkeypatch):
+    """The model name and family/model/stepping come from /proc/cpuinfo's first processor; '?' for a field it lacks,
+    and platform's name where there is no cpuinfo."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 207\nmodel name\t: Some CPU @ 2.0GHz\nstepping\t: 2\n\n"
+        "processor\t: 1\ncpu family\t: 7\nmodel\t\t: 1\nmodel name\t: Other\nstepping\t: 9\n"
+    )
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    assert machine.cpu_model() == "Some CPU @ 2.0GHz"
+    assert machine.cpu_signature() == "6/207/2"
+    info.write_text("processor\t: 0\ncpu family\t: 25\nmodel name\t: X\n")
+    assert machine.cpu_signature() == "25/?/?"
+    info.unlink()
+    assert machine.cpu_signature() == "?/?/?" and machine.cpu_model()  # no cpuinfo: platform's name
