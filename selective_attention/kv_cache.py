@@ -629,7 +629,7 @@ class LayerCache:
         ``[B]`` (default: each sequence's first free slot; with none free, the slot of the smallest position, the
         first token's: :meth:`slot_for_next` refuses that), with ``Fcum = 0`` (and no attention received yet);
         returns the slots ``[B]``."""
-        B, H, _, D = k.shape
+        B, H = k.shape[:2]
         slot = self.pos.argmin(dim=-1) if slot is None else slot  # a free slot has position -1: the smallest
         # in the cache's dtype: under autocast a Linear's k, v are bf16 while the buffers keep the model's
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
@@ -657,7 +657,7 @@ class LayerCache:
         self.fcum.scatter_(2, slot.view(B, 1, 1).expand(B, self.fcum.shape[1], 1), 0.0)
         self.pos.scatter_(1, slots, input_pos.view(-1, 1).expand(B, 1))
         if self.acc is not None:
-            self.acc.scatter_(1, slot[:, None], 0.0)
+            self.acc.scatter_(1, slots, 0.0)
         return slot
 
     def step(
