@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -243,6 +244,14 @@ def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
     }
 
 
+def _file_kind(path: Path) -> str:
+    """What a path that is no regular file and no folder is, in words (for an error message)."""
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint: ``(tensors, metadata)`` with the configs decoded (``train_config`` with the model under
     "model", also for formats 1-2); raises CheckpointError. Reads only tensors and JSON: never runs code."""
@@ -263,6 +272,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             else ""
         )
         raise CheckpointError(f"no checkpoint at {path}{hf}; train one with `selective-attention train --out_dir=...`.")
+    if not path.is_file():  # opening a FIFO blocks until something writes to it: the load hung, silently
+        kind = _file_kind(path)
+        raise CheckpointError(
+            f"{path} is {kind}, not a regular file: a checkpoint is a file written by selective-attention train "
+            f"(its {CKPT_NAME}). Pass that file, or the folder of its run."
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import warnings
 
 import pytest
@@ -150,6 +151,25 @@ def test_resume_refuses_a_checkpoint_link_whose_target_is_gone(tmp_path):
         with pytest.raises(CheckpointError, match=rf"is a link to {stored}, which does not exist"):
             load()
     assert (run / checkpoint.CKPT_NAME).is_symlink() and (run / "log.jsonl").read_text() == log
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_checkpoint_path_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    """A FIFO where the checkpoint should be: opening it blocks until something writes, so eval and resume hung with
+    no message. Both are refused at once, naming what the path is. (The test holds the pipe open itself, so that code
+    which opens it fails this test instead of hanging it.)"""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / checkpoint.CKPT_NAME)
+    held = os.open(run / checkpoint.CKPT_NAME, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        for target in (run, run / checkpoint.CKPT_NAME):
+            with pytest.raises(CheckpointError, match=r"is a named pipe \(FIFO\), not a regular file"):
+                load_checkpoint(target)
+        with pytest.raises(CheckpointError, match="named pipe"):
+            main(tiny(tmp_path, max_steps=4))  # resume
+    finally:
+        os.close(held)
 
 
 def test_resume_false_starts_over(tmp_path):
