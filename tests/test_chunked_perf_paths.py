@@ -307,3 +307,23 @@ def test_half_precision_gradients_each_within_the_specs_error(dtype, fused, monk
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for n, fast, naive, ref in zip(("out", "dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
         assert_error_bounded(fast, naive, ref, factor=1.5, name=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_backward_with_the_memory_loss_rows(dtype):
+    """The memory-loss rows are float32 for half inputs; their gradient enters F's in the votes' dtype. (A change
+    that subtracted it out of place promoted F's gradient to float32, and the running sums' GEMM with the half
+    triangle raised "expected scalar type Float": every half-precision training step with memory_eps > 0.)"""
+    from helpers import assert_error_bounded
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, cot = (torch.randn(2, 2, 200, 16, generator=gen).to(dtype) for _ in range(4))
+    results = {}
+    runs = (("ref", torch.float64, "naive"), ("naive", dtype, "naive"), ("chunked", dtype, "chunked"))
+    for name, dt, backend in runs:
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, k, v)]
+        out, rows = selective_attention(*leaves, selection=True, memory_tau=1.0, backend=backend)
+        ((out * cot.to(dt)).sum() + rows.sum() / 64).backward()
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+    for n, fast, naive, ref in zip(("out", "dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
+        assert_error_bounded(fast, naive, ref, factor=1.5, name=n)

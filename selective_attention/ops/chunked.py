@@ -514,7 +514,7 @@ def _backward(
     fchunk = _block_span(q, G, chunk, removed, penalty)
     vt = _VoteOperands(qs, ks, sel_scale, fchunk, pad)
     dpen = torch.zeros_like(penalty) if want_dpen else None
-    dcol = qs.new_zeros(B, G, L)  # column sums of dF over the queries of later blocks
+    ndcol = qs.new_zeros(B, G, L)  # minus the column sums of dF over the queries of later blocks
     delta = (dout * out).sum(-1)  # [B, H, L]: rowsum(dO * O)
     # The g query heads of one kv head are one GEMM operand: per block, their rows stacked head after
     # head, [B*Hkv, g*C, .] (a copy of the block's rows when g > 1, a view when g = 1), so keys and
@@ -546,7 +546,7 @@ def _backward(
     wsf = _Workspace(q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width)
     # Query blocks = the forward's chunks, last to first. Each block's keys 0 .. i1-1 are walked in tiles of
     # `width` columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
-    # columns (and dcol, the later blocks' sums of dF in those columns), and its votes, F and bias are rebuilt
+    # columns (and ndcol, minus the later blocks' sums of dF in those columns), and its votes, F and bias are rebuilt
     # from the forward's carry for its columns alone (the forward's products and running sums, per column; equal
     # to them up to the GEMMs' rounding, which may depend on the column count, as P's logits always did):
     #
@@ -596,26 +596,29 @@ def _backward(
             dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
-            dF = dZ.sum(dim=1, keepdim=True).neg_() if G == 1 else dZ.neg()  # [B, G, C, n]
-            dF = dF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
+            # minus F's gradient, -dF = sum_h dZ_h [B, G, C, n], and everything after it negated (exactly: negation
+            # never rounds), which spares the pass that would negate it
+            ndF = dZ.sum(dim=1, keepdim=True) if G == 1 else dZ
+            ndF = ndF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
             if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
-                dF.add_(dmem_c * (F_t > tau_F).logical_not_())
-            # dS[k, j] = sum over later queries i > k of dF[i, j]: later blocks (dcol) + this one
-            dS = _exclusive_rows_below(vt.above, dF, dcol[:, :, None, j0:j1])
-            dcol[:, :, j0:j1] += dF.sum(dim=2)
+                # (out of place: ndF may be dZ; computed in float32 with half votes and rounded once, as add_ did)
+                ndF = (ndF - dmem_c * (F_t > tau_F).logical_not_()).to(vt.qn.dtype)
+            # -dS[k, j] = -(sum over later queries i > k of dF[i, j]): later blocks (ndcol) + this one
+            ndS = _exclusive_rows_below(vt.above, ndF, ndcol[:, :, None, j0:j1])
+            ndcol[:, :, j0:j1] += ndF.sum(dim=2)
             # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
-            dl = _keep_where_negative(dS, Sn)
+            ndl = _keep_where_negative(ndS, Sn)  # -dl
             if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
-                dZ[:, heads].add_(dl, alpha=sel_scale / scale)
+                dZ[:, heads].add_(ndl, alpha=-sel_scale / scale)
             else:
-                dqs_c += grouped_matmul(dl, vt.ks[:, :, j0:j1])
+                dqs_c -= grouped_matmul(ndl, vt.ks[:, :, j0:j1])
                 if Gk == G:
-                    dks[:, :, j0:j1].sub_(torch.matmul(dl.transpose(-2, -1), qn_c), alpha=vt.post)
+                    dks[:, :, j0:j1].add_(torch.matmul(ndl.transpose(-2, -1), qn_c), alpha=vt.post)
                 else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                    dlg = dl.reshape(B, Gk, (G // Gk) * C, n)
+                    ndlg = ndl.reshape(B, Gk, (G // Gk) * C, n)
                     qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
-                    dks[:, :, j0:j1].sub_(torch.matmul(dlg.transpose(-2, -1), qng), alpha=vt.post)
-            del dZ, dF, dS, dl
+                    dks[:, :, j0:j1].add_(torch.matmul(ndlg.transpose(-2, -1), qng), alpha=vt.post)
+            del dZ, ndF, ndS, ndl
             if half:
                 dZ3.copy_(dZw3)
             del dZw3
