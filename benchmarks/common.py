@@ -13,13 +13,18 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.machine import cpu_model  # one definition, shared with the CLI's bench
+from selective_attention.machine import cpu_model, cpu_signature  # one definition, shared with the CLI's bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """The CPU's model name and family/model/stepping (virtual machines give different chips one name), cores, torch
+    build and threads: the line every table carries."""
+    return (
+        f"{cpu_model()} (family/model/stepping {cpu_signature()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -46,11 +51,29 @@ def cpu_results() -> Path:
 
     The folder is the model name in lower case without trademarks, "Processor", "CPU" or the clock:
     ``Intel(R) Xeon(R) Processor`` -> ``intel-xeon``, ``AMD EPYC 7763 64-Core Processor`` -> ``amd-epyc-7763-64-core``.
+    Virtual machines give different chips one name ("Intel(R) Xeon(R) Processor" has been family 6 model 207 and
+    model 167), so each folder records the family/model/stepping of the chip that first wrote to it (``cpu.json``), and
+    another chip of the same name writes to ``<name>-<family>-<model>-<stepping>`` instead (a folder from before the
+    record, without one, is taken by the first chip that writes to it).
     """
     name = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*$", " ", cpu_model().lower())
-    folder = RESULTS / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-cpu")
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-cpu"
+    folder, signature = RESULTS / slug, cpu_signature()
+    recorded = _recorded_signature(folder)
+    if recorded is not None and recorded != signature and "?" not in recorded + signature:
+        folder = RESULTS / f"{slug}-{signature.replace('/', '-')}"
     folder.mkdir(parents=True, exist_ok=True)
+    if _recorded_signature(folder) is None:
+        (folder / "cpu.json").write_text(json.dumps({"model": cpu_model(), "signature": signature}, indent=2) + "\n")
     return folder
+
+
+def _recorded_signature(folder: Path) -> str | None:
+    """The family/model/stepping recorded in ``folder/cpu.json`` (None: no folder, no record, or unreadable)."""
+    try:
+        return str(json.loads((folder / "cpu.json").read_text())["signature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def interleaved(

@@ -58,6 +58,37 @@ def test_runs_on_two_cpus_keep_both_tables(common, monkeypatch):
     assert not (common.RESULTS / "bench.md").exists()
 
 
+def test_two_chips_of_one_name_keep_both_tables(common, monkeypatch):
+    """Virtual machines give different chips one model name: the first chip's family/model/stepping is recorded in
+    the folder, another chip of that name writes beside it, and the first one keeps writing to its own. A folder from
+    before the record (no cpu.json) is taken by the first chip that writes; an unknown signature ("?") never splits."""
+    monkeypatch.setattr(common, "cpu_model", lambda: "Intel(R) Xeon(R) Processor")
+    legacy = common.RESULTS / "intel-xeon"
+    legacy.mkdir(parents=True)
+    for signature in ("6/207/2", "6/167/1", "6/207/2", "?/?/?"):
+        monkeypatch.setattr(common, "cpu_signature", lambda s=signature: s)
+        common.write("bench", [{"x": 1, "chip": signature}], ["x", "chip"], "title")
+        assert signature in common.machine()
+    assert json.loads((legacy / "bench.json").read_text())["rows"][0]["chip"] == "?/?/?"  # the last of its three runs
+    assert json.loads((legacy / "cpu.json").read_text())["signature"] == "6/207/2"
+    other = common.RESULTS / "intel-xeon-6-167-1"
+    assert json.loads((other / "bench.json").read_text())["rows"][0]["chip"] == "6/167/1"
+    assert json.loads((other / "cpu.json").read_text())["signature"] == "6/167/1"
+    assert "6/167/1" in (other / "bench.md").read_text().splitlines()[0]
+    assert sorted(p.name for p in common.RESULTS.iterdir()) == ["intel-xeon", "intel-xeon-6-167-1"]
+
+
+def test_the_committed_intel_xeon_folders_record_their_chip():
+    """Two chips have reported the name "Intel(R) Xeon(R) Processor": each committed folder of that name records
+    which one its tables are from (a later run of the other chip must not land in it)."""
+    folders = sorted((ROOT / "benchmarks" / "results").glob("intel-xeon*"))
+    assert folders
+    for folder in folders:
+        signature = json.loads((folder / "cpu.json").read_text())["signature"]
+        assert re.fullmatch(r"\d+/\d+/\d+", signature)
+        assert folder.name == "intel-xeon" or folder.name.endswith(signature.replace("/", "-"))
+
+
 def test_a_run_of_fewer_rows_does_not_cut_the_table_down(common, monkeypatch, capsys):
     monkeypatch.setattr(common, "cpu_model", lambda: "AMD EPYC")
     folder = common.RESULTS / "amd-epyc"
