@@ -594,11 +594,7 @@ def _forward(
             and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
             and not torch.compiler.is_compiling()
             and (real is None or bool(real[:, -Lq:].all()))  # new padding: attend() names that instead
-            # the last token's position, counted over real tokens (transformers' positions; gaps of padding inside
-            # the sequence are not counted)
-            and not bool((pos[..., -1].to(cached.first.device) == (
-                cached.seen - 1 - cached.first if real is None else real.sum(-1).to(cached.first.device) - 1
-            )).all())
+            and not _positions_follow(pos, cached, real)
         )  # fmt: skip
         if refed:
             raise ValueError(
@@ -658,6 +654,17 @@ def _forward(
         else _Masked(rows, None if real is None else real[:, -Lk:], getattr(config, "_attn_implementation", None))
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _positions_follow(pos: Tensor, cached: SelectiveLayer, real: Tensor | None) -> bool:
+    """Whether the last of a call's ``position_ids`` ``[B|1, Lq]`` follows the tokens ``cached`` has seen (this call's
+    included) in one of the ways transformers counts positions: over every token (a model's default, the cache
+    position: padding counted), from each sequence's first real token, or over real tokens only (positions built from
+    the padding mask: gaps of padding inside the sequence not counted). A whole sequence fed again ends at a smaller
+    position than any of these."""
+    last = pos[..., -1].to(cached.first.device)
+    counts = [cached.seen - 1 - cached.first] + ([] if real is None else [real.sum(-1).to(last.device) - 1])
+    return bool((last == cached.seen - 1).all()) or any(bool((last == c).all()) for c in counts)
 
 
 _CONSECUTIVE = threading.local()  # the position_ids last found consecutive: every layer gets the same tensor

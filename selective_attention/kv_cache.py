@@ -634,7 +634,15 @@ class LayerCache:
         # in the cache's dtype: under autocast a Linear's k, v are bf16 while the buffers keep the model's
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         slots = slot[:, None]  # [B, 1]
-        if torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, v, ks, self.k, self.v)):
+            # a step recorded by autograd (an HF training forward through a SelectiveCache): earlier steps' products
+            # saved these buffers for their backward, so new buffers replace them instead of being written in place
+            at = slot.view(B, 1, 1, 1)
+            self.k = self.k.scatter(2, at.expand(k.shape), k)
+            self.v = self.v.scatter(2, at.expand(v.shape), v)
+            if ks is not None:
+                self.ks = self.ks.scatter(2, at.expand(ks.shape), ks.to(self.ks.dtype))
+        elif torch.compiler.is_compiling():
             # compiled: the keys and values by index_put_, not scatter_: inductor applied a scatter_ into the cache
             # buffers to a copy of the whole cache, every step, which the attention then read through the scatter's
             # index arithmetic (a compiled full-cache step at 2,048 slots ran 4x slower than eager); index_put_
@@ -725,7 +733,8 @@ class LayerCache:
         logits against every slot) to ``Fcum``, for kept tokens other than the first and the new one
         in ``slot`` ``[B]`` (DESIGN §3): after attending, as they affect later queries only."""
         unvoted = (self.pos <= 0).scatter_(1, slot[:, None], True)  # [B, cap]
-        self.fcum += torch.relu(vote_logits[:, :, 0, :]).masked_fill_(unvoted[:, None, :], 0.0)
+        # masked, then relu in place: relu's backward reads its output, which must stay as it is (a step with gradients)
+        self.fcum += vote_logits[:, :, 0, :].masked_fill(unvoted[:, None, :], 0.0).relu_()
 
     # --- for the decoder's eager checks ---------------------------------------------------------------
     def attended_next(self) -> int:

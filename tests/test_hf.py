@@ -324,6 +324,44 @@ def test_a_prompt_with_padding_inside_continues_exactly_and_a_new_prompt_is_name
         model.generate(ids[1:], **{CACHE: cache}, max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
+def test_a_continuation_of_several_tokens_with_the_models_own_positions_is_exact():
+    """A left-padded batch continued by a call of several tokens without position_ids: the model's default positions
+    count the padding (the cache position), which the check for a sequence fed again refused ("they start again")."""
+    model = build("llama")
+    ids, mask, _ = padded_batch(seed=5)
+    more = torch.randint(1, V, (3, 3), generator=torch.Generator().manual_seed(9))
+    full = torch.cat([mask, torch.ones_like(more)], 1)
+    cache = sa_hf.SelectiveCache()
+    model(ids, attention_mask=mask, **{CACHE: cache}, use_cache=True)
+    out = model(more, attention_mask=full, **{CACHE: cache}, use_cache=True).logits
+    ref = model(torch.cat([ids, more], 1), attention_mask=full, use_cache=False).logits[:, -3:]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="use_cache=False"):  # the whole sequence fed again is still refused
+        model(torch.cat([ids, more], 1), attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0),
+              **{CACHE: cache}, use_cache=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("layers", [None, []])  # selecting layers, and none (standard attention through the cache)
+def test_gradients_through_several_cached_calls_equal_the_full_forward(layers):
+    """A forward with gradients through a SelectiveCache: a prompt, a call of 3 tokens, then 2 single tokens; the loss
+    on every call's logits has the gradients of the same loss over one forward of the whole sequence. Two or more
+    steps raised autograd's "modified by an inplace operation" (the cache's buffers were written in place after an
+    earlier step had saved them, and relu's output was masked in place)."""
+    model = build("llama", layers=layers)
+    ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    cache = sa_hf.SelectiveCache()
+    logits = [model(ids[:, :7], **{CACHE: cache}, use_cache=True).logits]
+    logits.append(model(ids[:, 7:10], **{CACHE: cache}, use_cache=True).logits)
+    logits += [model(ids[:, t : t + 1], **{CACHE: cache}, use_cache=True).logits for t in (10, 11)]
+    loss = (torch.cat(logits, 1) ** 2).mean()
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    ref_logits = model(ids, use_cache=False).logits
+    want = torch.autograd.grad((ref_logits**2).mean(), list(model.parameters()))
+    torch.testing.assert_close(torch.cat(logits, 1), ref_logits, rtol=0, atol=1e-12)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("budget", [4, [3, 6]])
 def test_budget_bounds_every_layer(budget):
     model = build("qwen2")
