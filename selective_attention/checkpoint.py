@@ -226,9 +226,13 @@ def gpt_config_from_dict(d: Mapping[str, object]) -> GPTConfig:
 
 def _model_diff(stored: GPTConfig, now: GPTConfig) -> dict[str, tuple]:
     """``{field: (stored, now)}`` over the fields that shape the model or its training (not the notes). Selection
-    layers compare by the layers that select: listing every layer is the same model as None."""
+    layers compare by the layers that select: listing every layer is the same model as None; head widths and key/value
+    heads by their values (``d_head=None`` is ``d_model // n_head``, ``n_kv_head=None`` is ``n_head``)."""
+    resolved = {"d_head": "head_dim", "n_kv_head": "kv_heads"}
 
     def differs(name: str) -> bool:
+        if name in resolved:
+            return getattr(stored, resolved[name]) != getattr(now, resolved[name])
         if name == "selection_layers" and stored.selection_layers == now.selection_layers:
             return False  # the same list; whether its layers select is the selection field's difference
         if name == "selection_layers" and stored.n_layer == now.n_layer:

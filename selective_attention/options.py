@@ -30,6 +30,7 @@ import functools
 import inspect
 import io
 import math
+import os
 import re
 import textwrap
 import tokenize
@@ -38,7 +39,7 @@ import typing
 from collections.abc import Collection, Sequence
 
 __all__ = ["add_options", "parse_options", "build", "values_of", "UsageError", "OptionParser", "help_formatter",
-           "normalise_argv", "option_strings", "refuse_unknown", "int_at_least", "seed_int", "SEED_MAX",
+           "normalise_argv", "option_strings", "refuse_unknown", "int_at_least", "seed_int", "seed_error", "SEED_MAX",
            "finite_number", "positive_int", "non_negative_int", "field_comments"]  # fmt: skip
 
 
@@ -81,17 +82,30 @@ def int_at_least(low: int, hint: str = ""):
     return parse
 
 
-SEED_MAX = 2**62  # torch.manual_seed takes 64 bits (its CPU generator keeps the low 32); data streams add 1000 per rank
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps a seed's low 32 bits: a larger |seed| repeats a smaller one's run
+
+
+def seed_error(val: int) -> str | None:
+    """Why ``val`` is no seed (None when it is one): ``|val| <= SEED_MAX``. A seed that torch would reduce to another
+    seed's low 32 bits repeated that seed's run to the bit, silently (``--seed=4294967296`` trained ``--seed=0``'s
+    model). A negative seed ``-s`` runs as ``2**32 - s`` (its two's complement's low 32 bits), as it always did."""
+    if abs(val) <= SEED_MAX:
+        return None
+    return (
+        f"{val} is beyond 2**32 - 1 in absolute value: torch's generator keeps a seed's low 32 bits, so it would "
+        f"repeat the run of seed {val % 2**32}; pass an int in [-(2**32 - 1), 2**32 - 1]"
+    )
 
 
 def seed_int(text: str) -> int:
-    """An argparse ``type``: a seed, an int in ``[-SEED_MAX, SEED_MAX]``."""
+    """An argparse ``type``: a seed, an int in ``[-SEED_MAX, SEED_MAX]`` (see :func:`seed_error`)."""
     try:
         val = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in [-2**62, 2**62], got {text!r}") from None
-    if abs(val) > SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an int in [-2**62, 2**62], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an int in [-(2**32 - 1), 2**32 - 1], got {text!r}") from None
+    why = seed_error(val)
+    if why:
+        raise argparse.ArgumentTypeError(why)
     return val
 
 
@@ -121,10 +135,10 @@ non_negative_int = int_at_least(0)
 
 def path_text(text: str) -> str:
     """An argparse ``type``: a path, not empty (an empty one was the current folder: a run's files landed beside the
-    user's)."""
+    user's), with a leading ``~`` expanded (the shell expands none after ``--ckpt=``)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a path, not empty")
-    return text
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 path_text.metavar = "PATH"

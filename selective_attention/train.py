@@ -57,7 +57,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
 )
 from .data import VariableAssignment, curriculum_assign
 from .model import GPT, GPTConfig, token_loss
-from .options import SEED_MAX, parse_options
+from .options import parse_options, seed_error
 from .progress import progress as progress_bar
 
 __all__ = [
@@ -145,6 +145,9 @@ class TrainConfig:
                 "bytes; the BPE vocabulary with tokenizer='bpe', sized by bpe_vocab_size); drop it."
             )
         values = {k: (_text(v) if k in TEXT_FIELDS else v) for k, v in values.items()}
+        # --out_dir=~/runs/x: the shell expands no ~ after "=", and the run went to a folder named "~" here
+        values.update({k: os.path.expanduser(values[k]) for k in ("out_dir", "data")
+                       if isinstance(values.get(k), str) and values[k].startswith("~")})  # fmt: skip
         _check_values({**_flat_values(base), **values})
         model = dataclasses.replace(base.model, **{k: v for k, v in values.items() if k in model_names})
         cfg = dataclasses.replace(base, model=model, **{k: v for k, v in values.items() if k in own_names})
@@ -221,7 +224,9 @@ def _check_values(values: Mapping[str, object]) -> None:
                                  f"at step 0) or omit it.")  # fmt: skip
     d_head = v["d_head"]
     need(d_head is None or (is_int(d_head) and d_head >= 1), "d_head", "an int >= 1, or none for d_model // n_head")
-    need(is_int(v["seed"]) and abs(v["seed"]) <= SEED_MAX, "seed", "an int in [-2**62, 2**62]")
+    if is_int(v["seed"]) and seed_error(v["seed"]):
+        raise ValueError(f"--seed={v['seed']}: {seed_error(v['seed'])}.")
+    need(is_int(v["seed"]), "seed", "an int in [-(2**32 - 1), 2**32 - 1]")
     need(is_real(v["lr"]) and v["lr"] > 0, "lr", "a finite number > 0")
     for name in ("min_lr", "weight_decay", "memory_eps"):
         need(is_real(v[name]) and v[name] >= 0, name, "a finite number >= 0")
@@ -828,6 +833,12 @@ def _main(cfg: TrainConfig) -> dict:
         train_seconds, tok_seen, last = 0.0, 0, {}
         model.train()
         step = start
+        evaluated = bool(history) and history[-1].get("step") == start and "val_loss" in history[-1]
+        if main_proc and start == cfg.max_steps and not evaluated:
+            # a checkpoint saved between evaluations, resumed with --max_steps at its step: no step trains, and the
+            # evaluation a run takes at its end is taken now (it reported an earlier step's val_loss, or none)
+            history.append({k: _logged(k, v) for k, v in {"step": start, **evaluate(model, task, device)}.items()})
+            _log(out_dir, history[-1])
         for step in range(start, cfg.max_steps):
             if cfg.stop_after and step - start >= cfg.stop_after:
                 return {"rank": rank, "stopped_at": step, "out_dir": str(out_dir)}
@@ -908,7 +919,9 @@ def _main(cfg: TrainConfig) -> dict:
         "params": model.num_params(),
         "tokens_per_step": tokens_per_step,
         # a resume of a finished run trains no step: the tokens/s its history logged, not 0
-        "tokens_per_s": last.get("tokens_per_s", final.get("tokens_per_s", 0.0)),
+        "tokens_per_s": last.get(
+            "tokens_per_s", next((r["tokens_per_s"] for r in reversed(history) if "tokens_per_s" in r), 0.0)
+        ),
         "val_loss": final.get("val_loss"),
         "val_accuracy": final.get("val_accuracy"),
         "history": history,

@@ -22,7 +22,7 @@ def test_demo_runs_and_shows_masking(capsys):
     first_row = [line for line in out.splitlines() if line.startswith("the |")][0]
     assert first_row.split("|")[1].split() == ["1.00", "x", "x", "x", "x", "x"]
     assert main(["seed-example", "--seed", "99999999999999999999"]) == 2  # was "Overflow when unpacking long long"
-    assert "--seed: must be an int in [-2**62, 2**62]" in capsys.readouterr().err
+    assert "--seed: 99999999999999999999 is beyond 2**32 - 1" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
@@ -282,6 +282,41 @@ def test_output_into_a_closed_pipe_or_a_narrow_encoding(ckpts):
     assert "stdout's encoding (ascii) cannot write" in done.stderr and "PYTHONIOENCODING=utf-8" in done.stderr
 
 
+def test_a_resume_at_its_checkpoints_step_evaluates_that_model(tmp_path, capsys):
+    """A run stopped after a checkpoint saved between evaluations (step 4; evaluated at 3), resumed with --max_steps=4:
+    no step trains, and the run reported the step-3 val_loss as its final one (or none, with no evaluation yet). The
+    step-4 model is evaluated now, as a run's end always is: eval gives the same loss on the same windows."""
+    opts = ["--data=pydoc", *TINY, f"--out_dir={tmp_path / 'run'}", "--eval_batches=2"]
+    train_main(parse_overrides([*opts, "--max_steps=8", "--stop_after=5", "--ckpt_interval=4", "--eval_interval=3"]))
+    summary = train_main(parse_overrides([*opts, "--max_steps=4"]))
+    assert summary["start_step"] == 4 and summary["history"][-1]["step"] == 4
+    assert summary["tokens_per_s"] > 0  # the training steps' rate its history logged
+    assert main(["eval", "--ckpt", str(tmp_path / "run"), "--json", "--batch_size", "4", "--batches", "2"]) == 0
+    assert summary["val_loss"] == pytest.approx(json.loads(capsys.readouterr().out)["val_loss"], abs=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [3, 4]
+
+
+def test_seeds_beyond_32_bits_are_refused_not_repeated(tmp_path, capsys):
+    """torch keeps a seed's low 32 bits: --seed=4294967296 trained --seed=0's model to the bit, silently."""
+    with pytest.raises(ValueError, match=r"--seed=4294967296: .*would repeat the run of seed 0"):
+        parse_overrides(["--seed=4294967296"])
+    assert parse_overrides(["--seed=4294967295"]).seed == 2**32 - 1
+    assert parse_overrides(["--seed=-3"]).seed == -3  # negative seeds were always accepted: stored configs hold them
+    assert main(["generate", "--ckpt", str(tmp_path), "--seed", str(2**32 + 7)]) == 2
+    assert "would repeat the run of seed 7" in capsys.readouterr().err
+
+
+def test_a_home_relative_path_after_an_equals_sign_is_expanded(tmp_path, capsys, monkeypatch):
+    """--out_dir=~/runs/x: the shell expands no ~ after "=", and the run went to a folder named "~" in the current
+    one (then `eval --ckpt ~/runs/x` found nothing)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train_main(parse_overrides(["--data=pydoc", *TINY, "--out_dir=~/runs/x", "--max_steps=1"]))
+    assert (tmp_path / "home" / "runs" / "x" / "ckpt.safetensors").exists() and not (tmp_path / "~").exists()
+    assert main(["eval", "--ckpt=~/runs/x", "--json", "--batches", "1"]) == 0
+
+
 def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch):
     """A run trained on a relative --data file is evaluated on that file from any folder (another file of the same
     name there was read silently); an edited file, or another text on resume, is refused, naming --data."""
@@ -482,8 +517,8 @@ def test_generate_defaults_fit_the_context_and_budgets_are_bounded(ckpts, capsys
     assert main(["generate", "--ckpt", run, "--prompt", "ab", "--max_new_tokens", "3", "--threshold", "0"]) == 0
     assert "KV bytes (all slots)" in capsys.readouterr().err
     assert main(["generate", "--ckpt", missing, "--seed", "1" * 25]) == 2
-    assert "argument --seed: must be an int in [-2**62, 2**62]" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"--seed=-\d+.*an int in \[-2\*\*62, 2\*\*62\]"):
+    assert "argument --seed: 1111111111111111111111111 is beyond 2**32 - 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--seed=-\d+: .*pass an int in \[-\(2\*\*32 - 1\), 2\*\*32 - 1\]"):
         parse_overrides(["--seed=-" + "9" * 20])
     parse_overrides(["--seed=-3"])  # negative seeds were always accepted: stored configs hold them
     # varassign on a text model whose context is shorter than an example: the fix is the training's

@@ -172,6 +172,15 @@ def test_a_checkpoint_path_that_is_a_named_pipe_is_refused_not_waited_on(tmp_pat
         os.close(held)
 
 
+def test_resume_takes_default_head_sizes_given_explicitly_as_the_same_model(tmp_path):
+    """A run trained with the default d_head and n_kv_head resumes with them given explicitly (d_model // n_head, and
+    n_head): the same model, which was refused as "made for another model" ({'d_head': (None, 16)})."""
+    main(tiny(tmp_path, max_steps=4))
+    assert main(tiny(tmp_path, max_steps=6, d_head=16, n_kv_head=2))["start_step"] == 4
+    with pytest.raises(CheckpointError, match="d_head"):
+        main(tiny(tmp_path, max_steps=8, d_head=8))
+
+
 def test_resume_false_starts_over(tmp_path):
     main(tiny(tmp_path, max_steps=4))
     s = main(tiny(tmp_path, max_steps=4, resume=False, d_model=64))
