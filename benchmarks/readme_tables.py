@@ -10,6 +10,7 @@ file exists. NAME may name a folder: the CPU benchmarks write to ``benchmarks/re
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -20,7 +21,9 @@ SOURCES = [ROOT / "benchmarks" / "results", ROOT / "results"]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "experiments" / "README.md"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # no options; parsing still answers --help (and refuses a stray argument) before any README is rewritten
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for doc in DOCS:
         if doc.exists():
             refresh(doc)

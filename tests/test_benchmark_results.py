@@ -206,3 +206,20 @@ def test_demo_fingerprint_says_when_the_code_moved_the_demo(tmp_path, monkeypatc
     assert "Rerun `selective-attention demo` from a fresh clone" in out
     (tmp_path / "fp.json").write_text(json.dumps({"another CPU | torch 0 | 1 threads": entry}))
     assert mod.main() == 0 and "no record for this machine" in capsys.readouterr().out
+
+
+def test_readme_tables_help_rewrites_nothing(tmp_path, monkeypatch, capsys):
+    tables = _load("readme_tables", monkeypatch)
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- table:missing -->\nold\n<!-- /table -->\n")
+    monkeypatch.setattr(tables, "DOCS", [doc])
+    touched = []
+    monkeypatch.setattr(tables, "refresh", touched.append)
+    with pytest.raises(SystemExit) as exc:
+        tables.main(["--help"])
+    assert exc.value.code == 0 and "readme_tables.py" in capsys.readouterr().out and touched == []
+    with pytest.raises(SystemExit) as exc:
+        tables.main(["--oops"])
+    assert exc.value.code == 2 and touched == []
+    tables.main([])
+    assert touched == [doc]
