@@ -327,3 +327,47 @@ def test_half_precision_backward_with_the_memory_loss_rows(dtype):
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for n, fast, naive, ref in zip(("out", "dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
         assert_error_bounded(fast, naive, ref, factor=1.5, name=n)
+
+
+def test_workspace_pool_reuses_buffers_but_never_shares_an_open_one(monkeypatch):
+    monkeypatch.setattr(chunked._POOL_LOCAL, "bufs", {}, raising=False)
+    with chunked._Workspace(torch.empty(0), P=24) as ws:
+        first = ws("P", 24).data_ptr()
+    with chunked._Workspace(torch.empty(0), P=12) as ws, chunked._Workspace(torch.empty(0), P=12) as other:
+        a, b = ws("P", 12), other("P", 12)
+        assert a.data_ptr() == first and b.data_ptr() != first  # the second open one gets its own buffer
+        with pytest.raises(RuntimeError):
+            ws("P", 13)  # sized for 12, although the pooled buffer holds 24
+    # larger than the pool keeps: allocated per call
+    monkeypatch.setattr(chunked, "_POOL_MAX_BYTES", 40)
+    with chunked._Workspace(torch.empty(0), P=24) as ws:
+        ws("P", 24)
+    with chunked._Workspace(torch.empty(0), P=24) as ws:
+        assert ws("P", 24).data_ptr() != first
+
+
+def test_pooled_buffers_serve_inference_mode_then_training_then_other_threads():
+    """A buffer first made under inference mode is a plain tensor (reused by a training call after it), and
+    each thread has its own buffers: results equal the naive spec's in every case."""
+    import threading
+
+    q, k, v = _qkv(2, 3, 70, 8, seed=5)
+    with torch.inference_mode():
+        out = selective_attention(q.detach(), k.detach(), v.detach(), selection=True, backend="chunked")
+    torch.testing.assert_close(out, _run("naive", q, k, v)[0], **TOL[torch.float64])
+    _assert_chunked_matches_naive(q, k, v, 16)
+    errors = []
+
+    def work(seed):
+        try:
+            for _ in range(3):
+                _assert_chunked_matches_naive(*_qkv(2, 3, 70, 8, seed=seed), 16)
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (6, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
