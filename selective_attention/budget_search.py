@@ -78,12 +78,21 @@ def smallest_budget_at(points: Sequence[tuple[int, float]], target: float, full:
 
 
 @torch.no_grad()
-def _decoder(model: GPT, budget, threshold: float | None, policy: str, recent: int | None) -> Decoder:
-    """The Decoder :func:`pruned_logits` reads through (and :func:`pruned_slots` sizes)."""
+def _decoder(model: GPT, T: int, budget, threshold: float | None, policy: str, recent: int | None) -> Decoder:
+    """The Decoder :func:`pruned_logits` reads windows of ``T`` tokens through (and :func:`pruned_slots` sizes)."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"windows must hold at least one token, got T={T!r}.")
     if not any_budget(budget):  # nothing is evicted by any policy (a curve's full-cache point): the exact cache
         check_policy(policy, threshold, recent)
         policy, recent = "selective", None
-    return Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+    dec = Decoder(model, budget=budget, threshold=threshold, policy=policy, recent=recent)
+    ctx = model.config.context_len
+    if T > ctx and threshold is None and not dec._bounded:  # the Decoder would name its prompt and max_new_tokens
+        raise ValueError(
+            f"windows of T={T} tokens exceed the model's context_len={ctx}: read them with a budget of at most "
+            f"{ctx} for every layer (budget=...), or use windows of at most {ctx} tokens."
+        )
+    return dec
 
 
 def pruned_logits(
@@ -100,7 +109,7 @@ def pruned_logits(
     layer held at any step (any sequence of the batch). With no budget and no threshold (or a budget >= T)
     they equal the full forward's logits (the cache is exact), whatever the policy."""
     T = x.shape[1]
-    dec = _decoder(model, budget, threshold, policy, recent)
+    dec = _decoder(model, T, budget, threshold, policy, recent)
     logits = [dec.prefill(x[:, :1], T - 1)]
     peak = dec.occupancy()
     for t in range(1, T):
@@ -125,7 +134,7 @@ def pruned_slots(
     ``T`` tokens: a layer's budget, or T without one. What a run with static buffers stores, against the peak
     that ``pruned_logits`` reports as held: with a threshold alone that peak may be far below it (the memory a
     cache that grew and shrank would need), and a budget above T allocates the budget."""
-    dec = _decoder(model, budget, threshold, policy, recent)
+    dec = _decoder(model, T, budget, threshold, policy, recent)
     dec.prefill(torch.zeros(1, 1, dtype=torch.long), T - 1)
     return [c.capacity for c in dec.caches]
 
@@ -141,6 +150,8 @@ def _check_windows(x: Tensor, y: Tensor) -> None:
             )
     if x.shape != y.shape:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must have one shape [B, T] (the targets of x).")
+    if x.numel() == 0:
+        raise ValueError(f"the windows are empty: x and y are {tuple(x.shape)}; give at least one window of 1+ tokens.")
 
 
 def pruned_loss(
@@ -234,6 +245,11 @@ def search_budgets(
     T = x.shape[1]
     if T < 2:
         raise ValueError(f"the search windows must hold at least 2 tokens, got T={T}.")
+    if T > model.config.context_len:  # the search starts from the full cache's loss, which holds at most context_len
+        raise ValueError(
+            f"the search windows of T={T} tokens exceed the model's context_len={model.config.context_len}: the "
+            f"search starts from the full cache's loss, so use windows of at most {model.config.context_len} tokens."
+        )
     if recent is not None and recent + 1 > T:
         raise ValueError(f"recent={recent} leaves no budget within the windows' T={T} tokens: use recent <= {T - 1}.")
     n = model.config.n_layer

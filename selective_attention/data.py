@@ -200,10 +200,11 @@ class BPETokenizer:
             if ids.dim() > 1:
                 raise ValueError(f"decode takes a 1-D sequence of ids, got shape {tuple(ids.shape)}.")
             ids = ids.reshape(-1).tolist()
+        ids = list(ids)  # an iterator is read once, here: the check below must not consume it
         bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad}.")
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_bytes(self) -> Tensor:
         """``[vocab_size]``: how many bytes of text each token stands for (0 for ``<bos>``)."""
@@ -317,22 +318,30 @@ def load_text(name: str | os.PathLike[str]) -> str:
     raw = path.read_bytes()
     if not raw:
         raise ValueError(f"the text file {str(path)!r} is empty; give a corpus with some text in it.")
+    fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    nul = raw.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text corpus holds NUL: a binary file, or UTF-16/32 (without a BOM, every
+        # ASCII character of it decodes as itself plus NULs, and a model would train on that)
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text: it holds NUL bytes (the first at offset {nul}, line {line}), so it is "
+            f"a binary file (no text corpus) or UTF-16/32 text, to re-encode first: "
+            f"iconv -f utf-16 -t utf-8 {path} > {fixed}"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         where = f"byte 0x{raw[e.start]:02x} at offset {e.start} (line {line})"
-        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
-        if b"\0" in raw[:65536]:  # NUL bytes: a binary file, or UTF-16/32 text
-            raise ValueError(
-                f"{str(path)!r} is not UTF-8 text: it holds NUL bytes and {where} cannot be decoded, so it is a "
-                f"binary file (no text corpus) or UTF-16 text, to re-encode first: "
-                f"iconv -f utf-16 -t utf-8 {path} > {fixed}"
-            ) from None
         raise ValueError(
             f"{str(path)!r} is not UTF-8 text: {where} cannot be decoded ({e.reason}). Re-encode it to UTF-8, "
             f"e.g. from Latin-1: iconv -f latin1 -t utf-8 {path} > {fixed}"
         ) from None
+
+
+def _positive_int(n: object) -> bool:
+    """Whether ``n`` is an int >= 1 (not a bool: ``True`` would read as 1)."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,8 +394,8 @@ class TextData:
         tokens = tokens.long()
         self.source: str | None = None  # where the tokens came from (a corpus name or file), for messages
         n_val = int(len(tokens) * val_fraction) if n_val is None else n_val
-        if not 0 <= n_val <= len(tokens):
-            raise ValueError(f"n_val must be in [0, {len(tokens)}], got {n_val}.")
+        if not isinstance(n_val, int) or isinstance(n_val, bool) or not 0 <= n_val <= len(tokens):
+            raise ValueError(f"n_val must be an int in [0, {len(tokens)}], got {n_val!r}.")
         self.train: Tensor = tokens[: len(tokens) - n_val]  # [N - n_val]
         self.val: Tensor = tokens[len(tokens) - n_val :]  # [n_val]
         self.val_fraction = val_fraction
@@ -429,7 +438,7 @@ class TextData:
     def _split(self, split: str, context_len: int) -> Tensor:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
-        if not isinstance(context_len, int) or context_len < 1:
+        if not _positive_int(context_len):
             raise ValueError(f"context_len must be a positive int, got {context_len!r}.")
         data = self.train if split == "train" else self.val
         span = self._span(context_len)
@@ -448,7 +457,18 @@ class TextData:
         """The windows of ``split`` that start at stream positions ``starts`` ``[B]``: inputs ``x`` and targets
         ``y``, ``[B, T]``. Every training and evaluation window is made here (see the class docstring)."""
         data = self._split(split, context_len)
-        idx = starts[:, None] + torch.arange(self._span(context_len))  # [B, span]
+        span = self._span(context_len)
+        last = len(data) - span  # the last start whose window fits
+        ints = isinstance(starts, Tensor) and not (starts.is_floating_point() or starts.is_complex())
+        if not ints or starts.dim() != 1 or starts.dtype == torch.bool:
+            raise ValueError(f"starts must be a 1-D integer tensor of stream positions, got {starts!r}.")
+        if len(starts) and not (0 <= int(starts.min()) and int(starts.max()) <= last):
+            bad = starts[(starts < 0) | (starts > last)][:5].tolist()
+            raise ValueError(
+                f"window starts {bad} are outside the {split} split: windows of {context_len} inputs start at 0 to "
+                f"{last} (its {len(data)} tokens)."
+            )
+        idx = starts[:, None] + torch.arange(span)  # [B, span]
         chunk = data[idx]  # [B, span]
         if self.bos is None:
             return chunk[:, :-1], chunk[:, 1:]
@@ -461,8 +481,8 @@ class TextData:
         """``batch_size`` random windows of ``split``: inputs ``x`` and next-token targets ``y``, both
         ``[B, T]`` with ``y[:, t] == x[:, t + 1]``. The same generator state gives the same batch."""
         data = self._split(split, context_len)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if not _positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         n_starts = len(data) - self._span(context_len) + 1
         starts = torch.randint(n_starts, (batch_size,), generator=generator)  # [B]
         return self.windows(split, starts, context_len)
@@ -481,9 +501,11 @@ class TextData:
         yields the same ones. With ``max_batches`` only ``max_batches * batch_size`` windows are used, spread
         evenly over the split (not just its start), so a short evaluation still sees all of it."""
         total = self.n_eval_windows(split, context_len)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        k = total if max_batches is None else min(total, max(max_batches, 0) * batch_size)
+        if not _positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        if max_batches is not None and not (_positive_int(max_batches) or max_batches == 0):
+            raise ValueError(f"max_batches must be an int >= 0 or None (every window), got {max_batches!r}.")
+        k = total if max_batches is None else min(total, max_batches * batch_size)
         picks = torch.arange(k) * total // k if k else torch.empty(0, dtype=torch.long)  # distinct, sorted
         starts = picks * context_len
         for i in range(0, k, batch_size):
@@ -518,6 +540,9 @@ class VariableAssignment:
     vocab_size: int = 256
 
     def __init__(self, n_vars: int = 8, n_values: int = 10, n_assign: int = 24, seed: int = 0) -> None:
+        for name, value in (("n_vars", n_vars), ("n_values", n_values), ("n_assign", n_assign)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}.")
         if not 1 <= n_vars <= 26:
             raise ValueError(f"n_vars must be in [1, 26] (letters a-z), got {n_vars}.")
         if not 1 <= n_values <= 10:

@@ -121,8 +121,11 @@ def rounded_down(x: float, digits: int = 0) -> str:
     """``x`` printed with ``digits`` decimals, rounded down (floor), so that a printed ratio never overstates the
     measured one: 15.6 is ``"15"``, not ``"16"``; 24.98 is ``"24.9"``, not ``"25.0"``. Exact on
     the decimal the float prints as (``2.3`` stays ``"2.3"``)."""
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be an int >= 0 (decimals to print), got {digits!r}.")
     if not math.isfinite(x):
         return str(x)
-    exact = decimal.Context(prec=400)  # every digit of any float's shortest repr, 1e308 included
+    # every digit of any float's shortest repr (1e308 included) and the decimals asked for
+    exact = decimal.Context(prec=330 + digits)
     q = decimal.Decimal(repr(float(x))).quantize(decimal.Decimal(1).scaleb(-digits), decimal.ROUND_FLOOR, exact)
     return f"{q:.{digits}f}"

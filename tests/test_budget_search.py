@@ -10,6 +10,7 @@ from selective_attention.budget_search import (
     BudgetSearch,
     pruned_logits,
     pruned_loss,
+    pruned_slots,
     search_budgets,
     smallest_budget_at,
     uniform_budgets,
@@ -181,3 +182,18 @@ def test_windows_and_search_options_are_checked_by_name():
     for bad in (dict(tolerance=True), dict(target=True), dict(target="1.5")):
         with pytest.raises(ValueError, match="tolerance|target"):
             search_budgets(m, x, x, **bad)
+
+
+def test_windows_longer_than_the_context_or_empty_are_named():
+    m = model()  # context_len 32
+    x = torch.randint(0, 40, (2, 40))
+    with pytest.raises(ValueError, match=r"search windows of T=40 tokens exceed the model's context_len=32"):
+        search_budgets(m, x, x)
+    with pytest.raises(ValueError, match=r"windows of T=40 tokens exceed the model's context_len=32: read them with a"):
+        pruned_loss(m, x, x)  # was the Decoder's 'prompt length 1 + max_new_tokens 39'
+    logits, _ = pruned_logits(m, x, budget=8)  # a budget for every layer reads past the context
+    assert logits.shape == (2, 40, 40)
+    with pytest.raises(ValueError, match="windows must hold at least one token, got T=0"):
+        pruned_slots(m, 0)  # was 'max_new_tokens must be an int >= 0, got -1'
+    with pytest.raises(ValueError, match=r"the windows are empty: x and y are \(0, 16\)"):
+        pruned_loss(m, x[:0, :16], x[:0, :16])  # was 'every target is -100'

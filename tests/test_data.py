@@ -113,7 +113,15 @@ def test_latin1_file_names_the_file_the_byte_and_the_fix(tmp_path):
 def test_binary_file_is_not_a_text_corpus(tmp_path):
     path = tmp_path / "some.bin"
     path.write_bytes(bytes([0x7F, ord("E"), ord("L"), ord("F"), 2, 1, 1, 0, 0, 0, 0xC8, 0x00]))
-    with pytest.raises(ValueError, match=r"some.bin' is not UTF-8 text: it holds NUL bytes and byte 0xc8 at offset 10"):
+    with pytest.raises(ValueError, match=r"some.bin' is not UTF-8 text: it holds NUL bytes \(the first at offset 7"):
+        load_text(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_utf16_or_utf32_without_a_bom_is_refused_not_read_as_text_with_nuls(tmp_path, encoding):
+    path = tmp_path / "bible.txt"
+    path.write_bytes("In the beginning God created the heaven and the earth.\n".encode(encoding))  # valid UTF-8 too
+    with pytest.raises(ValueError, match=r"holds NUL bytes .* UTF-16/32 text, to re-encode first: iconv"):
         load_text(path)
 
 
@@ -341,3 +349,29 @@ def test_variable_assignment_bad_arguments():
         VariableAssignment(n_values=11)
     with pytest.raises(ValueError, match="n_assign"):
         VariableAssignment(n_assign=0)
+
+
+def test_windows_refuse_starts_outside_the_split_and_counts_that_are_not_ints():
+    d = TextData(torch.arange(100) % 50, val_fraction=0.2)
+    x, y = d.windows("val", torch.tensor([0, 11]), 8)  # 20 val tokens: windows of 8 inputs (9 tokens) start at 0-11
+    assert x.shape == (2, 8) and torch.equal(y[:, :-1], x[:, 1:])
+    for bad in ([-3], [12], [0, 40]):  # -3 wrapped around to the split's end, 12 read past it
+        with pytest.raises(ValueError, match=r"window starts \[.*\] are outside the val split: .* start at 0 to 11"):
+            d.windows("val", torch.tensor(bad), 8)
+    with pytest.raises(ValueError, match="starts must be a 1-D integer tensor"):
+        d.windows("val", torch.tensor([1.0]), 8)
+    with pytest.raises(ValueError, match="max_batches must be an int >= 0"):
+        list(d.eval_batches("val", 2, 4, max_batches=-1))  # yielded nothing
+    assert list(d.eval_batches("val", 2, 4, max_batches=0)) == []
+    with pytest.raises(ValueError, match="context_len must be a positive int, got True"):
+        d.batch("train", 2, True)  # read as 1
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got True"):
+        d.batch("train", True, 4)
+    with pytest.raises(ValueError, match="n_val must be an int"):
+        TextData(torch.arange(100), n_val=True)
+
+
+@pytest.mark.parametrize("kw", [dict(n_vars=2.5), dict(n_values=3.5), dict(n_assign=True), dict(n_assign=2.0)])
+def test_variable_assignment_sizes_must_be_ints(kw):
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} must be an int"):
+        VariableAssignment(**kw)

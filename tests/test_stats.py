@@ -96,6 +96,10 @@ def test_rounded_down_never_overstates():
     assert rounded_down(2.3, 1) == "2.3" and rounded_down(0.1 + 0.2, 1) == "0.3"  # the decimal it prints as
     assert rounded_down(256 / 7) == "36" and rounded_down(58.125, 1) == "58.1"
     assert rounded_down(math.inf) == "inf"
+    assert rounded_down(1e308, 100) == "1" + "0" * 308 + "." + "0" * 100  # beyond the old fixed precision
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="digits must be an int >= 0"):
+            rounded_down(3.7, bad)
 
 
 def test_mean_std_leaves_out_and_counts_what_is_not_finite():

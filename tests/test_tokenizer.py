@@ -269,3 +269,8 @@ def test_byte_and_older_checkpoints_load_as_byte_level(tmp_path, capsys):
 def test_bad_tokenizer_options_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
         TrainConfig.from_options(options)
+
+
+def test_bpe_decodes_an_iterator_of_ids_like_a_list(pydoc_bpe):
+    ids = pydoc_bpe.encode("the hat").tolist()
+    assert pydoc_bpe.decode(iter(ids)) == pydoc_bpe.decode(ids) == "the hat"  # the check consumed it: ''
