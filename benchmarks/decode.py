@@ -35,12 +35,13 @@ def paired_step_times(
     ``burst`` steps each, so that a burst of load on this shared machine lands on both, not on one.
     The first step of each turn is not timed (it pays for the other decoder's data in the CPU
     caches). Returns each decoder's timed step times."""
-    logits = [dec.prefill(prompt, warmup + steps) for dec in decoders]
+    turns = -(-steps // burst)  # whole turns: burst * turns >= steps steps are taken
+    logits = [dec.prefill(prompt, warmup + turns * burst) for dec in decoders]
     for i, dec in enumerate(decoders):  # untimed: the first steps after a prefill pay for allocations
         for _ in range(warmup):
             logits[i] = dec.step(logits[i].argmax(-1))
     times: list[list[float]] = [[] for _ in decoders]
-    for _ in range(0, steps, burst):
+    for _ in range(turns):
         for i, dec in enumerate(decoders):
             for n in range(burst):
                 tok = logits[i].argmax(-1)
@@ -61,17 +62,19 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32, help="timed steps per decoder and round (>= 1)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}.")
 
     # one compiled step graph per cache shape: the full cache has a new shape at every context
     torch._dynamo.config.recompile_limit = 4 * len(args.contexts) + 8
     torch.manual_seed(0)
     cfg = GPTConfig(
         vocab_size=256,
-        context_len=max(args.contexts) + args.steps + 8,
+        context_len=max(args.contexts) + 8 + -(-args.steps // 4) * 4,  # paired_step_times' warm-up and whole turns
         n_layer=4,
         n_head=8,
         d_model=256,

@@ -36,6 +36,7 @@ from selective_attention.functional import selective_attention
 
 DEFAULT_SHAPE = (1, 8, 64)
 B, H, D = DEFAULT_SHAPE  # or --shape B H D
+THREADS: int | None = None  # --threads, for the timings and the memory subprocesses alike
 NAIVE_MAX_L = 4096  # the materialising methods need O(H L^2) memory and get slow beyond this
 
 
@@ -119,8 +120,10 @@ def peak_memory(method: str, L: int, fixed_threshold: bool = False, warm: bool =
     if fixed_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     shape = [str(n) for n in (B, H, D)]
+    threads = ["--threads", str(THREADS)] if THREADS else []
+    warm_flag = ["--_warm"] if warm else []
     out = subprocess.run(
-        [sys.executable, __file__, "--shape", *shape, "--_peak", method, str(L), *(["--_warm"] if warm else [])],
+        [sys.executable, __file__, "--shape", *shape, *threads, "--_peak", method, str(L), *warm_flag],
         capture_output=True, text=True, check=True, env=env,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"] / 2**20
@@ -156,7 +159,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-length", type=int, default=4096)
-    ap.add_argument("--methods", nargs="+", default=["sdpa", "chunked", "naive", "x-transformers"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["sdpa", "chunked", "naive", "x-transformers"],
+        default=["sdpa", "chunked", "naive", "x-transformers"],
+        help="sdpa, the baseline of every ratio, always runs",
+    )
     ap.add_argument(
         "--plot", action="store_true", help="write results/<cpu>/paper_mode.png (another --shape: own name)"
     )
@@ -170,14 +179,18 @@ def main() -> None:
     ap.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_warm", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global B, H, D
+    if args.plot and args.no_save:
+        ap.error("--plot writes results/<cpu>/paper_mode.png, which --no-save leaves alone: pass one of them.")
+    args.methods = ["sdpa"] + [m for m in dict.fromkeys(args.methods) if m != "sdpa"]  # every ratio's baseline
+    global B, H, D, THREADS
     if args.shape:
         B, H, D = args.shape
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        THREADS = args.threads  # the memory subprocesses run with it too
     if args._peak:
         _peak_child(args._peak[0], int(args._peak[1]), args._warm)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     rows = []
     for L in args.lengths:
