@@ -358,10 +358,13 @@ def attention_received(
 
     ``q`` ``[B, H, T, D]``, ``k`` ``[B, Hkv, T, D]`` (grouped-query heads read, not repeated); ``scale``: the
     logits' (default ``1 / sqrt(D)``). With ``voters`` (``qs, ks``: :meth:`Selection.voters`) the weights
-    are selective attention's, ``softmax(q k^T * scale - F)`` with F from the voters' logits at their
-    default scale (as :func:`fcum_after_prompt`), carried from chunk to chunk. Chunked over the queries:
+    are selective attention's, ``softmax(q k^T * scale - F)`` with F from the voters' logits at the same
+    ``scale`` when they have q's head size (as :meth:`Selection.bind` scales them; a dedicated pair of
+    another size ``Ds``: ``1 / sqrt(Ds)``), carried from chunk to chunk. Chunked over the queries:
     ``[B, H, chunk, T]`` at a time, never ``[B, H, T, T]``. Summed in at least float32."""
     B, H, T, D = q.shape
+    # the votes' scale, by Selection.bind's rule: the attention's, unless the voters have another head size
+    vote_scale = scale if voters is not None and voters[0].shape[-1] == D else None
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(B, T, dtype=acc_dtype, device=q.device)
@@ -375,7 +378,7 @@ def attention_received(
         logits = logits.masked_fill(future, -float("inf"))
         if voters is not None:
             qs, ks = voters
-            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, offset=i0).to(acc_dtype)  # [B, G, C, T]
+            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=vote_scale, offset=i0).to(acc_dtype)  # [B,G,C,T]
             carry = torch.zeros_like(S[:, :, 0]) if carry is None else carry
             logits = logits - (carry[:, :, None] + exclusive_cumsum(S, dim=-2))  # F of these rows; G = 1 or H
             carry = carry + S.sum(dim=-2)
@@ -695,6 +698,13 @@ class LayerCache:
 
         Static shapes, no data-dependent Python branches: compiles once. The softmax runs in at least
         float32."""
+        # q is checked before the write: a step refused after it would leave the token stored (and one evicted)
+        B, Hkv, _, D = self.k.shape
+        if q.dim() != 4 or q.shape[0] != B or q.shape[2] != 1 or q.shape[3] != D or q.shape[1] % Hkv:
+            raise ValueError(
+                f"q must be [B={B}, H, 1, D={D}] with H a multiple of the cache's {Hkv} kv heads, got "
+                f"{tuple(q.shape)}; the cache is unchanged."
+            )
         slot = self.write(k, v, input_pos, ks=None if selector is None else selector[1], slot=self.slot_for_next())
         B, H, _, D = q.shape
         Hkv, cap = self.k.shape[1], self.k.shape[2]

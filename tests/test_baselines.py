@@ -387,3 +387,19 @@ def test_kv_curves_experiment_on_tiny_checkpoints(tiny_run, tmp_path, capsys):
         with pytest.raises(SystemExit):
             kv.main(["--standard", tiny_run, "--selective", str(sel), "--out", str(out), *bad])
     assert "must be >= 1, >= 1 and >= 2" in capsys.readouterr().err
+
+
+def test_attention_received_scores_votes_at_the_attention_scale_like_the_spec():
+    """With a non-default ``scale`` the weights are the spec's, whose votes use that scale too (heads of q, k)."""
+    from selective_attention.functional import selective_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=gen, dtype=torch.float64) * 2 for _ in range(3))
+    for scale in (None, 1.0, 0.2):
+        # the spec's weights, column sums: the gradient of sum(out . 1) w.r.t. v is sum_i W[i, j] per head
+        vv = v.detach().clone().requires_grad_()
+        out = selective_attention(q, k, vv, is_causal=True, selection=True, scale=scale, backend="naive")
+        (grad,) = torch.autograd.grad(out.sum(), vv)  # [B, H, T, D]: each entry sum_i W_h[i, j]
+        voters = (q[:, :1], k[:, :1])  # head 0 votes (the paper)
+        got = attention_received(q, k, voters, chunk=4, scale=scale)
+        torch.testing.assert_close(got, grad[..., 0].sum(dim=1))

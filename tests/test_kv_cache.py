@@ -191,6 +191,22 @@ def test_step_is_differentiable():
     torch.testing.assert_close(g, g_ref)
 
 
+def test_a_step_refused_for_its_query_leaves_the_cache_unchanged():
+    B, H, T, D = 2, 2, 5, 4
+    gen = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(B, H, T, D, generator=gen) for _ in range(2))
+    cache = LayerCache.empty(B, T + 1, n_heads=H, n_groups=1, head_dim=D)  # one free slot for the step
+    cache.fill(k, v, torch.zeros(B, 1, T))
+    before = {n: getattr(cache, n).clone() for n in ("k", "v", "fcum", "pos")}
+    k_new, v_new = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+    bad = [(B, H, 1, D + 1), (B, H, 2, D), (B + 1, H, 1, D), (B, 3, 1, D)]
+    for q in (torch.randn(*shape) for shape in bad):
+        with pytest.raises(ValueError, match=r"q must be \[B=2, H, 1, D=4\] .* the cache is unchanged"):
+            cache.step(q, k_new, v_new, torch.tensor([T]))
+        for n, x in before.items():  # the token was written before the bad q raised
+            assert torch.equal(getattr(cache, n), x), n
+
+
 @pytest.mark.parametrize("policy", ["selective", "window", "h2o"])
 def test_slot_for_next_leaves_the_state_of_make_room_then_the_first_free_slot(policy):
     """A step's fast room-making (at most one victim, whose slot the new token takes) against the general one

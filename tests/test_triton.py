@@ -354,3 +354,16 @@ def test_a_nan_key_stays_out_of_the_rows_before_it():
     spoiled = ~torch.isfinite(ref).all(-1)
     assert not spoiled[..., :25].any() and torch.equal(~torch.isfinite(out.cpu()).all(-1), spoiled)
     torch.testing.assert_close(out.cpu()[..., :25, :], ref[..., :25, :], **FP32_TOL)
+
+
+def test_sizes_the_kernels_cannot_launch_are_refused_by_name():
+    """B * H beyond CUDA's grid axis, or 2^31 elements (int32 offsets): refused before any launch (expanded
+    inputs: no memory)."""
+    from selective_attention.functional import selective_attention
+
+    wide = torch.zeros(1, 1, 2, 16, device=DEVICE).expand(70_000, 1, 2, 16)  # B * H = 70,000 > 65,535
+    with pytest.raises((ValueError, NotImplementedError), match=r"grid axis of at most 65535; got B \* H = 70000"):
+        selective_attention(wide, wide, wide, selection=True, backend="triton")
+    long = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(1, 1, 200_000, 16)  # its vote carries: 2.5e9 elements
+    assert "32-bit offsets" in op._launch_limit(long, long, long)
+    assert op._launch_limit(*(torch.zeros(2, 4, 64, 16, device=DEVICE),) * 3) is None

@@ -310,6 +310,8 @@ def supports(req: Request) -> str | None:
         return _INTERPRETER_BF16
     if q.shape[-1] > _MAX_D or v.shape[-1] > _MAX_D:
         return f"backend='triton' supports head dims up to {_MAX_D}; got D={q.shape[-1]}, Dv={v.shape[-1]}."
+    if limit := _launch_limit(q, req.k, v):
+        return limit
     if old := _too_old():
         return old
     if _triton_version() is None:
@@ -320,6 +322,28 @@ def supports(req: Request) -> str | None:
         return (
             f"backend='triton' needs CUDA tensors, got {q.device}. (Tests run it on CPU with "
             "TRITON_INTERPRET=1 set before Triton is first imported.)"
+        )
+    return None
+
+
+_GRID_Y_MAX = 65535  # CUDA's limit on a grid's second axis, where the kernels put B * H (or B * Hkv)
+_INT32_ELEMENTS = 2**31  # the kernels' offsets are int32 (program ids times strides)
+
+
+def _launch_limit(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the kernels cannot be launched for these sizes, or None: B * H beyond a grid axis, or a tensor (the
+    inputs, or the per-block column sums of the votes, ``[B, H, ~L/16, L]`` at most) of 2^31 elements or more."""
+    B, H, L, _ = q.shape
+    if B * H > _GRID_Y_MAX:
+        return (
+            f"backend='triton' launches one program per (batch, head) on a grid axis of at most {_GRID_Y_MAX}; got "
+            f"B * H = {B * H}: split the batch, or use backend='chunked'."
+        )
+    biggest = max(q.numel(), k.numel(), v.numel(), B * H * (L // 16 + 1) * L)
+    if biggest >= _INT32_ELEMENTS:
+        return (
+            f"backend='triton' indexes with 32-bit offsets: tensors of 2^31 elements or more (here {biggest:,}, "
+            f"at B={B}, H={H}, L={L}) overflow them; split the batch, or use backend='chunked'."
         )
     return None
 
