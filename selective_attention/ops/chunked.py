@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -137,63 +136,16 @@ _P_FLOOR = {
 class _Workspace:
     """Flat buffers reused by every block and tile of one forward or backward: a fresh multi-MiB tensor per
     block costs its page faults each time (glibc serves such sizes by mmap), which on some CPUs take
-    longer than the GEMM that fills it. ``sizes``: the elements each named buffer may hold, taken on
-    first use; ``ws(name, *shape)`` is a contiguous view of the front of one, valid until the workspace is
-    closed (``with``). Every view is written before it is read: the buffers' old contents never matter.
-
-    On CPU, outside tracing and dispatch modes, the buffers come from a per-thread pool and go back to it
-    when the ``with`` block ends, so that the next call (the backward after a forward, the next layer, the
-    next step) does not fault its pages in again (measured on an Intel Xeon, 1 thread: 4-10% of a fwd+bwd
-    at B8 H4 L256 D32 and B1 H8 L1024 D64). A buffer is out of the pool while a workspace holds it, so two
-    open workspaces never share one; buffers over ``_POOL_MAX_BYTES`` are not kept (long sequences, whose
-    GEMMs dwarf their page faults), so the pool holds a few of at most that size per thread."""
+    longer than the GEMM that fills it. ``sizes``: the elements each named buffer may hold, allocated on
+    first use; ``ws(name, *shape)`` is a contiguous view of the front of one."""
 
     def __init__(self, like: Tensor, **sizes: int) -> None:
-        self.like, self.sizes, self.bufs, self.held = like, sizes, {}, {}
-        self.pooled = (
-            like.device.type == "cpu"
-            and type(like) is Tensor
-            and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-        )
+        self.like, self.sizes, self.bufs = like, sizes, {}
 
     def __call__(self, name: str, *shape: int) -> Tensor:
         if name not in self.bufs:
-            self.held[name] = self._take(name, self.sizes[name])
-            self.bufs[name] = self.held[name][: self.sizes[name]]  # a pooled buffer may be larger
+            self.bufs[name] = self.like.new_empty(self.sizes[name])
         return self.bufs[name][: math.prod(shape)].view(shape)
-
-    def _take(self, name: str, numel: int) -> Tensor:
-        if self.pooled:
-            buf = _pool().pop((name, self.like.dtype), None)
-            if buf is not None and buf.numel() >= numel:
-                return buf
-            # a plain tensor even in inference mode: the pool serves calls outside it too
-            with torch.inference_mode(False):
-                return torch.empty(numel, dtype=self.like.dtype)
-        return self.like.new_empty(numel)
-
-    def __enter__(self) -> _Workspace:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pooled:
-            pool = _pool()
-            for name, buf in self.held.items():
-                if buf.numel() * buf.element_size() <= _POOL_MAX_BYTES:
-                    pool[(name, buf.dtype)] = buf
-        self.bufs, self.held = {}, {}
-
-
-_POOL_MAX_BYTES = 16 * 2**20
-_POOL_LOCAL = threading.local()
-
-
-def _pool() -> dict[tuple[str, torch.dtype], Tensor]:
-    """This thread's free workspace buffers (CPU), by name and dtype."""
-    if not hasattr(_POOL_LOCAL, "bufs"):
-        _POOL_LOCAL.bufs = {}
-    return _POOL_LOCAL.bufs
 
 
 # --- one chunk's F and bias ---------------------------------------------------------------------------
@@ -503,17 +455,16 @@ def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_sca
     mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
     carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
     tau_F = None if tau is None else naive.tau_in(qs.dtype, tau)  # min(F, tau) in F's dtype
-    with ws:
-        for i0 in range(0, L, fchunk):
-            i1 = min(i0 + fchunk, L)
-            carries[i0 // fchunk] = ncol
-            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
-            if Fc is not None:
-                mem[:, :, i0:i1] = Fc.clamp_(max=tau_F).sum(dim=-1, dtype=mem.dtype)
-            ncol[:, :, :i1] += Sn.sum(dim=2)
-            o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
-            out[:, :, i0:i1] = o_c
-            lse[:, :, i0:i1] = lse_c
+    for i0 in range(0, L, fchunk):
+        i1 = min(i0 + fchunk, L)
+        carries[i0 // fchunk] = ncol
+        Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
+        if Fc is not None:
+            mem[:, :, i0:i1] = Fc.clamp_(max=tau_F).sum(dim=-1, dtype=mem.dtype)
+        ncol[:, :, :i1] += Sn.sum(dim=2)
+        o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
+        out[:, :, i0:i1] = o_c
+        lse[:, :, i0:i1] = lse_c
     return out, mem, lse, carries
 
 
@@ -602,83 +553,82 @@ def _backward(
     #            keys 0 ............................ i1
     #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (a tile's votes, F, bias: [B, G|H, C, width])
     #        i1
-    with ws, wsf:
-        for i0 in reversed(range(0, L, fchunk)):
-            i1 = min(i0 + fchunk, L)
-            C = i1 - i0
-            qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-            qa, nlse_c, delta_c = (qc.float() if half else qc) * a, nlse5[:, :, :, i0:i1], rows(delta5, i0, i1)
-            qn_c = vt.qn[:, :, i0:i1]
-            dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
-            dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
-            dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
-            for j0 in range(0, i1, width):
-                j1 = min(j0 + width, i1)
-                n = j1 - j0
-                # the tile's votes, bias and F [B, G|H, C, n], rebuilt from the forward's carry: a block's whole rows
-                # would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
-                Sn, bias, F_t = _chunk_bias(
-                    vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
-                )
-                # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-                # (bias log2e - lse first, one pass, then the GEMM adds the logits into it: a pass fewer than a GEMM, a
-                # subtraction and an addition)
-                P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
-                # float16 / bfloat16: the logits in float32, as the forward's kernel formed them (its lse is of those)
-                Pw3 = wsf("P", B * Hkv, g * C, n) if half else P3
-                bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-                P = torch.add(nlse_c, bias5, alpha=_LOG2E, out=Pw3.view(B, Hkv, g, C, n))
-                Pw3.baddbmm_(qa, kTf[:, :, j0:j1] if half else kT[:, :, j0:j1])
-                # no subnormal P, nor (mostly) dZ: see _P_FLOOR
-                torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
-                if half:
-                    P3.copy_(Pw3)
-                # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
-                # one call per head.
-                dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
-                # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
-                dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
-                if half:
-                    dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * C, n)).mul_(Pw3)
-                else:
-                    dZw3 = dZ3.sub_(delta_c).mul_(P3)
-                del P, P3, Pw3
-                dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
-                if want_dpen:
-                    _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
-                # minus F's gradient, -dF = sum_h dZ_h [B, G, C, n], and everything after it negated (exactly: negation
-                # never rounds), which spares the pass that would negate it
-                ndF = dZ.sum(dim=1, keepdim=True) if G == 1 else dZ
-                ndF = ndF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
-                if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
-                    # (out of place: ndF may be dZ; computed in float32 with half votes and rounded once, as add_ did)
-                    ndF = (ndF - dmem_c * (F_t > tau_F).logical_not_()).to(vt.qn.dtype)
-                # -dS[k, j] = -(sum over later queries i > k of dF[i, j]): later blocks (ndcol) + this one
-                ndS = _exclusive_rows_below(vt.above, ndF, ndcol[:, :, None, j0:j1])
-                ndcol[:, :, j0:j1] += ndF.sum(dim=2)
-                # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
-                ndl = _keep_where_negative(ndS, Sn)  # -dl
-                if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
-                    dZ[:, heads].add_(ndl, alpha=-sel_scale / scale)
-                else:
-                    dqs_c -= grouped_matmul(ndl, vt.ks[:, :, j0:j1])
-                    if Gk == G:
-                        dks[:, :, j0:j1].add_(torch.matmul(ndl.transpose(-2, -1), qn_c), alpha=vt.post)
-                    else:  # the g voters of one key head as one GEMM: their gradients sum in it
-                        ndlg = ndl.reshape(B, Gk, (G // Gk) * C, n)
-                        qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
-                        dks[:, :, j0:j1].add_(torch.matmul(ndlg.transpose(-2, -1), qng), alpha=vt.post)
-                del dZ, ndF, ndS, ndl
-                if half:
-                    dZ3.copy_(dZw3)
-                del dZw3
-                dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-                dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
-                dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
-                del dZ3
-            dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
-            if not fold:
-                dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
+    for i0 in reversed(range(0, L, fchunk)):
+        i1 = min(i0 + fchunk, L)
+        C = i1 - i0
+        qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
+        qa, nlse_c, delta_c = (qc.float() if half else qc) * a, nlse5[:, :, :, i0:i1], rows(delta5, i0, i1)
+        qn_c = vt.qn[:, :, i0:i1]
+        dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
+        dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
+        dmem_c = None if dmem is None else dmem[:, :, i0:i1, None]
+        for j0 in range(0, i1, width):
+            j1 = min(j0 + width, i1)
+            n = j1 - j0
+            # the tile's votes, bias and F [B, G|H, C, n], rebuilt from the forward's carry: a block's whole rows
+            # would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
+            Sn, bias, F_t = _chunk_bias(
+                vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
+            )
+            # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
+            # (bias log2e - lse first, one pass, then the GEMM adds the logits into it: a pass fewer than a GEMM, a
+            # subtraction and an addition)
+            P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
+            # float16 / bfloat16: the logits in float32, as the forward's kernel formed them (its lse is of those)
+            Pw3 = wsf("P", B * Hkv, g * C, n) if half else P3
+            bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
+            P = torch.add(nlse_c, bias5, alpha=_LOG2E, out=Pw3.view(B, Hkv, g, C, n))
+            Pw3.baddbmm_(qa, kTf[:, :, j0:j1] if half else kT[:, :, j0:j1])
+            # no subnormal P, nor (mostly) dZ: see _P_FLOOR
+            torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
+            if half:
+                P3.copy_(Pw3)
+            # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
+            # one call per head.
+            dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
+            # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
+            dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
+            if half:
+                dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * C, n)).mul_(Pw3)
+            else:
+                dZw3 = dZ3.sub_(delta_c).mul_(P3)
+            del P, P3, Pw3
+            dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
+            if want_dpen:
+                _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
+            # minus F's gradient, -dF = sum_h dZ_h [B, G, C, n], and everything after it negated (exactly: negation
+            # never rounds), which spares the pass that would negate it
+            ndF = dZ.sum(dim=1, keepdim=True) if G == 1 else dZ
+            ndF = ndF.to(vt.qn.dtype)  # the votes' dtype (half: rounded once, from float32)
+            if dmem_c is not None:  # d/dF sum_j min(F, tau) = 1 unless F > tau (the spec's: 1 at F = tau and NaN)
+                # (out of place: ndF may be dZ; computed in float32 with half votes and rounded once, as add_ did)
+                ndF = (ndF - dmem_c * (F_t > tau_F).logical_not_()).to(vt.qn.dtype)
+            # -dS[k, j] = -(sum over later queries i > k of dF[i, j]): later blocks (ndcol) + this one
+            ndS = _exclusive_rows_below(vt.above, ndF, ndcol[:, :, None, j0:j1])
+            ndcol[:, :, j0:j1] += ndF.sum(dim=2)
+            # relu' and the vote mask (S is 0 off it); l = sel_scale qs ks^T, and qn = -sel_scale qs
+            ndl = _keep_where_negative(ndS, Sn)  # -dl
+            if fold:  # zeroed voter rows (key 0, padding) have dl = 0 there, so q, k stand in for qs, ks
+                dZ[:, heads].add_(ndl, alpha=-sel_scale / scale)
+            else:
+                dqs_c -= grouped_matmul(ndl, vt.ks[:, :, j0:j1])
+                if Gk == G:
+                    dks[:, :, j0:j1].add_(torch.matmul(ndl.transpose(-2, -1), qn_c), alpha=vt.post)
+                else:  # the g voters of one key head as one GEMM: their gradients sum in it
+                    ndlg = ndl.reshape(B, Gk, (G // Gk) * C, n)
+                    qng = qn_c.reshape(B, Gk, (G // Gk) * C, qn_c.shape[-1])
+                    dks[:, :, j0:j1].add_(torch.matmul(ndlg.transpose(-2, -1), qng), alpha=vt.post)
+            del dZ, ndF, ndS, ndl
+            if half:
+                dZ3.copy_(dZw3)
+            del dZw3
+            dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
+            dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
+            dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
+            del dZ3
+        dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
+        if not fold:
+            dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
     if heads is not None:
         dqs = dks = None
     return dq, dk, dv, dqs, dks, dpen
