@@ -24,7 +24,7 @@ import functools
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -272,6 +272,10 @@ class Decoder:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
         max_new_tokens = int(max_new_tokens)
         vocab = self.model.config.vocab_size
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}.")
+        if is_int(suppress_tokens) or not isinstance(suppress_tokens, Iterable):
+            raise ValueError(f"suppress_tokens must be a sequence of token ids (e.g. [3]), got {suppress_tokens!r}.")
         suppress = list(suppress_tokens)
         if not all(is_int(i) and 0 <= int(i) < vocab for i in suppress) or len(set(map(int, suppress))) >= vocab:
             raise ValueError(f"suppress_tokens must be ids in [0, {vocab}), leaving one to sample; got {suppress!r}.")
@@ -323,7 +327,7 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator: tor
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     t = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(-1, keepdim=True)) / t
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k is not None:  # exactly the k that topk returns: a threshold at the k-th value kept every tie with it
+        top = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, top.values)
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)

@@ -13,7 +13,8 @@ generate) is :class:`selective_attention.decoding.Decoder`, which only calls the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,17 @@ __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_index(v):
+    """``v`` as a Python int when it is an integer of any kind (NumPy, a 0-d integer tensor; not a bool), else
+    unchanged (for the caller's check to name)."""
+    if isinstance(v, bool) or (isinstance(v, Tensor) and v.dtype == torch.bool):
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
 
 
 def _is_real(v) -> bool:
@@ -93,8 +105,8 @@ class GPTConfig:
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"the head dim ({self.head_dim}) must be a positive even number (rotary).")
-        if not 0.0 <= self.dropout < 1.0:  # NaN fails this too
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         if not _is_real(self.mlp_ratio) or self.mlp_ratio <= 0 or int(self.mlp_ratio * self.d_model) < 1:
             raise ValueError(
                 f"mlp_ratio must be a finite number > 0 giving a hidden width int(mlp_ratio * d_model) >= 1, "
@@ -112,10 +124,15 @@ class GPTConfig:
                 f"memory_eps must be a finite number >= 0 (0 = off; the paper: 0.1), got {self.memory_eps!r}."
             )
         if self.selection_layers is not None:
-            layers = tuple(self.selection_layers)
+            if isinstance(self.selection_layers, (str, bytes)) or not isinstance(self.selection_layers, Iterable):
+                raise ValueError(
+                    f"selection_layers must be a sequence of layer indices (e.g. [0] for one layer), got "
+                    f"{self.selection_layers!r}."
+                )
+            layers = tuple(_as_index(i) for i in self.selection_layers)  # NumPy and 0-d tensor ints too
             bad = [i for i in layers if not (_is_int(i) and 0 <= i < self.n_layer)]
             if bad:
-                raise ValueError(f"selection_layers {bad} are not layer indices in [0, n_layer={self.n_layer}).")
+                raise ValueError(f"selection_layers {bad} are not layer indices (ints in [0, n_layer={self.n_layer})).")
             if not layers:
                 raise ValueError(
                     "selection_layers=() selects in no layer; pass None for every layer, or selection=False."
@@ -513,7 +530,9 @@ class GPT(nn.Module):
         (prompt + tokens to generate) when it has no budget; ``threshold`` evicts in every layer; ``policy``
         (``"selective"``, ``"window"``, ``"h2o"``) and ``recent`` choose what goes when a layer is full
         (:mod:`~selective_attention.kv_cache`)."""
-        budgets = [None] * len(self.blocks) if budgets is None else budgets
+        budgets = [None] * len(self.blocks) if budgets is None else list(budgets)
+        if len(budgets) != len(self.blocks):
+            raise ValueError(f"budgets has {len(budgets)} entries but the model has n_layer={len(self.blocks)} layers.")
         w = self.tok_emb.weight
         kw = dict(threshold=threshold, policy=policy, recent=recent, dtype=w.dtype, device=w.device)
         return [

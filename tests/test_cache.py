@@ -270,6 +270,8 @@ def test_sampling_controls():
         (dict(temperature=float("inf")), ValueError, "finite number >= 0.*got inf"),
         (dict(top_k=0), ValueError, "top_k"),
         (dict(top_k=2.5), ValueError, "top_k must be an int >= 1 or None, got 2.5"),  # failed inside topk
+        (dict(suppress_tokens=3), ValueError, r"suppress_tokens must be a sequence of token ids \(e.g. \[3\]\)"),
+        (dict(generator=0), ValueError, "generator must be a torch.Generator or None, got 0"),  # ignored at temp. 0
     ],
 )
 def test_generate_errors(kw, exc, match):
@@ -413,3 +415,13 @@ def test_a_call_that_fails_partway_leaves_the_decoder_refusing_steps(monkeypatch
         dec.step(torch.tensor([4]))  # a retry would have written the token twice in layer 0
     logits = dec.prefill(torch.randint(0, 40, (1, 6)), 5)  # a new prefill serves again
     assert logits.shape == (1, 40)
+
+
+def test_top_k_samples_among_exactly_k_tokens_when_logits_tie():
+    """A threshold at the k-th logit kept every token tied with it: top_k=2 sampled 4 ids, top_k=1 was not greedy."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]]).expand(4000, 5)
+    seen = set(decoding.sample(logits, 1.0, 2, gen).tolist())
+    assert len(seen) == 2 and 0 in seen
+    tied = torch.tensor([[1.0, 3.0, 3.0]]).expand(200, 3)
+    assert decoding.sample(tied, 1.0, 1, gen).unique().numel() == 1

@@ -291,3 +291,21 @@ def test_rotary_is_the_pairwise_rotation_to_the_bit(dtype):
     x1, x2 = x[..., :8], x[..., 8:]
     want = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     assert torch.equal(rotary(x, rope), want)
+
+
+def test_config_names_bad_selection_layers_dropout_and_budget_counts():
+    import numpy as np
+
+    base = dict(vocab_size=40, context_len=16, n_layer=2, n_head=2, d_model=16, selection=True)
+    assert GPTConfig(**base, selection_layers=np.array([1])).selection_layers == (1,)  # was 'not layer indices'
+    assert GPTConfig(**base, selection_layers=[torch.tensor(0)]).selection_layers == (0,)
+    for bad, match in [
+        (dict(selection_layers=1), r"selection_layers must be a sequence of layer indices \(e.g. \[0\]"),
+        (dict(selection_layers=[True]), r"selection_layers \[True\] are not layer indices"),
+        (dict(dropout="0.1"), "dropout must be a number in \\[0, 1\\), got '0.1'"),
+        (dict(dropout=None), "dropout must be a number in \\[0, 1\\), got None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(**base, **bad)
+    with pytest.raises(ValueError, match="budgets has 1 entries but the model has n_layer=2 layers"):
+        GPT(GPTConfig(**base)).new_caches(1, 8, budgets=[4])  # was zip()'s 'argument 2 is shorter'
