@@ -89,6 +89,13 @@ class Decoder:
         budgets: list[int | None] = value if isinstance(value, list) else [value] * n
         if len(budgets) != n:
             raise ValueError(f"budget has {len(budgets)} entries but the model has n_layer={n} layers.")
+        ctx = model.config.context_len
+        big = [b for b in budgets if b is not None and b > ctx]
+        if big:  # never usable: a layer attends to at most context_len tokens (past it only with budgets within it)
+            raise ValueError(
+                f"budget {big[0]} exceeds the model's context_len={ctx}: a layer never needs more slots than that, and "
+                f"a budget allocates its slots up front; use a budget <= {ctx}, or None to keep the whole context."
+            )
         check_policy(policy, threshold, recent, budget=budgets)
         if threshold is not None and not any(block.attn.selects for block in model.blocks):
             raise ValueError(  # F = 0 everywhere: the decoder said it pruned and held every token

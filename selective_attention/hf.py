@@ -1055,7 +1055,8 @@ class SelectiveCache(Cache):
             that many tokens per layer are stored and attended at any step, the newest included (>= 2: the
             first real token and the newest). A layer that does not select (left out of
             ``configure(layers=[...])``) has F = 0, so a budget there evicts the oldest tokens (a sliding
-            window, the first real token kept); ``None`` in its place keeps all of them.
+            window, the first real token kept); ``None`` in its place keeps all of them. A budget's slots are
+            allocated when the prompt is read, so keep it within what a sequence will reach.
         threshold: evict any token whose accumulated penalty F exceeds it.
         policy: which token a full layer evicts: ``"selective"`` (the paper: the largest accumulated F)
             or ``"window"`` (StreamingLLM-style: the oldest, the first real token kept), a baseline at

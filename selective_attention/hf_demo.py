@@ -71,6 +71,11 @@ class HFDemoConfig:
             )
         if any(b < 2 for b in self.budgets):
             raise ValueError(f"budgets must be >= 2 (the first token and the newest), got {self.budgets}.")
+        if any(b > self.context_len for b in self.budgets):  # more slots than a window holds: memory, never used
+            raise ValueError(
+                f"budgets must be <= context_len={self.context_len} (the evaluation windows' length), got "
+                f"{self.budgets}."
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}.")
 

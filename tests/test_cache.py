@@ -239,8 +239,10 @@ def test_decode_past_context_len_with_a_budget():
     assert m.generate(long, 3, budget=8).shape == (1, 23)
     with pytest.raises(ValueError, match="prompt length 20 exceeds context_len=16"):
         m.generate(long, 3)
-    with pytest.raises(ValueError, match="at most 16 for every layer"):
+    with pytest.raises(ValueError, match="budget 17 exceeds the model's context_len=16: .* use a budget <= 16"):
         m.generate(idx, 30, budget=[8, 17])
+    with pytest.raises(ValueError, match="budget 1000 exceeds the model's context_len=16"):
+        Decoder(m, budget=1000)  # was 1,000 slots a layer allocated, never usable
 
 
 def test_sampling_controls():

@@ -68,9 +68,11 @@ def test_a_prompt_longer_than_the_context_goes_through_a_bounded_cache():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     out = decoding.Decoder(model, budget=8).generate(idx, 5, temperature=0.0)
     assert out.shape == (2, 28) and torch.equal(out[:, :23], idx)
-    for kw in (dict(), dict(threshold=1.0), dict(budget=32)):
+    for kw in (dict(), dict(threshold=1.0)):
         with pytest.raises(ValueError, match="prompt length 23 exceeds context_len=16.*budget of at most 16"):
             decoding.Decoder(model, **kw).prefill(idx, 0)
+    with pytest.raises(ValueError, match="budget 32 exceeds the model's context_len=16"):  # refused when built
+        decoding.Decoder(model, budget=32)
 
 
 def test_generate_takes_numpy_token_counts_and_warns_in_training_mode():

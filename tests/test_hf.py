@@ -1179,6 +1179,8 @@ def test_hf_demo_refuses_empty_budgets_before_training(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="budgets is empty.*--budgets=16,32,64"):
         HFDemoConfig(budgets=())
+    with pytest.raises(ValueError, match=r"budgets must be <= context_len=128 .*got \(16, 1000\)"):
+        HFDemoConfig(budgets=(16, 1000), context_len=128)  # its table said 7.8x *more* KV memory
     out = tmp_path / "hf"
     assert cli.main(["hf-demo", "--quick", "--budgets=", f"--out={out}", "--no_progress"]) == 2
     assert "budgets is empty" in capsys.readouterr().err
