@@ -71,7 +71,12 @@ def main() -> int:
         return 0
     old = records.get(key)
     if old is None:
-        print(f"no record for this machine in {RECORDS} (records: {len(records)}): nothing to compare with.")
+        same_cpu = sorted(k for k in records if k.rsplit(" | ", 1)[0] == key.rsplit(" | ", 1)[0])
+        hint = f"; this CPU has records at: {', '.join(k.rsplit(' | ', 1)[1] for k in same_cpu)}" if same_cpu else ""
+        print(
+            f"no record for this machine in {RECORDS} (records: {len(records)}{hint}): nothing to compare with "
+            "(the thread count changes the GEMMs' summation order, so it is part of the key)."
+        )
         return 0
     moved = [name for name in now if now[name] != old[name]]
     if not moved:

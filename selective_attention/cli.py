@@ -254,7 +254,7 @@ def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits, pruned_slots
     from .checkpoint import malformed_text_record, model_from_checkpoint
     from .decoding import budgets_fit
-    from .kv_cache import check_policy
+    from .kv_cache import check_policy, h2o_recent
     from .train import Task, TrainConfig, evaluate
 
     budget = _budget_arg(args.budget)
@@ -343,7 +343,9 @@ def cmd_eval(args: EvalOptions) -> dict:
         if args.policy == "selective" and not _selects(model):
             out["note"] = "no selective layer: F = 0, so the oldest token goes (as with policy window)"
         if args.policy == "h2o":
-            out["recent"] = args.recent if args.recent is not None else "budget // 2"
+            # the window each layer used (its budget // 2 unless --recent; None: a layer without a budget)
+            per_layer = budget if isinstance(budget, list) else [budget] * model.config.n_layer
+            out["recent"] = [h2o_recent(b, args.recent) for b in per_layer]
     if occupancy is not None:  # the peak: every slot a step stored and attended
         out["kv_tokens_per_layer"] = occupancy
         # what the decoder's static buffers allocated: a threshold alone saves no memory with them

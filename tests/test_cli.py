@@ -198,6 +198,9 @@ def test_eval_context_len_and_budget_checked_against_the_model(ckpts, capsys):
     capsys.readouterr()
     assert main(["eval", "--ckpt", run, "--budget", "none,none", "--batches", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["budget"] is None  # nothing pruned anywhere: no budget
+    # H2O's recent window as each layer used it, a number (was the string "budget // 2")
+    assert main(["eval", "--ckpt", run, "--budget", "8,none", "--policy", "h2o", "--batches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recent"] == [4, None]
 
 
 def test_eval_varassign_checkpoint(ckpts, capsys):
