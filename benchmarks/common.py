@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.machine import cpu_model, cpu_signature  # one definition, shared with the CLI's bench
+from selective_attention.machine import cores, cpu_model, cpu_signature  # one definition, shared with the CLI's bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,7 +21,7 @@ def machine() -> str:
     """The CPU's model name and family/model/stepping (virtual machines give different chips one name), cores, torch
     build and threads: the line every table carries."""
     return (
-        f"{cpu_model()} (family/model/stepping {cpu_signature()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()} (family/model/stepping {cpu_signature()}), {cores()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_model", "cpu_signature", "commit", "provenance"]
+__all__ = ["cpu_model", "cpu_signature", "cores", "commit", "provenance"]
 
 
 def _cpuinfo(*names: str) -> dict[str, str]:
@@ -40,9 +40,18 @@ def cpu_signature() -> str:
     return "/".join(ids.get(k, "?") for k in ("cpu family", "model", "stepping"))
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: ``taskset -c 1`` gives 1), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def commit(path: str | Path | None = None) -> str | None:
     """The git commit of the checkout holding ``path`` (default: this package), with ``+changes`` when its tracked
-    files differ from it; None outside a git checkout (an installed wheel) or without git."""
+    files differ from it, ``+status-unknown`` when git could not say; None outside a git checkout (an installed
+    wheel) or without git."""
     where = str(Path(__file__).resolve().parent if path is None else path)
     try:
         head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -57,10 +66,12 @@ def commit(path: str | Path | None = None) -> str | None:
                                capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return head.stdout.strip() + ("+changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    if dirty.returncode != 0:  # not a clean tree as far as anyone knows
+        return head.stdout.strip() + "+status-unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def provenance() -> dict:
     """``{"cpu", "cores", "torch", "threads", "commit"}``, for a result file."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": cores(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "commit": commit()}  # fmt: skip

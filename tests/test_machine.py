@@ -25,6 +25,29 @@ def test_provenance_names_the_machine():
     p = machine.provenance()
     assert p["cpu"] == machine.cpu_model() and p["cpu"]
     assert set(p) == {"cpu", "cores", "torch", "threads", "commit"}
+    assert p["cores"] == machine.cores() >= 1
+
+
+def test_cores_are_those_the_process_may_use(monkeypatch):
+    """Under ``taskset -c 1`` the count was os.cpu_count(), every core of the machine."""
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {1}, raising=False)
+    assert machine.cores() == 1
+
+
+def test_a_git_status_that_fails_is_not_a_clean_tree(tmp_path, monkeypatch):
+    real = subprocess.run
+
+    def run(cmd, *a, **k):
+        if "status" in cmd:
+            return subprocess.CompletedProcess(cmd, 128, "", "fatal: index file corrupt")
+        return real(cmd, *a, **k)
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    _git(tmp_path, "add", "f.txt")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    monkeypatch.setattr(machine.subprocess, "run", run)
+    assert machine.commit(tmp_path).endswith("+status-unknown")
 
 
 def test_cpu_model_and_signature_read_cpuinfo(tmp_path, monkeypatch):
