@@ -583,6 +583,8 @@ def _grad_norm(model: GPT, grad_clip: float) -> Tensor:
     """The total gradient norm (before clipping), clipping to ``grad_clip`` when it is > 0."""
     if grad_clip > 0:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6: clipping at inf scales by 1 (exact)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
@@ -699,14 +701,17 @@ def main(cfg: TrainConfig) -> dict:
     if rank != 0:  # only rank 0 writes
         return _main(cfg)
     out_dir = Path(cfg.out_dir)
-    made = not out_dir.exists()
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # the folders this run creates, deepest first
     check_out_dir(out_dir)
     try:
         with _run_lock(out_dir):
             return _main(cfg)
     except BaseException:
-        if made and not any(out_dir.iterdir()):  # refused before writing anything (a bad --data): leave no folder
-            out_dir.rmdir()
+        # refused before writing anything (a bad --data): leave none of the folders it made
+        for d in made:
+            if any(d.iterdir()):
+                break
+            d.rmdir()
         raise
 
 
@@ -795,7 +800,9 @@ def _main(cfg: TrainConfig) -> dict:
                 f"{start} to continue it, `selective-attention eval --ckpt={out_dir}` to evaluate it, another "
                 f"--out_dir, or --resume=false."
             )
-        history = [row for row in meta["extra"].get("history", []) if row.get("step", 0) <= start]
+        # rank 0's alone, as it is the only one that evaluates: another rank's summary would report the checkpoint's
+        # last evaluation as the final model's (an uninterrupted run's other ranks report none)
+        history = [row for row in meta["extra"].get("history", []) if row.get("step", 0) <= start] if main_proc else []
         planned = meta["train_config"].get("max_steps")
         if main_proc and planned is not None and planned != cfg.max_steps and start < cfg.max_steps:
             was = lr_at(start, dataclasses.replace(cfg, max_steps=planned))

@@ -319,14 +319,16 @@ def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
 def test_ddp_resume_continues_each_ranks_data(tmp_path):
     """A 2-process run killed after its step-2 checkpoint and resumed ends where an uninterrupted one does: each
     rank's data stream is stored (not rank 0's for all). Another number of processes is refused."""
-    ref = _torchrun(tmp_path / "a", "--ckpt_interval=2")
-    _torchrun(tmp_path / "b", "--ckpt_interval=2", "--stop_after=3")
+    ref = _torchrun(tmp_path / "a", "--ckpt_interval=2", "--eval_interval=2")
+    _torchrun(tmp_path / "b", "--ckpt_interval=2", "--eval_interval=2", "--stop_after=3")
     tensors, meta = load_checkpoint(tmp_path / "b")
     assert meta["step"] == 2 and meta["extra"]["world_size"] == 2
     assert not torch.equal(tensors["rng.data"], tensors["rng.data.1"])
-    resumed = _torchrun(tmp_path / "b", "--ckpt_interval=2")
+    resumed = _torchrun(tmp_path / "b", "--ckpt_interval=2", "--eval_interval=2")  # its checkpoint logged step 2's eval
     assert [s["param_checksum"] for s in resumed] == [s["param_checksum"] for s in ref]
     assert resumed[0]["val_loss"] == ref[0]["val_loss"]
+    # rank 1 evaluates nothing: no val_loss or history, resumed or not (it reported the checkpoint's last evaluation)
+    assert resumed[1]["val_loss"] is None and ref[1]["val_loss"] is None
     cfg = TrainConfig.from_options(
         dict(
             data="pydoc",
@@ -628,6 +630,18 @@ def test_resume_refuses_a_changed_training_config(tmp_path):
     s = main(tiny(tmp_path, max_steps=8, lr=1e-3, allow_config_change=True))
     assert s["history"][-1]["step"] == 8
     assert load_checkpoint(tmp_path / "run")[1]["train_config"]["lr"] == 1e-3
+
+
+def test_a_refused_run_leaves_none_of_the_folders_it_made(tmp_path):
+    """--data=/nonexistent --out_dir=nest/a/b removed b and left nest/a behind."""
+    with pytest.raises(FileNotFoundError):
+        main(tiny(tmp_path, data=str(tmp_path / "nonexistent"), out_dir=str(tmp_path / "nest" / "a" / "b")))
+    assert not (tmp_path / "nest").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file")
+    with pytest.raises(FileNotFoundError):
+        main(tiny(tmp_path, data=str(tmp_path / "nonexistent"), out_dir=str(tmp_path / "kept" / "a" / "b")))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]  # a folder that was there stays
 
 
 def test_unusable_out_dir_fails_before_training(tmp_path, monkeypatch):
@@ -1195,3 +1209,16 @@ def test_train_config_from_dict_takes_paths_and_devices_as_the_constructor_does(
     assert (cfg.data, cfg.out_dir, cfg.device) == ("kjv", str(tmp_path), "cpu")
     with pytest.raises(ValueError, match="--data=5 is invalid: it must be a text"):
         TrainConfig.from_dict({"data": 5})
+
+
+def test_no_clipping_reports_the_same_norm_on_every_torch(tmp_path, monkeypatch):
+    """--grad_clip=0 logs the gradient norm without clipping, also where torch.nn.utils.get_total_norm is missing
+    (torch < 2.6, within the declared torch>=2.5): the two ways agree."""
+    torch.manual_seed(0)
+    model = train_mod.GPT(train_mod.GPTConfig(vocab_size=40, context_len=8, n_layer=1, n_head=2, d_model=16))
+    model(torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8)))[0].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = train_mod._grad_norm(model, 0.0)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert torch.equal(train_mod._grad_norm(model, 0.0), norm)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # unclipped, to the bit
