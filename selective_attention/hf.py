@@ -658,13 +658,15 @@ def _forward(
 
 def _positions_follow(pos: Tensor, cached: SelectiveLayer, real: Tensor | None) -> bool:
     """Whether the last of a call's ``position_ids`` ``[B|1, Lq]`` follows the tokens ``cached`` has seen (this call's
-    included) in one of the ways transformers counts positions: over every token (a model's default, the cache
-    position: padding counted), from each sequence's first real token, or over real tokens only (positions built from
-    the padding mask: gaps of padding inside the sequence not counted). A whole sequence fed again ends at a smaller
-    position than any of these."""
+    included): at least the smallest of the ways transformers counts positions, over every token (a model's default,
+    the cache position: padding counted), from each sequence's first real token, or over real tokens only (positions
+    built from the padding mask: gaps of padding inside the sequence not counted). Larger is a text's later window
+    (positions that start at an offset), which follows too; a whole sequence fed again ends below all of them."""
     last = pos[..., -1].to(cached.first.device)
-    counts = [cached.seen - 1 - cached.first] + ([] if real is None else [real.sum(-1).to(last.device) - 1])
-    return bool((last == cached.seen - 1).all()) or any(bool((last == c).all()) for c in counts)
+    least = cached.seen - 1 - cached.first  # [B]: from each sequence's first real token (<= over every token)
+    if real is not None:
+        least = torch.minimum(least, real.sum(-1).to(last.device) - 1)  # real tokens only
+    return bool((last >= least).all())
 
 
 _CONSECUTIVE = threading.local()  # the position_ids last found consecutive: every layer gets the same tensor

@@ -341,6 +341,19 @@ def test_a_continuation_of_several_tokens_with_the_models_own_positions_is_exact
               **{CACHE: cache}, use_cache=True)  # fmt: skip
 
 
+def test_a_continuation_at_offset_positions_is_exact():
+    """Positions that start at an offset (a later window of a text) run without a cache and token by token through
+    one; a continuation of several tokens was refused as a sequence fed again ("they start again")."""
+    model = build("llama")
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(100, 109)[None].expand(2, 9)
+    ref = model(ids, position_ids=pos, use_cache=False).logits
+    cache = sa_hf.SelectiveCache()
+    model(ids[:, :6], position_ids=pos[:, :6], **{CACHE: cache}, use_cache=True)
+    out = model(ids[:, 6:], position_ids=pos[:, 6:], **{CACHE: cache}, use_cache=True).logits
+    torch.testing.assert_close(out, ref[:, 6:], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("layers", [None, []])  # selecting layers, and none (standard attention through the cache)
 def test_gradients_through_several_cached_calls_equal_the_full_forward(layers):
     """A forward with gradients through a SelectiveCache: a prompt, a call of 3 tokens, then 2 single tokens; the loss
