@@ -101,6 +101,7 @@ def squeeze_expanded(mask: Tensor) -> Tensor:
 
 def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
     """Return ``mask`` as 4-D ``(b, h, Lq, Lk)``, or raise naming the shape and the fix."""
+    lead = "-1, -1, " if mask.dim() == 4 else ""  # expand's leading sizes in the fix below (kept as they are)
     if mask.dim() == 2:
         mask = mask[None, None]
     elif mask.dim() == 3:
@@ -120,7 +121,8 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
         # (Lq, Lk) was meant is the classic silent bug; ask for it to be explicit.
         raise ValueError(
             f"{name} must cover the full (Lq, Lk) = ({Lq}, {Lk}) in its last two dims; got "
-            f"{tuple(mask.shape[-2:])}. Use mask.expand(..., {Lq}, {Lk}) if the broadcast is intended."
+            f"{tuple(mask.shape[-2:])}. Use mask.expand({lead}{Lq}, {Lk}) if the "
+            "broadcast is intended (key padding: key_padding_mask)."
         )
     expected = (B, H, Lq, Lk)
     for got, want in zip(mask.shape, expected):

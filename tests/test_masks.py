@@ -1,6 +1,7 @@
 """The mask rule of DESIGN §2: bool True removes; float F subtracted; any +-inf removes."""
 
 import math
+import re
 import warnings
 
 import pytest
@@ -128,6 +129,19 @@ def test_bad_mask_shapes_raise(shape, match):
     q, k, v = qkv(2, 2, 3, 3, 4)
     with pytest.raises(ValueError, match=match):
         selective_attention(q, k, v, torch.zeros(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 5), (1, 5), (3, 1)])
+def test_the_fix_a_partial_mask_shape_error_names_runs(shape):
+    """The refusal of a mask that broadcasts along its query or key axis names an expand() call that works: it said
+    mask.expand(..., Lq, Lk), a TypeError when run."""
+    q, k, v = qkv(2, 1, 3, 5, 4, requires_grad=False)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must cover the full") as err:
+        selective_attention(q, k, v, mask)
+    fix = re.search(r"Use (mask\.expand\([^)]*\))", str(err.value)).group(1)
+    fixed = eval(fix, {"mask": mask})  # noqa: S307 -- the error's own text, built from ints
+    assert selective_attention(q, k, v, fixed).shape == (2, 1, 3, 4)
 
 
 def test_mask_not_a_tensor_raises():
