@@ -59,7 +59,7 @@ from selective_attention.budget_search import (  # noqa: E402
 )
 from selective_attention.machine import provenance  # noqa: E402
 from selective_attention.stats import mean_std, paired_t, rounded_down  # noqa: E402
-from selective_attention.train import Task, TrainConfig, mean_loss, model_from_checkpoint  # noqa: E402
+from selective_attention.train import Task, TrainConfig, config_changes, mean_loss, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "results" / "reproduction"
@@ -149,11 +149,30 @@ def at_standard_loss(curve: list[dict], context: int, standard: dict, full: dict
     }
 
 
+NOT_THE_EXPERIMENT = ("out_dir", "progress", "compile")  # where and how a run ran, not what it trained
+
+
+def stale(result: dict) -> str | None:
+    """What differs between a result file's config and the one this script runs for its name (None: nothing): a
+    file made before an edit of BASE or VARIANTS is not this experiment's result."""
+    if "config" not in result:
+        return "it records no config"
+    changes = config_changes(config(result["context"], result["variant"], result["seed"]), result["config"],
+                             ignore=NOT_THE_EXPERIMENT)  # fmt: skip
+    return ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in changes.items()) or None
+
+
 def run_one(context: int, variant: str, seed: int) -> dict:
     name = run_name(context, variant, seed)
     out = RESULTS / f"{name}.json"
     if out.exists():
-        return json.loads(out.read_text())
+        done = json.loads(out.read_text())
+        if why := stale(done):
+            raise SystemExit(
+                f"{out} was made with another config ({why}): it is not this run's result. Move it away to run "
+                f"{name} again with this script's config, or restore the config it was made with."
+            )
+        return done
     std_file = RESULTS / f"{run_name(context, 'standard', seed)}.json"
     if variant.startswith("selective") and not std_file.exists():
         # its KV verdicts are measured against that run's loss: without it they would never be filled in
@@ -173,6 +192,8 @@ def run_one(context: int, variant: str, seed: int) -> dict:
     sets = window_sets(cfg, meta["tokenizer"])
     result["full"] = {"search": mean_loss(model, *sets[0]), "heldout": mean_loss(model, *sets[1])}
     standard = result if variant == "standard" else json.loads(std_file.read_text()) if std_file.exists() else None
+    if standard is not result and standard is not None and (why := stale(standard)):  # verdicts are measured by it
+        raise SystemExit(f"{std_file} was made with another config ({why}): run it again first (move it away).")
     t1 = time.perf_counter()
     result["kv"] = kv_methods(result, model, sets, standard)
     if cfg.model.selection and standard is not None:
@@ -208,7 +229,17 @@ def planned(contexts=None, seeds=None, only=None):
 
 # --- the report ------------------------------------------------------------------------------------
 def load() -> dict:
-    return {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
+    """Every result file by run name; a file made with another config than this script's is refused (a report would
+    pair it with the others as one experiment)."""
+    runs = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
+    old = {name: why for name, r in runs.items() if (why := stale(r))}
+    if old:
+        raise SystemExit(
+            f"{len(old)} result files in {RESULTS} were made with another config than this script's ("
+            + "; ".join(f"{n}: {why}" for n, why in list(old.items())[:3])
+            + "): move them away (or restore the config) before a report mixes them with the others."
+        )
+    return runs
 
 
 def heldout_by_seed(runs: dict, context: int, variant: str) -> dict[int, float]:
@@ -384,8 +415,9 @@ def main() -> None:
         )
     if args.command == "plan":
         for context, variant, seed in todo:
-            done = (RESULTS / f"{run_name(context, variant, seed)}.json").exists()
-            print(f"{'done' if done else 'todo'}  {run_name(context, variant, seed)}")
+            f = RESULTS / f"{run_name(context, variant, seed)}.json"
+            state = "todo" if not f.exists() else "STALE" if stale(json.loads(f.read_text())) else "done"
+            print(f"{state}  {run_name(context, variant, seed)}")
         return
     if args.command == "run":
         for context, variant, seed in todo:

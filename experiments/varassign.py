@@ -39,7 +39,7 @@ from common import cpu_model  # noqa: E402
 from selective_attention import machine  # noqa: E402
 from selective_attention.data import VariableAssignment  # noqa: E402
 from selective_attention.stats import mean_std, paired_t  # noqa: E402
-from selective_attention.train import TrainConfig, model_from_checkpoint  # noqa: E402
+from selective_attention.train import TrainConfig, config_changes, model_from_checkpoint  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "results" / "varassign"
@@ -202,10 +202,26 @@ def commit(path: Path, message: str) -> None:
     print(f"warning: could not commit {rel}; commit it by hand", file=sys.stderr)
 
 
+def stale(result: dict) -> str | None:
+    """What differs between a result file's training config and the one this script runs for its name (None:
+    nothing; a config no longer in CONFIGS says so): a file made before an edit of CONFIGS is not its result."""
+    if result["config"] not in CONFIGS:
+        return f"config {result['config']!r} is no longer in CONFIGS"
+    cfg = TrainConfig.from_options(options(result["config"], result["attention"], result["seed"]))
+    changes = config_changes(cfg, result["train_config"], ignore=("out_dir", "progress", "compile"))
+    return ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in changes.items()) or None
+
+
 def run_one(config: str, attention: str, seed: int, do_commit: bool = False) -> dict:
     out = RESULTS / f"{run_name(config, attention, seed)}.json"
     if out.exists():
-        return json.loads(out.read_text())
+        done = json.loads(out.read_text())
+        if why := stale(done):
+            raise SystemExit(
+                f"{out} was made with another config ({why}): it is not this run's result. Move it away to run it "
+                "again with this script's config, or restore the config it was made with."
+            )
+        return done
     torch.set_num_threads(1)
     cfg = TrainConfig.from_options(options(config, attention, seed))
     t0 = time.perf_counter()
@@ -234,9 +250,18 @@ def run_one(config: str, attention: str, seed: int, do_commit: bool = False) -> 
 def load() -> dict[str, dict[str, dict[int, dict]]]:
     """``{config: {attention: {seed: result}}}`` of every result file."""
     rows: dict = {}
+    old = {}
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
+        if why := stale(r):  # a report would pair it with the others as one experiment
+            old[f.stem] = why
         rows.setdefault(r["config"], {}).setdefault(r["attention"], {})[r["seed"]] = r
+    if old:
+        raise SystemExit(
+            f"{len(old)} result files in {RESULTS} were made with another config than this script's ("
+            + "; ".join(f"{n}: {why}" for n, why in list(old.items())[:3])
+            + "): move them away (or restore the config) before the report mixes them with the others."
+        )
     return rows
 
 

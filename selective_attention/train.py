@@ -62,6 +62,7 @@ from .progress import progress as progress_bar
 
 __all__ = [
     "FORMAT_VERSION",
+    "config_changes",
     "READABLE_VERSIONS",
     "tensors_checksum",
     "TrainConfig",
@@ -184,6 +185,21 @@ def _flat_values(cfg: TrainConfig) -> dict[str, object]:
     """The option values of ``cfg``: the model's fields beside the training ones (as on the command line)."""
     model = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(GPTConfig)}
     return {**model, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}}
+
+
+def config_changes(cfg: TrainConfig, stored: Mapping, ignore: Sequence[str] = ()) -> dict[str, tuple]:
+    """``{field: (stored value, cfg's value)}`` for every option (model and training fields, flat) that differs
+    between ``cfg`` and ``stored`` (a ``dataclasses.asdict(TrainConfig)``, as result files keep it), but those in
+    ``ignore``. A field ``stored`` lacks (added to the code since) counts as its default. For a script that keeps one
+    result per config: a result file made with another config is not this run's."""
+
+    def plain(v):  # as JSON keeps it: a tuple is a list there
+        return json.loads(json.dumps(v))
+
+    defaults = _flat_values(TrainConfig())
+    flat = {**stored.get("model", {}), **{k: v for k, v in stored.items() if k != "model"}}
+    old = {k: plain(flat.get(k, defaults[k])) for k in defaults}
+    return {k: (old[k], v) for k, v in _flat_values(cfg).items() if k not in ignore and old[k] != plain(v)}
 
 
 def _check_values(values: Mapping[str, object]) -> None:

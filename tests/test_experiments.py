@@ -3,6 +3,7 @@ sets, search per-layer budgets, report. Checks the bookkeeping a reader relies o
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -97,11 +98,48 @@ def test_a_diverged_run_is_left_out_of_the_paired_statistics_by_name(reproduce):
               ("selective", 0): 1.9, ("selective", 1): float("nan"), ("selective", 2): 2.05}  # fmt: skip
     for (variant, seed), loss in losses.items():
         r = {"name": f"c16-{variant}-s{seed}", "context": 16, "variant": variant, "seed": seed,
+             "config": dataclasses.asdict(reproduce.config(16, variant, seed)),
              "full": {"search": loss, "heldout": loss}, "kv": {}}  # fmt: skip
         (reproduce.RESULTS / f"{r['name']}.json").write_text(json.dumps(r))
     md = reproduce.report()
     row = next(line for line in md.splitlines() if line.startswith("| 16 | selective − standard |"))
     assert "(n=2)" in row and "s1 not finite (left out)" in row and "s0 -0.1000" in row and "s2 -0.1500" in row
+
+
+def test_a_result_made_with_another_config_is_not_taken_for_this_ones(reproduce, monkeypatch, capsys):
+    """run trained nothing and plan said 'done' for a file made before an edit of BASE, and the report paired it with
+    the others; a file made with this config (a field added to the code since counts as its default) is reused."""
+    reproduce.RESULTS.mkdir(parents=True)
+    for variant in ("standard", "selective"):
+        cfg = dataclasses.asdict(reproduce.config(16, variant, 0))
+        cfg.pop("compile")  # written before the field existed: its default
+        cfg["out_dir"] = "/elsewhere"  # where it ran is not what it trained
+        r = {"name": f"c16-{variant}-s0", "context": 16, "variant": variant, "seed": 0, "config": cfg,
+             "full": {"search": 2.0, "heldout": 2.0}, "kv": {}}  # fmt: skip
+        (reproduce.RESULTS / f"{r['name']}.json").write_text(json.dumps(r))
+    assert reproduce.run_one(16, "standard", 0)["name"] == "c16-standard-s0"  # reused, nothing trained
+    assert "| 16 |" in reproduce.report()
+    monkeypatch.setattr(reproduce, "BASE", {**reproduce.BASE, "max_steps": 5})  # the script's config changes
+    with pytest.raises(SystemExit, match=r"c16-standard-s0.json was made with another config \(max_steps: 3 there, 5"):
+        reproduce.run_one(16, "standard", 0)
+    with pytest.raises(SystemExit, match="2 result files .* were made with another config"):
+        reproduce.report()
+    monkeypatch.setattr("sys.argv", ["reproduce.py", "plan", "--seeds", "0"])
+    reproduce.main()
+    assert "STALE  c16-standard-s0" in capsys.readouterr().out
+
+
+def test_config_changes_count_a_missing_field_as_its_default_and_a_list_as_a_tuple():
+    from selective_attention.train import TrainConfig, config_changes
+
+    cfg = TrainConfig.from_options({"selection": True, "selection_layers": (0,), "n_layer": 2, "lr": 1e-3})
+    stored = dataclasses.asdict(cfg)
+    stored["model"]["selection_layers"] = [0]  # as JSON keeps it
+    del stored["compile"]
+    assert config_changes(cfg, stored) == {}
+    stored["lr"] = 2e-3
+    assert config_changes(cfg, stored) == {"lr": (2e-3, 1e-3)}
+    assert config_changes(cfg, stored, ignore=("lr",)) == {}
 
 
 def test_a_context_or_seed_outside_the_plan_is_refused_not_a_silent_no_op(reproduce, monkeypatch, capsys):
@@ -128,3 +166,26 @@ def test_the_variable_assignment_report_leaves_a_diverged_seed_out_by_name():
     assert "(n=2)" in text and "per seed: -0.1000, seed 1 not finite (left out), -0.1500" in text
     assert mod.paired_by_seed([1], sel, std, lambda r: r["val_loss"]).startswith("no finite pair")
     assert "1 not finite, left out" in mod.mean_std([r["val_loss"] for r in sel.values()])
+
+
+def test_varassign_refuses_a_result_made_with_another_config(tmp_path, monkeypatch):
+    """run_one returned, and the report paired, a file made before an edit of CONFIGS (a 50-step run beside 7000-step
+    ones, one table)."""
+    spec = importlib.util.spec_from_file_location("varassign", ROOT / "experiments" / "varassign.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from selective_attention.train import TrainConfig
+
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    name = next(iter(mod.CONFIGS))
+    cfg = dataclasses.asdict(TrainConfig.from_options(mod.options(name, "standard", 0)))
+    r = {"config": name, "attention": "standard", "seed": 0, "train_config": cfg}
+    (tmp_path / f"{mod.run_name(name, 'standard', 0)}.json").write_text(json.dumps(r))
+    assert mod.load()[name]["standard"][0]["seed"] == 0
+    assert mod.run_one(name, "standard", 0)["seed"] == 0  # reused: nothing trained
+    cfg["max_steps"] = cfg["max_steps"] + 1
+    (tmp_path / f"{mod.run_name(name, 'standard', 0)}.json").write_text(json.dumps({**r, "train_config": cfg}))
+    with pytest.raises(SystemExit, match="made with another config .*max_steps"):
+        mod.load()
+    with pytest.raises(SystemExit, match="made with another config .*max_steps"):
+        mod.run_one(name, "standard", 0)

@@ -1219,6 +1219,6 @@ def test_no_clipping_reports_the_same_norm_on_every_torch(tmp_path, monkeypatch)
     model(torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8)))[0].backward()
     grads = [p.grad.clone() for p in model.parameters()]
     norm = train_mod._grad_norm(model, 0.0)
-    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # absent before torch 2.6
     assert torch.equal(train_mod._grad_norm(model, 0.0), norm)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # unclipped, to the bit
