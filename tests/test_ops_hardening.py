@@ -37,6 +37,20 @@ def test_chunked_double_backward_raises_naming_naive():
         torch.autograd.grad(g.sum(), k)
 
 
+def test_a_batch_of_output_gradients_is_refused_by_name_and_served_by_naive():
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) batch the backward with the legacy vmap:
+    through the chunked backward (auto's choice) that was an internal 'Batching rule not implemented' error."""
+    q, k, v = _qkv(1, 2, 5, 3)
+    o = selective_attention(q, k, v, selection=True)
+    gos = torch.randn(3, *o.shape, dtype=o.dtype)
+    with pytest.raises(RuntimeError, match=r"backend='chunked' .* cannot take a batch of output gradients"):
+        torch.autograd.grad(o, q, gos, is_grads_batched=True)
+    o = selective_attention(q, k, v, selection=True, backend="naive")
+    (batched,) = torch.autograd.grad(o, q, gos, is_grads_batched=True, retain_graph=True)
+    for i in range(3):  # the named fix gives each gradient of the batch
+        torch.testing.assert_close(batched[i], torch.autograd.grad(o, q, gos[i], retain_graph=True)[0])
+
+
 def test_chunked_double_backward_raises_when_only_saved_inputs_carry_the_graph():
     """The cotangent needs no grad here (o.sum()); the second derivative still goes through q, k, v."""
     q, k, v = _qkv(1, 2, 6, 4)

@@ -47,7 +47,13 @@ from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
 from . import naive
-from .transforms import eager_call, eager_function, refuse_double_backward, unserved_transform
+from .transforms import (
+    eager_call,
+    eager_function,
+    refuse_batched_backward,
+    refuse_double_backward,
+    unserved_transform,
+)
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -747,6 +753,7 @@ _PENALTY = 10  # penalty's place among chunked_fwd's inputs
 def _chunked_fwd_backward(ctx, dout, dmem, _dlse, _dcarries):
     q, k, v, qs, ks, penalty, removed, dead, pad, out, lse, carries = saved = ctx.saved_tensors
     h0, h1, scale, sel_scale, chunk, tau = ctx.args
+    refuse_batched_backward(dout, "chunked")
     want_dpen = penalty is not None and ctx.needs_input_grad[_PENALTY]
     bwd = _bwd_impl if eager_call(*saved, dout, dmem) else chunked_bwd  # see _EagerChunked
     with torch.no_grad():

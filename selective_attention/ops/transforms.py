@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 from torch.autograd.forward_ad import unpack_dual
 
-__all__ = ["eager_call", "eager_function", "refuse_double_backward", "unserved_transform", "vmapped"]
+__all__ = [
+    "eager_call",
+    "eager_function",
+    "refuse_batched_backward",
+    "refuse_double_backward",
+    "unserved_transform",
+    "vmapped",
+]
 
 
 def _transforms() -> set:
@@ -111,6 +118,21 @@ class _NoDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *_):
         raise RuntimeError(_DOUBLE_BACKWARD.format(backend=ctx.backend))
+
+
+def refuse_batched_backward(dout: Tensor, backend: str) -> None:
+    """Raise, naming the fix, when a hand-written backward is handed a batch of output gradients by
+    ``torch.autograd.grad(..., is_grads_batched=True)`` or ``autograd.functional.jacobian(..., vectorize=True)``:
+    they batch it with the legacy vmap, which has no rule for the kernels' ops (an internal 'Batching rule not
+    implemented' error, naming none). The forward ran outside any transform, so the choice of backend was already
+    made; the spec's backend serves these calls."""
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if legacy is not None and isinstance(dout, Tensor) and legacy(dout):
+        raise RuntimeError(
+            f"backend='{backend}' (a hand-written backward) cannot take a batch of output gradients "
+            "(autograd.grad(..., is_grads_batched=True), or jacobian(..., vectorize=True)); run the forward with "
+            "backend='naive', or take the gradients one at a time (vectorize=False)."
+        )
 
 
 def refuse_double_backward(grads: tuple, graph: tuple, backend: str) -> tuple:

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from ...selection import head_range
-from ..transforms import eager_call, eager_function, refuse_double_backward, unserved_transform
+from ..transforms import (
+    eager_call,
+    eager_function,
+    refuse_batched_backward,
+    refuse_double_backward,
+    unserved_transform,
+)
 
 if TYPE_CHECKING:
     from ..registry import Request
@@ -178,6 +184,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
+    refuse_batched_backward(dout, "triton")
     bwd = _bwd_impl if eager_call(q, k, v, out, lse, dout) else paper_bwd  # see _EagerPaper
     with torch.no_grad():
         grads = bwd(dout, q, k, v, out, lse, ctx.vote_head, ctx.scale, ctx.sel_scale)
