@@ -157,6 +157,8 @@ def stale(result: dict) -> str | None:
     file made before an edit of BASE or VARIANTS is not this experiment's result."""
     if "config" not in result:
         return "it records no config"
+    if result["variant"] not in VARIANTS:
+        return f"variant {result['variant']!r} is no longer in VARIANTS"
     changes = config_changes(config(result["context"], result["variant"], result["seed"]), result["config"],
                              ignore=NOT_THE_EXPERIMENT)  # fmt: skip
     return ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in changes.items()) or None

@@ -606,6 +606,9 @@ def _forward(
             )
         out = cached.attend(query, key, value, real, sel, scaling)
         module._selective_masked = None
+        # the positions the next call of several tokens must go past (compiled: not read, as the check above)
+        cached.last_pos = pos[..., -1].detach().clone() if isinstance(pos, Tensor) and pos.dim() and not (
+            torch.compiler.is_compiling()) else None  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
     Lk = key.shape[2]
     if Lq != Lk:
@@ -661,7 +664,11 @@ def _positions_follow(pos: Tensor, cached: SelectiveLayer, real: Tensor | None) 
     included): at least the smallest of the ways transformers counts positions, over every token (a model's default,
     the cache position: padding counted), from each sequence's first real token, or over real tokens only (positions
     built from the padding mask: gaps of padding inside the sequence not counted). Larger is a text's later window
-    (positions that start at an offset), which follows too; a whole sequence fed again ends below all of them."""
+    (positions that start at an offset), which follows too; a whole sequence fed again ends below all of them. When
+    the earlier calls gave position ids, the call's first must be past the last of them (the same window fed again,
+    at any offset, is not)."""
+    if cached.last_pos is not None:  # the positions the cached tokens ended at: the call must start past them
+        return bool((pos[..., 0].to(cached.last_pos.device) > cached.last_pos).all())
     last = pos[..., -1].to(cached.first.device)
     least = cached.seen - 1 - cached.first  # [B]: from each sequence's first real token (<= over every token)
     if real is not None:
@@ -874,6 +881,7 @@ class SelectiveLayer(DynamicLayer):
         self.cache: LayerCache | None = None
         self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
         self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
+        self.last_pos: Tensor | None = None  # [B|1] the position id of the last token attended (None: not given)
         self._pending: tuple[Tensor, Tensor] | None = None
         self._writing = False  # attend() is changing the stored state (a failure then cannot be undone)
         self.owner: SelectiveCache | None = None  # the SelectiveCache holding this layer
@@ -917,6 +925,7 @@ class SelectiveLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.cache, self.first, self._pending, self.seen, self._writing = None, None, None, 0, False
+        self.last_pos = None
         self.is_initialized = False
 
     def refused(self, n_new: int, error: Exception) -> None:

@@ -13,6 +13,7 @@ generate) is :class:`selective_attention.decoding.Decoder`, which only calls the
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class GPTConfig:
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"the head dim ({self.head_dim}) must be a positive even number (rotary).")
+        if isinstance(self.dropout, Tensor) and self.dropout.dim() == 0 and self.dropout.dtype != torch.bool:
+            self.dropout = self.dropout.item()
+        if isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, bool):
+            self.dropout = float(self.dropout)  # a NumPy float, a Fraction: as nn.Dropout takes them
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         if not _is_real(self.mlp_ratio) or self.mlp_ratio <= 0 or int(self.mlp_ratio * self.d_model) < 1:

@@ -717,17 +717,20 @@ def main(cfg: TrainConfig) -> dict:
     if rank != 0:  # only rank 0 writes
         return _main(cfg)
     out_dir = Path(cfg.out_dir)
-    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # the folders this run creates, deepest first
+    # the folders this run creates, deepest first (of the path as the OS resolves it: "missing/../kept" is kept)
+    real = Path(os.path.normpath(out_dir.absolute()))
+    made = [d for d in (real, *real.parents) if not d.exists()]
     check_out_dir(out_dir)
     try:
         with _run_lock(out_dir):
             return _main(cfg)
     except BaseException:
         # refused before writing anything (a bad --data): leave none of the folders it made
-        for d in made:
-            if any(d.iterdir()):
-                break
-            d.rmdir()
+        with contextlib.suppress(OSError):  # a folder gone or filled meanwhile: the run's own error matters
+            for d in made:
+                if any(d.iterdir()):
+                    break
+                d.rmdir()
         raise
 
 

@@ -127,6 +127,9 @@ def test_a_result_made_with_another_config_is_not_taken_for_this_ones(reproduce,
     monkeypatch.setattr("sys.argv", ["reproduce.py", "plan", "--seeds", "0"])
     reproduce.main()
     assert "STALE  c16-standard-s0" in capsys.readouterr().out
+    assert reproduce.stale({"config": {}, "variant": "renamed", "context": 16, "seed": 0}) == (
+        "variant 'renamed' is no longer in VARIANTS"
+    )  # was a bare KeyError in plan, report and run
 
 
 def test_config_changes_count_a_missing_field_as_its_default_and_a_list_as_a_tuple():

@@ -352,6 +352,9 @@ def test_a_continuation_at_offset_positions_is_exact():
     model(ids[:, :6], position_ids=pos[:, :6], **{CACHE: cache}, use_cache=True)
     out = model(ids[:, 6:], position_ids=pos[:, 6:], **{CACHE: cache}, use_cache=True).logits
     torch.testing.assert_close(out, ref[:, 6:], rtol=0, atol=1e-12)
+    for start in (100, 106):  # the window (or its tail) fed again at its own positions: refused, at any offset
+        with pytest.raises(ValueError, match="start again"):
+            model(ids[:, start - 100 :], position_ids=pos[:, start - 100 :], **{CACHE: cache}, use_cache=True)
 
 
 @pytest.mark.parametrize("layers", [None, []])  # selecting layers, and none (standard attention through the cache)

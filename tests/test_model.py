@@ -299,6 +299,10 @@ def test_config_names_bad_selection_layers_dropout_and_budget_counts():
     base = dict(vocab_size=40, context_len=16, n_layer=2, n_head=2, d_model=16, selection=True)
     assert GPTConfig(**base, selection_layers=np.array([1])).selection_layers == (1,)  # was 'not layer indices'
     assert GPTConfig(**base, selection_layers=[torch.tensor(0)]).selection_layers == (0,)
+    from fractions import Fraction
+
+    for ok in (np.float32(0.25), np.int64(0), Fraction(1, 4), torch.tensor(0.25)):  # numbers, as before
+        assert GPTConfig(**base, dropout=ok).dropout in (0.25, 0.0)
     for bad, match in [
         (dict(selection_layers=1), r"selection_layers must be a sequence of layer indices \(e.g. \[0\]"),
         (dict(selection_layers=[True]), r"selection_layers \[True\] are not layer indices"),

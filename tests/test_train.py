@@ -642,6 +642,11 @@ def test_a_refused_run_leaves_none_of_the_folders_it_made(tmp_path):
     with pytest.raises(FileNotFoundError):
         main(tiny(tmp_path, data=str(tmp_path / "nonexistent"), out_dir=str(tmp_path / "kept" / "a" / "b")))
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]  # a folder that was there stays
+    (tmp_path / "empty").mkdir()  # existing and empty, reached through a folder that does not exist
+    with pytest.raises(FileNotFoundError):
+        out = tmp_path / "missing" / ".." / "empty" / "r"
+        main(tiny(tmp_path, data=str(tmp_path / "nonexistent"), out_dir=str(out)))
+    assert (tmp_path / "empty").is_dir()  # was removed: "missing/../empty" looked new
 
 
 def test_unusable_out_dir_fails_before_training(tmp_path, monkeypatch):

@@ -367,3 +367,5 @@ def test_sizes_the_kernels_cannot_launch_are_refused_by_name():
     long = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(1, 1, 200_000, 16)  # its vote carries: 2.5e9 elements
     assert "32-bit offsets" in op._launch_limit(long, long, long)
     assert op._launch_limit(*(torch.zeros(2, 4, 64, 16, device=DEVICE),) * 3) is None
+    big = torch.zeros(1, 1, 1, 128, device=DEVICE).expand(16, 32, 8192, 128)  # 2^31 elements in all, slices of 2^20
+    assert op._launch_limit(big, big, big) is None  # the slices' bases are int64: only a slice's size counts

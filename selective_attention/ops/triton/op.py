@@ -334,23 +334,24 @@ def supports(req: Request) -> str | None:
 
 
 _GRID_Y_MAX = 65535  # CUDA's limit on a grid's second axis, where the kernels put B * H (or B * Hkv)
-_INT32_ELEMENTS = 2**31  # the kernels' offsets are int32 (program ids times strides)
+_INT32_ELEMENTS = 2**31  # offsets within one (batch, head) slice are int32 (the slices' bases are int64)
 
 
 def _launch_limit(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why the kernels cannot be launched for these sizes, or None: B * H beyond a grid axis, or a tensor (the
-    inputs, or the per-block column sums of the votes, ``[B, H, ~L/16, L]`` at most) of 2^31 elements or more."""
+    """Why the kernels cannot be launched for these sizes, or None: B * H beyond a grid axis, or one (batch, head)
+    slice of 2^31 elements or more: of q, k or v (``L * D``), or of the per-block column sums of the votes and of
+    their gradients (``[~L/16, L]`` at most)."""
     B, H, L, _ = q.shape
     if B * H > _GRID_Y_MAX:
         return (
             f"backend='triton' launches one program per (batch, head) on a grid axis of at most {_GRID_Y_MAX}; got "
             f"B * H = {B * H}: split the batch, or use backend='chunked'."
         )
-    biggest = max(q.numel(), k.numel(), v.numel(), B * H * (L // 16 + 1) * L)
+    biggest = max(L * max(q.shape[-1], k.shape[-1], v.shape[-1]), (L // 16 + 1) * L)
     if biggest >= _INT32_ELEMENTS:
         return (
-            f"backend='triton' indexes with 32-bit offsets: tensors of 2^31 elements or more (here {biggest:,}, "
-            f"at B={B}, H={H}, L={L}) overflow them; split the batch, or use backend='chunked'."
+            f"backend='triton' indexes within one (batch, head) with 32-bit offsets, and at L={L} a slice holds "
+            f"{biggest:,} elements (2^31 or more); use backend='chunked'."
         )
     return None
 
