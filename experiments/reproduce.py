@@ -59,7 +59,14 @@ from selective_attention.budget_search import (  # noqa: E402
 )
 from selective_attention.machine import provenance  # noqa: E402
 from selective_attention.stats import mean_std, paired_t, rounded_down  # noqa: E402
-from selective_attention.train import Task, TrainConfig, config_changes, mean_loss, model_from_checkpoint  # noqa: E402
+from selective_attention.train import (  # noqa: E402
+    Task,
+    TrainConfig,
+    config_changes,
+    mean_loss,
+    model_from_checkpoint,
+    stale_results_error,
+)
 from selective_attention.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "results" / "reproduction"
@@ -236,11 +243,7 @@ def load() -> dict:
     runs = {json.loads(f.read_text())["name"]: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
     old = {name: why for name, r in runs.items() if (why := stale(r))}
     if old:
-        raise SystemExit(
-            f"{len(old)} result files in {RESULTS} were made with another config than this script's ("
-            + "; ".join(f"{n}: {why}" for n, why in list(old.items())[:3])
-            + "): move them away (or restore the config) before a report mixes them with the others."
-        )
+        raise SystemExit(stale_results_error(old, RESULTS))
     return runs
 
 

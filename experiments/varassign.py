@@ -39,7 +39,7 @@ from common import cpu_model  # noqa: E402
 from selective_attention import machine  # noqa: E402
 from selective_attention.data import VariableAssignment  # noqa: E402
 from selective_attention.stats import mean_std, paired_t  # noqa: E402
-from selective_attention.train import TrainConfig, config_changes, model_from_checkpoint  # noqa: E402
+from selective_attention.train import TrainConfig, config_changes, model_from_checkpoint, stale_results_error  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
 
 RESULTS = ROOT / "results" / "varassign"
@@ -257,11 +257,7 @@ def load() -> dict[str, dict[str, dict[int, dict]]]:
             old[f.stem] = why
         rows.setdefault(r["config"], {}).setdefault(r["attention"], {})[r["seed"]] = r
     if old:
-        raise SystemExit(
-            f"{len(old)} result files in {RESULTS} were made with another config than this script's ("
-            + "; ".join(f"{n}: {why}" for n, why in list(old.items())[:3])
-            + "): move them away (or restore the config) before the report mixes them with the others."
-        )
+        raise SystemExit(stale_results_error(old, RESULTS))
     return rows
 
 

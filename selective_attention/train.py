@@ -63,6 +63,7 @@ from .progress import progress as progress_bar
 __all__ = [
     "FORMAT_VERSION",
     "config_changes",
+    "stale_results_error",
     "READABLE_VERSIONS",
     "tensors_checksum",
     "TrainConfig",
@@ -200,6 +201,16 @@ def config_changes(cfg: TrainConfig, stored: Mapping, ignore: Sequence[str] = ()
     flat = {**stored.get("model", {}), **{k: v for k, v in stored.items() if k != "model"}}
     old = {k: plain(flat.get(k, defaults[k])) for k in defaults}
     return {k: (old[k], v) for k, v in _flat_values(cfg).items() if k not in ignore and old[k] != plain(v)}
+
+
+def stale_results_error(stale: Mapping[str, str], folder: Path) -> str:
+    """The refusal of result files in ``folder`` made with another config (``{file: what differs}``, from
+    :func:`config_changes`), for a report that would pair them with the others as one experiment."""
+    shown = "; ".join(f"{name}: {why}" for name, why in list(stale.items())[:3])
+    return (
+        f"{len(stale)} result files in {folder} were made with another config than this script's ({shown}): move them "
+        "away (or restore the config) before a report mixes them with the others."
+    )
 
 
 def _check_values(values: Mapping[str, object]) -> None:
