@@ -554,11 +554,12 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: b
     """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
     config lacks (added since) counts as its default. ``same_file``: ``--data`` names the file the checkpoint was
     trained on (its resolved path and sha256), however spelled (a relative path from another folder)."""
-    defaults = _flat_values(TrainConfig())
-    now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "model"}
-    old = {k: stored.get(k, defaults[k]) for k in now}
+    # the training fields only (the model's are checked against the weights): the stored ones under this model
+    as_now = {**stored, "model": dataclasses.asdict(cfg.model)}
+    changes = config_changes(cfg, as_now)
+    old, now = {k: a for k, (a, _) in changes.items()}, {k: b for k, (_, b) in changes.items()}
     try:
-        stored_cfg = TrainConfig.from_dict({**stored, "model": dataclasses.asdict(cfg.model)})
+        stored_cfg = TrainConfig.from_dict(as_now)
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} holds a training config this code refuses ({e}): it was edited or written by other "
@@ -567,7 +568,7 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: b
     inert = set(inert_fields(cfg)) & set(inert_fields(stored_cfg))  # no effect in either run: not a change
     if same_file:
         inert.add("data")
-    changed = [k for k in now if k not in RESUMABLE_FIELDS | inert and old[k] != now[k]]
+    changed = [k for k in now if k not in RESUMABLE_FIELDS | inert]
     if not changed:
         return
     fixed = {k: why for k, why in _FIXED_ON_RESUME.items() if k in changed}
