@@ -133,8 +133,9 @@ def check_budget(b: object) -> int:
 
 
 def is_int(x: object) -> bool:
-    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor."""
-    if isinstance(x, bool):
+    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor (a bool tensor's index is 0 or 1,
+    but True is no count)."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
         return False
     try:
         operator.index(x)

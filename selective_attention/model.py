@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, attention_received, fcum_after_prompt
+from .kv_cache import LayerCache, attention_received, fcum_after_prompt, is_int
 from .selection import Selection
 
 __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
@@ -31,17 +31,6 @@ __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _as_index(v):
-    """``v`` as a Python int when it is an integer of any kind (NumPy, a 0-d integer tensor; not a bool), else
-    unchanged (for the caller's check to name)."""
-    if isinstance(v, bool) or (isinstance(v, Tensor) and v.dtype == torch.bool):
-        return v
-    try:
-        return operator.index(v)
-    except TypeError:
-        return v
 
 
 def _is_real(v) -> bool:
@@ -134,7 +123,7 @@ class GPTConfig:
                     f"selection_layers must be a sequence of layer indices (e.g. [0] for one layer), got "
                     f"{self.selection_layers!r}."
                 )
-            layers = tuple(_as_index(i) for i in self.selection_layers)  # NumPy and 0-d tensor ints too
+            layers = tuple(operator.index(i) if is_int(i) else i for i in self.selection_layers)  # NumPy, 0-d tensor
             bad = [i for i in layers if not (_is_int(i) and 0 <= i < self.n_layer)]
             if bad:
                 raise ValueError(f"selection_layers {bad} are not layer indices (ints in [0, n_layer={self.n_layer})).")

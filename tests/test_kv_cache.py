@@ -282,3 +282,12 @@ def test_slot_for_next_with_spare_slots_evicts_like_make_room():
     c.fcum[0, 0, :3] = torch.tensor([0.0, 5.0, 1.0])
     slot = c.slot_for_next()
     assert c.pos[0].tolist() == [0, -1, 2, -1] and slot.tolist() == [1]  # position 1 (the largest F) went
+
+
+def test_is_int_takes_integers_of_every_kind_but_no_bool():
+    import numpy as np
+
+    from selective_attention.kv_cache import is_int
+
+    assert all(is_int(x) for x in (3, np.int64(3), torch.tensor(3)))
+    assert not any(is_int(x) for x in (True, torch.tensor(True), 3.0, torch.tensor(3.0), "3"))  # True indexes as 1

@@ -306,6 +306,7 @@ def test_config_names_bad_selection_layers_dropout_and_budget_counts():
     for bad, match in [
         (dict(selection_layers=1), r"selection_layers must be a sequence of layer indices \(e.g. \[0\]"),
         (dict(selection_layers=[True]), r"selection_layers \[True\] are not layer indices"),
+        (dict(selection_layers=[torch.tensor(True)]), r"selection_layers \[tensor\(True\)\] are not layer"),
         (dict(dropout="0.1"), "dropout must be a number in \\[0, 1\\), got '0.1'"),
         (dict(dropout=None), "dropout must be a number in \\[0, 1\\), got None"),
     ]:
