@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 from torch import Tensor, nn
 
 from .functional import BACKENDS, Backend, attention_weights, selective_attention
+from .kv_cache import is_int
 from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["SelectiveAttention"]
@@ -65,10 +67,12 @@ class SelectiveAttention(nn.Module):
         n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
+        if not is_int(d_model) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}.")
-        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
+        d_model = operator.index(d_model)  # a NumPy integer too, as nn.Linear takes
+        if not is_int(n_heads) or n_heads <= 0:
             raise ValueError(f"n_heads must be a positive int, got {n_heads!r}.")
+        n_heads = operator.index(n_heads)  # a NumPy integer too, as nn.Linear takes
         if d_model % n_heads != 0:
             raise ValueError(
                 f"d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
@@ -76,8 +80,9 @@ class SelectiveAttention(nn.Module):
             )
         if n_kv_heads is None:
             n_kv_heads = n_heads
-        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
+        if not is_int(n_kv_heads) or n_kv_heads <= 0:
             raise ValueError(f"n_kv_heads must be a positive int dividing n_heads, or None; got {n_kv_heads!r}.")
+        n_kv_heads = operator.index(n_kv_heads)
         if n_heads % n_kv_heads:
             raise ValueError(
                 f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}) (grouped-query attention: each key/value "
@@ -130,6 +135,8 @@ class SelectiveAttention(nn.Module):
 
     def _check_inputs(self, Q: Tensor, K: Tensor, V: Tensor) -> None:
         w = self.q_proj.weight
+        # a replaced projection (dynamic quantization: weight() is a method) checks its own inputs' dtype and device
+        wdt = w.dtype if isinstance(w, Tensor) else torch.get_default_dtype()
         for name, t in (("Q", Q), ("K", K), ("V", V)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -154,7 +161,7 @@ class SelectiveAttention(nn.Module):
                 # integer ids, bool masks or complex values are not activations: no module dtype would help
                 raise TypeError(
                     f"{name} is {t.dtype}, but attention inputs must be floating point (the module's weights are "
-                    f"{w.dtype}); convert with {name}.to({w.dtype}) ({name}.float() for float32)."
+                    f"{wdt}); convert with {name}.to({wdt}) ({name}.float() for float32)."
                 )
         if not (Q.shape[0] == K.shape[0] == V.shape[0]):
             sizes = {"Q": Q.shape[0], "K": K.shape[0], "V": V.shape[0]}
@@ -168,6 +175,8 @@ class SelectiveAttention(nn.Module):
             raise ValueError(
                 f"K and V must have the same length (one value per key); got K {tuple(K.shape)}, V {tuple(V.shape)}."
             )
+        if not isinstance(w, Tensor):
+            return
         try:  # inside torch.autocast the projections take any floating dtype, as nn.Linear does
             autocast = torch.is_autocast_enabled(w.device.type)
         except RuntimeError:  # a device type autocast does not know

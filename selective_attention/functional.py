@@ -13,7 +13,7 @@ from .masks import NormalizedMask, normalize_mask
 from .ops import naive
 from .ops.chunked import check_chunk_size
 from .ops.registry import NAMES, PREFERENCE, Request, backend_module, dispatch
-from .ops.transforms import vmapped
+from .ops.transforms import reads_values, vmapped
 from .selection import Selection, as_selection, selection_penalty
 
 __all__ = ["selective_attention", "attention_weights", "selection_penalty", "Selection"]
@@ -154,7 +154,8 @@ def _request(
         raise ValueError(f"memory_tau must be a finite number > 0; got {memory_tau!r}.")
     # Compiled calls read no mask value (a graph break) unless the Triton kernel, which takes no mask, could serve
     # the call once an all-False mask were dropped: every other kernel (SDPA's included) takes masks as they are.
-    read_values = not torch.compiler.is_compiling()
+    # nor do calls on tensors without values (the meta device, fake tensors)
+    read_values = reads_values(q)
     if not read_values and (backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])):
         plain = Request(q, k, v, NormalizedMask(None, None, False), scale, voters, memory_tau, dropout_p, chunk_size)
         read_values = backend_module("triton").supports(plain) is None

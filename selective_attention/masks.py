@@ -119,11 +119,17 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
     if mask.shape[-2:] != (Lq, Lk):
         # Broadcasting along the query/key axes would be legal for torch, but a (1, Lk) mask where
         # (Lq, Lk) was meant is the classic silent bug; ask for it to be explicit.
-        raise ValueError(
-            f"{name} must cover the full (Lq, Lk) = ({Lq}, {Lk}) in its last two dims; got "
-            f"{tuple(mask.shape[-2:])}. Use mask.expand({lead}{Lq}, {Lk}) if the "
-            "broadcast is intended (key padding: key_padding_mask)."
-        )
+        got = tuple(mask.shape[-2:])
+        if all(g in (1, want) for g, want in zip(got, (Lq, Lk))):  # a broadcast: expand makes it explicit
+            fix = f"Use mask.expand({lead}{Lq}, {Lk}) if the broadcast is intended (key padding: key_padding_mask)."
+        elif got == (Lk, Lq):
+            fix = "It looks transposed: rows are queries, columns keys (mask.transpose(-2, -1))."
+        else:
+            fix = (
+                "Build it for these lengths: Lq is the queries' length and Lk the keys' (the module's inputs are "
+                "batch-first, [B, L, d_model]; the functional's [B, H, L, D])."
+            )
+        raise ValueError(f"{name} must cover the full (Lq, Lk) = ({Lq}, {Lk}) in its last two dims; got {got}. {fix}")
     expected = (B, H, Lq, Lk)
     for got, want in zip(mask.shape, expected):
         if got != want and got != 1:
@@ -136,7 +142,8 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
 
 def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True) -> tuple[Tensor, Tensor | None]:
     """A validated mask -> (removed, penalty or None). ``read_values=False`` (a compiled call): on CPU the value checks
-    raise through ``torch._assert_async`` (a RuntimeError, no graph break; elsewhere they read the values), the
+    raise through ``torch._assert_async`` (a RuntimeError, no graph break; on meta tensors they check nothing; elsewhere
+    they read the values), the
     additive-mask warning is not given and an all-zero penalty is kept (the same result)."""
     if mask.dtype == torch.bool:
         return mask, None
@@ -152,7 +159,7 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
     )
     # compiled, the checks below raise through torch._assert_async on CPU only: on CUDA it becomes a device-side
     # assert, which leaves the process's CUDA context unusable; there they read the values (a graph break)
-    checks_async = not read_values and mask.device.type == "cpu"
+    checks_async = not read_values and mask.device.type in ("cpu", "meta")
     if checks_async:
         torch._assert_async(~torch.isnan(mask).any(), nan_msg)
     elif torch.isnan(mask).any():

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -314,3 +315,61 @@ def test_bad_ranks_say_what_to_do():
 
 def test_repr_names_sizes():
     assert re.search(r"d_model=16, n_heads=4, dropout=0.1", repr(SelectiveAttention(16, 4)))
+
+
+def test_numpy_integer_sizes_are_taken_as_ints():
+    """d_model, n_heads and n_kv_heads from NumPy (a config array, np.prod) are taken, as nn.Linear takes them; they
+    were refused as not positive ints. A NumPy bool is still refused."""
+    np = pytest.importorskip("numpy")
+    m = SelectiveAttention(np.int64(32), np.int32(4), dropout=0.0, n_kv_heads=np.int64(2))
+    assert (m.d_model, type(m.d_model)) == (32, int)
+    assert m(torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        SelectiveAttention(np.bool_(True), 1)
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_dynamically_quantized_projections_run(selection):
+    """After torch.ao's dynamic quantization the projections' ``weight`` is a method: the input checks read its
+    dtype and device and raised an AttributeError; they leave those checks to the projections now."""
+    torch.manual_seed(0)
+    m = SelectiveAttention(32, 4, dropout=0.0, selection=selection).eval()
+    x = torch.randn(2, 6, 32)
+    ref = m(x, x, x, is_causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in recent torch
+        qm = torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+    assert not isinstance(qm.q_proj.weight, torch.Tensor)
+    out = qm(x, x, x, is_causal=True)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.1  # int8 weights: an error of ~1% of the outputs' scale, not a different layer
+
+
+@pytest.mark.parametrize("selection", [False, True])
+@pytest.mark.parametrize("where", ["meta", "fake"])
+def test_tensors_without_values_infer_shapes_with_masks(selection, where):
+    """On the meta device and under FakeTensorMode (shape inference, FLOP counting) a call with a mask read the mask's
+    values (Tensor.item() cannot be called on meta tensors); it takes the value-free path now, backward too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, L, d = 2, 9, 32
+
+    def run(device):
+        m = SelectiveAttention(d, 4, dropout=0.0, selection=selection)
+        m = m.to(device) if device == "meta" else m
+        x = torch.randn(B, L, d, device=device, requires_grad=True)
+        masks = [
+            {"key_padding_mask": torch.zeros(B, L, dtype=torch.bool, device=device)},
+            {"selective_mask": torch.zeros(L, L, device=device)},
+            {"selective_mask": torch.zeros(L, L, dtype=torch.bool, device=device)},
+        ]
+        for kw in masks:
+            y = m(x, x, x, is_causal=True, **kw)
+            y.sum().backward()
+            assert y.shape == (B, L, d) and x.grad.shape == x.shape
+
+    if where == "meta":
+        run("meta")
+    else:
+        with FakeTensorMode():
+            run("cpu")

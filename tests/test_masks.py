@@ -229,3 +229,19 @@ def test_an_additive_style_mask_is_warned_about_and_a_bad_scale_refused():
     for bad in (float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="scale must be a finite number"):
             selective_attention(q, k, v, scale=bad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "fix"),
+    [((5, 3), "looks transposed"), ((2, 1, 5, 3), "looks transposed"), ((7, 7), "Build it for these lengths")],
+)
+def test_a_mask_shape_that_cannot_broadcast_is_not_told_to_expand(shape, fix):
+    """A mask for other lengths (transposed, or built for a sequence-first layout) was told to mask.expand(Lq, Lk),
+    which fails; the error names what looks wrong instead, and a transposed mask's fix runs."""
+    q, k, v = qkv(2, 1, 3, 5, 4, requires_grad=False)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match=fix) as err:
+        selective_attention(q, k, v, mask)
+    assert "expand" not in str(err.value)
+    if fix == "looks transposed":
+        assert selective_attention(q, k, v, mask.transpose(-2, -1)).shape == (2, 1, 3, 4)

@@ -50,6 +50,7 @@ from . import naive
 from .transforms import (
     eager_call,
     eager_function,
+    reads_values,
     refuse_batched_backward,
     refuse_double_backward,
     unserved_transform,
@@ -191,7 +192,7 @@ class _VoteOperands:
         # to 0; then they are masked explicitly (keys [B|1, 1, 1, L], voting rows [B, 1, L, 1]), one pass a block.
         self.voted_keys = self.voting_rows = None
         self.vote_keep = self.causal_add = None
-        if not torch.compiler.is_compiling():
+        if reads_values(qs):
             # one reduction instead of isfinite's four passes: a NaN or inf makes the sum non-finite (an
             # overflowing sum of finite voters only takes the exact, slower paths too). Of the operands as the votes
             # read them (contiguous, faster to sum): a NaN in a zeroed row (key 0, padding) never reaches a vote, and
@@ -864,8 +865,8 @@ def chunked_selective_attention(
             future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
             dead = (removed | future).all(dim=-1, keepdim=True)  # [b, h, L, 1]
     # shortcuts only (an all-False mask gives the same result), skipped under torch.compile: reading a value
-    # would break the graph
-    if not torch.compiler.is_compiling():
+    # would break the graph (or, on meta or fake tensors, fail)
+    if reads_values(q):
         if dead is not None and not dead.any():
             dead = None
         if key_padding_mask is not None and not key_padding_mask.any():

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..masks import NormalizedMask
 from .naive import naive_attention, repeat_kv
-from .transforms import unserved_transform
+from .transforms import reads_values, unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -78,7 +78,7 @@ def sdpa_attention(
         # SDPA kernels differ on rows with every key removed (zeros on some, NaN on others):
         # unmask such rows and zero their output ourselves, so every backend gives 0 and a 0 grad.
         dead = removed.all(dim=-1, keepdim=True)  # [b, h, Lq, 1]
-        if torch.compiler.is_compiling() or dead.any():  # compiled: no value read (a graph break), the same result
+        if not reads_values(dead) or dead.any():  # compiled (a graph break) or meta: no value read, the same result
             removed = removed & ~dead
         else:
             dead = None

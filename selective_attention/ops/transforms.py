@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.forward_ad import unpack_dual
 
 __all__ = [
@@ -33,6 +34,13 @@ def _transforms() -> set:
         return {i.key() for i in fn.get_interpreter_stack() or ()}
     top = fn.peek_interpreter_stack()  # older torch: the innermost only
     return set() if top is None else {top.key()}
+
+
+def reads_values(t: Tensor) -> bool:
+    """Whether a call on ``t`` may read tensor values (``.any()``, ``float(...)``) for its checks and shortcuts: not
+    under ``torch.compile`` (a graph break), nor on tensors without values (the meta device, fake tensors: shape
+    inference, FLOP counting), where the same computation runs without them."""
+    return not (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t))
 
 
 def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | None:
