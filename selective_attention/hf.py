@@ -234,6 +234,7 @@ def configure(
     s.check_memory_loss()
     target = _text_config(config)  # a composite model's (e.g. a VLM's) decoder: what its attention layers read
     _check_uses_interface(type(target))  # as early as possible (the mask hook checks again at the first forward)
+    _check_dense_layers(target)
     n_layers = getattr(target, "num_hidden_layers", None)
     if s.layers is not None and n_layers is not None and any(i >= n_layers for i in s.layers):
         raise ValueError(f"layers={list(s.layers)} names layers the model lacks (num_hidden_layers={n_layers}).")
@@ -300,25 +301,43 @@ def cache_keyword() -> str:
 def register(name: str = NAME) -> None:
     """Make ``attn_implementation=name`` (default ``"selective"``) available to every ``transformers``
     model built afterwards: ``from_config``, ``from_pretrained`` and ``set_attn_implementation``.
-    Idempotent. A model that ran a forward with it records the name in its config (config.json), so
-    ``from_pretrained`` picks it again; a process that loads such a model must call this first (``transformers``
-    refuses an unregistered name, loudly)."""
+    Idempotent. ``save_pretrained`` of a model running it then records the name in config.json (every
+    ``PretrainedConfig.to_dict`` does, once, :func:`_to_dict_with_record`), so ``from_pretrained`` picks it again; a
+    process that loads such a model must call this first (``transformers`` refuses an unregistered name, loudly)."""
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, padding_mask)
+    config_class = transformers.PretrainedConfig
+    if not getattr(config_class.to_dict, "_selective_record", False):  # once per process
+        config_class.to_dict = _to_dict_with_record(config_class.to_dict)
 
 
-def _record_implementation(config) -> None:
-    """Record in ``config`` that its model runs selective attention: ``config.attn_implementation = name`` (the name
-    the mask hook was registered under, ``"selective"`` by default),
-    which ``save_pretrained`` writes to config.json and ``from_pretrained`` reads back as the model's implementation.
-    Without it a saved selective model came back from ``from_pretrained(path)`` running sdpa, silently (0.003 off in
-    the logits of a tiny untrained Llama). Set on every forward (the mask hook runs once per forward; under
-    ``torch.compile`` too, as a side effect replayed after the graph: no break, no recompile); an explicit
-    ``from_pretrained(..., attn_implementation=...)`` still wins. A model switched to another implementation after
-    running this one keeps the record: set ``config.attn_implementation`` before saving it."""
-    name = getattr(config, "_attn_implementation", None)  # the name this mask hook was registered under
-    # unconditionally: a test of the old value would make a compiled model recompile
-    config.attn_implementation = name if isinstance(name, str) else NAME
+def _runs_selective(name: object) -> bool:
+    """Whether ``name`` is an attention implementation registered with this package's mask hook (``"selective"``,
+    or another name :func:`register` was given)."""
+    return isinstance(name, str) and AttentionMaskInterface._global_mapping.get(name) is padding_mask
+
+
+def _to_dict_with_record(to_dict):
+    """``PretrainedConfig.to_dict`` recording a selective model's implementation: ``attn_implementation`` = the
+    config's current one when it is this package's (``save_pretrained`` writes it to config.json and
+    ``from_pretrained`` reads it back as the model's implementation), and no stale record of it when the model now runs
+    another. ``transformers`` itself serialises no implementation: a saved selective model came back from
+    ``from_pretrained(path)`` running sdpa, silently (0.003 off in the logits of a tiny untrained Llama), and a
+    record written at the first forward was lost by a load and save without one (a dtype conversion, a push). An
+    explicit ``from_pretrained(..., attn_implementation=...)`` still wins."""
+
+    @functools.wraps(to_dict)
+    def recorded(self):
+        out = to_dict(self)
+        now = getattr(self, "_attn_implementation", None)
+        if _runs_selective(now):
+            out["attn_implementation"] = now
+        elif _runs_selective(out.get("attn_implementation")):  # switched away: it runs `now`, not the record
+            del out["attn_implementation"]
+        return out
+
+    recorded._selective_record = True
+    return recorded
 
 
 def padding_mask(
@@ -343,9 +362,9 @@ def padding_mask(
     attention with this function's mask)."""
     config = kwargs.get("config")
     if config is not None:
-        _record_implementation(config)
         if not torch.compiler.is_compiling():
             _check_uses_interface(type(config))
+            _check_dense_layers(config)
     # keys past the last query: a cache that allocates its slots ahead (transformers 5.24's static layers, the only
     # ones that give q_offset as a tensor), or a padding mask longer than the input
     if isinstance(q_offset, Tensor) or kv_offset + kv_length > q_offset + q_length:
@@ -376,9 +395,12 @@ def padding_mask(
                                device):  # fmt: skip
             raise NotImplementedError(
                 f"attn_implementation='{NAME}' supports plain causal self-attention with an optional padding mask; "
-                f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}: packed "
-                "sequences, a sliding window or a custom mask). Pass an attention_mask instead of packing sequences, "
-                "or use attn_implementation='sdpa' for this model."
+                f"this model asked for another mask ({getattr(mask_function, '__name__', mask_function)!r}) under "
+                "which some query attends to a later key or misses an earlier one: packed sequences (pass an "
+                "attention_mask instead of packing them), a sliding window, a custom mask, or a decoder that attends "
+                "both ways over a prefix (image tokens in Gemma 3 or PaliGemma, a prefix-LM: selective attention is "
+                "causal, so such a model cannot run it in its decoder with those inputs). Use attn_implementation="
+                "'sdpa' for this model."
             )
     if attention_mask is None:
         return None
@@ -413,6 +435,24 @@ def _check_uses_interface(config_type: type) -> None:
         )
 
 
+def _check_dense_layers(config) -> None:
+    """Refuse a model whose layers attend only to the keys an indexer picks (sparse attention: DeepSeek-V3.2's and
+    GLM-MoE-DSA's ``"indexed_attention"`` layers, MiniMax-M3's ``"minimax_m3_sparse"`` ones): selective attention
+    attends to every key, so such a model would silently change (MiniMax-M3 hands its picks to any other
+    implementation as ``block_indices``) or fail inside ``transformers`` (the DSA families read a 4-D mask)."""
+    sparse = sorted({t for t in getattr(config, "layer_types", None) or () if _is_sparse_layer(t)})
+    if sparse:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' attends to every key, and this model's layers of type {sparse} "
+            f"({getattr(config, 'model_type', type(config).__name__)}) attend only to the keys an indexer picks "
+            "(sparse attention): the model would change. Use attn_implementation='eager' or 'sdpa'."
+        )
+
+
+def _is_sparse_layer(layer_type: object) -> bool:
+    return isinstance(layer_type, str) and (layer_type == "indexed_attention" or "sparse" in layer_type)
+
+
 def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
                     attention_mask: Tensor | None, device, rows: int = 256) -> bool:  # fmt: skip
     """Whether ``mask_function(b, h, q, kv)`` (transformers' index-based mask functions) is ``kv <= q`` at every
@@ -439,7 +479,14 @@ def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offs
 
 # --- the attention function ------------------------------------------------------------------------------
 # attention-function keyword arguments that change the attention itself (transformers models pass them through)
-_CHANGES_ATTENTION = ("s_aux", "sinks", "position_bias", "attention_bias")
+_CHANGES_ATTENTION = {
+    "s_aux": "attention sinks, e.g. gpt-oss",
+    "sinks": "attention sinks",
+    "position_bias": "a learned position bias",
+    "attention_bias": "a learned bias",
+    "block_indices": "the key blocks a sparse layer attends to, e.g. MiniMax-M3",
+    "indices": "the keys a sparse layer attends to, e.g. DeepSeek-V3.2",
+}
 
 
 def attention_forward(
@@ -524,8 +571,9 @@ def _forward(
     changes = {k: kwargs[k] for k in _CHANGES_ATTENTION if kwargs.get(k) is not None}
     if changes:
         raise NotImplementedError(
-            f"attn_implementation='{NAME}' does not apply {', '.join(sorted(changes))} (attention sinks or a learned "
-            f"bias, e.g. gpt-oss): this model would silently change. Use attn_implementation='eager' or 'sdpa'."
+            f"attn_implementation='{NAME}' does not apply "
+            f"{'; '.join(f'{k} ({_CHANGES_ATTENTION[k]})' for k in sorted(changes))}: this model would silently "
+            "change. Use attn_implementation='eager' or 'sdpa'."
         )
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise NotImplementedError(

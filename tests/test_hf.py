@@ -172,7 +172,28 @@ def test_a_saved_selective_model_reloads_selective_without_being_told(tmp_path):
     assert auto.from_pretrained(tmp_path / "other").config._attn_implementation == "sdpa"
     fresh = build("llama")  # a model that only ever ran compiled records it too
     torch.compile(fresh)(ids)
-    assert fresh.config.attn_implementation == "selective"
+    assert fresh.config.to_dict()["attn_implementation"] == "selective"
+
+
+def test_the_record_is_the_implementation_run_when_saved(tmp_path):
+    """The record was written at a forward: a selective model loaded and saved again without one (a dtype conversion,
+    a push) lost it and came back as sdpa (0.003 off), and a model switched to sdpa after running selective saved as
+    selective. Now save_pretrained records what the model runs at that moment, before any forward too."""
+    auto = transformers.AutoModelForCausalLM
+    ids = torch.randint(0, V, (2, 12))
+    model = build("llama")  # never run
+    want = model(ids).logits
+    model.save_pretrained(tmp_path / "a")
+    auto.from_pretrained(tmp_path / "a", dtype=torch.float64).save_pretrained(tmp_path / "b")  # no forward between
+    again = auto.from_pretrained(tmp_path / "b", dtype=torch.float64)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["attn_implementation"] == "selective"
+    assert again.config._attn_implementation == "selective"
+    torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=0)
+    again.set_attn_implementation("sdpa")  # after a selective forward: it runs sdpa now
+    again.save_pretrained(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "config.json").read_text()).get("attn_implementation") is None
+    assert auto.from_pretrained(tmp_path / "c").config._attn_implementation == "sdpa"
+    assert "attn_implementation" not in transformers.LlamaConfig().to_dict()  # other configs: no record
 
 
 def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
@@ -757,6 +778,38 @@ def test_attention_sinks_are_refused_not_ignored():
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
     with pytest.raises(NotImplementedError, match="does not apply s_aux"):
         model(torch.randint(1, V, (1, 10)))
+
+
+def test_sparse_attention_layers_are_refused_not_run_dense():
+    """MiniMax-M3's sparse layers hand the key blocks its indexer picks to any implementation but eager/sdpa as
+    block_indices, which selective attention ignored: it ran dense attention, silently another model. The DSA families
+    (layer type "indexed_attention") failed inside transformers, naming nothing. Refused by configure() and at the
+    first forward (a config configured before its layer types changed), and the arguments themselves too."""
+    cfg = transformers.AutoConfig.for_model(
+        "minimax_m3_vl_text", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rotary_dim=8, num_local_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, dense_intermediate_size=64, shared_intermediate_size=16,
+        layer_types=["minimax_m3_sparse"] * 2, index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+        index_n_heads=2, index_head_dim=8,
+    )  # fmt: skip
+    with pytest.raises(NotImplementedError, match=r"layers of type \['minimax_m3_sparse'\].*indexer"):
+        sa_hf.configure(cfg)
+    cfg.layer_types = ["full_attention"] * 2
+    sa_hf.configure(cfg)  # dense layers only: runs
+    cfg.layer_types = ["minimax_m3_sparse"] * 2
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="selective").eval()
+    with pytest.raises(NotImplementedError, match="indexer picks"):
+        model(torch.randint(1, V, (1, 10)))
+    dsa = transformers.AutoConfig.for_model("deepseek_v32")
+    with pytest.raises(NotImplementedError, match=r"\['indexed_attention'\]"):
+        sa_hf.configure(dsa)
+    q = torch.randn(1, 4, 6, 8)
+    layer = build("llama").model.layers[0].self_attn
+    for name in ("block_indices", "indices"):
+        with pytest.raises(NotImplementedError, match=f"does not apply {name}.*sparse layer"):
+            sa_hf.attention_forward(
+                layer, q, q[:, :2], q[:, :2], None, **{name: torch.zeros(1, 6, 2, dtype=torch.long)}
+            )
 
 
 def test_models_that_bypass_the_attention_interface_are_refused():
