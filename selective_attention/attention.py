@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import BACKENDS, Backend, attention_weights, selective_attention
-from .kv_cache import is_int
-from .selection import Selection, as_selection, selection_penalty
+from .selection import Selection, as_selection, is_int, selection_penalty
 
 __all__ = ["SelectiveAttention"]
 

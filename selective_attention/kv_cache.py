@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .selection import Selection, exclusive_cumsum, grouped_matmul, selection_scores
+from .selection import Selection, exclusive_cumsum, grouped_matmul, is_int, selection_scores, vote_scale
 
 __all__ = [
     "LayerCache",
@@ -130,18 +130,6 @@ def check_budget(b: object) -> int:
             f"{b!r}. Pass None for a layer that keeps everything."
         )
     return value
-
-
-def is_int(x: object) -> bool:
-    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor (a bool tensor's index is 0 or 1,
-    but True is no count)."""
-    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
-        return False
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
 
 
 def budget_value(budget: object) -> int | list[int | None] | None:
@@ -364,8 +352,7 @@ def attention_received(
     another size ``Ds``: ``1 / sqrt(Ds)``), carried from chunk to chunk. Chunked over the queries:
     ``[B, H, chunk, T]`` at a time, never ``[B, H, T, T]``. Summed in at least float32."""
     B, H, T, D = q.shape
-    # the votes' scale, by Selection.bind's rule: the attention's, unless the voters have another head size
-    vote_scale = scale if voters is not None and voters[0].shape[-1] == D else None
+    votes_at = None if voters is None else vote_scale(scale, D, voters[0].shape[-1])
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(B, T, dtype=acc_dtype, device=q.device)
@@ -379,7 +366,7 @@ def attention_received(
         logits = logits.masked_fill(future, -float("inf"))
         if voters is not None:
             qs, ks = voters
-            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=vote_scale, offset=i0).to(acc_dtype)  # [B,G,C,T]
+            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=votes_at, offset=i0).to(acc_dtype)  # [B,G,C,T]
             carry = torch.zeros_like(S[:, :, 0]) if carry is None else carry
             logits = logits - (carry[:, :, None] + exclusive_cumsum(S, dim=-2))  # F of these rows; G = 1 or H
             carry = carry + S.sum(dim=-2)
@@ -732,7 +719,7 @@ class LayerCache:
                 votes = logits[:, selection.heads]  # [B, G, 1, cap]
             else:  # a dedicated pair: its own logits against the cached selector keys
                 qs = selector[0]
-                vscale = scale if qs.shape[-1] == D else 1.0 / math.sqrt(qs.shape[-1])
+                vscale = vote_scale(scale, D, qs.shape[-1])
                 G, Ds = qs.shape[1], qs.shape[-1]
                 ks3 = self.ks.reshape(B * G, cap, Ds).transpose(1, 2)
                 votes = _scaled_product(qs.reshape(B * G, 1, Ds), ks3, vscale).view(B, G, 1, cap)

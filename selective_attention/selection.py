@@ -20,6 +20,7 @@ decreases with i.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -160,7 +161,16 @@ class Selection:
             raise ValueError(
                 f"selection_qk qs and ks have Ds = 0 features ({tuple(qs.shape)}); the votes need Ds >= 1."
             )
-        return Voters(scale=scale if Ds == D else 1.0 / math.sqrt(Ds), qs=qs, ks=ks)
+        return Voters(scale=vote_scale(scale, D, Ds), qs=qs, ks=ks)
+
+
+def vote_scale(scale: float | None, D: int, Ds: int) -> float:
+    """The votes' scale, for attention of head size ``D`` at ``scale`` (None: ``1 / sqrt(D)``) and voters of ``Ds``
+    features: the attention's own when ``Ds == D`` (the voting heads' logits are their attention logits), else
+    ``1 / sqrt(Ds)`` (a dedicated pair of another size). The one rule of every path that computes votes."""
+    if Ds != D:
+        return 1.0 / math.sqrt(Ds)
+    return 1.0 / math.sqrt(D) if scale is None else scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -431,6 +441,18 @@ def selection_penalty(
         )
     S = selection_scores(q0, k0, scale=scale, key_padding_mask=key_padding_mask)  # [..., L, L]
     return exclusive_cumsum(S, dim=-2)  # row i sums the votes of rows k < i
+
+
+def is_int(x: object) -> bool:
+    """An integer, not a bool: a Python int, a numpy integer, a 0-d integer tensor (a bool tensor's index is 0 or 1,
+    but True is no count)."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _divides(a: int, b: int) -> bool:

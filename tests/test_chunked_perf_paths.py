@@ -63,6 +63,16 @@ def test_forward_chunks_span_several_backward_chunks():
     assert chunked._block_rows(8, 4) == 256  # B H = 8, fp32: [8, 256, 512] tiles are 4 MiB
 
 
+def test_every_size_rule_reads_the_one_tile_budget(monkeypatch):
+    """The chunk size, the key tiles and the block rows all follow _TILE_BYTES: default_chunk_size wrote the same
+    4 MiB as a literal, so a changed budget left it behind."""
+    B, H, L = 1, 8, 2048  # [1, 8, 64, 2048] fp32 temporaries: exactly 4 MiB
+    assert chunked.default_chunk_size(B, H, L) == 64 and chunked.default_chunk_size(B, H, 2 * L) == 32
+    monkeypatch.setattr(chunked, "_TILE_BYTES", 8 * 2**20)
+    assert chunked.default_chunk_size(B, H, 2 * L) == 64
+    assert chunked._block_rows(8, 4) == 362 and chunked._key_tile(8, 64, 8192, 4) == 4096
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])
 @pytest.mark.parametrize("extra", ["none", "mask", "padding", "float_F", "memory"])
 def test_sub_chunked_backward_matches_naive(chunk_size, extra):

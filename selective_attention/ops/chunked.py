@@ -382,14 +382,14 @@ def _key_tile(BH: int, C: int, L: int, itemsize: int) -> int:
 
 
 def default_chunk_size(B: int, H: int, L: int, itemsize: int = 4) -> int:
-    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass 4 MiB. The unit of
+    """Query rows per chunk: 64, or 32 once ``[B, H, 64, L]`` temporaries would pass ``_TILE_BYTES``. The unit of
     the query blocks that forward and backward walk (:func:`_forward_blocks` of them per block).
 
     Measured on CPU: 32-128 rows run at about the same speed, larger chunks are slower (temporaries
     fall out of cache) and smaller ones pay Python overhead per chunk. The temporaries grow like
     ``B H C L`` and standard attention's own buffers like ``B H L D``, so a fixed C of about D/2
     keeps the extra memory a fixed fraction of SDPA's at every length."""
-    return 64 if B * H * 64 * L * itemsize <= 4 * 2**20 else 32
+    return 64 if B * H * 64 * L * itemsize <= _TILE_BYTES else 32
 
 
 def _forward_blocks(
