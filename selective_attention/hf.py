@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .functional import autocast_inputs, selective_attention
-from .kv_cache import LayerCache, budget_value, check_policy, fcum_after_prompt, is_int
+from .kv_cache import LayerCache, budget_value, check_policy, is_int, prompt_fcum
 from .model import memory_loss as _memory_loss
 from .selection import Selection
 
@@ -1074,11 +1074,9 @@ class SelectiveLayer(DynamicLayer):
             )
         if sel is None:
             y = _attend(q, k, v, is_causal=True, key_padding_mask=kpm, scale=scale)
-            fcum = q.new_zeros(B, 1, T)  # nothing is ever masked
         else:
             y = _attend(q, k, v, selection=sel, key_padding_mask=kpm, scale=scale)
-            qs, ks = sel.voters(q, k)
-            fcum = fcum_after_prompt(qs, ks, scale=scale, key_padding_mask=kpm)  # [B, G, T]
+        fcum = prompt_fcum(q, k, sel, scale=scale, key_padding_mask=kpm)  # [B, G, T]
         self._writing = True
         self.first = torch.zeros(B, dtype=torch.long, device=q.device) if kpm is None else (~kpm).long().argmax(-1)
         capacity = self.budget if self.budget is not None else T + 64

@@ -78,6 +78,7 @@ __all__ = [
     "h2o_evictions",
     "h2o_rule",
     "fcum_after_prompt",
+    "prompt_fcum",
     "attention_received",
 ]
 
@@ -332,6 +333,27 @@ def fcum_after_prompt(
         votes = selection_scores(rows, ks, scale=scale, offset=i0, key_padding_mask=key_padding_mask)
         out += votes.sum(dim=-2, dtype=out.dtype)
     return out
+
+
+def prompt_fcum(
+    q: Tensor,
+    k: Tensor,
+    selection: Selection | None,
+    projected: tuple[Tensor, Tensor] | None = None,
+    *,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The ``Fcum`` a layer's cache starts from after a prompt: ``[B, G, T]`` from the layer's ``q`` ``[B, H, T, D]``,
+    ``k`` ``[B, Hkv, T, D]`` (and, with ``projection``, the dedicated pair ``projected``), scaled by
+    :func:`~selective_attention.selection.vote_scale` (``scale``: the attention's, default ``1 / sqrt(D)``);
+    without ``selection`` zeros ``[B, 1, T]``: nothing is ever masked. One rule for the GPT's prefill and the
+    Hugging Face cache's."""
+    if selection is None:
+        return q.new_zeros(q.shape[0], 1, q.shape[2])
+    qs, ks = selection.voters(q, k, projected)
+    at = vote_scale(scale, q.shape[-1], qs.shape[-1])
+    return fcum_after_prompt(qs, ks, scale=at, key_padding_mask=key_padding_mask)
 
 
 def attention_received(

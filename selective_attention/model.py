@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, attention_received, fcum_after_prompt, is_int
+from .kv_cache import LayerCache, attention_received, is_int, prompt_fcum
 from .selection import Selection
 
 __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
@@ -350,12 +350,12 @@ class Attention(nn.Module):
         (``[B, Hkv, T, D]``), the ``Fcum`` that the query after the prompt sees and, for an H2O cache, the
         attention each token received (then pruned by the cache's policy)."""
         y, _ = self.attend(q, k, v, sel)
-        voters = None if self.selection is None else self.selection.voters(q, k, sel)
-        if voters is None:
-            fcum = q.new_zeros(q.shape[0], 1, q.shape[2])  # [B, 1, T]: nothing is ever masked
+        fcum = prompt_fcum(q, k, self.selection, sel)  # [B, G, T]
+        if cache.tracks_attention:  # H2O: the attention each token received [B, T], chunked
+            voters = None if self.selection is None else self.selection.voters(q, k, sel)
+            acc = attention_received(q, k, voters)
         else:
-            fcum = fcum_after_prompt(*voters)  # [B, G, T]
-        acc = attention_received(q, k, voters) if cache.tracks_attention else None  # [B, T], chunked
+            acc = None
         cache.fill(k, v, fcum, ks=None if sel is None else sel[1], acc=acc)
         return y
 
