@@ -273,6 +273,18 @@ def test_fp32_takes_its_own_gpu_block_sizes():
     assert kernels.config_for(64, torch.device("cpu"), torch.float32) is kernels.INTERPRET_CONFIG
 
 
+def test_block_sizes_are_powers_of_two_from_16():
+    """A block under 16 rows (tl.dot's smallest) or not a power of two is refused when the config is made: the size
+    refusal counts the vote carries' rows as L / 16 at most, which a smaller block would exceed unchecked."""
+    from selective_attention.ops.triton import kernels
+
+    good = dict(fwd_m=32, fwd_n=16, bwd_kv_m=16, bwd_kv_n=32, bwd_q_m=32, bwd_q_n=16, carry_n=16)
+    assert kernels.Config(**good).fwd_m == 32
+    for field, size in (("bwd_kv_m", 8), ("carry_n", 48), ("fwd_n", 0)):
+        with pytest.raises(ValueError, match=f"powers of two >= 16.*'{field}': {size}"):
+            kernels.Config(**{**good, field: size})
+
+
 def test_row_scans_by_dot_for_16_bit_inputs_only(monkeypatch):
     """The tiles' row scans run as products with a triangle for 16-bit inputs (bf16 operands when compiled; one fp32
     product under the interpreter, which cannot multiply bf16) and as ``tl.cumsum`` for fp32, unless the config

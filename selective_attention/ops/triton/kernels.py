@@ -439,6 +439,11 @@ class Config:
         return tl.float32 if INTERPRETED else tl.bfloat16
 
     def __post_init__(self):
+        names = ("fwd_m", "fwd_n", "bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "carry_n")
+        blocks = {f: getattr(self, f) for f in names}
+        bad = {f: b for f, b in blocks.items() if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0)}
+        if bad:  # op._launch_limit counts the carries' rows as L / 16 at most, too
+            raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot's smallest); got {bad}.")
         if self.bwd_q_m % self.bwd_kv_m:
             raise ValueError(f"bwd_q_m ({self.bwd_q_m}) must be a multiple of bwd_kv_m ({self.bwd_kv_m}).")
 
