@@ -86,7 +86,7 @@ __all__ = [
 # _P_FLOOR is a log2 exponent): see LayerCache.step
 _WEIGHT_FLOOR = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 
-POLICIES = ("selective", "window", "h2o")  # the eviction policies (module docstring)
+POLICIES = ("selective", "window", "h2o")  # the eviction policies (module docstring; each one's rules: _POLICY_RULES)
 
 
 def any_budget(budget: object) -> bool:
@@ -313,6 +313,48 @@ def h2o_rule(acc: Tensor, pos: Tensor, recent: int, free: bool = False) -> tuple
     newest = pos.amax(-1, keepdim=True)
     candidates = (pos > 0) & (pos <= newest - (recent - 1))
     return -acc, (candidates | (pos < 0)) if free else candidates
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """One eviction policy, whole: its three rules, each reading a :class:`LayerCache` ``c``. ``keep(c, fcum, acc,
+    key_padding_mask)``: the prompt tokens kept after the prefill, bool ``[B, T]``; ``evictions(c)``: what is dropped
+    before a token is written, bool ``[B, cap]``; ``rule(c)``: ``(score, candidates)`` of a full budgeted layer's
+    step, free slots included (the largest is the slot written). A policy is one entry of :data:`_POLICY_RULES`."""
+
+    keep: object
+    evictions: object
+    rule: object
+
+
+def _window_keep(c, fcum, acc, key_padding_mask):
+    return window_keep_after_prefill(fcum[:, 0].shape, c.budget, key_padding_mask, device=fcum.device)
+
+
+_POLICY_RULES = {
+    "selective": _Rules(
+        keep=lambda c, fcum, acc, kpm: keep_after_prefill(eviction_score(fcum), c.budget, c.threshold, kpm),
+        evictions=lambda c: evictions(c.fcum, c.pos, c.budget, c.threshold),
+        rule=lambda c: selective_rule(c.fcum, c.pos, free=True),
+    ),
+    "window": _Rules(
+        keep=_window_keep,
+        evictions=lambda c: window_evictions(c.pos, c.budget),
+        rule=lambda c: window_rule(c.pos, free=True),
+    ),
+    "h2o": _Rules(
+        # an unbudgeted H2O layer tracks no attention and keeps every real token, as a window without a budget
+        keep=lambda c, fcum, acc, kpm: (
+            _window_keep(c, fcum, acc, kpm) if c.acc is None else h2o_keep_after_prefill(acc, c.budget, c.recent, kpm)
+        ),
+        evictions=lambda c: h2o_evictions(c.acc, c.pos, c.budget, c.recent),
+        rule=lambda c: h2o_rule(c.acc, c.pos, c.recent, free=True),
+    ),
+}
+if tuple(_POLICY_RULES) != POLICIES:  # pragma: no cover - a policy added to one and not the other
+    raise AssertionError(
+        f"kv_cache.POLICIES {POLICIES} and the rules {tuple(_POLICY_RULES)} must name the same policies"
+    )
 
 
 def fcum_after_prompt(
@@ -550,12 +592,7 @@ class LayerCache:
 
     def keep_after_prefill(self, fcum: Tensor, acc: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
         """Which prompt tokens this layer's policy keeps, bool ``[B, T]`` (one of the ``*keep_after_prefill``)."""
-        # (an unbudgeted H2O layer, with no attention tracked, keeps every real token: as a window without a budget)
-        if self.policy == "window" or (self.policy == "h2o" and self.acc is None):
-            return window_keep_after_prefill(fcum[:, 0].shape, self.budget, key_padding_mask, device=fcum.device)
-        if self.policy == "h2o":
-            return h2o_keep_after_prefill(acc, self.budget, self.recent, key_padding_mask)
-        return keep_after_prefill(eviction_score(fcum), self.budget, self.threshold, key_padding_mask)
+        return _POLICY_RULES[self.policy].keep(self, fcum, acc, key_padding_mask)
 
     def grown(self, capacity: int) -> LayerCache:
         """A copy of this (unbudgeted) cache with ``capacity`` slots, the new ones free: for callers that
@@ -580,11 +617,7 @@ class LayerCache:
     def evictions(self) -> Tensor:
         """What this layer's policy drops before a new token is written, bool ``[B, cap]`` (one of the
         ``*evictions`` functions; a branch on the configuration only)."""
-        if self.policy == "window":
-            return window_evictions(self.pos, self.budget)
-        if self.policy == "h2o":
-            return h2o_evictions(self.acc, self.pos, self.budget, self.recent)
-        return evictions(self.fcum, self.pos, self.budget, self.threshold)
+        return _POLICY_RULES[self.policy].evictions(self)
 
     def make_room(self) -> None:
         """Evict what the policy drops before a new token is written (:meth:`evictions`)."""
@@ -613,13 +646,7 @@ class LayerCache:
                 else:
                     self._check_not_full()
             return self.pos.argmin(dim=-1)  # a free slot has position -1: the smallest
-        if self.policy == "window":
-            rule = window_rule(self.pos, free=True)
-        elif self.policy == "h2o":
-            rule = h2o_rule(self.acc, self.pos, self.recent, free=True)
-        else:
-            rule = selective_rule(self.fcum, self.pos, free=True)
-        return _largest(*rule, self.pos)
+        return _largest(*_POLICY_RULES[self.policy].rule(self), self.pos)
 
     def _check_not_full(self) -> None:
         """Refuse a step into an unbudgeted layer with no free slot in some row (eager calls): the new token would
