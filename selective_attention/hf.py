@@ -36,20 +36,19 @@ import importlib.util
 import inspect
 import math
 import numbers
-import operator
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from .functional import autocast_inputs, selective_attention
-from .kv_cache import LayerCache, budget_value, check_policy, is_int, prompt_fcum
+from .kv_cache import LayerCache, budget_value, check_policy, prompt_fcum
 from .model import memory_loss as _memory_loss
-from .selection import Selection
+from .selection import Selection, layer_indices
 
 # transformers 5 needs a newer torch than this package does: under an older one its PyTorch parts fail to import, or
 # it disables them
@@ -141,19 +140,7 @@ class HFSettings:
                 "Selection(per_head=True)."
             )
         if self.layers is not None:
-            if (
-                isinstance(self.layers, (str, bytes))
-                or not isinstance(self.layers, Iterable)
-                or getattr(self.layers, "ndim", None) == 0  # a 0-d tensor or numpy array
-            ):
-                raise ValueError(
-                    f"layers must be a list of layer indices (ints >= 0) or None (all), got {self.layers!r}"
-                    + (f"; for one layer pass layers=[{operator.index(self.layers)}]." if is_int(self.layers) else ".")
-                )
-            object.__setattr__(self, "layers", tuple(self.layers))
-            if not all(is_int(i) and operator.index(i) >= 0 for i in self.layers):
-                raise ValueError(f"layers must be layer indices (ints >= 0) or None (all), got {self.layers!r}.")
-            object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))  # np.int64 -> int
+            object.__setattr__(self, "layers", layer_indices(self.layers, "layers"))  # or None: every layer
         eps, tau = _real(self.memory_eps), _real(self.memory_tau)
         if eps is None or not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"memory_eps must be a finite number >= 0 (0 = no memory loss), got {self.memory_eps!r}.")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, attention_received, is_int, prompt_fcum
-from .selection import Selection
+from .kv_cache import LayerCache, attention_received, prompt_fcum
+from .selection import Selection, layer_indices
 
 __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
 
@@ -118,15 +117,7 @@ class GPTConfig:
                 f"memory_eps must be a finite number >= 0 (0 = off; the paper: 0.1), got {self.memory_eps!r}."
             )
         if self.selection_layers is not None:
-            if isinstance(self.selection_layers, (str, bytes)) or not isinstance(self.selection_layers, Iterable):
-                raise ValueError(
-                    f"selection_layers must be a sequence of layer indices (e.g. [0] for one layer), got "
-                    f"{self.selection_layers!r}."
-                )
-            layers = tuple(operator.index(i) if is_int(i) else i for i in self.selection_layers)  # NumPy, 0-d tensor
-            bad = [i for i in layers if not (_is_int(i) and 0 <= i < self.n_layer)]
-            if bad:
-                raise ValueError(f"selection_layers {bad} are not layer indices (ints in [0, n_layer={self.n_layer})).")
+            layers = layer_indices(self.selection_layers, "selection_layers", self.n_layer)
             if not layers:
                 raise ValueError(
                     "selection_layers=() selects in no layer; pass None for every layer, or selection=False."

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -453,6 +454,22 @@ def is_int(x: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def layer_indices(layers: object, name: str, n_layers: int | None = None) -> tuple[int, ...]:
+    """``layers`` (a sequence of Python, NumPy or 0-d tensor integers) as a tuple of plain ints (``config.json`` and
+    checkpoints serialise them), each ``>= 0`` (and ``< n_layers`` when given); else a ``ValueError`` naming ``name``
+    (the option as the caller spells it) and the fix. One rule for ``GPTConfig.selection_layers`` and the Hugging Face
+    settings' ``layers``."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or getattr(layers, "ndim", None) == 0:
+        hint = f"; for one layer pass {name}=[{operator.index(layers)}]" if is_int(layers) else ""
+        raise ValueError(f"{name} must be a sequence of layer indices (e.g. [0] for one layer){hint}, got {layers!r}.")
+    out = tuple(layers)
+    bad = [i for i in out if not (is_int(i) and 0 <= operator.index(i) < (n_layers or math.inf))]
+    if bad:
+        within = f"in [0, n_layer={n_layers})" if n_layers is not None else ">= 0"
+        raise ValueError(f"{name} {bad} are not layer indices (ints {within}).")
+    return tuple(operator.index(i) for i in out)
 
 
 def _divides(a: int, b: int) -> bool:

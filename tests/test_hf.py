@@ -211,13 +211,13 @@ def test_configure_takes_numpy_and_tensor_layer_indices(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="selective")
     assert sa_hf.settings(again.config).layers == (1,)
     for bad in ([True], [0.0], [-1], np.array([[0]])):
-        with pytest.raises(ValueError, match="layers must be layer indices"):
+        with pytest.raises(ValueError, match=r"layers \[.*\] are not layer indices \(ints >= 0\)"):
             tiny_config("llama", layers=bad)
     for bad, hint in (
         (1, r"layers=\[1\]"),
         (torch.tensor(1), r"layers=\[1\]"),
         (np.array(1), r"layers=\[1\]"),
-        ("01", "list of layer indices"),
+        ("01", "sequence of layer indices"),
     ):
         with pytest.raises(ValueError, match=hint):
             tiny_config("llama", layers=bad)

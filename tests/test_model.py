@@ -307,6 +307,8 @@ def test_config_names_bad_selection_layers_dropout_and_budget_counts():
         (dict(selection_layers=1), r"selection_layers must be a sequence of layer indices \(e.g. \[0\]"),
         (dict(selection_layers=[True]), r"selection_layers \[True\] are not layer indices"),
         (dict(selection_layers=[torch.tensor(True)]), r"selection_layers \[tensor\(True\)\] are not layer"),
+        # a 0-d array raised "iteration over a 0-d array"; the Hugging Face settings named it (one rule now)
+        (dict(selection_layers=np.array(1)), r"for one layer pass selection_layers=\[1\]"),
         (dict(dropout="0.1"), "dropout must be a number in \\[0, 1\\), got '0.1'"),
         (dict(dropout=None), "dropout must be a number in \\[0, 1\\), got None"),
     ]:
