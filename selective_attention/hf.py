@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .functional import autocast_inputs, selective_attention
-from .kv_cache import LayerCache, budget_value, check_policy, prompt_fcum
+from .kv_cache import LayerCache, attention_received, budget_value, check_policy, h2o_recent, prompt_fcum
 from .model import memory_loss as _memory_loss
 from .selection import Selection, layer_indices
 
@@ -910,9 +910,15 @@ class SelectiveLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, budget: int | None = None, threshold: float | None = None, policy: str = "selective") -> None:
+    def __init__(
+        self,
+        budget: int | None = None,
+        threshold: float | None = None,
+        policy: str = "selective",
+        recent: int | None = None,
+    ) -> None:
         super().__init__()
-        self.budget, self.threshold, self.policy = budget, threshold, policy
+        self.budget, self.threshold, self.policy, self.recent = budget, threshold, policy, recent
         self.cache: LayerCache | None = None
         self.seen = 0  # tokens seen, padding included: HF's positions and mask sizes count these
         self.first: Tensor | None = None  # [B] each sequence's first real token (absolute index)
@@ -1069,9 +1075,13 @@ class SelectiveLayer(DynamicLayer):
         capacity = self.budget if self.budget is not None else T + 64
         self.cache = LayerCache.empty(
             B, capacity, n_heads=k.shape[1], n_groups=fcum.shape[1], head_dim=D, budget=self.budget,
-            threshold=self.threshold, policy=self.policy, dtype=k.dtype, device=k.device,
+            threshold=self.threshold, policy=self.policy, recent=self.recent, dtype=k.dtype, device=k.device,
         )  # fmt: skip
-        self.cache.fill(k, v, fcum, key_padding_mask=kpm)
+        acc = None
+        if self.cache.tracks_attention:  # H2O: the attention each prompt token received [B, T]
+            voters = None if sel is None else sel.voters(q, k)
+            acc = attention_received(q, k, voters, scale=scale, key_padding_mask=kpm)
+        self.cache.fill(k, v, fcum, key_padding_mask=kpm, acc=acc)
         self._writing = False
         return y
 
@@ -1102,10 +1112,11 @@ class SelectiveCache(Cache):
             window, the first real token kept); ``None`` in its place keeps all of them. A budget's slots are
             allocated when the prompt is read, so keep it within what a sequence will reach.
         threshold: evict any token whose accumulated penalty F exceeds it.
-        policy: which token a full layer evicts: ``"selective"`` (the paper: the largest accumulated F)
-            or ``"window"`` (StreamingLLM-style: the oldest, the first real token kept), a baseline at
-            the same memory (:mod:`selective_attention.kv_cache`). H2O is not offered here: its prompt
-            scores would need the attention weights under padding.
+        policy: which token a full layer evicts: ``"selective"`` (the paper: the largest accumulated F),
+            ``"window"`` (StreamingLLM-style: the oldest, the first real token kept) or ``"h2o"`` (H2O-style
+            heavy hitters: the least attention received so far, summed over heads, outside a recent window), the
+            baselines at the same memory (:mod:`selective_attention.kv_cache`).
+        recent: ``"h2o"`` only: the recent window in tokens, the newest included (default: half of each budget).
 
     The first call of each layer (the prompt) is read exactly, then pruned; tokens given in later calls, one or
     several at a time (a continuation, or ``generate(prefill_chunk_size=...)``'s later chunks), go through one at a
@@ -1123,15 +1134,14 @@ class SelectiveCache(Cache):
         budget: int | Sequence[int | None] | None = None,
         threshold: float | None = None,
         policy: str = "selective",
+        recent: int | None = None,
     ) -> None:
         budget = budget_value(budget)  # a list may hold None: that layer unbudgeted
+        check_policy(policy, threshold, recent, budget=budget)
         if policy == "h2o":
-            raise NotImplementedError(
-                "SelectiveCache(policy='h2o') is not offered: use policy='selective' or 'window' here, or the H2O "
-                "baseline of selective_attention.model.GPT (generate(..., policy='h2o'))."
-            )
-        check_policy(policy, threshold, budget=budget)
-        self.budget, self.threshold, self.policy = budget, threshold, policy
+            for b in budget if isinstance(budget, list) else [budget]:
+                h2o_recent(b, recent)  # the recent window fits every budget
+        self.budget, self.threshold, self.policy, self.recent = budget, threshold, policy, recent
         self.broken: str | None = None  # the error that left the layers disagreeing on the tokens seen
         self._checked: tuple | None = None  # the padding mask a layer last found all real after the prompt
         super().__init__(layers=[])
@@ -1193,7 +1203,9 @@ class SelectiveCache(Cache):
             )
             self._check_usable()
         while len(self.layers) <= layer_idx:
-            self.layers.append(SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy))
+            self.layers.append(
+                SelectiveLayer(self._budget_for(len(self.layers)), self.threshold, self.policy, self.recent)
+            )
             self.layers[-1].owner = self
         return self.layers[layer_idx].update(key_states, value_states)
 

@@ -405,9 +405,12 @@ def attention_received(
     chunk: int = 64,
     *,
     scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """The attention each of a prompt's T tokens received, ``[B, T]``: the column sums of the prompt's causal
-    attention weights, summed over the heads and over all T queries (H2O's score after the prompt).
+    attention weights, summed over the heads and over all T queries (H2O's score after the prompt). With
+    ``key_padding_mask`` (bool ``[B, T]``, True = padding) padding is no key, no query and no voter (each sequence's
+    first real token the protected one): a padded sequence's real tokens receive what the unpadded sequence's do.
 
     ``q`` ``[B, H, T, D]``, ``k`` ``[B, Hkv, T, D]`` (grouped-query heads read, not repeated); ``scale``: the
     logits' (default ``1 / sqrt(D)``). With ``voters`` (``qs, ks``: :meth:`Selection.voters`) the weights
@@ -428,13 +431,25 @@ def attention_received(
         logits = (grouped_matmul(rows, kt) * scale).to(acc_dtype)  # [B, H, C, T]
         future = keys[None, :] > keys[i0 : i0 + rows.shape[2], None]  # [C, T]
         logits = logits.masked_fill(future, -float("inf"))
+        pad_rows = None
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], -float("inf"))
+            # a padding query attends to nothing (left padding has no real key before it: a row of -inf); its
+            # weights are zeroed below, so any finite row does
+            pad_rows = key_padding_mask[:, None, i0 : i0 + rows.shape[2], None]  # [B, 1, C, 1]
+            logits = logits.masked_fill(pad_rows, 0.0)
         if voters is not None:
             qs, ks = voters
-            S = selection_scores(qs[:, :, i0 : i0 + chunk], ks, scale=votes_at, offset=i0).to(acc_dtype)  # [B,G,C,T]
+            S = selection_scores(
+                qs[:, :, i0 : i0 + chunk], ks, scale=votes_at, offset=i0, key_padding_mask=key_padding_mask
+            ).to(acc_dtype)  # [B, G, C, T]
             carry = torch.zeros_like(S[:, :, 0]) if carry is None else carry
             logits = logits - (carry[:, :, None] + exclusive_cumsum(S, dim=-2))  # F of these rows; G = 1 or H
             carry = carry + S.sum(dim=-2)
-        out += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+        weights = torch.softmax(logits, dim=-1)
+        if pad_rows is not None:
+            weights = weights.masked_fill(pad_rows, 0.0)
+        out += weights.sum(dim=(1, 2))
     return out
 
 

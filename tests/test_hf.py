@@ -1312,12 +1312,65 @@ def test_window_policy_keeps_the_first_real_token_and_the_newest():
             pos = layer.cache.pos[b]
             seen = n + 5 - 1  # the last generated token is sampled, not cached
             assert sorted(pos[pos >= 0].tolist()) == [0, seen - 3, seen - 2, seen - 1]
-    with pytest.raises(NotImplementedError, match="h2o"):
-        sa_hf.SelectiveCache(budget=4, policy="h2o")
     with pytest.raises(ValueError, match="policy"):
         sa_hf.SelectiveCache(budget=4, policy="lru")
     with pytest.raises(ValueError, match="threshold"):
         sa_hf.SelectiveCache(budget=4, threshold=1.0, policy="window")
+
+
+def test_attention_received_under_padding_is_the_unpadded_prompts():
+    """H2O's prompt scores under padding (what SelectiveCache(policy='h2o') reads): a left- or right-padded sequence's
+    real tokens receive what the unpadded sequence's do, selective or standard attention, and padding receives 0."""
+    from selective_attention.kv_cache import attention_received
+
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, T, D = 2, 4, 2, 11, 8
+    q, k = torch.randn(B, H, T, D, generator=g, dtype=torch.float64), torch.randn(B, Hkv, T, D, generator=g).double()
+    for side in ("left", "right"):
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        n = (T, 7)  # row 1: 7 real tokens
+        (kpm[1, : T - n[1]] if side == "left" else kpm[1, n[1] :]).fill_(True)
+        for sel in (None, Selection(), Selection(per_head=True)):
+            voters = None if sel is None else sel.voters(q, k)
+            got = attention_received(q, k, voters, chunk=4, scale=0.3, key_padding_mask=kpm)
+            assert torch.isfinite(got).all() and (got[kpm] == 0).all()
+            real = ~kpm[1]
+            q1, k1 = q[1:2][:, :, real], k[1:2][:, :, real]
+            want = attention_received(q1, k1, None if sel is None else sel.voters(q1, k1), scale=0.3)
+            torch.testing.assert_close(got[1, real], want[0], rtol=1e-12, atol=1e-12)
+            full = attention_received(q[:1], k[:1], None if sel is None else sel.voters(q[:1], k[:1]), scale=0.3)
+            torch.testing.assert_close(got[0], full[0], rtol=1e-12, atol=1e-12)
+
+
+def test_h2o_policy_in_hugging_face_generate():
+    """SelectiveCache(policy='h2o'): the H2O baseline on a Hugging Face model (it was refused: its prompt scores
+    needed the attention weights under padding). A left-padded batch generates what each prompt does alone, at most
+    `budget` tokens a layer, the first real token and the recent window always kept; with room for every token it
+    is greedy decoding exactly."""
+    model = build("llama")
+    ids, mask, _ = padded_batch(seed=7, lengths=(12, 8))
+    new, budget, recent = 6, 6, 2
+    kw = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+    cache = sa_hf.SelectiveCache(budget=budget, policy="h2o", recent=recent)
+    gen = model.generate(ids, attention_mask=mask, **{CACHE: cache}, **kw)
+    assert max(cache.occupancy()) <= budget
+    for b, n in enumerate((12, 8)):
+        alone = model.generate(
+            ids[b : b + 1, -n:], **{CACHE: sa_hf.SelectiveCache(budget, policy="h2o", recent=2)}, **kw
+        )
+        assert torch.equal(gen[b, -(n + new) :], alone[0])
+        for layer in cache.layers:
+            pos = layer.cache.pos[b]
+            seen = n + new - 1  # the last generated token is sampled, not cached
+            kept = set(pos[pos >= 0].tolist())
+            assert {0, seen - 2, seen - 1} <= kept and len(kept) == budget
+    exact = model.generate(ids, attention_mask=mask, **{CACHE: sa_hf.SelectiveCache()}, **kw)
+    roomy = sa_hf.SelectiveCache(budget=12 + new, policy="h2o")
+    assert torch.equal(model.generate(ids, attention_mask=mask, **{CACHE: roomy}, **kw), exact)
+    with pytest.raises(ValueError, match="recent=4 does not fit budget=4"):
+        sa_hf.SelectiveCache(budget=4, policy="h2o", recent=4)
+    with pytest.raises(ValueError, match="recent"):
+        sa_hf.SelectiveCache(budget=4, recent=2)  # a window of the selective policy: ignored, so refused
 
 
 def test_a_call_stopped_between_layers_leaves_the_cache_refusing_every_use():
