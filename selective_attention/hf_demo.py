@@ -137,8 +137,10 @@ def full_loss(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def pruned_loss(model, x: torch.Tensor, y: torch.Tensor, budget: int | None) -> tuple[float, int]:
-    """Loss of ``x, y`` ``[N, T]`` read through ``SelectiveCache(budget)``: the first token is the
+def pruned_loss(
+    model, x: torch.Tensor, y: torch.Tensor, budget: int | None, policy: str = "selective"
+) -> tuple[float, int]:
+    """Loss of ``x, y`` ``[N, T]`` read through ``SelectiveCache(budget, policy=policy)``: the first token is the
     prompt, then every token is decoded one at a time against the pruned cache, exactly as
     ``generate`` would (teacher-forced). Returns ``(loss, KV bytes of one window's cache at the end)``
     (every allocated key/value slot: with a budget b, b slots per layer; the per-slot bookkeeping, accumulated F
@@ -146,7 +148,7 @@ def pruned_loss(model, x: torch.Tensor, y: torch.Tensor, budget: int | None) -> 
     from selective_attention.hf import SelectiveCache, cache_keyword
 
     model.eval()
-    cache = SelectiveCache(budget=budget)
+    cache = SelectiveCache(budget=budget, policy=policy)
     kw = {cache_keyword(): cache, "use_cache": True}  # cache=, or past_key_values= in older transformers
     first = model(x[:, :1], **kw).logits
     rest = model(x[:, 1:], **kw).logits  # SelectiveCache decodes these one by one
@@ -194,10 +196,17 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     c = sel.config  # a full cache stores every token: T slots of k and v per layer (fp32)
     head_dim = c.hidden_size // c.num_attention_heads
     full_kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4 * x.shape[1]
-    rows = [{"budget": "full", "loss": full, "kv_bytes": full_kv}]
+    # the baselines at the same memory: the standard model (its weights under "selective" with no selecting layer:
+    # F = 0, standard attention) through a sliding window and H2O-style heavy hitters
+    base_cfg = sa_hf.configure(transformers.AutoConfig.from_pretrained(out / "standard"), layers=[])
+    std_cached = auto.from_pretrained(out / "standard", config=base_cfg, attn_implementation="selective")
+    std_full, _ = pruned_loss(std_cached, x, y, None)  # every token kept: no policy evicts
+    rows = [{"budget": "full", "loss": full, "kv_bytes": full_kv, "window": std_full, "h2o": std_full}]
     for b in cfg.budgets:
         loss, kv = pruned_loss(sel, x, y, b)
-        rows.append({"budget": b, "loss": loss, "kv_bytes": kv})
+        window, _ = pruned_loss(std_cached, x, y, b, policy="window")
+        h2o, _ = pruned_loss(std_cached, x, y, b, policy="h2o")
+        rows.append({"budget": b, "loss": loss, "kv_bytes": kv, "window": window, "h2o": h2o})
     report["pruned"] = rows
     ids = ByteTokenizer().encode(PROMPT)[None]
     budget = min(cfg.budgets)
@@ -230,15 +239,21 @@ def table(report: dict) -> str:
         f"| standard | sdpa | {val['standard']:.4f} | {runs['standard']['tokens_per_s']:,.0f} |",
         f"| selective | selective | {val['selective']:.4f} | {runs['selective']['tokens_per_s']:,.0f} |",
         "",
-        f"Selective model read through `SelectiveCache(budget=b)` (one token at a time, as `generate` does); "
-        f"the standard model's held-out loss is {val['standard']:.4f}:",
+        "Held-out loss read through `SelectiveCache(budget=b)` (one token at a time, as `generate` does): the "
+        "selective model evicting by F, and the baselines at the same memory, the standard model with a sliding "
+        f'window (`policy="window"`) and H2O (`policy="h2o"`); the standard model\'s full-cache loss is '
+        f"{val['standard']:.4f}:",
         "",
-        "| per-layer budget | held-out loss | KV bytes per sequence | KV vs a full cache (every token) |",
-        "|---|---|---|---|",
+        "| per-layer budget | selective (F) | standard + window | standard + H2O | KV bytes per sequence "
+        "| KV vs a full cache (every token) |",
+        "|---|---|---|---|---|---|",
     ]
     full_kv = report["pruned"][0]["kv_bytes"]
     for r in report["pruned"]:
-        lines.append(f"| {r['budget']} | {r['loss']:.4f} | {r['kv_bytes']:,} | {r['kv_bytes'] / full_kv:.3f}x |")
+        base = " | ".join(f"{r[p]:.4f}" for p in ("window", "h2o"))
+        lines.append(
+            f"| {r['budget']} | {r['loss']:.4f} | {base} | {r['kv_bytes']:,} | {r['kv_bytes'] / full_kv:.3f}x |"
+        )
     g = report["generated"]
     lines += ["", f"`generate` with `SelectiveCache(budget={g['budget']})` (greedy), occupancy {g['occupancy']}:", ""]
     lines += ["```", g["text"], "```", ""]

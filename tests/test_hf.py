@@ -1236,6 +1236,9 @@ def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
     assert [r["budget"] for r in report["pruned"]] == ["full", 4, 8]
     assert report["pruned"][1]["kv_bytes"] < report["pruned"][2]["kv_bytes"] < report["pruned"][0]["kv_bytes"]
     assert max(report["generated"]["occupancy"]) <= 4
+    # the baselines at each budget: the standard model through a window and H2O; in full, its full forward's loss
+    assert abs(report["pruned"][0]["window"] - report["val_loss"]["standard"]) < 1e-4
+    assert all(r["window"] > 0 and r["h2o"] > 0 for r in report["pruned"])
     again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")
     assert sa_hf.settings(again.config) == sa_hf.HFSettings()
     assert "| selective | selective |" in capsys.readouterr().out
