@@ -131,8 +131,9 @@ def _spilled(lse: Tensor) -> bool:
 # trained selective model's F pushes many weights down there; P itself is kept >= tiny by the floor, and 48 octaves
 # more keep dZ = P * (dO v - delta) normal too whenever |dO v - delta| >= 2^-48 (so the dq and dk GEMMs, which read
 # dZ, stay fast: a demo checkpoint's training step ran 1.7x slower without them). What is dropped is below 2^-78 of a
-# row that sums to 1 (fp32, bf16; fp64: 2^-974): a gradient moves by ~1e-23 of its largest entry at most (an entry
-# itself that small, ~1e-25, can become 0; fp64: bit for bit here). float16's range is too short for
+# row that sums to 1 (fp32, bf16; fp64: 2^-974): each dropped term of a gradient is below ~1e-23 of |dO v_j - delta|
+# |k_j| (of its largest entry, unless key norms differ by many orders: a key of norm 1e25 beside norms of 1 lost an
+# entry whole in a constructed test; an entry itself that small, ~1e-25, can become 0; fp64: bit for bit here). float16's range is too short for
 # the margin (tiny is 2^-14): its floor stays at tiny.
 _P_FLOOR = {
     dt: math.log2(torch.finfo(dt).tiny) + (0 if dt == torch.float16 else 48)
@@ -507,13 +508,16 @@ def _backward(
     Hkv = k.shape[1]
     g = H // Hkv  # query heads per kv head (grouped-query attention; 1: multi-head)
     dout = dout.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # dk, dv (and a dedicated pair's dks) sum every query block's tiles: in float16 / bfloat16 they are summed in
+    # float32 and rounded once at the end (summed in the dtype, their errors grew with L: 6x the spec's at L = 8192)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     # The voting heads' own vote gradients (sel_scale dl ks, sel_scale dl^T qs) have the shape of their
     # attention gradients (scale dZ k, scale dZ^T q): dl * sel_scale / scale added into their dZ rides
     # the dq and dk GEMMs. A dedicated pair (qs, ks) gets GEMMs of its own.
     fold = heads is not None and scale != 0.0
     if heads is None:
-        dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks)
+        dqs, dks = torch.zeros_like(qs), torch.zeros_like(ks, dtype=acc)
     else:
         kvh = kv_heads(heads, H, Hkv)
         qs, ks, dqs, dks = q[:, heads], k[:, kvh], dq[:, heads], dk[:, kvh]
@@ -550,7 +554,10 @@ def _backward(
         q, votes=B * G * rows_max * width, bias=B * G * rows_max * width,
         P=B * H * rows_max * width, dZ=B * H * rows_max * width, kv=B * Hkv * width * max(D, v.shape[-1]),
     )  # fmt: skip
-    wsf = _Workspace(q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width)
+    wsf = _Workspace(
+        q.new_empty(0, dtype=torch.float32), P=B * H * rows_max * width, dZ=B * H * rows_max * width,
+        kv=B * Hkv * width * D if half else 0,
+    )  # fmt: skip
     # Query blocks = the forward's chunks, last to first. Each block's keys 0 .. i1-1 are walked in tiles of
     # `width` columns; every step below is column-wise except dq's sum over keys, so a tile sees only its own
     # columns (and ndcol, minus the later blocks' sums of dF in those columns), and its votes, F and bias are rebuilt
@@ -564,7 +571,8 @@ def _backward(
         i1 = min(i0 + fchunk, L)
         C = i1 - i0
         qc, doc = rows(q5, i0, i1), rows(do5, i0, i1)  # [B*Hkv, g*C, D]
-        qa, nlse_c, delta_c = (qc.float() if half else qc) * a, nlse5[:, :, :, i0:i1], rows(delta5, i0, i1)
+        qf = qc.float() if half else qc
+        qa, nlse_c, delta_c = qf * a, nlse5[:, :, :, i0:i1], rows(delta5, i0, i1)
         qn_c = vt.qn[:, :, i0:i1]
         dq_c = torch.zeros_like(qc)  # sum over the tiles of dZ k
         dqs_c = None if fold else torch.zeros_like(qn_c)  # sum over the tiles of dl ks
@@ -628,17 +636,21 @@ def _backward(
             del dZ, ndF, ndS, ndl
             if half:
                 dZ3.copy_(dZw3)
-            del dZw3
             dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-            dZq = torch.bmm(dZ3.transpose(-2, -1), qc, out=ws("kv", B * Hkv, n, D))
-            dk3[:, j0:j1].add_(dZq, alpha=scale)  # dk = s dZ^T q
+            # dk = s dZ^T q; half inputs: in float32, from dZ before its rounding (a block's product rounded to the
+            # dtype and summed over the blocks was 3-12x the spec's error at 256 blocks)
+            dZq = torch.bmm(dZw3.transpose(-2, -1), qf, out=(wsf if half else ws)("kv", B * Hkv, n, D))
+            dk3[:, j0:j1].add_(dZq, alpha=scale)
+            del dZw3
             del dZ3
         dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
         if not fold:
             dqs[:, :, i0:i1].add_(dqs_c, alpha=sel_scale)  # after dq's rows: dqs may be a view of them
     if heads is not None:
         dqs = dks = None
-    return dq, dk, dv, dqs, dks, dpen
+    else:
+        dks = dks.to(ks.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dqs, dks, dpen
 
 
 # --- as torch.library custom ops: torch.compile runs them as they are --------------------------------------
