@@ -10,6 +10,7 @@ training loop's business (:mod:`selective_attention.train`).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -83,11 +84,33 @@ def tensors_checksum(tensors: dict[str, Tensor], metadata: Mapping[str, str] | N
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, whatever the dtype
+        h.update(_raw_bytes(t))  # the raw bytes, whatever the dtype
     for key in sorted(metadata or {}):
         if key != "checksum":
             h.update(f"{len(key)}:{key}={len(metadata[key])}:".encode() + metadata[key].encode())
     return h.hexdigest()
+
+
+def _raw_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor ``t``, read in place, without NumPy (``Tensor.numpy()`` needs it, and the
+    CPU wheel of torch does not install it: saving and loading failed with "Numpy is not available"). Valid while
+    ``t`` lives."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def require_safetensors() -> None:
+    """Refuse, naming the extra to install, when ``safetensors`` (every checkpoint's format) is missing: called before
+    a run trains, so a missing package is not found only when its first checkpoint is written."""
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"checkpoints are safetensors files and safetensors is not installed ({e}): pip install "
+            "'selective-attention[train]' (or pip install safetensors)."
+        ) from e
 
 
 def signed(tensors: dict[str, Tensor], meta: Mapping[str, str]) -> dict[str, str]:
@@ -129,6 +152,7 @@ def save_checkpoint(
     JSON metadata, with a sha256 of the tensors and the metadata. ``cfg``: the run's ``TrainConfig`` (any dataclass;
     stored as ``train_config``). Written to a temp file, fsynced and renamed, so a crash mid-write leaves the
     previous checkpoint intact."""
+    require_safetensors()
     from safetensors.torch import save_file
 
     from .data import ByteTokenizer
@@ -259,6 +283,7 @@ def _file_kind(path: Path) -> str:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint: ``(tensors, metadata)`` with the configs decoded (``train_config`` with the model under
     "model", also for formats 1-2); raises CheckpointError. Reads only tensors and JSON: never runs code."""
+    require_safetensors()
     from safetensors import safe_open
 
     path = Path(path)

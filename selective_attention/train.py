@@ -52,6 +52,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
     model_from_checkpoint,
     model_state,
     optimizer_state,
+    require_safetensors,
     save_checkpoint,
     tensors_checksum,
 )
@@ -717,6 +718,7 @@ def main(cfg: TrainConfig) -> dict:
             f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', '(unset)')}: a rank must be in "
             "[0, WORLD_SIZE). A distributed launcher (torchrun) sets both; for one process unset RANK."
         )
+    require_safetensors()  # before training: the checkpoints need it (a missing one failed at the first save)
     if cfg.warmup_steps > cfg.max_steps and rank == 0:
         warnings.warn(
             f"--warmup_steps={cfg.warmup_steps} > --max_steps={cfg.max_steps}: the learning rate only warms up "

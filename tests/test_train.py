@@ -1227,3 +1227,49 @@ def test_no_clipping_reports_the_same_norm_on_every_torch(tmp_path, monkeypatch)
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # absent before torch 2.6
     assert torch.equal(train_mod._grad_norm(model, 0.0), norm)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # unclipped, to the bit
+
+
+def test_checkpoint_checksum_needs_no_numpy(monkeypatch):
+    """The checksum read each tensor's bytes through Tensor.numpy(), and torch's CPU wheel does not install NumPy:
+    saving and loading failed with "Numpy is not available". The bytes are read in place now, the same bytes (old
+    checkpoints' checksums hold), for every dtype and an empty tensor."""
+    from selective_attention.checkpoint import tensors_checksum
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "i64": torch.arange(7),
+        "b": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "strided": torch.randn(4, 6, generator=g)[:, ::2],  # made contiguous first
+    }
+    with_numpy = tensors_checksum(tensors, {"a": "1"})
+    import hashlib
+
+    h = hashlib.sha256()  # the bytes as NumPy gave them (the code before)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(b"1:a=1:1")
+    assert with_numpy == h.hexdigest()
+
+    def no_numpy(self, *a, **k):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    assert tensors_checksum(tensors, {"a": "1"}) == with_numpy
+
+
+def test_a_missing_safetensors_is_named_before_training(monkeypatch, tmp_path):
+    """Without safetensors a run trained to its first checkpoint and failed with "No module named 'safetensors'";
+    it is refused before training now, naming the extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r"selective-attention\[train\]"):
+        main(tiny(tmp_path))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
