@@ -133,8 +133,8 @@ def _spilled(lse: Tensor) -> bool:
 # dZ, stay fast: a demo checkpoint's training step ran 1.7x slower without them). What is dropped is below 2^-78 of a
 # row that sums to 1 (fp32, bf16; fp64: 2^-974): each dropped term of a gradient is below ~1e-23 of |dO v_j - delta|
 # |k_j| (of its largest entry, unless key norms differ by many orders: a key of norm 1e25 beside norms of 1 lost an
-# entry whole in a constructed test; an entry itself that small, ~1e-25, can become 0; fp64: bit for bit here). float16's range is too short for
-# the margin (tiny is 2^-14): its floor stays at tiny.
+# entry whole in a constructed test; an entry itself that small, ~1e-25, can become 0; fp64: bit for bit here).
+# float16's range is too short for the margin (tiny is 2^-14): its floor stays at tiny.
 _P_FLOOR = {
     dt: math.log2(torch.finfo(dt).tiny) + (0 if dt == torch.float16 else 48)
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
