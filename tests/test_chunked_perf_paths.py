@@ -358,3 +358,22 @@ def test_half_precision_backward_with_the_memory_loss_rows(dtype):
         results[name] = [out.detach()] + [t.grad for t in leaves]
     for n, fast, naive, ref in zip(("out", "dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
         assert_error_bounded(fast, naive, ref, factor=1.5, name=n)
+
+
+def test_a_backward_that_overflows_from_finite_inputs_is_refused_not_returned():
+    """At float32 logits beyond ~1e9 the backward's base-2 rebuild of the weights overflows (it rounds apart from the
+    forward's kernel by ~1e-7 of a logit): the gradients came back NaN and inf, silently, where the spec's are finite.
+    Refused now, naming the cause and backend='naive'; a NaN input still spreads as in every backend."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    big = [(t * 1e5).requires_grad_() for t in (q, k)] + [v.clone().requires_grad_()]
+    with pytest.raises(FloatingPointError, match="overflowed.*backend='naive'"):
+        selective_attention(*big, selection=True, backend="chunked").sum().backward()
+    spec = [t.detach().clone().requires_grad_() for t in big]
+    selective_attention(*spec, selection=True, backend="naive").sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in spec)
+    nan_v = v.clone()
+    nan_v[0, 0, 5, 0] = float("nan")
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_(), nan_v.requires_grad_()]
+    selective_attention(*leaves, selection=True, backend="chunked").sum().backward()  # not refused
+    assert not torch.isfinite(leaves[2].grad).all() or not torch.isfinite(leaves[0].grad).all()

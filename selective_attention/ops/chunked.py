@@ -650,7 +650,28 @@ def _backward(
         dqs = dks = None
     else:
         dks = dks.to(ks.dtype)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dqs, dks, dpen
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    _refuse_overflow((dq, dk, dv, dqs, dks), (q, k, v, qs, ks, dout, penalty))
+    return dq, dk, dv, dqs, dks, dpen
+
+
+def _refuse_overflow(grads: tuple[Tensor | None, ...], inputs: tuple[Tensor | None, ...]) -> None:
+    """Raise when the gradients hold a NaN or inf and every input is finite: the backward's rebuilt weights overflowed
+    (float32 logits beyond ~1e9: the base-2 rebuild rounds apart from the forward's kernel by ~1e-7 of a logit, and
+    2^128 overflows). One reduction per gradient; the inputs are read only then (non-finite inputs spread into the
+    gradients in every backend, the spec's too, and are not refused)."""
+    present = [g for g in grads if g is not None and g.numel()]
+    if not present or not reads_values(present[0]):
+        return
+    if all(math.isfinite(float(g.sum(dtype=torch.float64))) for g in present):
+        return
+    if all(bool(torch.isfinite(t).all()) for t in inputs if t is not None):
+        raise FloatingPointError(
+            "the chunked backward overflowed: its gradients hold NaN or inf from finite inputs. It rebuilds the "
+            "attention weights from the forward's log-sum-exp in float32, which fails at logits beyond ~1e9 (and "
+            "loses precision from ~1e6: about 1e-7 of the largest |logit|, relative). Use backend='naive' (exact, "
+            "builds [B, H, L, L]) for such inputs, or float64, or keep the logits smaller (scale q and k down)."
+        )
 
 
 # --- as torch.library custom ops: torch.compile runs them as they are --------------------------------------
