@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .masks import NormalizedMask, normalize_mask
+from .masks import NormalizedMask, has_values, normalize_mask
 from .ops import naive
 from .ops.chunked import check_chunk_size
 from .ops.registry import NAMES, PREFERENCE, Request, backend_module, dispatch
@@ -156,7 +156,8 @@ def _request(
     # the call once an all-False mask were dropped: every other kernel (SDPA's included) takes masks as they are.
     # nor do calls on tensors without values (the meta device, fake tensors)
     read_values = reads_values(q)
-    if not read_values and (backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])):
+    triton_here = backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])
+    if not read_values and has_values(q) and triton_here:
         plain = Request(q, k, v, NormalizedMask(None, None, False), scale, voters, memory_tau, dropout_p, chunk_size)
         read_values = backend_module("triton").supports(plain) is None
     mask = normalize_mask(

@@ -319,8 +319,8 @@ def _to_dict_with_record(to_dict):
         now = getattr(self, "_attn_implementation", None)
         if _runs_selective(now):
             out["attn_implementation"] = now
-        elif _runs_selective(out.get("attn_implementation")):  # switched away: it runs `now`, not the record
-            del out["attn_implementation"]
+        elif isinstance(now, str) and _runs_selective(out.get("attn_implementation")):  # switched away: runs `now`
+            del out["attn_implementation"]  # (a config of no model, `now` None, keeps a record set by hand)
         return out
 
     recorded._selective_record = True

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .callers import caller_level
 
@@ -140,6 +141,12 @@ def _check_mask_shape(name: str, mask: Tensor, B: int, H: int, Lq: int, Lk: int)
     return mask
 
 
+def has_values(t: Tensor) -> bool:
+    """Whether ``t`` holds values to read: not on the meta device, not a fake tensor (shape inference, FLOP counting,
+    torch.compile's tracing)."""
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True) -> tuple[Tensor, Tensor | None]:
     """A validated mask -> (removed, penalty or None). ``read_values=False`` (a compiled call): on CPU the value checks
     raise through ``torch._assert_async`` (a RuntimeError, no graph break; on meta tensors they check nothing; elsewhere
@@ -159,7 +166,7 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
     )
     # compiled, the checks below raise through torch._assert_async on CPU only: on CUDA it becomes a device-side
     # assert, which leaves the process's CUDA context unusable; there they read the values (a graph break)
-    checks_async = not read_values and mask.device.type in ("cpu", "meta")
+    checks_async = not read_values and (mask.device.type == "cpu" or not has_values(mask))
     if checks_async:
         torch._assert_async(~torch.isnan(mask).any(), nan_msg)
     elif torch.isnan(mask).any():

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.forward_ad import unpack_dual
+
+from ..masks import has_values
 
 __all__ = [
     "eager_call",
@@ -40,7 +41,7 @@ def reads_values(t: Tensor) -> bool:
     """Whether a call on ``t`` may read tensor values (``.any()``, ``float(...)``) for its checks and shortcuts: not
     under ``torch.compile`` (a graph break), nor on tensors without values (the meta device, fake tensors: shape
     inference, FLOP counting), where the same computation runs without them."""
-    return not (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t))
+    return not torch.compiler.is_compiling() and has_values(t)
 
 
 def unserved_transform(*tensors: Tensor | None, reverse: bool = True) -> str | None:
