@@ -157,7 +157,8 @@ def _request(
     # nor do calls on tensors without values (the meta device, fake tensors)
     read_values = reads_values(q)
     triton_here = backend == "triton" or (backend == "auto" and q.device.type in PREFERENCE["triton"][1])
-    if not read_values and has_values(q) and triton_here:
+    # (compiled: the tracer's tensors are fake, and has_values is not traced; meta or fake in eager: nothing to read)
+    if not read_values and (torch.compiler.is_compiling() or has_values(q)) and triton_here:
         plain = Request(q, k, v, NormalizedMask(None, None, False), scale, voters, memory_tau, dropout_p, chunk_size)
         read_values = backend_module("triton").supports(plain) is None
     mask = normalize_mask(

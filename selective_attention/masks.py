@@ -166,7 +166,9 @@ def _split(name: str, mask: Tensor, dtype: torch.dtype, read_values: bool = True
     )
     # compiled, the checks below raise through torch._assert_async on CPU only: on CUDA it becomes a device-side
     # assert, which leaves the process's CUDA context unusable; there they read the values (a graph break)
-    checks_async = not read_values and (mask.device.type == "cpu" or not has_values(mask))
+    checks_async = not read_values and (
+        mask.device.type == "cpu" or (not torch.compiler.is_compiling() and not has_values(mask))  # eager meta / fake
+    )
     if checks_async:
         torch._assert_async(~torch.isnan(mask).any(), nan_msg)
     elif torch.isnan(mask).any():
