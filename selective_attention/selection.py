@@ -44,7 +44,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Selection:
-    """Who votes for F: the one value that every layer, backend and cache reads.
+    """Who votes for F: the one value every layer and cache is configured with (backends receive it resolved for one
+    call, as :class:`Voters`; the caches' prefills as :meth:`voters`' pair).
 
     ``Selection()`` is the paper: head 0's logits vote, one F shared by every head. Variants, each
     off by default and each tested:
@@ -54,8 +55,11 @@ class Selection:
     * ``Selection(projection=True)``: a dedicated query/key pair votes (given to :meth:`voters` as
       ``projected``), so no head serves two roles; with ``per_head``, one pair per head.
 
-    Validated once at construction (and against the head count by :meth:`validate`); adding a
-    variant means a field here, its case in :meth:`voters`, and its test.
+    Validated once at construction (and against the head count by :meth:`validate`). A variant of who votes is a
+    field here, its case in :meth:`voters` and :meth:`bind`, and its test; a change to the vote rule itself (what S
+    is) is not: the rule ``relu(l)`` on ``1 <= j < k`` is also written in each backend's kernels (ops/chunked.py's
+    forward clamp and backward gate, ops/triton/kernels.py) and in the decoding step (kv_cache.LayerCache.step's
+    votes), each tested against :func:`selection_scores`.
     """
 
     head: int = 0
