@@ -453,6 +453,8 @@ def is_int(x: object) -> bool:
     but True is no count)."""
     if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
         return False
+    if getattr(getattr(x, "dtype", None), "kind", None) == "b":  # a NumPy bool (older NumPy gives it an __index__)
+        return False
     try:
         operator.index(x)
     except TypeError:

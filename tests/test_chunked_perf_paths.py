@@ -324,7 +324,8 @@ def test_half_precision_key_gradients_do_not_degrade_with_the_number_of_blocks(d
     """dk and dv sum every query block's contribution: summed in the inputs' dtype, their error grew with the number
     of blocks (L / chunk: 2.6x the spec's at L = 1024, 6x at 8192 with the default chunks; 9-14x with chunk_size=7
     at 4096; 2.9-6.8x here). Summed in float32 (dk from dZ before its rounding) and rounded once, they stay within
-    1.5x the spec's own here (no allowance of a few ulp: in bfloat16 that would hide a 3x error)."""
+    2x the spec's own here (1.0-1.2x with torch 2.13, 1.6x in bfloat16 with torch 2.5's GEMMs; no allowance of a few
+    ulp: in bfloat16 that would hide a 3x error)."""
     gen = torch.Generator().manual_seed(2)
     q, k, v, cot = (torch.randn(1, 2, 1024, 16, generator=gen).to(dtype) for _ in range(4))
     results = {}
@@ -337,7 +338,7 @@ def test_half_precision_key_gradients_do_not_degrade_with_the_number_of_blocks(d
         results[name] = [t.grad for t in leaves]
     for n, fast, naive, ref in zip(("dq", "dk", "dv"), results["chunked"], results["naive"], results["ref"]):
         err_fast, err_naive = ((t.double() - ref).abs().max().item() for t in (fast, naive))
-        assert 0 < err_fast <= 1.5 * err_naive, f"{n}: error {err_fast:.3g} vs the spec's {err_naive:.3g}"
+        assert 0 < err_fast <= 2 * err_naive, f"{n}: error {err_fast:.3g} vs the spec's {err_naive:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
