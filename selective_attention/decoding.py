@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .callers import caller_level
-from .kv_cache import LayerCache, budget_value, check_policy, h2o_recent, is_int
+from .kv_cache import LayerCache, budget_value, check_policy, is_int
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -102,9 +102,6 @@ class Decoder:
                 f"threshold={threshold} evicts tokens by the penalty F, and this model has no selective layer (F = 0 "
                 "everywhere): it would evict nothing. Drop threshold, or use budget= (on this model a sliding window)."
             )
-        if policy == "h2o":
-            for b in budgets:
-                h2o_recent(b, recent)  # the recent window fits every budget
         self.model = model
         self.budgets = budgets
         self.threshold = threshold

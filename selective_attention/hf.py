@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .functional import autocast_inputs, selective_attention
-from .kv_cache import LayerCache, attention_received, budget_value, check_policy, h2o_recent, prompt_fcum
+from .kv_cache import LayerCache, budget_value, check_policy, prompt_scores
 from .model import memory_loss as _memory_loss
 from .selection import Selection, layer_indices
 
@@ -1069,18 +1069,15 @@ class SelectiveLayer(DynamicLayer):
             y = _attend(q, k, v, is_causal=True, key_padding_mask=kpm, scale=scale)
         else:
             y = _attend(q, k, v, selection=sel, key_padding_mask=kpm, scale=scale)
-        fcum = prompt_fcum(q, k, sel, scale=scale, key_padding_mask=kpm)  # [B, G, T]
         self._writing = True
         self.first = torch.zeros(B, dtype=torch.long, device=q.device) if kpm is None else (~kpm).long().argmax(-1)
         capacity = self.budget if self.budget is not None else T + 64
         self.cache = LayerCache.empty(
-            B, capacity, n_heads=k.shape[1], n_groups=fcum.shape[1], head_dim=D, budget=self.budget,
-            threshold=self.threshold, policy=self.policy, recent=self.recent, dtype=k.dtype, device=k.device,
+            B, capacity, n_heads=k.shape[1], n_groups=1 if sel is None else sel.n_groups(H), head_dim=D,
+            budget=self.budget, threshold=self.threshold, policy=self.policy, recent=self.recent, dtype=k.dtype,
+            device=k.device,
         )  # fmt: skip
-        acc = None
-        if self.cache.tracks_attention:  # H2O: the attention each prompt token received [B, T]
-            voters = None if sel is None else sel.voters(q, k)
-            acc = attention_received(q, k, voters, scale=scale, key_padding_mask=kpm)
+        fcum, acc = prompt_scores(q, k, sel, scale=scale, key_padding_mask=kpm, received=self.cache.tracks_attention)
         self.cache.fill(k, v, fcum, key_padding_mask=kpm, acc=acc)
         self._writing = False
         return y
@@ -1138,9 +1135,6 @@ class SelectiveCache(Cache):
     ) -> None:
         budget = budget_value(budget)  # a list may hold None: that layer unbudgeted
         check_policy(policy, threshold, recent, budget=budget)
-        if policy == "h2o":
-            for b in budget if isinstance(budget, list) else [budget]:
-                h2o_recent(b, recent)  # the recent window fits every budget
         self.budget, self.threshold, self.policy, self.recent = budget, threshold, policy, recent
         self.broken: str | None = None  # the error that left the layers disagreeing on the tokens seen
         self._checked: tuple | None = None  # the padding mask a layer last found all real after the prompt

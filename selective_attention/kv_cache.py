@@ -78,7 +78,7 @@ __all__ = [
     "h2o_evictions",
     "h2o_rule",
     "fcum_after_prompt",
-    "prompt_fcum",
+    "prompt_scores",
     "attention_received",
 ]
 
@@ -98,7 +98,7 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
     """Refuse an unknown policy, a threshold with a policy other than ``"selective"``, ``recent`` with a
     policy other than ``"h2o"`` and (when ``budget`` is given: None, an int or one per layer) a policy other than
     ``"selective"`` with no budget in any layer (each would be silently ignored), a threshold that is not a number
-    >= 0 and a ``recent`` that is not an int >= 1."""
+    >= 0, a ``recent`` that is not an int >= 1 and (H2O, ``budget`` given) one that does not fit a layer's budget."""
     if threshold is not None and (
         isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
     ):
@@ -119,6 +119,9 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
         )
     if recent is not None and (isinstance(recent, bool) or not isinstance(recent, numbers.Integral) or recent < 1):
         raise ValueError(f"recent must be an int >= 1 (the newest token included), got {recent!r}.")
+    if policy == "h2o" and budget is not ...:
+        for b in budget if isinstance(budget, (list, tuple)) else [budget]:
+            h2o_recent(b, recent)  # the recent window fits every budget
 
 
 def check_budget(b: object) -> int:
@@ -377,7 +380,7 @@ def fcum_after_prompt(
     return out
 
 
-def prompt_fcum(
+def prompt_scores(
     q: Tensor,
     k: Tensor,
     selection: Selection | None,
@@ -385,17 +388,22 @@ def prompt_fcum(
     *,
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
-) -> Tensor:
-    """The ``Fcum`` a layer's cache starts from after a prompt: ``[B, G, T]`` from the layer's ``q`` ``[B, H, T, D]``,
-    ``k`` ``[B, Hkv, T, D]`` (and, with ``projection``, the dedicated pair ``projected``), scaled by
-    :func:`~selective_attention.selection.vote_scale` (``scale``: the attention's, default ``1 / sqrt(D)``);
-    without ``selection`` zeros ``[B, 1, T]``: nothing is ever masked. One rule for the GPT's prefill and the
-    Hugging Face cache's."""
-    if selection is None:
-        return q.new_zeros(q.shape[0], 1, q.shape[2])
-    qs, ks = selection.voters(q, k, projected)
-    at = vote_scale(scale, q.shape[-1], qs.shape[-1])
-    return fcum_after_prompt(qs, ks, scale=at, key_padding_mask=key_padding_mask)
+    received: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """What a layer's cache starts from after a prompt, from the layer's ``q`` ``[B, H, T, D]``, ``k``
+    ``[B, Hkv, T, D]`` (and, with ``projection``, the dedicated pair ``projected``): ``(fcum, acc)``. ``fcum``
+    ``[B, G, T]``, the votes scaled by :func:`~selective_attention.selection.vote_scale` (``scale``: the attention's,
+    default ``1 / sqrt(D)``; without ``selection`` zeros ``[B, 1, T]``: nothing is ever masked); with ``received``
+    (an H2O cache) ``acc`` ``[B, T]``, the attention each token received (:func:`attention_received`), else None.
+    One rule for the GPT's prefill and the Hugging Face cache's."""
+    voters = None if selection is None else selection.voters(q, k, projected)
+    if voters is None:
+        fcum = q.new_zeros(q.shape[0], 1, q.shape[2])
+    else:
+        at = vote_scale(scale, q.shape[-1], voters[0].shape[-1])
+        fcum = fcum_after_prompt(*voters, scale=at, key_padding_mask=key_padding_mask)
+    acc = attention_received(q, k, voters, scale=scale, key_padding_mask=key_padding_mask) if received else None
+    return fcum, acc
 
 
 def attention_received(

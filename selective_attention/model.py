@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import selective_attention
-from .kv_cache import LayerCache, attention_received, prompt_fcum
+from .kv_cache import LayerCache, prompt_scores
 from .selection import Selection, layer_indices
 
 __all__ = ["GPTConfig", "GPT", "memory_loss", "token_loss"]
@@ -341,12 +341,7 @@ class Attention(nn.Module):
         (``[B, Hkv, T, D]``), the ``Fcum`` that the query after the prompt sees and, for an H2O cache, the
         attention each token received (then pruned by the cache's policy)."""
         y, _ = self.attend(q, k, v, sel)
-        fcum = prompt_fcum(q, k, self.selection, sel)  # [B, G, T]
-        if cache.tracks_attention:  # H2O: the attention each token received [B, T], chunked
-            voters = None if self.selection is None else self.selection.voters(q, k, sel)
-            acc = attention_received(q, k, voters)
-        else:
-            acc = None
+        fcum, acc = prompt_scores(q, k, self.selection, sel, received=cache.tracks_attention)  # [B, G, T], [B, T]
         cache.fill(k, v, fcum, ks=None if sel is None else sel[1], acc=acc)
         return y
 
