@@ -515,7 +515,7 @@ def attention_forward(
         return _forward(*args)
     try:
         return _forward(*args)
-    except Exception as e:
+    except BaseException as e:  # an interrupt too: in the last layer's write every layer's count already agrees
         cached.refused(key.shape[2], e)
         raise
 
@@ -608,6 +608,12 @@ def _forward(
         query, key, value = autocast_inputs(query, key, value)
         if cached.owner is not None:
             cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
+            if cached.owner.threshold is not None and s.layers == ():
+                raise ValueError(  # F = 0 everywhere: the cache would say it prunes and keep every token
+                    f"SelectiveCache(threshold={cached.owner.threshold}) evicts tokens by the penalty F, and this "
+                    "model has no selecting layer (configure(..., layers=[]): F = 0 everywhere), so it would evict "
+                    "nothing. Drop threshold, or use budget= with policy='window' or 'h2o' for this model."
+                )
         if getattr(config, "num_kv_shared_layers", 0):
             raise NotImplementedError(_KV_SHARED.format(n=config.num_kv_shared_layers))
         if dropout:
@@ -969,7 +975,7 @@ class SelectiveLayer(DynamicLayer):
         self.last_pos = None
         self.is_initialized = False
 
-    def refused(self, n_new: int, error: Exception) -> None:
+    def refused(self, n_new: int, error: BaseException) -> None:
         """Undo :meth:`update` of ``n_new`` tokens after the attention function refused (or failed) the call that
         claimed them. The cache stays usable when this layer was the call's first (every layer has then seen as
         many tokens); otherwise earlier layers already hold the call's tokens, or the failure came while the state

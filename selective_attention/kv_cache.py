@@ -312,9 +312,15 @@ def h2o_rule(acc: Tensor, pos: Tensor, recent: int, free: bool = False) -> tuple
     """``(score, candidates)`` ``[B, cap]`` each: a full H2O layer evicts, of the tokens outside the recent window
     and other than the first, the one with the smallest ``acc`` (the largest ``-acc``), the oldest on ties.
     ``free``: as in :func:`selective_rule` (a free slot scores 0, the most, since ``acc``, attention received, is
-    never negative; and it is the oldest on ties)."""
-    newest = pos.amax(-1, keepdim=True)
-    candidates = (pos > 0) & (pos <= newest - (recent - 1))
+    never negative; and it is the oldest on ties). The window is the ``recent - 1`` newest *stored* tokens, by rank,
+    not by position: a Hugging Face cache's positions count padding inside a prompt (a gap), which position
+    arithmetic would take into the window, evicting a recent real token (and the prefill's window counts real
+    tokens only)."""
+    if recent > 1:  # the (recent - 1)-th largest position: a row's stored positions are distinct (free slots: -1)
+        oldest_recent = torch.topk(pos, recent - 1, dim=-1).values[:, -1:]
+        candidates = (pos > 0) & (pos < oldest_recent)  # (fewer stored than that: -1, no candidate)
+    else:
+        candidates = pos > 0
     return -acc, (candidates | (pos < 0)) if free else candidates
 
 

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 import selective_attention.hf as sa_hf  # noqa: E402
 from selective_attention.functional import selective_attention  # noqa: E402
+from selective_attention.machine import cpu_signature  # noqa: E402
 from selective_attention.selection import Selection, selection_penalty  # noqa: E402
 
 CACHE = sa_hf.cache_keyword()  # the keyword this transformers takes a cache by (cache=, or past_key_values=)
@@ -587,6 +588,11 @@ def test_cache_arguments_and_misuse_are_clear_errors():
             sa_hf.SelectiveCache(budget=bad)
     with pytest.raises(ValueError, match="threshold"):
         sa_hf.SelectiveCache(threshold=True)
+    plain = build("llama", layers=[])  # no selecting layer: F = 0, a threshold evicted nothing, silently
+    cache = sa_hf.SelectiveCache(threshold=0.0)
+    with pytest.raises(ValueError, match=r"threshold=0.0\) .*no selecting layer.*evict nothing"):
+        plain.generate(ids, **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert cache.broken is None  # refused in the first layer: the cache is as it was
     for budget in ([4], [4, 4, 4]):  # too few or too many for 2 layers (the extra one was silently ignored)
         with pytest.raises(ValueError, match=r"lists \d budgets and the model has 2 layers"):
             model.generate(ids, **{CACHE: sa_hf.SelectiveCache(budget=budget)}, max_new_tokens=2, do_sample=False)
@@ -1240,9 +1246,15 @@ def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
     assert abs(report["pruned"][0]["window"] - report["val_loss"]["standard"]) < 1e-4
     smallest = report["pruned"][1]  # 4 of 32 tokens: both baselines lose context
     assert smallest["window"] != report["pruned"][0]["window"] and smallest["h2o"] != report["pruned"][0]["h2o"]
+    # the control for F's rule: the selective model through a window (in full: its own full-cache loss)
+    assert report["pruned"][0]["selective_window"] == report["pruned"][0]["loss"]
+    assert smallest["selective_window"] != report["pruned"][0]["loss"]
+    # the machine the numbers are this run's (one VM name has been two chips)
+    assert report["machine"]["cpu_signature"] == cpu_signature() and report["machine"]["transformers"]
     again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")
     assert sa_hf.settings(again.config) == sa_hf.HFSettings()
-    assert "| selective | selective |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| selective | selective |" in printed and f"family/model/stepping {cpu_signature()}" in printed
 
 
 def test_hf_demo_refuses_empty_budgets_before_training(tmp_path, capsys):
@@ -1406,6 +1418,22 @@ def test_h2o_policy_in_hugging_face_generate():
         sa_hf.SelectiveCache(budget=4, recent=2)  # a window of the selective policy: ignored, so refused
 
 
+def test_padding_inside_a_prompt_changes_no_policy_s_choice():
+    """Padding inside a prompt (a gap in the cache's positions): every policy generates what the prompt without its
+    padding does. H2O's recent window was position arithmetic, so the gap took a recent real token out of it and
+    the first step evicted it (logits 0.55 apart); the window is now the newest stored tokens, by rank."""
+    model = build("llama")
+    ids = torch.randint(3, V, (1, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 8:11] = 0  # three padding tokens before the last prompt token
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=8, output_logits=True, return_dict_in_generate=True)
+    for case in (dict(budget=8, policy="h2o", recent=6), dict(budget=6, policy="window"), dict(budget=6), {}):
+        gapped = model.generate(ids, attention_mask=mask, **{CACHE: sa_hf.SelectiveCache(**case)}, **kw)
+        alone = model.generate(ids[:, mask[0].bool()], **{CACHE: sa_hf.SelectiveCache(**case)}, **kw)
+        for a, b in zip(gapped.logits, alone.logits):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, case=case: f"{case}: {m}")
+
+
 def test_a_call_stopped_between_layers_leaves_the_cache_refusing_every_use():
     """An error outside the attention function (an MLP running out of memory, an interrupt) stops a call after
     some layers took its tokens: the next use of that cache is refused, naming the cause, until reset()."""
@@ -1428,6 +1456,32 @@ def test_a_call_stopped_between_layers_leaves_the_cache_refusing_every_use():
     cache.reset()
     out = model.generate(ids, **{CACHE: cache}, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy_by_recomputation(model, ids, torch.ones_like(ids), 3))
+
+
+def test_an_interrupt_inside_the_last_layer_s_write_leaves_the_cache_refusing(monkeypatch):
+    """A KeyboardInterrupt inside the last layer's step (after its token is written, before its votes are added):
+    the attention function undid only Exceptions, and there every layer's count already agreed, so the next call
+    was accepted and decoded 2.6e-3 off recomputation. Now refused until reset(), as an Exception is."""
+    from selective_attention import kv_cache
+
+    model = build("llama")
+    ids = torch.randint(1, V, (1, 7), generator=torch.Generator().manual_seed(3))
+    cache = sa_hf.SelectiveCache()
+    model(ids, **{CACHE: cache}, use_cache=True)
+    add_votes, calls = kv_cache.LayerCache.add_votes, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == model.config.num_hidden_layers:  # the step's last layer
+            raise KeyboardInterrupt
+        return add_votes(self, *args, **kwargs)
+
+    monkeypatch.setattr(kv_cache.LayerCache, "add_votes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.tensor([[5]]), **{CACHE: cache}, use_cache=True)
+    monkeypatch.setattr(kv_cache.LayerCache, "add_votes", add_votes)
+    with pytest.raises(RuntimeError, match="KeyboardInterrupt"):
+        model(torch.tensor([[9]]), **{CACHE: cache}, use_cache=True)
 
 
 def test_a_cache_under_the_wrong_keyword_is_named():
