@@ -195,12 +195,19 @@ def save_checkpoint(
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+    except KeyboardInterrupt:  # Ctrl-C mid-write: no checkpoint-sized temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     except Exception as e:  # a full disk, a quota (safetensors raises its own error type for those)
         tmp.unlink(missing_ok=True)
         raise CheckpointError(
             f"could not write the checkpoint {path} ({type(e).__name__}: {e}); the one already there, if any, is "
             "intact. Free some space (or choose another --out_dir) and resume."
         ) from e
+    # the permissions a new file gets here (safetensors writes 0600 whatever the umask, unlike the run's log)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -250,6 +250,9 @@ def _check_threshold_applies(model, threshold: float | None) -> None:
         )
 
 
+_EXP_MAX = math.log(sys.float_info.max)  # ~709.78: math.exp overflows beyond
+
+
 def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits, pruned_slots
     from .checkpoint import malformed_text_record, model_from_checkpoint
@@ -295,7 +298,13 @@ def cmd_eval(args: EvalOptions) -> dict:
             f"evaluate on with --data, or restore the checkpoint from a copy."
         )
     stored = meta["extra"].get("data")  # the training text's record (checkpoints before it: none)
-    if args.data is None and stored is not None and stored["path"] is not None and Path(stored["path"]).is_file():
+    if args.data is None and stored is not None and stored["path"] is not None:
+        if not Path(stored["path"]).is_file():
+            raise ValueError(
+                f"checkpoint {args.ckpt} was trained on the file {stored['path']}, which is not there any more (moved "
+                f"or deleted): pass --data=<its new path> (its sha256, {stored['sha256'][:12]}..., is checked), or "
+                "--data=<another text> to evaluate on that one knowingly."
+            )
         tc = dataclasses.replace(tc, data=stored["path"])  # the file trained on, wherever eval runs from
     # varassign fixes the length of its examples; a text is cut into windows of --context_len
     T = ctx if tc.data == "varassign" else args.context_len or ctx
@@ -325,10 +334,18 @@ def cmd_eval(args: EvalOptions) -> dict:
     scores = evaluate(model, task, torch.device("cpu"), logits_fn=pruned if prunes else None)
     occupancy = occupancy or None
     loss = scores["val_loss"]
+    if not math.isfinite(loss):  # (JSON has no NaN: a strict reader refuses the line)
+        raise ValueError(
+            f"checkpoint {args.ckpt} (step {meta['step']}) gives a validation loss of {loss}: its forward overflows "
+            "(a diverged run's model). Evaluate an earlier checkpoint, or retrain with a lower --lr."
+        )
     out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
     if "val_accuracy" in scores:
         out["val_accuracy"] = scores["val_accuracy"]
-    out["perplexity"] = math.exp(loss)
+    # exp(loss) beyond float's range (a loss above ~709 nats): none, and why
+    out["perplexity"] = math.exp(loss) if loss < _EXP_MAX else None
+    if out["perplexity"] is None:
+        out["note_perplexity"] = f"exp(val_loss) = exp({loss:.4g}) exceeds a float's range"
     windows, targets, n_bytes = _scored(task)
     if tc.data != "varassign":  # bits per byte of text: the loss per token over the bytes per target token
         out["bits_per_byte"] = loss * targets / n_bytes / math.log(2)
@@ -597,9 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was saved is said where it matters (train); no traceback
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
     except RuntimeError as e:
         if type(e).__name__ != "CheckpointError":
             raise

@@ -297,6 +297,7 @@ class Decoder:
         suppress = None if suppress is None else suppress.to(logits.device)
         out = [idx]
         for n in range(max_new_tokens):
+            _check_finite(logits, n)
             if suppress is not None:
                 logits = logits.index_fill(-1, suppress, float("-inf"))
             tok = sample(logits, temperature, top_k, generator)
@@ -304,6 +305,16 @@ class Decoder:
             if n + 1 < max_new_tokens:
                 logits = self.step(tok)
         return torch.cat(out, dim=1)
+
+
+def _check_finite(logits: Tensor, n: int) -> None:
+    """Refuse NaN or inf logits before a token is drawn from them (one reduction a token): greedy decoding took
+    NaN's index for a token, silently, and sampling failed inside torch.multinomial with no word of why."""
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            f"the model's logits for generated token {n} are not finite (NaN or inf): its forward overflows, as a "
+            "diverged training run's model does. Use an earlier checkpoint, or retrain with a lower learning rate."
+        )
 
 
 def decode_one_token(model: nn.Module, caches: list[LayerCache], token: Tensor, input_pos: Tensor) -> Tensor:

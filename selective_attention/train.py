@@ -177,6 +177,9 @@ VA_VAL_SEED = 12345
 # where and how to run, how often to evaluate and save. The others (data, optimisation, eval_batches, which
 # sets what val_loss measures, ...) would silently mix two experiments in one history, so main() refuses them
 # without --allow_config_change=true. The model is compared on its own (it must be the same, see _model_diff).
+# GPTConfig fields that set how the model trains, not its weights: a resume may change them with --allow_config_change
+# (checked with the training config), where another value of any other model field is another model
+TRAINING_MODEL_FIELDS = ("dropout", "memory_eps", "memory_tau")
 RESUMABLE_FIELDS = frozenset(
     {"max_steps", "resume", "progress", "stop_after", "out_dir", "device", "allow_config_change", "eval_interval",
      "ckpt_interval", "compile"}
@@ -533,7 +536,7 @@ def check_out_dir(out_dir: Path, option: str = "--out_dir") -> None:
     probe = out_dir / f".write-probe-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
+        probe.write_bytes(b"x")  # a byte: a full disk creates an empty file but refuses data
         probe.unlink()
     except OSError as e:
         raise ValueError(
@@ -555,8 +558,10 @@ def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: b
     """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
     config lacks (added since) counts as its default. ``same_file``: ``--data`` names the file the checkpoint was
     trained on (its resolved path and sha256), however spelled (a relative path from another folder)."""
-    # the training fields only (the model's are checked against the weights): the stored ones under this model
-    as_now = {**stored, "model": dataclasses.asdict(cfg.model)}
+    # the training fields only (the model's are checked against the weights): the stored ones under this model, but
+    # for the model fields that set how it trains, not its weights (TRAINING_MODEL_FIELDS), which are compared here
+    trained = {k: v for k, v in stored.get("model", {}).items() if k in TRAINING_MODEL_FIELDS}
+    as_now = {**stored, "model": {**dataclasses.asdict(cfg.model), **trained}}
     changes = config_changes(cfg, as_now)
     old, now = {k: a for k, (a, _) in changes.items()}, {k: b for k, (_, b) in changes.items()}
     try:
@@ -618,12 +623,20 @@ def _grad_norm(model: GPT, grad_clip: float) -> Tensor:
 
 
 def _diverged(step: int, loss: float, grad_norm: float, cfg: TrainConfig, last_ckpt: int | None, what: str):
-    kept = (
-        f"the last good checkpoint (step {last_ckpt}) in {cfg.out_dir} is untouched: continue it with the new "
-        f"value and --allow_config_change=true, or start over with --resume=false"
-        if last_ckpt is not None
-        else "no checkpoint of this run was written"
-    )
+    if last_ckpt is None:
+        kept = "no checkpoint of this run was written"
+    elif last_ckpt == step - 1 and not what.startswith("the update"):
+        # the failing step was the first from that checkpoint's weights: its loss or gradient came from them, and a
+        # resume would run the same batch through them again (a learning rate acts only after it)
+        kept = (
+            f"the last checkpoint (step {last_ckpt}) in {cfg.out_dir} holds the weights whose step {step} failed: "
+            "resumed, it fails there again whatever --lr, so start over with --resume=false (or another --out_dir)"
+        )
+    else:
+        kept = (
+            f"the last good checkpoint (step {last_ckpt}) in {cfg.out_dir} is untouched: continue it with the new "
+            f"value and --allow_config_change=true, or start over with --resume=false"
+        )
     lower = f"--lr={cfg.lr / 10:g}" + (f" --min_lr={cfg.lr / 100:g}" if cfg.min_lr > cfg.lr / 10 else "")
     return TrainingDiverged(
         f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} ({what}); lower --lr "
@@ -647,8 +660,11 @@ def _run_lock(out_dir: Path) -> Iterator[None]:
         yield
         return
     path, mine = out_dir / LOCK_NAME, out_dir / f"{LOCK_NAME}.{os.getpid()}"
-    mine.write_text(str(os.getpid()))
     try:
+        try:
+            mine.write_text(str(os.getpid()))
+        except OSError as e:  # a full disk: one line, not a traceback (and no half-written file left)
+            raise ValueError(_unwritable(mine, e)) from None
         while True:
             try:
                 os.link(mine, path)
@@ -805,6 +821,7 @@ def _main(cfg: TrainConfig) -> dict:
             raise CheckpointError(f"checkpoint {ckpt_path} holds a model config this code refuses: {e}") from None
         _check_tokenizer_fits(task.tokenizer, stored, ckpt_path)
         inert = set(inert_fields(cfg)) & set(inert_fields(dataclasses.replace(cfg, model=stored)))
+        inert |= set(TRAINING_MODEL_FIELDS)  # how it trains, not its weights: compared with the training config
         diff = {k: v for k, v in _model_diff(stored, model.config).items() if k not in inert}
         if diff:
             raise CheckpointError(
@@ -936,8 +953,17 @@ def _main(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **(
                 {"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}
             ))  # fmt: skip
-    except BaseException:
+    except BaseException as e:
         failed = True
+        if isinstance(e, KeyboardInterrupt) and main_proc:  # Ctrl-C: say what is kept and how to go on
+            bar.close()
+            kept = (
+                f"the checkpoint in {out_dir} holds step {last_ckpt}: run the same command again to continue from it "
+                "(a resumed run trains as an uninterrupted one)"
+                if last_ckpt is not None
+                else "no checkpoint of this run was written"
+            )
+            print(f"interrupted: {kept}.", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -1042,10 +1068,25 @@ def _restore_data_rng(gen: torch.Generator, tensors: dict, meta: dict, rank: int
     gen.set_state(tensors[key])
 
 
+def _unwritable(path: Path, e: OSError) -> str:
+    return (
+        f"could not write {path} ({type(e).__name__}: {e.strerror or e}); the checkpoint already there, if any, is "
+        "intact. Free some space (or choose another --out_dir) and run the same command again to resume."
+    )
+
+
 def _write_log(out_dir: Path, rows: list[dict]) -> None:
-    (out_dir / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = out_dir / "log.jsonl"
+    try:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    except OSError as e:
+        raise ValueError(_unwritable(path, e)) from None
 
 
 def _log(out_dir: Path, row: dict) -> None:
-    with open(out_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = out_dir / "log.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise ValueError(_unwritable(path, e)) from None

@@ -345,6 +345,32 @@ def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch)
     (tmp_path / "A" / "corpus.txt").write_text(text[:50_000])  # the training file edited since
     assert main(["eval", "--ckpt", "../A/run", "--batches", "1"]) == 2
     assert "now reads another text" in capsys.readouterr().err
+    (tmp_path / "A" / "corpus.txt").rename(tmp_path / "A" / "moved.txt")  # said: "'corpus.txt' is no text file"
+    assert main(["eval", "--ckpt", "../A/run", "--batches", "1"]) == 2
+    assert "trained on the file" in (err := capsys.readouterr().err) and "not there any more" in err
+
+
+def test_eval_and_generate_refuse_a_model_whose_forward_overflows(ckpts, capsys, monkeypatch):
+    """A diverged run's last checkpoint can hold finite weights whose forward overflows: eval printed "val_loss": NaN
+    (no JSON), or died in math.exp (a loss above ~709 nats); greedy generate took NaN's index for a token, and
+    sampling failed inside torch.multinomial."""
+    import selective_attention.train as train_mod
+    from selective_attention.decoding import Decoder
+
+    run, _ = ckpts["text"]
+    for loss in (float("nan"), float("inf")):
+        monkeypatch.setattr(train_mod, "evaluate", lambda *a, loss=loss, **k: {"val_loss": loss})
+        assert main(["eval", "--ckpt", str(run), "--json"]) == 2
+        assert f"validation loss of {loss}" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"val_loss": 800.0})
+    assert main(["eval", "--ckpt", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["val_loss"] == 800.0 and out["perplexity"] is None and "exceeds" in out["note_perplexity"]
+    prefill = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, *a, **k: prefill(self, *a, **k) * float("nan"))
+    for temperature in ("0", "1"):
+        assert main(["generate", "--ckpt", str(run), "--prompt", "ab", "--temperature", temperature]) == 2
+        assert "logits for generated token 0 are not finite" in capsys.readouterr().err
 
 
 def test_generate_a_prompt_longer_than_the_context(ckpts, capsys):

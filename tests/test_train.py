@@ -136,6 +136,20 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
+def test_resume_takes_a_new_dropout_or_memory_loss_as_a_config_change(tmp_path):
+    """dropout, memory_eps and memory_tau set how the model trains, not its weights: a resume with other values was
+    refused as "made for another model", even with --allow_config_change. Now they are a training-config change:
+    refused without the flag (naming the field), taken with it."""
+    main(tiny(tmp_path, max_steps=4))
+    for change in (dict(dropout=0.1), dict(memory_eps=0.1), dict(memory_eps=0.1, memory_tau=0.5)):
+        with pytest.raises(CheckpointError, match=f"trained with another config: .*{next(iter(change))}: "):
+            main(tiny(tmp_path, max_steps=8, **change))
+    out = main(tiny(tmp_path, max_steps=8, dropout=0.1, allow_config_change=True))
+    assert out["start_step"] == 4 and out["steps"] == 8
+    stored = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")[1]["model_config"]
+    assert stored["dropout"] == 0.1  # the checkpoint now records the value it trained with
+
+
 def test_resume_refuses_a_checkpoint_link_whose_target_is_gone(tmp_path):
     """A checkpoint symlinked to storage that was moved or unmounted: resume took "no file" for "no run", started over
     from step 0, rewrote the log and replaced the link. It is refused, naming the target; eval likewise."""
@@ -368,6 +382,77 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
     assert meta["step"] == bad_step - 1  # every good step was saved, the diverged one was not
     assert all(torch.isfinite(t.float()).all() for k, t in tensors.items() if not k.startswith("rng."))
     assert isinstance(info.value, ValueError)  # so the CLI prints one line and exits 2
+
+
+def test_divergence_right_after_a_save_says_that_checkpoint_fails_again(tmp_path):
+    """A step that fails from the weights just saved (their forward overflowed: finite, but ~1e11) was told to resume
+    that checkpoint with a lower --lr: a resume runs the same batch through the same weights, so it failed again at
+    the same step, every time. Now the message says so; a checkpoint an earlier step wrote keeps the advice."""
+    cfg = tiny(tmp_path)
+    right_after = str(train_mod._diverged(3, float("nan"), 1e9, cfg, 2, "lr 1 at that step"))
+    assert "holds the weights whose step 3 failed" in right_after and "--resume=false" in right_after
+    assert "continue it" not in right_after
+    earlier = str(train_mod._diverged(5, float("nan"), 1e9, cfg, 2, "lr 1 at that step"))
+    assert "(step 2) in" in earlier and "is untouched: continue it" in earlier
+    update = str(train_mod._diverged(3, 1.0, 1.0, cfg, 2, "the update made weights inf/NaN"))
+    assert "is untouched: continue it" in update  # that step's update was never saved
+
+
+def test_an_unwritable_log_or_lock_is_one_error_line(tmp_path, monkeypatch):
+    """A full disk while appending to log.jsonl, or writing the run's lock, ended in an OSError traceback (the
+    checkpoint write already gave one line)."""
+    (tmp_path / "log.jsonl").mkdir()  # a write there fails as a full disk's would: an OSError
+    for write in (lambda: train_mod._log(tmp_path, {"step": 1}), lambda: train_mod._write_log(tmp_path, [])):
+        with pytest.raises(ValueError, match=r"could not write .*log.jsonl .*run the same command again"):
+            write()
+    real = train_mod.Path.write_text
+
+    def full(self, *args, **kwargs):
+        real(self, "")  # what a full disk leaves: an empty file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mod.Path, "write_text", full)
+    with pytest.raises(ValueError, match=r"could not write .*\.train\.lock.*No space left"):
+        with train_mod._run_lock(tmp_path):
+            pass
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(train_mod.LOCK_NAME)]  # no stray lock file
+
+
+def test_checkpoints_get_the_umask_s_permissions_and_no_temporary_survives_ctrl_c(tmp_path, monkeypatch):
+    """safetensors writes 0600 whatever the umask (the log beside it got 0644); a Ctrl-C during the write left a
+    checkpoint-sized ckpt.safetensors.tmp behind."""
+    import safetensors.torch
+
+    main(tiny(tmp_path, max_steps=2, ckpt_interval=2, eval_interval=2))
+    path = tmp_path / "run" / "ckpt.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == (tmp_path / "run" / "log.jsonl").stat().st_mode & 0o777
+    real = safetensors.torch.save_file
+
+    def interrupted(tensors, name, metadata=None):
+        real(tensors, name, metadata=metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny(tmp_path, max_steps=4, ckpt_interval=2, eval_interval=2))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "ckpt" in p.name) == ["ckpt.safetensors"]
+
+
+def test_ctrl_c_says_which_step_is_saved_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    batch = train_mod.Task.batch
+
+    def interrupted(self, gen, step=0):
+        if step == 3:
+            raise KeyboardInterrupt
+        return batch(self, gen, step)
+
+    monkeypatch.setattr(train_mod.Task, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny(tmp_path, max_steps=6, ckpt_interval=2, eval_interval=2))
+    err = capsys.readouterr().err
+    assert "interrupted: the checkpoint in" in err and "holds step 2: run the same command again" in err
 
 
 def test_divergence_resumed_run_keeps_the_checkpoint_bytes(tmp_path):
