@@ -9,7 +9,8 @@ how little context the selective one needs.
    paper's "equal validation perplexity"; no tolerance unless ``tolerance`` is set, and then it is
    printed beside the ratio), then checks them on held-out windows the search never saw: the
    ratio holds only if the pruned selective model is at or under the standard model there too;
-3. prints a table (validation loss, tokens/s, KV memory at equal loss) and writes a JSON report and
+3. prints a table (validation loss, tokens/s, KV memory at the standard's loss on the search windows and whether it
+   holds on the held-out ones) and writes a JSON report and
    PNG plots: loss curves, memory vs loss, and the penalty F of a real sentence.
 
 A budget b counts every KV slot a layer stores and attends to at a step, the newest token included.
@@ -239,7 +240,8 @@ def table(report: dict) -> str:
         else "nothing to check"
     )
     rows = [
-        f"| model | val loss ({_unit(report)}) | tokens/s | KV slots per layer at equal loss (budget search) |",
+        f"| model | val loss ({_unit(report)}) | tokens/s "
+        "| KV slots per layer at standard's loss: budget search, then held-out check |",
         "|---|---|---|---|",
         f"| standard | {t['val_loss']:.4f} | {t['tokens_per_s']:,.0f} | {ctx} (full context) |",
         f"| selective | {s['val_loss']:.4f} | {s['tokens_per_s']:,.0f} | {kv} |",

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ByteTokenizer, TextData
+from .machine import provenance
 from .options import positive_int
 from .progress import progress
 from .train import check_out_dir, lr_schedule
@@ -171,7 +172,10 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     out = Path(cfg.out)
     check_out_dir(out, "--out")
     data = TextData.from_name(cfg.data)
+    started = time.perf_counter()
     report: dict = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, "runs": {}}
+    # the tokens/s are this machine's; the losses follow its matrix products' rounding (one VM name, two chips)
+    report["machine"] = {**provenance(), "transformers": transformers.__version__}
     base = sa_hf.configure(cfg.llama_config(), memory_eps=cfg.memory_eps)
     for name, impl in [("standard", "sdpa"), ("selective", "selective")]:
         torch.manual_seed(cfg.seed)
@@ -201,12 +205,16 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     base_cfg = sa_hf.configure(transformers.AutoConfig.from_pretrained(out / "standard"), layers=[])
     std_cached = auto.from_pretrained(out / "standard", config=base_cfg, attn_implementation="selective")
     std_full, _ = pruned_loss(std_cached, x, y, None)  # every token kept: no policy evicts
-    rows = [{"budget": "full", "loss": full, "kv_bytes": full_kv, "window": std_full, "h2o": std_full}]
+    # and the control for the eviction rule itself: the selective model through a sliding window (what F adds)
+    rows = [{"budget": "full", "loss": full, "kv_bytes": full_kv, "selective_window": full, "window": std_full,
+             "h2o": std_full}]  # fmt: skip
     for b in cfg.budgets:
         loss, kv = pruned_loss(sel, x, y, b)
+        sel_window, _ = pruned_loss(sel, x, y, b, policy="window")
         window, _ = pruned_loss(std_cached, x, y, b, policy="window")
         h2o, _ = pruned_loss(std_cached, x, y, b, policy="h2o")
-        rows.append({"budget": b, "loss": loss, "kv_bytes": kv, "window": window, "h2o": h2o})
+        rows.append({"budget": b, "loss": loss, "kv_bytes": kv, "selective_window": sel_window, "window": window,
+                     "h2o": h2o})  # fmt: skip
     report["pruned"] = rows
     ids = ByteTokenizer().encode(PROMPT)[None]
     budget = min(cfg.budgets)
@@ -218,6 +226,7 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
         "occupancy": cache.occupancy(),
         "kv_bytes": cache.kv_bytes(),
     }
+    report["seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = table(report)
     (out / "report.md").write_text(md)
@@ -225,10 +234,29 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     return report
 
 
+def _short(commit: str | None) -> str:
+    """A commit as :func:`~selective_attention.machine.commit` gives it, its hash cut to 10 characters."""
+    if commit is None:
+        return "unknown (not a git checkout)"
+    sha, plus, state = commit.partition("+")
+    return sha[:10] + plus + state
+
+
 def table(report: dict) -> str:
     """The report as markdown."""
     cfg, runs, val = report["config"], report["runs"], report["val_loss"]
-    lines = [
+    m = report.get("machine")
+    lines = []
+    if m is not None:  # (reports written before it was recorded have none)
+        took = report.get("seconds")
+        lines += [
+            f"`selective-attention hf-demo` on {m['cpu']} (family/model/stepping {m['cpu_signature']}; {m['cores']} "
+            f"cores, torch {m['torch']}, transformers {m['transformers']}), commit {_short(m['commit'])}"
+            + ("" if took is None else f", {int(took // 60)} min {int(took % 60)} s")
+            + ":",
+            "",
+        ]
+    lines += [
         f"Llama-style, {cfg['n_layers']} layers, hidden {cfg['hidden_size']}, {cfg['n_heads']} query / "
         f"{cfg['n_kv_heads']} key-value heads, {runs['standard']['params']:,} parameters, {cfg['steps']} steps of "
         f"{cfg['batch_size']}x{cfg['context_len']} byte tokens ({cfg['data']}); saved, reloaded with "
@@ -240,17 +268,17 @@ def table(report: dict) -> str:
         f"| selective | selective | {val['selective']:.4f} | {runs['selective']['tokens_per_s']:,.0f} |",
         "",
         "Held-out loss read through `SelectiveCache(budget=b)` (one token at a time, as `generate` does): the "
-        "selective model evicting by F, and the baselines at the same memory, the standard model with a sliding "
-        f'window (`policy="window"`) and H2O (`policy="h2o"`); the standard model\'s full-cache loss is '
-        f"{val['standard']:.4f}:",
+        "selective model evicting by F and, the control for that rule, through a sliding window "
+        '(`policy="window"`); the baselines at the same memory, the standard model with a sliding window and H2O '
+        f'(`policy="h2o"`); the standard model\'s full-cache loss is {val["standard"]:.4f}:',
         "",
-        "| per-layer budget | selective (F) | standard + window | standard + H2O | KV bytes per sequence "
-        "| KV vs a full cache (every token) |",
-        "|---|---|---|---|---|---|",
+        "| per-layer budget | selective (F) | selective + window | standard + window | standard + H2O "
+        "| KV bytes per sequence | KV vs a full cache (every token) |",
+        "|---|---|---|---|---|---|---|",
     ]
     full_kv = report["pruned"][0]["kv_bytes"]
     for r in report["pruned"]:
-        base = " | ".join(f"{r[p]:.4f}" for p in ("window", "h2o"))
+        base = " | ".join(f"{r[p]:.4f}" for p in ("selective_window", "window", "h2o"))
         lines.append(
             f"| {r['budget']} | {r['loss']:.4f} | {base} | {r['kv_bytes']:,} | {r['kv_bytes'] / full_kv:.3f}x |"
         )

@@ -72,6 +72,7 @@ def commit(path: str | Path | None = None) -> str | None:
 
 
 def provenance() -> dict:
-    """``{"cpu", "cores", "torch", "threads", "commit"}``, for a result file."""
-    return {"cpu": cpu_model(), "cores": cores(), "torch": torch.__version__,
+    """``{"cpu", "cpu_signature", "cores", "torch", "threads", "commit"}``, for a result file (the signature:
+    one VM name has been two chips)."""
+    return {"cpu": cpu_model(), "cpu_signature": cpu_signature(), "cores": cores(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "commit": commit()}  # fmt: skip

@@ -24,7 +24,8 @@ def test_commit_names_the_checkout_and_says_when_it_has_changes(tmp_path):
 def test_provenance_names_the_machine():
     p = machine.provenance()
     assert p["cpu"] == machine.cpu_model() and p["cpu"]
-    assert set(p) == {"cpu", "cores", "torch", "threads", "commit"}
+    assert set(p) == {"cpu", "cpu_signature", "cores", "torch", "threads", "commit"}
+    assert p["cpu_signature"] == machine.cpu_signature()
     assert p["cores"] == machine.cores() >= 1
 
 
