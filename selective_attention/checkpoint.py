@@ -200,16 +200,31 @@ def save_checkpoint(
         raise
     except Exception as e:  # a full disk, a quota (safetensors raises its own error type for those)
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"could not write the checkpoint {path} ({type(e).__name__}: {e}); the one already there, if any, is "
-            "intact. Free some space (or choose another --out_dir) and resume."
-        ) from e
-    # the permissions a new file gets here (safetensors writes 0600 whatever the umask, unlike the run's log)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+        raise CheckpointError(unwritable(f"the checkpoint {path}", e)) from e
+    _umask_permissions(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def unwritable(what: str, e: Exception) -> str:
+    """The message of a run's file that could not be written (a full disk, a quota): the checkpoint is intact."""
+    return (
+        f"could not write {what} ({type(e).__name__}: {getattr(e, 'strerror', None) or e}); the checkpoint already "
+        "there, if any, is intact. Free some space (or choose another --out_dir) and resume."
+    )
+
+
+def _umask_permissions(path: Path) -> None:
+    """Give ``path`` the permissions a new file gets under this process's umask (safetensors writes 0600 whatever the
+    umask; the run's log beside it gets the umask's). Best effort: the umask is read from /proc (setting it to read
+    it would change it for every thread a moment), and where it cannot be read, or a file system refuses chmod, the
+    file keeps 0600."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        os.chmod(path, 0o666 & ~umask)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:

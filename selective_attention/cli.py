@@ -241,15 +241,6 @@ def _selects(model) -> bool:
     return any(b.attn.selects for b in model.blocks)
 
 
-def _check_threshold_applies(model, threshold: float | None) -> None:
-    """A threshold evicts by F; a model without selective layers has F = 0 everywhere, so it would never act."""
-    if threshold is not None and not _selects(model):
-        raise ValueError(
-            "--threshold evicts tokens by the penalty F, and this checkpoint has no selective layer (F = 0): it "
-            "would evict nothing. Drop --threshold, or use --budget (on this model a sliding window)."
-        )
-
-
 _EXP_MAX = math.log(sys.float_info.max)  # ~709.78: math.exp overflows beyond
 
 
@@ -257,14 +248,14 @@ def cmd_eval(args: EvalOptions) -> dict:
     from .budget_search import pruned_logits, pruned_slots
     from .checkpoint import malformed_text_record, model_from_checkpoint
     from .decoding import budgets_fit
-    from .kv_cache import check_policy, h2o_recent
+    from .kv_cache import check_policy, check_threshold_applies, h2o_recent
     from .train import Task, TrainConfig, evaluate
 
     budget = _budget_arg(args.budget)
     check_policy(args.policy, args.threshold, args.recent, budget=budget)  # before loading anything
     model, meta = model_from_checkpoint(args.ckpt)
     _check_budget(budget, model)
-    _check_threshold_applies(model, args.threshold)
+    check_threshold_applies(args.threshold, _selects(model), cli=True)
     ctx = model.config.context_len
     prunes = budget is not None or args.threshold is not None
     if args.context_len is not None and args.context_len > ctx and not budgets_fit(budget, ctx):
@@ -390,7 +381,7 @@ def _scored(task) -> tuple[int, int, int]:
 def cmd_generate(args: GenerateOptions) -> str:
     from .checkpoint import model_from_checkpoint
     from .decoding import Decoder, budgets_fit
-    from .kv_cache import check_policy
+    from .kv_cache import check_policy, check_threshold_applies
 
     budget = _budget_arg(args.budget)
     check_policy(args.policy, args.threshold, args.recent, budget=budget)  # before loading anything
@@ -407,7 +398,7 @@ def cmd_generate(args: GenerateOptions) -> str:
             "give the prompt as UTF-8 text."
         ) from None
     _check_budget(budget, model)
-    _check_threshold_applies(model, args.threshold)
+    check_threshold_applies(args.threshold, _selects(model), cli=True)
     ctx = model.config.context_len
     if args.max_new_tokens is None:  # 200, or what fits: past the context only a budget within it can go
         # the last token is sampled from the logits of a full context, not attended
@@ -617,8 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what was saved is said where it matters (train); no traceback
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (train has said what its checkpoint holds)
         return 130  # 128 + SIGINT
     except RuntimeError as e:
         if type(e).__name__ != "CheckpointError":

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .callers import caller_level
-from .kv_cache import LayerCache, budget_value, check_policy, is_int
+from .kv_cache import LayerCache, budget_value, check_policy, check_threshold_applies, is_int
 
 __all__ = ["Decoder", "decode_one_token", "sample"]
 
@@ -97,11 +97,7 @@ class Decoder:
                 f"a budget allocates its slots up front; use a budget <= {ctx}, or None to keep the whole context."
             )
         check_policy(policy, threshold, recent, budget=budgets)
-        if threshold is not None and not any(block.attn.selects for block in model.blocks):
-            raise ValueError(  # F = 0 everywhere: the decoder said it pruned and held every token
-                f"threshold={threshold} evicts tokens by the penalty F, and this model has no selective layer (F = 0 "
-                "everywhere): it would evict nothing. Drop threshold, or use budget= (on this model a sliding window)."
-            )
+        check_threshold_applies(threshold, any(block.attn.selects for block in model.blocks))
         self.model = model
         self.budgets = budgets
         self.threshold = threshold

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .functional import autocast_inputs, selective_attention
-from .kv_cache import LayerCache, budget_value, check_policy, prompt_scores
+from .kv_cache import LayerCache, budget_value, check_policy, check_threshold_applies, prompt_scores
 from .model import memory_loss as _memory_loss
 from .selection import Selection, layer_indices
 
@@ -608,12 +608,7 @@ def _forward(
         query, key, value = autocast_inputs(query, key, value)
         if cached.owner is not None:
             cached.owner.check_layers(getattr(config, "num_hidden_layers", None))
-            if cached.owner.threshold is not None and s.layers == ():
-                raise ValueError(  # F = 0 everywhere: the cache would say it prunes and keep every token
-                    f"SelectiveCache(threshold={cached.owner.threshold}) evicts tokens by the penalty F, and this "
-                    "model has no selecting layer (configure(..., layers=[]): F = 0 everywhere), so it would evict "
-                    "nothing. Drop threshold, or use budget= with policy='window' or 'h2o' for this model."
-                )
+            check_threshold_applies(cached.owner.threshold, s.layers != ())  # layers=[]: no layer selects
         if getattr(config, "num_kv_shared_layers", 0):
             raise NotImplementedError(_KV_SHARED.format(n=config.num_kv_shared_layers))
         if dropout:

@@ -94,6 +94,21 @@ def any_budget(budget: object) -> bool:
     return any(b is not None for b in (budget if isinstance(budget, (list, tuple)) else [budget]))
 
 
+def check_threshold_applies(threshold: float | None, selects: bool, cli: bool = False) -> None:
+    """Refuse a threshold on a model with no selecting layer (``selects`` false): F = 0 everywhere, so it would evict
+    nothing while the cache said it pruned. ``cli``: name the command-line options."""
+    if threshold is not None and not selects:
+        t, drop, b, h2o = (
+            ("--threshold", "--threshold", "--budget", "--policy h2o")
+            if cli
+            else (f"threshold={threshold}", "threshold", "budget=", "policy='h2o'")
+        )
+        raise ValueError(
+            f"{t} evicts tokens by the penalty F, and this model has no selecting layer (F = 0 everywhere): it would "
+            f"evict nothing. Drop {drop}, or use {b} (on this model a sliding window; or {h2o})."
+        )
+
+
 def check_policy(policy: str, threshold: float | None = None, recent: int | None = None, budget: object = ...) -> None:
     """Refuse an unknown policy, a threshold with a policy other than ``"selective"``, ``recent`` with a
     policy other than ``"h2o"`` and (when ``budget`` is given: None, an int or one per layer) a policy other than

@@ -537,7 +537,9 @@ class GPT(nn.Module):
         ``memory_eps > 0``, the paper's memory loss.
 
         Returns ``(loss, {"ce": ..., "memory": ...})``: the loss, and its parts for logging as detached 0-d tensors
-        (read them with ``float()``: no host sync here, so a compiled step has no graph break)."""
+        (read them with ``float()``: no host sync here, so a compiled step has no graph break). Targets that are all
+        -100 give NaN, a mean over no tokens, as ``F.cross_entropy`` does (telling would need a host sync); the
+        training loop stops on it as on any non-finite loss."""
         if not isinstance(targets, Tensor) or not _is_integer(targets.dtype):
             raise ValueError(
                 f"targets must be an integer tensor of token ids [B, T] (-100 = ignored), got "

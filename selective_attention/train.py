@@ -55,6 +55,7 @@ from .checkpoint import (  # re-exported: the loop's public names since before c
     require_safetensors,
     save_checkpoint,
     tensors_checksum,
+    unwritable,
 )
 from .data import VariableAssignment, curriculum_assign
 from .model import GPT, GPTConfig, token_loss
@@ -554,14 +555,19 @@ _FIXED_ON_RESUME = {
 }
 
 
-def _check_train_config(cfg: TrainConfig, stored: dict, path: Path, same_file: bool = False) -> None:
+def _check_train_config(
+    cfg: TrainConfig, stored: dict, path: Path, trained: GPTConfig, same_file: bool = False
+) -> None:
     """Refuse to resume with another training config (see RESUMABLE_FIELDS), unless allowed. A field the stored
     config lacks (added since) counts as its default. ``same_file``: ``--data`` names the file the checkpoint was
     trained on (its resolved path and sha256), however spelled (a relative path from another folder)."""
     # the training fields only (the model's are checked against the weights): the stored ones under this model, but
     # for the model fields that set how it trains, not its weights (TRAINING_MODEL_FIELDS), which are compared here
-    trained = {k: v for k, v in stored.get("model", {}).items() if k in TRAINING_MODEL_FIELDS}
-    as_now = {**stored, "model": {**dataclasses.asdict(cfg.model), **trained}}
+    # (from ``trained``, the checkpoint's model config that its weights are checked against: one record, not two)
+    as_now = {
+        **stored,
+        "model": {**dataclasses.asdict(cfg.model), **{k: getattr(trained, k) for k in TRAINING_MODEL_FIELDS}},
+    }
     changes = config_changes(cfg, as_now)
     old, now = {k: a for k, (a, _) in changes.items()}, {k: b for k, (_, b) in changes.items()}
     try:
@@ -622,10 +628,14 @@ def _grad_norm(model: GPT, grad_clip: float) -> Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def _diverged(step: int, loss: float, grad_norm: float, cfg: TrainConfig, last_ckpt: int | None, what: str):
+def _diverged(
+    step: int, loss: float, grad_norm: float, cfg: TrainConfig, last_ckpt: int | None, what: str, update: bool = False
+):
+    """The error of a run stopped at ``step`` (1-based); ``update``: the optimizer's update made the weights
+    non-finite (checked before a save, so no checkpoint holds them), else the step's loss or gradient was."""
     if last_ckpt is None:
         kept = "no checkpoint of this run was written"
-    elif last_ckpt == step - 1 and not what.startswith("the update"):
+    elif last_ckpt == step - 1 and not update:
         # the failing step was the first from that checkpoint's weights: its loss or gradient came from them, and a
         # resume would run the same batch through them again (a learning rate acts only after it)
         kept = (
@@ -664,7 +674,7 @@ def _run_lock(out_dir: Path) -> Iterator[None]:
         try:
             mine.write_text(str(os.getpid()))
         except OSError as e:  # a full disk: one line, not a traceback (and no half-written file left)
-            raise ValueError(_unwritable(mine, e)) from None
+            raise ValueError(unwritable(str(mine), e)) from None
         while True:
             try:
                 os.link(mine, path)
@@ -834,7 +844,7 @@ def _main(cfg: TrainConfig) -> dict:
             text is not None and task.data is not None and text.get("path") is not None
             and (text["path"], text["sha256"]) == (task.data["path"], task.data["sha256"])
         )  # fmt: skip
-        _check_train_config(cfg, meta["train_config"], ckpt_path, same_file)
+        _check_train_config(cfg, meta["train_config"], ckpt_path, stored, same_file)
         _check_same_text(text, task.data, ckpt_path, cfg.allow_config_change)
         _load_model_state(model, model_state(tensors, meta), ckpt_path)
         _load_optimizer_state(opt, optimizer_state(tensors, meta, opt, ckpt_path), ckpt_path, meta["step"])
@@ -943,7 +953,9 @@ def _main(cfg: TrainConfig) -> dict:
             if main_proc and save:
                 if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
                     # a finite step whose update overflowed: the next forward would catch it, after this save
-                    raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN")
+                    raise _diverged(
+                        step + 1, loss_val, norm_val, cfg, last_ckpt, "the update made weights inf/NaN", update=True
+                    )
                 save_checkpoint(
                     ckpt_path, model, opt, step + 1, cfg, task.tokenizer, data_rngs=data_rngs, world_size=world,
                     history=history, data=task.data,
@@ -957,9 +969,10 @@ def _main(cfg: TrainConfig) -> dict:
         failed = True
         if isinstance(e, KeyboardInterrupt) and main_proc:  # Ctrl-C: say what is kept and how to go on
             bar.close()
+            again = "the same command again" if cfg.resume else "the command again without --resume=false"
             kept = (
-                f"the checkpoint in {out_dir} holds step {last_ckpt}: run the same command again to continue from it "
-                "(a resumed run trains as an uninterrupted one)"
+                f"the checkpoint in {out_dir} holds step {last_ckpt}: run {again} to continue from it (a resumed run "
+                "trains as an uninterrupted one)"
                 if last_ckpt is not None
                 else "no checkpoint of this run was written"
             )
@@ -1068,19 +1081,12 @@ def _restore_data_rng(gen: torch.Generator, tensors: dict, meta: dict, rank: int
     gen.set_state(tensors[key])
 
 
-def _unwritable(path: Path, e: OSError) -> str:
-    return (
-        f"could not write {path} ({type(e).__name__}: {e.strerror or e}); the checkpoint already there, if any, is "
-        "intact. Free some space (or choose another --out_dir) and run the same command again to resume."
-    )
-
-
 def _write_log(out_dir: Path, rows: list[dict]) -> None:
     path = out_dir / "log.jsonl"
     try:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     except OSError as e:
-        raise ValueError(_unwritable(path, e)) from None
+        raise ValueError(unwritable(str(path), e)) from None
 
 
 def _log(out_dir: Path, row: dict) -> None:
@@ -1089,4 +1095,4 @@ def _log(out_dir: Path, row: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as e:
-        raise ValueError(_unwritable(path, e)) from None
+        raise ValueError(unwritable(str(path), e)) from None

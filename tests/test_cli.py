@@ -521,7 +521,7 @@ def test_a_threshold_on_a_model_without_selective_layers_is_refused(ckpts, capsy
     std = str(ckpts["standard"][0])
     for cmd in (["eval", "--batches", "1"], ["generate", "--max_new_tokens", "4"]):
         assert main([*cmd, "--ckpt", std, "--threshold", "1"]) == 2
-        assert "no selective layer (F = 0)" in capsys.readouterr().err
+        assert "no selecting layer (F = 0 everywhere)" in capsys.readouterr().err
     assert main(["eval", "--ckpt", std, "--batches", "1", "--budget", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["policy"] == "selective" and "F = 0, so the oldest token goes" in out["note"]

@@ -144,9 +144,9 @@ def test_a_threshold_on_a_model_without_selective_layers_is_refused():
     """F = 0 everywhere on a standard model: a threshold would never evict, and the decoder (generate, pruned_loss)
     reported pruning while it held every token. The CLI refused it already; the library does too now."""
     std = GPT(GPTConfig(vocab_size=11, context_len=16, n_layer=2, n_head=2, d_model=8)).eval()
-    with pytest.raises(ValueError, match="no selective layer.*would evict nothing"):
+    with pytest.raises(ValueError, match="no selecting layer.*would evict nothing"):
         Decoder(std, threshold=0.5)
-    with pytest.raises(ValueError, match="no selective layer"):
+    with pytest.raises(ValueError, match="no selecting layer"):
         std.generate(torch.zeros(1, 3, dtype=torch.long), 2, threshold=0.5)
     Decoder(std, budget=4)  # a budget still applies (the oldest token goes)
     Decoder(

@@ -590,7 +590,7 @@ def test_cache_arguments_and_misuse_are_clear_errors():
         sa_hf.SelectiveCache(threshold=True)
     plain = build("llama", layers=[])  # no selecting layer: F = 0, a threshold evicted nothing, silently
     cache = sa_hf.SelectiveCache(threshold=0.0)
-    with pytest.raises(ValueError, match=r"threshold=0.0\) .*no selecting layer.*evict nothing"):
+    with pytest.raises(ValueError, match=r"threshold=0.0 evicts .*no selecting layer.*evict nothing"):
         plain.generate(ids, **{CACHE: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert cache.broken is None  # refused in the first layer: the cache is as it was
     for budget in ([4], [4, 4, 4]):  # too few or too many for 2 layers (the extra one was silently ignored)
@@ -1246,9 +1246,8 @@ def test_hf_demo_cli_runs_end_to_end(tmp_path, capsys):
     assert abs(report["pruned"][0]["window"] - report["val_loss"]["standard"]) < 1e-4
     smallest = report["pruned"][1]  # 4 of 32 tokens: both baselines lose context
     assert smallest["window"] != report["pruned"][0]["window"] and smallest["h2o"] != report["pruned"][0]["h2o"]
-    # the control for F's rule: the selective model through a window (in full: its own full-cache loss)
-    assert report["pruned"][0]["selective_window"] == report["pruned"][0]["loss"]
-    assert smallest["selective_window"] != report["pruned"][0]["loss"]
+    # the control for F's rule: the selective model through a window, which at 4 of 32 tokens loses context
+    assert smallest["selective_window"] != report["pruned"][0]["loss"] != smallest["loss"]
     # the machine the numbers are this run's (one VM name has been two chips)
     assert report["machine"]["cpu_signature"] == cpu_signature() and report["machine"]["transformers"]
     again = transformers.AutoModelForCausalLM.from_pretrained(out / "selective", attn_implementation="selective")

@@ -394,7 +394,7 @@ def test_divergence_right_after_a_save_says_that_checkpoint_fails_again(tmp_path
     assert "continue it" not in right_after
     earlier = str(train_mod._diverged(5, float("nan"), 1e9, cfg, 2, "lr 1 at that step"))
     assert "(step 2) in" in earlier and "is untouched: continue it" in earlier
-    update = str(train_mod._diverged(3, 1.0, 1.0, cfg, 2, "the update made weights inf/NaN"))
+    update = str(train_mod._diverged(3, 1.0, 1.0, cfg, 2, "the update made weights inf/NaN", update=True))
     assert "is untouched: continue it" in update  # that step's update was never saved
 
 
@@ -403,7 +403,7 @@ def test_an_unwritable_log_or_lock_is_one_error_line(tmp_path, monkeypatch):
     checkpoint write already gave one line)."""
     (tmp_path / "log.jsonl").mkdir()  # a write there fails as a full disk's would: an OSError
     for write in (lambda: train_mod._log(tmp_path, {"step": 1}), lambda: train_mod._write_log(tmp_path, [])):
-        with pytest.raises(ValueError, match=r"could not write .*log.jsonl .*run the same command again"):
+        with pytest.raises(ValueError, match=r"could not write .*log.jsonl .*and resume"):
             write()
     real = train_mod.Path.write_text
 
@@ -423,11 +423,18 @@ def test_checkpoints_get_the_umask_s_permissions_and_no_temporary_survives_ctrl_
     checkpoint-sized ckpt.safetensors.tmp behind."""
     import safetensors.torch
 
-    main(tiny(tmp_path, max_steps=2, ckpt_interval=2, eval_interval=2))
+    old = os.umask(0o022)  # (under 077 safetensors' 0600 would be the umask's too: nothing to tell apart)
+    try:
+        main(tiny(tmp_path, max_steps=2, ckpt_interval=2, eval_interval=2))
+    finally:
+        os.umask(old)
     path = tmp_path / "run" / "ckpt.safetensors"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == (tmp_path / "run" / "log.jsonl").stat().st_mode & 0o777
+    assert path.stat().st_mode & 0o777 == 0o644 == (tmp_path / "run" / "log.jsonl").stat().st_mode & 0o777
+    # a file system that refuses chmod: the checkpoint is still written (0600), no error
+    monkeypatch.setattr(checkpoint.os, "chmod", lambda *a: (_ for _ in ()).throw(PermissionError(1, "refused")))
+    main(tiny(tmp_path, max_steps=4, ckpt_interval=2, eval_interval=2))
+    assert load_checkpoint(path)[1]["step"] == 4
+    monkeypatch.undo()
     real = safetensors.torch.save_file
 
     def interrupted(tensors, name, metadata=None):
@@ -436,7 +443,7 @@ def test_checkpoints_get_the_umask_s_permissions_and_no_temporary_survives_ctrl_
 
     monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny(tmp_path, max_steps=4, ckpt_interval=2, eval_interval=2))
+        main(tiny(tmp_path, max_steps=6, ckpt_interval=2, eval_interval=2))
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if "ckpt" in p.name) == ["ckpt.safetensors"]
 
 
@@ -453,6 +460,10 @@ def test_ctrl_c_says_which_step_is_saved_and_how_to_go_on(tmp_path, monkeypatch,
         main(tiny(tmp_path, max_steps=6, ckpt_interval=2, eval_interval=2))
     err = capsys.readouterr().err
     assert "interrupted: the checkpoint in" in err and "holds step 2: run the same command again" in err
+    # a --resume=false run: the same command again would start over (and move this checkpoint aside)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny(tmp_path, max_steps=6, ckpt_interval=2, eval_interval=2, resume=False))
+    assert "holds step 2: run the command again without --resume=false" in capsys.readouterr().err
 
 
 def test_divergence_resumed_run_keeps_the_checkpoint_bytes(tmp_path):
