@@ -1032,7 +1032,8 @@ class SelectiveLayer(DynamicLayer):
             if start != 0:
                 raise RuntimeError("SelectiveCache: the first call of a layer must start at position 0.")
             return self._prefill(q, k, v, real, sel, scale)
-        if real is not None and not self._continuation_checked(real, start):
+        # (compiled: not checked, a branch on the mask's values; as the re-fed positions check in _forward)
+        if real is not None and not torch.compiler.is_compiling() and not self._continuation_checked(real, start):
             if not bool(real[:, start:].all()):
                 raise NotImplementedError(
                     "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts "
@@ -1191,7 +1192,7 @@ class SelectiveCache(Cache):
         # attention function, an interrupt) leaves them apart, and that state must never be decoded from
         before = self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
         want = (self.layers[0].seen if self.layers else 0) - (n_new if layer_idx > 0 else 0)
-        if before != want or (layer_idx == 0 and len({layer.seen for layer in self.layers}) > 1):
+        if before != want or (layer_idx == 0 and any(layer.seen != want for layer in self.layers)):
             self.broken = (
                 f"its layers hold different numbers of tokens ({[layer.seen for layer in self.layers]}): an earlier "
                 "call stopped part-way between layers"
