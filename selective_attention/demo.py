@@ -232,10 +232,13 @@ def table(report: dict) -> str:
         )
     reference = h.get("reference", b["equal_to"])
     # (the standard's loss out of reach, the search targeted the selective model's own full-cache loss: say so)
+    own = h.get("reference_loss")  # its full cache read one token at a time (reports before it: none)
     at = (
         f"{reference}'s loss{tol}"
         if reached
-        else f"the selective model's own full-cache loss{tol}, the standard's being out of reach"
+        else f"the selective model's own full-cache loss{tol}"
+        + ("" if own is None else f", {own:.4f} read one token at a time")
+        + ", the standard's being out of reach"
     )
     verdict = (
         f"the {rounded_down(b['memory_ratio'], 1)}x ({at}) {'holds' if h['holds'] else 'does NOT hold'} there"

@@ -977,7 +977,7 @@ class SelectiveLayer(DynamicLayer):
         was being written, and the :class:`SelectiveCache` is marked unusable, naming ``error``."""
         writing, self._writing, self._pending = self._writing, False, None
         self.seen -= n_new
-        if self.owner is not None and (writing or len({layer.seen for layer in self.owner.layers}) > 1):
+        if self.owner is not None and (writing or any(layer.seen != self.seen for layer in self.owner.layers)):
             self.owner.broken = f"{type(error).__name__}: {error}"
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
@@ -1032,13 +1032,17 @@ class SelectiveLayer(DynamicLayer):
             if start != 0:
                 raise RuntimeError("SelectiveCache: the first call of a layer must start at position 0.")
             return self._prefill(q, k, v, real, sel, scale)
-        # (compiled: not checked, a branch on the mask's values; as the re-fed positions check in _forward)
-        if real is not None and not torch.compiler.is_compiling() and not self._continuation_checked(real, start):
+        padded_continuation = (
+            "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts on the "
+            "left and generate."
+        )
+        if real is not None and torch.compiler.is_compiling():
+            # compiled: checked on the device, no branch on the mask's values (a graph break each step); the step
+            # would otherwise store and attend the padding as real tokens
+            torch._assert_async(real[:, start:].all(), padded_continuation)
+        elif real is not None and not self._continuation_checked(real, start):
             if not bool(real[:, start:].all()):
-                raise NotImplementedError(
-                    "SelectiveCache: padding after the prompt (a padded continuation) is not supported; pad prompts "
-                    "on the left and generate."
-                )
+                raise NotImplementedError(padded_continuation)
             if self.owner is not None and not real.is_inference():  # inference tensors have no version: no memo
                 self.owner._checked = (weakref.ref(real), real._version, start)
         self._writing = True

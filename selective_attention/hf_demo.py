@@ -20,6 +20,7 @@ Writes ``OUT/report.json``, ``OUT/report.md`` and the two saved models under ``O
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import time
@@ -176,6 +177,7 @@ def run_hf_demo(cfg: HFDemoConfig) -> dict:
     report: dict = {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, "runs": {}}
     # the tokens/s are this machine's; the losses follow its matrix products' rounding (one VM name, two chips)
     report["machine"] = {**provenance(), "transformers": transformers.__version__}
+    report["date"] = datetime.date.today().isoformat()
     base = sa_hf.configure(cfg.llama_config(), memory_eps=cfg.memory_eps)
     for name, impl in [("standard", "sdpa"), ("selective", "selective")]:
         torch.manual_seed(cfg.seed)
@@ -253,6 +255,7 @@ def table(report: dict) -> str:
             f"`selective-attention hf-demo` on {m['cpu']} (family/model/stepping {m['cpu_signature']}; {m['cores']} "
             f"cores, torch {m['torch']}, transformers {m['transformers']}), commit {_short(m['commit'])}"
             + ("" if took is None else f", {int(took // 60)} min {int(took % 60)} s")
+            + ("" if report.get("date") is None else f", {report['date']}")
             + ":",
             "",
         ]

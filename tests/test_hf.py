@@ -7,6 +7,7 @@ implementation), never HF's eager attention (float32 softmax, NaN rows under pad
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -1545,8 +1546,9 @@ def test_compiled_generate_with_a_budget_compiles_a_few_times_and_decodes_as_eag
     """model.forward under torch.compile, generate with SelectiveCache(budget=...): every step recompiled (the layers'
     token counts went into a set, which pinned the symbolic count to its value) until dynamo's limit, then ran eager.
     Now the steps compile twice (the first, then a dynamic count) and never again, every step runs compiled code,
-    and greedy tokens equal eager ones; a left-padded batch too. (Dynamo with a counting backend: what compiles is
-    dynamo's matter; inductor's code was checked by hand: 2.2x faster than eager per token.)"""
+    and greedy tokens equal eager ones; a left-padded batch too. (Dynamo with a counting backend that runs the traced
+    graphs: what recompiles is dynamo's matter. Inductor's code is not run here: benchmarks/hf_compiled_generate.py
+    checks its tokens against eager and times it.)"""
     model = build("llama", dtype=torch.float32)
     ids = torch.randint(1, V, (2, 24), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -1561,13 +1563,13 @@ def test_compiled_generate_with_a_budget_compiles_a_few_times_and_decodes_as_eag
             step[0] += 1
             return scores
 
-    ran = set()  # the steps in which compiled code ran (past the recompile limit, dynamo runs a frame eager)
+    calls = collections.Counter()  # compiled graphs run, per step (past the recompile limit a frame runs eager)
 
     def backend(gm, example_inputs):
         graphs.append(step[0])
 
         def run(*args):
-            ran.add(step[0])
+            calls[step[0]] += 1
             return gm.forward(*args)
 
         return run
@@ -1577,12 +1579,22 @@ def test_compiled_generate_with_a_budget_compiles_a_few_times_and_decodes_as_eag
     logits = transformers.LogitsProcessorList([Count()])
     try:
         out = model.generate(ids, **{CACHE: sa_hf.SelectiveCache(budget=8)}, logits_processor=logits, **kw)
+        gen_graphs, gen_calls = list(graphs), collections.Counter(calls)  # generate's (the call below compiles more)
+        # compiled, a padded continuation is refused on the device (no branch on the mask: it was not checked, and
+        # the step stored and attended the padding as real tokens)
+        cache = sa_hf.SelectiveCache(budget=8)
+        model(ids, attention_mask=mask, **{CACHE: cache}, use_cache=True)
+        nxt = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        nxt[1, -1] = 0
+        with pytest.raises(RuntimeError, match="padded continuation"):
+            model(ids[:, :1], attention_mask=nxt, **{CACHE: cache}, use_cache=True)
     finally:
         torch._dynamo.reset()
     assert torch.equal(out, eager)
-    late = [s for s in graphs if s >= 1]  # step 0: the prompt (its graph breaks: the cache's fill)
-    assert late and max(late) <= 2, graphs  # steps 1 and 2 only: none of the later ten recompiled
-    assert set(range(1, 12)) <= ran, (graphs, ran)  # and every step ran compiled code
+    late = [s for s in gen_graphs if s >= 1]  # step 0: the prompt (its graph breaks: the cache's fill)
+    assert late and max(late) <= 2, gen_graphs  # steps 1 and 2 only: none of the later ten recompiled
+    # and every step ran as many compiled graphs as step 2 did (a frame past the limit would run eager: fewer)
+    assert gen_calls[2] >= 1 and all(gen_calls[s] == gen_calls[2] for s in range(2, 12)), gen_calls
 
 
 def test_an_unbudgeted_cache_grows_in_compiled_steps_too(monkeypatch):
