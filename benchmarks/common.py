@@ -13,17 +13,26 @@ from pathlib import Path
 import torch
 
 from selective_attention.machine import cores, cpu_model, cpu_signature  # one definition, shared with the CLI's bench
+from selective_attention.ops import cpu_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
     """The CPU's model name and family/model/stepping (virtual machines give different chips one name), cores, torch
-    build and threads: the line every table carries."""
+    build, threads, and whether the chunked backend's compiled CPU passes ran (extra ``[cpu]``): the line every table
+    carries."""
     return (
         f"{cpu_model()} (family/model/stepping {cpu_signature()}), {cores()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, {cpu_passes()}"
     )
+
+
+def cpu_passes() -> str:
+    """Which elementwise passes the chunked backend runs on CPU: Numba's compiled ones or the eager ones."""
+    if cpu_kernels.available():
+        return f"compiled CPU passes (numba {cpu_kernels.numba.__version__})"
+    return "eager CPU passes (no numba)"
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> list[float]:

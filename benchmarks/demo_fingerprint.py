@@ -27,14 +27,17 @@ import torch
 
 from selective_attention.machine import commit, cpu_model, cpu_signature
 from selective_attention.model import GPT, GPTConfig
+from selective_attention.ops import cpu_kernels
 
 RECORDS = Path(__file__).resolve().parents[1] / "results" / "demo_fingerprints.json"
 STEPS = 3
 
 
 def cpu_key() -> str:
-    """The CPU (model name and family/model/stepping), the torch build and the thread count."""
-    return f"{cpu_model()} ({cpu_signature()}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """The CPU (model name and family/model/stepping), the torch build and the thread count, and ``| numba`` where the
+    chunked backend's compiled CPU passes run (their running sums round apart from the eager passes')."""
+    key = f"{cpu_model()} ({cpu_signature()}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return key + (" | numba" if cpu_kernels.available() else "")
 
 
 def fingerprint(selection: bool) -> str:

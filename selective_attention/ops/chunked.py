@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..selection import Voters, grouped_matmul, head_range, kv_heads, votable_keys
-from . import naive
+from . import cpu_kernels, naive
 from .transforms import (
     eager_call,
     eager_function,
@@ -310,6 +310,34 @@ def _chunk_bias(
     return Sn, bias, F_kept
 
 
+def _fused_path(vt: _VoteOperands, heads: slice | None, scale: float, removed, penalty, tau) -> bool:
+    """Whether a call's votes and vote gradients run :mod:`.cpu_kernels`' compiled passes: on CPU (Numba
+    installed), float32 / float64, finite voters (``vt.above``), one voting head that is a head of q (the paper's),
+    no removed keys, penalty or memory loss; forward and backward decide alike."""
+    return (
+        vt.above is not None
+        and vt.qn.dtype in (torch.float32, torch.float64)
+        and vt.qn.shape[1] == 1
+        and heads is not None
+        and scale != 0.0
+        and removed is None
+        and penalty is None
+        and tau is None
+        and cpu_kernels.available()
+    )
+
+
+def _fused_votes(vt: _VoteOperands, carry: Tensor, i0: int, i1: int, j0: int, j1: int, ws: _Workspace, out: Tensor,
+                 nlse: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The compiled counterpart of :func:`_chunk_bias` (one voting head, see :func:`_fused_path`): the tile's votes
+    ``-S`` ``[B, C, n]`` (clamped and masked), with ``out`` filled by :func:`.cpu_kernels.votes_to_bias` (forward: the
+    bias, and ``carry`` ``[B, 1, L]`` moved past the rows; backward, given ``nlse``: P's exponent before the logits)."""
+    B, C, n = vt.qn.shape[0], i1 - i0, j1 - j0
+    Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, j0:j1].transpose(-2, -1), out=ws("votes", B, 1, C, n))[:, 0]
+    cpu_kernels.votes_to_bias(Sn, carry[:, 0, j0:j1], i0 - j0 if j1 > i0 else n, out, nlse)
+    return Sn
+
+
 # rows per block of the running-sum GEMM: 2 * 64 flops per element, still cheap. 32 rows (half the flops) ran the
 # running sums alone 15-25% faster on an Intel Xeon, but a training step within noise, and it changes their summation
 # order: the demo's selective model then trained to 1.6120 nats/byte instead of 1.5928 (the same code with 64 rows
@@ -463,13 +491,18 @@ def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_sca
     mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
     carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
     tau_F = None if tau is None else naive.tau_in(qs.dtype, tau)  # min(F, tau) in F's dtype
+    fused = _fused_path(vt, heads, scale, removed, penalty, tau)
     for i0 in range(0, L, fchunk):
         i1 = min(i0 + fchunk, L)
         carries[i0 // fchunk] = ncol
-        Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
-        if Fc is not None:
-            mem[:, :, i0:i1] = Fc.clamp_(max=tau_F).sum(dim=-1, dtype=mem.dtype)
-        ncol[:, :, :i1] += Sn.sum(dim=2)
+        if fused:  # the bias, and ncol moved on, in one compiled pass
+            bias = ws("bias", B, 1, i1 - i0, i1)
+            _fused_votes(vt, ncol, i0, i1, 0, i1, ws, bias)
+        else:
+            Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
+            if Fc is not None:
+                mem[:, :, i0:i1] = Fc.clamp_(max=tau_F).sum(dim=-1, dtype=mem.dtype)
+            ncol[:, :, :i1] += Sn.sum(dim=2)
         o_c, lse_c = _attn_fwd(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], bias, scale)
         out[:, :, i0:i1] = o_c
         lse[:, :, i0:i1] = lse_c
@@ -567,6 +600,7 @@ def _backward(
     #            keys 0 ............................ i1
     #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (a tile's votes, F, bias: [B, G|H, C, width])
     #        i1
+    fused = _fused_path(vt, heads, scale, removed, penalty, tau)
     for i0 in reversed(range(0, L, fchunk)):
         i1 = min(i0 + fchunk, L)
         C = i1 - i0
@@ -580,6 +614,21 @@ def _backward(
         for j0 in range(0, i1, width):
             j1 = min(j0 + width, i1)
             n = j1 - j0
+            if fused:  # the same steps as below, the elementwise ones in two compiled passes (.cpu_kernels)
+                P3 = ws("P", B * Hkv, g * C, n)
+                P4 = P3.view(B, H, C, n)
+                Sn = _fused_votes(vt, carries[i0 // fchunk], i0, i1, j0, j1, ws, P4, nlse_c.reshape(B, H, C))
+                P3.baddbmm_(qa, kT[:, :, j0:j1])
+                torch.nn.functional.threshold_(P3, _P_FLOOR[P3.dtype], _NEG_INF).exp2_()
+                dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
+                dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
+                cpu_kernels.vote_gradients(
+                    dZ3.view(B, H, C, n), P4, delta_c.view(B, H, C), Sn, ndcol[:, 0, j0:j1], heads.start,
+                    -sel_scale / scale,
+                )  # fmt: skip
+                dq_c.baddbmm_(dZ3, k3[:, j0:j1])
+                dk3[:, j0:j1].add_(torch.bmm(dZ3.transpose(-2, -1), qf, out=ws("kv", B * Hkv, n, D)), alpha=scale)
+                continue
             # the tile's votes, bias and F [B, G|H, C, n], rebuilt from the forward's carry: a block's whole rows
             # would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
             Sn, bias, F_t = _chunk_bias(
