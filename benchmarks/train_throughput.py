@@ -2,7 +2,9 @@
 
 Interleaved rounds of ``--steps`` optimizer steps each; the ratio is the median of per-round ratios. Each
 mode compares like with like: ``eager`` both models as written, ``compiled`` both under ``torch.compile``
-(inductor; the selective model's attention stays the chunked custom ops, run as in eager).
+(inductor; the selective model's attention stays the chunked custom ops, run as in eager). Where the chunked
+backend's compiled CPU passes run (Numba installed, extra ``[cpu]``), the same run also times the selective model
+with its eager passes (``SELECTIVE_ATTENTION_NUMBA=0`` around its steps), so both ratios come from one run.
 
     python benchmarks/train_throughput.py [--contexts 256 512 1024] [--rounds 5] [--modes eager compiled]
 """
@@ -10,6 +12,7 @@ mode compares like with like: ``eager`` both models as written, ``compiled`` bot
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -17,6 +20,7 @@ import torch
 from common import write
 
 from selective_attention.model import GPT, GPTConfig
+from selective_attention.ops import cpu_kernels
 
 
 def main() -> None:
@@ -32,7 +36,10 @@ def main() -> None:
         B = max(1, args.tokens // T)
         for mode in args.modes:
             runs = {}
-            for name, sel in (("standard", False), ("selective", True)):
+            models = [("standard", False), ("selective", True)]
+            if cpu_kernels.available():
+                models.append(("selective, eager passes", True))
+            for name, sel in models:
                 torch.manual_seed(0)
                 m = GPT(GPTConfig(context_len=T, n_layer=4, n_head=4, d_model=128, selection=sel))
                 opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -40,12 +47,18 @@ def main() -> None:
                 x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
                 run = torch.compile(m, dynamic=False) if mode == "compiled" else m
 
-                def steps(run=run, opt=opt, x=x, y=y):
-                    for _ in range(args.steps):
-                        loss, _ = run(x, y)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                def steps(run=run, opt=opt, x=x, y=y, eager_passes=name.endswith("eager passes")):
+                    if eager_passes:
+                        os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
+                    try:
+                        for _ in range(args.steps):
+                            loss, _ = run(x, y)
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
+                            opt.step()
+                    finally:
+                        if eager_passes:
+                            del os.environ["SELECTIVE_ATTENTION_NUMBA"]
 
                 runs[name] = steps
             for f in runs.values():
@@ -58,14 +71,19 @@ def main() -> None:
                     t[n].append(B * T * args.steps / (time.perf_counter() - t0))
             per_round = [a / b for a, b in zip(t["selective"], t["standard"])]
             ratio = statistics.median(per_round)
-            rows.append({
+            row = {
                 "context": T, "batch": B, "mode": mode,
                 "standard tokens/s": f"{statistics.median(t['standard']):,.0f}",
                 "selective tokens/s": f"{statistics.median(t['selective']):,.0f}",
                 "selective / standard": f"{ratio:.2f}",
                 # unrounded, so that a ratio printed at a goal's edge (0.85) can be told from 0.845
                 "raw": {"ratio": ratio, "per_round": per_round},
-            })  # fmt: skip
+            }  # fmt: skip
+            if "selective, eager passes" in t:
+                eager = [a / b for a, b in zip(t["selective, eager passes"], t["standard"])]
+                row["selective / standard, eager passes"] = f"{statistics.median(eager):.2f}"
+                row["raw"]["eager_passes"] = {"ratio": statistics.median(eager), "per_round": eager}
+            rows.append(row)
             print(rows[-1], flush=True)
     title = "LM training throughput, 4 layers d128 4 heads, fp32"
     print(write("train_throughput", rows, [c for c in rows[0] if c != "raw"], title, key=("context", "mode")))
