@@ -30,9 +30,8 @@ def machine() -> str:
 
 def cpu_passes() -> str:
     """Which elementwise passes the chunked backend runs on CPU: Numba's compiled ones or the eager ones."""
-    if cpu_kernels.available():
-        return f"compiled CPU passes (numba {cpu_kernels.numba.__version__})"
-    return "eager CPU passes (no numba)"
+    version = cpu_kernels.version()
+    return f"compiled CPU passes (numba {version})" if version else "eager CPU passes"
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> list[float]:

@@ -46,8 +46,9 @@ def main() -> None:
                 V = m.config.vocab_size
                 x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
                 run = torch.compile(m, dynamic=False) if mode == "compiled" else m
+                eager_passes = name.endswith("eager passes")
 
-                def steps(run=run, opt=opt, x=x, y=y, eager_passes=name.endswith("eager passes")):
+                def steps(run=run, opt=opt, x=x, y=y, eager_passes=eager_passes):
                     if eager_passes:
                         os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
                     try:

@@ -48,6 +48,7 @@ CASES = {
     "gqa": dict(B=2, H=4, Hkv=2, L=37, D=4, kw={"enable_gqa": True}),
     "head_2": dict(B=1, H=4, Hkv=4, L=40, D=4, kw={"selection": Selection(head=2)}),
     "odd": dict(B=3, H=2, Hkv=1, L=33, D=3, kw={"enable_gqa": True}),
+    "gqa_head_3": dict(B=2, H=6, Hkv=3, L=29, D=4, kw={"enable_gqa": True, "selection": Selection(head=3)}),
 }
 
 
@@ -56,8 +57,10 @@ CASES = {
 @pytest.mark.parametrize("tile_bytes", [None, 8 * 4 * 10 * 8])
 def test_compiled_passes_match_the_spec(monkeypatch, calls, dtype, case, tile_bytes):
     """Outputs, dq, dk, dv of the compiled passes against the naive spec: fp64 to 1e-10, fp32 within 3x the spec's
-    own fp32 error (against fp64); with small tiles, several query blocks and key tiles (the last narrower)."""
+    own fp32 error (against fp64); with small tiles, several query blocks and key tiles (the last narrower); the
+    columns split into bands of 16 (several per row of a tile, one task each)."""
     monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_TASKS_PER_THREAD", 64)  # bands of the least width, 16 columns
     if tile_bytes is not None:
         monkeypatch.setattr(chunked, "_TILE_BYTES", tile_bytes)
     c = CASES[case]
@@ -90,8 +93,8 @@ def test_compiled_and_eager_passes_agree(monkeypatch, calls):
     assert calls["vote_gradients"] > 0
     for a, b in zip(fused, eager):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    monkeypatch.setattr(cpu_kernels, "numba", None)  # as without the extra
-    assert not cpu_kernels.available()
+    monkeypatch.setattr(cpu_kernels, "_passes", lambda: None)  # as without the extra
+    assert not cpu_kernels.available() and cpu_kernels.version() is None
     before = dict(calls)
     without = _run(q, k, v, "chunked", chunk_size=8, enable_gqa=True)
     assert calls == before
@@ -129,19 +132,70 @@ def test_other_configurations_run_the_eager_passes(monkeypatch, calls, other):
     assert calls == {"votes_to_bias": 0, "vote_gradients": 0}
 
 
-def test_the_passes_follow_torchs_thread_count():
+def test_the_passes_follow_torchs_thread_count(monkeypatch, calls):
     """Numba's threads are set to PyTorch's intra-op threads at each call (a user's ``torch.set_num_threads(1)`` must
     not leave Numba's pool on every core), and the result does not depend on them (fp64)."""
     import numba
 
+    monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
     before = torch.get_num_threads()
     q, k, v = _problem(2, 2, 2, 50, 4, torch.float64, seed=4)
     try:
         torch.set_num_threads(1)
         one = _run(q, k, v, "chunked", chunk_size=4)
-        assert numba.get_num_threads() == 1
+        assert numba.get_num_threads() == 1 and calls["vote_gradients"] > 0
     finally:
         torch.set_num_threads(before)
     many = _run(q, k, v, "chunked", chunk_size=4)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_a_forked_child_runs_the_eager_passes(monkeypatch):
+    """Numba's OpenMP pool aborts a process forked from one that used it: such a child takes the eager passes."""
+    monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
+    assert cpu_kernels.available()
+    monkeypatch.setattr(cpu_kernels, "_PID", [-1])  # the passes ran in another process, this one's parent
+    assert not cpu_kernels.available()
+
+
+def test_compiled_model_runs_the_passes(monkeypatch, calls):
+    """Under ``torch.compile`` the chunked custom ops run the compiled passes too (the ops' bodies are opaque to the
+    compiler), with the eager call's results (fp64)."""
+    monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
+    q, k, v = _problem(1, 2, 2, 40, 4, torch.float64, seed=5)
+    eager = _run(q, k, v, "chunked", chunk_size=8)
+    before = dict(calls)
+
+    def f(q, k, v):
+        return selective_attention(q, k, v, is_causal=True, selection=True, backend="chunked", chunk_size=8)
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    got = (out.detach(), *torch.autograd.grad(out, (q, k, v), cot))
+    assert calls["votes_to_bias"] > before["votes_to_bias"] and calls["vote_gradients"] > before["vote_gradients"]
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_votes_only_padding_runs_the_passes_like_the_eager_ones(monkeypatch, calls, dtype):
+    """``chunked_selective_attention(key_padding_mask=...)`` without ``removed`` keeps padding out of the votes only
+    (its rows zeroed in the votes' operands, which the compiled passes read as any other votes): the same results as
+    the eager passes, outputs and gradients."""
+    monkeypatch.setattr(chunked, "_TILE_BYTES", 8 * 4 * 10 * 8)
+    B, H, L, D = 2, 4, 31, 4
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, :6] = True
+    results = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("SELECTIVE_ATTENTION_NUMBA", switch)
+        q, k, v = _problem(B, H, H, L, D, dtype, seed=6)
+        voters = Selection().bind(q, k, scale=D**-0.5)
+        out, _ = chunked.chunked_selective_attention(q, k, v, voters, scale=D**-0.5, chunk_size=5, key_padding_mask=kpm)
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+        results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), cot)))
+    assert calls["vote_gradients"] > 0
+    tol = TOL[torch.float64] if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)

@@ -32,7 +32,9 @@ The softmax-times-V part runs on PyTorch's fused CPU flash kernel (the one SDPA 
 CPUs). Other devices use a plain PyTorch kernel with the same contract. The code carries ``-S`` and
 ``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
 The per-block votes and bias and the per-tile products live in buffers reused by every block and tile
-(``_Workspace``): fresh ones would cost their page faults each time.
+(``_Workspace``): fresh ones would cost their page faults each time. In the paper's configuration (one voting head
+of q, fp32 / fp64, no removed keys, penalty or memory loss) the elementwise steps around the GEMMs run as two
+compiled passes per tile where Numba is installed (``cpu_kernels``, extra ``[cpu]``; :func:`_fused_path`).
 """
 
 from __future__ import annotations
