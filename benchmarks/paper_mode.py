@@ -3,6 +3,8 @@
 Compares, at B1 H8 D64 fp32 (``--shape B H D`` for another) over sequence lengths:
   * ``sdpa``     F.scaled_dot_product_attention(is_causal=True): standard attention, the baseline;
   * ``chunked``  ours, paper mode (F from head 0), the default backend;
+  * ``chunked-eager``  the same with its eager CPU passes, where the compiled ones run (Numba, extra ``[cpu]``):
+    ``SELECTIVE_ATTENTION_NUMBA=0`` around its forward and backward;
   * ``naive``    ours, the spec (materialises F and the weights);
   * ``x-transformers``  its ``Attend(causal=True, selective=True)``, if installed (``bench`` extra).
 Times are medians of interleaved rounds; ratios are medians of per-round ratios to ``sdpa``.
@@ -22,6 +24,7 @@ gradients, which both methods allocate alike (32 MiB at L = 4096).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from common import interleaved, machine, median_ratio, side_path, write
 
 from selective_attention.functional import selective_attention
+from selective_attention.ops import cpu_kernels
 
 DEFAULT_SHAPE = (1, 8, 64)
 B, H, D = DEFAULT_SHAPE  # or --shape B H D
@@ -47,6 +51,8 @@ def make_methods(L: int, names: list[str]) -> dict:
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "chunked": lambda q, k, v: selective_attention(q, k, v, selection=True),
     }
+    if cpu_kernels.available() and "chunked-eager" in names:
+        methods["chunked-eager"] = methods["chunked"]  # run under eager_passes (fwd_bwd)
     if L <= NAIVE_MAX_L:
         methods["naive"] = lambda q, k, v: selective_attention(q, k, v, selection=True, backend="naive")
     if L <= NAIVE_MAX_L and "x-transformers" in names:
@@ -60,6 +66,24 @@ def make_methods(L: int, names: list[str]) -> dict:
     return methods
 
 
+@contextlib.contextmanager
+def eager_passes(name: str):
+    """``chunked-eager``'s switch, ``SELECTIVE_ATTENTION_NUMBA=0``, around a forward and backward."""
+    if name != "chunked-eager":
+        yield
+        return
+    os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["SELECTIVE_ATTENTION_NUMBA"]
+
+
+def fwd_bwd(name: str, f, q, k, v, g) -> None:
+    with eager_passes(name):
+        f(q, k, v).backward(g)
+
+
 def inputs(L: int):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for _ in range(3))
@@ -69,7 +93,9 @@ def inputs(L: int):
 def time_length(L: int, repeats: int, methods: list[str]) -> dict:
     q, k, v, g = inputs(L)
     fns = {
-        name: (lambda f=f: f(q, k, v).backward(g)) for name, f in make_methods(L, methods).items() if name in methods
+        name: (lambda f=f, name=name: fwd_bwd(name, f, q, k, v, g))
+        for name, f in make_methods(L, methods).items()
+        if name in methods
     }
     t = interleaved(fns, repeats=repeats, warmup=1)
     row = {"L": L}
@@ -97,10 +123,17 @@ def _peak_child(method: str, L: int, warm: bool = False) -> None:
     33 / 31 MiB); the cold one, the goal's, an upper bound."""
     if warm:
         wq, wk, wv, wg = inputs(WARM_L)
-        make_methods(WARM_L, [method])[method](wq, wk, wv).backward(wg)
+        fwd_bwd(method, make_methods(WARM_L, [method])[method], wq, wk, wv, wg)
         del wq, wk, wv, wg
     q, k, v, g = inputs(L)
+    # the compiled CPU passes' Numba, imported (make_methods asks whether it runs) and compiled (or loaded from its
+    # disk cache) before the baseline: a fixed cost once per process, whatever the length, reported on a row of its
+    # own ("one_time")
+    before = _status_bytes("VmRSS")
     fn = make_methods(L, [method])[method]
+    if method == "chunked":
+        cpu_kernels.warm_up(q.dtype)
+    one_time = _status_bytes("VmRSS") - before
     # what the harness's own first `Tensor.backward(gradient)` imports (sympy, through torch's symbolic shapes: ~35 MiB
     # of resident memory, torch 2.13), imported before the baseline: it is no method's cost, and it once landed in
     # every figure alike
@@ -109,11 +142,12 @@ def _peak_child(method: str, L: int, warm: bool = False) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark (VmHWM) to the current RSS: imports don't count
     base = _status_bytes("VmRSS")
-    fn(q, k, v).backward(g)
-    print(json.dumps({"extra": _status_bytes("VmHWM") - base}))
+    fwd_bwd(method, fn, q, k, v, g)
+    print(json.dumps({"extra": _status_bytes("VmHWM") - base, "one_time": one_time}))
 
 
-def peak_memory(method: str, L: int, fixed_threshold: bool = False, warm: bool = False) -> float:
+def peak_memory(method: str, L: int, fixed_threshold: bool = False, warm: bool = False) -> tuple[float, float]:
+    """``(extra peak MiB of one fwd+bwd, MiB the compiled passes' Numba took before it)`` in a fresh process."""
     # glibc's adaptive mmap threshold keeps freed multi-MiB temporaries in the heap, so RSS also
     # counts allocator slack; a fixed threshold makes RSS follow live tensor memory, for every method.
     env = dict(os.environ)
@@ -126,7 +160,8 @@ def peak_memory(method: str, L: int, fixed_threshold: bool = False, warm: bool =
         [sys.executable, __file__, "--shape", *shape, *threads, "--_peak", method, str(L), *warm_flag],
         capture_output=True, text=True, check=True, env=env,
     )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra"] / 2**20
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["extra"] / 2**20, got["one_time"] / 2**20
 
 
 def plot(rows: list[dict], path) -> None:
@@ -136,10 +171,16 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in [("sdpa", "k-o"), ("chunked", "C0-o"), ("naive", "C1--s"), ("x-transformers", "C2:^")]:
+    styles = [("sdpa", "k-o"), ("chunked", "C0-o"), ("chunked-eager", "C0:x"), ("naive", "C1--s"),
+              ("x-transformers", "C2:^")]  # fmt: skip
+    for name, style in styles:
         pts = [(r["L"], r[f"{name} s"]) for r in rows if f"{name} s" in r]
         if pts:
-            label = {"sdpa": "standard attention (SDPA causal)", "chunked": "ours, paper mode (chunked)"}.get(
+            label = {
+                "sdpa": "standard attention (SDPA causal)",
+                "chunked": "ours, paper mode (chunked)",
+                "chunked-eager": "ours, chunked with its eager CPU passes",
+            }.get(  # fmt: skip
                 name, f"{name}, paper mode" if name != "naive" else "ours, naive spec"
             )
             ax.plot(*zip(*pts), style, label=label)
@@ -162,8 +203,8 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         nargs="+",
-        choices=["sdpa", "chunked", "naive", "x-transformers"],
-        default=["sdpa", "chunked", "naive", "x-transformers"],
+        choices=["sdpa", "chunked", "chunked-eager", "naive", "x-transformers"],
+        default=["sdpa", "chunked", "chunked-eager", "naive", "x-transformers"],
         help="sdpa, the baseline of every ratio, always runs",
     )
     ap.add_argument(
@@ -197,7 +238,9 @@ def main() -> None:
         row = time_length(L, args.repeats, args.methods)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    names = [n for n in ("sdpa", "chunked", "naive", "x-transformers") if any(f"{n} s" in r for r in rows)]
+    names = [
+        n for n in ("sdpa", "chunked", "chunked-eager", "naive", "x-transformers") if any(f"{n} s" in r for r in rows)
+    ]
     table = []
     for r in rows:
         t = {"L": r["L"]}
@@ -207,17 +250,28 @@ def main() -> None:
     Lm = args.memory_length
     mem = {}
     if not args.no_memory:
-        measured = [n for n in names if n == "sdpa" or n == "chunked" or Lm <= NAIVE_MAX_L]
+        measured = [n for n in names if n in ("sdpa", "chunked", "chunked-eager") or Lm <= NAIVE_MAX_L]
         # the goal's figure: a fresh process's first call; then the same after one small call (the first call's
         # one-time costs apart), and with --mmap-threshold the allocator's slack apart
+        once = {}
         for fixed, warm in [(False, False), (False, True)] + ([(True, False)] if args.mmap_threshold else []):
-            m = {n: peak_memory(n, Lm, fixed, warm) for n in measured}
+            m = {}
+            for n in measured:
+                m[n], one_time = peak_memory(n, Lm, fixed, warm)
+                if not (fixed or warm):  # a fresh process's (the warm-up call has loaded Numba in the others)
+                    once[n] = one_time
             how = f", after one call at L={WARM_L}" if warm else ", MALLOC_MMAP_THRESHOLD_=64K" if fixed else ""
             mrow = {"L": f"extra peak memory, L={Lm}{how}"}
             for n in names:
                 mrow[n] = f"{m[n]:.0f} MiB ({m[n] / m['sdpa']:.2f}x)" if n in m else "-"
             table.append(mrow)
             mem.update({(f"{n} mmap64k" if fixed else f"{n} warm" if warm else n): x for n, x in m.items()})
+        if once.get("chunked"):  # Numba ran: its fixed cost, outside the figures above
+            orow = {"L": "Numba's one-time resident memory (compiled CPU passes), before the figures above"}
+            for n in names:
+                orow[n] = f"{once[n]:.0f} MiB" if n == "chunked" else "-"
+            table.append(orow)
+            mem["chunked numba one-time"] = once["chunked"]
     if args.no_save:
         print(machine())
         for t in table:

@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["available", "version", "votes_to_bias", "vote_gradients"]
+__all__ = ["available", "version", "warm_up", "votes_to_bias", "vote_gradients"]
 
 # SELECTIVE_ATTENTION_NUMBA=0 turns the compiled passes off (the eager ones run), e.g. to compare the two
 _ENV = "SELECTIVE_ATTENTION_NUMBA"
@@ -66,6 +66,21 @@ def available() -> bool:
 def version() -> str | None:
     """Numba's version where the compiled passes run (:func:`available`), else None."""
     return _passes().numba.__version__ if available() else None
+
+
+def warm_up(dtype: torch.dtype = torch.float32) -> bool:
+    """Import Numba and compile (or load from its disk cache) both passes for ``dtype`` now, on tiny tiles, rather
+    than in the first paper-mode call (a second or two each the first time; then Numba's ~60-80 MiB of resident
+    memory, once per process). Returns :func:`available`."""
+    if not available():
+        return False
+    Sn = torch.zeros(1, 2, 2, dtype=dtype)
+    carry, nlse = torch.zeros(1, 2, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype)
+    out = torch.zeros(1, 1, 2, 2, dtype=dtype)
+    votes_to_bias(Sn, carry, 0, out)
+    votes_to_bias(Sn, carry, 0, out, nlse)
+    vote_gradients(out, out.clone(), nlse, Sn, carry, 0, 1.0)
+    return True
 
 
 def _columns(B: int, n: int) -> int:
