@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import statistics
 import sys
@@ -26,6 +28,21 @@ def machine() -> str:
         f"{cpu_model()} (family/model/stepping {cpu_signature()}), {cores()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {cpu_passes()}"
     )
+
+
+@contextlib.contextmanager
+def eager_passes(on: bool = True):
+    """With ``on``, the chunked backend runs its eager CPU passes inside (``SELECTIVE_ATTENTION_NUMBA=0``), where the
+    compiled ones would otherwise run: a benchmark's "eager passes" column times the same model that way, in the
+    same rounds. Wrap a forward and its backward alike (each reads the switch)."""
+    if not on:
+        yield
+        return
+    os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["SELECTIVE_ATTENTION_NUMBA"]
 
 
 def cpu_passes() -> str:

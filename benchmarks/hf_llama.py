@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from common import interleaved, median_ratio, write
+from common import eager_passes, interleaved, median_ratio, write
 
 try:
     import transformers
@@ -37,6 +37,7 @@ except ImportError:
     sys.exit("this benchmark needs transformers: pip install -e '.[hf]'")
 
 import selective_attention.hf as sa_hf
+from selective_attention.ops import cpu_kernels
 
 
 def build(impl: str, seed: int = 0):
@@ -49,12 +50,13 @@ def build(impl: str, seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
 
 
-def train_step_fn(model, ids):
+def train_step_fn(model, ids, eager_passes_on: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+        with eager_passes(eager_passes_on):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -121,22 +123,31 @@ def main() -> None:
     args = ap.parse_args()
     sa_hf.register()
     rows = []
+    # where the chunked backend's compiled CPU passes run (Numba, extra [cpu]), the same rounds also time the selective
+    # model with its eager passes (SELECTIVE_ATTENTION_NUMBA=0 around its steps): both ratios from one run
+    impls = ("selective", "sdpa") + (("selective, eager passes",) if cpu_kernels.available() else ())
     for mode in args.train_modes:
-        models = {impl: build(impl).train() for impl in ("selective", "sdpa")}
+        models = {impl: build(impl.split(",")[0]).train() for impl in impls}
         if mode == "compiled":  # both under torch.compile (static shapes: one graph per context), like with like
             models = {impl: torch.compile(m, dynamic=False) for impl, m in models.items()}
         for L in args.contexts:
             ids = torch.randint(0, 256, (args.batch, L), generator=torch.Generator().manual_seed(L))
-            steps = {impl: train_step_fn(m, ids) for impl, m in models.items()}
+            steps = {impl: train_step_fn(m, ids, impl.endswith("eager passes")) for impl, m in models.items()}
             t = interleaved(steps, args.repeats, 1)
             tok = args.batch * L
-            rows.append({
+            ratio = 1 / median_ratio(t, "selective", "sdpa")
+            row = {
                 "measure": f"training step, ctx {L}, batch {args.batch}" + (", compiled" if mode == "compiled" else ""),
                 "sdpa": f"{tok / statistics.median(t['sdpa']):,.0f} tok/s",
                 "selective": f"{tok / statistics.median(t['selective']):,.0f} tok/s",
-                "ratio": f"{1 / median_ratio(t, 'selective', 'sdpa'):.2f}x throughput",
-                "raw": {"throughput_ratio": 1 / median_ratio(t, "selective", "sdpa")},  # unrounded (a goal's edge)
-            })  # fmt: skip
+                "ratio": f"{ratio:.2f}x throughput",
+                "raw": {"throughput_ratio": ratio},  # unrounded (a goal's edge)
+            }  # fmt: skip
+            if "selective, eager passes" in t:
+                eager = 1 / median_ratio(t, "selective, eager passes", "sdpa")
+                row["ratio"] += f" (eager CPU passes: {eager:.2f}x)"
+                row["raw"]["eager_passes_throughput_ratio"] = eager
+            rows.append(row)
             print(rows[-1], flush=True)
     L = args.decode_context
     std = build("sdpa").eval()

@@ -24,7 +24,6 @@ gradients, which both methods allocate alike (32 MiB at L = 4096).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import interleaved, machine, median_ratio, side_path, write
+from common import eager_passes, interleaved, machine, median_ratio, side_path, write
 
 from selective_attention.functional import selective_attention
 from selective_attention.ops import cpu_kernels
@@ -66,21 +65,8 @@ def make_methods(L: int, names: list[str]) -> dict:
     return methods
 
 
-@contextlib.contextmanager
-def eager_passes(name: str):
-    """``chunked-eager``'s switch, ``SELECTIVE_ATTENTION_NUMBA=0``, around a forward and backward."""
-    if name != "chunked-eager":
-        yield
-        return
-    os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
-    try:
-        yield
-    finally:
-        del os.environ["SELECTIVE_ATTENTION_NUMBA"]
-
-
 def fwd_bwd(name: str, f, q, k, v, g) -> None:
-    with eager_passes(name):
+    with eager_passes(name == "chunked-eager"):
         f(q, k, v).backward(g)
 
 

@@ -12,12 +12,11 @@ with its eager passes (``SELECTIVE_ATTENTION_NUMBA=0`` around its steps), so bot
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
-from common import write
+from common import eager_passes, write
 
 from selective_attention.model import GPT, GPTConfig
 from selective_attention.ops import cpu_kernels
@@ -46,20 +45,15 @@ def main() -> None:
                 V = m.config.vocab_size
                 x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
                 run = torch.compile(m, dynamic=False) if mode == "compiled" else m
-                eager_passes = name.endswith("eager passes")
+                eager = name.endswith("eager passes")
 
-                def steps(run=run, opt=opt, x=x, y=y, eager_passes=eager_passes):
-                    if eager_passes:
-                        os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
-                    try:
+                def steps(run=run, opt=opt, x=x, y=y, eager=eager):
+                    with eager_passes(eager):
                         for _ in range(args.steps):
                             loss, _ = run(x, y)
                             opt.zero_grad(set_to_none=True)
                             loss.backward()
                             opt.step()
-                    finally:
-                        if eager_passes:
-                            del os.environ["SELECTIVE_ATTENTION_NUMBA"]
 
                 runs[name] = steps
             for f in runs.values():

@@ -1,8 +1,8 @@
 """The chunked backend's compiled CPU passes (``ops/cpu_kernels.py``, Numba, extra ``[cpu]``): the paper's
 configuration runs them, every other one the eager passes, and both are exact against the naive spec (fp64) and
 within the spec's own error (fp32), outputs and gradients, over several query blocks and key tiles, grouped-query
-heads, another voting head and lengths that divide nothing. Skipped where Numba is not installed (the
-CI's oldest-versions step); the main CI step installs it."""
+heads, another voting head, key padding (dead rows too), the memory loss's rows, and lengths that divide nothing.
+Skipped where Numba is not installed (the CI's oldest-versions step); the main CI step installs it."""
 
 import pytest
 import torch
@@ -38,9 +38,12 @@ def _problem(B, H, Hkv, L, D, dtype, seed=0):
 
 
 def _run(q, k, v, backend, **kw):
-    out = selective_attention(q, k, v, is_causal=True, backend=backend, **{"selection": True, **kw})
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
-    return (out.detach(), *torch.autograd.grad(out, (q, k, v), cot))
+    """``(out, [memory-loss rows,] dq, dk, dv)`` under fixed random cotangents (the rows' too, when asked for)."""
+    outs = selective_attention(q, k, v, is_causal=True, backend=backend, **{"selection": True, **kw})
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(9)
+    cots = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    return (*(o.detach() for o in outs), *torch.autograd.grad(outs, (q, k, v), cots))
 
 
 CASES = {
@@ -49,7 +52,25 @@ CASES = {
     "head_2": dict(B=1, H=4, Hkv=4, L=40, D=4, kw={"selection": Selection(head=2)}),
     "odd": dict(B=3, H=2, Hkv=1, L=33, D=3, kw={"enable_gqa": True}),
     "gqa_head_3": dict(B=2, H=6, Hkv=3, L=29, D=4, kw={"enable_gqa": True, "selection": Selection(head=3)}),
+    # key padding (removed keys for every query, a fully padded row at the start of sequence 1: dead rows) and the
+    # memory loss's rows (their gradient through F's gate)
+    "key_padding": dict(B=2, H=2, Hkv=2, L=33, D=4, kw={"padding": True}),
+    "right_padding": dict(B=2, H=2, Hkv=2, L=33, D=4, kw={"padding": "right"}),  # keys removed, no row dead
+    "memory_loss": dict(B=2, H=4, Hkv=4, L=31, D=4, kw={"memory_tau": 1.0}),
+    "padding_and_memory": dict(B=2, H=4, Hkv=2, L=27, D=4, kw={"padding": True, "memory_tau": 0.5, "enable_gqa": True}),
 }
+
+
+def _kwargs(kw, B, L):
+    """A case's keyword arguments; ``"padding"`` is key padding: sequence 1's first 7 keys (its first 7 rows dead), or
+    with ``"right"`` its last 5 (no row dead)."""
+    kw = dict(kw)
+    padding = kw.pop("padding", False)
+    if padding == "right":  # sequence 1's last 5 keys
+        kw["key_padding_mask"] = torch.arange(L).expand(B, L) >= torch.tensor([[L], [L - 5]])
+    elif padding:
+        kw["key_padding_mask"] = torch.arange(L).expand(B, L) < torch.tensor([[0], [7]])
+    return kw
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -65,7 +86,7 @@ def test_compiled_passes_match_the_spec(monkeypatch, calls, dtype, case, tile_by
         monkeypatch.setattr(chunked, "_TILE_BYTES", tile_bytes)
     c = CASES[case]
     q, k, v = _problem(c["B"], c["H"], c["Hkv"], c["L"], c["D"], dtype)
-    kw = c["kw"]
+    kw = _kwargs(c["kw"], c["B"], c["L"])
     got = _run(q, k, v, "chunked", chunk_size=5, **kw)
     assert calls["votes_to_bias"] > 0 and calls["vote_gradients"] > 0  # the compiled passes ran
     ref = _run(q, k, v, "naive", **kw)
@@ -75,7 +96,8 @@ def test_compiled_passes_match_the_spec(monkeypatch, calls, dtype, case, tile_by
         return
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref64 = _run(q64, k64, v64, "naive", **kw)
-    for name, a, b, r in zip(("out", "dq", "dk", "dv"), got, ref, ref64):
+    names = ("out", "rows", "dq", "dk", "dv") if len(got) == 5 else ("out", "dq", "dk", "dv")
+    for name, a, b, r in zip(names, got, ref, ref64):
         assert_error_bounded(a, b, r, name=name)
 
 
@@ -104,21 +126,21 @@ def test_compiled_and_eager_passes_agree(monkeypatch, calls):
 
 @pytest.mark.parametrize(
     "other",
-    ["memory_loss", "every_head_votes", "float_F", "key_padding", "bfloat16", "non_finite_voter"],
+    ["every_head_votes", "float_F", "bool_mask", "bfloat16", "non_finite_voter"],
 )
 def test_other_configurations_run_the_eager_passes(monkeypatch, calls, other):
-    """The compiled passes serve one case, the paper's (fp32 / fp64, one voting head of q, no removed keys (key
-    padding removes keys), penalty or memory loss, finite voters); every other runs the eager passes (whose
-    exactness the other test files check)."""
+    """The compiled passes serve the paper's configuration (fp32 / fp64, one voting head of q, finite voters, no
+    penalty, removed keys only as key padding, with or without memory-loss rows); every other runs the eager passes
+    (whose exactness the other test files check): a removed-key mask per query, a float F, every head voting,
+    bfloat16, a NaN voter."""
     monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
     B, H, L, D = 1, 4, 30, 4
     dtype = torch.bfloat16 if other == "bfloat16" else torch.float64
     q, k, v = _problem(B, H, H, L, D, dtype, seed=2)
     kw = {
-        "memory_loss": {"memory_tau": 1.0},
         "every_head_votes": {"selection": Selection(per_head=True)},
         "float_F": {"selective_mask": torch.rand(1, 1, L, L, generator=torch.Generator().manual_seed(3))},
-        "key_padding": {"key_padding_mask": torch.arange(L).expand(B, L) < 3},
+        "bool_mask": {"selective_mask": torch.rand(L, L, generator=torch.Generator().manual_seed(3)) < 0.2},
         "bfloat16": {},
         "non_finite_voter": {},
     }[other]
@@ -199,3 +221,18 @@ def test_votes_only_padding_runs_the_passes_like_the_eager_ones(monkeypatch, cal
     tol = TOL[torch.float64] if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_the_passes_refuse_operands_of_the_wrong_shape():
+    """The kernels do not check bounds: the wrappers check every operand's shape (a wrong one read or wrote past a
+    buffer: a removed-key mask without its dead-row mask read garbage, found by the test above)."""
+    Sn, carry, out = torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 1, 3, 4)
+    with pytest.raises(ValueError, match="removed has shape"):
+        cpu_kernels.votes_to_bias(Sn, carry, 0, out, removed=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="nlse has shape"):
+        cpu_kernels.votes_to_bias(Sn, carry, 0, torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 4))
+    dZ = torch.zeros(2, 2, 3, 4)
+    with pytest.raises(ValueError, match="delta has shape"):
+        cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 4), Sn, carry, 0, 1.0)
+    with pytest.raises(ValueError, match="voting head 2"):
+        cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 3), Sn, carry, 2, 1.0)

@@ -33,7 +33,7 @@ CPUs). Other devices use a plain PyTorch kernel with the same contract. The code
 ``-colsum`` rather than S and colsum: the bias is ``-F``, so the negation comes free out of the matmul.
 The per-block votes and bias and the per-tile products live in buffers reused by every block and tile
 (``_Workspace``): fresh ones would cost their page faults each time. In the paper's configuration (one voting head
-of q, fp32 / fp64, no removed keys, penalty or memory loss) the elementwise steps around the GEMMs run as two
+of q, fp32 / fp64, no penalty, removed keys only as key padding) the elementwise steps around the GEMMs run as two
 compiled passes per tile where Numba is installed (``cpu_kernels``, extra ``[cpu]``; :func:`_fused_path`).
 """
 
@@ -312,32 +312,50 @@ def _chunk_bias(
     return Sn, bias, F_kept
 
 
-def _fused_path(vt: _VoteOperands, heads: slice | None, scale: float, removed, penalty, tau) -> bool:
-    """Whether a call's votes and vote gradients run :mod:`.cpu_kernels`' compiled passes: on CPU (Numba
-    installed), float32 / float64, finite voters (``vt.above``), one voting head that is a head of q (the paper's),
-    no removed keys, penalty or memory loss; forward and backward decide alike."""
+def _fused_path(vt: _VoteOperands, heads: slice | None, scale: float, removed: Tensor | None, penalty) -> bool:
+    """Whether a call's votes and vote gradients run :mod:`.cpu_kernels`' compiled passes: on CPU (Numba installed),
+    float32 / float64, finite voters (``vt.above``), one voting head that is a head of q (the paper's), no penalty,
+    removed keys only as key padding (the same keys for every query and head, ``[B|1, 1, 1, L]``); memory-loss rows
+    or not. Forward and backward decide alike."""
     return (
         vt.above is not None
         and vt.qn.dtype in (torch.float32, torch.float64)
         and vt.qn.shape[1] == 1
         and heads is not None
         and scale != 0.0
-        and removed is None
+        and (removed is None or removed.shape[1:3] == (1, 1))
         and penalty is None
-        and tau is None
         and cpu_kernels.available()
     )
 
 
-def _fused_votes(vt: _VoteOperands, carry: Tensor, i0: int, i1: int, j0: int, j1: int, ws: _Workspace, out: Tensor,
-                 nlse: Tensor | None = None) -> Tensor:  # fmt: skip
-    """The compiled counterpart of :func:`_chunk_bias` (one voting head, see :func:`_fused_path`): the tile's votes
-    ``-S`` ``[B, C, n]`` (clamped and masked), with ``out`` filled by :func:`.cpu_kernels.votes_to_bias` (forward: the
-    bias, and ``carry`` ``[B, 1, L]`` moved past the rows; backward, given ``nlse``: P's exponent before the logits)."""
+def _fused_votes(
+    vt: _VoteOperands,
+    carry: Tensor,
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+    ws: _Workspace,
+    out: Tensor,
+    removed: Tensor | None,
+    dead: Tensor | None,
+    nlse: Tensor | None = None,
+    tau: float | None = None,
+    negF: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The compiled counterpart of :func:`_chunk_bias` (see :func:`_fused_path`): ``(votes, rows)``, the tile's votes
+    ``-S`` ``[B, C, n]`` (clamped and masked), and in the forward with ``tau`` the memory-loss rows ``[B, C]``, with
+    ``out`` filled by :func:`.cpu_kernels.votes_to_bias` (forward: the bias, and ``carry`` ``[B, 1, L]`` moved past
+    the rows; backward, given ``nlse``: P's exponent before the logits, and ``-F`` into ``negF`` if given)."""
     B, C, n = vt.qn.shape[0], i1 - i0, j1 - j0
     Sn = torch.matmul(vt.qn[:, :, i0:i1], vt.ks[:, :, j0:j1].transpose(-2, -1), out=ws("votes", B, 1, C, n))[:, 0]
-    cpu_kernels.votes_to_bias(Sn, carry[:, 0, j0:j1], i0 - j0 if j1 > i0 else n, out, nlse)
-    return Sn
+    rows = cpu_kernels.votes_to_bias(
+        Sn, carry[:, 0, j0:j1], i0 - j0 if j1 > i0 else n, out, nlse,
+        None if removed is None else removed[:, 0, 0, j0:j1], None if dead is None else dead[:, 0, i0:i1, 0],
+        tau, negF,
+    )  # fmt: skip
+    return Sn, rows
 
 
 # rows per block of the running-sum GEMM: 2 * 64 flops per element, still cheap. 32 rows (half the flops) ran the
@@ -493,13 +511,15 @@ def _forward(q, k, v, qs, ks, heads, removed, dead, pad, penalty, scale, sel_sca
     mem = qs.new_zeros(B, G, L if tau is not None else 0, dtype=torch.promote_types(qs.dtype, torch.float32))
     carries = qs.new_empty(-(-L // fchunk), B, G, L)  # ncol at each chunk's start: backward rebuilds F from it
     tau_F = None if tau is None else naive.tau_in(qs.dtype, tau)  # min(F, tau) in F's dtype
-    fused = _fused_path(vt, heads, scale, removed, penalty, tau)
+    fused = _fused_path(vt, heads, scale, removed, penalty)
     for i0 in range(0, L, fchunk):
         i1 = min(i0 + fchunk, L)
         carries[i0 // fchunk] = ncol
-        if fused:  # the bias, and ncol moved on, in one compiled pass
+        if fused:  # the bias, ncol moved on (and the memory-loss rows), in one compiled pass
             bias = ws("bias", B, 1, i1 - i0, i1)
-            _fused_votes(vt, ncol, i0, i1, 0, i1, ws, bias)
+            _, rows = _fused_votes(vt, ncol, i0, i1, 0, i1, ws, bias, removed, dead, tau=tau_F)
+            if rows is not None:
+                mem[:, 0, i0:i1] = rows
         else:
             Sn, bias, Fc = _chunk_bias(vt, ncol, removed, dead, penalty, i0, i1, keep_F=tau is not None, ws=ws)
             if Fc is not None:
@@ -602,7 +622,7 @@ def _backward(
     #            keys 0 ............................ i1
     #   rows i0  [ tile j0:j1 | tile | ... | diagonal ]   <- block (a tile's votes, F, bias: [B, G|H, C, width])
     #        i1
-    fused = _fused_path(vt, heads, scale, removed, penalty, tau)
+    fused = _fused_path(vt, heads, scale, removed, penalty)
     for i0 in reversed(range(0, L, fchunk)):
         i1 = min(i0 + fchunk, L)
         C = i1 - i0
@@ -619,14 +639,18 @@ def _backward(
             if fused:  # the same steps as below, the elementwise ones in two compiled passes (.cpu_kernels)
                 P3 = ws("P", B * Hkv, g * C, n)
                 P4 = P3.view(B, H, C, n)
-                Sn = _fused_votes(vt, carries[i0 // fchunk], i0, i1, j0, j1, ws, P4, nlse_c.reshape(B, H, C))
+                negF = None if dmem is None else ws("bias", B, C, n)  # -F, for the memory loss's gate
+                Sn, _ = _fused_votes(
+                    vt, carries[i0 // fchunk], i0, i1, j0, j1, ws, P4, removed, dead, nlse_c.reshape(B, H, C),
+                    negF=negF,
+                )  # fmt: skip
                 P3.baddbmm_(qa, kT[:, :, j0:j1])
                 torch.nn.functional.threshold_(P3, _P_FLOOR[P3.dtype], _NEG_INF).exp2_()
                 dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
                 dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
                 cpu_kernels.vote_gradients(
                     dZ3.view(B, H, C, n), P4, delta_c.view(B, H, C), Sn, ndcol[:, 0, j0:j1], heads.start,
-                    -sel_scale / scale,
+                    -sel_scale / scale, negF, None if dmem is None else dmem[:, 0, i0:i1], tau_F or 0.0,
                 )  # fmt: skip
                 dq_c.baddbmm_(dZ3, k3[:, j0:j1])
                 dk3[:, j0:j1].add_(torch.bmm(dZ3.transpose(-2, -1), qf, out=ws("kv", B * Hkv, n, D)), alpha=scale)

@@ -79,7 +79,7 @@ def warm_up(dtype: torch.dtype = torch.float32) -> bool:
     out = torch.zeros(1, 1, 2, 2, dtype=dtype)
     votes_to_bias(Sn, carry, 0, out)
     votes_to_bias(Sn, carry, 0, out, nlse)
-    vote_gradients(out, out.clone(), nlse, Sn, carry, 0, 1.0)
+    vote_gradients(out, out.clone(), nlse, Sn, carry, 0, 1.0)  # one compilation serves every option
     return True
 
 
@@ -97,7 +97,25 @@ def _columns(B: int, n: int) -> int:
     return max(16, -(-n // per_row))
 
 
-def votes_to_bias(Sn: Tensor, carry: Tensor, d: int, out: Tensor, nlse: Tensor | None = None) -> None:
+def _shapes(**given: tuple[Tensor, tuple[int, ...]]) -> None:
+    """Each tensor's shape is the one given: the kernels do not check bounds, so a wrong shape would read or write
+    outside a buffer (a ValueError instead)."""
+    for name, (t, shape) in given.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"cpu_kernels: {name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def votes_to_bias(
+    Sn: Tensor,
+    carry: Tensor,
+    d: int,
+    out: Tensor,
+    nlse: Tensor | None = None,
+    removed: Tensor | None = None,
+    dead: Tensor | None = None,
+    tau: float | None = None,
+    negF: Tensor | None = None,
+) -> Tensor | None:
     """A tile's votes into its bias, in place.
 
     Args:
@@ -107,26 +125,58 @@ def votes_to_bias(Sn: Tensor, carry: Tensor, d: int, out: Tensor, nlse: Tensor |
         carry: ``[B, n]`` minus the column sums of the votes of the rows before ``i0``. Forward (``nlse`` None):
             moved on past this block's rows, in place.
         d: ``i0 - j0``, the diagonal's first column in the tile (``>= n`` when the tile ends before the block).
-        out: (contiguous) forward ``[B, 1, C, n]``: the bias ``-F``, ``-inf`` at future keys; backward
-            ``[B, H, C, n]``: P's exponent before the logits, ``nlse_h - F log2e``, ``-inf`` at future keys.
+        out: (contiguous) forward ``[B, 1, C, n]``: the bias ``-F``, ``-inf`` at future and removed keys; backward
+            ``[B, H, C, n]``: P's exponent before the logits, ``nlse_h - F log2e``, ``-inf`` likewise.
         nlse: backward only, ``[B, H, C]``: minus each row's log-sum-exp, in base 2.
+        removed: ``[B|1, n]`` bool, keys removed for every row (key padding), except in ``dead`` ``[B|1, C]`` rows
+            (every key removed: the caller zeroes their output).
+        tau: forward: also return the memory-loss rows ``sum_j min(F, tau)`` ``[B, C]``.
+        negF: backward: ``[B, C, n]`` (contiguous), filled with ``-F`` (the memory loss's gradient reads it).
     """
     B, C, n = Sn.shape
     if B * C * n == 0:
-        return
+        return Sn.new_zeros(B, C) if tau is not None and nlse is None else None
     forward = nlse is None
     c = carry.contiguous()  # one memory layout: Numba compiles a pass again for each layout it is given
     nl = out.new_empty(1, 1, 1) if forward else nlse.contiguous()
+    for name, t, m in (("removed", removed, n), ("dead", dead, C)):  # [B|1, m]: checked before expanding
+        if t is not None and (t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] != m):
+            raise ValueError(f"cpu_kernels: {name} has shape {tuple(t.shape)}, expected ({B} or 1, {m})")
+    u8 = torch.uint8
+    rm = Sn.new_zeros(1, 1, dtype=u8) if removed is None else removed.expand(B, n).to(u8).contiguous()
+    # read wherever keys are removed: no dead row is all zeros (the kernel does not check bounds)
+    dd = Sn.new_zeros(B, C, dtype=u8) if dead is None else dead.expand(B, C).to(u8).contiguous()
+    cols = _columns(B, n)
+    tasks = -(-n // cols)
+    want_mem = forward and tau is not None
+    mem = Sn.new_empty(B, tasks if want_mem else 1, C if want_mem else 1)
+    nf = Sn.new_empty(1, 1, 1) if negF is None else negF
+    H = out.shape[1]
+    _shapes(carry=(c, (B, n)), out=(out, (B, 1 if forward else H, C, n)))
+    _shapes(**({} if forward else {"nlse": (nl, (B, H, C))}), **({} if negF is None else {"negF": (nf, (B, C, n))}))
     with _LOCK:
         _passes().votes_to_bias(
             Sn.numpy(), c.numpy(), d, -torch.finfo(Sn.dtype).max, nl.numpy(), 1.4426950408889634, out.numpy(),
-            forward, _columns(B, n),
+            forward, cols, rm.numpy(), dd.numpy(), removed is not None, 0.0 if tau is None else tau, mem.numpy(),
+            want_mem, nf.numpy(), negF is not None,
         )  # fmt: skip
     if forward and c is not carry:
         carry.copy_(c)
+    return mem.sum(dim=1) if want_mem else None
 
 
-def vote_gradients(dZ: Tensor, P: Tensor, delta: Tensor, Sn: Tensor, ndcol: Tensor, hv: int, alpha: float) -> None:
+def vote_gradients(
+    dZ: Tensor,
+    P: Tensor,
+    delta: Tensor,
+    Sn: Tensor,
+    ndcol: Tensor,
+    hv: int,
+    alpha: float,
+    negF: Tensor | None = None,
+    dmem: Tensor | None = None,
+    tau: float = 0.0,
+) -> None:
     """A tile's gradients into the logits, in place (see the module's docstring).
 
     Args:
@@ -137,14 +187,26 @@ def vote_gradients(dZ: Tensor, P: Tensor, delta: Tensor, Sn: Tensor, ndcol: Tens
         ndcol: ``[B, n]`` minus the sums of F's gradient over the later blocks' rows; moved on past this block's
             rows, in place.
         hv: the voting head; alpha: ``-sel_scale / scale`` (the vote gradient rides the dq and dk GEMMs).
+        negF, dmem, tau: the memory loss's gradient ``dmem`` ``[B, C]`` (of ``sum_j min(F, tau)``), added into F's
+            where ``F <= tau``; ``negF`` ``[B, C, n]``: ``-F`` (:func:`votes_to_bias`).
     """
     B, H, C, n = dZ.shape
     if B * C * n == 0:
         return
     nd = ndcol.contiguous()
+    has_dmem = dmem is not None
+    nf = negF if has_dmem else Sn.new_empty(1, 1, 1)
+    dm = dmem.to(Sn.dtype).contiguous() if has_dmem else Sn.new_empty(1, 1)
+    de = delta.contiguous()
+    _shapes(P=(P, (B, H, C, n)), delta=(de, (B, H, C)), Sn=(Sn, (B, C, n)), ndcol=(nd, (B, n)))
+    if has_dmem:
+        _shapes(negF=(nf, (B, C, n)), dmem=(dm, (B, C)))
+    if not 0 <= hv < H:
+        raise ValueError(f"cpu_kernels: voting head {hv} out of range for {H} heads")
     with _LOCK:
         _passes().vote_gradients(
-            dZ.numpy(), P.numpy(), delta.contiguous().numpy(), Sn.numpy(), nd.numpy(), hv, alpha, _columns(B, n)
-        )
+            dZ.numpy(), P.numpy(), de.numpy(), Sn.numpy(), nd.numpy(), hv, alpha, _columns(B, n),
+            nf.numpy(), dm.numpy(), tau, has_dmem,
+        )  # fmt: skip
     if nd is not ndcol:
         ndcol.copy_(nd)
