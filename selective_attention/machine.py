@@ -72,7 +72,10 @@ def commit(path: str | Path | None = None) -> str | None:
 
 
 def provenance() -> dict:
-    """``{"cpu", "cpu_signature", "cores", "torch", "threads", "commit"}``, for a result file (the signature:
-    one VM name has been two chips)."""
+    """``{"cpu", "cpu_signature", "cores", "torch", "threads", "numba", "commit"}``, for a result file (the signature:
+    one VM name has been two chips; ``numba``: its version where the chunked backend's compiled CPU passes run, which
+    round a selective model's training apart from the eager passes', else None)."""
+    from .ops import cpu_kernels
+
     return {"cpu": cpu_model(), "cpu_signature": cpu_signature(), "cores": cores(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "commit": commit()}  # fmt: skip
+            "threads": torch.get_num_threads(), "numba": cpu_kernels.version(), "commit": commit()}  # fmt: skip

@@ -24,8 +24,11 @@ def test_commit_names_the_checkout_and_says_when_it_has_changes(tmp_path):
 def test_provenance_names_the_machine():
     p = machine.provenance()
     assert p["cpu"] == machine.cpu_model() and p["cpu"]
-    assert set(p) == {"cpu", "cpu_signature", "cores", "torch", "threads", "commit"}
+    assert set(p) == {"cpu", "cpu_signature", "cores", "torch", "threads", "numba", "commit"}
     assert p["cpu_signature"] == machine.cpu_signature()
+    from selective_attention.ops import cpu_kernels
+
+    assert p["numba"] == cpu_kernels.version()  # which CPU passes trained a model (they round apart)
     assert p["cores"] == machine.cores() >= 1
 
 
