@@ -185,7 +185,15 @@ def test_a_tiles_votes_bias_and_F_are_those_columns_of_the_whole_rows(finite):
 
 
 @pytest.mark.parametrize(
-    "mask", ["penalty [1,1,1,1]", "penalty [1,1,L,1]", "removed [1,1,1,L]", "removed [1,1,L,1]", "penalty [B,1,1,L]"]
+    "mask",
+    [
+        "penalty [1,1,1,1]",
+        "penalty [1,1,L,1]",
+        "removed [1,1,1,L]",
+        "removed [1,1,L,1]",
+        "penalty [B,1,1,L]",
+        "removed [B,1,1,1]",
+    ],
 )
 def test_masks_that_broadcast_over_keys_or_rows_across_several_tiles(monkeypatch, mask):
     """chunked_selective_attention takes masks that broadcast to [B, H, L, L]: one with a single key column sliced to
@@ -203,8 +211,10 @@ def test_masks_that_broadcast_over_keys_or_rows_across_several_tiles(monkeypatch
     if kind == "removed":  # key 5 removed (or, one column: nothing removed) and row 9 losing every key but key 0
         if dims[-1] == L:
             m[..., 5] = True
-        else:
+        elif dims[2] == L:
             m[..., 9, :] = True
+        else:  # one row and one column: sequence 1 loses every key (every row dead; this raised)
+            m[1] = True
     if kind == "penalty":
         m.requires_grad_()
     scale = D**-0.5

@@ -56,18 +56,22 @@ CASES = {
     # memory loss's rows (their gradient through F's gate)
     "key_padding": dict(B=2, H=2, Hkv=2, L=33, D=4, kw={"padding": True}),
     "right_padding": dict(B=2, H=2, Hkv=2, L=33, D=4, kw={"padding": "right"}),  # keys removed, no row dead
+    "middle_padding": dict(B=2, H=2, Hkv=2, L=33, D=4, kw={"padding": "middle", "memory_tau": 2.0}),
     "memory_loss": dict(B=2, H=4, Hkv=4, L=31, D=4, kw={"memory_tau": 1.0}),
     "padding_and_memory": dict(B=2, H=4, Hkv=2, L=27, D=4, kw={"padding": True, "memory_tau": 0.5, "enable_gqa": True}),
 }
 
 
 def _kwargs(kw, B, L):
-    """A case's keyword arguments; ``"padding"`` is key padding: sequence 1's first 7 keys (its first 7 rows dead), or
-    with ``"right"`` its last 5 (no row dead)."""
+    """A case's keyword arguments; ``"padding"`` is key padding: sequence 1's first 7 keys (its first 7 rows dead),
+    with ``"right"`` its last 5 (no row dead), with ``"middle"`` keys inside both sequences."""
     kw = dict(kw)
     padding = kw.pop("padding", False)
     if padding == "right":  # sequence 1's last 5 keys
         kw["key_padding_mask"] = torch.arange(L).expand(B, L) >= torch.tensor([[L], [L - 5]])
+    elif padding == "middle":  # keys 10-19 of sequence 0, 3-5 of sequence 1
+        i = torch.arange(L).expand(B, L)
+        kw["key_padding_mask"] = (i >= torch.tensor([[10], [3]])) & (i < torch.tensor([[20], [6]]))
     elif padding:
         kw["key_padding_mask"] = torch.arange(L).expand(B, L) < torch.tensor([[0], [7]])
     return kw
@@ -236,3 +240,44 @@ def test_the_passes_refuse_operands_of_the_wrong_shape():
         cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 4), Sn, carry, 0, 1.0)
     with pytest.raises(ValueError, match="voting head 2"):
         cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 3), Sn, carry, 2, 1.0)
+
+
+def test_the_memory_loss_gate_at_tau_in_float32():
+    """F exactly at tau in float32 (tau = 0.1, not a float32 number): the gate ``F <= tau`` compares with tau rounded
+    to float32, as the eager passes and the spec do (compared with the Python float, it closed: dk 0.0153 against
+    2.9857)."""
+    q, k, v = (torch.zeros(1, 1, 4, 1) for _ in range(3))
+    q[0, 0, 2, 0], k[0, 0, 1, 0] = 1.0, 0.1
+    v = torch.arange(4.0).view(1, 1, 4, 1)
+    got, ref = (_run(*(t.clone().requires_grad_() for t in (q, k, v)), b, memory_tau=0.1) for b in ("chunked", "naive"))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("removed", ["batched", "broadcast", "one key column"])
+def test_removed_keys_given_directly(monkeypatch, calls, removed):
+    """``chunked_selective_attention(removed=..., key_padding_mask=...)``: a key-padding-shaped ``removed``,
+    per sequence or broadcast over the batch, or with a single key column (``[B, 1, 1, 1]``, every key or none: it
+    raised in the eager passes once a sequence had every key removed), runs the compiled passes with the eager ones'
+    results (fp64)."""
+    monkeypatch.setattr(chunked, "_TILE_BYTES", 8 * 4 * 10 * 8)
+    B, H, L, D = 3, 2, 23, 4
+    rm = {
+        "batched": torch.arange(L).expand(B, L) < torch.tensor([[0], [4], [9]]),
+        "broadcast": (torch.arange(L) % 7 == 3).expand(1, L),
+        "one key column": torch.tensor([False, True, False]).view(B, 1),
+    }[removed][:, None, None, :]
+    kpm = rm[:, 0, 0].expand(B, L) if removed != "one key column" else None
+    results = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("SELECTIVE_ATTENTION_NUMBA", switch)
+        q, k, v = _problem(B, H, H, L, D, torch.float64, seed=7)
+        voters = Selection().bind(q, k, scale=D**-0.5)
+        out, rows = chunked.chunked_selective_attention(
+            q, k, v, voters, scale=D**-0.5, chunk_size=5, removed=rm, key_padding_mask=kpm, tau=1.5
+        )
+        loss = out.pow(2).sum() + rows.pow(2).sum()
+        results.append((out.detach(), rows.detach(), *torch.autograd.grad(loss, (q, k, v))))
+    assert calls["vote_gradients"] > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])

@@ -323,7 +323,7 @@ def _fused_path(vt: _VoteOperands, heads: slice | None, scale: float, removed: T
         and vt.qn.shape[1] == 1
         and heads is not None
         and scale != 0.0
-        and (removed is None or removed.shape[1:3] == (1, 1))
+        and (removed is None or tuple(removed.shape[1:]) == (1, 1, vt.qn.shape[2]))
         and penalty is None
         and cpu_kernels.available()
     )
@@ -965,6 +965,10 @@ def chunked_selective_attention(
     chunk = default_chunk_size(B, H, L, q.element_size()) if chunk_size is None else chunk_size
     dead = None
     if removed is not None:
+        # [b, h, 1, 1], every key or none: as a key-padding mask (its dead rows were [b, h, 1, 1], sliced to nothing
+        # past row 0: a sequence with every key removed raised)
+        if removed.shape[2] == removed.shape[3] == 1:
+            removed = removed.expand(*removed.shape[:3], L)
         # Rows with every key removed: let the kernel see them unmasked, then zero their output (and
         # so their gradient) here, instead of trusting each kernel's all--inf behaviour.
         if removed.shape[2] == 1:  # the same keys for every query: row i is dead iff keys 0..i all are removed

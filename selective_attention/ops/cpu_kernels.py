@@ -105,6 +105,12 @@ def _shapes(**given: tuple[Tensor, tuple[int, ...]]) -> None:
             raise ValueError(f"cpu_kernels: {name} has shape {tuple(t.shape)}, expected {shape}")
 
 
+def _in_dtype(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype``, as the eager passes compare with it (the kernels compare a float32 F with a Python
+    float in float64: a tau of 0.1 and F = float32(0.1) fell on the two sides of the memory loss's gate)."""
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+
+
 def votes_to_bias(
     Sn: Tensor,
     carry: Tensor,
@@ -130,12 +136,14 @@ def votes_to_bias(
         nlse: backward only, ``[B, H, C]``: minus each row's log-sum-exp, in base 2.
         removed: ``[B|1, n]`` bool, keys removed for every row (key padding), except in ``dead`` ``[B|1, C]`` rows
             (every key removed: the caller zeroes their output).
-        tau: forward: also return the memory-loss rows ``sum_j min(F, tau)`` ``[B, C]``.
+        tau: forward: also return the memory-loss rows ``sum_j min(F, tau)`` ``[B, C]`` (each parallel task sums its
+            band of columns, then the bands are added: their last bits depend on the thread count).
         negF: backward: ``[B, C, n]`` (contiguous), filled with ``-F`` (the memory loss's gradient reads it).
     """
     B, C, n = Sn.shape
     if B * C * n == 0:
         return Sn.new_zeros(B, C) if tau is not None and nlse is None else None
+    tau = None if tau is None else _in_dtype(tau, Sn.dtype)
     forward = nlse is None
     c = carry.contiguous()  # one memory layout: Numba compiles a pass again for each layout it is given
     nl = out.new_empty(1, 1, 1) if forward else nlse.contiguous()
@@ -193,6 +201,7 @@ def vote_gradients(
     B, H, C, n = dZ.shape
     if B * C * n == 0:
         return
+    tau = _in_dtype(tau, Sn.dtype)
     nd = ndcol.contiguous()
     has_dmem = dmem is not None
     nf = negF if has_dmem else Sn.new_empty(1, 1, 1)
