@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import statistics
 import sys
@@ -30,19 +29,11 @@ def machine() -> str:
     )
 
 
-@contextlib.contextmanager
 def eager_passes(on: bool = True):
-    """With ``on``, the chunked backend runs its eager CPU passes inside (``SELECTIVE_ATTENTION_NUMBA=0``), where the
+    """With ``on``, the chunked backend runs its eager CPU passes inside (``cpu_kernels.eager_passes``), where the
     compiled ones would otherwise run: a benchmark's "eager passes" column times the same model that way, in the
     same rounds. Wrap a forward and its backward alike (each reads the switch)."""
-    if not on:
-        yield
-        return
-    os.environ["SELECTIVE_ATTENTION_NUMBA"] = "0"
-    try:
-        yield
-    finally:
-        del os.environ["SELECTIVE_ATTENTION_NUMBA"]
+    return cpu_kernels.eager_passes() if on else contextlib.nullcontext()
 
 
 def cpu_passes() -> str:

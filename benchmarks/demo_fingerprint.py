@@ -34,10 +34,8 @@ STEPS = 3
 
 
 def cpu_key() -> str:
-    """The CPU (model name and family/model/stepping), the torch build and the thread count, and ``| numba`` where the
-    chunked backend's compiled CPU passes run (their running sums round apart from the eager passes')."""
-    key = f"{cpu_model()} ({cpu_signature()}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    return key + (" | numba" if cpu_kernels.available() else "")
+    """The CPU (model name and family/model/stepping), the torch build and the thread count."""
+    return f"{cpu_model()} ({cpu_signature()}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def fingerprint(selection: bool) -> str:
@@ -64,7 +62,14 @@ def main() -> int:
     ap.add_argument("--demo-run", help="with --record: which demo run the hashes stand for (commit, date, report)")
     args = ap.parse_args()
     key = cpu_key()
-    now = {"standard": fingerprint(False), "selective": fingerprint(True)}
+    # the passes the demo runs: the eager ones unless SELECTIVE_ATTENTION_NUMBA is set (run_demo)
+    with cpu_kernels.eager_passes(force=False):
+        if cpu_kernels.available():
+            sys.exit(
+                "SELECTIVE_ATTENTION_NUMBA is set and the compiled CPU passes run: the demo's committed numbers are "
+                "the eager passes' (the demo's default); unset it."
+            )
+        now = {"standard": fingerprint(False), "selective": fingerprint(True)}
     print(f"{key}\n  standard {now['standard']}  selective {now['selective']}")
     records = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
     if args.record:

@@ -30,6 +30,7 @@ from .budget_search import KV_METHODS, pruned_loss, search_budgets, smallest_bud
 from .checkpoint import model_from_checkpoint
 from .machine import provenance
 from .model import GPT, GPTConfig
+from .ops import cpu_kernels
 from .options import finite_number, path_text, positive_int
 from .progress import progress as progress_bar
 from .stats import rounded_down
@@ -103,6 +104,14 @@ SENTENCE = "And God said, Let there be light: and there was light. And God saw t
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """Train, search, check, report (module docstring); returns the report. Runs the chunked backend's eager CPU
+    passes unless ``SELECTIVE_ATTENTION_NUMBA`` is set: the README's numbers are theirs, and the compiled passes
+    (extra ``[cpu]``) round a selective model's training apart."""
+    with cpu_kernels.eager_passes(force=False):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     if cfg.data == "varassign":
         raise ValueError(

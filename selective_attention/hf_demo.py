@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .data import ByteTokenizer, TextData
 from .machine import provenance
+from .ops import cpu_kernels
 from .options import positive_int
 from .progress import progress
 from .train import check_out_dir, lr_schedule
@@ -160,7 +161,13 @@ def pruned_loss(
 
 
 def run_hf_demo(cfg: HFDemoConfig) -> dict:
-    """Train, save, reload, compare and generate (module docstring); returns the report."""
+    """Train, save, reload, compare and generate (module docstring); returns the report. Runs the chunked backend's
+    eager CPU passes unless ``SELECTIVE_ATTENTION_NUMBA`` is set (the committed results are theirs; see the demo)."""
+    with cpu_kernels.eager_passes(force=False):
+        return _run_hf_demo(cfg)
+
+
+def _run_hf_demo(cfg: HFDemoConfig) -> dict:
     try:
         import transformers
     except ImportError as e:

@@ -4,6 +4,8 @@ within the spec's own error (fp32), outputs and gradients, over several query bl
 heads, another voting head, key padding (dead rows too), the memory loss's rows, and lengths that divide nothing.
 Skipped where Numba is not installed (the CI's oldest-versions step); the main CI step installs it."""
 
+import os
+
 import pytest
 import torch
 from helpers import TOL, assert_error_bounded
@@ -138,6 +140,7 @@ def test_other_configurations_run_the_eager_passes(monkeypatch, calls, other):
     (whose exactness the other test files check): a removed-key mask per query, a float F, every head voting,
     bfloat16, a NaN voter."""
     monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
+    assert cpu_kernels.available()  # else zero calls would prove nothing
     B, H, L, D = 1, 4, 30, 4
     dtype = torch.bfloat16 if other == "bfloat16" else torch.float64
     q, k, v = _problem(B, H, H, L, D, dtype, seed=2)
@@ -172,7 +175,12 @@ def test_the_passes_follow_torchs_thread_count(monkeypatch, calls):
         assert numba.get_num_threads() == 1 and calls["vote_gradients"] > 0
     finally:
         torch.set_num_threads(before)
-    many = _run(q, k, v, "chunked", chunk_size=4)
+    try:
+        torch.set_num_threads(2)
+        many = _run(q, k, v, "chunked", chunk_size=4)
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
@@ -180,7 +188,7 @@ def test_the_passes_follow_torchs_thread_count(monkeypatch, calls):
 def test_a_forked_child_runs_the_eager_passes(monkeypatch):
     """Numba's OpenMP pool aborts a process forked from one that used it: such a child takes the eager passes."""
     monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
-    assert cpu_kernels.available()
+    assert cpu_kernels.warm_up() and cpu_kernels._PID == [os.getpid()]  # a pass records the process that ran it
     monkeypatch.setattr(cpu_kernels, "_PID", [-1])  # the passes ran in another process, this one's parent
     assert not cpu_kernels.available()
 
@@ -228,8 +236,8 @@ def test_votes_only_padding_runs_the_passes_like_the_eager_ones(monkeypatch, cal
 
 
 def test_the_passes_refuse_operands_of_the_wrong_shape():
-    """The kernels do not check bounds: the wrappers check every operand's shape (a wrong one read or wrote past a
-    buffer: a removed-key mask without its dead-row mask read garbage, found by the test above)."""
+    """The kernels do not check bounds: the wrappers check their operands' shapes (a wrong one read or wrote past a
+    buffer: a removed-key mask without its dead-row mask read garbage, found by the chunked tests); some here."""
     Sn, carry, out = torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 1, 3, 4)
     with pytest.raises(ValueError, match="removed has shape"):
         cpu_kernels.votes_to_bias(Sn, carry, 0, out, removed=torch.zeros(2, 5, dtype=torch.bool))
@@ -238,18 +246,27 @@ def test_the_passes_refuse_operands_of_the_wrong_shape():
     dZ = torch.zeros(2, 2, 3, 4)
     with pytest.raises(ValueError, match="delta has shape"):
         cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 4), Sn, carry, 0, 1.0)
+    with pytest.raises(ValueError, match="dead has shape"):
+        rm = torch.zeros(2, 4, dtype=torch.bool)
+        cpu_kernels.votes_to_bias(Sn, carry, 0, out, removed=rm, dead=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="carry has shape"):
+        cpu_kernels.votes_to_bias(Sn, torch.zeros(2, 5), 0, out)
+    with pytest.raises(ValueError, match="ndcol has shape"):
+        cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 3), Sn, torch.zeros(1, 4), 0, 1.0)
     with pytest.raises(ValueError, match="voting head 2"):
         cpu_kernels.vote_gradients(dZ, dZ.clone(), torch.zeros(2, 2, 3), Sn, carry, 2, 1.0)
 
 
-def test_the_memory_loss_gate_at_tau_in_float32():
+def test_the_memory_loss_gate_at_tau_in_float32(monkeypatch, calls):
     """F exactly at tau in float32 (tau = 0.1, not a float32 number): the gate ``F <= tau`` compares with tau rounded
     to float32, as the eager passes and the spec do (compared with the Python float, it closed: dk 0.0153 against
     2.9857)."""
+    monkeypatch.delenv("SELECTIVE_ATTENTION_NUMBA", raising=False)
     q, k, v = (torch.zeros(1, 1, 4, 1) for _ in range(3))
     q[0, 0, 2, 0], k[0, 0, 1, 0] = 1.0, 0.1
     v = torch.arange(4.0).view(1, 1, 4, 1)
     got, ref = (_run(*(t.clone().requires_grad_() for t in (q, k, v)), b, memory_tau=0.1) for b in ("chunked", "naive"))
+    assert calls["vote_gradients"] > 0
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
 

@@ -636,41 +636,28 @@ def _backward(
         for j0 in range(0, i1, width):
             j1 = min(j0 + width, i1)
             n = j1 - j0
-            if fused:  # the same steps as below, the elementwise ones in two compiled passes (.cpu_kernels)
-                P3 = ws("P", B * Hkv, g * C, n)
-                P4 = P3.view(B, H, C, n)
-                negF = None if dmem is None else ws("bias", B, C, n)  # -F, for the memory loss's gate
-                Sn, _ = _fused_votes(
-                    vt, carries[i0 // fchunk], i0, i1, j0, j1, ws, P4, removed, dead, nlse_c.reshape(B, H, C),
-                    negF=negF,
-                )  # fmt: skip
-                P3.baddbmm_(qa, kT[:, :, j0:j1])
-                torch.nn.functional.threshold_(P3, _P_FLOOR[P3.dtype], _NEG_INF).exp2_()
-                dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
-                dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
-                cpu_kernels.vote_gradients(
-                    dZ3.view(B, H, C, n), P4, delta_c.view(B, H, C), Sn, ndcol[:, 0, j0:j1], heads.start,
-                    -sel_scale / scale, negF, None if dmem is None else dmem[:, 0, i0:i1], tau_F or 0.0,
-                )  # fmt: skip
-                dq_c.baddbmm_(dZ3, k3[:, j0:j1])
-                dk3[:, j0:j1].add_(torch.bmm(dZ3.transpose(-2, -1), qf, out=ws("kv", B * Hkv, n, D)), alpha=scale)
-                continue
-            # the tile's votes, bias and F [B, G|H, C, n], rebuilt from the forward's carry: a block's whole rows
-            # would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
-            Sn, bias, F_t = _chunk_bias(
-                vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
-            )
-            # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
-            # (bias log2e - lse first, one pass, then the GEMM adds the logits into it: a pass fewer than a GEMM, a
-            # subtraction and an addition)
             P3 = ws("P", B * Hkv, g * C, n)  # [B*Hkv, g*C, n]
             # float16 / bfloat16: the logits in float32, as the forward's kernel formed them (its lse is of those)
             Pw3 = wsf("P", B * Hkv, g * C, n) if half else P3
-            bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
-            P = torch.add(nlse_c, bias5, alpha=_LOG2E, out=Pw3.view(B, Hkv, g, C, n))
+            # P = softmax rebuilt from the saved lse, in base 2: exp2(q k^T s log2e - lse log2e + bias log2e)
+            # (bias log2e - lse first, one pass, then the GEMM adds the logits into it: a pass fewer than a GEMM, a
+            # subtraction and an addition). The tile's votes, bias and F [B, G|H, C, n] are rebuilt from the forward's
+            # carry: a block's whole rows would be [B, G, C, i1] each (8 MiB of the peak at B1 H8 L4096)
+            if fused:  # votes, bias and P's exponent in one compiled pass (.cpu_kernels); -F kept for the memory loss
+                negF = None if dmem is None else ws("bias", B, C, n)
+                Sn, _ = _fused_votes(
+                    vt, carries[i0 // fchunk], i0, i1, j0, j1, ws, P3.view(B, H, C, n), removed, dead,
+                    nlse_c.reshape(B, H, C), negF=negF,
+                )  # fmt: skip
+            else:
+                Sn, bias, F_t = _chunk_bias(
+                    vt, carries[i0 // fchunk], removed, dead, penalty, i0, i1, dmem is not None, ws=ws, j0=j0, j1=j1
+                )
+                bias5 = bias.unflatten(1, (Hkv, g)) if bias.shape[1] > 1 else bias[:, :, None]
+                torch.add(nlse_c, bias5, alpha=_LOG2E, out=Pw3.view(B, Hkv, g, C, n))
             Pw3.baddbmm_(qa, kTf[:, :, j0:j1] if half else kT[:, :, j0:j1])
             # no subnormal P, nor (mostly) dZ: see _P_FLOOR
-            torch.nn.functional.threshold_(P, _P_FLOOR[P.dtype], _NEG_INF).exp2_()
+            torch.nn.functional.threshold_(Pw3, _P_FLOOR[Pw3.dtype], _NEG_INF).exp2_()
             if half:
                 P3.copy_(Pw3)
             # dV = P^T dO. Into a workspace, then added: a GEMM into the strided rows dv3[:, j0:j1] runs
@@ -678,11 +665,18 @@ def _backward(
             dv3[:, j0:j1].add_(torch.bmm(P3.transpose(-2, -1), doc, out=ws("kv", B * Hkv, n, v.shape[-1])))
             # dZ = P * (dO V^T - delta), the gradient into the logits (and, negated, into F)
             dZ3 = torch.bmm(doc, vT[:, :, j0:j1], out=ws("dZ", B * Hkv, g * C, n))
+            if fused:  # dZ, and the vote gradients through it into the voting head's dZ, in one compiled pass
+                cpu_kernels.vote_gradients(
+                    dZ3.view(B, H, C, n), P3.view(B, H, C, n), delta_c.view(B, H, C), Sn, ndcol[:, 0, j0:j1],
+                    heads.start, -sel_scale / scale, negF, None if dmem is None else dmem[:, 0, i0:i1], tau_F or 0.0,
+                )  # fmt: skip
+                _dq_dk(dq_c, dk3, dZ3, dZ3, k3, qf, ws, scale, j0, j1)
+                continue
             if half:
                 dZw3 = torch.sub(dZ3, delta_c, out=wsf("dZ", B * Hkv, g * C, n)).mul_(Pw3)
             else:
                 dZw3 = dZ3.sub_(delta_c).mul_(P3)
-            del P, P3, Pw3
+            del P3, Pw3
             dZ = dZw3.view(B, H, C, n)  # head h = (kv head, member) in order: a view
             if want_dpen:
                 _accumulate_broadcast(dpen, -dZ, i0, i1, j0, j1)
@@ -711,11 +705,7 @@ def _backward(
             del dZ, ndF, ndS, ndl
             if half:
                 dZ3.copy_(dZw3)
-            dq_c.baddbmm_(dZ3, k3[:, j0:j1])  # dq = s dZ k (s applied once per block)
-            # dk = s dZ^T q; half inputs: in float32, from dZ before its rounding (a block's product rounded to the
-            # dtype and summed over the blocks was 3-12x the spec's error at 256 blocks)
-            dZq = torch.bmm(dZw3.transpose(-2, -1), qf, out=(wsf if half else ws)("kv", B * Hkv, n, D))
-            dk3[:, j0:j1].add_(dZq, alpha=scale)
+            _dq_dk(dq_c, dk3, dZ3, dZw3, k3, qf, wsf if half else ws, scale, j0, j1)
             del dZw3
             del dZ3
         dq[:, :, i0:i1] = dq_c.mul_(scale).view(B, Hkv, g, C, D).flatten(1, 2)
@@ -728,6 +718,15 @@ def _backward(
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     _refuse_overflow((dq, dk, dv, dqs, dks), (q, k, v, qs, ks, dout, penalty))
     return dq, dk, dv, dqs, dks, dpen
+
+
+def _dq_dk(dq_c, dk3, dZ3, dZw3, k3, qf, ws, scale, j0, j1) -> None:
+    """A tile's share of dq and dk: ``dq_c += dZ k`` (s applied once per block) and ``dk += s dZ^T q``; half inputs:
+    dk in float32, from dZ before its rounding (``dZw3``; a block's product rounded to the dtype and summed over the
+    blocks was 3-12x the spec's error at 256 blocks)."""
+    dq_c.baddbmm_(dZ3, k3[:, j0:j1])
+    BH, _, n = dZ3.shape
+    dk3[:, j0:j1].add_(torch.bmm(dZw3.transpose(-2, -1), qf, out=ws("kv", BH, n, qf.shape[-1])), alpha=scale)
 
 
 def _refuse_overflow(grads: tuple[Tensor | None, ...], inputs: tuple[Tensor | None, ...]) -> None:

@@ -25,6 +25,7 @@ process forked from one that used it (it aborts), so a forked child runs the eag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -33,7 +34,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["available", "version", "warm_up", "votes_to_bias", "vote_gradients"]
+__all__ = ["available", "version", "warm_up", "eager_passes", "votes_to_bias", "vote_gradients"]
 
 # SELECTIVE_ATTENTION_NUMBA=0 turns the compiled passes off (the eager ones run), e.g. to compare the two
 _ENV = "SELECTIVE_ATTENTION_NUMBA"
@@ -63,6 +64,26 @@ def available() -> bool:
     return _passes() is not None
 
 
+@contextlib.contextmanager
+def eager_passes(force: bool = True):
+    """Inside, the chunked backend runs its eager CPU passes (``SELECTIVE_ATTENTION_NUMBA=0``, restored after): the
+    demo's committed numbers are theirs, and a benchmark times them beside the compiled ones. With ``force=False``
+    only where the variable is unset (a user's own setting wins). The switch is read at each forward and each
+    backward: wrap both."""
+    before = os.environ.get(_ENV)
+    if before is not None and not force:
+        yield
+        return
+    os.environ[_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = before
+
+
 def version() -> str | None:
     """Numba's version where the compiled passes run (:func:`available`), else None."""
     return _passes().numba.__version__ if available() else None
@@ -70,8 +91,8 @@ def version() -> str | None:
 
 def warm_up(dtype: torch.dtype = torch.float32) -> bool:
     """Import Numba and compile (or load from its disk cache) both passes for ``dtype`` now, on tiny tiles, rather
-    than in the first paper-mode call (a second or two each the first time; then Numba's ~60-80 MiB of resident
-    memory, once per process). Returns :func:`available`."""
+    than in the first paper-mode call (a second or two each the first time; Numba's ~120 MiB of resident memory, once
+    per process). Returns :func:`available`."""
     if not available():
         return False
     Sn = torch.zeros(1, 2, 2, dtype=dtype)
