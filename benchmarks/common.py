@@ -29,6 +29,16 @@ def machine() -> str:
     )
 
 
+# the selective model again, with its eager CPU passes, where the compiled ones run: one more entry in a benchmark's
+# interleaved rounds (train_throughput.py, hf_llama.py), and the label of its ratio
+EAGER_PASSES = "selective, eager passes"
+
+
+def with_eager_passes(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` and, where the chunked backend's compiled CPU passes run, :data:`EAGER_PASSES` after them."""
+    return names + ((EAGER_PASSES,) if cpu_kernels.available() else ())
+
+
 def eager_passes(on: bool = True):
     """With ``on``, the chunked backend runs its eager CPU passes inside (``cpu_kernels.eager_passes``), where the
     compiled ones would otherwise run: a benchmark's "eager passes" column times the same model that way, in the

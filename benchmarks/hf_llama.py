@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from common import eager_passes, interleaved, median_ratio, write
+from common import EAGER_PASSES, eager_passes, interleaved, median_ratio, with_eager_passes, write
 
 try:
     import transformers
@@ -37,7 +37,6 @@ except ImportError:
     sys.exit("this benchmark needs transformers: pip install -e '.[hf]'")
 
 import selective_attention.hf as sa_hf
-from selective_attention.ops import cpu_kernels
 
 
 def build(impl: str, seed: int = 0):
@@ -125,14 +124,14 @@ def main() -> None:
     rows = []
     # where the chunked backend's compiled CPU passes run (Numba, extra [cpu]), the same rounds also time the selective
     # model with its eager passes (SELECTIVE_ATTENTION_NUMBA=0 around its steps): both ratios from one run
-    impls = ("selective", "sdpa") + (("selective, eager passes",) if cpu_kernels.available() else ())
+    impls = with_eager_passes(("selective", "sdpa"))
     for mode in args.train_modes:
-        models = {impl: build(impl.split(",")[0]).train() for impl in impls}
+        models = {impl: build("selective" if impl == EAGER_PASSES else impl).train() for impl in impls}
         if mode == "compiled":  # both under torch.compile (static shapes: one graph per context), like with like
             models = {impl: torch.compile(m, dynamic=False) for impl, m in models.items()}
         for L in args.contexts:
             ids = torch.randint(0, 256, (args.batch, L), generator=torch.Generator().manual_seed(L))
-            steps = {impl: train_step_fn(m, ids, impl.endswith("eager passes")) for impl, m in models.items()}
+            steps = {impl: train_step_fn(m, ids, impl == EAGER_PASSES) for impl, m in models.items()}
             t = interleaved(steps, args.repeats, 1)
             tok = args.batch * L
             ratio = 1 / median_ratio(t, "selective", "sdpa")
@@ -143,8 +142,8 @@ def main() -> None:
                 "ratio": f"{ratio:.2f}x throughput",
                 "raw": {"throughput_ratio": ratio},  # unrounded (a goal's edge)
             }  # fmt: skip
-            if "selective, eager passes" in t:
-                eager = 1 / median_ratio(t, "selective, eager passes", "sdpa")
+            if EAGER_PASSES in t:
+                eager = 1 / median_ratio(t, EAGER_PASSES, "sdpa")
                 row["ratio"] += f" (eager CPU passes: {eager:.2f}x)"
                 row["raw"]["eager_passes_throughput_ratio"] = eager
             rows.append(row)

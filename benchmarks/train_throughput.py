@@ -16,10 +16,9 @@ import statistics
 import time
 
 import torch
-from common import eager_passes, write
+from common import EAGER_PASSES, eager_passes, with_eager_passes, write
 
 from selective_attention.model import GPT, GPTConfig
-from selective_attention.ops import cpu_kernels
 
 
 def main() -> None:
@@ -35,17 +34,14 @@ def main() -> None:
         B = max(1, args.tokens // T)
         for mode in args.modes:
             runs = {}
-            models = [("standard", False), ("selective", True)]
-            if cpu_kernels.available():
-                models.append(("selective, eager passes", True))
-            for name, sel in models:
+            for name in with_eager_passes(("standard", "selective")):
                 torch.manual_seed(0)
-                m = GPT(GPTConfig(context_len=T, n_layer=4, n_head=4, d_model=128, selection=sel))
+                m = GPT(GPTConfig(context_len=T, n_layer=4, n_head=4, d_model=128, selection=name != "standard"))
                 opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
                 V = m.config.vocab_size
                 x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
                 run = torch.compile(m, dynamic=False) if mode == "compiled" else m
-                eager = name.endswith("eager passes")
+                eager = name == EAGER_PASSES
 
                 def steps(run=run, opt=opt, x=x, y=y, eager=eager):
                     with eager_passes(eager):
@@ -74,8 +70,8 @@ def main() -> None:
                 # unrounded, so that a ratio printed at a goal's edge (0.85) can be told from 0.845
                 "raw": {"ratio": ratio, "per_round": per_round},
             }  # fmt: skip
-            if "selective, eager passes" in t:
-                eager = [a / b for a, b in zip(t["selective, eager passes"], t["standard"])]
+            if EAGER_PASSES in t:
+                eager = [a / b for a, b in zip(t[EAGER_PASSES], t["standard"])]
                 row["selective / standard, eager passes"] = f"{statistics.median(eager):.2f}"
                 row["raw"]["eager_passes"] = {"ratio": statistics.median(eager), "per_round": eager}
             rows.append(row)
