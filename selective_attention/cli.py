@@ -51,7 +51,7 @@ _threshold = finite_number(positive=False, hint="; omit --threshold to evict by 
 _temperature = finite_number(positive=False, hint="; 0 = greedy")
 _top_k = int_at_least(1, hint="; omit --top_k to sample from every token")
 BUDGET_HELP = "KV budget: one int, or one per layer: 32,16,16,8 (none in the list, or omitted: the whole context)"
-POLICY_CHOICES = ("selective", "window", "h2o")  # kv_cache.POLICIES (not imported here: the CLI loads lazily)
+POLICY_CHOICES = ("selective", "window", "h2o")  # kv_cache.POLICIES (the CLI loads lazily; a test keeps them equal)
 
 
 def _one_of(choices: Sequence[str]):

@@ -25,6 +25,13 @@ def test_demo_runs_and_shows_masking(capsys):
     assert "--seed: 99999999999999999999 is beyond 2**32 - 1" in capsys.readouterr().err
 
 
+def test_the_policy_option_offers_the_caches_policies():
+    # the CLI names them itself (it does not import torch's modules to build its parser): kept equal here
+    from selective_attention.kv_cache import POLICIES
+
+    assert cli.POLICY_CHOICES == POLICIES
+
+
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "selective_attention", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
