@@ -293,8 +293,9 @@ def cmd_eval(args: EvalOptions) -> dict:
         if not Path(stored["path"]).is_file():
             raise ValueError(
                 f"checkpoint {args.ckpt} was trained on the file {stored['path']}, which is not there any more (moved "
-                f"or deleted): pass --data=<its new path> (its sha256, {stored['sha256'][:12]}..., is checked), or "
-                "--data=<another text> to evaluate on that one knowingly."
+                f"or deleted): pass --data=<its new path> (eval reports whether its sha256 is the training text's, "
+                f"{stored['sha256'][:12]}...: training_text), or --data=<another text> to evaluate on that one "
+                "knowingly."
             )
         tc = dataclasses.replace(tc, data=stored["path"])  # the file trained on, wherever eval runs from
     # varassign fixes the length of its examples; a text is cut into windows of --context_len
@@ -331,6 +332,13 @@ def cmd_eval(args: EvalOptions) -> dict:
             "(a diverged run's model). Evaluate an earlier checkpoint, or retrain with a lower --lr."
         )
     out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
+    if stored is not None and task.data is not None:  # whether this is the text trained on (its held-out split)
+        out["training_text"] = task.data["sha256"] == stored["sha256"]
+        if not out["training_text"]:
+            out["note_data"] = (
+                f"not the text this checkpoint was trained on ({stored['path'] or stored['source']}, sha256 "
+                f"{stored['sha256'][:12]}...): its validation split is not the one held out in training"
+            )
     if "val_accuracy" in scores:
         out["val_accuracy"] = scores["val_accuracy"]
     # exp(loss) beyond float's range (a loss above ~709 nats): none, and why

@@ -376,9 +376,13 @@ def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch)
     assert main(["eval", "--ckpt", "../A/run", "--json", "--batch_size", "4", "--batches", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)  # A's text, not B's
-    assert out["data"] == str((tmp_path / "A" / "corpus.txt").resolve())
+    assert out["data"] == str((tmp_path / "A" / "corpus.txt").resolve()) and out["training_text"] is True
     assert main(["eval", "--ckpt", "../A/run", "--json", "--batches", "1", "--data", "corpus.txt"]) == 0  # knowingly
-    assert json.loads(capsys.readouterr().out)["data"] == "corpus.txt"
+    out = json.loads(capsys.readouterr().out)  # B's text: evaluated, and said not to be the text trained on
+    assert out["data"] == "corpus.txt" and out["training_text"] is False
+    assert "not the text this checkpoint was trained on" in out["note_data"]
+    assert main(["eval", "--ckpt", "../A/run", "--json", "--batches", "1", "--data", "../A/corpus.txt"]) == 0
+    assert json.loads(capsys.readouterr().out)["training_text"] is True  # the training file, by another path
     with pytest.raises(CheckpointError, match=r"trained on .*A/corpus.txt .*another text"):  # resume on B's text
         train_main(parse_overrides([*opts[:-4], "--out_dir=../A/run", "--max_steps=4", "--eval_interval=2",
                                     "--eval_batches=2"]))  # fmt: skip
@@ -388,6 +392,12 @@ def test_eval_and_resume_read_the_text_trained_on(tmp_path, capsys, monkeypatch)
     (tmp_path / "A" / "corpus.txt").rename(tmp_path / "A" / "moved.txt")  # said: "'corpus.txt' is no text file"
     assert main(["eval", "--ckpt", "../A/run", "--batches", "1"]) == 2
     assert "trained on the file" in (err := capsys.readouterr().err) and "not there any more" in err
+    # its new path, as the message says: reported as the training text (a moved file keeps its sha256)
+    (tmp_path / "A" / "corpus.txt").write_text(text[:60_000])
+    (tmp_path / "A" / "corpus.txt").rename(tmp_path / "A" / "moved.txt")
+    assert main(["eval", "--ckpt", "../A/run", "--json", "--batches", "1", "--data", "../A/moved.txt"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["training_text"] is True and "note_data" not in out
 
 
 def test_eval_and_generate_refuse_a_model_whose_forward_overflows(ckpts, capsys, monkeypatch):
