@@ -919,14 +919,17 @@ def _main(cfg: TrainConfig) -> dict:
             loss.backward()
             grad_norm = _grad_norm(model, cfg.grad_clip)
             # one host sync for all; checked before opt.step so the weights (and any later checkpoint) stay finite
-            parts = [loss.detach(), grad_norm.detach(), *stats.values()]
-            loss_val, norm_val, *part_vals = torch.stack([p.float() for p in parts]).tolist()
+            parts = torch.stack([p.detach().float() for p in (grad_norm, loss, *stats.values())])
+            if world > 1:
+                # the loss and its parts are each rank's own batch's: averaged over the ranks, as the gradients are
+                # (the logged loss is the whole step's, not rank 0's), and a rank's NaN or inf reaches every rank,
+                # which then stop together; the gradient norm, of the averaged gradients, is every rank's already
+                summed = parts[1:].clone()
+                torch.distributed.all_reduce(summed)
+                parts[1:] = summed / world
+            norm_val, loss_val, *part_vals = parts.tolist()
             stats = dict(zip(stats, part_vals))
             bad = not (math.isfinite(loss_val) and math.isfinite(norm_val))
-            if world > 1:  # the gradients are averaged but the loss is per rank: every rank must stop together
-                flag = torch.tensor([float(bad)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                bad = flag.item() > 0
             if bad:
                 raise _diverged(step + 1, loss_val, norm_val, cfg, last_ckpt, f"lr {lr_at(step, cfg):.3g} at that step")
             opt.step()
@@ -941,13 +944,15 @@ def _main(cfg: TrainConfig) -> dict:
             if task.varassign and cfg.va_assign_start:  # the curriculum's stage (evaluation is on va_assign)
                 last["va_assign"] = task.n_assign_at(step)
             done = step + 1 == cfg.max_steps
-            if main_proc and ((step + 1) % cfg.eval_interval == 0 or done):
+            main_proc_worked = (step + 1) % cfg.eval_interval == 0 or done  # the same on every rank
+            if main_proc and main_proc_worked:
                 ev = evaluate(model, task, device)
                 last.update(ev)
                 # 5 decimals; the learning rate 4 significant digits (5 decimals would log 1e-6 as 0)
                 history.append({k: _logged(k, v) for k, v in last.items()})
                 _log(out_dir, history[-1])
             save = (step + 1) % cfg.ckpt_interval == 0 or done  # the same on every rank
+            main_proc_worked = main_proc_worked or save
             if save:
                 data_rngs = _gather(data_gen.get_state(), world, device)  # every rank's stream: all ranks take part
             if main_proc and save:
@@ -961,6 +966,10 @@ def _main(cfg: TrainConfig) -> dict:
                     history=history, data=task.data,
                 )  # fmt: skip
                 last_ckpt = step + 1
+            if world > 1 and main_proc_worked:
+                # the other ranks wait here, off the clock, while rank 0 evaluates or saves: their next step's time
+                # counted that wait (rank 1 reported half the training rate with an evaluation every 2 steps)
+                torch.distributed.barrier()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **(
                 {"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}

@@ -330,6 +330,39 @@ def test_ddp_two_processes_keep_replicas_in_sync(tmp_path):
     assert (tmp_path / "ddp" / "ckpt.safetensors").exists()
 
 
+def test_ddp_logs_the_steps_loss_over_every_rank(tmp_path):
+    """Each rank's loss is its own batch's: the logged loss is their mean, as the gradients are averaged (it was rank
+    0's alone). Each rank's loss is printed by a wrapper of GPT.forward in the launched script."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "import selective_attention.model as m\n"
+        "forward = m.GPT.forward\n"
+        "def traced(self, idx, targets=None):\n"
+        "    out = forward(self, idx, targets)\n"
+        "    if targets is not None and self.training:\n"
+        "        print(json.dumps({'rank': int(os.environ['RANK']), 'local_loss': float(out[0])}), flush=True)\n"
+        "    return out\n"
+        "m.GPT.forward = traced\n"
+        "from selective_attention.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+           "--data=pydoc", f"--out_dir={tmp_path / 'run'}", "--n_layer=1", "--n_head=2", "--d_model=32",
+           "--context_len=32", "--batch_size=4", "--max_steps=1", "--eval_batches=1", "--progress=false",
+           "--selection=true"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    local = {row["rank"]: row["local_loss"] for row in rows if "local_loss" in row}
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    assert len(local) == 2 and abs(local[0] - local[1]) > 1e-3  # two batches, two losses
+    assert logged == pytest.approx((local[0] + local[1]) / 2, abs=1e-5)  # logged with 5 decimals
+
+
 def test_ddp_resume_continues_each_ranks_data(tmp_path):
     """A 2-process run killed after its step-2 checkpoint and resumed ends where an uninterrupted one does: each
     rank's data stream is stored (not rank 0's for all). Another number of processes is refused."""
