@@ -495,6 +495,34 @@ def test_a_non_finite_key_stays_out_of_the_rows_that_never_read_it(bad, hkv):
     torch.testing.assert_close(out["chunked"][keep], out["naive"][keep], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("removal", ["key_padding_mask", "bool_mask"])
+def test_sdpa_keeps_a_removed_non_finite_key_out_of_every_row(bad, removal):
+    """Standard attention through backend='sdpa': a NaN or inf key that every row removes (padding, or a bool mask's
+    column) gave PyTorch's kernel NaN + (-inf) = NaN in the rows, where the spec, which removes a key by assignment,
+    keeps them finite (found by a review helper). The call is redone on the spec's kernel: outputs and gradients
+    equal the spec's."""
+    torch.manual_seed(0)
+    B, H, L = 2, 2, 12
+    q, k, v = (torch.randn(B, H, L, 8, dtype=torch.float64) for _ in range(3))
+    k[:, :, 0, 3] = bad
+    kw = {"is_causal": True}
+    if removal == "key_padding_mask":
+        kw["key_padding_mask"] = torch.zeros(B, L, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True)
+    else:
+        kw["selective_mask"] = torch.zeros(L, L, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True)
+    out = {be: selective_attention(q, k, v, backend=be, **kw) for be in ("naive", "sdpa", "auto")}
+    assert torch.isfinite(out["naive"]).all()
+    for be in ("sdpa", "auto"):
+        torch.testing.assert_close(out[be], out["naive"], **TOL[torch.float64])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    _, want = grads(lambda *t: selective_attention(*t, backend="naive", **kw), q, k, v)
+    _, got = grads(lambda *t: selective_attention(*t, backend="sdpa", **kw), q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), **TOL[torch.float64])
+        assert torch.equal(a.isnan(), b.isnan())
+
+
 def test_vmap_over_a_mask_is_refused_by_name_and_a_shared_mask_is_served():
     """A mask batched by torch.vmap cannot be read in Python (its values are checked and folded there): refused with
     the two ways that work, instead of PyTorch's data-dependent control-flow error. A mask shared by every mapped

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..masks import NormalizedMask
 from .naive import naive_attention, repeat_kv
-from .transforms import reads_values, unserved_transform
+from .transforms import eager_call, reads_values, unserved_transform
 
 if TYPE_CHECKING:
     from .registry import Request
@@ -84,6 +84,16 @@ def sdpa_attention(
             dead = None
         bias = bias.masked_fill(removed, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    if removed is not None and out.device.type == "cpu" and eager_call(out) and not bool(out.isfinite().all()):
+        # a removed key that is not finite (a NaN or inf key at padding) gives SDPA's kernel NaN + (-inf) = NaN in
+        # rows that never read it; the spec removes a key by assignment, whatever its logit: redo the call on the
+        # spec's kernel (one reduction over the output per masked eager call on CPU; the redo only for non-finite
+        # inputs; under torch.compile and torch.func's transforms, where no value is read, the kernel's result stays)
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+        return naive_attention(
+            q, k, v, removed=mask.removed_with_causal(Lq, Lk, q.device), penalty=penalty, scale=scale,
+            dropout_p=dropout_p,
+        )[0]  # fmt: skip
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
     return out
