@@ -116,7 +116,8 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
     >= 0, a ``recent`` that is not an int >= 1 and (H2O, ``budget`` given) one that does not fit a layer's budget."""
     if threshold is not None and (
         isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0
-    ):
+        or not _as_float(threshold) >= 0  # a float (the cache compares tensors with it): 10**400 does not convert
+    ):  # fmt: skip
         raise ValueError(f"threshold must be None or a number >= 0 (Fcum above it is evicted), got {threshold!r}.")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {policy!r}.")
@@ -137,6 +138,14 @@ def check_policy(policy: str, threshold: float | None = None, recent: int | None
     if policy == "h2o" and budget is not ...:
         for b in budget if isinstance(budget, (list, tuple)) else [budget]:
             h2o_recent(b, recent)  # the recent window fits every budget
+
+
+def _as_float(x: numbers.Real) -> float:
+    """``float(x)``, NaN where it does not convert (an int beyond a float's range)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.nan
 
 
 def check_budget(b: object) -> int:
@@ -547,6 +556,7 @@ class LayerCache:
             if capacity != budget:
                 raise ValueError(f"a layer with budget={budget} has exactly that many slots, got capacity={capacity}.")
         check_policy(policy, threshold, recent)
+        threshold = None if threshold is None else float(threshold)  # any real number (a Fraction), as a float
         recent = h2o_recent(budget, recent) if policy == "h2o" else None
         B, H, G, D = batch_size, n_heads, n_groups, head_dim
         tracks = policy == "h2o" and budget is not None  # H2O's attention received, summed

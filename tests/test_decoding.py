@@ -201,6 +201,21 @@ def test_a_step_into_a_full_unbudgeted_layer_is_refused_not_written_over_the_fir
 
 
 @torch.no_grad()
+def test_a_threshold_of_any_real_number_type_decodes_as_its_float():
+    """check_policy took any real number, and a Fraction then failed inside the cache (a tensor compared with it: a
+    TypeError), an int beyond a float's range with an OverflowError (found by a review helper): a Fraction now
+    decodes as its float, and a number no float holds is refused up front, by name."""
+    from fractions import Fraction
+
+    m = _strong()
+    prompt = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = Decoder(m, threshold=0.5, budget=8).generate(prompt, 10, temperature=0)
+    assert torch.equal(Decoder(m, threshold=Fraction(1, 2), budget=8).generate(prompt, 10, temperature=0), want)
+    for bad in (10**400, Fraction(10**400)):
+        with pytest.raises(ValueError, match="threshold must be None or a number >= 0"):
+            Decoder(m, threshold=bad)
+
+
 def test_a_threshold_alone_sizes_the_buffers_within_the_context():
     """Each step past context_len checks that no layer attends to more than it, so an unbudgeted layer never holds
     more: its buffers stop there (they were the prompt plus max_new_tokens: 309 slots for a context of 16)."""
