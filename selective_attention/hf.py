@@ -450,7 +450,9 @@ def _is_causal_here(mask_function, B: int, q_length: int, kv_length: int, q_offs
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     kv = torch.arange(kv_offset, kv_offset + kv_length, device=device)[None, None, None, :]
     padding = None
-    if attention_mask is not None and attention_mask.dim() == 2:
+    # (a mask shorter than the keys, a cache fed the whole sequence again: every key checked, and the attention
+    # function then names the misuse; slicing it broke the broadcast below with a bare RuntimeError)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] >= kv_offset + kv_length:
         padding = ~attention_mask[:, kv_offset : kv_offset + kv_length].bool().to(device)[:, None, None, :]
     for q0 in range(0, q_length, rows):
         q = torch.arange(q_offset + q0, q_offset + min(q0 + rows, q_length), device=device)[None, None, :, None]
@@ -512,6 +514,7 @@ def attention_forward(
     cached = _claim(key)
     args = (module, query, key, value, attention_mask, cached, dropout, scaling, sliding_window, softcap, kwargs)
     if cached is None:
+        _refuse_a_second_call(key)
         return _forward(*args)
     try:
         return _forward(*args)
@@ -615,23 +618,34 @@ def _forward(
             raise ValueError(
                 f"decoding through a SelectiveCache with attention dropout {dropout}: put the model in eval mode."
             )
-        # generate(use_cache=False) re-feeds the whole sequence every step, which the cache took for new tokens
-        # (silently wrong on an unpadded batch): refused where use_cache reaches here, and where it does not (Gemma 2,
-        # 3) by the positions, which start again instead of following the tokens the cache has seen
+        # generate(use_cache=False) re-feeds the whole sequence every step, which the cache would take for new tokens
+        # (silently wrong on an unpadded batch). use_cache=False here is the user's, or a decoder layer's own default
+        # where the model passes none down (Olmo 3, CWM, NanoChat: every call says False, and refusing it refused
+        # these models' every generate), so it is not refused alone: a first call (the prompt) and calls of one token
+        # are what generate with the cache gives. A later call of several tokens is refused when its positions start
+        # again instead of following the tokens the cache has seen (also where use_cache does not reach here: Gemma
+        # 2, 3), or, with no positions to read (or compiled, reading no value), when use_cache says False
         pos = kwargs.get("position_ids")
-        if kwargs.get("use_cache") is False:
+        use_cache_off = kwargs.get("use_cache") is False
+        refed = False
+        if (
+            Lq > 1
+            and cached.cache is not None
+            and cached.first is not None
+            and (
+                real is None or real.shape[-1] == cached.seen  # else attend() names the misuse (a new prompt)
+            )
+        ):
+            if torch.compiler.is_compiling():
+                refed = use_cache_off
+            elif real is None or bool(real[:, -Lq:].all()):  # new padding: attend() names that instead
+                refed = not _positions_follow(pos, cached, real) if isinstance(pos, Tensor) else use_cache_off
+        if refed and use_cache_off:
             raise ValueError(
                 "a SelectiveCache was passed with use_cache=False: the model then reads the whole sequence again at "
                 "every step, which the cache would store as new tokens. Drop use_cache=False (the cache decodes "
                 "exactly), or pass no cache."
             )
-        refed = (
-            Lq > 1 and cached.cache is not None and cached.first is not None and isinstance(pos, Tensor)
-            and (real is None or real.shape[-1] == cached.seen)  # else attend() names the misuse (a new prompt)
-            and not torch.compiler.is_compiling()
-            and (real is None or bool(real[:, -Lq:].all()))  # new padding: attend() names that instead
-            and not _positions_follow(pos, cached, real)
-        )  # fmt: skip
         if refed:
             raise ValueError(
                 f"these {Lq} tokens' positions end at {pos[..., -1].flatten().tolist()}, but the SelectiveCache has "
@@ -896,7 +910,27 @@ def _claim(key: Tensor) -> SelectiveLayer | None:
     if layer is None or layer._pending is None or layer._pending[0] is not key:
         return None
     _PENDING.layer = None
+    _PENDING.claimed = (weakref.ref(key), layer)  # (not the tensor itself: a prompt's keys are not kept alive)
     return layer
+
+
+def _refuse_a_second_call(key: Tensor) -> None:
+    """Refuse an attention call given the keys a cache layer's attention call already claimed: a model that attends
+    twice per cache update (DiffLlama's differential attention) took the second call for one without a cache, which
+    at a decoding step sees only the new token's keys (silently another model: greedy tokens apart from the second)."""
+    claimed = getattr(_PENDING, "claimed", None)
+    if claimed is None or claimed[0]() is not key:
+        return
+    msg = (
+        "this model calls its attention function twice with the keys of one cache update (as DiffLlama's "
+        "differential attention does); SelectiveCache serves one attention call per layer and update, and the second "
+        "would see only the new tokens' keys. Generate with use_cache=False, or use attn_implementation='sdpa' with "
+        "its own cache."
+    )
+    layer = claimed[1]
+    if layer.owner is not None:
+        layer.owner.broken = msg  # the first call stored these tokens
+    raise NotImplementedError(msg)
 
 
 class SelectiveLayer(DynamicLayer):

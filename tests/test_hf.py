@@ -606,7 +606,9 @@ def test_cache_arguments_and_misuse_are_clear_errors():
         with pytest.raises(ValueError, match="SelectiveCache was passed with use_cache=False"):
             model.generate(pids[:, -5:], attention_mask=mask, **{CACHE: cache}, use_cache=False, max_new_tokens=3,
                            do_sample=False, pad_token_id=0)  # fmt: skip
-        assert all(layer.seen == 0 for layer in cache.layers)  # refused, and the first layer's count undone
+        # the prompt is read (use_cache=False alone is not refused: some models' layers say it by default); the
+        # sequence fed again is refused in the first layer, its count undone: the cache holds the prompt, usable
+        assert [layer.seen for layer in cache.layers] == [5, 5] and cache.broken is None
     # a model that does not pass use_cache down to its attention (Gemma 2): refused by the positions, which start again
     g2 = transformers.Gemma2Config(
         vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
@@ -645,6 +647,52 @@ def test_cache_arguments_and_misuse_are_clear_errors():
     more = model.generate(prompt, attention_mask=torch.cat([pmask, torch.ones(3, 4, dtype=pmask.dtype)], 1),
                           **{CACHE: cache}, max_new_tokens=1, do_sample=False, pad_token_id=0)  # fmt: skip
     assert more.shape == (3, prompt.shape[1] + 1)
+
+
+def _tiny_family(family: str, **sel):
+    """A tiny model of another family (its config's defaults, shrunk), float64, selective attention."""
+    cfg = transformers.AutoConfig.for_model(
+        family, vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    if getattr(cfg, "layer_types", None) is not None:  # a window longer than every sequence here (masks nothing)
+        cfg.layer_types, cfg.sliding_window = cfg.layer_types[: cfg.num_hidden_layers], 256
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        sa_hf.configure(cfg, **sel), attn_implementation="selective", dtype=torch.float64
+    ).eval()
+
+
+def test_a_model_whose_layers_say_use_cache_false_by_default_decodes_exactly():
+    """Olmo 3's decoder layers default to use_cache=False and its model passes none down, so every attention call said
+    False and SelectiveCache refused every generate, blaming the user (found by a review helper). use_cache=False alone
+    is no longer refused; the whole sequence fed again still is, by its positions."""
+    model = _tiny_family("olmo3")
+    ids, mask, _ = padded_batch(seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(model.generate(ids, **{CACHE: sa_hf.SelectiveCache()}, **kw), want)
+        with pytest.raises(ValueError, match="use_cache=False"):
+            model.generate(ids, **{CACHE: sa_hf.SelectiveCache()}, use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("layers", [None, []])
+def test_a_model_that_attends_twice_per_cache_update_is_refused(layers):
+    """DiffLlama calls the attention function twice with one update's keys: the second call found nothing to claim
+    and ran as a call without a cache, which at a decoding step sees only the new token (greedy tokens apart from the
+    second, logits 0.42 off in float64, with or without selecting layers; found by a review helper). Refused by name;
+    use_cache=False serves it."""
+    model = _tiny_family("diffllama", layers=layers)
+    ids = torch.randint(1, V, (1, 8), generator=torch.Generator().manual_seed(0))
+    cache = sa_hf.SelectiveCache()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="twice with the keys of one cache update"):
+        model(ids, **{CACHE: cache})
+    with pytest.raises(RuntimeError, match="twice with the keys"):  # the first call stored tokens: unusable
+        model(ids, **{CACHE: cache})
+    with torch.no_grad():
+        out = model.generate(ids, use_cache=False, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 10)
 
 
 def test_budget_list_may_leave_a_layer_unbudgeted():
