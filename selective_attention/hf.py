@@ -910,7 +910,8 @@ def _claim(key: Tensor) -> SelectiveLayer | None:
     if layer is None or layer._pending is None or layer._pending[0] is not key:
         return None
     _PENDING.layer = None
-    _PENDING.claimed = (weakref.ref(key), layer)  # (not the tensor itself: a prompt's keys are not kept alive)
+    # weak references: a prompt's keys, and a finished cache's layer with its buffers, are not kept alive by this
+    _PENDING.claimed = (weakref.ref(key), weakref.ref(layer))
     return layer
 
 
@@ -927,8 +928,8 @@ def _refuse_a_second_call(key: Tensor) -> None:
         "would see only the new tokens' keys. Generate with use_cache=False, or use attn_implementation='sdpa' with "
         "its own cache."
     )
-    layer = claimed[1]
-    if layer.owner is not None:
+    layer = claimed[1]()
+    if layer is not None and layer.owner is not None:
         layer.owner.broken = msg  # the first call stored these tokens
     raise NotImplementedError(msg)
 

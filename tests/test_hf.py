@@ -695,6 +695,23 @@ def test_a_model_that_attends_twice_per_cache_update_is_refused(layers):
     assert out.shape == (1, 10)
 
 
+def test_a_dropped_cache_is_freed():
+    """The attention function remembers the last cache layer it served (to refuse a second call with its keys), and
+    must not keep that layer, with its key and value buffers, alive once the user drops the cache."""
+    import gc
+    import weakref
+
+    model = build("llama", dtype=torch.float32)
+    cache = sa_hf.SelectiveCache(budget=8)
+    with torch.no_grad():
+        ids = torch.randint(1, V, (2, 12))
+        model.generate(ids, **{CACHE: cache}, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    refs = [weakref.ref(cache), *(weakref.ref(layer) for layer in cache.layers)]
+    del cache
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def test_budget_list_may_leave_a_layer_unbudgeted():
     """budget=[None, b] keeps every token in layer 0 and b in layer 1 (as GPT.generate takes it); [None, None] is
     the exact unbudgeted cache."""
