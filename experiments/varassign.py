@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from common import cpu_model  # noqa: E402
 
 from selective_attention import machine  # noqa: E402
-from selective_attention.data import VariableAssignment  # noqa: E402
+from selective_attention.data import VariableAssignment, curriculum_assign  # noqa: E402
 from selective_attention.stats import mean_std, paired_t  # noqa: E402
 from selective_attention.train import TrainConfig, config_changes, model_from_checkpoint, stale_results_error  # noqa: E402
 from selective_attention.train import main as train  # noqa: E402
@@ -281,6 +281,18 @@ def paired_by_seed(seeds: list[int], a: dict[int, dict], b: dict[int, dict], val
     return f"{test} (per seed: {per})"
 
 
+def _curriculum_stages(opts: dict) -> tuple[int, int] | None:
+    """Where a config's curriculum (``va_assign_start`` > 0) first gives more assignments than at its start, and where
+    it first gives the final count (data.curriculum_assign: the start's count lasts the hold and one stage of the
+    ramp, so these are not the hold's and the ramp's ends); None without a curriculum."""
+    start, final = opts.get("va_assign_start", 0), opts["va_assign"]
+    if not start:
+        return None
+    hold, ramp = opts.get("va_hold_steps", 0), opts["va_ramp_steps"]
+    at = [curriculum_assign(s, final, start, ramp, hold) for s in range(hold + ramp + 1)]
+    return next(s for s, n in enumerate(at) if n > start), at.index(final)
+
+
 def report() -> str:
     rows = load()
     acc = lambda r: r["test"]["accuracy"]  # noqa: E731
@@ -366,17 +378,15 @@ def plot(rows) -> None:
             style = dict(color=f"C{i}", alpha=0.8, ls=("-", "--", ":", "-.")[j % 4], label=f"{a}, seed {seed}")
             ax.plot([e["step"] for e in h], [e["val_accuracy"] for e in h], **style)
             ax2.plot([e["step"] for e in h], [e["loss"] for e in h], **style)
+    stages = _curriculum_stages(opts)  # the first step with more assignments than at the start, and with the final
     for a_ in (ax, ax2):
-        if opts.get("va_hold_steps"):
-            a_.axvline(opts["va_hold_steps"], color="grey", lw=0.8, ls=":")
-        if opts.get("va_assign_start"):
-            a_.axvline(opts["va_ramp_steps"] + opts.get("va_hold_steps", 0), color="grey", lw=0.8, ls=":")
+        for step in stages or ():
+            a_.axvline(step, color="grey", lw=0.8, ls=":")
         a_.grid(alpha=0.3)
-    if opts.get("va_assign_start"):
-        hold = opts.get("va_hold_steps", 0)
+    if stages:
         ax2.text(0, 0.02, f" {opts['va_assign_start']} assignments", fontsize=7, color="grey")
-        ax2.text(hold, 0.02, f" growing to {opts['va_assign']}", fontsize=7, color="grey")
-        ax2.text(hold + opts["va_ramp_steps"], 0.02, f" {opts['va_assign']}", fontsize=7, color="grey")
+        ax2.text(stages[0], 0.02, f" growing to {opts['va_assign']}", fontsize=7, color="grey")
+        ax2.text(stages[1], 0.02, f" {opts['va_assign']}", fontsize=7, color="grey")
     ax.set(ylabel=f"answer accuracy at {opts['va_assign']} assignments", ylim=(0, 1.02),
            title="\n".join(textwrap.wrap(f"Variable assignment, config {FINAL}: {describe(opts)}", 90)))  # fmt: skip
     ax.title.set_fontsize(8)
