@@ -332,7 +332,8 @@ def cmd_eval(args: EvalOptions) -> dict:
             "(a diverged run's model). Evaluate an earlier checkpoint, or retrain with a lower --lr."
         )
     out = {"checkpoint": str(args.ckpt), "step": meta["step"], "data": tc.data, "val_loss": loss}
-    if stored is not None and task.data is not None:  # whether this is the text trained on (its held-out split)
+    # whether this is the text trained on (its held-out split), where the checkpoint's record of it is well formed
+    if stored is not None and task.data is not None and not malformed_text_record(meta):
         out["training_text"] = task.data["sha256"] == stored["sha256"]
         if not out["training_text"]:
             out["note_data"] = (
