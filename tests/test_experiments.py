@@ -90,6 +90,20 @@ def test_the_set_1_check_needs_every_larger_budget_at_the_target_too(reproduce):
     assert not reproduce.at_standard_loss(curve, 16, std, {"search": 0.9, "heldout": 1.02})["holds"]
 
 
+def test_a_verdict_decided_by_the_full_cache_is_as_close_when_it_passes(reproduce):
+    """The margin that marks a verdict as within noise (*) counts the model's own full cache whether it misses or
+    passes by a hair (it counted it only when it missed); the standard model's own full cache, the target itself,
+    never decides."""
+    std = {"full": {"search": 1.0, "heldout": 1.0}}
+    curve = [{"budget": 4, "search": 0.99, "heldout": 0.99}, {"budget": 8, "search": 0.99, "heldout": 0.99}]
+    passes = reproduce.at_standard_loss(curve, 16, std, {"search": 0.99, "heldout": 0.9998})
+    misses = reproduce.at_standard_loss(curve, 16, std, {"search": 0.99, "heldout": 1.0002})
+    assert passes["holds"] and not misses["holds"]
+    assert passes["heldout_margin"] == pytest.approx(-0.0002) and misses["heldout_margin"] == pytest.approx(0.0002)
+    own = reproduce.at_standard_loss(curve, 16, std, std["full"])  # the standard model against itself
+    assert own["heldout_margin"] == pytest.approx(-0.01)
+
+
 def test_a_diverged_run_is_left_out_of_the_paired_statistics_by_name(reproduce):
     """A non-finite held-out loss (a diverged run) used to stop the whole report (paired_t refuses it): the pair
     is left out, and the per-seed column says so."""
